@@ -1,0 +1,140 @@
+"""PAM authentication in a dedicated, bounded thread pool; never on the event loop.
+
+Like JupyterHub's PAMAuthenticator: authenticate, then the account stage (expired and locked
+accounts fail there or before); no PAM session is opened (pam_loginuid and pam_systemd do not
+belong to a long-running gateway).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import enum
+import grp
+import logging
+import os
+import pwd
+import re
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import pam
+
+log = logging.getLogger("termbridge.auth")
+
+# Names that are safe to use as a container user name as well.
+_USERNAME_RE = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}$")
+_NOLOGIN_SHELLS = ("nologin", "false")
+MAX_PASSWORD_BYTES = 1024
+PAM_RHOST = 4
+
+
+class Outcome(enum.Enum):
+    OK = "ok"
+    DENIED = "denied"
+    UNAVAILABLE = "unavailable"
+
+
+@dataclass(frozen=True)
+class AuthenticatedUser:
+    """A person PAM vouched for. Only this type reaches the session layer."""
+
+    name: str
+    uid: int
+    gid: int
+
+
+@dataclass(frozen=True)
+class AuthResult:
+    outcome: Outcome
+    user: AuthenticatedUser | None = None
+    reason: str = ""  # for the log only; the person sees one neutral message
+
+    @property
+    def ok(self) -> bool:
+        return self.outcome is Outcome.OK
+
+
+def valid_username(name: str) -> bool:
+    return bool(_USERNAME_RE.match(name))
+
+
+def _user_groups(entry: pwd.struct_passwd) -> set[str]:
+    names = {g.gr_name for g in grp.getgrall() if entry.pw_name in g.gr_mem}
+    try:
+        names.add(grp.getgrgid(entry.pw_gid).gr_name)
+    except KeyError:
+        pass
+    return names
+
+
+class _RhostPam(pam.PamAuthenticator):
+    """python-pam with PAM_RHOST set right after pam_start, so modules see the client address."""
+
+    def __init__(self, rhost: str | None) -> None:
+        super().__init__()
+        if rhost:
+            start = self.pam_start
+
+            def start_with_rhost(*args):  # type: ignore[no-untyped-def]
+                rc = start(*args)
+                if rc == 0 and self.handle is not None:
+                    self.pam_set_item(self.handle, PAM_RHOST, ctypes.c_char_p(rhost.encode()))
+                return rc
+
+            self.pam_start = start_with_rhost
+
+
+class PamAuthenticator:
+    def __init__(self, service: str, allowed_groups: tuple[str, ...] = (), workers: int = 4) -> None:
+        self.service = service
+        self.allowed_groups = frozenset(allowed_groups)
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pam")
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def account_check(self, username: str) -> AuthResult:
+        """The checks that need no password: name, shell, groups. Also used for public keys."""
+        if not valid_username(username):
+            return AuthResult(Outcome.DENIED, reason="invalid user name")
+        try:
+            entry = pwd.getpwnam(username)
+        except KeyError:
+            return AuthResult(Outcome.DENIED, reason="no such user")
+        if os.path.basename(entry.pw_shell or "") in _NOLOGIN_SHELLS:
+            return AuthResult(Outcome.DENIED, reason=f"login shell is {entry.pw_shell}")
+        if self.allowed_groups and not (self.allowed_groups & _user_groups(entry)):
+            return AuthResult(Outcome.DENIED, reason="not in auth.allowed_groups")
+        return AuthResult(Outcome.OK, AuthenticatedUser(entry.pw_name, entry.pw_uid, entry.pw_gid))
+
+    def _authenticate_sync(self, username: str, password: str, rhost: str | None) -> AuthResult:
+        precheck = self.account_check(username)
+        if not precheck.ok:
+            return precheck
+        if not password or len(password.encode("utf-8", "surrogateescape")) > MAX_PASSWORD_BYTES or "\0" in password:
+            return AuthResult(Outcome.DENIED, reason="empty, oversized or malformed password")
+        handle = _RhostPam(rhost)
+        try:
+            ok = handle.authenticate(username, password, service=self.service, resetcreds=False)
+        except Exception as exc:  # libpam missing or broken: not the person's fault
+            return AuthResult(Outcome.UNAVAILABLE, reason=f"PAM failed: {exc!r}")
+        if ok:
+            return precheck
+        reason = f"PAM: {handle.reason} (code {handle.code})"
+        # PAM_SERVICE_ERR, PAM_SYSTEM_ERR, PAM_BUF_ERR, PAM_ABORT: the service is broken, not the password.
+        if handle.code in (3, 4, 5, 26):
+            return AuthResult(Outcome.UNAVAILABLE, reason=reason)
+        return AuthResult(Outcome.DENIED, reason=reason)
+
+    async def authenticate(self, username: str, password: str, rhost: str | None = None) -> AuthResult:
+        loop = asyncio.get_running_loop()
+        result = await loop.run_in_executor(self._pool, self._authenticate_sync, username, password, rhost)
+        log.info(
+            "login %s for %r from %s%s",
+            result.outcome.value,
+            username[:64],
+            rhost or "-",
+            f": {result.reason}" if result.reason else "",
+        )
+        return result

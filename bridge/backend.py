@@ -1,0 +1,74 @@
+"""The backend contract: what starting, stopping and polling a session container means.
+
+Like JupyterHub's spawner contract, every method says what it returns in every state, and the
+caller owns timeouts. `DockerBackend` is the one implementation; tests may use a fake here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+LABEL_SESSION = "termbridge.session"
+LABEL_USER = "termbridge.user"
+LABEL_DOOR = "termbridge.door"
+LABEL_GATEWAY = "termbridge.gateway"
+LABEL_STARTED = "termbridge.started"
+
+
+@dataclass(frozen=True)
+class ContainerSpec:
+    """What a session asks of its container. Keys are opaque bytes to the backend."""
+
+    session_id: str
+    user: str
+    door: str
+    started: str  # RFC 3339
+    authorized_keys: bytes
+    host_private_key: bytes
+    host_public_key: bytes
+    root: bool = False  # `session.user = root`
+
+
+@dataclass(frozen=True)
+class Container:
+    """A started container: where its sshd listens and whom to log in as."""
+
+    id: str
+    name: str
+    address: str
+    port: int
+    ssh_user: str
+
+
+@dataclass(frozen=True)
+class ContainerInfo:
+    """One container this gateway instance owns, as the backend sees it."""
+
+    id: str
+    name: str
+    session_id: str
+    user: str
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+class Backend(Protocol):
+    async def ping(self) -> str:
+        """Return the engine's version; raise BackendUnavailable when it cannot be reached."""
+
+    async def start(self, spec: ContainerSpec) -> Container:
+        """Create, inject keys, start. Returns once the container runs and has an address
+        (sshd may still be starting). Raises BackendUnavailable, ImageMissing or
+        SessionStartError; on any failure, nothing is left behind."""
+
+    async def stop(self, container_id: str) -> None:
+        """Remove the container. Idempotent: an absent container is success."""
+
+    async def poll(self, container_id: str) -> int | None:
+        """None while running; the exit code once it stopped; -1 when it is gone."""
+
+    async def list_own(self) -> list[ContainerInfo]:
+        """Every container labelled with this gateway instance, running or not."""
+
+    async def close(self) -> None:
+        """Release the engine client."""

@@ -1,0 +1,308 @@
+"""One frozen, typed configuration object, read from TOML and `TERMBRIDGE_*` variables and validated once."""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import json
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+DEFAULT_CONFIG_PATH = Path("/etc/termbridge/termbridge.toml")
+ENV_PREFIX = "TERMBRIDGE_"
+
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmgKMG])?[bB]?\s*$")
+_SIZE_UNITS = {None: 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+
+
+def parse_duration(value: Any) -> float:
+    """`90s`, `15m`, `8h` (or a bare number of seconds) to seconds."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration like 90s, 15m or 8h")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    else:
+        m = _DURATION_RE.match(str(value))
+        if not m:
+            raise ValueError(f"{value!r} is not a duration like 90s, 15m or 8h")
+        seconds = float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+    if seconds <= 0:
+        raise ValueError("must be greater than zero")
+    return seconds
+
+
+def parse_size(value: Any) -> int:
+    """`200m`, `1g` (or a bare number of bytes) to bytes."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size like 200m or 1g")
+    if isinstance(value, int):
+        size = value
+    else:
+        m = _SIZE_RE.match(str(value))
+        if not m:
+            raise ValueError(f"{value!r} is not a size like 200m or 1g")
+        size = int(m.group(1)) * _SIZE_UNITS[(m.group(2) or "").lower() or None]
+    if size <= 0:
+        raise ValueError("must be greater than zero")
+    return size
+
+
+def parse_listen(value: Any, *, allow_empty: bool = False) -> tuple[str, int] | None:
+    """`host:port` (IPv6 as `[::1]:port`) to a pair; empty string disables when allowed."""
+    text = str(value).strip()
+    if not text:
+        if allow_empty:
+            return None
+        raise ValueError("an address like 127.0.0.1:8080 is required")
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"{text!r} is not host:port")
+    host = host.strip("[]")
+    port_no = int(port)
+    if not 0 <= port_no <= 65535:
+        raise ValueError(f"port {port_no} is out of range")
+    return host or "0.0.0.0", port_no
+
+
+def _str(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError("expected a string")
+    return value
+
+
+def _opt_path(value: Any) -> Path | None:
+    text = _str(value)
+    return Path(text) if text else None
+
+
+def _str_list(value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            value = json.loads(text)
+        else:
+            value = [part.strip() for part in text.split(",") if part.strip()]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise ValueError("expected a list of strings")
+    return tuple(value)
+
+
+def _addr_list(value: Any) -> tuple[str, ...]:
+    items = _str_list(value)
+    for item in items:
+        ipaddress.ip_network(item, strict=False)
+    return items
+
+
+def _positive_float(value: Any) -> float:
+    if isinstance(value, bool):
+        raise ValueError("expected a number")
+    number = float(value)
+    if number <= 0:
+        raise ValueError("must be greater than zero")
+    return number
+
+
+def _int_range(low: int, high: int) -> Callable[[Any], int]:
+    def parse(value: Any) -> int:
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise ValueError("expected a whole number")
+        number = int(value)
+        if not low <= number <= high:
+            raise ValueError(f"must be between {low} and {high}")
+        return number
+
+    return parse
+
+
+def _choice(*options: str) -> Callable[[Any], str]:
+    def parse(value: Any) -> str:
+        text = _str(value)
+        if text not in options:
+            raise ValueError(f"must be one of {', '.join(options)}")
+        return text
+
+    return parse
+
+
+def _origin(value: Any) -> str | None:
+    text = _str(value).rstrip("/")
+    if not text:
+        return None
+    if not re.match(r"^https?://[^/\s]+$", text):
+        raise ValueError(f"{text!r} is not an origin like https://term.example.org")
+    return text
+
+
+def _key(parser: Callable[[Any], Any], doc: str) -> dict[str, Any]:
+    return {"parser": parser, "doc": doc}
+
+
+def _field(default: Any, parser: Callable[[Any], Any], doc: str) -> Any:
+    return field(default=default, metadata=_key(parser, doc))
+
+
+@dataclass(frozen=True)
+class WebConfig:
+    listen: tuple[str, int] = _field(("127.0.0.1", 8080), parse_listen, "HTTP(S) address")
+    tls_cert: Path | None = _field(None, _opt_path, "serve HTTPS directly with this certificate")
+    tls_key: Path | None = _field(None, _opt_path, "private key for tls_cert")
+    trusted_proxies: tuple[str, ...] = _field((), _addr_list, "proxies whose X-Forwarded-* are believed")
+    metrics_allow: tuple[str, ...] = _field(("127.0.0.1", "::1"), _addr_list, "clients allowed to read /metrics")
+    public_origin: str | None = _field(None, _origin, "the origin browsers use")
+
+
+@dataclass(frozen=True)
+class SshConfig:
+    listen: tuple[str, int] | None = _field(
+        ("0.0.0.0", 2222), lambda v: parse_listen(v, allow_empty=True), "SSH address; empty disables"
+    )
+    host_key: Path | None = _field(None, _opt_path, "ed25519 host key; default <state_dir>/ssh_host_ed25519_key")
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    pam_service: str = _field("termbridge", _str, "PAM service name")
+    allowed_groups: tuple[str, ...] = _field((), _str_list, "only members of these groups may log in")
+    pam_workers: int = _field(4, _int_range(1, 64), "threads that run PAM conversations")
+
+
+@dataclass(frozen=True)
+class SessionConfig:
+    image: str = _field("termbridge/session:latest", _str, "session image")
+    cpus: float = _field(0.5, _positive_float, "CPU limit per session")
+    memory: int = _field(200 * 1024**2, parse_size, "memory limit per session (swap off)")
+    pids: int = _field(256, _int_range(16, 1_000_000), "process limit per session")
+    idle_timeout: float = _field(15 * 60.0, parse_duration, "no input for this long ends the session")
+    max_lifetime: float = _field(8 * 3600.0, parse_duration, "hard cap on one session")
+    reconnect_grace: float = _field(60.0, parse_duration, "a dropped browser may reattach within this")
+    max_per_user: int = _field(3, _int_range(1, 10_000), "concurrent sessions per user")
+    max_total: int = _field(50, _int_range(1, 100_000), "concurrent sessions on this gateway")
+    network: str = _field("isolated", _choice("isolated", "internet"), "isolated or internet")
+    user: str = _field("login", _choice("login", "root"), "login: non-root user named after the login; root")
+    pool: int = _field(0, _int_range(0, 1000), "containers kept ready for the next login")
+    start_timeout: float = _field(30.0, parse_duration, "how long a container may take to be ready")
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    log: str = _field("", _str, "JSON-lines audit file; empty: the termbridge.audit logger")
+    record_dir: Path | None = _field(None, _opt_path, "record each session as asciicast v2 here")
+
+
+_SECTIONS: dict[str, type] = {
+    "web": WebConfig,
+    "ssh": SshConfig,
+    "auth": AuthConfig,
+    "session": SessionConfig,
+    "audit": AuditConfig,
+}
+
+
+@dataclass(frozen=True)
+class Config:
+    state_dir: Path = _field(Path("/var/lib/termbridge"), lambda v: Path(_str(v)), "the gateway's own files")
+    web: WebConfig = field(default_factory=WebConfig)
+    ssh: SshConfig = field(default_factory=SshConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    session: SessionConfig = field(default_factory=SessionConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
+
+    @property
+    def ssh_host_key(self) -> Path:
+        return self.ssh.host_key or self.state_dir / "ssh_host_ed25519_key"
+
+
+def _scalar_fields(cls: type) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls) if "parser" in f.metadata}
+
+
+def known_keys() -> list[str]:
+    """Every configuration key, dotted (`session.idle_timeout`), in declaration order."""
+    keys = list(_scalar_fields(Config))
+    for section, cls in _SECTIONS.items():
+        keys.extend(f"{section}.{name}" for name in _scalar_fields(cls))
+    return keys
+
+
+def env_name(key: str) -> str:
+    return ENV_PREFIX + key.replace(".", "_").upper()
+
+
+def _parse_section(cls: type, values: Mapping[str, Any], prefix: str) -> Any:
+    fields = _scalar_fields(cls)
+    kwargs = {}
+    for name, value in values.items():
+        key = f"{prefix}{name}"
+        if name not in fields:
+            raise ConfigError(f"unknown configuration key {key!r}")
+        try:
+            kwargs[name] = fields[name].metadata["parser"](value)
+        except (ValueError, TypeError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"bad value for {key!r}: {exc}") from None
+    return cls(**kwargs)
+
+
+def load_config(path: str | os.PathLike | None = None, env: Mapping[str, str] | None = None) -> Config:
+    """Read `path` (or the default file if it exists), then apply `TERMBRIDGE_*` overrides.
+
+    A file named explicitly must exist; the default file may be absent (built-in defaults apply).
+    """
+    env = os.environ if env is None else env
+    data: dict[str, Any] = {}
+    file = Path(path) if path is not None else DEFAULT_CONFIG_PATH
+    if path is not None or file.exists():
+        try:
+            with open(file, "rb") as fh:
+                data = tomllib.load(fh)
+        except FileNotFoundError:
+            raise ConfigError(f"configuration file {str(file)!r} does not exist") from None
+        except PermissionError:
+            raise ConfigError(f"configuration file {str(file)!r} is not readable") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"configuration file {str(file)!r} is not valid TOML: {exc}") from None
+
+    env_keys = {env_name(key): key for key in known_keys()}
+    for name, value in env.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        key = env_keys.get(name)
+        if key is None:
+            raise ConfigError(f"unknown configuration variable {name!r}")
+        section, _, leaf = key.rpartition(".")
+        target = data.setdefault(section, {}) if section else data
+        if not isinstance(target, dict):
+            raise ConfigError(f"configuration key {section!r} must be a table")
+        target[leaf] = value
+
+    top: dict[str, Any] = {}
+    sections: dict[str, Any] = {}
+    for name, value in data.items():
+        if name in _SECTIONS:
+            if not isinstance(value, dict):
+                raise ConfigError(f"configuration key {name!r} must be a table")
+            sections[name] = _parse_section(_SECTIONS[name], value, f"{name}.")
+        else:
+            top[name] = value
+    config = dataclasses.replace(_parse_section(Config, top, ""), **sections)
+    _check(config)
+    return config
+
+
+def _check(config: Config) -> None:
+    web = config.web
+    if (web.tls_cert is None) != (web.tls_key is None):
+        raise ConfigError("'web.tls_cert' and 'web.tls_key' must be set together")
+    if config.session.max_per_user > config.session.max_total:
+        raise ConfigError("'session.max_per_user' must not exceed 'session.max_total'")
+    if config.session.pool > config.session.max_total:
+        raise ConfigError("'session.pool' must not exceed 'session.max_total'")

@@ -1,0 +1,275 @@
+"""The Docker backend: the only module that imports the docker SDK.
+
+Every SDK call runs in this backend's own thread pool. Containers carry the SPEC labels, the
+session limits and a hardened host config; removal is idempotent (404 and 409 are success).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import tarfile
+import threading
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import docker
+import docker.errors
+import requests.exceptions
+
+from .backend import (
+    LABEL_DOOR,
+    LABEL_GATEWAY,
+    LABEL_SESSION,
+    LABEL_STARTED,
+    LABEL_USER,
+    Container,
+    ContainerInfo,
+    ContainerSpec,
+)
+from .config import SessionConfig
+from .errors import BackendUnavailable, ImageMissing, SessionStartError
+
+log = logging.getLogger("termbridge.docker")
+
+T = TypeVar("T")
+
+# What sshd and the entrypoint need, and nothing else (verified: sshd privilege separation needs
+# SETUID/SETGID/SYS_CHROOT, useradd --create-home needs CHOWN/FOWNER/DAC_OVERRIDE, and sshd
+# records logins through AUDIT_WRITE).
+SESSION_CAPS = ("CHOWN", "DAC_OVERRIDE", "FOWNER", "SETUID", "SETGID", "SYS_CHROOT", "AUDIT_WRITE", "KILL")
+NETWORK_NAMES = {"isolated": "termbridge-isolated", "internet": "termbridge-internet"}
+SSHD_PORT = 22
+
+
+def _tar(files: dict[str, tuple[bytes, int]]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        now = time.time()
+        for path, (data, mode) in files.items():
+            info = tarfile.TarInfo(path)
+            info.size, info.mode, info.mtime = len(data), mode, now
+            info.uid = info.gid = 0
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+class DockerBackend:
+    def __init__(
+        self,
+        config: SessionConfig,
+        instance_id: str,
+        *,
+        base_url: str | None = None,
+        workers: int = 16,
+    ) -> None:
+        self.config = config
+        self.instance_id = instance_id
+        self.network_name = NETWORK_NAMES[config.network]
+        self._base_url = base_url
+        self._workers = workers
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="docker")
+        self._client: docker.APIClient | None = None
+        self._client_lock = threading.Lock()
+        self._network_ready = False
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    def _api(self) -> docker.APIClient:
+        with self._client_lock:
+            if self._client is None:
+                kwargs: dict[str, Any] = docker.utils.kwargs_from_env()
+                if self._base_url:
+                    kwargs["base_url"] = self._base_url
+                self._client = docker.APIClient(
+                    version="auto", timeout=60, max_pool_size=self._workers, **kwargs
+                )
+            return self._client
+
+    def _forget_client(self) -> None:
+        with self._client_lock:
+            client, self._client = self._client, None
+            self._network_ready = False
+        if client is not None:
+            client.close()
+
+    async def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run a blocking SDK call in the pool; turn "engine unreachable" into BackendUnavailable."""
+
+        def run() -> T:
+            try:
+                return fn(*args, **kwargs)
+            except (requests.exceptions.ConnectionError, docker.errors.DockerException) as exc:
+                if isinstance(exc, docker.errors.APIError):
+                    raise
+                self._forget_client()
+                raise BackendUnavailable(detail=f"Docker engine unreachable: {exc}") from exc
+
+        return await asyncio.get_running_loop().run_in_executor(self._pool, run)
+
+    # -- contract -----------------------------------------------------------------------------
+
+    async def ping(self) -> str:
+        def version() -> str:
+            return str(self._api().version().get("Version", "unknown"))
+
+        return await self._call(version)
+
+    def _ensure_network(self, api: docker.APIClient) -> None:
+        if self._network_ready:
+            return
+        if not any(n["Name"] == self.network_name for n in api.networks(names=[self.network_name])):
+            log.info("creating network %s", self.network_name)
+            try:
+                api.create_network(
+                    self.network_name,
+                    driver="bridge",
+                    internal=self.config.network == "isolated",
+                    options={"com.docker.network.bridge.enable_icc": "false"},
+                    labels={"termbridge.network": self.config.network},
+                    check_duplicate=True,
+                )
+            except docker.errors.APIError as exc:
+                if exc.status_code != 409:
+                    raise
+        self._network_ready = True
+
+    def _start_sync(self, spec: ContainerSpec) -> Container:
+        api = self._api()
+        self._ensure_network(api)
+        short = spec.session_id[:8]
+        name = f"termbridge-{spec.user}-{short}"
+        cfg = self.config
+        host_config = api.create_host_config(
+            nano_cpus=int(cfg.cpus * 1e9),
+            mem_limit=cfg.memory,
+            memswap_limit=cfg.memory,
+            pids_limit=cfg.pids,
+            cap_drop=["ALL"],
+            cap_add=list(SESSION_CAPS),
+            security_opt=["no-new-privileges"],
+            network_mode=self.network_name,
+            init=True,
+            privileged=False,
+        )
+        labels = {
+            LABEL_SESSION: spec.session_id,
+            LABEL_USER: spec.user,
+            LABEL_DOOR: spec.door,
+            LABEL_GATEWAY: self.instance_id,
+            LABEL_STARTED: spec.started,
+        }
+        try:
+            created = api.create_container(
+                cfg.image,
+                name=name,
+                hostname=f"tb-{short}",
+                labels=labels,
+                environment={"TERMBRIDGE_USER": spec.user, "TERMBRIDGE_MODE": "root" if spec.root else "login"},
+                host_config=host_config,
+                detach=True,
+            )
+        except docker.errors.ImageNotFound as exc:
+            raise ImageMissing(detail=f"session image {cfg.image!r} not found: {exc}") from exc
+        except docker.errors.APIError as exc:
+            if exc.status_code == 404:
+                raise ImageMissing(detail=f"session image {cfg.image!r} not found: {exc}") from exc
+            raise SessionStartError(detail=f"create failed: {exc}") from exc
+        cid = created["Id"]
+        try:
+            archive = _tar(
+                {
+                    "etc/ssh/ssh_host_ed25519_key": (spec.host_private_key, 0o600),
+                    "etc/ssh/ssh_host_ed25519_key.pub": (spec.host_public_key, 0o644),
+                    "etc/termbridge/authorized_keys": (spec.authorized_keys, 0o644),
+                }
+            )
+            api.put_archive(cid, "/", archive)
+            api.start(cid)
+            info = api.inspect_container(cid)
+            address = info["NetworkSettings"]["Networks"][self.network_name]["IPAddress"]
+            if not address:
+                raise SessionStartError(detail=f"container {cid[:12]} has no address on {self.network_name}")
+        except BaseException as exc:
+            self._remove_sync(cid)
+            if isinstance(exc, docker.errors.APIError):
+                raise SessionStartError(detail=f"start failed: {exc}") from exc
+            raise
+        ssh_user = "root" if spec.root else spec.user
+        return Container(id=cid, name=name, address=address, port=SSHD_PORT, ssh_user=ssh_user)
+
+    async def start(self, spec: ContainerSpec) -> Container:
+        return await self._call(self._start_sync, spec)
+
+    def _remove_sync(self, container_id: str) -> None:
+        try:
+            self._api().remove_container(container_id, force=True, v=True)
+        except docker.errors.NotFound:
+            pass
+        except docker.errors.APIError as exc:
+            if exc.status_code not in (404, 409):
+                raise
+
+    async def stop(self, container_id: str) -> None:
+        await self._call(self._remove_sync, container_id)
+
+    def _poll_sync(self, container_id: str) -> int | None:
+        try:
+            state = self._api().inspect_container(container_id)["State"]
+        except docker.errors.NotFound:
+            return -1
+        if state.get("Running"):
+            return None
+        return int(state.get("ExitCode", -1))
+
+    async def poll(self, container_id: str) -> int | None:
+        return await self._call(self._poll_sync, container_id)
+
+    def _list_sync(self) -> list[ContainerInfo]:
+        found = self._api().containers(all=True, filters={"label": [f"{LABEL_GATEWAY}={self.instance_id}"]})
+        return [
+            ContainerInfo(
+                id=c["Id"],
+                name=(c.get("Names") or ["?"])[0].lstrip("/"),
+                session_id=c["Labels"].get(LABEL_SESSION, ""),
+                user=c["Labels"].get(LABEL_USER, ""),
+                labels=dict(c["Labels"]),
+            )
+            for c in found
+        ]
+
+    async def list_own(self) -> list[ContainerInfo]:
+        return await self._call(self._list_sync)
+
+    async def close(self) -> None:
+        self._forget_client()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+SESSION_IMAGE_DIR = Path(__file__).resolve().parent.parent / "session-image"
+
+
+def build_image(tag: str, base: str | None = None, context: Path = SESSION_IMAGE_DIR) -> int:
+    """Build the session image (a command-line action, so blocking is fine here). Streams the
+    build log to stderr; returns 0 on success, 1 on a failed build."""
+    if not (context / "Dockerfile").is_file():
+        raise SessionStartError(f"no Dockerfile in {context}")
+    try:
+        api = docker.APIClient(version="auto", **docker.utils.kwargs_from_env())
+    except docker.errors.DockerException as exc:
+        raise BackendUnavailable(detail=f"Docker engine unreachable: {exc}") from exc
+    buildargs = {"BASE_IMAGE": base} if base else {}
+    print(f"building {tag} from {context}" + (f" on {base}" if base else ""), file=sys.stderr)
+    for chunk in api.build(path=str(context), tag=tag, buildargs=buildargs, rm=True, forcerm=True, decode=True):
+        if "stream" in chunk:
+            sys.stderr.write(chunk["stream"])
+        elif "error" in chunk:
+            print(f"build failed: {chunk['error']}", file=sys.stderr)
+            return 1
+    print(f"built {tag}", file=sys.stderr)
+    return 0

@@ -1,0 +1,102 @@
+"""The gateway's SSH client to one session container's sshd.
+
+Each session gets its own client key and its own host key; the host key is pinned, so the
+gateway talks to exactly the sshd it provisioned (no trust on first use, nothing else accepted).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import asyncssh
+
+from .backend import Container
+from .errors import SessionStartError
+
+log = logging.getLogger("termbridge.upstream")
+
+
+@dataclass(frozen=True)
+class SessionKeys:
+    client_key: asyncssh.SSHKey
+    host_key: asyncssh.SSHKey
+
+    @classmethod
+    def generate(cls) -> SessionKeys:
+        return cls(
+            client_key=asyncssh.generate_private_key("ssh-ed25519", comment="termbridge-session"),
+            host_key=asyncssh.generate_private_key("ssh-ed25519", comment="termbridge-session-host"),
+        )
+
+    @property
+    def authorized_keys(self) -> bytes:
+        return self.client_key.export_public_key("openssh")
+
+    @property
+    def host_private_key(self) -> bytes:
+        return self.host_key.export_private_key("openssh")
+
+    @property
+    def host_public_key(self) -> bytes:
+        return self.host_key.export_public_key("openssh")
+
+
+class Upstream:
+    """One authenticated SSH connection into a session container."""
+
+    def __init__(self, conn: asyncssh.SSHClientConnection) -> None:
+        self.conn = conn
+
+    @classmethod
+    async def connect(cls, container: Container, keys: SessionKeys, timeout: float) -> Upstream:
+        """Connect as soon as sshd listens. Refused connections are retried until `timeout`;
+        a host key other than the pinned one fails at once."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        delay = 0.005
+        pinned = ([keys.host_key.convert_to_public()], [], [])
+        while True:
+            try:
+                conn = await asyncssh.connect(
+                    container.address,
+                    container.port,
+                    username=container.ssh_user,
+                    client_keys=[keys.client_key],
+                    known_hosts=pinned,
+                    agent_path=None,
+                    config=[],
+                    preferred_auth="publickey",
+                    connect_timeout=max(0.5, deadline - loop.time()),
+                    keepalive_interval=30,
+                    keepalive_count_max=3,
+                )
+                return cls(conn)
+            except (OSError, asyncssh.ConnectionLost) as exc:
+                if loop.time() + delay >= deadline:
+                    raise SessionStartError(detail=f"sshd at {container.address} not reachable: {exc!r}") from exc
+            except asyncssh.Error as exc:
+                if isinstance(exc, asyncssh.DisconnectError) and "banner" in str(exc).lower():
+                    continue
+                raise SessionStartError(detail=f"ssh to {container.address} failed: {exc!r}") from exc
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.1)
+
+    async def open_terminal(
+        self, term: str, cols: int, rows: int, env: Mapping[str, str] | None = None
+    ) -> asyncssh.SSHClientProcess:
+        """A login shell on a pty; bytes in, bytes out."""
+        return await self.conn.create_process(
+            term_type=term,
+            term_size=(cols, rows),
+            env=dict(env or {}),
+            encoding=None,
+        )
+
+    def close(self) -> None:
+        self.conn.close()
+
+    async def wait_closed(self) -> None:
+        await self.conn.wait_closed()

@@ -1,0 +1,159 @@
+"""Test harness: real PAM accounts, real gateways on port 0, a WebSocket terminal client."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import secrets
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import docker
+
+ROOT = Path(__file__).resolve().parent.parent
+SESSION_LABEL = "termbridge.session"
+PROMPT = re.compile(rb"[$#] $")
+
+
+@dataclass
+class HostUser:
+    name: str
+    password: str
+
+
+def run(*cmd: str, input: str | None = None) -> None:
+    subprocess.run(cmd, check=True, input=input, text=True, capture_output=True)
+
+
+def create_user(
+    *, shell: str = "/bin/bash", locked: bool = False, expired: bool = False, groups: tuple[str, ...] = ()
+) -> HostUser:
+    name = "tb" + secrets.token_hex(4)
+    password = "pw-" + secrets.token_urlsafe(12)
+    run("useradd", "--create-home", "--shell", shell, name)
+    run("chpasswd", input=f"{name}:{password}\n")
+    if groups:
+        run("usermod", "-a", "-G", ",".join(groups), name)
+    if locked:
+        run("usermod", "-L", name)
+    if expired:
+        run("chage", "-E", "2000-01-01", name)
+    return HostUser(name, password)
+
+
+def delete_user(user: HostUser) -> None:
+    subprocess.run(["userdel", "-r", "-f", user.name], capture_output=True)
+
+
+def write_config(path: Path, state_dir: Path, pam_service: str, **sections: dict[str, Any]) -> Path:
+    """A TOML config for a test gateway: loopback, port 0, its own state dir and instance."""
+    data: dict[str, dict[str, Any]] = {
+        "web": {"listen": "127.0.0.1:0"},
+        "ssh": {"listen": ""},
+        "auth": {"pam_service": pam_service},
+        "session": {},
+    }
+    for section, values in sections.items():
+        data.setdefault(section, {}).update(values)
+    lines = [f'state_dir = "{state_dir}"']
+    for section, values in data.items():
+        lines.append(f"[{section}]")
+        lines.extend(f"{key} = {json.dumps(value)}" for key, value in values.items())
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def session_containers(**labels: str) -> list[Any]:
+    client = docker.from_env()
+    try:
+        filters = [SESSION_LABEL] + [f"{k}={v}" for k, v in labels.items()]
+        return client.containers.list(all=True, filters={"label": filters})
+    finally:
+        client.close()
+
+
+async def wait_for(predicate, timeout: float = 15.0, interval: float = 0.1, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = predicate()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return
+        await asyncio.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+async def containers_gone(**labels: str) -> None:
+    await wait_for(lambda: not session_containers(**labels), what=f"containers {labels} to be removed")
+
+
+@dataclass
+class Terminal:
+    """A WebSocket terminal client speaking the SPEC protocol."""
+
+    ws: aiohttp.ClientWebSocketResponse
+    output: bytearray = field(default_factory=bytearray)
+    controls: list[dict[str, Any]] = field(default_factory=list)
+    closed: bool = False
+
+    async def _receive(self, timeout: float) -> None:
+        msg = await asyncio.wait_for(self.ws.receive(), timeout)
+        if msg.type == aiohttp.WSMsgType.BINARY:
+            self.output.extend(msg.data)
+        elif msg.type == aiohttp.WSMsgType.TEXT:
+            self.controls.append(json.loads(msg.data))
+        else:
+            self.closed = True
+
+    async def control(self, kind: str, timeout: float = 30.0) -> dict[str, Any]:
+        """The first control message of `kind` (already received or next)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for msg in self.controls:
+                if msg.get("type") == kind:
+                    return msg
+            if self.closed:
+                raise AssertionError(f"socket closed before a {kind!r} message; got {self.controls}")
+            await self._receive(max(0.01, deadline - time.monotonic()))
+
+    async def expect(self, pattern: bytes | re.Pattern[bytes], timeout: float = 30.0) -> re.Match[bytes]:
+        """Wait until the output (since the last expect) matches; consume through the match."""
+        regex = pattern if isinstance(pattern, re.Pattern) else re.compile(re.escape(pattern))
+        deadline = time.monotonic() + timeout
+        while True:
+            match = regex.search(bytes(self.output))
+            if match:
+                del self.output[: match.end()]
+                return match
+            if self.closed:
+                raise AssertionError(f"socket closed waiting for {regex.pattern!r}; output {bytes(self.output)[-500:]!r}")
+            try:
+                await self._receive(max(0.01, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                raise AssertionError(
+                    f"timed out waiting for {regex.pattern!r}; output {bytes(self.output)[-500:]!r}"
+                ) from None
+
+    async def send(self, text: str) -> None:
+        await self.ws.send_bytes(text.encode())
+
+    async def resize(self, cols: int, rows: int) -> None:
+        await self.ws.send_str(json.dumps({"type": "resize", "cols": cols, "rows": rows}))
+
+    async def run(self, command: str, timeout: float = 30.0) -> str:
+        """Run a command and return what it printed between two markers."""
+        marker = secrets.token_hex(4)
+        await self.send(f"echo B{marker}; {command}; echo E{marker}\r")
+        match = await self.expect(re.compile(rb"[\r\n]B" + marker.encode() + rb"\r\n(.*?)E" + marker.encode() + rb"\r\n", re.S), timeout)
+        return match.group(1).decode(errors="replace").replace("\r\n", "\n")
+
+    async def drain_until_closed(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.closed:
+            await self._receive(max(0.01, deadline - time.monotonic()))
