@@ -27,6 +27,9 @@ _USERNAME_RE = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}$")
 _NOLOGIN_SHELLS = ("nologin", "false")
 MAX_PASSWORD_BYTES = 1024
 PAM_RHOST = 4
+# OPEN_ERR, SYMBOL_ERR, SERVICE_ERR, SYSTEM_ERR, BUF_ERR, ABORT, MODULE_UNKNOWN: the PAM stack is
+# broken, not the password; the person is told login is unavailable, the admin gets the code.
+_PAM_BROKEN = frozenset({1, 2, 3, 4, 5, 26, 28})
 
 
 class Outcome(enum.Enum):
@@ -122,8 +125,7 @@ class PamAuthenticator:
         if ok:
             return precheck
         reason = f"PAM: {handle.reason} (code {handle.code})"
-        # PAM_SERVICE_ERR, PAM_SYSTEM_ERR, PAM_BUF_ERR, PAM_ABORT: the service is broken, not the password.
-        if handle.code in (3, 4, 5, 26):
+        if handle.code in _PAM_BROKEN:
             return AuthResult(Outcome.UNAVAILABLE, reason=reason)
         return AuthResult(Outcome.DENIED, reason=reason)
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import os
 import shutil
-import subprocess
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,18 +18,41 @@ from bridge.app import build_app
 from bridge.config import Config, load_config
 from helpers import ROOT, HostUser, Terminal, create_user, delete_user, session_containers, write_config
 
-PAM_SERVICE = "termbridge-test"
+PAM_SERVICE = f"termbridge-test-{os.getpid()}"
 IMAGE = "termbridge/session:latest"
+# State dirs of every gateway this run started: their instance ids scope the leak check, so that
+# two runs on one machine do not see each other's containers. Under CI every container counts.
+STATE_DIRS: list[Path] = []
+
+
+def _instance_ids() -> set[str]:
+    return {(d / "instance-id").read_text().strip() for d in STATE_DIRS if (d / "instance-id").exists()}
 
 
 @pytest.fixture(scope="session", autouse=True)
 def no_leaked_containers() -> Iterator[None]:
     """Fails the run if any session container outlives the suite (and cleans it up)."""
     yield
-    leftovers = session_containers()
+    ours = _instance_ids()
+    leftovers = [
+        c for c in session_containers()
+        if os.environ.get("CI") == "true" or c.labels.get("termbridge.gateway") in ours
+    ]
     for container in leftovers:
         container.remove(force=True)
     assert not leftovers, f"leaked session containers: {[c.name for c in leftovers]}"
+
+
+@pytest.fixture
+def state_dir(tmp_path: Path) -> Callable[[], Path]:
+    """New state dirs for gateways, registered for the leak check."""
+
+    def make() -> Path:
+        path = tmp_path / f"state{len(STATE_DIRS)}"
+        STATE_DIRS.append(path)
+        return path
+
+    return make
 
 
 @pytest.fixture(scope="session")
@@ -107,16 +130,15 @@ class Gateway:
 
 @pytest.fixture
 async def start_gateway(
-    tmp_path: Path, pam_service: str, docker_engine: docker.DockerClient
+    tmp_path: Path, pam_service: str, docker_engine: docker.DockerClient, state_dir: Callable[[], Path]
 ) -> AsyncIterator[Callable[..., Any]]:
     """Starts real gateways in this process on 127.0.0.1:0; each is shut down after the test."""
     runners: list[web.AppRunner] = []
 
-    async def start(**sections: dict[str, Any]) -> Gateway:
-        state = tmp_path / f"state{len(runners)}"
-        path = write_config(tmp_path / f"gw{len(runners)}.toml", state, pam_service, **sections)
+    async def start(backend: Any = None, **sections: dict[str, Any]) -> Gateway:
+        path = write_config(tmp_path / f"gw{len(runners)}.toml", state_dir(), pam_service, **sections)
         config = load_config(path, env={})
-        app = build_app(config, web_root=ROOT / "web")
+        app = build_app(config, backend=backend, web_root=ROOT / "web")
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         runners.append(runner)
@@ -134,6 +156,3 @@ async def start_gateway(
 async def gateway(start_gateway: Callable[..., Any]) -> Gateway:
     return await start_gateway()
 
-
-def docker_ps(*args: str) -> str:
-    return subprocess.run(["docker", "ps", "-a", *args], check=True, capture_output=True, text=True).stdout

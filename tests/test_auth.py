@@ -1,0 +1,133 @@
+"""Logging in through the web door with real PAM accounts made for each test."""
+
+from __future__ import annotations
+
+import asyncio
+import grp
+import secrets
+import subprocess
+
+import aiohttp
+import pytest
+from yarl import URL
+
+from bridge.auth import Outcome, PamAuthenticator
+from bridge.web_front import COOKIE_NAME, LOGIN_FAILED
+
+
+async def post_login(gateway, username, password, origin=None):
+    async with aiohttp.ClientSession(base_url=gateway.url) as http:
+        resp = await http.post(
+            "/login", data={"username": username, "password": password},
+            headers={"Origin": origin or gateway.origin}, allow_redirects=False,
+        )
+        return resp.status, await resp.text(), resp.headers.getall("Set-Cookie", [])
+
+
+async def test_correct_password_logs_in_with_a_safe_cookie(gateway, user):
+    status, _, cookies = await post_login(gateway, user.name, user.password)
+    assert status == 303
+    [cookie] = [c for c in cookies if c.startswith(COOKIE_NAME + "=")]
+    attrs = cookie.lower()
+    assert "httponly" in attrs and "samesite=lax" in attrs and "path=/" in attrs
+    assert "secure" not in attrs  # plain HTTP here; under TLS it is Secure
+
+
+async def test_logged_in_page_and_redirect_when_not(gateway, user):
+    async with aiohttp.ClientSession(base_url=gateway.url) as anon:
+        resp = await anon.get("/", allow_redirects=False)
+        assert resp.status == 303 and resp.headers["Location"] == "/login"
+        resp = await anon.get("/login")
+        assert resp.status == 200 and 'name="password"' in await resp.text()
+        resp = await anon.get("/ws", headers={"Origin": gateway.origin})
+        assert resp.status == 401
+    async with await gateway.login(user) as http:
+        resp = await http.get("/", allow_redirects=False)
+        assert resp.status == 200 and "terminal.js" in await resp.text()
+
+
+@pytest.mark.parametrize(
+    "kind",
+    ["wrong password", "unknown user", "locked", "expired", "nologin shell", "false shell", "empty password"],
+)
+async def test_refusals_look_the_same(gateway, make_user, kind):
+    user = {
+        "locked": lambda: make_user(locked=True),
+        "expired": lambda: make_user(expired=True),
+        "nologin shell": lambda: make_user(shell="/usr/sbin/nologin"),
+        "false shell": lambda: make_user(shell="/bin/false"),
+    }.get(kind, make_user)()
+    name, password = user.name, user.password
+    if kind == "wrong password":
+        password = "not-" + password
+    elif kind == "unknown user":
+        name = "tbnobody" + secrets.token_hex(3)
+    elif kind == "empty password":
+        password = ""
+    status, body, cookies = await post_login(gateway, name, password)
+    assert status == 401
+    assert LOGIN_FAILED in body
+    assert not [c for c in cookies if c.startswith(COOKIE_NAME + "=")]
+
+
+async def test_allowed_groups(start_gateway, make_user):
+    group = "tbg" + secrets.token_hex(3)
+    subprocess.run(["groupadd", group], check=True)
+    try:
+        gateway = await start_gateway(auth={"allowed_groups": [group]})
+        member, outsider = make_user(groups=(group,)), make_user()
+        assert (await post_login(gateway, member.name, member.password))[0] == 303
+        status, body, _ = await post_login(gateway, outsider.name, outsider.password)
+        assert status == 401 and LOGIN_FAILED in body
+        assert group in [g.gr_name for g in grp.getgrall() if member.name in g.gr_mem]
+    finally:
+        subprocess.run(["groupdel", group], check=True)
+
+
+async def test_cross_origin_login_and_socket_are_refused(gateway, user):
+    status, _, _ = await post_login(gateway, user.name, user.password, origin="http://evil.example")
+    assert status == 403
+    async with await gateway.login(user) as http:
+        resp = await http.get("/ws", headers={"Origin": "http://evil.example", "Connection": "Upgrade", "Upgrade": "websocket",
+                                              "Sec-WebSocket-Version": "13", "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="})
+        assert resp.status == 403
+
+
+async def test_pam_runs_off_the_event_loop(gateway, user):
+    """pam_unix delays a failure by ~2 s; the gateway keeps answering others meanwhile."""
+    failing = asyncio.create_task(post_login(gateway, user.name, "wrong"))
+    await asyncio.sleep(0.2)
+    async with aiohttp.ClientSession(base_url=gateway.url) as http:
+        resp = await http.get("/login")
+        assert resp.status == 200
+    assert not failing.done(), "the failed login returned before the page: PAM did not delay, or blocked the loop"
+    assert (await failing)[0] == 401
+
+
+async def test_logout_forgets_the_login_server_side(gateway, user):
+    async with await gateway.login(user) as http:
+        cookie = http.cookie_jar.filter_cookies(URL(gateway.url))[COOKIE_NAME].value
+        term = await gateway.terminal(http)
+        await term.control("session")
+        resp = await http.post("/logout", headers={"Origin": gateway.origin}, allow_redirects=False)
+        assert resp.status == 303
+        exit_msg = await term.control("exit")
+        assert exit_msg["reason"] == "killed"
+    async with aiohttp.ClientSession(base_url=gateway.url, cookies={COOKIE_NAME: cookie}) as replay:
+        resp = await replay.get("/", allow_redirects=False)
+        assert resp.status == 303  # the old cookie no longer logs anyone in
+
+
+async def test_authenticator_unavailable_when_pam_service_is_broken(tmp_path, user):
+    broken = "termbridge-broken-" + secrets.token_hex(3)
+    path = f"/etc/pam.d/{broken}"
+    with open(path, "w") as fh:
+        fh.write("auth requisite pam_does_not_exist.so\naccount required pam_permit.so\n")
+    auth = PamAuthenticator(broken)
+    try:
+        result = await auth.authenticate(user.name, user.password, "127.0.0.1")
+        assert result.outcome is Outcome.UNAVAILABLE
+        assert "code 28" in result.reason
+    finally:
+        auth.close()
+        subprocess.run(["rm", "-f", path], check=True)

@@ -1,0 +1,104 @@
+"""The whole path in a real browser: Debian's Chromium driven by playwright."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from playwright.async_api import async_playwright, expect
+
+from helpers import ROOT, containers_gone
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_FLAGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
+ARTIFACTS = ROOT / "test-artifacts"
+
+
+@pytest.fixture
+async def browser():
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} missing: apt-get install chromium (.ci/run does)")
+    async with async_playwright() as pw:
+        chromium = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS, headless=True)
+        yield chromium
+        await chromium.close()
+
+
+def screen_line(page, pattern: str):
+    """A row of the terminal whose whole text matches `pattern`."""
+    return page.locator(".xterm-rows > div", has_text=re.compile(rf"^\s*{pattern}\s*$"))
+
+
+async def log_in(page, gateway, user, password=None):
+    await page.goto(gateway.url + "/")
+    await expect(page).to_have_url(re.compile(r"/login$"))
+    await page.get_by_label("Username").fill(user.name)
+    await page.get_by_label("Password").fill(password or user.password)
+    await page.get_by_role("button", name="Log in").click()
+
+
+async def test_login_type_resize_exit(browser, gateway, user):
+    ARTIFACTS.mkdir(exist_ok=True)
+    page = await browser.new_page(viewport={"width": 1000, "height": 600})
+    resizes: list[dict] = []
+
+    def on_socket(ws):
+        ws.on("framesent", lambda payload: resizes.append(json.loads(payload))
+              if isinstance(payload, str) and '"resize"' in payload else None)
+
+    page.on("websocket", on_socket)
+
+    await log_in(page, gateway, user, password="wrong")
+    await expect(page.get_by_role("alert")).to_contain_text("Login failed")
+
+    await log_in(page, gateway, user)
+    await expect(page.locator("body")).to_have_attribute("data-state", "running", timeout=30_000)
+    await expect(page.locator(".xterm-rows")).to_contain_text("$", timeout=30_000)
+    session_id = await page.locator("body").get_attribute("data-session")
+
+    await page.locator(".xterm-helper-textarea").focus()
+    await page.keyboard.type("echo $((6*7))")
+    await page.keyboard.press("Enter")
+    await expect(screen_line(page, "42")).to_have_count(1, timeout=15_000)
+    await page.screenshot(path=str(ARTIFACTS / "core-desktop.png"))
+
+    await page.set_viewport_size({"width": 700, "height": 420})
+    await page.wait_for_timeout(300)
+    last = resizes[-1]
+    await page.keyboard.type("clear; stty size")
+    await page.keyboard.press("Enter")
+    await expect(screen_line(page, f"{last['rows']} {last['cols']}")).to_have_count(1, timeout=15_000)
+    assert last["cols"] < 100, resizes  # the smaller window really was sent
+
+    await page.keyboard.type("exit")
+    await page.keyboard.press("Enter")
+    await expect(page.locator("body")).to_have_attribute("data-state", "ended", timeout=15_000)
+    await expect(page.locator("#ended")).to_be_visible()
+    await expect(page.locator("#ended-reason")).to_contain_text("exit")
+    await page.screenshot(path=str(ARTIFACTS / "core-ended.png"))
+    await containers_gone(**{"termbridge.session": session_id})
+
+    # the ended state offers a new session, in a new container
+    await page.get_by_role("button", name="Start a new session").click()
+    await expect(page.locator("body")).to_have_attribute("data-state", "running", timeout=30_000)
+    second = await page.locator("body").get_attribute("data-session")
+    assert second and second != session_id
+    await page.close()
+    await containers_gone(**{"termbridge.session": second})
+
+
+async def test_idle_warning_banner_and_ended_state(browser, start_gateway, user):
+    gateway = await start_gateway(session={"idle_timeout": "3s"})
+    page = await browser.new_page()
+    await log_in(page, gateway, user)
+    await expect(page.locator("#banner")).to_contain_text("ends in", timeout=30_000)
+    await expect(page.locator("body")).to_have_attribute("data-reason", "idle", timeout=15_000)
+    await expect(page.locator("#ended-reason")).to_contain_text("idle")
+    await page.close()
