@@ -105,32 +105,53 @@ class Session:
 
     @property
     def ready(self) -> bool:
+        """The shell runs and the session has not begun to end."""
         return self.process is not None and self.end_reason is None
+
+    @property
+    def connected(self) -> bool:
+        """The container's sshd is connected (with or without a shell) and the session lives."""
+        return self.upstream is not None and self.end_reason is None
 
     @property
     def ending(self) -> bool:
         return self.end_reason is not None
 
     def touch(self) -> None:
-        """Input or a resize from the person: the idle clock starts over."""
+        """Activity from the person: the idle clock starts over."""
         self.last_activity = time.monotonic()
         self.warned = False
 
-    async def write(self, data: bytes) -> None:
-        """Send the person's keystrokes; waits while the container is not reading (backpressure)."""
-        if not self.ready or not data:
-            return
+    # Every door reports the bytes it moves through these three, whatever its plumbing: they are
+    # the one place for activity, accounting, and whatever else watches a session's stream.
+
+    def note_input(self, data: bytes) -> None:
+        """Bytes from the person reached the container: activity."""
         self.touch()
         self.bytes_in += len(data)
+
+    def note_output(self, data: bytes) -> None:
+        """Bytes from the container are on their way to the person (output is not activity)."""
+        self.bytes_out += len(data)
+
+    def note_resize(self, cols: int, rows: int) -> None:
+        """The person's terminal changed size: activity."""
+        self.touch()
+
+    async def write(self, data: bytes) -> None:
+        """Send the person's keystrokes to the shell; waits while the container is not reading."""
+        if not self.ready or not data:
+            return
         assert self.process is not None
+        self.note_input(data)
         self.process.stdin.write(data)
         await self.process.stdin.drain()
 
     def resize(self, cols: int, rows: int) -> None:
         if not self.ready:
             return
-        self.touch()
         assert self.process is not None
+        self.note_resize(cols, rows)
         self.process.change_terminal_size(cols, rows)
 
     async def wait_ended(self) -> None:
@@ -178,10 +199,16 @@ class SessionManager:
 
     # -- life cycle ---------------------------------------------------------------------------
 
-    async def create(self, user: AuthenticatedUser, door: str, terminal: TerminalRequest, sink: Sink) -> Session:
-        """Start a session and attach `sink`. Returns once the shell runs and `sink.started` was
-        called; raises a BridgeError (limit, Docker down, image missing, start failure) with
-        nothing left behind. Cancelling the caller also leaves nothing behind."""
+    async def create(
+        self, user: AuthenticatedUser, door: str, sink: Sink, terminal: TerminalRequest | None = None
+    ) -> Session:
+        """Start a session and attach `sink`. With `terminal`, a login shell on a pty is opened and
+        its output pumped to the sink; without, the session is the container and its upstream
+        connection only, and the door opens its own channels on `session.upstream`.
+
+        Returns once ready and `sink.started` was called; raises a BridgeError (limit, Docker
+        down, image missing, start failure) with nothing left behind. Cancelling the caller also
+        leaves nothing behind."""
         self._check_limits(user)
         session = Session(user, door, sink)
         self.sessions[session.id] = session
@@ -205,7 +232,7 @@ class SessionManager:
         )
         return session
 
-    async def _provision(self, session: Session, terminal: TerminalRequest) -> None:
+    async def _provision(self, session: Session, terminal: TerminalRequest | None) -> None:
         cfg = self.config.session
         keys = SessionKeys.generate()
         spec = ContainerSpec(
@@ -227,16 +254,17 @@ class SessionManager:
             raise
         async with asyncio.timeout(cfg.start_timeout):
             session.upstream = await Upstream.connect(session.container, keys, cfg.start_timeout)
-            process = await session.upstream.open_terminal(terminal.term, terminal.cols, terminal.rows, terminal.env)
-        session.process = process
+            if terminal is not None:
+                session.process = await session.upstream.open_terminal(
+                    terminal.term, terminal.cols, terminal.rows, terminal.env
+                )
         session.ready_at = time.monotonic()
         session.touch()
         if session.sink is not None:
             await session.sink.started(session)
-        session._tasks = [
-            asyncio.create_task(self._pump(session), name=f"pump-{session.id[:8]}"),
-            asyncio.create_task(self._watchdog(session), name=f"watchdog-{session.id[:8]}"),
-        ]
+        session._tasks.append(asyncio.create_task(self._watchdog(session), name=f"watchdog-{session.id[:8]}"))
+        if session.process is not None:
+            session._tasks.append(asyncio.create_task(self._pump(session), name=f"pump-{session.id[:8]}"))
 
     def _remove_when_started(self, task: asyncio.Task) -> None:
         if not task.cancelled() and task.exception() is None:
@@ -252,7 +280,7 @@ class SessionManager:
                 data = await stdout.read(READ_CHUNK)
                 if not data:
                     break
-                session.bytes_out += len(data)
+                session.note_output(data)
                 sink = session.sink
                 if sink is not None:
                     try:

@@ -289,7 +289,7 @@ async def terminal_socket(request: web.Request) -> web.StreamResponse:
     terminal = TerminalRequest()
     sink = WebSocketSink(ws, login, config.session.idle_timeout)
     early = bytearray()
-    starting = asyncio.create_task(manager.create(login.user, "web", terminal, sink))
+    starting = asyncio.create_task(manager.create(login.user, "web", sink, terminal))
     watcher = asyncio.create_task(_watch_start(ws, starting, early, sink))
     try:
         async for msg in ws:

@@ -16,10 +16,9 @@ from aiohttp import web
 
 from bridge.app import build_app
 from bridge.config import Config, load_config
-from helpers import ROOT, HostUser, Terminal, create_user, delete_user, session_containers, write_config
+from helpers import ROOT, TEST_IMAGE, HostUser, Terminal, create_user, delete_user, session_containers, write_config
 
 PAM_SERVICE = f"termbridge-test-{os.getpid()}"
-IMAGE = "termbridge/session:latest"
 # State dirs of every gateway this run started: their instance ids scope the leak check, so that
 # two runs on one machine do not see each other's containers. Under CI every container counts.
 STATE_DIRS: list[Path] = []
@@ -60,9 +59,9 @@ def docker_engine() -> Iterator[docker.DockerClient]:
     client = docker.from_env()
     try:
         client.ping()
-        client.images.get(IMAGE)
+        client.images.get(TEST_IMAGE)
     except docker.errors.ImageNotFound:
-        pytest.fail(f"session image {IMAGE} missing: run `make image` (see README)")
+        pytest.fail(f"session image {TEST_IMAGE} missing: run `make image` (see README)")
     except docker.errors.DockerException as exc:
         pytest.fail(f"Docker engine unreachable: {exc}")
     yield client

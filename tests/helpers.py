@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import secrets
 import subprocess
@@ -16,6 +17,8 @@ import aiohttp
 import docker
 
 ROOT = Path(__file__).resolve().parent.parent
+# The session image under test; a developer changing session-image/ can test a private tag.
+TEST_IMAGE = os.environ.get("TB_TEST_IMAGE", "termbridge/session:latest")
 SESSION_LABEL = "termbridge.session"
 PROMPT = re.compile(rb"[$#] $")
 
@@ -56,7 +59,7 @@ def write_config(path: Path, state_dir: Path, pam_service: str, **sections: dict
         "web": {"listen": "127.0.0.1:0"},
         "ssh": {"listen": ""},
         "auth": {"pam_service": pam_service},
-        "session": {},
+        "session": {"image": TEST_IMAGE},
     }
     for section, values in sections.items():
         data.setdefault(section, {}).update(values)

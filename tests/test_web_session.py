@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import re
 
-from helpers import PROMPT, containers_gone, session_containers
+from helpers import PROMPT, TEST_IMAGE, containers_gone, session_containers
 
 
 async def test_session_runs_commands_and_exit_removes_container(gateway, user):
@@ -153,7 +153,7 @@ async def test_the_host_key_is_pinned(gateway, user, docker_engine):
 
 def test_image_has_no_baked_host_keys(docker_engine):
     out = docker_engine.containers.run(
-        "termbridge/session:latest", entrypoint=["sh", "-c", "ls /etc/ssh/ssh_host_* 2>/dev/null | wc -l; test -d /run/sshd && echo run-sshd"],
+        TEST_IMAGE, entrypoint=["sh", "-c", "ls /etc/ssh/ssh_host_* 2>/dev/null | wc -l; test -d /run/sshd && echo run-sshd"],
         remove=True,
     )
     assert out.decode().split() == ["0", "run-sshd"]
@@ -161,7 +161,7 @@ def test_image_has_no_baked_host_keys(docker_engine):
 
 def test_sshd_config_refuses_passwords_and_forwarding(docker_engine):
     out = docker_engine.containers.run(
-        "termbridge/session:latest",
+        TEST_IMAGE,
         entrypoint=["sh", "-c", "ssh-keygen -q -t ed25519 -N '' -f /etc/ssh/ssh_host_ed25519_key && "
                     "printf 'AllowUsers x\\nPermitRootLogin no\\n' > /etc/ssh/sshd_config.d/10-termbridge.conf && "
                     "/usr/sbin/sshd -T"],
