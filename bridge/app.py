@@ -20,8 +20,9 @@ from .auth import PamAuthenticator
 from .backend import Backend
 from .config import Config
 from .docker_backend import DockerBackend
-from .errors import BridgeError, ConfigError
+from .errors import BackendUnavailable, BridgeError, ConfigError
 from .sessions import SessionManager
+from .throttle import LoginThrottle, ThrottledAuthenticator
 
 log = logging.getLogger("termbridge")
 
@@ -68,7 +69,17 @@ def build_app(
     async def gateway(app: web.Application) -> AsyncIterator[None]:
         ensure_state_dir(config.state_dir)
         gw_backend = backend or DockerBackend(config.session, instance_id(config.state_dir))
-        authenticator = PamAuthenticator(config.auth.pam_service, config.auth.allowed_groups, config.auth.pam_workers)
+        try:
+            await gw_backend.prepare()
+        except BackendUnavailable as exc:
+            log.warning("Docker unreachable at start; the session network is prepared later: %s", exc.detail)
+        except BaseException:
+            await gw_backend.close()
+            raise
+        authenticator = ThrottledAuthenticator(
+            PamAuthenticator(config.auth.pam_service, config.auth.allowed_groups, config.auth.pam_workers),
+            LoginThrottle(config.auth),
+        )
         manager = SessionManager(config, gw_backend)
         secret = read_or_create_secret(config.state_dir / "cookie-secret", secrets.token_bytes(32))
         app[web_front.BACKEND] = gw_backend

@@ -36,6 +36,7 @@ class Outcome(enum.Enum):
     OK = "ok"
     DENIED = "denied"
     UNAVAILABLE = "unavailable"
+    THROTTLED = "throttled"  # refused before PAM was asked (see throttle.py)
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,7 @@ class AuthResult:
     outcome: Outcome
     user: AuthenticatedUser | None = None
     reason: str = ""  # for the log only; the person sees one neutral message
+    retry_after: int = 0  # THROTTLED: seconds until the next attempt may be heard
 
     @property
     def ok(self) -> bool:
@@ -60,6 +62,12 @@ class AuthResult:
 
 def valid_username(name: str) -> bool:
     return bool(_USERNAME_RE.match(name))
+
+
+def printable_username(name: str) -> str:
+    """A login name fit for the log. Anything that cannot be a user name is not logged: people
+    type their password into the username field."""
+    return name if valid_username(name) else f"<invalid name, {len(name)} chars>"
 
 
 def _user_groups(entry: pwd.struct_passwd) -> set[str]:
@@ -135,7 +143,7 @@ class PamAuthenticator:
         log.info(
             "login %s for %r from %s%s",
             result.outcome.value,
-            username[:64],
+            printable_username(username),
             rhost or "-",
             f": {result.reason}" if result.reason else "",
         )

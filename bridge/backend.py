@@ -56,9 +56,14 @@ class Backend(Protocol):
     async def ping(self) -> str:
         """Return the engine's version; raise BackendUnavailable when it cannot be reached."""
 
+    async def prepare(self) -> None:
+        """Make the shared resources ready (session network, host firewall). Raises
+        BackendUnavailable when the engine cannot be reached, another BridgeError when the
+        network cannot be made safe; the gateway refuses to start on the latter."""
+
     async def start(self, spec: ContainerSpec) -> Container:
-        """Create, inject keys, start. Returns once the container runs and has an address
-        (sshd may still be starting). Raises BackendUnavailable, ImageMissing or
+        """Create, start, isolate, hand over the keys. Returns once the container runs and has an
+        address (sshd may still be starting). Raises BackendUnavailable, ImageMissing or
         SessionStartError; on any failure, nothing is left behind."""
 
     async def stop(self, container_id: str) -> None:

@@ -103,6 +103,17 @@ def _addr_list(value: Any) -> tuple[str, ...]:
     return items
 
 
+def _bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "yes", "on", "1"):
+        return True
+    if text in ("false", "no", "off", "0"):
+        return False
+    raise ValueError("expected true or false")
+
+
 def _positive_float(value: Any) -> float:
     if isinstance(value, bool):
         raise ValueError("expected a number")
@@ -159,6 +170,7 @@ class WebConfig:
     trusted_proxies: tuple[str, ...] = _field((), _addr_list, "proxies whose X-Forwarded-* are believed")
     metrics_allow: tuple[str, ...] = _field(("127.0.0.1", "::1"), _addr_list, "clients allowed to read /metrics")
     public_origin: str | None = _field(None, _origin, "the origin browsers use")
+    max_message_size: int = _field(1024**2, parse_size, "largest WebSocket message a client may send")
 
 
 @dataclass(frozen=True)
@@ -174,6 +186,10 @@ class AuthConfig:
     pam_service: str = _field("termbridge", _str, "PAM service name")
     allowed_groups: tuple[str, ...] = _field((), _str_list, "only members of these groups may log in")
     pam_workers: int = _field(4, _int_range(1, 64), "threads that run PAM conversations")
+    max_failures: int = _field(5, _int_range(1, 10_000), "failed logins of one username before lockout")
+    max_failures_per_address: int = _field(20, _int_range(1, 100_000), "failed logins from one address before lockout")
+    failure_window: float = _field(15 * 60.0, parse_duration, "how long a failed login counts")
+    lockout: float = _field(5 * 60.0, parse_duration, "how long a locked-out username or address is refused")
 
 
 @dataclass(frozen=True)
@@ -191,6 +207,8 @@ class SessionConfig:
     user: str = _field("login", _choice("login", "root"), "login: non-root user named after the login; root")
     pool: int = _field(0, _int_range(0, 1000), "containers kept ready for the next login")
     start_timeout: float = _field(30.0, parse_duration, "how long a container may take to be ready")
+    firewall: bool = _field(True, _bool, "install the host firewall rules that keep containers off host ports")
+    tmpfs_size: int = _field(64 * 1024**2, parse_size, "size of each writable tmpfs (/tmp, the home directory)")
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import socket
 import tarfile
 import threading
 import sys
@@ -32,6 +33,7 @@ from .backend import (
     ContainerInfo,
     ContainerSpec,
 )
+from . import netguard
 from .config import SessionConfig
 from .errors import BackendUnavailable, ImageMissing, SessionStartError
 
@@ -39,10 +41,12 @@ log = logging.getLogger("termbridge.docker")
 
 T = TypeVar("T")
 
-# What sshd and the entrypoint need, and nothing else (verified: sshd privilege separation needs
-# SETUID/SETGID/SYS_CHROOT, useradd --create-home needs CHOWN/FOWNER/DAC_OVERRIDE, and sshd
-# records logins through AUDIT_WRITE).
-SESSION_CAPS = ("CHOWN", "DAC_OVERRIDE", "FOWNER", "SETUID", "SETGID", "SYS_CHROOT", "AUDIT_WRITE", "KILL")
+# What sshd and the entrypoint need, and nothing else (verified one by one against the session
+# image: without SETUID, SETGID or SYS_CHROOT sshd's privilege separation fails; without CHOWN the
+# entrypoint cannot hand the home directory to the user and sshd cannot chown the pty; without
+# AUDIT_WRITE Debian's and Ubuntu's sshd close the connection after login).
+SESSION_CAPS = ("CHOWN", "SETUID", "SETGID", "SYS_CHROOT", "AUDIT_WRITE")
+RUN_TMPFS_SIZE = 16 * 1024**2
 NETWORK_NAMES = {"isolated": "termbridge-isolated", "internet": "termbridge-internet"}
 SSHD_PORT = 22
 
@@ -76,7 +80,8 @@ class DockerBackend:
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="docker")
         self._client: docker.APIClient | None = None
         self._client_lock = threading.Lock()
-        self._network_ready = False
+        self._bridge: str | None = None
+        self._prepare_lock = threading.Lock()
 
     # -- plumbing ---------------------------------------------------------------------------
 
@@ -94,7 +99,7 @@ class DockerBackend:
     def _forget_client(self) -> None:
         with self._client_lock:
             client, self._client = self._client, None
-            self._network_ready = False
+            self._bridge = None
         if client is not None:
             client.close()
 
@@ -120,16 +125,17 @@ class DockerBackend:
 
         return await self._call(version)
 
-    def _ensure_network(self, api: docker.APIClient) -> None:
-        if self._network_ready:
-            return
-        if not any(n["Name"] == self.network_name for n in api.networks(names=[self.network_name])):
+    def _network_info(self, api: docker.APIClient) -> dict[str, Any]:
+        """The session network, created on first use; an existing one must have our settings."""
+        isolated = self.config.network == "isolated"
+        found = [n for n in api.networks(names=[self.network_name]) if n["Name"] == self.network_name]
+        if not found:
             log.info("creating network %s", self.network_name)
             try:
                 api.create_network(
                     self.network_name,
                     driver="bridge",
-                    internal=self.config.network == "isolated",
+                    internal=isolated,
                     options={"com.docker.network.bridge.enable_icc": "false"},
                     labels={"termbridge.network": self.config.network},
                     check_duplicate=True,
@@ -137,15 +143,59 @@ class DockerBackend:
             except docker.errors.APIError as exc:
                 if exc.status_code != 409:
                     raise
-        self._network_ready = True
+        info = api.inspect_network(self.network_name)
+        options = info.get("Options") or {}
+        wrong = []
+        if bool(info.get("Internal")) != isolated:
+            wrong.append(f"internal={info.get('Internal')}")
+        if options.get("com.docker.network.bridge.enable_icc") != "false":
+            wrong.append("inter-container traffic on")
+        if info.get("EnableIPv6"):
+            wrong.append("IPv6 on")
+        if info.get("Driver") != "bridge":
+            wrong.append(f"driver {info.get('Driver')}")
+        if wrong:
+            raise netguard.NetworkGuardError(
+                detail=f"network {self.network_name} exists with settings that break session.network="
+                f"{self.config.network} ({', '.join(wrong)}); remove it (docker network rm {self.network_name})"
+            )
+        return info
 
-    def _start_sync(self, spec: ContainerSpec) -> Container:
-        api = self._api()
-        self._ensure_network(api)
-        short = spec.session_id[:8]
-        name = f"termbridge-{spec.user}-{short}"
+    def _prepare_sync(self, api: docker.APIClient | None = None) -> None:
+        """Network, route tools and firewall. Cached; the firewall is re-checked on every call,
+        so rules flushed behind the gateway's back come back before the next session starts."""
+        api = api or self._api()
+        with self._prepare_lock:
+            self._prepare_locked(api)
+
+    def _prepare_locked(self, api: docker.APIClient) -> None:
+        if self._bridge is None:
+            info = self._network_info(api)
+            bridge = (info.get("Options") or {}).get("com.docker.network.bridge.name") or f"br-{info['Id'][:12]}"
+            if self.config.network == "isolated":
+                netguard.require_tools("nsenter", "ip")
+            if self.config.firewall:
+                netguard.require_tools("iptables")
+                netguard.guard_bridge(bridge)
+            else:
+                log.warning("session.firewall is off: session containers can reach host ports on %s", bridge)
+            log.info("session network %s on %s: %s, firewall %s", self.network_name, bridge,
+                     self.config.network, "on" if self.config.firewall else "OFF")
+            self._bridge = bridge
+        elif self.config.firewall and not netguard.bridge_guarded(self._bridge):
+            log.warning("firewall rules for %s were missing; installing them again", self._bridge)
+            netguard.guard_bridge(self._bridge)
+
+    async def prepare(self) -> None:
+        await self._call(self._prepare_sync)
+
+    def _host_config(self, api: docker.APIClient, root: bool) -> dict[str, Any]:
         cfg = self.config
-        host_config = api.create_host_config(
+        tmp = f"rw,exec,nosuid,nodev,size={cfg.tmpfs_size}"
+        tmpfs = {"/run": f"rw,noexec,nosuid,nodev,size={RUN_TMPFS_SIZE},mode=0755", "/tmp": f"{tmp},mode=1777"}
+        if not root:
+            tmpfs["/home"] = f"{tmp},mode=0755"
+        return api.create_host_config(
             nano_cpus=int(cfg.cpus * 1e9),
             mem_limit=cfg.memory,
             memswap_limit=cfg.memory,
@@ -156,7 +206,39 @@ class DockerBackend:
             network_mode=self.network_name,
             init=True,
             privileged=False,
+            read_only=not root,
+            tmpfs=tmpfs,
         )
+
+    def _boot(self, api: docker.APIClient, cid: str, spec: ContainerSpec) -> None:
+        """Start the container, cut its default route, then hand the entrypoint its keys on stdin.
+        sshd cannot start before the keys arrive, so no shell ever runs with the route in place;
+        the keys never touch a disk or `docker inspect`."""
+        keys = _tar(
+            {
+                "ssh_host_ed25519_key": (spec.host_private_key, 0o600),
+                "ssh_host_ed25519_key.pub": (spec.host_public_key, 0o644),
+                "authorized_keys": (spec.authorized_keys, 0o644),
+            }
+        )
+        attached = api.attach_socket(cid, params={"stdin": 1, "stream": 1})
+        raw = getattr(attached, "_sock", attached)
+        try:
+            api.start(cid)
+            if self.config.network == "isolated":
+                netguard.drop_default_routes(int(api.inspect_container(cid)["State"].get("Pid") or 0))
+            raw.settimeout(10)
+            raw.sendall(keys)
+            raw.shutdown(socket.SHUT_WR)
+        finally:
+            attached.close()
+
+    def _start_sync(self, spec: ContainerSpec) -> Container:
+        api = self._api()
+        self._prepare_sync(api)
+        short = spec.session_id[:8]
+        name = f"termbridge-{spec.user}-{short}"
+        cfg = self.config
         labels = {
             LABEL_SESSION: spec.session_id,
             LABEL_USER: spec.user,
@@ -171,26 +253,21 @@ class DockerBackend:
                 hostname=f"tb-{short}",
                 labels=labels,
                 environment={"TERMBRIDGE_USER": spec.user, "TERMBRIDGE_MODE": "root" if spec.root else "login"},
-                host_config=host_config,
-                detach=True,
+                host_config=self._host_config(api, spec.root),
+                stdin_open=True,  # the keys come this way; with detach=False, Docker closes it after them
+                detach=False,
             )
         except docker.errors.ImageNotFound as exc:
             raise ImageMissing(detail=f"session image {cfg.image!r} not found: {exc}") from exc
         except docker.errors.APIError as exc:
-            if exc.status_code == 404:
+            if exc.status_code == 404 and "network" in str(exc).lower():
+                self._bridge = None
+            elif exc.status_code == 404:
                 raise ImageMissing(detail=f"session image {cfg.image!r} not found: {exc}") from exc
             raise SessionStartError(detail=f"create failed: {exc}") from exc
         cid = created["Id"]
         try:
-            archive = _tar(
-                {
-                    "etc/ssh/ssh_host_ed25519_key": (spec.host_private_key, 0o600),
-                    "etc/ssh/ssh_host_ed25519_key.pub": (spec.host_public_key, 0o644),
-                    "etc/termbridge/authorized_keys": (spec.authorized_keys, 0o644),
-                }
-            )
-            api.put_archive(cid, "/", archive)
-            api.start(cid)
+            self._boot(api, cid, spec)
             info = api.inspect_container(cid)
             address = info["NetworkSettings"]["Networks"][self.network_name]["IPAddress"]
             if not address:
@@ -199,6 +276,8 @@ class DockerBackend:
             self._remove_sync(cid)
             if isinstance(exc, docker.errors.APIError):
                 raise SessionStartError(detail=f"start failed: {exc}") from exc
+            if isinstance(exc, OSError):
+                raise SessionStartError(detail=f"handing the keys to {cid[:12]} failed: {exc!r}") from exc
             raise
         ssh_user = "root" if spec.root else spec.user
         return Container(id=cid, name=name, address=address, port=SSHD_PORT, ssh_user=ssh_user)

@@ -24,23 +24,32 @@ from pathlib import Path
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from . import wsproto
-from .auth import AuthenticatedUser, Outcome, PamAuthenticator
+from .auth import AuthenticatedUser, Outcome
 from .backend import Backend
 from .config import Config
 from .errors import BackendUnavailable, BridgeError, ProtocolError
 from .sessions import Session, SessionManager, TerminalRequest
+from .throttle import ThrottledAuthenticator
 
 log = logging.getLogger("termbridge.web")
 
 COOKIE_NAME = "termbridge_login"
+CSRF_COOKIE = "termbridge_csrf"
 LOGIN_TTL = 12 * 3600
-MAX_WS_MESSAGE = 1024 * 1024
 MAX_EARLY_INPUT = 64 * 1024
 LOGIN_FAILED = "Login failed: the username or password is wrong, or this account may not log in here."
+FORM_EXPIRED = "This login form has expired or came from another site. Please log in again."
+THROTTLED = "Too many failed logins. Try again in {minutes} minute(s)."
+# Scripts and style sheets from this origin only. xterm.js builds <style> elements at run time:
+# the page's own nonce admits those (web/static/csp.js stamps it on them), nothing else inline.
+CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self'{nonce}; img-src 'self'; font-src 'self'; "
+    "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+)
 
 CONFIG = web.AppKey("config", Config)
 MANAGER = web.AppKey("manager", SessionManager)
-AUTHENTICATOR = web.AppKey("authenticator", PamAuthenticator)
+AUTHENTICATOR = web.AppKey("authenticator", ThrottledAuthenticator)
 BACKEND = web.AppKey("backend", Backend)
 LOGINS = web.AppKey("logins", "LoginRegistry")
 WEBSOCKETS = web.AppKey("websockets", weakref.WeakSet)
@@ -93,6 +102,14 @@ class LoginRegistry:
     def revoke(self, login: Login) -> None:
         self._logins.pop(login.id, None)
 
+    def form_token(self, purpose: str, binding: str) -> str:
+        """A CSRF token for a form: only this gateway can make it, and only for `binding` (the
+        browser's CSRF cookie for the login form, the login's id for logout)."""
+        return self._sign(f"{purpose}:{binding}".encode())
+
+    def form_token_ok(self, purpose: str, binding: str | None, token: str) -> bool:
+        return bool(binding) and hmac.compare_digest(token.encode(), self.form_token(purpose, binding).encode())
+
 
 # -- request helpers ------------------------------------------------------------------------------
 
@@ -134,8 +151,11 @@ def expected_origin(request: web.Request) -> str:
 
 
 def origin_allowed(request: web.Request, *, required: bool) -> bool:
+    """A foreign Origin is refused. Where not required (the login and logout forms) a missing or
+    opaque ("null") Origin passes: Chromium sends "null" for form posts from our no-referrer
+    pages, and those forms carry a CSRF token, which is what protects them."""
     origin = request.headers.get("Origin")
-    if origin is None:
+    if origin is None or (origin == "null" and not required):
         return not required
     return origin.rstrip("/") == expected_origin(request)
 
@@ -145,9 +165,43 @@ def current_login(request: web.Request) -> Login | None:
 
 
 def _page(request: web.Request, name: str, status: int = 200, **values: str) -> web.Response:
+    nonce = secrets.token_urlsafe(16)
     template = string.Template((request.app[WEB_ROOT] / "templates" / name).read_text())
-    body = template.safe_substitute({k: html.escape(v) for k, v in values.items()})
-    return web.Response(text=body, status=status, content_type="text/html")
+    body = template.safe_substitute({k: html.escape(v) for k, v in {**values, "nonce": nonce}.items()})
+    response = web.Response(text=body, status=status, content_type="text/html")
+    response.headers["Content-Security-Policy"] = CSP.format(nonce=f" 'nonce-{nonce}'")
+    return response
+
+
+def _login_page(request: web.Request, status: int = 200, error: str = "", username: str = "") -> web.Response:
+    """The login form with a CSRF token bound to this browser's CSRF cookie (made if missing)."""
+    binding = request.cookies.get(CSRF_COOKIE, "")
+    if not (16 <= len(binding) <= 64 and binding.replace("-", "").replace("_", "").isalnum()):
+        binding = secrets.token_urlsafe(24)
+    token = request.app[LOGINS].form_token("login", binding)
+    response = _page(
+        request, "login.html", status=status, error=error, error_class="" if error else "hidden",
+        username=username, csrf=token,
+    )
+    response.set_cookie(
+        CSRF_COOKIE, binding, httponly=True, samesite="Strict", secure=request_scheme(request) == "https", path="/login"
+    )
+    return response
+
+
+async def security_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """On every response, errors and static files included."""
+    headers = response.headers
+    headers.setdefault("Content-Security-Policy", CSP.format(nonce=""))
+    headers.setdefault("X-Content-Type-Options", "nosniff")
+    headers.setdefault("Referrer-Policy", "no-referrer")
+    headers.setdefault("X-Frame-Options", "DENY")
+    headers.setdefault("Cross-Origin-Opener-Policy", "same-origin")
+    headers.setdefault("Cross-Origin-Resource-Policy", "same-origin")
+    if response.content_type == "text/html":
+        headers.setdefault("Cache-Control", "no-store")
+    if request_scheme(request) == "https":
+        headers.setdefault("Strict-Transport-Security", "max-age=31536000")
 
 
 # -- handlers -------------------------------------------------------------------------------------
@@ -157,11 +211,11 @@ async def index(request: web.Request) -> web.StreamResponse:
     login = current_login(request)
     if login is None:
         raise web.HTTPSeeOther("/login")
-    return _page(request, "terminal.html", user=login.user.name)
+    return _page(request, "terminal.html", user=login.user.name, logout_csrf=request.app[LOGINS].form_token("logout", login.id))
 
 
 async def login_form(request: web.Request) -> web.StreamResponse:
-    return _page(request, "login.html", error="", error_class="hidden", username="")
+    return _login_page(request)
 
 
 async def login_submit(request: web.Request) -> web.StreamResponse:
@@ -172,15 +226,29 @@ async def login_submit(request: web.Request) -> web.StreamResponse:
     username = str(form.get("username", "")).strip()
     password = str(form.get("password", ""))
     rhost = client_address(request)
+    logins = request.app[LOGINS]
+    if not logins.form_token_ok("login", request.cookies.get(CSRF_COOKIE), str(form.get("csrf", ""))):
+        log.warning("login refused: missing or wrong CSRF token from %s", rhost)
+        return _login_page(request, status=403, error=FORM_EXPIRED)
     result = await request.app[AUTHENTICATOR].authenticate(username, password, rhost)
-    if result.outcome is Outcome.UNAVAILABLE:
-        return _page(
-            request, "login.html", status=503, error="Login is unavailable right now; try again later.",
-            error_class="", username=username,
+    if result.outcome is Outcome.THROTTLED:
+        response = _login_page(
+            request, status=429, error=THROTTLED.format(minutes=-(-result.retry_after // 60)), username=username
         )
+        response.headers["Retry-After"] = str(result.retry_after)
+        return response
+    if result.outcome is Outcome.UNAVAILABLE:
+        return _login_page(request, status=503, error="Login is unavailable right now; try again later.", username=username)
     if not result.ok or result.user is None:
-        return _page(request, "login.html", status=401, error=LOGIN_FAILED, error_class="", username=username)
-    _, cookie = request.app[LOGINS].issue(result.user)
+        return _login_page(request, status=401, error=LOGIN_FAILED, username=username)
+    previous = current_login(request)
+    login, cookie = logins.issue(result.user)  # always a new id: a cookie set before login is worthless
+    if previous is not None:
+        logins.revoke(previous)
+        if previous.user.name == login.user.name:
+            login.sessions |= previous.sessions
+        else:
+            await _end_terminals(request.app, previous, "another account logged in from this browser")
     response = web.HTTPSeeOther("/")
     response.set_cookie(
         COOKIE_NAME,
@@ -199,16 +267,24 @@ async def logout(request: web.Request) -> web.StreamResponse:
         raise web.HTTPForbidden(text="cross-origin logout refused")
     login = current_login(request)
     if login is not None:
+        form = await request.post()
+        if not request.app[LOGINS].form_token_ok("logout", login.id, str(form.get("csrf", ""))):
+            log.warning("logout of %s refused: missing or wrong CSRF token", login.user.name)
+            raise web.HTTPForbidden(text="logout refused: reload the page and try again")
         request.app[LOGINS].revoke(login)
-        manager = request.app[MANAGER]
-        for session_id in list(login.sessions):
-            session = manager.get(session_id)
-            if session is not None:
-                await manager.kill(session, "you logged out")
+        await _end_terminals(request.app, login, "you logged out")
         log.info("logout of %s", login.user.name)
     response = web.HTTPSeeOther("/login")
     response.del_cookie(COOKIE_NAME, path="/")
     raise response
+
+
+async def _end_terminals(app: web.Application, login: Login, message: str) -> None:
+    manager = app[MANAGER]
+    for session_id in list(login.sessions):
+        session = manager.get(session_id)
+        if session is not None:
+            await manager.kill(session, message)
 
 
 async def healthz(request: web.Request) -> web.StreamResponse:
@@ -283,7 +359,7 @@ async def terminal_socket(request: web.Request) -> web.StreamResponse:
         raise web.HTTPForbidden(text="cross-origin WebSocket refused")
     app = request.app
     config, manager = app[CONFIG], app[MANAGER]
-    ws = web.WebSocketResponse(max_msg_size=MAX_WS_MESSAGE, heartbeat=30, compress=False)
+    ws = web.WebSocketResponse(max_msg_size=config.web.max_message_size, heartbeat=30, compress=False)
     await ws.prepare(request)
     app[WEBSOCKETS].add(ws)
     terminal = TerminalRequest()
@@ -331,6 +407,7 @@ async def terminal_socket(request: web.Request) -> web.StreamResponse:
 def setup_routes(app: web.Application, web_root: Path) -> None:
     app[WEB_ROOT] = web_root
     app[WEBSOCKETS] = weakref.WeakSet()
+    app.on_response_prepare.append(security_headers)
     app.router.add_get("/", index)
     app.router.add_get("/login", login_form)
     app.router.add_post("/login", login_submit)

@@ -16,7 +16,9 @@ from aiohttp import web
 
 from bridge.app import build_app
 from bridge.config import Config, load_config
-from helpers import ROOT, TEST_IMAGE, HostUser, Terminal, create_user, delete_user, session_containers, write_config
+from helpers import (
+    ROOT, TEST_IMAGE, HostUser, Terminal, create_user, csrf_token, delete_user, session_containers, write_config,
+)
 
 PAM_SERVICE = f"termbridge-test-{os.getpid()}"
 # State dirs of every gateway this run started: their instance ids scope the leak check, so that
@@ -111,7 +113,7 @@ class Gateway:
         http = aiohttp.ClientSession(base_url=self.url, cookie_jar=aiohttp.CookieJar(unsafe=True))
         resp = await http.post(
             "/login",
-            data={"username": user.name, "password": password or user.password},
+            data={"username": user.name, "password": password or user.password, "csrf": await csrf_token(http)},
             headers={"Origin": self.origin},
             allow_redirects=False,
         )

@@ -80,6 +80,17 @@ def session_containers(**labels: str) -> list[Any]:
         client.close()
 
 
+CSRF_FIELD = re.compile(r'name="csrf" value="([^"]+)"')
+
+
+async def csrf_token(http: aiohttp.ClientSession, path: str = "/login") -> str:
+    """The login form's CSRF token; the CSRF cookie lands in `http`'s cookie jar."""
+    async with http.get(path) as resp:
+        match = CSRF_FIELD.search(await resp.text())
+    assert match, f"no CSRF token in {path}"
+    return match.group(1)
+
+
 async def wait_for(predicate, timeout: float = 15.0, interval: float = 0.1, what: str = "condition") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -13,13 +13,14 @@ from yarl import URL
 
 from bridge.auth import Outcome, PamAuthenticator
 from bridge.web_front import COOKIE_NAME, LOGIN_FAILED
+from helpers import csrf_token
 
 
-async def post_login(gateway, username, password, origin=None):
-    async with aiohttp.ClientSession(base_url=gateway.url) as http:
+async def post_login(gateway, username, password, origin=None, headers=None):
+    async with aiohttp.ClientSession(base_url=gateway.url, cookie_jar=aiohttp.CookieJar(unsafe=True)) as http:
         resp = await http.post(
-            "/login", data={"username": username, "password": password},
-            headers={"Origin": origin or gateway.origin}, allow_redirects=False,
+            "/login", data={"username": username, "password": password, "csrf": await csrf_token(http)},
+            headers={"Origin": origin or gateway.origin, **(headers or {})}, allow_redirects=False,
         )
         return resp.status, await resp.text(), resp.headers.getall("Set-Cookie", [])
 
@@ -109,7 +110,8 @@ async def test_logout_forgets_the_login_server_side(gateway, user):
         cookie = http.cookie_jar.filter_cookies(URL(gateway.url))[COOKIE_NAME].value
         term = await gateway.terminal(http)
         await term.control("session")
-        resp = await http.post("/logout", headers={"Origin": gateway.origin}, allow_redirects=False)
+        token = await csrf_token(http, "/")
+        resp = await http.post("/logout", data={"csrf": token}, headers={"Origin": gateway.origin}, allow_redirects=False)
         assert resp.status == 303
         exit_msg = await term.control("exit")
         assert exit_msg["reason"] == "killed"

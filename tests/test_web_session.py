@@ -153,22 +153,24 @@ async def test_the_host_key_is_pinned(gateway, user, docker_engine):
 
 def test_image_has_no_baked_host_keys(docker_engine):
     out = docker_engine.containers.run(
-        TEST_IMAGE, entrypoint=["sh", "-c", "ls /etc/ssh/ssh_host_* 2>/dev/null | wc -l; test -d /run/sshd && echo run-sshd"],
+        TEST_IMAGE, entrypoint=["sh", "-c", "ls /etc/ssh/ssh_host_* /run/termbridge 2>/dev/null | wc -l; "
+                                "readlink /etc/passwd /etc/shadow"],
         remove=True,
     )
-    assert out.decode().split() == ["0", "run-sshd"]
+    assert out.decode().split() == ["0", "/run/termbridge/etc/passwd", "/run/termbridge/etc/shadow"]
 
 
 def test_sshd_config_refuses_passwords_and_forwarding(docker_engine):
     out = docker_engine.containers.run(
         TEST_IMAGE,
-        entrypoint=["sh", "-c", "ssh-keygen -q -t ed25519 -N '' -f /etc/ssh/ssh_host_ed25519_key && "
-                    "printf 'AllowUsers x\\nPermitRootLogin no\\n' > /etc/ssh/sshd_config.d/10-termbridge.conf && "
+        entrypoint=["sh", "-c", "mkdir -p /run/termbridge/sshd_config.d /run/termbridge/etc /run/sshd && "
+                    "cp /etc/termbridge/base/* /run/termbridge/etc/ && "
+                    "ssh-keygen -q -t ed25519 -N '' -f /run/termbridge/ssh_host_ed25519_key && "
+                    "printf 'AllowUsers x\\nPermitRootLogin no\\n' > /run/termbridge/sshd_config.d/10-mode.conf && "
                     "/usr/sbin/sshd -T"],
         remove=True,
     ).decode().lower()
     for line in ["passwordauthentication no", "kbdinteractiveauthentication no", "allowtcpforwarding no",
                  "allowagentforwarding no", "x11forwarding no", "permittunnel no", "allowstreamlocalforwarding no",
-                 "permitrootlogin no", "authorizedkeysfile /etc/termbridge/authorized_keys"]:
+                 "permitrootlogin no", "authorizedkeysfile /run/termbridge/authorized_keys"]:
         assert line in out, line
-

@@ -1,4 +1,5 @@
 // termbridge terminal page: xterm.js wired to /ws (binary frames: terminal bytes; text: JSON control).
+import "/static/csp.js";
 import { Terminal } from "/static/vendor/xterm/lib/xterm.mjs";
 import { FitAddon } from "/static/vendor/addon-fit/lib/addon-fit.mjs";
 
@@ -41,6 +42,14 @@ function showBanner(text) {
 
 function send(data) {
   if (ws && ws.readyState === WebSocket.OPEN) ws.send(data);
+}
+
+// A paste may be megabytes: it goes in frames far below the server's message limit
+// (web.max_message_size), and the server takes each one only as fast as the shell reads.
+const INPUT_CHUNK = 64 * 1024;
+
+function sendInput(bytes) {
+  for (let i = 0; i < bytes.length; i += INPUT_CHUNK) send(bytes.subarray(i, i + INPUT_CHUNK));
 }
 
 function sendResize() {
@@ -107,8 +116,8 @@ function connect() {
   };
 }
 
-term.onData((data) => send(encoder.encode(data)));
-term.onBinary((data) => send(Uint8Array.from(data, (c) => c.charCodeAt(0))));
+term.onData((data) => sendInput(encoder.encode(data)));
+term.onBinary((data) => sendInput(Uint8Array.from(data, (c) => c.charCodeAt(0))));
 term.onResize(() => sendResize());
 window.addEventListener("resize", () => fit.fit());
 document.getElementById("restart").addEventListener("click", () => {

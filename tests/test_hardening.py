@@ -1,0 +1,113 @@
+"""Hardened session containers, seen from inside and from Docker: capabilities, read-only root,
+tmpfs, no-new-privileges, no Docker socket, no host mounts; and the root mode."""
+
+from __future__ import annotations
+
+import pytest
+
+import bridge.docker_backend
+from bridge.docker_backend import SESSION_CAPS
+from helpers import PROMPT, session_containers
+
+# Linux capability numbers (linux/capability.h) of the set the session image needs.
+CAP_NUMBERS = {"CHOWN": 0, "SETGID": 6, "SETUID": 7, "SYS_CHROOT": 18, "AUDIT_WRITE": 29}
+
+
+def cap_mask(names) -> int:
+    return sum(1 << CAP_NUMBERS[name] for name in names)
+
+
+def status_field(status: str, name: str) -> str:
+    [line] = [line for line in status.splitlines() if line.startswith(name + ":")]
+    return line.split(":", 1)[1].strip()
+
+
+async def open_terminal(gateway, user):
+    http = await gateway.login(user)
+    term = await gateway.terminal(http)
+    session = await term.control("session")
+    await term.expect(PROMPT)
+    [container] = session_containers(**{"termbridge.session": session["id"]})
+    return http, term, container
+
+
+async def test_login_mode_container_is_hardened(gateway, user):
+    http, term, container = await open_terminal(gateway, user)
+    async with http:
+        host = container.attrs["HostConfig"]
+        assert host["CapDrop"] == ["ALL"]
+        assert sorted(host["CapAdd"]) == sorted(SESSION_CAPS)
+        assert host["SecurityOpt"] == ["no-new-privileges"]
+        assert host["Privileged"] is False
+        assert host["ReadonlyRootfs"] is True
+        assert set(host["Tmpfs"]) == {"/run", "/tmp", "/home"}
+        assert "nosuid" in host["Tmpfs"]["/tmp"] and "nodev" in host["Tmpfs"]["/home"]
+        assert host["MemorySwap"] == host["Memory"] and host["PidsLimit"] == 256
+        assert not host.get("Binds") and not container.attrs["Mounts"]
+        assert not container.attrs["Config"].get("Volumes")
+        assert "TERMBRIDGE_USER" in " ".join(container.attrs["Config"]["Env"])
+        assert "PRIVATE KEY" not in str(container.attrs)  # keys came over stdin, not env or files
+
+        status = await term.run("cat /proc/self/status")
+        assert int(status_field(status, "CapBnd"), 16) == cap_mask(SESSION_CAPS)
+        assert int(status_field(status, "CapEff"), 16) == 0  # the user's shell holds none at all
+        assert status_field(status, "NoNewPrivs") == "1"
+
+        out = await term.run(
+            "for p in /etc/x /usr/bin/x /var/x /x; do touch $p 2>/dev/null && echo wrote-$p; done; "
+            "touch ~/ok /tmp/ok && echo home-and-tmp-writable; stat -f -c %T ~ /tmp /run; "
+            "ls -ld ~ | cut -d' ' -f1,3; test -e /var/run/docker.sock || echo no-docker-socket"
+        )
+        lines = out.split()
+        assert not [w for w in lines if w.startswith("wrote-")], out
+        assert "home-and-tmp-writable" in lines and "no-docker-socket" in lines
+        assert lines.count("tmpfs") == 3, out
+        assert f"drwxr-x--- {user.name}" in out
+        # the session's own key material is root's alone
+        assert "denied" in (await term.run("cat /run/termbridge/ssh_host_ed25519_key 2>&1")).lower()
+        await term.send("exit\r")
+        await term.control("exit")
+
+
+async def test_root_mode_is_root_without_the_capabilities(start_gateway, user):
+    gateway = await start_gateway(session={"user": "root"})
+    http, term, container = await open_terminal(gateway, user)
+    async with http:
+        host = container.attrs["HostConfig"]
+        assert host["ReadonlyRootfs"] is False
+        assert sorted(host["CapAdd"]) == sorted(SESSION_CAPS) and host["CapDrop"] == ["ALL"]
+        assert host["SecurityOpt"] == ["no-new-privileges"]
+        assert (await term.run("id -u")).strip() == "0"
+        status = await term.run("cat /proc/self/status")
+        assert int(status_field(status, "CapEff"), 16) == cap_mask(SESSION_CAPS)
+        assert status_field(status, "NoNewPrivs") == "1"
+        # what the mode is for: installing packages (a local .deb, as no network is needed for that)
+        out = await term.run(
+            "cd /tmp && mkdir -p p/DEBIAN p/usr/local/bin && "
+            "printf 'Package: tbhello\\nVersion: 1.0\\nArchitecture: all\\nMaintainer: t <t@t>\\nDescription: t\\n' "
+            "> p/DEBIAN/control && printf '#!/bin/sh\\necho hello-from-deb\\n' > p/usr/local/bin/tbhello && "
+            "chmod 755 p/usr/local/bin/tbhello && dpkg-deb --build p tbhello.deb >/dev/null && "
+            "dpkg -i tbhello.deb >/dev/null && tbhello; touch /etc/rootfs-writable && echo etc-writable; "
+            "useradd -M tbextra && id -un tbextra",
+            timeout=60,
+        )
+        assert out.split()[-3:] == ["hello-from-deb", "etc-writable", "tbextra"], out
+        # and still none of root's other powers: no mounts, no device nodes, no raw sockets
+        out = await term.run("mount -t tmpfs none /mnt 2>/dev/null || echo no-mount; "
+                             "mknod /tmp/mem c 1 1 2>/dev/null || echo no-mknod")
+        assert out.split() == ["no-mount", "no-mknod"]
+        await term.send("exit\r")
+        await term.control("exit")
+
+
+@pytest.mark.parametrize("missing", SESSION_CAPS)
+async def test_every_capability_in_the_set_is_needed(start_gateway, user, monkeypatch, missing):
+    """Verifies the set is minimal: without any one of them no shell comes up."""
+    monkeypatch.setattr(bridge.docker_backend, "SESSION_CAPS", tuple(c for c in SESSION_CAPS if c != missing))
+    gateway = await start_gateway(session={"start_timeout": "4s"})
+    async with await gateway.login(user) as http:
+        term = await gateway.terminal(http)
+        exit_msg = await term.control("exit", timeout=60)
+        assert exit_msg["reason"] == "error", exit_msg
+        assert "session" not in [m["type"] for m in term.controls]
+        assert PROMPT.search(bytes(term.output)) is None
