@@ -37,6 +37,7 @@ COOKIE_NAME = "termbridge_login"
 CSRF_COOKIE = "termbridge_csrf"
 LOGIN_TTL = 12 * 3600
 MAX_EARLY_INPUT = 64 * 1024
+INPUT_WAIT_CHECK = 1.0  # how often input blocked on a slow shell checks that its socket still lives
 LOGIN_FAILED = "Login failed: the username or password is wrong, or this account may not log in here."
 FORM_EXPIRED = "This login form has expired or came from another site. Please log in again."
 THROTTLED = "Too many failed logins. Try again in {minutes} minute(s)."
@@ -350,6 +351,26 @@ async def _flush_early_input(early: bytearray, sink: WebSocketSink) -> None:
         await sink.session.write(data)
 
 
+async def _send_input(request: web.Request, ws: web.WebSocketResponse, session: Session, data: bytes) -> bool:
+    """Keystrokes to the shell with backpressure: while the shell does not read, this socket is
+    not read either (TCP pushes back to the browser). Returns False if the socket died meanwhile:
+    unread, it would not notice by itself, so a ping probes it (a gone peer answers with a reset)."""
+    writing = asyncio.ensure_future(session.write(data))
+    while True:
+        done, _ = await asyncio.wait({writing}, timeout=INPUT_WAIT_CHECK)
+        if done:
+            writing.result()
+            return True
+        transport = request.transport
+        if transport is None or transport.is_closing():
+            writing.cancel()
+            return False
+        try:
+            await asyncio.wait_for(ws.ping(), INPUT_WAIT_CHECK)
+        except (TimeoutError, ConnectionError, RuntimeError):
+            pass
+
+
 async def terminal_socket(request: web.Request) -> web.StreamResponse:
     login = current_login(request)
     if login is None:
@@ -373,7 +394,9 @@ async def terminal_socket(request: web.Request) -> web.StreamResponse:
             if msg.type == WSMsgType.BINARY:
                 if session is not None and session.ready:
                     await _flush_early_input(early, sink)
-                    await session.write(msg.data)
+                    if not await _send_input(request, ws, session, msg.data):
+                        log.info("WebSocket of %s went away while its input waited for the shell", login.user.name)
+                        break
                 elif session is None and not starting.done():
                     if len(early) + len(msg.data) > MAX_EARLY_INPUT:
                         await ws.send_str(wsproto.error_message("too much input before the session started; dropped"))

@@ -1,0 +1,224 @@
+"""session.network with real connections: containers this test starts, and a listener this test
+opens on the host (0.0.0.0, random port). No other address is ever contacted."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import aiohttp
+import docker
+import pytest
+
+from bridge import netguard
+from bridge.docker_backend import NETWORK_NAMES
+from helpers import PROMPT, ROOT, TEST_IMAGE, session_containers, wait_for, write_config
+
+PROBE = "timeout 3 bash -c 'exec 3<>/dev/tcp/{ip}/{port}' 2>/dev/null && echo REACHED-{tag} || echo BLOCKED-{tag}"
+
+
+class HostListener:
+    """A TCP listener on 0.0.0.0 that remembers who connected."""
+
+    def __init__(self) -> None:
+        self.peers: list[str] = []
+        self.server: asyncio.base_events.Server | None = None
+        self.port = 0
+
+    async def __aenter__(self) -> HostListener:
+        async def accepted(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            self.peers.append(writer.get_extra_info("peername")[0])
+            writer.close()
+
+        self.server = await asyncio.start_server(accepted, "0.0.0.0", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+        await self.server.wait_closed()
+
+
+def network_gateway(name: str) -> str:
+    """The host's address on a Docker network (its gateway address)."""
+    client = docker.from_env()
+    try:
+        attrs = client.networks.get(name).attrs
+    finally:
+        client.close()
+    config = (attrs["IPAM"]["Config"] or [{}])[0]
+    if config.get("Gateway"):
+        return config["Gateway"]
+    bridge = attrs["Options"].get("com.docker.network.bridge.name") or f"br-{attrs['Id'][:12]}"
+    out = subprocess.run(["ip", "-4", "-o", "addr", "show", "dev", bridge], capture_output=True, text=True, check=True)
+    return out.stdout.split()[3].split("/")[0]
+
+
+async def session_shell(gateway, http):
+    term = await gateway.terminal(http)
+    session = await term.control("session")
+    await term.expect(PROMPT)
+    [container] = session_containers(**{"termbridge.session": session["id"]})
+    address = container.attrs["NetworkSettings"]["Networks"][NETWORK_NAMES[gateway.config.session.network]]["IPAddress"]
+    return term, address
+
+
+async def probe(term, ip: str, port: int) -> str:
+    tag = secrets.token_hex(3)
+    out = await term.run(PROBE.format(ip=ip, port=port, tag=tag), timeout=20)
+    return out.strip().replace(f"-{tag}", "")
+
+
+async def reachable_from_host(ip: str, port: int) -> bool:
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(ip, port), 5)
+    except OSError:
+        return False
+    writer.close()
+    return True
+
+
+def control_probe(docker_engine, port: int) -> tuple[str, str]:
+    """The same probe from a container on a network this test creates (not a session network):
+    shows that the listener is reachable from containers at all, so BLOCKED above means blocked."""
+    network = docker_engine.networks.create(f"tbtest-{secrets.token_hex(4)}", driver="bridge", labels={"tbtest": "1"})
+    try:
+        network.reload()
+        gw = network.attrs["IPAM"]["Config"][0]["Gateway"]
+        out = docker_engine.containers.run(
+            TEST_IMAGE, entrypoint=["bash", "-c", PROBE.format(ip=gw, port=port, tag="x")],
+            network=network.name, remove=True, labels={"tbtest": "1"},
+        )
+        return gw, out.decode().strip()
+    finally:
+        network.remove()
+
+
+async def check_isolation(gateway, user, make_user, docker_engine, *, default_route: bool) -> None:
+    other = make_user()
+    mode = gateway.config.session.network
+    gw_addr = network_gateway(NETWORK_NAMES[mode])
+    async with HostListener() as listener, await gateway.login(user) as http_a, await gateway.login(other) as http_b:
+        term_a, addr_a = await session_shell(gateway, http_a)
+        term_b, addr_b = await session_shell(gateway, http_b)
+
+        routes = await term_a.run("ip -4 route; ip -6 route")
+        if default_route:
+            assert f"default via {gw_addr}" in routes, routes
+        else:
+            assert "default" not in routes, routes
+        assert (await term_a.run("ip -6 -o addr | grep -v ' lo ' | wc -l")).strip() == "0"  # no IPv6 way out
+
+        # the host, through the network's gateway address and through docker0's
+        assert await reachable_from_host(gw_addr, listener.port)  # the listener is up on that address
+        heard = len(listener.peers)
+        assert await probe(term_a, gw_addr, listener.port) == "BLOCKED"
+        docker0 = network_gateway("bridge")
+        assert await probe(term_a, docker0, listener.port) == "BLOCKED"
+        assert listener.peers[heard:] == []
+
+        # another session's container: its sshd listens (the gateway reaches it), A does not
+        assert await reachable_from_host(addr_b, 22)
+        assert await probe(term_a, addr_b, 22) == "BLOCKED"
+        assert await probe(term_b, addr_a, 22) == "BLOCKED"
+
+        control_gw, out = await asyncio.to_thread(control_probe, docker_engine, listener.port)
+        assert out == "REACHED-x", out
+        assert len(listener.peers) == heard + 1, listener.peers
+        for term in (term_a, term_b):
+            await term.send("exit\r")
+            await term.control("exit")
+
+
+async def test_isolated_network(gateway, user, make_user, docker_engine):
+    assert gateway.config.session.network == "isolated"
+    await check_isolation(gateway, user, make_user, docker_engine, default_route=False)
+    assert docker_engine.networks.get("termbridge-isolated").attrs["Internal"] is True
+
+
+async def test_internet_network_keeps_the_host_and_other_sessions_out(start_gateway, user, make_user, docker_engine):
+    gateway = await start_gateway(session={"network": "internet"})
+    await check_isolation(gateway, user, make_user, docker_engine, default_route=True)
+    attrs = docker_engine.networks.get("termbridge-internet").attrs
+    assert attrs["Internal"] is False  # outbound goes through Docker's masquerading
+    assert attrs["Options"]["com.docker.network.bridge.enable_icc"] == "false"
+
+
+def test_guard_is_idempotent_under_concurrency():
+    """Several gateways installing the rules at once leave exactly one copy. Uses a bridge name
+    that no interface has, and removes its rules afterwards."""
+    bridge = f"tbtest{secrets.token_hex(3)}"
+    try:
+        threads = [threading.Thread(target=netguard.guard_bridge, args=(bridge,)) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        netguard.guard_bridge(bridge)
+        assert netguard.bridge_guarded(bridge)
+        rules = subprocess.run(["iptables", "-S"], capture_output=True, text=True, check=True).stdout
+        assert rules.count(f"-A INPUT -i {bridge} -j {netguard.HOST_CHAIN}") == 1
+        assert rules.count(f"-i {bridge} -o {bridge} -j DROP") == 1
+    finally:
+        subprocess.run(["iptables", "-w", "-D", "INPUT", "-i", bridge, "-j", netguard.HOST_CHAIN], capture_output=True)
+        chain = "DOCKER-USER" if netguard._chain_exists("DOCKER-USER") else "FORWARD"
+        subprocess.run(["iptables", "-w", "-D", chain, "-i", bridge, "-o", bridge, "-j", "DROP"], capture_output=True)
+    assert not netguard.bridge_guarded(bridge)
+
+
+def test_odd_bridge_names_are_refused():
+    with pytest.raises(netguard.NetworkGuardError):
+        netguard.guard_bridge("br0 -j ACCEPT")
+
+
+def _tools_dir(tmp_path: Path, names: list[str]) -> str:
+    """A PATH with only these tools (and a shell)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name in names + ["sh"]:
+        found = subprocess.run(["sh", "-c", f"command -v {name}"], capture_output=True, text=True).stdout.strip()
+        os.symlink(found, bin_dir / name)
+    return str(bin_dir)
+
+
+async def test_gateway_refuses_to_start_without_its_firewall(tmp_path, pam_service, state_dir):
+    path = write_config(tmp_path / "gw.toml", state_dir(), pam_service, web={"listen": "127.0.0.1:0"})
+    env = {**os.environ, "PATH": _tools_dir(tmp_path, ["nsenter", "ip"])}
+    done = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "bridge", "serve", "--config", str(path)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
+    )
+    assert done.returncode == 1, done.stderr
+    assert "could not be secured" in done.stderr and "iptables not found" in done.stderr, done.stderr
+
+
+async def test_firewall_off_is_a_loud_choice(tmp_path, pam_service, state_dir):
+    from test_lifecycle import free_port
+
+    port = free_port()
+    path = write_config(tmp_path / "gw.toml", state_dir(), pam_service, web={"listen": f"127.0.0.1:{port}"},
+                        session={"firewall": False})
+    env = {**os.environ, "PATH": _tools_dir(tmp_path, ["nsenter", "ip"])}
+    proc = subprocess.Popen([sys.executable, "-m", "bridge", "serve", "--config", str(path)],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        async def healthy() -> bool:
+            try:
+                async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port}/healthz") as resp:
+                    return resp.status == 200
+            except aiohttp.ClientError:
+                assert proc.poll() is None, proc.stderr.read()
+                return False
+
+        await wait_for(healthy, timeout=30, what="gateway with the firewall off to start")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = await asyncio.to_thread(proc.communicate, timeout=30)
+    assert "session.firewall is off" in err, err
