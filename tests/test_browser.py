@@ -44,6 +44,14 @@ async def log_in(page, gateway, user, password=None):
     await page.get_by_role("button", name="Log in").click()
 
 
+async def open_terminal_page(page, gateway, user) -> None:
+    """Log in, wait for the shell's prompt, focus the terminal."""
+    await log_in(page, gateway, user)
+    await expect(page.locator("body")).to_have_attribute("data-state", "running", timeout=30_000)
+    await expect(page.locator(".xterm-rows")).to_contain_text("$", timeout=30_000)
+    await page.locator(".xterm-helper-textarea").focus()
+
+
 async def test_login_type_resize_exit(browser, gateway, user):
     ARTIFACTS.mkdir(exist_ok=True)
     page = await browser.new_page(viewport={"width": 1000, "height": 600})

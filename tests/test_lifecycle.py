@@ -21,10 +21,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-async def spawn_gateway(config_path, port):
+async def spawn_gateway(config_path, port, env=None):
     proc = subprocess.Popen(
         [sys.executable, "-m", "bridge", "serve", "--config", str(config_path)],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
     )
 
     async def healthy() -> bool:

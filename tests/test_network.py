@@ -12,13 +12,12 @@ import sys
 import threading
 from pathlib import Path
 
-import aiohttp
 import docker
 import pytest
 
 from bridge import netguard
 from bridge.docker_backend import NETWORK_NAMES
-from helpers import PROMPT, ROOT, TEST_IMAGE, session_containers, wait_for, write_config
+from helpers import PROMPT, ROOT, TEST_IMAGE, session_containers, write_config
 
 PROBE = "timeout 3 bash -c 'exec 3<>/dev/tcp/{ip}/{port}' 2>/dev/null && echo REACHED-{tag} || echo BLOCKED-{tag}"
 
@@ -200,25 +199,12 @@ async def test_gateway_refuses_to_start_without_its_firewall(tmp_path, pam_servi
 
 
 async def test_firewall_off_is_a_loud_choice(tmp_path, pam_service, state_dir):
-    from test_lifecycle import free_port
+    from test_lifecycle import free_port, spawn_gateway
 
     port = free_port()
     path = write_config(tmp_path / "gw.toml", state_dir(), pam_service, web={"listen": f"127.0.0.1:{port}"},
                         session={"firewall": False})
-    env = {**os.environ, "PATH": _tools_dir(tmp_path, ["nsenter", "ip"])}
-    proc = subprocess.Popen([sys.executable, "-m", "bridge", "serve", "--config", str(path)],
-                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        async def healthy() -> bool:
-            try:
-                async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port}/healthz") as resp:
-                    return resp.status == 200
-            except aiohttp.ClientError:
-                assert proc.poll() is None, proc.stderr.read()
-                return False
-
-        await wait_for(healthy, timeout=30, what="gateway with the firewall off to start")
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        _, err = await asyncio.to_thread(proc.communicate, timeout=30)
+    proc = await spawn_gateway(path, port, env={**os.environ, "PATH": _tools_dir(tmp_path, ["nsenter", "ip"])})
+    proc.send_signal(signal.SIGTERM)
+    _, err = await asyncio.to_thread(proc.communicate, timeout=30)
     assert "session.firewall is off" in err, err

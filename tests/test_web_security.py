@@ -12,7 +12,7 @@ from yarl import URL
 
 from bridge.web_front import COOKIE_NAME, CSRF_COOKIE
 from helpers import csrf_token
-from test_browser import browser, log_in  # noqa: F401  (the fixture)
+from test_browser import browser, open_terminal_page  # noqa: F401  (the fixture)
 
 FOREIGN = "http://evil.example"
 
@@ -126,10 +126,7 @@ async def test_terminal_runs_under_the_policy_and_cannot_be_framed(browser, gate
     page = await browser.new_page()
     console: list[str] = []
     page.on("console", lambda msg: console.append(msg.text))
-    await log_in(page, gateway, user)
-    await expect(page.locator("body")).to_have_attribute("data-state", "running", timeout=30_000)
-    await expect(page.locator(".xterm-rows")).to_contain_text("$", timeout=30_000)
-    await page.locator(".xterm-helper-textarea").focus()
+    await open_terminal_page(page, gateway, user)
     # palette colours come from xterm's <style> elements, true colours from style attributes
     await page.keyboard.type("clear; printf '\\e[31mPALETTE\\e[0m \\e[38;2;1;2;3mTRUECOLOR\\e[0m\\n'")
     await page.keyboard.press("Enter")

@@ -12,7 +12,7 @@ from playwright.async_api import expect
 
 from bridge.web_front import MANAGER
 from helpers import PROMPT, wait_for
-from test_browser import browser, log_in  # noqa: F401  (the fixture)
+from test_browser import browser, open_terminal_page  # noqa: F401  (the fixture)
 
 MEGABYTE_PASTE = b"".join(b"%05d " % i + b"x" * 93 + b"\n" for i in range(10_000))  # 1,000,000 bytes
 
@@ -128,10 +128,7 @@ async def test_a_megabyte_paste_in_the_browser(browser, gateway, user):  # noqa:
     page = await browser.new_page()
     frames: list[int] = []
     page.on("websocket", lambda ws: ws.on("framesent", lambda p: frames.append(len(p)) if isinstance(p, bytes) else None))
-    await log_in(page, gateway, user)
-    await expect(page.locator("body")).to_have_attribute("data-state", "running", timeout=30_000)
-    await expect(page.locator(".xterm-rows")).to_contain_text("$", timeout=30_000)
-    await page.locator(".xterm-helper-textarea").focus()
+    await open_terminal_page(page, gateway, user)
     await page.keyboard.type("stty -echo; echo READY-$((5+5)); head -c 1000000 | sha256sum; stty echo")
     await page.keyboard.press("Enter")
     await expect(page.locator(".xterm-rows")).to_contain_text("READY-10", timeout=15_000)
