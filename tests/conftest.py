@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -16,8 +17,11 @@ from aiohttp import web
 
 from bridge.app import build_app
 from bridge.config import Config, load_config
+from bridge.upstream import SessionKeys
+from bridge.web_front import LoginRegistry
 from helpers import (
-    ROOT, TEST_IMAGE, HostUser, Terminal, create_user, csrf_token, delete_user, session_containers, write_config,
+    PASSWORDS, ROOT, TEST_IMAGE, HostUser, Terminal, create_user, csrf_token, delete_user, find_secrets,
+    private_key_fragments, session_containers, write_config,
 )
 
 PAM_SERVICE = f"termbridge-test-{os.getpid()}"
@@ -42,6 +46,57 @@ def no_leaked_containers() -> Iterator[None]:
     for container in leftovers:
         container.remove(force=True)
     assert not leftovers, f"leaked session containers: {[c.name for c in leftovers]}"
+
+
+class LogRecorder(logging.Handler):
+    """Every log line of the suite, formatted as an admin would read it (tracebacks included)."""
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.DEBUG)
+        self.setFormatter(logging.Formatter("%(name)s %(levelname)s %(message)s"))
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.lines.append(self.format(record))
+        except Exception:  # a record that does not format is still text to scan
+            self.lines.append(f"{record.msg!r} {record.args!r}")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_secrets_in_logs() -> Iterator[None]:
+    """Fails the run if a password, a cookie secret, a login cookie or a private key (the
+    per-session keys, the gateway's host key) appears in any log line of the suite. The key and
+    cookie makers are observed, not replaced: they run as always and hand over what they made."""
+    recorder = LogRecorder()
+    logging.getLogger().addHandler(recorder)
+    made: list[str | bytes] = []
+    patch = pytest.MonkeyPatch()
+    generate, issue = SessionKeys.generate, LoginRegistry.issue
+
+    def observed_generate(cls: type) -> SessionKeys:
+        keys = generate()
+        for key in (keys.client_key, keys.host_key):
+            made.extend(private_key_fragments(key.export_private_key("openssh")))
+        return keys
+
+    def observed_issue(self: LoginRegistry, user: Any) -> Any:
+        login, cookie = issue(self, user)
+        made.extend([cookie, login.id])
+        return login, cookie
+
+    patch.setattr(SessionKeys, "generate", classmethod(observed_generate))
+    patch.setattr(LoginRegistry, "issue", observed_issue)
+    yield
+    patch.undo()
+    logging.getLogger().removeHandler(recorder)
+    for directory in STATE_DIRS:
+        for name in ("cookie-secret", "ssh_host_ed25519_key"):
+            if (directory / name).exists():
+                data = (directory / name).read_bytes()
+                made.extend(private_key_fragments(data) if b"PRIVATE KEY" in data else [data])
+    leaks = find_secrets(recorder.lines, [*PASSWORDS, *made])
+    assert not leaks, f"secrets in log lines: {leaks[:5]}"
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import re
@@ -29,6 +30,10 @@ class HostUser:
     password: str
 
 
+# Every password the suite gave a test account: none may ever show up in a log line.
+PASSWORDS: list[str] = []
+
+
 def run(*cmd: str, input: str | None = None) -> None:
     subprocess.run(cmd, check=True, input=input, text=True, capture_output=True)
 
@@ -38,6 +43,7 @@ def create_user(
 ) -> HostUser:
     name = "tb" + secrets.token_hex(4)
     password = "pw-" + secrets.token_urlsafe(12)
+    PASSWORDS.append(password)
     run("useradd", "--create-home", "--shell", shell, name)
     run("chpasswd", input=f"{name}:{password}\n")
     if groups:
@@ -78,6 +84,36 @@ def session_containers(**labels: str) -> list[Any]:
         return client.containers.list(all=True, filters={"label": filters}, ignore_removed=True)
     finally:
         client.close()
+
+
+def secret_forms(secret: str | bytes) -> list[str]:
+    """The ways a secret could be spelled in a log line: as is, hex, base64 (either alphabet)."""
+    if isinstance(secret, str):
+        return [secret]
+    forms = [secret.hex(), base64.b64encode(secret).decode().rstrip("="), base64.urlsafe_b64encode(secret).decode().rstrip("=")]
+    try:
+        forms.append(secret.decode())
+    except UnicodeDecodeError:
+        pass
+    return [f for f in forms if len(f) >= 8]
+
+
+def private_key_fragments(exported: bytes) -> list[str]:
+    """The body lines of an exported private key: any one of them in a log is a leak."""
+    return [line for line in exported.decode().splitlines() if line and not line.startswith("-----") and len(line) >= 20]
+
+
+def find_secrets(lines: list[str], secrets_: list[str | bytes]) -> list[str]:
+    """Log lines that contain a secret (or any private key block at all), secret redacted."""
+    needles = {form for secret in secrets_ for form in secret_forms(secret)}
+    found = []
+    for line in lines:
+        hits = [n for n in needles if n in line]
+        if hits or "PRIVATE KEY-----" in line:
+            for needle in hits:
+                line = line.replace(needle, "<SECRET>")
+            found.append(line[:300])
+    return found
 
 
 CSRF_FIELD = re.compile(r'name="csrf" value="([^"]+)"')

@@ -133,3 +133,22 @@ async def test_authenticator_unavailable_when_pam_service_is_broken(tmp_path, us
     finally:
         auth.close()
         subprocess.run(["rm", "-f", path], check=True)
+
+
+def test_the_log_scan_finds_planted_secrets():
+    """The suite-wide check (conftest.no_secrets_in_logs) can fail: it spots each kind of secret."""
+    import asyncssh
+
+    from helpers import find_secrets, private_key_fragments
+
+    key = asyncssh.generate_private_key("ssh-ed25519").export_private_key("openssh")
+    cookie_secret = bytes(range(32))
+    lines = [
+        "termbridge.auth INFO login denied for 'bob' from 127.0.0.1",
+        "termbridge.web INFO oops pw-hunter2-xyz",
+        f"termbridge.web INFO secret {cookie_secret.hex()}",
+        f"asyncssh DEBUG {private_key_fragments(key)[1]}",
+        "x INFO -----BEGIN OPENSSH PRIVATE KEY-----",
+    ]
+    found = find_secrets(lines, ["pw-hunter2-xyz", cookie_secret, *private_key_fragments(key)])
+    assert len(found) == 4 and all("hunter2" not in line for line in found)
