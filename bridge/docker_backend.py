@@ -23,6 +23,7 @@ import docker
 import docker.errors
 import requests.exceptions
 
+from . import netguard
 from .backend import (
     LABEL_DOOR,
     LABEL_GATEWAY,
@@ -33,7 +34,6 @@ from .backend import (
     ContainerInfo,
     ContainerSpec,
 )
-from . import netguard
 from .config import SessionConfig
 from .errors import BackendUnavailable, ImageMissing, SessionStartError
 

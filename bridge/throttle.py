@@ -63,6 +63,10 @@ class _Record:
     failures: deque[float] = field(default_factory=deque)
     locked_until: float = 0.0
 
+    @property
+    def last_failure(self) -> float:
+        return self.failures[-1] if self.failures else 0.0
+
 
 @dataclass(frozen=True)
 class Decision:
@@ -106,11 +110,11 @@ class LoginThrottle:
         self._pruned = now
         horizon = now - self.config.failure_window
         for key, record in list(self._records.items()):
-            if record.locked_until <= now and (not record.failures or record.failures[-1] <= horizon):
+            if record.locked_until <= now and record.last_failure <= horizon:
                 del self._records[key]
         if len(self._records) >= MAX_KEYS:  # still full of live keys: forget the oldest half
-            oldest = sorted(self._records, key=lambda k: self._records[k].failures[-1] if self._records[k].failures else 0)
-            for key in oldest[: len(oldest) // 2]:
+            by_age = sorted(self._records, key=lambda key: self._records[key].last_failure)
+            for key in by_age[: len(by_age) // 2]:
                 del self._records[key]
 
     def _keys(self, username: str, address: str | None) -> list[tuple[str, str]]:

@@ -212,7 +212,8 @@ async def index(request: web.Request) -> web.StreamResponse:
     login = current_login(request)
     if login is None:
         raise web.HTTPSeeOther("/login")
-    return _page(request, "terminal.html", user=login.user.name, logout_csrf=request.app[LOGINS].form_token("logout", login.id))
+    logout_csrf = request.app[LOGINS].form_token("logout", login.id)
+    return _page(request, "terminal.html", user=login.user.name, logout_csrf=logout_csrf)
 
 
 async def login_form(request: web.Request) -> web.StreamResponse:
@@ -239,7 +240,8 @@ async def login_submit(request: web.Request) -> web.StreamResponse:
         response.headers["Retry-After"] = str(result.retry_after)
         return response
     if result.outcome is Outcome.UNAVAILABLE:
-        return _login_page(request, status=503, error="Login is unavailable right now; try again later.", username=username)
+        error = "Login is unavailable right now; try again later."
+        return _login_page(request, status=503, error=error, username=username)
     if not result.ok or result.user is None:
         return _login_page(request, status=401, error=LOGIN_FAILED, username=username)
     previous = current_login(request)
@@ -359,7 +361,11 @@ async def _send_input(request: web.Request, ws: web.WebSocketResponse, session: 
     while True:
         done, _ = await asyncio.wait({writing}, timeout=INPUT_WAIT_CHECK)
         if done:
-            writing.result()
+            try:
+                writing.result()
+            except ConnectionError:
+                if not session.ending:  # an ended session is reported by its own path
+                    raise
             return True
         transport = request.transport
         if transport is None or transport.is_closing():

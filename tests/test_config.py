@@ -66,6 +66,11 @@ def test_file_values_and_env_overrides(tmp_path):
         ("[web]\ntls_cert = '/x.pem'\n", "web.tls_cert"),
         ("session = 3\n", "session"),
         ("[session\n", "not valid TOML"),
+        ("[session]\nfirewall = 'maybe'\n", "session.firewall"),
+        ("[session]\ntmpfs_size = 'huge'\n", "session.tmpfs_size"),
+        ("[auth]\nmax_failures = 0\n", "auth.max_failures"),
+        ("[auth]\nlockout = 'forever'\n", "auth.lockout"),
+        ("[web]\nmax_message_size = 'big'\n", "web.max_message_size"),
     ],
 )
 def test_errors_name_the_key(tmp_path, text, key):
@@ -118,3 +123,13 @@ def test_cli_config_errors_exit_2_and_start_nothing(tmp_path, command):
         assert proc.returncode == 2, proc.stderr
         assert needle in proc.stderr
         assert "Traceback" not in proc.stderr
+
+
+def test_security_defaults_and_switches(tmp_path):
+    config = load_config(write(tmp_path, ""), env={})
+    assert config.session.firewall is True and config.session.tmpfs_size == 64 * 2**20
+    assert config.web.max_message_size == 2**20
+    a = config.auth
+    assert (a.max_failures, a.max_failures_per_address, a.failure_window, a.lockout) == (5, 20, 900, 300)
+    off = load_config(write(tmp_path, ""), env={"TERMBRIDGE_SESSION_FIREWALL": "false"})
+    assert off.session.firewall is False
