@@ -47,6 +47,10 @@ T = TypeVar("T")
 # AUDIT_WRITE Debian's and Ubuntu's sshd close the connection after login).
 SESSION_CAPS = ("CHOWN", "SETUID", "SETGID", "SYS_CHROOT", "AUDIT_WRITE")
 RUN_TMPFS_SIZE = 16 * 1024**2
+# How the session image expects to be set up (label `termbridge.protocol`); 2: keys on stdin,
+# accounts on tmpfs, read-only root. An image built from an older session-image/ would wait for
+# keys that never come, so it is refused with a clear message instead.
+IMAGE_PROTOCOL = "2"
 NETWORK_NAMES = {"isolated": "termbridge-isolated", "internet": "termbridge-internet"}
 SSHD_PORT = 22
 
@@ -233,9 +237,23 @@ class DockerBackend:
         finally:
             attached.close()
 
+    def _check_image(self, api: docker.APIClient) -> None:
+        try:
+            labels = api.inspect_image(self.config.image)["Config"].get("Labels") or {}
+        except docker.errors.NotFound as exc:
+            raise ImageMissing(detail=f"session image {self.config.image!r} not found: {exc}") from exc
+        found = labels.get("termbridge.protocol")
+        if found != IMAGE_PROTOCOL:
+            raise ImageMissing(
+                "the session image on this server is out of date; ask the admin to rebuild it",
+                detail=f"session image {self.config.image!r} has termbridge.protocol={found!r}, this gateway needs "
+                f"{IMAGE_PROTOCOL!r}: rebuild it with `termbridge image build`",
+            )
+
     def _start_sync(self, spec: ContainerSpec) -> Container:
         api = self._api()
         self._prepare_sync(api)
+        self._check_image(api)
         short = spec.session_id[:8]
         name = f"termbridge-{spec.user}-{short}"
         cfg = self.config

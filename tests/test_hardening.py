@@ -7,7 +7,7 @@ import pytest
 
 import bridge.docker_backend
 from bridge.docker_backend import SESSION_CAPS
-from helpers import PROMPT, session_containers
+from helpers import PROMPT, TEST_IMAGE, session_containers
 
 # Linux capability numbers (linux/capability.h) of the set the session image needs.
 CAP_NUMBERS = {"CHOWN": 0, "SETGID": 6, "SETUID": 7, "SYS_CHROOT": 18, "AUDIT_WRITE": 29}
@@ -111,3 +111,22 @@ async def test_every_capability_in_the_set_is_needed(start_gateway, user, monkey
         assert exit_msg["reason"] == "error", exit_msg
         assert "session" not in [m["type"] for m in term.controls]
         assert PROMPT.search(bytes(term.output)) is None
+
+
+async def test_an_image_from_before_the_hardening_is_refused_clearly(start_gateway, user, docker_engine):
+    """An image built from an older session-image/ would wait forever for keys on stdin."""
+    import io
+    import secrets
+
+    tag = f"termbridge/test-old-image:{secrets.token_hex(4)}"
+    dockerfile = f'FROM {TEST_IMAGE}\nLABEL termbridge.protocol="1"\n'.encode()
+    docker_engine.images.build(fileobj=io.BytesIO(dockerfile), tag=tag, rm=True)
+    try:
+        gateway = await start_gateway(session={"image": tag})
+        async with await gateway.login(user) as http:
+            term = await gateway.terminal(http)
+            assert "out of date" in (await term.control("error"))["message"]
+            assert (await term.control("exit"))["reason"] == "error"
+    finally:
+        docker_engine.images.remove(tag, force=True)
+    assert not session_containers(**{"termbridge.user": user.name})
