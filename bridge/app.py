@@ -6,6 +6,7 @@ startup ran: on shutdown every session ends (reason `killed`) and every containe
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import secrets
@@ -16,6 +17,8 @@ from pathlib import Path
 from aiohttp import web
 
 from . import web_front
+from .admin import AdminServer
+from .admin import socket_path as admin_socket_path
 from .auth import PamAuthenticator
 from .backend import Backend
 from .config import Config
@@ -25,6 +28,7 @@ from .sessions import SessionManager
 
 log = logging.getLogger("termbridge")
 
+REAP_INTERVAL = 30.0
 PACKAGE_ROOT = Path(__file__).resolve().parent
 DEFAULT_WEB_ROOT = PACKAGE_ROOT.parent / "web"
 
@@ -77,22 +81,47 @@ def build_app(
         app[web_front.LOGINS] = web_front.LoginRegistry(secret)
         if not (web_root / "node_modules" / "@xterm" / "xterm").is_dir():
             log.error("web assets missing: run `npm ci` in %s", web_root)
-        try:
-            reaped = await manager.reap()
-            if reaped:
-                log.info("removed %d leftover container(s) of this gateway", reaped)
-        except BridgeError as exc:
-            log.warning("could not reap leftovers at start: %s", exc.detail)
+        admin = AdminServer(manager, admin_socket_path(config.state_dir))
+        await admin.start()
+        await reap_once(manager)
+        reaper = asyncio.create_task(reap_forever(manager), name="reaper")
         try:
             yield
         finally:
-            await web_front.close_websockets(app)
+            reaper.cancel()
+            await admin.close()
             await manager.close()
+            await web_front.close_websockets(app)
             authenticator.close()
             await gw_backend.close()
 
+    async def drain(app: web.Application) -> None:
+        """On SIGTERM/SIGINT, before connections are torn down: every session ends with reason
+        `killed` while its socket can still hear it, and every container goes."""
+        if web_front.MANAGER in app:
+            await app[web_front.MANAGER].close()
+
     app.cleanup_ctx.append(gateway)
+    app.on_shutdown.append(drain)
     return app
+
+
+async def reap_once(manager: SessionManager) -> None:
+    try:
+        reaped = await manager.reap()
+    except BridgeError as exc:
+        log.warning("reaper: %s", exc.detail)
+        return
+    if reaped:
+        log.info("reaper removed %d container(s) no live session owns", reaped)
+
+
+async def reap_forever(manager: SessionManager, interval: float = REAP_INTERVAL) -> None:
+    """Docker is the source of truth: every `interval`, remove this instance's containers that
+    no live session owns (a crash's leftovers, a removal that failed while Docker was down)."""
+    while True:
+        await asyncio.sleep(interval)
+        await reap_once(manager)
 
 
 def ssl_context(config: Config) -> ssl.SSLContext | None:
@@ -116,7 +145,7 @@ def serve(config: Config) -> None:
         port=port,
         ssl_context=ssl_context(config),
         print=lambda text: log.info("%s", text.strip()),
-        shutdown_timeout=5,
+        shutdown_timeout=3,
         access_log=None,
         handle_signals=True,
     )

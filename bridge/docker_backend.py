@@ -31,6 +31,7 @@ from .backend import (
     Container,
     ContainerInfo,
     ContainerSpec,
+    ContainerState,
 )
 from .config import SessionConfig
 from .errors import BackendUnavailable, ImageMissing, SessionStartError
@@ -218,16 +219,19 @@ class DockerBackend:
     async def stop(self, container_id: str) -> None:
         await self._call(self._remove_sync, container_id)
 
-    def _poll_sync(self, container_id: str) -> int | None:
+    def _poll_sync(self, container_id: str) -> ContainerState:
         try:
             state = self._api().inspect_container(container_id)["State"]
         except docker.errors.NotFound:
-            return -1
-        if state.get("Running"):
-            return None
-        return int(state.get("ExitCode", -1))
+            return ContainerState(running=False, gone=True)
+        return ContainerState(
+            running=bool(state.get("Running")),
+            exit_code=state.get("ExitCode"),
+            oom_killed=bool(state.get("OOMKilled")),
+            gone=state.get("Status") == "removing",
+        )
 
-    async def poll(self, container_id: str) -> int | None:
+    async def poll(self, container_id: str) -> ContainerState:
         return await self._call(self._poll_sync, container_id)
 
     def _list_sync(self) -> list[ContainerInfo]:

@@ -8,6 +8,7 @@ manager owns everything else, and every path that ends a session goes through `e
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
 import secrets
@@ -19,26 +20,44 @@ from typing import Protocol
 import asyncssh
 
 from .auth import AuthenticatedUser
-from .backend import Backend, Container, ContainerSpec
+from .backend import Backend, Container, ContainerSpec, ContainerState
 from .config import Config
 from .errors import BridgeError, LimitReached, SessionStartError
+from .outbuf import OutputBuffer
 from .upstream import SessionKeys, Upstream
 
 log = logging.getLogger("termbridge.sessions")
 
 READ_CHUNK = 65536
+# Output flow control. Attached: the pump reads ahead of what the person's socket took by at most
+# ATTACHED_WINDOW (keeps a runaway `yes` from queueing seconds of output ahead of Ctrl-C).
+# Detached: it keeps reading until IN_FLIGHT_RESERVE bytes from before the drop would be
+# evicted, so whatever was in flight when the socket died can still be replayed exactly.
+ATTACHED_WINDOW = 256 * 1024
+IN_FLIGHT_RESERVE = 512 * 1024
 
 
 class Sink(Protocol):
-    """Where one session's output and control events go: the front door attached to it."""
+    """Where one session's control events go: the front door attached to it."""
 
     async def started(self, session: Session) -> None: ...
-
-    async def output(self, data: bytes) -> None: ...
 
     async def idle_warning(self, seconds: float) -> None: ...
 
     async def ended(self, code: int | None, reason: str, message: str | None) -> None: ...
+
+
+class AttachedSink(Sink, Protocol):
+    """A front door that reads a shell session's output stream (the web door). It may drop and
+    come back: see `SessionManager.attach`."""
+
+    async def attached(self, session: Session, offset: int, lost: int) -> None:
+        """Called before any output: the stream starts at `offset`; `lost` bytes were too old."""
+
+    async def output(self, data: bytes) -> None: ...
+
+    async def superseded(self) -> None:
+        """Another attach took this session over; this sink gets nothing more."""
 
 
 @dataclass
@@ -77,6 +96,17 @@ def idle_step(last_activity: float, now: float, timeout: float, warned: bool) ->
     return IdleAction.WAIT, remaining - lead
 
 
+def _describe_end(state: ContainerState, memory: int) -> str | None:
+    """Why a container stopped, in words for the person; None while it runs."""
+    if state.gone:
+        return "your container was removed"
+    if state.oom_killed:
+        return f"your container ran out of memory ({memory // 2**20} MiB) and was stopped"
+    if not state.running:
+        return f"your container stopped (exit code {state.exit_code})"
+    return None
+
+
 class SessionLog(logging.LoggerAdapter):
     def process(self, msg, kwargs):  # type: ignore[no-untyped-def]
         return f"[session={self.extra['session']} user={self.extra['user']}] {msg}", kwargs
@@ -100,8 +130,15 @@ class Session:
         self.end_reason: str | None = None
         self.exit_code: int | None = None
         self.log = SessionLog(log, {"session": self.id[:12], "user": user.name})
+        self.output = OutputBuffer()
+        self.attachment: Attachment | None = None
+        self.detached_cursor = 0  # what the last attachment had taken when it went
+        self.detached_since: float | None = time.monotonic()
+        self._output_event = asyncio.Event()  # more output, or the session ends
+        self._space_event = asyncio.Event()  # a reader advanced, or attachments changed
         self._ended = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
+        self._grace: asyncio.Task | None = None
 
     @property
     def ready(self) -> bool:
@@ -157,6 +194,18 @@ class Session:
     async def wait_ended(self) -> None:
         await self._ended.wait()
 
+    def _pump_may_read(self) -> bool:
+        total = self.output.total
+        if self.attachment is not None:
+            return total - self.attachment.cursor < ATTACHED_WINDOW
+        keep_from = max(0, self.detached_cursor - IN_FLIGHT_RESERVE)
+        return total + READ_CHUNK - keep_from <= self.output.capacity
+
+    def _append_output(self, data: bytes) -> None:
+        self.output.append(data)
+        self.note_output(data)
+        self._output_event.set()
+
     def describe(self) -> dict[str, object]:
         return {
             "id": self.id,
@@ -165,7 +214,40 @@ class Session:
             "container": self.container.name if self.container else None,
             "started": self.started_at.isoformat(timespec="seconds"),
             "idle_for": round(time.monotonic() - self.last_activity, 1),
+            "attached": self.attachment is not None or self.process is None,
         }
+
+
+class Attachment:
+    """One front door reading a session's output from `cursor` on, in its own sender task."""
+
+    def __init__(self, session: Session, sink: AttachedSink, cursor: int) -> None:
+        self.session = session
+        self.sink = sink
+        self.cursor = cursor
+        self.task: asyncio.Task | None = None
+
+    async def send(self) -> None:
+        session, output = self.session, self.session.output
+        while True:
+            if self.cursor < output.total:
+                data = output.read(self.cursor, READ_CHUNK)
+                await self.sink.output(data)
+                self.cursor += len(data)
+                session._space_event.set()
+            else:
+                session._output_event.clear()
+                await session._output_event.wait()
+
+    async def flush(self, timeout: float) -> None:
+        """Wait until the sink took everything the pump read (the shell's last words)."""
+        try:
+            async with asyncio.timeout(timeout):
+                while self.task is not None and not self.task.done() and self.cursor < self.session.output.total:
+                    self.session._space_event.clear()
+                    await self.session._space_event.wait()
+        except TimeoutError:
+            self.session.log.info("output not flushed to the front door within %.0f s", timeout)
 
 
 class SessionManager:
@@ -270,37 +352,108 @@ class SessionManager:
         if not task.cancelled() and task.exception() is None:
             self._schedule_removal(task.result().id, "cancelled start")
 
+    # -- attaching front doors to a shell's output ---------------------------------------------
+
+    async def attach(self, session: Session, sink: AttachedSink, offset: int = 0) -> Attachment:
+        """Attach `sink` to a shell session's output from byte `offset` on. A sink already
+        attached is superseded. Bytes older than the buffer are reported as lost."""
+        if session.process is None or session.ending:
+            raise SessionStartError("this session cannot be attached", detail="attach to a session without a shell")
+        offset = max(0, min(offset, session.output.total))
+        start = max(offset, session.output.start)
+        old = session.attachment
+        if old is not None:
+            self._stop_attachment(old)
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                await old.sink.superseded()
+            session.log.info("attachment superseded by a new one")
+        if session._grace is not None:
+            session._grace.cancel()
+            session._grace = None
+        attachment = Attachment(session, sink, start)
+        session.attachment, session.sink, session.detached_since = attachment, sink, None
+        await sink.attached(session, start, start - offset)
+        attachment.task = asyncio.create_task(self._run_attachment(attachment), name=f"send-{session.id[:8]}")
+        session._space_event.set()
+        return attachment
+
+    async def _run_attachment(self, attachment: Attachment) -> None:
+        try:
+            await attachment.send()
+        except (ConnectionError, RuntimeError) as exc:
+            attachment.session.log.info("front door went away while sending: %r", exc)
+            self.detach(attachment)
+
+    def _stop_attachment(self, attachment: Attachment) -> None:
+        if attachment.task is not None and attachment.task is not asyncio.current_task():
+            attachment.task.cancel()
+
+    def detach(self, attachment: Attachment) -> None:
+        """The front door went away: keep the session for `session.reconnect_grace`."""
+        session = attachment.session
+        self._stop_attachment(attachment)
+        if session.attachment is not attachment or session.ending:
+            return
+        session.attachment, session.sink = None, None
+        session.detached_cursor = attachment.cursor
+        session.detached_since = time.monotonic()
+        session._space_event.set()
+        grace = self.config.session.reconnect_grace
+        session.log.info("detached; %.0f s to reattach", grace)
+        session._grace = asyncio.create_task(self._grace_expiry(session, grace))
+
+    async def _grace_expiry(self, session: Session, grace: float) -> None:
+        await asyncio.sleep(grace)
+        if session.attachment is None and not session.ending:
+            await self.end(session, "disconnected")
+
     async def _pump(self, session: Session) -> None:
-        """Container output to the attached sink. Awaiting the sink is the flow control: while the
-        person's socket is full we stop reading, and SSH windowing stops the container."""
+        """Container output into the session's buffer, with flow control: when the reader falls
+        behind (see `_pump_may_read`) we stop reading, and SSH windowing stops the container."""
         assert session.process is not None
         stdout = session.process.stdout
         try:
             while True:
+                while not session._pump_may_read():
+                    session._space_event.clear()
+                    await session._space_event.wait()
                 data = await stdout.read(READ_CHUNK)
                 if not data:
                     break
-                session.note_output(data)
-                sink = session.sink
-                if sink is not None:
-                    try:
-                        await sink.output(data)
-                    except (ConnectionError, RuntimeError) as exc:
-                        session.log.info("front door went away while sending: %r", exc)
-                        session.sink = None
+                session._append_output(data)
             await session.process.wait_closed()
             status = session.process.exit_status
-            if status is None or status < 0:
-                signal = session.process.exit_signal
-                message = f"the shell was killed by signal {signal[0]}" if signal else "the shell ended abnormally"
-                await self.end(session, "exit", code=None, message=message)
-            else:
+            if status is not None and status >= 0:
                 await self.end(session, "exit", code=status)
+                return
+            signal = session.process.exit_signal
+            if signal:
+                await self.end(session, "exit", code=None, message=f"the shell was killed by signal {signal[0]}")
+                return
+            await self._end_lost(session, "the shell ended without an exit status")
         except asyncio.CancelledError:
             raise
         except (asyncssh.Error, OSError) as exc:
-            session.log.warning("connection to the container lost: %r", exc)
-            await self.end(session, "error", message="the connection to your container was lost")
+            await self._end_lost(session, repr(exc))
+
+    async def _end_lost(self, session: Session, detail: str) -> None:
+        """The upstream went away without an exit status: ask Docker what happened."""
+        message = "the connection to your container was lost"
+        if session.container is not None:
+            # The connection often drops a moment before Docker records the container's end.
+            for _ in range(10):
+                try:
+                    state = await self.backend.poll(session.container.id)
+                except BridgeError as exc:
+                    detail += f"; Docker: {exc.detail}"
+                    break
+                described = _describe_end(state, self.config.session.memory)
+                if described:
+                    message = described
+                    break
+                await asyncio.sleep(0.2)
+        session.log.warning("upstream lost: %s (%s)", detail, message)
+        await self.end(session, "error", message=message)
 
     async def _watchdog(self, session: Session) -> None:
         cfg = self.config.session
@@ -334,9 +487,16 @@ class SessionManager:
             return
         session.end_reason, session.exit_code = reason, code
         current = asyncio.current_task()
+        if session._grace is not None and session._grace is not current:
+            session._grace.cancel()
         for task in session._tasks:
             if task is not current:
                 task.cancel()
+        attachment = session.attachment
+        if attachment is not None:
+            await attachment.flush(timeout=2)
+            self._stop_attachment(attachment)
+            session.attachment = None
         sink, session.sink = session.sink, None
         if sink is not None and reason != "disconnected":
             try:

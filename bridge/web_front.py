@@ -28,7 +28,7 @@ from .auth import AuthenticatedUser, Outcome, PamAuthenticator
 from .backend import Backend
 from .config import Config
 from .errors import BackendUnavailable, BridgeError, ProtocolError
-from .sessions import Session, SessionManager, TerminalRequest
+from .sessions import Attachment, Session, SessionManager, TerminalRequest
 
 log = logging.getLogger("termbridge.web")
 
@@ -222,25 +222,41 @@ async def healthz(request: web.Request) -> web.StreamResponse:
     return web.Response(text="ok\n")
 
 
-class WebSocketSink:
-    """Adapts one WebSocket to the session manager's Sink."""
+SUPERSEDED = 4001  # close code: another window attached to this session
 
-    def __init__(self, ws: web.WebSocketResponse, login: Login, idle_timeout: float) -> None:
+
+class WebSocketSink:
+    """Adapts one WebSocket to the session manager's AttachedSink."""
+
+    def __init__(self, ws: web.WebSocketResponse, login: Login, config: Config) -> None:
         self.ws = ws
         self.login = login
-        self.idle_timeout = idle_timeout
+        self.config = config
         self.session: Session | None = None
 
     async def started(self, session: Session) -> None:
         self.session = session
+
+    async def attached(self, session: Session, offset: int, lost: int) -> None:
+        self.session = session
         self.login.sessions.add(session.id)
-        await self.ws.send_str(wsproto.session_message(session.id, self.idle_timeout, offset=0))
+        cfg = self.config.session
+        await self.ws.send_str(
+            wsproto.session_message(session.id, cfg.idle_timeout, offset=offset, reconnect_grace=cfg.reconnect_grace)
+        )
+        if lost:
+            await self.ws.send_str(wsproto.gap_message(lost))
 
     async def output(self, data: bytes) -> None:
         await self.ws.send_bytes(data)
 
     async def idle_warning(self, seconds: float) -> None:
         await self.ws.send_str(wsproto.idle_warning(seconds))
+
+    async def superseded(self) -> None:
+        if not self.ws.closed:
+            await self.ws.send_str(wsproto.error_message("this session was opened in another window"))
+            await self.ws.close(code=SUPERSEDED, message=b"superseded")
 
     async def ended(self, code: int | None, reason: str, message: str | None) -> None:
         if self.session is not None:
@@ -257,21 +273,38 @@ async def _refuse(ws: web.WebSocketResponse, exc: BridgeError) -> None:
         await ws.close(code=WSCloseCode.TRY_AGAIN_LATER if isinstance(exc, BackendUnavailable) else WSCloseCode.OK)
 
 
-async def _watch_start(ws: web.WebSocketResponse, starting: asyncio.Task, early: bytearray, sink: WebSocketSink) -> None:
-    """Tell the person at once when the start fails; replay what they typed while it ran."""
-    try:
-        await starting
-    except BridgeError as exc:
-        await _refuse(ws, exc)
-        return
-    await _flush_early_input(early, sink)
+def _resumable(request: web.Request, login: Login) -> tuple[Session | None, int]:
+    """The caller's own live web session named by `?session=ID&offset=N`, if any.
+    Anything else (unknown, ended, another user's, an SSH session) gets a new session."""
+    session_id = request.query.get("session")
+    if not session_id:
+        return None, 0
+    offset_text = request.query.get("offset", "0")
+    offset = int(offset_text) if offset_text.isdigit() and len(offset_text) <= 18 else 0
+    session = request.app[MANAGER].get(session_id[:64])
+    if session is None or session.ending or session.process is None or session.door != "web":
+        log.info("reattach of %s to %.12s: no such live session; starting a new one", login.user.name, session_id)
+        return None, 0
+    if session.user.name != login.user.name:
+        log.warning("reattach of %s to %.12s refused: it belongs to %s", login.user.name, session_id, session.user.name)
+        return None, 0
+    return session, offset
 
 
-async def _flush_early_input(early: bytearray, sink: WebSocketSink) -> None:
-    if early and sink.session is not None:
+async def _start(manager: SessionManager, login: Login, terminal: TerminalRequest, sink: WebSocketSink,
+                 early: bytearray) -> Attachment:
+    session = await manager.create(login.user, "web", sink, terminal)
+    attachment = await manager.attach(session, sink, 0)
+    await _flush(early, session)
+    return attachment
+
+
+async def _flush(early: bytearray, session: Session) -> None:
+    """Replay what the person typed while the session was starting."""
+    if early:
         data = bytes(early)
         early.clear()
-        await sink.session.write(data)
+        await session.write(data)
 
 
 async def terminal_socket(request: web.Request) -> web.StreamResponse:
@@ -282,23 +315,27 @@ async def terminal_socket(request: web.Request) -> web.StreamResponse:
         log.warning("WebSocket refused: Origin %r, expected %r", request.headers.get("Origin"), expected_origin(request))
         raise web.HTTPForbidden(text="cross-origin WebSocket refused")
     app = request.app
-    config, manager = app[CONFIG], app[MANAGER]
+    manager = app[MANAGER]
+    resume, offset = _resumable(request, login)
     ws = web.WebSocketResponse(max_msg_size=MAX_WS_MESSAGE, heartbeat=30, compress=False)
     await ws.prepare(request)
     app[WEBSOCKETS].add(ws)
     terminal = TerminalRequest()
-    sink = WebSocketSink(ws, login, config.session.idle_timeout)
+    sink = WebSocketSink(ws, login, app[CONFIG])
     early = bytearray()
-    starting = asyncio.create_task(manager.create(login.user, "web", sink, terminal))
-    watcher = asyncio.create_task(_watch_start(ws, starting, early, sink))
+    if resume is not None:
+        starting = asyncio.create_task(manager.attach(resume, sink, offset))
+    else:
+        starting = asyncio.create_task(_start(manager, login, terminal, sink, early))
+    watcher = asyncio.create_task(_refuse_on_failure(ws, starting))
     try:
         async for msg in ws:
             session = sink.session
             if msg.type == WSMsgType.BINARY:
-                if session is not None and session.ready:
-                    await _flush_early_input(early, sink)
+                if starting.done() and session is not None and session.ready:
+                    await _flush(early, session)
                     await session.write(msg.data)
-                elif session is None and not starting.done():
+                elif not starting.done():
                     if len(early) + len(msg.data) > MAX_EARLY_INPUT:
                         await ws.send_str(wsproto.error_message("too much input before the session started; dropped"))
                     else:
@@ -318,14 +355,23 @@ async def terminal_socket(request: web.Request) -> web.StreamResponse:
     except (ConnectionError, asyncio.TimeoutError) as exc:
         log.info("WebSocket of %s dropped: %r", login.user.name, exc)
     finally:
-        starting.cancel()
+        watcher.cancel()
         await asyncio.gather(watcher, return_exceptions=True)
-        session = sink.session
-        if session is not None:
-            if not session.ending:
-                await manager.end(session, "disconnected")
-            login.sessions.discard(session.id)
+        attachment = starting.result() if starting.done() and not starting.cancelled() and not starting.exception() else None
+        if attachment is not None:
+            manager.detach(attachment)
+        elif sink.session is not None and not sink.session.ending and sink.session.attachment is None:
+            await manager.end(sink.session, "disconnected")
     return ws
+
+
+async def _refuse_on_failure(ws: web.WebSocketResponse, starting: asyncio.Task) -> None:
+    """Tell the person at once when the start fails (not on their next keystroke). Cancelling
+    this cancels the start too: a socket that goes away mid-start leaves nothing behind."""
+    try:
+        await starting
+    except BridgeError as exc:
+        await _refuse(ws, exc)
 
 
 def setup_routes(app: web.Application, web_root: Path) -> None:

@@ -101,6 +101,7 @@ class Gateway:
     url: str
     config: Config
     app: web.Application
+    config_path: Path | None = None
 
     @property
     def origin(self) -> str:
@@ -144,7 +145,7 @@ async def start_gateway(
         site = web.TCPSite(runner, "127.0.0.1", 0)
         await site.start()
         host, port = runner.addresses[0][:2]
-        return Gateway(f"http://{host}:{port}", config, app)
+        return Gateway(f"http://{host}:{port}", config, app, path)
 
     yield start
     for runner in reversed(runners):

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # The session image under test; a developer changing session-image/ can test a private tag.
 TEST_IMAGE = os.environ.get("TB_TEST_IMAGE", "termbridge/session:latest")
 SESSION_LABEL = "termbridge.session"
-PROMPT = re.compile(rb"[$#] $")
+PROMPT = re.compile(rb"[$#] (?:\x1b\[K)?$")
 
 
 @dataclass
@@ -75,7 +75,13 @@ def session_containers(**labels: str) -> list[Any]:
     client = docker.from_env()
     try:
         filters = [SESSION_LABEL] + [f"{k}={v}" for k, v in labels.items()]
-        return client.containers.list(all=True, filters={"label": filters})
+        found = []
+        for summary in client.api.containers(all=True, filters={"label": filters}):
+            try:
+                found.append(client.containers.get(summary["Id"]))
+            except docker.errors.NotFound:
+                pass  # removed between the listing and the look-up
+        return found
     finally:
         client.close()
 
@@ -101,17 +107,26 @@ class Terminal:
     """A WebSocket terminal client speaking the SPEC protocol."""
 
     ws: aiohttp.ClientWebSocketResponse
-    output: bytearray = field(default_factory=bytearray)
+    output: bytearray = field(default_factory=bytearray)  # not yet consumed by expect()
+    transcript: bytearray = field(default_factory=bytearray)  # every byte received
     controls: list[dict[str, Any]] = field(default_factory=list)
     closed: bool = False
+    close_code: int | None = None  # from the server's close frame, as a browser reports it
+
+    @property
+    def received(self) -> int:
+        return len(self.transcript)
 
     async def _receive(self, timeout: float) -> None:
         msg = await asyncio.wait_for(self.ws.receive(), timeout)
         if msg.type == aiohttp.WSMsgType.BINARY:
             self.output.extend(msg.data)
+            self.transcript.extend(msg.data)
         elif msg.type == aiohttp.WSMsgType.TEXT:
             self.controls.append(json.loads(msg.data))
         else:
+            if msg.type == aiohttp.WSMsgType.CLOSE:
+                self.close_code = msg.data
             self.closed = True
 
     async def control(self, kind: str, timeout: float = 30.0) -> dict[str, Any]:
@@ -155,6 +170,13 @@ class Terminal:
         await self.send(f"echo B{marker}; {command}; echo E{marker}\r")
         match = await self.expect(re.compile(rb"[\r\n]B" + marker.encode() + rb"\r\n(.*?)E" + marker.encode() + rb"\r\n", re.S), timeout)
         return match.group(1).decode(errors="replace").replace("\r\n", "\n")
+
+    def cut(self) -> None:
+        """Drop the connection the hard way (no close handshake), like a network blip."""
+        transport = self.ws._response.connection.transport  # type: ignore[union-attr]
+        assert transport is not None
+        transport.abort()
+        self.closed = True
 
     async def drain_until_closed(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
