@@ -22,49 +22,72 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-async def spawn_gateway(config_path, port):
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "bridge", "serve", "--config", str(config_path)],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )
+class GatewayProcess:
+    """`termbridge serve` as a real process on a free loopback port, restartable on one config."""
 
-    async def healthy() -> bool:
-        try:
-            async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port}/healthz") as resp:
-                return resp.status == 200
-        except aiohttp.ClientError:
-            assert proc.poll() is None, proc.stderr.read()
-            return False
+    def __init__(self, config_path, port: int) -> None:
+        from conftest import Gateway
 
-    await wait_for(healthy, timeout=30, what="gateway to answer /healthz")
-    return proc
+        self.config_path, self.port = config_path, port
+        self.gateway = Gateway(f"http://127.0.0.1:{port}", None, None)  # type: ignore[arg-type]
+        self.proc: subprocess.Popen | None = None
+
+    async def start(self) -> None:
+        proc = self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bridge", "serve", "--config", str(self.config_path)],
+            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        )
+
+        async def healthy() -> bool:
+            try:
+                async with aiohttp.ClientSession() as http, http.get(f"{self.gateway.url}/healthz") as resp:
+                    return resp.status == 200
+            except aiohttp.ClientError:
+                assert proc.poll() is None, proc.stderr.read()
+                return False
+
+        await wait_for(healthy, timeout=30, what="gateway to answer /healthz")
+
+    def signal(self, signum: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signum)
+
+    async def wait(self, timeout: float) -> int:
+        assert self.proc is not None
+        return await asyncio.to_thread(self.proc.wait, timeout)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                raise
 
 
-async def test_sigkilled_gateway_leftovers_are_reaped_on_restart(tmp_path, pam_service, docker_engine, state_dir, user):
-    from conftest import Gateway
-
+@pytest.fixture
+def gateway_process(tmp_path, pam_service, docker_engine, state_dir):
     port = free_port()
     path = write_config(tmp_path / "gw.toml", state_dir(), pam_service, web={"listen": f"127.0.0.1:{port}"})
-    proc = await spawn_gateway(path, port)
-    try:
-        gw = Gateway(f"http://127.0.0.1:{port}", None, None)  # type: ignore[arg-type]
-        async with await gw.login(user) as http:
-            term = await gw.terminal(http)
-            session = await term.control("session")
-            await term.expect(PROMPT)
-            proc.send_signal(signal.SIGKILL)
-            proc.wait(10)
-        [leftover] = session_containers(**{"termbridge.session": session["id"]})
-        assert leftover.status == "running"
-        proc = await spawn_gateway(path, port)
-        await containers_gone(**{"termbridge.session": session["id"]})
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            raise
+    process = GatewayProcess(path, port)
+    yield process
+    process.stop()
+
+
+async def test_sigkilled_gateway_leftovers_are_reaped_on_restart(gateway_process, user):
+    await gateway_process.start()
+    gw = gateway_process.gateway
+    async with await gw.login(user) as http:
+        term = await gw.terminal(http)
+        session = await term.control("session")
+        await term.expect(PROMPT)
+        gateway_process.signal(signal.SIGKILL)
+        await gateway_process.wait(10)
+    [leftover] = session_containers(**{"termbridge.session": session["id"]})
+    assert leftover.status == "running"
+    await gateway_process.start()
+    await containers_gone(**{"termbridge.session": session["id"]})
 
 
 async def test_docker_unreachable(start_gateway, user, state_dir, tmp_path):
@@ -113,29 +136,21 @@ async def test_shutdown_ends_sessions_and_removes_containers(start_gateway, user
     assert oct(os.stat(gateway.config.state_dir).st_mode & 0o777) == "0o700"
 
 
-async def test_sigterm_drains_within_10_seconds(tmp_path, pam_service, docker_engine, state_dir, user):
-    from conftest import Gateway
-
-    port = free_port()
-    path = write_config(tmp_path / "gw.toml", state_dir(), pam_service, web={"listen": f"127.0.0.1:{port}"})
-    proc = await spawn_gateway(path, port)
-    try:
-        gw = Gateway(f"http://127.0.0.1:{port}", None, None)  # type: ignore[arg-type]
-        async with await gw.login(user) as http:
-            terms = [await gw.terminal(http) for _ in range(2)]
-            ids = [(await t.control("session"))["id"] for t in terms]
-            for t in terms:
-                await t.expect(PROMPT)
-            proc.send_signal(signal.SIGTERM)
-            for t in terms:
-                exit_msg = await t.control("exit", timeout=10)
-                assert exit_msg["reason"] == "killed" and "shutting down" in exit_msg["message"]
-            assert await asyncio.to_thread(proc.wait, 10) == 0
-        for session_id in ids:
-            assert not session_containers(**{"termbridge.session": session_id})
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+async def test_sigterm_drains_within_10_seconds(gateway_process, user):
+    await gateway_process.start()
+    gw = gateway_process.gateway
+    async with await gw.login(user) as http:
+        terms = [await gw.terminal(http) for _ in range(2)]
+        ids = [(await t.control("session"))["id"] for t in terms]
+        for t in terms:
+            await t.expect(PROMPT)
+        gateway_process.signal(signal.SIGTERM)
+        for t in terms:
+            exit_msg = await t.control("exit", timeout=10)
+            assert exit_msg["reason"] == "killed" and "shutting down" in exit_msg["message"]
+        assert await gateway_process.wait(10) == 0
+    for session_id in ids:
+        assert not session_containers(**{"termbridge.session": session_id})
 
 
 async def run_cli(*args: str) -> tuple[int, str, str]:
