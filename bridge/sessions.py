@@ -134,6 +134,7 @@ class Session:
         self.attachment: Attachment | None = None
         self.detached_cursor = 0  # what the last attachment had taken when it went
         self.detached_since: float | None = time.monotonic()
+        self.attached_once = False
         self._output_event = asyncio.Event()  # more output, or the session ends
         self._space_event = asyncio.Event()  # a reader advanced, or attachments changed
         self._ended = asyncio.Event()
@@ -372,6 +373,7 @@ class SessionManager:
             session._grace = None
         attachment = Attachment(session, sink, start)
         session.attachment, session.sink, session.detached_since = attachment, sink, None
+        session.attached_once = True
         await sink.attached(session, start, start - offset)
         attachment.task = asyncio.create_task(self._run_attachment(attachment), name=f"send-{session.id[:8]}")
         session._space_event.set()
@@ -382,23 +384,30 @@ class SessionManager:
             await attachment.send()
         except (ConnectionError, RuntimeError) as exc:
             attachment.session.log.info("front door went away while sending: %r", exc)
-            self.detach(attachment)
+            self.detach(attachment.session, attachment.sink)
 
     def _stop_attachment(self, attachment: Attachment) -> None:
         if attachment.task is not None and attachment.task is not asyncio.current_task():
             attachment.task.cancel()
 
-    def detach(self, attachment: Attachment) -> None:
-        """The front door went away: keep the session for `session.reconnect_grace`."""
-        session = attachment.session
-        self._stop_attachment(attachment)
-        if session.attachment is not attachment or session.ending:
+    def detach(self, session: Session, sink: AttachedSink) -> None:
+        """`sink`'s front door went away: keep the session for `session.reconnect_grace`.
+        A no-op when another sink has taken over, or the grace already runs."""
+        if session.ending or session.process is None:
             return
-        session.attachment, session.sink = None, None
-        session.detached_cursor = attachment.cursor
-        session.detached_since = time.monotonic()
-        session._space_event.set()
-        grace = self.config.session.reconnect_grace
+        attachment = session.attachment
+        if attachment is not None:
+            if attachment.sink is not sink:
+                return
+            self._stop_attachment(attachment)
+            session.attachment, session.sink = None, None
+            session.detached_cursor = attachment.cursor
+            session.detached_since = time.monotonic()
+            session._space_event.set()
+        elif session._grace is not None:
+            return
+        # A page that never received its session message has nothing to come back to.
+        grace = self.config.session.reconnect_grace if session.attached_once else 0.0
         session.log.info("detached; %.0f s to reattach", grace)
         session._grace = asyncio.create_task(self._grace_expiry(session, grace))
 

@@ -293,6 +293,7 @@ def _resumable(request: web.Request, login: Login) -> tuple[Session | None, int]
 
 async def _start(manager: SessionManager, login: Login, terminal: TerminalRequest, sink: WebSocketSink,
                  early: bytearray) -> Attachment:
+    """A new session, attached to this socket from byte 0."""
     session = await manager.create(login.user, "web", sink, terminal)
     attachment = await manager.attach(session, sink, 0)
     await _flush(early, session)
@@ -357,11 +358,8 @@ async def terminal_socket(request: web.Request) -> web.StreamResponse:
     finally:
         watcher.cancel()
         await asyncio.gather(watcher, return_exceptions=True)
-        attachment = starting.result() if starting.done() and not starting.cancelled() and not starting.exception() else None
-        if attachment is not None:
-            manager.detach(attachment)
-        elif sink.session is not None and not sink.session.ending and sink.session.attachment is None:
-            await manager.end(sink.session, "disconnected")
+        if sink.session is not None:
+            manager.detach(sink.session, sink)
     return ws
 
 
