@@ -15,6 +15,7 @@ from typing import Any
 
 import aiohttp
 import docker
+from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parent.parent
 # The session image under test; a developer changing session-image/ can test a private tag.
@@ -80,6 +81,24 @@ def session_containers(**labels: str) -> list[Any]:
         client.close()
 
 
+async def scrape(url: str, headers: dict[str, str] | None = None) -> dict[tuple[str, tuple], float]:
+    """GET /metrics, parsed with prometheus-client's own parser: every sample, keyed by
+    (name, sorted labels)."""
+    async with aiohttp.ClientSession() as http, http.get(url + "/metrics", headers=headers or {}) as resp:
+        assert resp.status == 200, await resp.text()
+        assert resp.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+        text = await resp.text()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def metric(samples, name: str, **labels: str) -> float:
+    return samples[(name, tuple(sorted(labels.items())))]
+
+
 async def wait_for(predicate, timeout: float = 15.0, interval: float = 0.1, what: str = "condition") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -102,6 +121,7 @@ class Terminal:
 
     ws: aiohttp.ClientWebSocketResponse
     output: bytearray = field(default_factory=bytearray)
+    received: bytearray = field(default_factory=bytearray)  # every output byte, never consumed
     controls: list[dict[str, Any]] = field(default_factory=list)
     closed: bool = False
 
@@ -109,6 +129,7 @@ class Terminal:
         msg = await asyncio.wait_for(self.ws.receive(), timeout)
         if msg.type == aiohttp.WSMsgType.BINARY:
             self.output.extend(msg.data)
+            self.received.extend(msg.data)
         elif msg.type == aiohttp.WSMsgType.TEXT:
             self.controls.append(json.loads(msg.data))
         else:
