@@ -155,40 +155,46 @@ def _writable_dir(name: str, path: Path, fix: str) -> Check:
     return ok(name, f"{path} will be created")
 
 
-def check_files(config: Config) -> Iterator[Check]:
-    yield _writable_dir("state_dir", config.state_dir, "create it (0700, owned by the gateway's user) or change state_dir")
+def _tls(config: Config) -> Check:
     web = config.web
     if web.tls_cert is None or web.tls_key is None:
-        yield ok("tls", "not set: plain HTTP; put a TLS proxy in front (etc/nginx/termbridge.conf)")
-    else:
-        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        try:
-            ctx.load_cert_chain(web.tls_cert, web.tls_key)
-        except FileNotFoundError as exc:
-            yield fail("tls", f"{exc.filename} does not exist", "set web.tls_cert and web.tls_key to readable PEM files")
-        except PermissionError as exc:
-            yield fail("tls", f"{exc.filename} is not readable", "let the gateway's user read the certificate and key")
-        except (OSError, ssl.SSLError) as exc:
-            yield fail("tls", f"{web.tls_cert} / {web.tls_key} cannot be loaded: {exc}",
-                       "web.tls_cert must be a PEM certificate (chain) and web.tls_key its PEM private key")
-        else:
-            yield ok("tls", f"{web.tls_cert} and {web.tls_key} load")
+        return ok("tls", "not set: plain HTTP; put a TLS proxy in front (etc/nginx/termbridge.conf)")
+    missing = [str(p) for p in (web.tls_cert, web.tls_key) if not p.is_file()]
+    if missing:
+        verb = "does" if len(missing) == 1 else "do"
+        return fail("tls", f"{' and '.join(missing)} {verb} not exist", "set web.tls_cert and web.tls_key to PEM files")
+    unreadable = [str(p) for p in (web.tls_cert, web.tls_key) if not os.access(p, os.R_OK)]
+    if unreadable:
+        return fail("tls", f"cannot read {' and '.join(unreadable)}", "let the gateway's user read them")
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(web.tls_cert, web.tls_key)
+    except (OSError, ssl.SSLError) as exc:
+        return fail("tls", f"{web.tls_cert} / {web.tls_key} cannot be loaded: {exc}",
+                    "web.tls_cert must be a PEM certificate (chain) and web.tls_key its PEM private key")
+    return ok("tls", f"{web.tls_cert} and {web.tls_key} load")
+
+
+def _audit_log(path: Path) -> Check:
+    fix = "create the directory or change audit.log"
+    if path.exists():
+        return ok("audit.log", f"{path} is appendable") if os.access(path, os.W_OK) else fail(
+            "audit.log", f"{path} is not writable", fix)
+    parent = _writable_dir("audit.log", path.parent, fix)
+    return parent if parent.failed else ok("audit.log", f"{path} will be created")
+
+
+def check_files(config: Config) -> Iterator[Check]:
+    yield _writable_dir("state_dir", config.state_dir, "create it (0700, owned by the gateway's user) or change state_dir")
+    yield _tls(config)
     if config.audit.log:
-        log_path = Path(config.audit.log)
-        fix = "create the directory or change audit.log"
-        if log_path.exists():
-            yield (ok("audit.log", f"{log_path} is appendable") if os.access(log_path, os.W_OK)
-                   else fail("audit.log", f"{log_path} is not writable", fix))
-        else:
-            check = _writable_dir("audit.log", log_path.parent, fix)
-            yield check if check.failed else ok("audit.log", f"{log_path} will be created")
+        yield _audit_log(Path(config.audit.log))
     if config.audit.record_dir is not None:
         yield _writable_dir("audit.record_dir", config.audit.record_dir, "create it or change audit.record_dir")
     xterm = resources.web_root() / "node_modules" / "@xterm" / "xterm" / "lib" / "xterm.mjs"
     if xterm.is_file():
-        yield ok("web assets", f"{resources.web_root()}")
+        yield ok("assets", f"{resources.web_root()}")
     else:
-        yield fail("web assets", f"{xterm} is missing", "run `npm ci` in web/ (make assets), or reinstall termbridge")
+        yield fail("assets", f"{xterm} is missing", "run `npm ci` in web/ (make assets), or reinstall termbridge")
 
 
 def run_checks(config_path: str | None) -> list[Check]:
