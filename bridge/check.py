@@ -121,8 +121,8 @@ def _port_free(name: str, address: tuple[str, int] | None) -> Check:
             sock.bind(sockaddr)
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
-                return fail(name, f"{shown} is in use", f"stop what listens there (ss -ltnp 'sport = :{port}') "
-                            f"or set {name} to another port")
+                return fail(name, f"{shown} is in use", f"stop what listens there (ss -ltnp 'sport = :{port}'; a running "
+                            f"termbridge counts: check before starting it) or set {name} to another port")
             if exc.errno == errno.EACCES:
                 return fail(name, f"{shown}: permission denied", "use a port above 1024, or run as root")
             if exc.errno == errno.EADDRNOTAVAIL:

@@ -18,6 +18,7 @@ async def test_sessions_logins_and_time_to_prompt_are_counted(gateway, user):
     assert metric(before, "termbridge_login_attempts_total", door="web", result="denied") == 0
     assert metric(before, "termbridge_session_start_seconds_count", door="web") == 0
     assert ("process_resident_memory_bytes", ()) in before
+    assert not [name for name, _ in before if name.endswith("_created")]
 
     async with aiohttp.ClientSession(base_url=gateway.url) as anon:
         assert (await anon.post("/login", data={"username": user.name, "password": "nope"})).status == 401
