@@ -21,6 +21,7 @@ from bridge.auth import AuthenticatedUser
 from bridge.config import load_config
 from bridge.errors import ConfigError
 from bridge.sessions import Session
+from bridge.web_front import MANAGER
 from helpers import PROMPT, TEST_IMAGE, containers_gone, metric, scrape, wait_for, write_config
 
 TS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
@@ -236,3 +237,18 @@ async def test_recording_flushes_while_the_session_runs(tmp_path):
     await wait_for(lambda: "still running" in (tmp_path / "s.cast").read_text(), timeout=5, what="flush")
     recorder.close()
     await asyncio.sleep(0)
+
+
+async def test_an_admin_kill_is_audited(start_gateway, user, tmp_path):
+    log = tmp_path / "audit.log"
+    gateway = await start_gateway(audit={"log": str(log)})
+    async with await gateway.login(user) as http:
+        term = await gateway.terminal(http)
+        session = await term.control("session")
+        manager = gateway.app[MANAGER]
+        await manager.kill(manager.get(session["id"]))  # what `termbridge sessions kill` does
+        exit_message = await term.control("exit")
+        assert exit_message["reason"] == "killed" and "administrator" in exit_message["message"]
+    kill = await event(log, "session_kill", session=session["id"])
+    assert kill["by"] == "admin"
+    assert (await event(log, "session_end", session=session["id"]))["reason"] == "killed"

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import shutil
 import signal
 import ssl
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -157,11 +159,83 @@ def test_systemd_unit_is_valid_and_restarts_on_failure(tmp_path):
     security = subprocess.run([analyze, "security", "--offline=yes", str(unit)], capture_output=True, text=True)
     exposure = float(security.stdout.split("Overall exposure level for termbridge.service:")[1].split()[0])
     assert exposure < 4.0, security.stdout  # systemd's own scale: below 4 is "OK"
-    settings = dict(line.split("=", 1) for line in text.splitlines() if "=" in line and not line.startswith("#"))
+    settings = unit_settings()
     assert settings["Restart"] == "on-failure"
     assert settings["ExecStart"].endswith("serve --config /etc/termbridge/termbridge.toml")
     assert settings["StateDirectory"] == "termbridge" and settings["StateDirectoryMode"] == "0700"
     assert "MemoryDenyWriteExecute" not in settings  # python-pam's ctypes callback needs it off
+
+
+def unit_settings() -> dict[str, str]:
+    return dict(line.split("=", 1) for line in UNIT.read_text().splitlines() if "=" in line and not line.startswith("#"))
+
+
+def in_units_sandbox(command: list[str], writable: Path) -> list[str]:
+    """`command` confined the way the unit confines the gateway, as far as it matters to PAM and
+    Docker: the unit's capability bounding set, no new privileges, and every file system
+    read-only except `writable` (what StateDirectory= and LogsDirectory= give it) and a private
+    /var/tmp (PrivateTmp=; /tmp itself holds `writable`)."""
+    settings = unit_settings()
+    assert settings["NoNewPrivileges"] == "yes" and settings["ProtectSystem"] == "strict"
+    assert settings["ProtectHome"] == "read-only" and settings["User"] == "root"
+    caps = ",".join("+" + cap.removeprefix("CAP_").lower() for cap in settings["CapabilityBoundingSet"].split())
+    assert settings["PrivateTmp"] == "yes"
+    script = (f'mount --bind "{writable}" "{writable}" && mount -t tmpfs -o mode=1777 tmpfs /var/tmp && '
+              f'mount -o remount,bind,ro / && '
+              f'exec setpriv --no-new-privs --bounding-set -all,{caps} --inh-caps=-all -- "$@"')
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sandbox", *command]
+
+
+@asynccontextmanager
+async def gateway_process(command: list[str], port: int, cwd: Path) -> AsyncIterator[tuple[Gateway, subprocess.Popen]]:
+    """A gateway started as a command (installed, sandboxed), answering /healthz; stopped after."""
+    proc = subprocess.Popen(command, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+
+    async def healthy() -> bool:
+        assert proc.poll() is None, f"the gateway exited: {proc.stderr.read() if proc.stderr else ''}"
+        try:
+            async with aiohttp.ClientSession() as http, http.get(url + "/healthz") as resp:
+                return resp.status == 200
+        except aiohttp.ClientError:
+            return False
+
+    try:
+        await wait_for(healthy, timeout=30, what="the gateway to answer /healthz")
+        yield Gateway(url, None, None), proc  # type: ignore[arg-type]
+    finally:
+        stop_process(proc)
+
+
+async def one_session(gateway: Gateway, user, word: str) -> None:
+    """Log in (PAM), open a terminal (Docker, then SSH into the container), echo, exit."""
+    async with await gateway.login(user) as http:
+        term = await gateway.terminal(http)
+        session = await term.control("session")
+        await term.expect(PROMPT)
+        assert (await term.run(f"echo {word}-$((6*7))")).strip() == f"{word}-42"
+        await term.send("exit\r")
+        await term.control("exit")
+    await containers_gone(**{"termbridge.session": session["id"]})
+
+
+async def test_the_gateway_works_inside_the_units_sandbox(tmp_path, pam_service, state_dir, user):
+    port = free_port()
+    audit = tmp_path / "audit.log"
+    config = write_config(tmp_path / "gw.toml", state_dir(), pam_service,
+                          web={"listen": f"127.0.0.1:{port}"}, audit={"log": str(audit)})
+    termbridge = [sys.executable, "-m", "bridge"]
+    check = subprocess.run(in_units_sandbox([*termbridge, "check", "--config", str(config)], tmp_path),
+                           capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert check.returncode == 0, check.stdout + check.stderr  # the unit's ExecStartPre
+    serve = in_units_sandbox([*termbridge, "serve", "--config", str(config)], tmp_path)
+    async with gateway_process(serve, port, ROOT) as (gateway, proc):
+        status = Path(f"/proc/{proc.pid}/status").read_text()
+        bounding = int(re.search(r"CapBnd:\s*([0-9a-f]+)", status).group(1), 16)
+        assert bounding == sum(1 << bit for bit in (2, 10, 29))  # DAC_READ_SEARCH, NET_BIND_SERVICE, AUDIT_WRITE
+        assert re.search(r"NoNewPrivs:\s*1", status)
+        await one_session(gateway, user, "sandboxed")
+    assert '"session_end"' in audit.read_text()
 
 
 # -- pip install ----------------------------------------------------------------------------------
@@ -220,20 +294,9 @@ async def test_installed_termbridge_serves_login_xterm_and_a_session(installed, 
                            capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert check.returncode == 0, check.stdout
     assert f"ok   assets: {installed}" in check.stdout
-    proc = subprocess.Popen([str(installed / "bin" / "termbridge"), "serve", "--config", str(config)],
-                            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        async def healthy() -> bool:
-            assert proc.poll() is None, proc.stderr.read() if proc.stderr else "exited"
-            try:
-                async with aiohttp.ClientSession() as http, http.get(url + "/healthz") as resp:
-                    return resp.status == 200
-            except aiohttp.ClientError:
-                return False
-
-        await wait_for(healthy, timeout=30, what="the installed gateway to answer")
-        async with aiohttp.ClientSession(base_url=url) as http:
+    serve = [str(installed / "bin" / "termbridge"), "serve", "--config", str(config)]
+    async with gateway_process(serve, port, tmp_path) as (gateway, _):
+        async with aiohttp.ClientSession(base_url=gateway.url) as http:
             resp = await http.get("/login")
             assert resp.status == 200 and 'name="username"' in await resp.text()
             resp = await http.get("/static/vendor/xterm/lib/xterm.mjs")
@@ -241,14 +304,4 @@ async def test_installed_termbridge_serves_login_xterm_and_a_session(installed, 
             for asset in ("/static/vendor/xterm/css/xterm.css", "/static/vendor/addon-fit/lib/addon-fit.mjs",
                           "/static/terminal.js", "/static/termbridge.css"):
                 assert (await http.get(asset)).status == 200, asset
-        gateway = Gateway(url, None, None)  # type: ignore[arg-type]
-        async with await gateway.login(user) as http:
-            term = await gateway.terminal(http)
-            session = await term.control("session")
-            await term.expect(PROMPT)
-            assert (await term.run("echo installed-ok")).strip() == "installed-ok"
-            await term.send("exit\r")
-            await term.control("exit")
-        await containers_gone(**{"termbridge.session": session["id"]})
-    finally:
-        stop_process(proc)
+        await one_session(gateway, user, "installed")
