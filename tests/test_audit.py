@@ -18,7 +18,8 @@ from aiohttp import web
 from bridge.app import build_app
 from bridge.audit import AsciicastRecorder, AuditLog
 from bridge.auth import AuthenticatedUser
-from bridge.config import load_config
+from bridge.config import SessionConfig, load_config
+from bridge.docker_backend import DockerBackend
 from bridge.errors import ConfigError
 from bridge.sessions import Session
 from bridge.web_front import MANAGER
@@ -252,3 +253,17 @@ async def test_an_admin_kill_is_audited(start_gateway, user, tmp_path):
     kill = await event(log, "session_kill", session=session["id"])
     assert kill["by"] == "admin"
     assert (await event(log, "session_end", session=session["id"]))["reason"] == "killed"
+
+
+async def test_a_start_that_fails_is_audited_with_its_detail(start_gateway, user, tmp_path):
+    log = tmp_path / "audit.log"
+    nowhere = f"unix://{tmp_path}/no-docker.sock"
+    backend = DockerBackend(SessionConfig(image=TEST_IMAGE), "unreachable", base_url=nowhere)
+    gateway = await start_gateway(backend=backend, audit={"log": str(log)})
+    async with await gateway.login(user) as http:
+        term = await gateway.terminal(http)
+        assert (await term.control("exit"))["reason"] == "error"
+    failed = await event(log, "session_failed")
+    assert failed["user"] == user.name and failed["door"] == "web" and failed["reason"] == "error"
+    assert failed["container"] is None and "Docker engine unreachable" in failed["detail"]
+    assert not [e for e in events(log) if e["event"] in ("session_start", "session_end")]
