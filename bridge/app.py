@@ -16,21 +16,22 @@ from pathlib import Path
 
 from aiohttp import web
 
-from . import web_front
+from . import resources, web_front
 from .admin import AdminServer
 from .admin import socket_path as admin_socket_path
+from .audit import AuditLog, AuditObserver, SessionRecorder
 from .auth import PamAuthenticator
 from .backend import Backend
 from .config import Config
 from .docker_backend import DockerBackend
 from .errors import BridgeError, ConfigError
+from .metrics import MeteredBackend, Metrics
 from .sessions import SessionManager
 
 log = logging.getLogger("termbridge")
 
 REAP_INTERVAL = 30.0
-PACKAGE_ROOT = Path(__file__).resolve().parent
-DEFAULT_WEB_ROOT = PACKAGE_ROOT.parent / "web"
+DEFAULT_WEB_ROOT = resources.web_root()
 
 
 def ensure_state_dir(path: Path) -> None:
@@ -71,9 +72,23 @@ def build_app(
 
     async def gateway(app: web.Application) -> AsyncIterator[None]:
         ensure_state_dir(config.state_dir)
-        gw_backend = backend or DockerBackend(config.session, instance_id(config.state_dir))
+        instance = instance_id(config.state_dir)
+        if config.audit.record_dir is not None:
+            SessionRecorder.prepare(config.audit.record_dir)
+        audit = AuditLog(config.audit.log, gateway=instance)
+        metrics = Metrics()
+        gw_backend = MeteredBackend(backend or DockerBackend(config.session, instance), metrics)
         authenticator = PamAuthenticator(config.auth.pam_service, config.auth.allowed_groups, config.auth.pam_workers)
         manager = SessionManager(config, gw_backend)
+        manager.observers += [AuditObserver(audit, config.session.image), metrics]
+        if config.audit.record_dir is not None:
+            manager.observers.append(
+                SessionRecorder(
+                    config.audit.record_dir, record_input=config.audit.record_input, limit=config.audit.record_limit
+                )
+            )
+        metrics.watch(manager)
+        app[web_front.METRICS] = metrics
         secret = read_or_create_secret(config.state_dir / "cookie-secret", secrets.token_bytes(32))
         app[web_front.BACKEND] = gw_backend
         app[web_front.AUTHENTICATOR] = authenticator
@@ -94,6 +109,7 @@ def build_app(
             await web_front.close_websockets(app)
             authenticator.close()
             await gw_backend.close()
+            audit.close()
 
     async def drain(app: web.Application) -> None:
         """On SIGTERM/SIGINT, before connections are torn down: every session ends with reason

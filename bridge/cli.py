@@ -18,6 +18,7 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--config", metavar="FILE", help="TOML configuration (default /etc/termbridge/termbridge.toml)")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("serve", parents=[common], help="run the gateway in the foreground")
+    sub.add_parser("check", parents=[common], help="preflight: one line per check, exit 1 on any failure")
     image = sub.add_parser("image", parents=[common], help="manage the session image")
     image_sub = image.add_subparsers(dest="image_command", required=True)
     build = image_sub.add_parser("build", parents=[common], help="build the session image from session-image/")
@@ -75,6 +76,10 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     logging.getLogger("asyncssh").setLevel(logging.WARNING)
+    if args.command == "check":
+        from .check import main as check
+
+        return check(args.config)  # a bad config is one of its findings, not exit 2
     try:
         config = load_config(args.config)
     except ConfigError as exc:

@@ -60,6 +60,49 @@ class AttachedSink(Sink, Protocol):
         """Another attach took this session over; this sink gets nothing more."""
 
 
+class SessionObserver:
+    """Watches sessions and logins for the operations side (audit trail, metrics). Subclass and
+    override what you need. Methods run on the event loop, so they must not block; one that
+    raises is logged and skipped, never allowed to break a session."""
+
+    def login(self, user: str, rhost: str | None, door: str, result: str, reason: str) -> None:
+        """A login attempt at any door; `result` is one of LOGIN_RESULTS."""
+
+    def session_started(self, session: Session, seconds: float) -> None:
+        """The session is ready, `seconds` after create() began (the time to a prompt)."""
+
+    def session_failed(self, session: Session, detail: str) -> None:
+        """The session never became ready; `session.end_reason` is `error` or `cancelled`."""
+
+    def session_ended(self, session: Session) -> None:
+        """A session that was ready has ended; its container's removal is under way."""
+
+    def session_refused(self, user: AuthenticatedUser, door: str, detail: str) -> None:
+        """A limit (or shutdown) refused a new session before anything was started."""
+
+    def session_killed(self, session: Session, actor: str) -> None:
+        """Someone ended a session from outside: `admin`, `logout`, `shutdown`."""
+
+    def containers_reaped(self, count: int) -> None:
+        """The reaper removed `count` containers that no live session owned."""
+
+
+LOGIN_RESULTS = ("ok", "denied", "unavailable", "throttled")
+
+
+class StreamTap(Protocol):
+    """Sees one session's terminal stream as the doors report it (e.g. a recorder). Called on the
+    loop for every chunk: must be cheap and must not raise."""
+
+    def output(self, data: bytes) -> None: ...
+
+    def input(self, data: bytes) -> None: ...
+
+    def resize(self, cols: int, rows: int) -> None: ...
+
+    def close(self) -> None: ...
+
+
 @dataclass
 class TerminalRequest:
     """The pty the person asked for. Mutable until the shell opens: a front door may update
@@ -119,6 +162,7 @@ class Session:
         self.door = door
         self.sink: Sink | None = sink
         self.started_at = datetime.now(timezone.utc)
+        self.created = time.monotonic()
         self.container: Container | None = None
         self.upstream: Upstream | None = None
         self.process: asyncssh.SSHClientProcess | None = None
@@ -127,6 +171,8 @@ class Session:
         self.warned = False
         self.bytes_in = 0
         self.bytes_out = 0
+        self.term_size: tuple[int, int] | None = None
+        self.taps: list[StreamTap] = []
         self.end_reason: str | None = None
         self.exit_code: int | None = None
         self.log = SessionLog(log, {"session": self.id[:12], "user": user.name})
@@ -167,14 +213,21 @@ class Session:
         """Bytes from the person reached the container: activity."""
         self.touch()
         self.bytes_in += len(data)
+        for tap in self.taps:
+            tap.input(data)
 
     def note_output(self, data: bytes) -> None:
         """Bytes from the container are on their way to the person (output is not activity)."""
         self.bytes_out += len(data)
+        for tap in self.taps:
+            tap.output(data)
 
     def note_resize(self, cols: int, rows: int) -> None:
         """The person's terminal changed size: activity."""
         self.touch()
+        self.term_size = (cols, rows)
+        for tap in self.taps:
+            tap.resize(cols, rows)
 
     async def write(self, data: bytes) -> None:
         """Send the person's keystrokes to the shell; waits while the container is not reading."""
@@ -258,6 +311,21 @@ class SessionManager:
         self.sessions: dict[str, Session] = {}
         self._cleanups: set[asyncio.Task] = set()
         self._closing = False
+        self.observers: list[SessionObserver] = []
+
+    def _notify(self, event: str, *args: object) -> None:
+        for observer in self.observers:
+            try:
+                getattr(observer, event)(*args)
+            except Exception:
+                log.exception("observer %s failed on %s", type(observer).__name__, event)
+
+    def note_login(self, user: str, rhost: str | None, door: str, result: str, reason: str = "") -> None:
+        """Every door reports each login attempt here (never the password), whatever its outcome,
+        so that the audit trail and the metrics see all doors alike."""
+        if result not in LOGIN_RESULTS:
+            raise ValueError(f"login result {result!r} is not one of {LOGIN_RESULTS}")
+        self._notify("login", user, rhost, door, result, reason)
 
     # -- limits -------------------------------------------------------------------------------
 
@@ -292,11 +360,14 @@ class SessionManager:
         Returns once ready and `sink.started` was called; raises a BridgeError (limit, Docker
         down, image missing, start failure) with nothing left behind. Cancelling the caller also
         leaves nothing behind."""
-        self._check_limits(user)
+        try:
+            self._check_limits(user)
+        except LimitReached as exc:
+            self._notify("session_refused", user, door, exc.detail)
+            raise
         session = Session(user, door, sink)
         self.sessions[session.id] = session
         session.log.info("starting (%s door)", door)
-        t0 = time.monotonic()
         try:
             await self._provision(session, terminal)
         except asyncio.CancelledError:
@@ -304,14 +375,17 @@ class SessionManager:
             raise
         except BridgeError as exc:
             session.log.error("start failed: %s", exc.detail)
-            self._finish(session, "error")
+            self._finish(session, "error", exc.detail)
             raise
         except Exception as exc:
             session.log.exception("start failed")
-            self._finish(session, "error")
+            self._finish(session, "error", repr(exc))
             raise SessionStartError(detail=repr(exc)) from exc
+        assert session.ready_at is not None
         session.log.info(
-            "ready in %.0f ms: container %s", (time.monotonic() - t0) * 1000, session.container and session.container.name
+            "ready in %.0f ms: container %s",
+            (session.ready_at - session.created) * 1000,
+            session.container and session.container.name,
         )
         return session
 
@@ -341,8 +415,10 @@ class SessionManager:
                 session.process = await session.upstream.open_terminal(
                     terminal.term, terminal.cols, terminal.rows, terminal.env
                 )
+                session.term_size = (terminal.cols, terminal.rows)
         session.ready_at = time.monotonic()
         session.touch()
+        self._notify("session_started", session, session.ready_at - session.created)
         if session.sink is not None:
             await session.sink.started(session)
         session._tasks.append(asyncio.create_task(self._watchdog(session), name=f"watchdog-{session.id[:8]}"))
@@ -515,10 +591,13 @@ class SessionManager:
                 session.log.info("could not tell the front door about the end: %r", exc)
         self._finish(session, reason)
 
-    def _finish(self, session: Session, reason: str) -> None:
+    def _finish(self, session: Session, reason: str, detail: str = "") -> None:
         """Release everything the session holds; the container's removal runs in a task the
         manager owns, so a cancelled caller cannot skip it."""
         session.end_reason = session.end_reason or reason
+        for tap in session.taps:
+            tap.close()
+        session.taps.clear()
         if session.upstream is not None:
             session.upstream.close()
         if session.container is not None:
@@ -533,6 +612,10 @@ class SessionManager:
             session.bytes_in,
             session.bytes_out,
         )
+        if session.ready_at is None:
+            self._notify("session_failed", session, detail or session.end_reason)
+        else:
+            self._notify("session_ended", session)
         session._ended.set()
 
     def _schedule_removal(self, container_id: str, why: str) -> None:
@@ -561,6 +644,8 @@ class SessionManager:
             log.info("reaping container %s (session %s, user %s)", info.name, info.session_id[:12], info.user)
             await self.backend.stop(info.id)
             removed += 1
+        if removed:
+            self._notify("containers_reaped", removed)
         return removed
 
     def get(self, session_id: str) -> Session | None:
@@ -569,12 +654,19 @@ class SessionManager:
     def list(self) -> list[Session]:
         return list(self.sessions.values())
 
-    async def kill(self, session: Session, message: str = "an administrator ended this session") -> None:
+    async def kill(
+        self, session: Session, message: str = "an administrator ended this session", actor: str = "admin"
+    ) -> None:
+        """End a session from outside; `actor` (admin, logout, shutdown) goes to the audit trail."""
+        if not session.ending:
+            self._notify("session_killed", session, actor)
         await self.end(session, "killed", message=message)
 
     async def close(self, message: str = "the gateway is shutting down") -> None:
         """End every session (reason `killed`) and wait for every container's removal."""
         self._closing = True
-        await asyncio.gather(*(self.kill(s, message) for s in list(self.sessions.values())), return_exceptions=True)
+        await asyncio.gather(
+            *(self.kill(s, message, actor="shutdown") for s in list(self.sessions.values())), return_exceptions=True
+        )
         while self._cleanups:
             await asyncio.gather(*list(self._cleanups), return_exceptions=True)

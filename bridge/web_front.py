@@ -28,6 +28,7 @@ from .auth import AuthenticatedUser, Outcome, PamAuthenticator
 from .backend import Backend
 from .config import Config
 from .errors import BackendUnavailable, BridgeError, ProtocolError
+from .metrics import Metrics
 from .sessions import Attachment, Session, SessionManager, TerminalRequest
 
 log = logging.getLogger("termbridge.web")
@@ -43,6 +44,7 @@ MANAGER = web.AppKey("manager", SessionManager)
 AUTHENTICATOR = web.AppKey("authenticator", PamAuthenticator)
 BACKEND = web.AppKey("backend", Backend)
 LOGINS = web.AppKey("logins", "LoginRegistry")
+METRICS = web.AppKey("metrics", Metrics)
 WEBSOCKETS = web.AppKey("websockets", weakref.WeakSet)
 WEB_ROOT = web.AppKey("web_root", Path)
 
@@ -97,14 +99,21 @@ class LoginRegistry:
 # -- request helpers ------------------------------------------------------------------------------
 
 
-def _trusted(config: Config, address: str | None) -> bool:
-    if not address or not config.web.trusted_proxies:
+def address_in(address: str | None, networks: tuple[str, ...]) -> bool:
+    """Whether `address` is one of `networks` (addresses or CIDR networks from the config)."""
+    if not address or not networks:
         return False
     try:
         ip = ipaddress.ip_address(address)
     except ValueError:
         return False
-    return any(ip in ipaddress.ip_network(net, strict=False) for net in config.web.trusted_proxies)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped  # a dual-stack listener sees IPv4 clients as ::ffff:a.b.c.d
+    return any(ip in ipaddress.ip_network(net, strict=False) for net in networks)
+
+
+def _trusted(config: Config, address: str | None) -> bool:
+    return address_in(address, config.web.trusted_proxies)
 
 
 def client_address(request: web.Request) -> str:
@@ -173,6 +182,7 @@ async def login_submit(request: web.Request) -> web.StreamResponse:
     password = str(form.get("password", ""))
     rhost = client_address(request)
     result = await request.app[AUTHENTICATOR].authenticate(username, password, rhost)
+    request.app[MANAGER].note_login(username, rhost, "web", result.outcome.value, result.reason)
     if result.outcome is Outcome.UNAVAILABLE:
         return _page(
             request, "login.html", status=503, error="Login is unavailable right now; try again later.",
@@ -204,7 +214,7 @@ async def logout(request: web.Request) -> web.StreamResponse:
         for session_id in list(login.sessions):
             session = manager.get(session_id)
             if session is not None:
-                await manager.kill(session, "you logged out")
+                await manager.kill(session, "you logged out", actor="logout")
         log.info("logout of %s", login.user.name)
     response = web.HTTPSeeOther("/login")
     response.del_cookie(COOKIE_NAME, path="/")
@@ -220,6 +230,17 @@ async def healthz(request: web.Request) -> web.StreamResponse:
         log.warning("healthz: Docker unreachable: %s", detail)
         return web.Response(status=503, text="docker unreachable\n")
     return web.Response(text="ok\n")
+
+
+async def metrics_page(request: web.Request) -> web.StreamResponse:
+    """Prometheus text, for `web.metrics_allow` only. The client is judged by `client_address`, so a
+    request relayed by a trusted proxy counts as its real client, not as the proxy's loopback."""
+    client = client_address(request)
+    if not address_in(client, request.app[CONFIG].web.metrics_allow):
+        log.warning("/metrics refused to %s (not in web.metrics_allow)", client)
+        raise web.HTTPForbidden(text="metrics are not available to this address (web.metrics_allow)\n")
+    body, content_type = request.app[METRICS].render(request.headers.get("Accept", ""))
+    return web.Response(body=body, headers={"Content-Type": content_type})
 
 
 SUPERSEDED = 4001  # close code: another window attached to this session
@@ -381,6 +402,7 @@ def setup_routes(app: web.Application, web_root: Path) -> None:
     app.router.add_post("/logout", logout)
     app.router.add_get("/ws", terminal_socket)
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics_page)
     modules = web_root / "node_modules"
     app.router.add_static("/static/vendor/xterm/", modules / "@xterm" / "xterm", follow_symlinks=False)
     app.router.add_static("/static/vendor/addon-fit/", modules / "@xterm" / "addon-fit", follow_symlinks=False)

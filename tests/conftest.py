@@ -107,9 +107,10 @@ class Gateway:
     def origin(self) -> str:
         return self.url
 
-    async def login(self, user: HostUser, password: str | None = None) -> aiohttp.ClientSession:
-        """A client session holding the login cookie (raises if the login fails)."""
-        http = aiohttp.ClientSession(base_url=self.url, cookie_jar=aiohttp.CookieJar(unsafe=True))
+    async def login(self, user: HostUser, password: str | None = None, **client: Any) -> aiohttp.ClientSession:
+        """A client session holding the login cookie (raises if the login fails); `client` goes to
+        aiohttp.ClientSession (e.g. a connector for TLS)."""
+        http = aiohttp.ClientSession(base_url=self.url, cookie_jar=aiohttp.CookieJar(unsafe=True), **client)
         resp = await http.post(
             "/login",
             data={"username": user.name, "password": password or user.password},
