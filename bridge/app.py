@@ -22,11 +22,14 @@ from .config import Config
 from .docker_backend import DockerBackend
 from .errors import BridgeError, ConfigError
 from .sessions import SessionManager
+from .ssh_front import SshDoor
 
 log = logging.getLogger("termbridge")
 
 PACKAGE_ROOT = Path(__file__).resolve().parent
 DEFAULT_WEB_ROOT = PACKAGE_ROOT.parent / "web"
+# The SSH door while it runs (absent when `ssh.listen` is empty); `.port` is the bound port.
+SSH_DOOR = web.AppKey("ssh_door", SshDoor)
 
 
 def ensure_state_dir(path: Path) -> None:
@@ -83,11 +86,20 @@ def build_app(
                 log.info("removed %d leftover container(s) of this gateway", reaped)
         except BridgeError as exc:
             log.warning("could not reap leftovers at start: %s", exc.detail)
+        ssh_door: SshDoor | None = None
         try:
+            if config.ssh.listen is not None:
+                ssh_door = SshDoor(config, manager, authenticator)
+                await ssh_door.start()
+                app[SSH_DOOR] = ssh_door
             yield
         finally:
+            if ssh_door is not None:
+                ssh_door.stop_listening()
             await web_front.close_websockets(app)
             await manager.close()
+            if ssh_door is not None:
+                await ssh_door.close()
             authenticator.close()
             await gw_backend.close()
 

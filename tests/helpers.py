@@ -75,7 +75,7 @@ def session_containers(**labels: str) -> list[Any]:
     client = docker.from_env()
     try:
         filters = [SESSION_LABEL] + [f"{k}={v}" for k, v in labels.items()]
-        return client.containers.list(all=True, filters={"label": filters})
+        return client.containers.list(all=True, filters={"label": filters}, ignore_removed=True)
     finally:
         client.close()
 
