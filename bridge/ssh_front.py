@@ -463,11 +463,15 @@ class SshDoor:
             self._acceptor.close()
 
     async def close(self) -> None:
-        """Stop listening, drop the connections that are left, and wait for their cleanup."""
+        """Stop listening, let ended sessions say goodbye (CLOSE_GRACE), drop what is left."""
         self.stop_listening()
+        await self._drain()
         for connection in list(self.connections):
             connection.close("the gateway is shutting down")
         if self._acceptor is not None:
             await self._acceptor.wait_closed()
+        await self._drain()
+
+    async def _drain(self) -> None:
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)

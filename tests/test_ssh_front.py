@@ -25,7 +25,7 @@ from bridge.errors import ConfigError
 from bridge.ssh_front import load_or_create_host_key, read_authorized_keys
 from bridge.web_front import MANAGER
 from conftest import Gateway
-from helpers import PROMPT, HostUser, containers_gone, session_containers, wait_for
+from helpers import PROMPT, HostUser, containers_gone, session_containers, wait_for, write_config
 
 SSH_ON = {"listen": "127.0.0.1:0"}
 
@@ -494,12 +494,27 @@ async def test_start_failures_give_a_reason_and_the_door_keeps_serving(start_doo
     await containers_gone(**{"termbridge.user": user.name})
 
 
-async def test_gateway_shutdown_tells_ssh_sessions_and_removes_containers(door, user):
-    async with door.connect(user) as conn:
-        proc = await conn.create_process(term_type="xterm", encoding=None)
+async def test_gateway_shutdown_tells_ssh_clients_why(tmp_path, pam_service, docker_engine, state_dir, user):
+    """SIGTERM to `termbridge serve`: every SSH client hears why on stderr, then its container goes."""
+    from test_lifecycle import free_port, spawn_gateway
+
+    web_port, ssh_port = free_port(), free_port()
+    path = write_config(
+        tmp_path / "gw.toml", state_dir(), pam_service,
+        web={"listen": f"127.0.0.1:{web_port}"}, ssh={"listen": f"127.0.0.1:{ssh_port}"},
+    )
+    gateway = await spawn_gateway(path, web_port)
+    door = Door(None, ssh_port, tmp_path / "known_hosts")  # type: ignore[arg-type]
+    client = await door.start(user, "sleep 600")
+    try:
         await until_running(user)
-        await asyncio.wait_for(door.gateway.app[MANAGER].close(), 15)
-        await asyncio.wait_for(proc.wait_closed(), 15)
-        assert b"termbridge: the gateway is shutting down" in await proc.stderr.read()
-        assert proc.exit_status == 255
+        gateway.send_signal(signal.SIGTERM)
+        _, err = await asyncio.wait_for(client.communicate(), 30)
+        assert client.returncode == 255
+        assert "termbridge: the gateway is shutting down" in err.decode()
+        assert gateway.wait(15) == 0
+    finally:
+        kill_group(client)
+        if gateway.poll() is None:
+            gateway.kill()
     await containers_gone(**{"termbridge.user": user.name})
