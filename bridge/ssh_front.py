@@ -123,6 +123,14 @@ def read_authorized_keys(entry: pwd.struct_passwd) -> str | None:
     return data.decode("utf-8", "replace")
 
 
+def _authorized_keys_of(username: str) -> str | None:
+    try:
+        entry = pwd.getpwnam(username)
+    except KeyError:
+        return None
+    return read_authorized_keys(entry)
+
+
 # -- channels -------------------------------------------------------------------------------------
 
 
@@ -445,11 +453,7 @@ class SshDoor:
         """The user and their keys, when the account may log in with a key and has safe keys."""
         if not valid_username(username):
             return None
-        try:
-            entry = pwd.getpwnam(username)
-        except KeyError:
-            return None
-        text = await asyncio.to_thread(read_authorized_keys, entry)
+        text = await asyncio.to_thread(_authorized_keys_of, username)  # NSS and file reads may block
         if not text:
             return None
         keys = asyncssh.SSHAuthorizedKeys(text)

@@ -51,10 +51,11 @@ class Door:
         return ["ssh", *self.options(*options), "-p", str(self.port), f"{user.name}@127.0.0.1", *args]
 
     async def run(
-        self, argv: list[str], password: str | None = None, input: bytes | None = None, timeout: float = 60
+        self, argv: list[str], password: str | None = None, input: bytes | None = None, timeout: float = 60,
+        env: dict[str, str] | None = None,
     ) -> tuple[int, bytes, str]:
         """Run a client (through sshpass when a password is given); (exit status, stdout, stderr)."""
-        env = dict(os.environ)
+        env = {**os.environ, **(env or {})}
         if password is not None:
             env["SSHPASS"] = password
             argv = ["sshpass", "-e", *argv]
@@ -368,10 +369,24 @@ async def test_pty_env_window_change_and_channels_share_one_container(door, user
     await containers_gone(**{"termbridge.user": user.name})
 
 
-async def test_remote_forwarding_is_refused_to_openssh(door, user):
-    argv = door.ssh(user, "true", options=["-o", "ExitOnForwardFailure=yes", "-R", "0:127.0.0.1:9"])
-    rc, _, err = await door.run(argv, password=user.password)
-    assert rc == 255 and "forwarding failed" in err
+async def test_forwarding_is_refused_to_openssh(door, user, tmp_path):
+    """-R, -X and -A: the session goes on without them (ExitOnForwardFailure makes -R fatal)."""
+    agent_sock = tmp_path / "agent.sock"
+    agent = subprocess.Popen(["ssh-agent", "-D", "-a", str(agent_sock)], stdout=subprocess.DEVNULL)
+    try:
+        await wait_for(agent_sock.exists, what="ssh-agent's socket")
+        command = "echo agent=${SSH_AUTH_SOCK:-none} display=${DISPLAY:-none}"
+        argv = door.ssh(user, command, options=["-A", "-X", "-R", "0:127.0.0.1:9"])
+        rc, out, err = await door.run(argv, password=user.password, env={"SSH_AUTH_SOCK": str(agent_sock), "DISPLAY": ":9"})
+        assert rc == 0, err
+        assert out.split() == [b"agent=none", b"display=none"]
+        assert "remote port forwarding failed" in err and "X11 forwarding request failed" in err, err
+        argv = door.ssh(user, "true", options=["-o", "ExitOnForwardFailure=yes", "-R", "0:127.0.0.1:9"])
+        rc, _, err = await door.run(argv, password=user.password)
+        assert rc == 255 and "forwarding failed" in err
+    finally:
+        agent.terminate()
+        agent.wait()
     await containers_gone(**{"termbridge.user": user.name})
 
 
@@ -435,6 +450,25 @@ async def test_idle_end_warns_on_stderr_then_closes(start_door, user):
     assert proc.returncode == 255
     assert re.search(r"termbridge: this session ends in \d+ s unless you type something", text), text
     assert "termbridge: the session was idle for too long" in text
+    await containers_gone(**{"termbridge.user": user.name})
+
+
+async def test_input_on_any_channel_keeps_the_session(start_door, user):
+    """A shell sits idle while another channel of the connection gets input: no idle end. When
+    the input stops, the shell hears the warning and the end."""
+    door = await start_door(session={"idle_timeout": "2s"})
+    async with door.connect(user) as conn:
+        shell = await conn.create_process(term_type="xterm", encoding=None)
+        feeder = await conn.create_process("cat > /dev/null", encoding=None)
+        for _ in range(8):  # 3.2 s of input, well past the 2 s idle timeout
+            feeder.stdin.write(b".")
+            await asyncio.sleep(0.4)
+        [session] = door.sessions_of(user)
+        assert not session.ending and session.bytes_in >= 8
+        await asyncio.wait_for(shell.wait_closed(), 15)
+        said = (await shell.stderr.read()).decode()
+        assert "this session ends in" in said and "idle for too long" in said, said
+        assert shell.exit_status == 255
     await containers_gone(**{"termbridge.user": user.name})
 
 
