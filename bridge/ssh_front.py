@@ -338,7 +338,10 @@ class SshConnection(asyncssh.SSHServer):
         return _ChannelProcess(self._serve_channel)
 
     async def _serve_channel(self, process: asyncssh.SSHServerProcess) -> None:
+        """The boundary for one channel: whatever goes wrong is logged with the session and user
+        and ends this channel with a line on stderr; the connection and its other channels go on."""
         self._channels.add(process)
+        session: Session | None = None
         try:
             assert self._starting is not None
             try:
@@ -350,6 +353,9 @@ class SshConnection(asyncssh.SSHServer):
                 _refuse(process, "this session has ended")
                 return
             await self._bridge(session, process)
+        except Exception:
+            (session.log if session is not None else log).exception("channel from %s failed", self.rhost)
+            _refuse(process, "internal error; the gateway's log has the details", status=255)
         finally:
             self._channels.discard(process)
 

@@ -356,6 +356,11 @@ async def test_pty_env_window_change_and_channels_share_one_container(door, user
         assert (await conn.run("exit 3")).exit_status == 3
         killed = await conn.run("kill -TERM $$")
         assert killed.exit_signal is not None and killed.exit_signal[0] == "TERM"
+        sleeper = await conn.create_process("exec sleep 100")
+        await asyncio.sleep(0.3)
+        sleeper.send_signal("INT")  # a signal request, passed on to the container's sshd
+        await asyncio.wait_for(sleeper.wait_closed(), 15)
+        assert sleeper.exit_signal is not None and sleeper.exit_signal[0] == "INT"
 
         # forwarding is refused
         with pytest.raises(asyncssh.ChannelOpenError):
@@ -441,12 +446,13 @@ async def test_sftp_with_a_password(door, user, tmp_path):
 
 async def test_idle_end_warns_on_stderr_then_closes(start_door, user):
     door = await start_door(session={"idle_timeout": "3s"})
-    proc = await door.start(user, options=["-tt"])
+    proc = await door.start(user, options=["-tt"])  # stdin stays open and silent
     try:
-        _, err = await asyncio.wait_for(proc.communicate(), 60)
+        assert proc.stderr is not None
+        text = (await asyncio.wait_for(proc.stderr.read(), 60)).decode()
+        await asyncio.wait_for(proc.wait(), 30)
     finally:
         kill_group(proc)
-    text = err.decode()
     assert proc.returncode == 255
     assert re.search(r"termbridge: this session ends in \d+ s unless you type something", text), text
     assert "termbridge: the session was idle for too long" in text
