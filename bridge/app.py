@@ -27,11 +27,14 @@ from .docker_backend import DockerBackend
 from .errors import BridgeError, ConfigError
 from .metrics import MeteredBackend, Metrics
 from .sessions import SessionManager
+from .ssh_front import SshDoor
 
 log = logging.getLogger("termbridge")
 
 REAP_INTERVAL = 30.0
 DEFAULT_WEB_ROOT = resources.web_root()
+# The SSH door while it runs (absent when `ssh.listen` is empty); `.port` is the bound port.
+SSH_DOOR = web.AppKey("ssh_door", SshDoor)
 
 
 def ensure_state_dir(path: Path) -> None:
@@ -100,13 +103,22 @@ def build_app(
         await admin.start()
         await reap_once(manager)
         reaper = asyncio.create_task(reap_forever(manager), name="reaper")
+        ssh_door: SshDoor | None = None
         try:
+            if config.ssh.listen is not None:
+                ssh_door = SshDoor(config, manager, authenticator)
+                await ssh_door.start()
+                app[SSH_DOOR] = ssh_door
             yield
         finally:
             reaper.cancel()
             await admin.close()
+            if ssh_door is not None:
+                ssh_door.stop_listening()
             await manager.close()
             await web_front.close_websockets(app)
+            if ssh_door is not None:
+                await ssh_door.close()
             authenticator.close()
             await gw_backend.close()
             audit.close()
@@ -114,6 +126,8 @@ def build_app(
     async def drain(app: web.Application) -> None:
         """On SIGTERM/SIGINT, before connections are torn down: every session ends with reason
         `killed` while its socket can still hear it, and every container goes."""
+        if SSH_DOOR in app:
+            app[SSH_DOOR].stop_listening()
         if web_front.MANAGER in app:
             await app[web_front.MANAGER].close()
 

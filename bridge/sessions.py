@@ -13,9 +13,10 @@ import enum
 import logging
 import secrets
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Protocol
+from typing import Any, Protocol
 
 import asyncssh
 
@@ -406,8 +407,9 @@ class SessionManager:
         try:
             session.container = await asyncio.shield(start)
         except asyncio.CancelledError:
-            # The thread may still create the container: remove it when it lands.
-            start.add_done_callback(self._remove_when_started)
+            # The thread may still create the container: remove it when it lands, in a task that
+            # close() waits for (a callback would fire after shutdown and leak it).
+            self._track(self._remove_when_started(start))
             raise
         async with asyncio.timeout(cfg.start_timeout):
             session.upstream = await Upstream.connect(session.container, keys, cfg.start_timeout)
@@ -425,9 +427,12 @@ class SessionManager:
         if session.process is not None:
             session._tasks.append(asyncio.create_task(self._pump(session), name=f"pump-{session.id[:8]}"))
 
-    def _remove_when_started(self, task: asyncio.Task) -> None:
-        if not task.cancelled() and task.exception() is None:
-            self._schedule_removal(task.result().id, "cancelled start")
+    async def _remove_when_started(self, start: asyncio.Future[Container]) -> None:
+        try:
+            container = await start
+        except Exception:
+            return  # the backend leaves nothing behind when a start fails
+        await self._remove(container.id, "cancelled start")
 
     # -- attaching front doors to a shell's output ---------------------------------------------
 
@@ -619,7 +624,10 @@ class SessionManager:
         session._ended.set()
 
     def _schedule_removal(self, container_id: str, why: str) -> None:
-        task = asyncio.get_running_loop().create_task(self._remove(container_id, why))
+        self._track(self._remove(container_id, why))
+
+    def _track(self, cleanup: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(cleanup)
         self._cleanups.add(task)
         task.add_done_callback(self._cleanups.discard)
 

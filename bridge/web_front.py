@@ -12,7 +12,6 @@ import hashlib
 import hmac
 import html
 import ipaddress
-import json
 import logging
 import secrets
 import string

@@ -16,7 +16,7 @@ from aiohttp import web
 
 from bridge.app import build_app
 from bridge.config import Config, load_config
-from helpers import ROOT, TEST_IMAGE, HostUser, Terminal, create_user, delete_user, session_containers, write_config
+from helpers import ROOT, TEST_IMAGE, GatewayProcess, HostUser, free_port, Terminal, create_user, delete_user, session_containers, write_config
 
 PAM_SERVICE = f"termbridge-test-{os.getpid()}"
 # State dirs of every gateway this run started: their instance ids scope the leak check, so that
@@ -157,3 +157,21 @@ async def start_gateway(
 async def gateway(start_gateway: Callable[..., Any]) -> Gateway:
     return await start_gateway()
 
+
+@pytest.fixture
+def gateway_process(
+    tmp_path: Path, pam_service: str, docker_engine: docker.DockerClient, state_dir: Callable[[], Path]
+) -> Iterator[Callable[..., GatewayProcess]]:
+    """`termbridge serve` as real processes (not started yet: call `.start()`), stopped after."""
+    made: list[GatewayProcess] = []
+
+    def make(**sections: dict[str, Any]) -> GatewayProcess:
+        port = free_port()
+        sections["web"] = {**sections.get("web", {}), "listen": f"127.0.0.1:{port}"}
+        path = write_config(tmp_path / f"process{len(made)}.toml", state_dir(), pam_service, **sections)
+        made.append(GatewayProcess(path, port))
+        return made[-1]
+
+    yield make
+    for process in made:
+        process.stop()

@@ -10,6 +10,7 @@ import secrets
 import signal
 import socket
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,13 +79,7 @@ def session_containers(**labels: str) -> list[Any]:
     client = docker.from_env()
     try:
         filters = [SESSION_LABEL] + [f"{k}={v}" for k, v in labels.items()]
-        found = []
-        for summary in client.api.containers(all=True, filters={"label": filters}):
-            try:
-                found.append(client.containers.get(summary["Id"]))
-            except docker.errors.NotFound:
-                pass  # removed between the listing and the look-up
-        return found
+        return client.containers.list(all=True, filters={"label": filters}, ignore_removed=True)
     finally:
         client.close()
 
@@ -154,6 +149,45 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class GatewayProcess:
+    """`termbridge serve` as a real process on a free loopback port, restartable on one config."""
+
+    def __init__(self, config_path, port: int) -> None:
+        from conftest import Gateway
+
+        self.config_path, self.port = config_path, port
+        self.gateway = Gateway(f"http://127.0.0.1:{port}", None, None, config_path)  # type: ignore[arg-type]
+        self.proc: subprocess.Popen | None = None
+
+    async def start(self) -> None:
+        proc = self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bridge", "serve", "--config", str(self.config_path)],
+            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        )
+
+        async def healthy() -> bool:
+            try:
+                async with aiohttp.ClientSession() as http, http.get(f"{self.gateway.url}/healthz") as resp:
+                    return resp.status == 200
+            except aiohttp.ClientError:
+                assert proc.poll() is None, proc.stderr.read()
+                return False
+
+        await wait_for(healthy, timeout=30, what="gateway to answer /healthz")
+
+    def signal(self, signum: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signum)
+
+    async def wait(self, timeout: float) -> int:
+        assert self.proc is not None
+        return await asyncio.to_thread(self.proc.wait, timeout)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            stop_process(self.proc, timeout=15)
 
 
 async def wait_for(predicate, timeout: float = 15.0, interval: float = 0.1, what: str = "condition") -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 
@@ -16,77 +15,19 @@ from bridge.docker_backend import DockerBackend
 from helpers import PROMPT, ROOT, containers_gone, session_containers, wait_for, write_config
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class GatewayProcess:
-    """`termbridge serve` as a real process on a free loopback port, restartable on one config."""
-
-    def __init__(self, config_path, port: int) -> None:
-        from conftest import Gateway
-
-        self.config_path, self.port = config_path, port
-        self.gateway = Gateway(f"http://127.0.0.1:{port}", None, None)  # type: ignore[arg-type]
-        self.proc: subprocess.Popen | None = None
-
-    async def start(self) -> None:
-        proc = self.proc = subprocess.Popen(
-            [sys.executable, "-m", "bridge", "serve", "--config", str(self.config_path)],
-            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-        )
-
-        async def healthy() -> bool:
-            try:
-                async with aiohttp.ClientSession() as http, http.get(f"{self.gateway.url}/healthz") as resp:
-                    return resp.status == 200
-            except aiohttp.ClientError:
-                assert proc.poll() is None, proc.stderr.read()
-                return False
-
-        await wait_for(healthy, timeout=30, what="gateway to answer /healthz")
-
-    def signal(self, signum: int) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signum)
-
-    async def wait(self, timeout: float) -> int:
-        assert self.proc is not None
-        return await asyncio.to_thread(self.proc.wait, timeout)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                raise
-
-
-@pytest.fixture
-def gateway_process(tmp_path, pam_service, docker_engine, state_dir):
-    port = free_port()
-    path = write_config(tmp_path / "gw.toml", state_dir(), pam_service, web={"listen": f"127.0.0.1:{port}"})
-    process = GatewayProcess(path, port)
-    yield process
-    process.stop()
-
-
 async def test_sigkilled_gateway_leftovers_are_reaped_on_restart(gateway_process, user):
-    await gateway_process.start()
-    gw = gateway_process.gateway
+    process = gateway_process()
+    await process.start()
+    gw = process.gateway
     async with await gw.login(user) as http:
         term = await gw.terminal(http)
         session = await term.control("session")
         await term.expect(PROMPT)
-        gateway_process.signal(signal.SIGKILL)
-        await gateway_process.wait(10)
+        process.signal(signal.SIGKILL)
+        await process.wait(10)
     [leftover] = session_containers(**{"termbridge.session": session["id"]})
     assert leftover.status == "running"
-    await gateway_process.start()
+    await process.start()
     await containers_gone(**{"termbridge.session": session["id"]})
 
 
@@ -137,18 +78,19 @@ async def test_shutdown_ends_sessions_and_removes_containers(start_gateway, user
 
 
 async def test_sigterm_drains_within_10_seconds(gateway_process, user):
-    await gateway_process.start()
-    gw = gateway_process.gateway
+    process = gateway_process()
+    await process.start()
+    gw = process.gateway
     async with await gw.login(user) as http:
         terms = [await gw.terminal(http) for _ in range(2)]
         ids = [(await t.control("session"))["id"] for t in terms]
         for t in terms:
             await t.expect(PROMPT)
-        gateway_process.signal(signal.SIGTERM)
+        process.signal(signal.SIGTERM)
         for t in terms:
             exit_msg = await t.control("exit", timeout=10)
             assert exit_msg["reason"] == "killed" and "shutting down" in exit_msg["message"]
-        assert await gateway_process.wait(10) == 0
+        assert await process.wait(10) == 0
     for session_id in ids:
         assert not session_containers(**{"termbridge.session": session_id})
 
