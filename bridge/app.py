@@ -6,6 +6,7 @@ startup ran: on shutdown every session ends (reason `killed`) and every containe
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import secrets
@@ -15,19 +16,26 @@ from pathlib import Path
 
 from aiohttp import web
 
-from . import web_front
+from . import resources, web_front
+from .admin import AdminServer
+from .admin import socket_path as admin_socket_path
+from .audit import AuditLog, AuditObserver, SessionRecorder
 from .auth import PamAuthenticator
 from .backend import Backend
 from .config import Config
 from .docker_backend import DockerBackend
 from .errors import BackendUnavailable, BridgeError, ConfigError
+from .metrics import MeteredBackend, Metrics
 from .sessions import SessionManager
+from .ssh_front import SshDoor
 from .throttle import LoginThrottle, ThrottledAuthenticator
 
 log = logging.getLogger("termbridge")
 
-PACKAGE_ROOT = Path(__file__).resolve().parent
-DEFAULT_WEB_ROOT = PACKAGE_ROOT.parent / "web"
+REAP_INTERVAL = 30.0
+DEFAULT_WEB_ROOT = resources.web_root()
+# The SSH door while it runs (absent when `ssh.listen` is empty); `.port` is the bound port.
+SSH_DOOR = web.AppKey("ssh_door", SshDoor)
 
 
 def ensure_state_dir(path: Path) -> None:
@@ -68,7 +76,12 @@ def build_app(
 
     async def gateway(app: web.Application) -> AsyncIterator[None]:
         ensure_state_dir(config.state_dir)
-        gw_backend = backend or DockerBackend(config.session, instance_id(config.state_dir))
+        instance = instance_id(config.state_dir)
+        if config.audit.record_dir is not None:
+            SessionRecorder.prepare(config.audit.record_dir)
+        audit = AuditLog(config.audit.log, gateway=instance)
+        metrics = Metrics()
+        gw_backend = MeteredBackend(backend or DockerBackend(config.session, instance), metrics)
         try:
             await gw_backend.prepare()
         except BackendUnavailable as exc:
@@ -81,6 +94,15 @@ def build_app(
             LoginThrottle(config.auth),
         )
         manager = SessionManager(config, gw_backend)
+        manager.observers += [AuditObserver(audit, config.session.image), metrics]
+        if config.audit.record_dir is not None:
+            manager.observers.append(
+                SessionRecorder(
+                    config.audit.record_dir, record_input=config.audit.record_input, limit=config.audit.record_limit
+                )
+            )
+        metrics.watch(manager)
+        app[web_front.METRICS] = metrics
         secret = read_or_create_secret(config.state_dir / "cookie-secret", secrets.token_bytes(32))
         app[web_front.BACKEND] = gw_backend
         app[web_front.AUTHENTICATOR] = authenticator
@@ -88,22 +110,59 @@ def build_app(
         app[web_front.LOGINS] = web_front.LoginRegistry(secret)
         if not (web_root / "node_modules" / "@xterm" / "xterm").is_dir():
             log.error("web assets missing: run `npm ci` in %s", web_root)
+        admin = AdminServer(manager, admin_socket_path(config.state_dir))
+        await admin.start()
+        await reap_once(manager)
+        reaper = asyncio.create_task(reap_forever(manager), name="reaper")
+        ssh_door: SshDoor | None = None
         try:
-            reaped = await manager.reap()
-            if reaped:
-                log.info("removed %d leftover container(s) of this gateway", reaped)
-        except BridgeError as exc:
-            log.warning("could not reap leftovers at start: %s", exc.detail)
-        try:
+            if config.ssh.listen is not None:
+                ssh_door = SshDoor(config, manager, authenticator)
+                await ssh_door.start()
+                app[SSH_DOOR] = ssh_door
             yield
         finally:
-            await web_front.close_websockets(app)
+            reaper.cancel()
+            await admin.close()
+            if ssh_door is not None:
+                ssh_door.stop_listening()
             await manager.close()
+            await web_front.close_websockets(app)
+            if ssh_door is not None:
+                await ssh_door.close()
             authenticator.close()
             await gw_backend.close()
+            audit.close()
+
+    async def drain(app: web.Application) -> None:
+        """On SIGTERM/SIGINT, before connections are torn down: every session ends with reason
+        `killed` while its socket can still hear it, and every container goes."""
+        if SSH_DOOR in app:
+            app[SSH_DOOR].stop_listening()
+        if web_front.MANAGER in app:
+            await app[web_front.MANAGER].close()
 
     app.cleanup_ctx.append(gateway)
+    app.on_shutdown.append(drain)
     return app
+
+
+async def reap_once(manager: SessionManager) -> None:
+    try:
+        reaped = await manager.reap()
+    except BridgeError as exc:
+        log.warning("reaper: %s", exc.detail)
+        return
+    if reaped:
+        log.info("reaper removed %d container(s) no live session owns", reaped)
+
+
+async def reap_forever(manager: SessionManager, interval: float = REAP_INTERVAL) -> None:
+    """Docker is the source of truth: every `interval`, remove this instance's containers that
+    no live session owns (a crash's leftovers, a removal that failed while Docker was down)."""
+    while True:
+        await asyncio.sleep(interval)
+        await reap_once(manager)
 
 
 def ssl_context(config: Config) -> ssl.SSLContext | None:
@@ -127,7 +186,7 @@ def serve(config: Config) -> None:
         port=port,
         ssl_context=ssl_context(config),
         print=lambda text: log.info("%s", text.strip()),
-        shutdown_timeout=5,
+        shutdown_timeout=3,
         access_log=None,
         handle_signals=True,
     )

@@ -15,6 +15,7 @@ import logging
 import os
 import pwd
 import re
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -79,6 +80,25 @@ def _user_groups(entry: pwd.struct_passwd) -> set[str]:
     return names
 
 
+def _password_locked(username: str) -> bool:
+    """`usermod -L` / `passwd -l` put "!" before the hash. PAM's account stage does not look at
+    it (only authentication would fail), so a key login checks it here, like the web door refuses
+    a locked account."""
+    try:
+        with open("/etc/shadow", encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                name, _, rest = line.partition(":")
+                if name == username:
+                    return rest.startswith("!")
+    except OSError:
+        pass
+    return False
+
+
+def _skip_authenticate(_handle: object, _flags: int) -> int:
+    return 0  # PAM_SUCCESS: used in place of pam_authenticate when a key was the proof
+
+
 class _RhostPam(pam.PamAuthenticator):
     """python-pam with PAM_RHOST set right after pam_start, so modules see the client address."""
 
@@ -125,9 +145,24 @@ class PamAuthenticator:
             return precheck
         if not password or len(password.encode("utf-8", "surrogateescape")) > MAX_PASSWORD_BYTES or "\0" in password:
             return AuthResult(Outcome.DENIED, reason="empty, oversized or malformed password")
+        return self._pam(precheck, username, password, rhost)
+
+    def _key_login_sync(self, username: str, rhost: str | None) -> AuthResult:
+        precheck = self.account_check(username)
+        if not precheck.ok:
+            return precheck
+        if _password_locked(username):
+            return AuthResult(Outcome.DENIED, reason="account is locked")
+        return self._pam(precheck, username, None, rhost)
+
+    def _pam(self, precheck: AuthResult, username: str, password: str | None, rhost: str | None) -> AuthResult:
+        """The PAM conversation; without a password (a key already proved who it is) only the
+        account stage runs, so expired accounts are refused the same way for keys."""
         handle = _RhostPam(rhost)
+        if password is None:
+            handle.pam_authenticate = _skip_authenticate
         try:
-            ok = handle.authenticate(username, password, service=self.service, resetcreds=False)
+            ok = handle.authenticate(username, password or "", service=self.service, resetcreds=False)
         except Exception as exc:  # libpam missing or broken: not the person's fault
             return AuthResult(Outcome.UNAVAILABLE, reason=f"PAM failed: {exc!r}")
         if ok:
@@ -137,14 +172,25 @@ class PamAuthenticator:
             return AuthResult(Outcome.UNAVAILABLE, reason=reason)
         return AuthResult(Outcome.DENIED, reason=reason)
 
-    async def authenticate(self, username: str, password: str, rhost: str | None = None) -> AuthResult:
+    async def _run(
+        self, what: str, username: str, rhost: str | None, fn: Callable[..., AuthResult], *args: object
+    ) -> AuthResult:
         loop = asyncio.get_running_loop()
-        result = await loop.run_in_executor(self._pool, self._authenticate_sync, username, password, rhost)
+        result = await loop.run_in_executor(self._pool, fn, username, *args)
         log.info(
-            "login %s for %r from %s%s",
+            "%s %s for %r from %s%s",
+            what,
             result.outcome.value,
             printable_username(username),
             rhost or "-",
             f": {result.reason}" if result.reason else "",
         )
         return result
+
+    async def authenticate(self, username: str, password: str, rhost: str | None = None) -> AuthResult:
+        return await self._run("login", username, rhost, self._authenticate_sync, password, rhost)
+
+    async def authorize_key(self, username: str, rhost: str | None = None) -> AuthResult:
+        """Whether this account may log in with a public key: the same rules as a password login
+        (name, shell, groups, locked, and PAM's account stage for expiry), minus the password."""
+        return await self._run("key login account check", username, rhost, self._key_login_sync, rhost)

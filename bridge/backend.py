@@ -42,6 +42,14 @@ class Container:
 
 
 @dataclass(frozen=True)
+class ContainerState:
+    running: bool
+    exit_code: int | None = None
+    oom_killed: bool = False
+    gone: bool = False
+
+
+@dataclass(frozen=True)
 class ContainerInfo:
     """One container this gateway instance owns, as the backend sees it."""
 
@@ -69,8 +77,8 @@ class Backend(Protocol):
     async def stop(self, container_id: str) -> None:
         """Remove the container. Idempotent: an absent container is success."""
 
-    async def poll(self, container_id: str) -> int | None:
-        """None while running; the exit code once it stopped; -1 when it is gone."""
+    async def poll(self, container_id: str) -> ContainerState:
+        """Running, stopped (exit code, OOM-killed) or gone."""
 
     async def list_own(self) -> list[ContainerInfo]:
         """Every container labelled with this gateway instance, running or not."""

@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from .config import load_config
+from .config import Config, load_config
 from .errors import BridgeError, ConfigError
 
 EXIT_CONFIG = 2
@@ -18,11 +18,54 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--config", metavar="FILE", help="TOML configuration (default /etc/termbridge/termbridge.toml)")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("serve", parents=[common], help="run the gateway in the foreground")
+    sub.add_parser("check", parents=[common], help="preflight: one line per check, exit 1 on any failure")
     image = sub.add_parser("image", parents=[common], help="manage the session image")
     image_sub = image.add_subparsers(dest="image_command", required=True)
     build = image_sub.add_parser("build", parents=[common], help="build the session image from session-image/")
     build.add_argument("--base", metavar="IMAGE", help="base image (default ubuntu:24.04)")
+    sessions = sub.add_parser("sessions", parents=[common], help="live sessions of the running gateway")
+    sessions_sub = sessions.add_subparsers(dest="sessions_command", required=True)
+    sessions_sub.add_parser("list", parents=[common], help="id, user, door, container, started, idle for")
+    kill = sessions_sub.add_parser("kill", parents=[common], help="end one session (the person sees why)")
+    kill.add_argument("id", help="session id (a unique prefix will do)")
     return parser
+
+
+def _fmt_idle(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def sessions_command(config: Config, args: argparse.Namespace) -> int:
+    from .admin import request, socket_path
+
+    path = socket_path(config.state_dir)
+    payload = {"command": "list"} if args.sessions_command == "list" else {"command": "kill", "id": args.id}
+    try:
+        answer = request(path, payload)
+    except (FileNotFoundError, ConnectionRefusedError):
+        print(f"termbridge: the gateway is not running (no admin socket at {path})", file=sys.stderr)
+        return 1
+    except PermissionError:
+        print(f"termbridge: permission denied on {path} (run as root)", file=sys.stderr)
+        return 1
+    if "error" in answer:
+        print(f"termbridge: {answer['error']}", file=sys.stderr)
+        return 1
+    if args.sessions_command == "kill":
+        print(f"killed {answer['killed']}")
+        return 0
+    rows = [("ID", "USER", "DOOR", "CONTAINER", "STARTED", "IDLE")]
+    for s in answer["sessions"]:
+        rows.append((s["id"], s["user"], s["door"], s["container"] or "-", s["started"], _fmt_idle(s["idle_for"])))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,6 +76,10 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     logging.getLogger("asyncssh").setLevel(logging.WARNING)
+    if args.command == "check":
+        from .check import main as check
+
+        return check(args.config)  # a bad config is one of its findings, not exit 2
     try:
         config = load_config(args.config)
     except ConfigError as exc:
@@ -48,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
             from .docker_backend import build_image
 
             return build_image(config.session.image, base=args.base)
+        if args.command == "sessions":
+            return sessions_command(config, args)
     except ConfigError as exc:
         print(f"termbridge: configuration error: {exc.detail}", file=sys.stderr)
         return EXIT_CONFIG

@@ -79,6 +79,17 @@ def _str(value: Any) -> str:
     return value
 
 
+def _bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "yes", "on", "1"):
+        return True
+    if text in ("false", "no", "off", "0"):
+        return False
+    raise ValueError("expected true or false")
+
+
 def _opt_path(value: Any) -> Path | None:
     text = _str(value)
     return Path(text) if text else None
@@ -101,17 +112,6 @@ def _addr_list(value: Any) -> tuple[str, ...]:
     for item in items:
         ipaddress.ip_network(item, strict=False)
     return items
-
-
-def _bool(value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("true", "yes", "on", "1"):
-        return True
-    if text in ("false", "no", "off", "0"):
-        return False
-    raise ValueError("expected true or false")
 
 
 def _positive_float(value: Any) -> float:
@@ -215,6 +215,8 @@ class SessionConfig:
 class AuditConfig:
     log: str = _field("", _str, "JSON-lines audit file; empty: the termbridge.audit logger")
     record_dir: Path | None = _field(None, _opt_path, "record each session as asciicast v2 here")
+    record_input: bool = _field(False, _bool, "also record what the person typed (passwords typed in the shell too)")
+    record_limit: int = _field(100 * 1024**2, parse_size, "a recording stops growing at this size")
 
 
 _SECTIONS: dict[str, type] = {

@@ -9,21 +9,23 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import os
 import socket
 import tarfile
 import threading
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import docker
 import docker.errors
 import requests.exceptions
 
-from . import netguard
+from . import netguard, resources
 from .backend import (
     LABEL_DOOR,
     LABEL_GATEWAY,
@@ -33,6 +35,7 @@ from .backend import (
     Container,
     ContainerInfo,
     ContainerSpec,
+    ContainerState,
 )
 from .config import SessionConfig
 from .errors import BackendUnavailable, ImageMissing, SessionStartError
@@ -315,16 +318,19 @@ class DockerBackend:
     async def stop(self, container_id: str) -> None:
         await self._call(self._remove_sync, container_id)
 
-    def _poll_sync(self, container_id: str) -> int | None:
+    def _poll_sync(self, container_id: str) -> ContainerState:
         try:
             state = self._api().inspect_container(container_id)["State"]
         except docker.errors.NotFound:
-            return -1
-        if state.get("Running"):
-            return None
-        return int(state.get("ExitCode", -1))
+            return ContainerState(running=False, gone=True)
+        return ContainerState(
+            running=bool(state.get("Running")),
+            exit_code=state.get("ExitCode"),
+            oom_killed=bool(state.get("OOMKilled")),
+            gone=state.get("Status") == "removing",
+        )
 
-    async def poll(self, container_id: str) -> int | None:
+    async def poll(self, container_id: str) -> ContainerState:
         return await self._call(self._poll_sync, container_id)
 
     def _list_sync(self) -> list[ContainerInfo]:
@@ -348,7 +354,7 @@ class DockerBackend:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
-SESSION_IMAGE_DIR = Path(__file__).resolve().parent.parent / "session-image"
+SESSION_IMAGE_DIR = resources.session_image_dir()
 
 
 def build_image(tag: str, base: str | None = None, context: Path = SESSION_IMAGE_DIR) -> int:
@@ -370,3 +376,43 @@ def build_image(tag: str, base: str | None = None, context: Path = SESSION_IMAGE
             return 1
     print(f"built {tag}", file=sys.stderr)
     return 0
+
+
+@dataclass(frozen=True)
+class EngineFacts:
+    """What `termbridge check` reports about the Docker engine."""
+
+    host: str
+    version: str
+    api_version: str
+    security_options: tuple[str, ...]
+    image_id: str | None  # None: the image is not present
+    image_created: str | None
+
+
+def engine_facts(image: str) -> EngineFacts:
+    """Ask the engine about itself and the session image (a command-line action: blocking is
+    fine). Raises BackendUnavailable when the engine cannot be reached."""
+    try:
+        api = docker.APIClient(version="auto", timeout=15, **docker.utils.kwargs_from_env())
+    except docker.errors.DockerException as exc:
+        raise BackendUnavailable(detail=f"Docker engine unreachable: {exc}") from exc
+    try:
+        version = api.version()
+        info = api.info()
+        try:
+            inspected = api.inspect_image(image)
+        except docker.errors.ImageNotFound:
+            inspected = None
+        return EngineFacts(
+            host=os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock",
+            version=str(version.get("Version", "unknown")),
+            api_version=str(version.get("ApiVersion", "unknown")),
+            security_options=tuple(info.get("SecurityOptions") or ()),
+            image_id=inspected["Id"] if inspected else None,
+            image_created=inspected.get("Created") if inspected else None,
+        )
+    except (requests.exceptions.ConnectionError, docker.errors.DockerException) as exc:
+        raise BackendUnavailable(detail=f"Docker engine unreachable: {exc}") from exc
+    finally:
+        api.close()

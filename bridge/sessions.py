@@ -8,37 +8,100 @@ manager owns everything else, and every path that ends a session goes through `e
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
 import secrets
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Protocol
+from typing import Any, Protocol
 
 import asyncssh
 
 from .auth import AuthenticatedUser
-from .backend import Backend, Container, ContainerSpec
+from .backend import Backend, Container, ContainerSpec, ContainerState
 from .config import Config
 from .errors import BridgeError, LimitReached, SessionStartError
+from .outbuf import OutputBuffer
 from .upstream import SessionKeys, Upstream
 
 log = logging.getLogger("termbridge.sessions")
 
 READ_CHUNK = 65536
+# Output flow control. Attached: the pump reads ahead of what the person's socket took by at most
+# ATTACHED_WINDOW (keeps a runaway `yes` from queueing seconds of output ahead of Ctrl-C).
+# Detached: it keeps reading until IN_FLIGHT_RESERVE bytes from before the drop would be
+# evicted, so whatever was in flight when the socket died can still be replayed exactly.
+ATTACHED_WINDOW = 256 * 1024
+IN_FLIGHT_RESERVE = 512 * 1024
 
 
 class Sink(Protocol):
-    """Where one session's output and control events go: the front door attached to it."""
+    """Where one session's control events go: the front door attached to it."""
 
     async def started(self, session: Session) -> None: ...
-
-    async def output(self, data: bytes) -> None: ...
 
     async def idle_warning(self, seconds: float) -> None: ...
 
     async def ended(self, code: int | None, reason: str, message: str | None) -> None: ...
+
+
+class AttachedSink(Sink, Protocol):
+    """A front door that reads a shell session's output stream (the web door). It may drop and
+    come back: see `SessionManager.attach`."""
+
+    async def attached(self, session: Session, offset: int, lost: int) -> None:
+        """Called before any output: the stream starts at `offset`; `lost` bytes were too old."""
+
+    async def output(self, data: bytes) -> None: ...
+
+    async def superseded(self) -> None:
+        """Another attach took this session over; this sink gets nothing more."""
+
+
+class SessionObserver:
+    """Watches sessions and logins for the operations side (audit trail, metrics). Subclass and
+    override what you need. Methods run on the event loop, so they must not block; one that
+    raises is logged and skipped, never allowed to break a session."""
+
+    def login(self, user: str, rhost: str | None, door: str, result: str, reason: str) -> None:
+        """A login attempt at any door; `result` is one of LOGIN_RESULTS."""
+
+    def session_started(self, session: Session, seconds: float) -> None:
+        """The session is ready, `seconds` after create() began (the time to a prompt)."""
+
+    def session_failed(self, session: Session, detail: str) -> None:
+        """The session never became ready; `session.end_reason` is `error` or `cancelled`."""
+
+    def session_ended(self, session: Session) -> None:
+        """A session that was ready has ended; its container's removal is under way."""
+
+    def session_refused(self, user: AuthenticatedUser, door: str, detail: str) -> None:
+        """A limit (or shutdown) refused a new session before anything was started."""
+
+    def session_killed(self, session: Session, actor: str) -> None:
+        """Someone ended a session from outside: `admin`, `logout`, `shutdown`."""
+
+    def containers_reaped(self, count: int) -> None:
+        """The reaper removed `count` containers that no live session owned."""
+
+
+LOGIN_RESULTS = ("ok", "denied", "unavailable", "throttled")
+
+
+class StreamTap(Protocol):
+    """Sees one session's terminal stream as the doors report it (e.g. a recorder). Called on the
+    loop for every chunk: must be cheap and must not raise."""
+
+    def output(self, data: bytes) -> None: ...
+
+    def input(self, data: bytes) -> None: ...
+
+    def resize(self, cols: int, rows: int) -> None: ...
+
+    def close(self) -> None: ...
 
 
 @dataclass
@@ -77,6 +140,17 @@ def idle_step(last_activity: float, now: float, timeout: float, warned: bool) ->
     return IdleAction.WAIT, remaining - lead
 
 
+def _describe_end(state: ContainerState, memory: int) -> str | None:
+    """Why a container stopped, in words for the person; None while it runs."""
+    if state.gone:
+        return "your container was removed"
+    if state.oom_killed:
+        return f"your container ran out of memory ({memory // 2**20} MiB) and was stopped"
+    if not state.running:
+        return f"your container stopped (exit code {state.exit_code})"
+    return None
+
+
 class SessionLog(logging.LoggerAdapter):
     def process(self, msg, kwargs):  # type: ignore[no-untyped-def]
         return f"[session={self.extra['session']} user={self.extra['user']}] {msg}", kwargs
@@ -89,6 +163,7 @@ class Session:
         self.door = door
         self.sink: Sink | None = sink
         self.started_at = datetime.now(timezone.utc)
+        self.created = time.monotonic()
         self.container: Container | None = None
         self.upstream: Upstream | None = None
         self.process: asyncssh.SSHClientProcess | None = None
@@ -97,11 +172,21 @@ class Session:
         self.warned = False
         self.bytes_in = 0
         self.bytes_out = 0
+        self.term_size: tuple[int, int] | None = None
+        self.taps: list[StreamTap] = []
         self.end_reason: str | None = None
         self.exit_code: int | None = None
         self.log = SessionLog(log, {"session": self.id[:12], "user": user.name})
+        self.output = OutputBuffer()
+        self.attachment: Attachment | None = None
+        self.detached_cursor = 0  # what the last attachment had taken when it went
+        self.detached_since: float | None = time.monotonic()
+        self.attached_once = False
+        self._output_event = asyncio.Event()  # more output, or the session ends
+        self._space_event = asyncio.Event()  # a reader advanced, or attachments changed
         self._ended = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
+        self._grace: asyncio.Task | None = None
 
     @property
     def ready(self) -> bool:
@@ -129,14 +214,21 @@ class Session:
         """Bytes from the person reached the container: activity."""
         self.touch()
         self.bytes_in += len(data)
+        for tap in self.taps:
+            tap.input(data)
 
     def note_output(self, data: bytes) -> None:
         """Bytes from the container are on their way to the person (output is not activity)."""
         self.bytes_out += len(data)
+        for tap in self.taps:
+            tap.output(data)
 
     def note_resize(self, cols: int, rows: int) -> None:
         """The person's terminal changed size: activity."""
         self.touch()
+        self.term_size = (cols, rows)
+        for tap in self.taps:
+            tap.resize(cols, rows)
 
     async def write(self, data: bytes) -> None:
         """Send the person's keystrokes to the shell; waits while the container is not reading."""
@@ -157,6 +249,18 @@ class Session:
     async def wait_ended(self) -> None:
         await self._ended.wait()
 
+    def _pump_may_read(self) -> bool:
+        total = self.output.total
+        if self.attachment is not None:
+            return total - self.attachment.cursor < ATTACHED_WINDOW
+        keep_from = max(0, self.detached_cursor - IN_FLIGHT_RESERVE)
+        return total + READ_CHUNK - keep_from <= self.output.capacity
+
+    def _append_output(self, data: bytes) -> None:
+        self.output.append(data)
+        self.note_output(data)
+        self._output_event.set()
+
     def describe(self) -> dict[str, object]:
         return {
             "id": self.id,
@@ -165,7 +269,40 @@ class Session:
             "container": self.container.name if self.container else None,
             "started": self.started_at.isoformat(timespec="seconds"),
             "idle_for": round(time.monotonic() - self.last_activity, 1),
+            "attached": self.attachment is not None or self.process is None,
         }
+
+
+class Attachment:
+    """One front door reading a session's output from `cursor` on, in its own sender task."""
+
+    def __init__(self, session: Session, sink: AttachedSink, cursor: int) -> None:
+        self.session = session
+        self.sink = sink
+        self.cursor = cursor
+        self.task: asyncio.Task | None = None
+
+    async def send(self) -> None:
+        session, output = self.session, self.session.output
+        while True:
+            if self.cursor < output.total:
+                data = output.read(self.cursor, READ_CHUNK)
+                await self.sink.output(data)
+                self.cursor += len(data)
+                session._space_event.set()
+            else:
+                session._output_event.clear()
+                await session._output_event.wait()
+
+    async def flush(self, timeout: float) -> None:
+        """Wait until the sink took everything the pump read (the shell's last words)."""
+        try:
+            async with asyncio.timeout(timeout):
+                while self.task is not None and not self.task.done() and self.cursor < self.session.output.total:
+                    self.session._space_event.clear()
+                    await self.session._space_event.wait()
+        except TimeoutError:
+            self.session.log.info("output not flushed to the front door within %.0f s", timeout)
 
 
 class SessionManager:
@@ -175,6 +312,21 @@ class SessionManager:
         self.sessions: dict[str, Session] = {}
         self._cleanups: set[asyncio.Task] = set()
         self._closing = False
+        self.observers: list[SessionObserver] = []
+
+    def _notify(self, event: str, *args: object) -> None:
+        for observer in self.observers:
+            try:
+                getattr(observer, event)(*args)
+            except Exception:
+                log.exception("observer %s failed on %s", type(observer).__name__, event)
+
+    def note_login(self, user: str, rhost: str | None, door: str, result: str, reason: str = "") -> None:
+        """Every door reports each login attempt here (never the password), whatever its outcome,
+        so that the audit trail and the metrics see all doors alike."""
+        if result not in LOGIN_RESULTS:
+            raise ValueError(f"login result {result!r} is not one of {LOGIN_RESULTS}")
+        self._notify("login", user, rhost, door, result, reason)
 
     # -- limits -------------------------------------------------------------------------------
 
@@ -209,11 +361,14 @@ class SessionManager:
         Returns once ready and `sink.started` was called; raises a BridgeError (limit, Docker
         down, image missing, start failure) with nothing left behind. Cancelling the caller also
         leaves nothing behind."""
-        self._check_limits(user)
+        try:
+            self._check_limits(user)
+        except LimitReached as exc:
+            self._notify("session_refused", user, door, exc.detail)
+            raise
         session = Session(user, door, sink)
         self.sessions[session.id] = session
         session.log.info("starting (%s door)", door)
-        t0 = time.monotonic()
         try:
             await self._provision(session, terminal)
         except asyncio.CancelledError:
@@ -221,14 +376,17 @@ class SessionManager:
             raise
         except BridgeError as exc:
             session.log.error("start failed: %s", exc.detail)
-            self._finish(session, "error")
+            self._finish(session, "error", exc.detail)
             raise
         except Exception as exc:
             session.log.exception("start failed")
-            self._finish(session, "error")
+            self._finish(session, "error", repr(exc))
             raise SessionStartError(detail=repr(exc)) from exc
+        assert session.ready_at is not None
         session.log.info(
-            "ready in %.0f ms: container %s", (time.monotonic() - t0) * 1000, session.container and session.container.name
+            "ready in %.0f ms: container %s",
+            (session.ready_at - session.created) * 1000,
+            session.container and session.container.name,
         )
         return session
 
@@ -249,8 +407,9 @@ class SessionManager:
         try:
             session.container = await asyncio.shield(start)
         except asyncio.CancelledError:
-            # The thread may still create the container: remove it when it lands.
-            start.add_done_callback(self._remove_when_started)
+            # The thread may still create the container: remove it when it lands, in a task that
+            # close() waits for (a callback would fire after shutdown and leak it).
+            self._track(self._remove_when_started(start))
             raise
         async with asyncio.timeout(cfg.start_timeout):
             session.upstream = await Upstream.connect(session.container, keys, cfg.start_timeout)
@@ -258,49 +417,133 @@ class SessionManager:
                 session.process = await session.upstream.open_terminal(
                     terminal.term, terminal.cols, terminal.rows, terminal.env
                 )
+                session.term_size = (terminal.cols, terminal.rows)
         session.ready_at = time.monotonic()
         session.touch()
+        self._notify("session_started", session, session.ready_at - session.created)
         if session.sink is not None:
             await session.sink.started(session)
         session._tasks.append(asyncio.create_task(self._watchdog(session), name=f"watchdog-{session.id[:8]}"))
         if session.process is not None:
             session._tasks.append(asyncio.create_task(self._pump(session), name=f"pump-{session.id[:8]}"))
 
-    def _remove_when_started(self, task: asyncio.Task) -> None:
-        if not task.cancelled() and task.exception() is None:
-            self._schedule_removal(task.result().id, "cancelled start")
+    async def _remove_when_started(self, start: asyncio.Future[Container]) -> None:
+        try:
+            container = await start
+        except Exception:
+            return  # the backend leaves nothing behind when a start fails
+        await self._remove(container.id, "cancelled start")
+
+    # -- attaching front doors to a shell's output ---------------------------------------------
+
+    async def attach(self, session: Session, sink: AttachedSink, offset: int = 0) -> Attachment:
+        """Attach `sink` to a shell session's output from byte `offset` on. A sink already
+        attached is superseded. Bytes older than the buffer are reported as lost."""
+        if session.process is None or session.ending:
+            raise SessionStartError("this session cannot be attached", detail="attach to a session without a shell")
+        offset = max(0, min(offset, session.output.total))
+        start = max(offset, session.output.start)
+        old = session.attachment
+        if old is not None:
+            self._stop_attachment(old)
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                await old.sink.superseded()
+            session.log.info("attachment superseded by a new one")
+        if session._grace is not None:
+            session._grace.cancel()
+            session._grace = None
+        attachment = Attachment(session, sink, start)
+        session.attachment, session.sink, session.detached_since = attachment, sink, None
+        session.attached_once = True
+        await sink.attached(session, start, start - offset)
+        attachment.task = asyncio.create_task(self._run_attachment(attachment), name=f"send-{session.id[:8]}")
+        session._space_event.set()
+        return attachment
+
+    async def _run_attachment(self, attachment: Attachment) -> None:
+        try:
+            await attachment.send()
+        except (ConnectionError, RuntimeError) as exc:
+            attachment.session.log.info("front door went away while sending: %r", exc)
+            self.detach(attachment.session, attachment.sink)
+
+    def _stop_attachment(self, attachment: Attachment) -> None:
+        if attachment.task is not None and attachment.task is not asyncio.current_task():
+            attachment.task.cancel()
+
+    def detach(self, session: Session, sink: AttachedSink) -> None:
+        """`sink`'s front door went away: keep the session for `session.reconnect_grace`.
+        A no-op when another sink has taken over, or the grace already runs."""
+        if session.ending or session.process is None:
+            return
+        attachment = session.attachment
+        if attachment is not None:
+            if attachment.sink is not sink:
+                return
+            self._stop_attachment(attachment)
+            session.attachment, session.sink = None, None
+            session.detached_cursor = attachment.cursor
+            session.detached_since = time.monotonic()
+            session._space_event.set()
+        elif session._grace is not None:
+            return
+        # A page that never received its session message has nothing to come back to.
+        grace = self.config.session.reconnect_grace if session.attached_once else 0.0
+        session.log.info("detached; %.0f s to reattach", grace)
+        session._grace = asyncio.create_task(self._grace_expiry(session, grace))
+
+    async def _grace_expiry(self, session: Session, grace: float) -> None:
+        await asyncio.sleep(grace)
+        if session.attachment is None and not session.ending:
+            await self.end(session, "disconnected")
 
     async def _pump(self, session: Session) -> None:
-        """Container output to the attached sink. Awaiting the sink is the flow control: while the
-        person's socket is full we stop reading, and SSH windowing stops the container."""
+        """Container output into the session's buffer, with flow control: when the reader falls
+        behind (see `_pump_may_read`) we stop reading, and SSH windowing stops the container."""
         assert session.process is not None
         stdout = session.process.stdout
         try:
             while True:
+                while not session._pump_may_read():
+                    session._space_event.clear()
+                    await session._space_event.wait()
                 data = await stdout.read(READ_CHUNK)
                 if not data:
                     break
-                session.note_output(data)
-                sink = session.sink
-                if sink is not None:
-                    try:
-                        await sink.output(data)
-                    except (ConnectionError, RuntimeError) as exc:
-                        session.log.info("front door went away while sending: %r", exc)
-                        session.sink = None
+                session._append_output(data)
             await session.process.wait_closed()
             status = session.process.exit_status
-            if status is None or status < 0:
-                signal = session.process.exit_signal
-                message = f"the shell was killed by signal {signal[0]}" if signal else "the shell ended abnormally"
-                await self.end(session, "exit", code=None, message=message)
-            else:
+            if status is not None and status >= 0:
                 await self.end(session, "exit", code=status)
+                return
+            signal = session.process.exit_signal
+            if signal:
+                await self.end(session, "exit", code=None, message=f"the shell was killed by signal {signal[0]}")
+                return
+            await self._end_lost(session, "the shell ended without an exit status")
         except asyncio.CancelledError:
             raise
         except (asyncssh.Error, OSError) as exc:
-            session.log.warning("connection to the container lost: %r", exc)
-            await self.end(session, "error", message="the connection to your container was lost")
+            await self._end_lost(session, repr(exc))
+
+    async def _end_lost(self, session: Session, detail: str) -> None:
+        """The upstream went away without an exit status: ask Docker what happened."""
+        message = "the connection to your container was lost"
+        if session.container is not None:
+            # The connection often drops a moment before Docker records the container's end.
+            for _ in range(10):
+                try:
+                    state = await self.backend.poll(session.container.id)
+                except BridgeError as exc:
+                    detail += f"; Docker: {exc.detail}"
+                    break
+                described = _describe_end(state, self.config.session.memory)
+                if described:
+                    message = described
+                    break
+                await asyncio.sleep(0.2)
+        session.log.warning("upstream lost: %s (%s)", detail, message)
+        await self.end(session, "error", message=message)
 
     async def _watchdog(self, session: Session) -> None:
         cfg = self.config.session
@@ -334,9 +577,16 @@ class SessionManager:
             return
         session.end_reason, session.exit_code = reason, code
         current = asyncio.current_task()
+        if session._grace is not None and session._grace is not current:
+            session._grace.cancel()
         for task in session._tasks:
             if task is not current:
                 task.cancel()
+        attachment = session.attachment
+        if attachment is not None:
+            await attachment.flush(timeout=2)
+            self._stop_attachment(attachment)
+            session.attachment = None
         sink, session.sink = session.sink, None
         if sink is not None and reason != "disconnected":
             try:
@@ -346,10 +596,13 @@ class SessionManager:
                 session.log.info("could not tell the front door about the end: %r", exc)
         self._finish(session, reason)
 
-    def _finish(self, session: Session, reason: str) -> None:
+    def _finish(self, session: Session, reason: str, detail: str = "") -> None:
         """Release everything the session holds; the container's removal runs in a task the
         manager owns, so a cancelled caller cannot skip it."""
         session.end_reason = session.end_reason or reason
+        for tap in session.taps:
+            tap.close()
+        session.taps.clear()
         if session.upstream is not None:
             session.upstream.close()
         if session.container is not None:
@@ -364,10 +617,17 @@ class SessionManager:
             session.bytes_in,
             session.bytes_out,
         )
+        if session.ready_at is None:
+            self._notify("session_failed", session, detail or session.end_reason)
+        else:
+            self._notify("session_ended", session)
         session._ended.set()
 
     def _schedule_removal(self, container_id: str, why: str) -> None:
-        task = asyncio.get_running_loop().create_task(self._remove(container_id, why))
+        self._track(self._remove(container_id, why))
+
+    def _track(self, cleanup: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(cleanup)
         self._cleanups.add(task)
         task.add_done_callback(self._cleanups.discard)
 
@@ -392,6 +652,8 @@ class SessionManager:
             log.info("reaping container %s (session %s, user %s)", info.name, info.session_id[:12], info.user)
             await self.backend.stop(info.id)
             removed += 1
+        if removed:
+            self._notify("containers_reaped", removed)
         return removed
 
     def get(self, session_id: str) -> Session | None:
@@ -400,12 +662,19 @@ class SessionManager:
     def list(self) -> list[Session]:
         return list(self.sessions.values())
 
-    async def kill(self, session: Session, message: str = "an administrator ended this session") -> None:
+    async def kill(
+        self, session: Session, message: str = "an administrator ended this session", actor: str = "admin"
+    ) -> None:
+        """End a session from outside; `actor` (admin, logout, shutdown) goes to the audit trail."""
+        if not session.ending:
+            self._notify("session_killed", session, actor)
         await self.end(session, "killed", message=message)
 
     async def close(self, message: str = "the gateway is shutting down") -> None:
         """End every session (reason `killed`) and wait for every container's removal."""
         self._closing = True
-        await asyncio.gather(*(self.kill(s, message) for s in list(self.sessions.values())), return_exceptions=True)
+        await asyncio.gather(
+            *(self.kill(s, message, actor="shutdown") for s in list(self.sessions.values())), return_exceptions=True
+        )
         while self._cleanups:
             await asyncio.gather(*list(self._cleanups), return_exceptions=True)

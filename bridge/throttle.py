@@ -176,6 +176,10 @@ class ThrottledAuthenticator:
     def account_check(self, username: str) -> AuthResult:
         return self.inner.account_check(username)
 
+    async def authorize_key(self, username: str, address: str | None = None) -> AuthResult:
+        """Public keys cannot be guessed: no throttle, the account checks only."""
+        return await self.inner.authorize_key(username, address)
+
     def close(self) -> None:
         self.inner.close()
 

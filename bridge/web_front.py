@@ -12,7 +12,6 @@ import hashlib
 import hmac
 import html
 import ipaddress
-import json
 import logging
 import secrets
 import string
@@ -28,7 +27,8 @@ from .auth import AuthenticatedUser, Outcome
 from .backend import Backend
 from .config import Config
 from .errors import BackendUnavailable, BridgeError, ProtocolError
-from .sessions import Session, SessionManager, TerminalRequest
+from .metrics import Metrics
+from .sessions import Attachment, Session, SessionManager, TerminalRequest
 from .throttle import ThrottledAuthenticator
 
 log = logging.getLogger("termbridge.web")
@@ -53,6 +53,7 @@ MANAGER = web.AppKey("manager", SessionManager)
 AUTHENTICATOR = web.AppKey("authenticator", ThrottledAuthenticator)
 BACKEND = web.AppKey("backend", Backend)
 LOGINS = web.AppKey("logins", "LoginRegistry")
+METRICS = web.AppKey("metrics", Metrics)
 WEBSOCKETS = web.AppKey("websockets", weakref.WeakSet)
 WEB_ROOT = web.AppKey("web_root", Path)
 
@@ -115,14 +116,21 @@ class LoginRegistry:
 # -- request helpers ------------------------------------------------------------------------------
 
 
-def _trusted(config: Config, address: str | None) -> bool:
-    if not address or not config.web.trusted_proxies:
+def address_in(address: str | None, networks: tuple[str, ...]) -> bool:
+    """Whether `address` is one of `networks` (addresses or CIDR networks from the config)."""
+    if not address or not networks:
         return False
     try:
         ip = ipaddress.ip_address(address)
     except ValueError:
         return False
-    return any(ip in ipaddress.ip_network(net, strict=False) for net in config.web.trusted_proxies)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped  # a dual-stack listener sees IPv4 clients as ::ffff:a.b.c.d
+    return any(ip in ipaddress.ip_network(net, strict=False) for net in networks)
+
+
+def _trusted(config: Config, address: str | None) -> bool:
+    return address_in(address, config.web.trusted_proxies)
 
 
 def client_address(request: web.Request) -> str:
@@ -233,6 +241,7 @@ async def login_submit(request: web.Request) -> web.StreamResponse:
         log.warning("login refused: missing or wrong CSRF token from %s", rhost)
         return _login_page(request, status=403, error=FORM_EXPIRED)
     result = await request.app[AUTHENTICATOR].authenticate(username, password, rhost)
+    request.app[MANAGER].note_login(username, rhost, "web", result.outcome.value, result.reason)
     if result.outcome is Outcome.THROTTLED:
         response = _login_page(
             request, status=429, error=THROTTLED.format(minutes=-(-result.retry_after // 60)), username=username
@@ -275,19 +284,19 @@ async def logout(request: web.Request) -> web.StreamResponse:
             log.warning("logout of %s refused: missing or wrong CSRF token", login.user.name)
             raise web.HTTPForbidden(text="logout refused: reload the page and try again")
         request.app[LOGINS].revoke(login)
-        await _end_terminals(request.app, login, "you logged out")
+        await _end_terminals(request.app, login, "you logged out", actor="logout")
         log.info("logout of %s", login.user.name)
     response = web.HTTPSeeOther("/login")
     response.del_cookie(COOKIE_NAME, path="/")
     raise response
 
 
-async def _end_terminals(app: web.Application, login: Login, message: str) -> None:
+async def _end_terminals(app: web.Application, login: Login, message: str, actor: str = "logout") -> None:
     manager = app[MANAGER]
     for session_id in list(login.sessions):
         session = manager.get(session_id)
         if session is not None:
-            await manager.kill(session, message)
+            await manager.kill(session, message, actor=actor)
 
 
 async def healthz(request: web.Request) -> web.StreamResponse:
@@ -301,25 +310,52 @@ async def healthz(request: web.Request) -> web.StreamResponse:
     return web.Response(text="ok\n")
 
 
-class WebSocketSink:
-    """Adapts one WebSocket to the session manager's Sink."""
+async def metrics_page(request: web.Request) -> web.StreamResponse:
+    """Prometheus text, for `web.metrics_allow` only. The client is judged by `client_address`, so a
+    request relayed by a trusted proxy counts as its real client, not as the proxy's loopback."""
+    client = client_address(request)
+    if not address_in(client, request.app[CONFIG].web.metrics_allow):
+        log.warning("/metrics refused to %s (not in web.metrics_allow)", client)
+        raise web.HTTPForbidden(text="metrics are not available to this address (web.metrics_allow)\n")
+    body, content_type = request.app[METRICS].render(request.headers.get("Accept", ""))
+    return web.Response(body=body, headers={"Content-Type": content_type})
 
-    def __init__(self, ws: web.WebSocketResponse, login: Login, idle_timeout: float) -> None:
+
+SUPERSEDED = 4001  # close code: another window attached to this session
+
+
+class WebSocketSink:
+    """Adapts one WebSocket to the session manager's AttachedSink."""
+
+    def __init__(self, ws: web.WebSocketResponse, login: Login, config: Config) -> None:
         self.ws = ws
         self.login = login
-        self.idle_timeout = idle_timeout
+        self.config = config
         self.session: Session | None = None
 
     async def started(self, session: Session) -> None:
         self.session = session
+
+    async def attached(self, session: Session, offset: int, lost: int) -> None:
+        self.session = session
         self.login.sessions.add(session.id)
-        await self.ws.send_str(wsproto.session_message(session.id, self.idle_timeout, offset=0))
+        cfg = self.config.session
+        await self.ws.send_str(
+            wsproto.session_message(session.id, cfg.idle_timeout, offset=offset, reconnect_grace=cfg.reconnect_grace)
+        )
+        if lost:
+            await self.ws.send_str(wsproto.gap_message(lost))
 
     async def output(self, data: bytes) -> None:
         await self.ws.send_bytes(data)
 
     async def idle_warning(self, seconds: float) -> None:
         await self.ws.send_str(wsproto.idle_warning(seconds))
+
+    async def superseded(self) -> None:
+        if not self.ws.closed:
+            await self.ws.send_str(wsproto.error_message("this session was opened in another window"))
+            await self.ws.close(code=SUPERSEDED, message=b"superseded")
 
     async def ended(self, code: int | None, reason: str, message: str | None) -> None:
         if self.session is not None:
@@ -336,21 +372,39 @@ async def _refuse(ws: web.WebSocketResponse, exc: BridgeError) -> None:
         await ws.close(code=WSCloseCode.TRY_AGAIN_LATER if isinstance(exc, BackendUnavailable) else WSCloseCode.OK)
 
 
-async def _watch_start(ws: web.WebSocketResponse, starting: asyncio.Task, early: bytearray, sink: WebSocketSink) -> None:
-    """Tell the person at once when the start fails; replay what they typed while it ran."""
-    try:
-        await starting
-    except BridgeError as exc:
-        await _refuse(ws, exc)
-        return
-    await _flush_early_input(early, sink)
+def _resumable(request: web.Request, login: Login) -> tuple[Session | None, int]:
+    """The caller's own live web session named by `?session=ID&offset=N`, if any.
+    Anything else (unknown, ended, another user's, an SSH session) gets a new session."""
+    session_id = request.query.get("session")
+    if not session_id:
+        return None, 0
+    offset_text = request.query.get("offset", "0")
+    offset = int(offset_text) if offset_text.isdigit() and len(offset_text) <= 18 else 0
+    session = request.app[MANAGER].get(session_id[:64])
+    if session is None or session.ending or session.process is None or session.door != "web":
+        log.info("reattach of %s to %.12s: no such live session; starting a new one", login.user.name, session_id)
+        return None, 0
+    if session.user.name != login.user.name:
+        log.warning("reattach of %s to %.12s refused: it belongs to %s", login.user.name, session_id, session.user.name)
+        return None, 0
+    return session, offset
 
 
-async def _flush_early_input(early: bytearray, sink: WebSocketSink) -> None:
-    if early and sink.session is not None:
+async def _start(manager: SessionManager, login: Login, terminal: TerminalRequest, sink: WebSocketSink,
+                 early: bytearray) -> Attachment:
+    """A new session, attached to this socket from byte 0."""
+    session = await manager.create(login.user, "web", sink, terminal)
+    attachment = await manager.attach(session, sink, 0)
+    await _flush(early, session)
+    return attachment
+
+
+async def _flush(early: bytearray, session: Session) -> None:
+    """Replay what the person typed while the session was starting."""
+    if early:
         data = bytes(early)
         early.clear()
-        await sink.session.write(data)
+        await session.write(data)
 
 
 async def _send_input(request: web.Request, ws: web.WebSocketResponse, session: Session, data: bytes) -> bool:
@@ -385,25 +439,29 @@ async def terminal_socket(request: web.Request) -> web.StreamResponse:
         log.warning("WebSocket refused: Origin %r, expected %r", request.headers.get("Origin"), expected_origin(request))
         raise web.HTTPForbidden(text="cross-origin WebSocket refused")
     app = request.app
-    config, manager = app[CONFIG], app[MANAGER]
-    ws = web.WebSocketResponse(max_msg_size=config.web.max_message_size, heartbeat=30, compress=False)
+    manager = app[MANAGER]
+    resume, offset = _resumable(request, login)
+    ws = web.WebSocketResponse(max_msg_size=app[CONFIG].web.max_message_size, heartbeat=30, compress=False)
     await ws.prepare(request)
     app[WEBSOCKETS].add(ws)
     terminal = TerminalRequest()
-    sink = WebSocketSink(ws, login, config.session.idle_timeout)
+    sink = WebSocketSink(ws, login, app[CONFIG])
     early = bytearray()
-    starting = asyncio.create_task(manager.create(login.user, "web", sink, terminal))
-    watcher = asyncio.create_task(_watch_start(ws, starting, early, sink))
+    if resume is not None:
+        starting = asyncio.create_task(manager.attach(resume, sink, offset))
+    else:
+        starting = asyncio.create_task(_start(manager, login, terminal, sink, early))
+    watcher = asyncio.create_task(_refuse_on_failure(ws, starting))
     try:
         async for msg in ws:
             session = sink.session
             if msg.type == WSMsgType.BINARY:
-                if session is not None and session.ready:
-                    await _flush_early_input(early, sink)
+                if starting.done() and session is not None and session.ready:
+                    await _flush(early, session)
                     if not await _send_input(request, ws, session, msg.data):
                         log.info("WebSocket of %s went away while its input waited for the shell", login.user.name)
                         break
-                elif session is None and not starting.done():
+                elif not starting.done():
                     if len(early) + len(msg.data) > MAX_EARLY_INPUT:
                         await ws.send_str(wsproto.error_message("too much input before the session started; dropped"))
                     else:
@@ -423,14 +481,20 @@ async def terminal_socket(request: web.Request) -> web.StreamResponse:
     except (ConnectionError, asyncio.TimeoutError) as exc:
         log.info("WebSocket of %s dropped: %r", login.user.name, exc)
     finally:
-        starting.cancel()
+        watcher.cancel()
         await asyncio.gather(watcher, return_exceptions=True)
-        session = sink.session
-        if session is not None:
-            if not session.ending:
-                await manager.end(session, "disconnected")
-            login.sessions.discard(session.id)
+        if sink.session is not None:
+            manager.detach(sink.session, sink)
     return ws
+
+
+async def _refuse_on_failure(ws: web.WebSocketResponse, starting: asyncio.Task) -> None:
+    """Tell the person at once when the start fails (not on their next keystroke). Cancelling
+    this cancels the start too: a socket that goes away mid-start leaves nothing behind."""
+    try:
+        await starting
+    except BridgeError as exc:
+        await _refuse(ws, exc)
 
 
 def setup_routes(app: web.Application, web_root: Path) -> None:
@@ -443,6 +507,7 @@ def setup_routes(app: web.Application, web_root: Path) -> None:
     app.router.add_post("/logout", logout)
     app.router.add_get("/ws", terminal_socket)
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics_page)
     modules = web_root / "node_modules"
     app.router.add_static("/static/vendor/xterm/", modules / "@xterm" / "xterm", follow_symlinks=False)
     app.router.add_static("/static/vendor/addon-fit/", modules / "@xterm" / "addon-fit", follow_symlinks=False)

@@ -52,8 +52,12 @@ def _encode(**fields: Any) -> str:
     return json.dumps(fields, separators=(",", ":"))
 
 
-def session_message(session_id: str, idle_timeout: float, offset: int = 0) -> str:
-    return _encode(type="session", id=session_id, idle_timeout=round(idle_timeout), offset=offset)
+def session_message(session_id: str, idle_timeout: float, offset: int = 0, reconnect_grace: float | None = None) -> str:
+    """`reconnect_grace` (beyond SPEC) tells the page how long it may try to reattach."""
+    fields: dict[str, Any] = {"type": "session", "id": session_id, "idle_timeout": round(idle_timeout), "offset": offset}
+    if reconnect_grace is not None:
+        fields["reconnect_grace"] = round(reconnect_grace)
+    return _encode(**fields)
 
 
 def idle_warning(seconds: float) -> str:

@@ -20,8 +20,8 @@ from bridge.config import Config, load_config
 from bridge.upstream import SessionKeys
 from bridge.web_front import LoginRegistry
 from helpers import (
-    PASSWORDS, ROOT, TEST_IMAGE, HostUser, Terminal, create_user, csrf_token, delete_user, find_secrets,
-    private_key_fragments, session_containers, write_config,
+    PASSWORDS, ROOT, TEST_IMAGE, GatewayProcess, HostUser, Terminal, create_user, csrf_token, delete_user,
+    find_secrets, free_port, private_key_fragments, session_containers, write_config,
 )
 
 PAM_SERVICE = f"termbridge-test-{os.getpid()}"
@@ -158,14 +158,16 @@ class Gateway:
     url: str
     config: Config
     app: web.Application
+    config_path: Path | None = None
 
     @property
     def origin(self) -> str:
         return self.url
 
-    async def login(self, user: HostUser, password: str | None = None) -> aiohttp.ClientSession:
-        """A client session holding the login cookie (raises if the login fails)."""
-        http = aiohttp.ClientSession(base_url=self.url, cookie_jar=aiohttp.CookieJar(unsafe=True))
+    async def login(self, user: HostUser, password: str | None = None, **client: Any) -> aiohttp.ClientSession:
+        """A client session holding the login cookie (raises if the login fails); `client` goes to
+        aiohttp.ClientSession (e.g. a connector for TLS)."""
+        http = aiohttp.ClientSession(base_url=self.url, cookie_jar=aiohttp.CookieJar(unsafe=True), **client)
         resp = await http.post(
             "/login",
             data={"username": user.name, "password": password or user.password, "csrf": await csrf_token(http)},
@@ -201,7 +203,7 @@ async def start_gateway(
         site = web.TCPSite(runner, "127.0.0.1", 0)
         await site.start()
         host, port = runner.addresses[0][:2]
-        return Gateway(f"http://{host}:{port}", config, app)
+        return Gateway(f"http://{host}:{port}", config, app, path)
 
     yield start
     for runner in reversed(runners):
@@ -212,3 +214,21 @@ async def start_gateway(
 async def gateway(start_gateway: Callable[..., Any]) -> Gateway:
     return await start_gateway()
 
+
+@pytest.fixture
+def gateway_process(
+    tmp_path: Path, pam_service: str, docker_engine: docker.DockerClient, state_dir: Callable[[], Path]
+) -> Iterator[Callable[..., GatewayProcess]]:
+    """`termbridge serve` as real processes (not started yet: call `.start()`), stopped after."""
+    made: list[GatewayProcess] = []
+
+    def make(**sections: dict[str, Any]) -> GatewayProcess:
+        port = free_port()
+        sections["web"] = {**sections.get("web", {}), "listen": f"127.0.0.1:{port}"}
+        path = write_config(tmp_path / f"process{len(made)}.toml", state_dir(), pam_service, **sections)
+        made.append(GatewayProcess(path, port))
+        return made[-1]
+
+    yield make
+    for process in made:
+        process.stop()

@@ -8,7 +8,10 @@ import json
 import os
 import re
 import secrets
+import signal
+import socket
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,12 +19,13 @@ from typing import Any
 
 import aiohttp
 import docker
+from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parent.parent
 # The session image under test; a developer changing session-image/ can test a private tag.
 TEST_IMAGE = os.environ.get("TB_TEST_IMAGE", "termbridge/session:latest")
 SESSION_LABEL = "termbridge.session"
-PROMPT = re.compile(rb"[$#] $")
+PROMPT = re.compile(rb"[$#] (?:\x1b\[K)?$")
 
 
 @dataclass
@@ -127,6 +131,112 @@ async def csrf_token(http: aiohttp.ClientSession, path: str = "/login") -> str:
     return match.group(1)
 
 
+async def scrape(url: str, headers: dict[str, str] | None = None) -> dict[tuple[str, tuple], float]:
+    """GET /metrics, parsed with prometheus-client's own parser: every sample, keyed by
+    (name, sorted labels)."""
+    async with aiohttp.ClientSession() as http, http.get(url + "/metrics", headers=headers or {}) as resp:
+        assert resp.status == 200, await resp.text()
+        assert resp.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+        text = await resp.text()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def metric(samples, name: str, **labels: str) -> float:
+    return samples[(name, tuple(sorted(labels.items())))]
+
+
+def self_signed_cert(directory: Path, host: str = "127.0.0.1") -> tuple[Path, Path]:
+    """A throwaway certificate for `host` (an IP address), valid for a day: (cert, key) PEM files."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(host))]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    key_path.chmod(0o600)
+    return cert_path, key_path
+
+
+def stop_process(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 30) -> None:
+    """Stop a child this test started: `sig` first, SIGKILL if it does not go in time."""
+    proc.send_signal(sig)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class GatewayProcess:
+    """`termbridge serve` as a real process on a free loopback port, restartable on one config."""
+
+    def __init__(self, config_path, port: int) -> None:
+        from conftest import Gateway
+
+        self.config_path, self.port = config_path, port
+        self.gateway = Gateway(f"http://127.0.0.1:{port}", None, None, config_path)  # type: ignore[arg-type]
+        self.proc: subprocess.Popen | None = None
+
+    async def start(self, env: dict[str, str] | None = None) -> None:
+        proc = self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bridge", "serve", "--config", str(self.config_path)],
+            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
+        )
+
+        async def healthy() -> bool:
+            try:
+                async with aiohttp.ClientSession() as http, http.get(f"{self.gateway.url}/healthz") as resp:
+                    return resp.status == 200
+            except aiohttp.ClientError:
+                assert proc.poll() is None, proc.stderr.read()
+                return False
+
+        await wait_for(healthy, timeout=30, what="gateway to answer /healthz")
+
+    def signal(self, signum: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signum)
+
+    async def wait(self, timeout: float) -> int:
+        assert self.proc is not None
+        return await asyncio.to_thread(self.proc.wait, timeout)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            stop_process(self.proc, timeout=15)
+
+
 async def wait_for(predicate, timeout: float = 15.0, interval: float = 0.1, what: str = "condition") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -148,17 +258,26 @@ class Terminal:
     """A WebSocket terminal client speaking the SPEC protocol."""
 
     ws: aiohttp.ClientWebSocketResponse
-    output: bytearray = field(default_factory=bytearray)
+    output: bytearray = field(default_factory=bytearray)  # not yet consumed by expect()
+    transcript: bytearray = field(default_factory=bytearray)  # every byte received
     controls: list[dict[str, Any]] = field(default_factory=list)
     closed: bool = False
+    close_code: int | None = None  # from the server's close frame, as a browser reports it
+
+    @property
+    def received(self) -> int:
+        return len(self.transcript)
 
     async def _receive(self, timeout: float) -> None:
         msg = await asyncio.wait_for(self.ws.receive(), timeout)
         if msg.type == aiohttp.WSMsgType.BINARY:
             self.output.extend(msg.data)
+            self.transcript.extend(msg.data)
         elif msg.type == aiohttp.WSMsgType.TEXT:
             self.controls.append(json.loads(msg.data))
         else:
+            if msg.type == aiohttp.WSMsgType.CLOSE:
+                self.close_code = msg.data
             self.closed = True
 
     async def control(self, kind: str, timeout: float = 30.0) -> dict[str, Any]:
@@ -202,6 +321,13 @@ class Terminal:
         await self.send(f"echo B{marker}; {command}; echo E{marker}\r")
         match = await self.expect(re.compile(rb"[\r\n]B" + marker.encode() + rb"\r\n(.*?)E" + marker.encode() + rb"\r\n", re.S), timeout)
         return match.group(1).decode(errors="replace").replace("\r\n", "\n")
+
+    def cut(self) -> None:
+        """Drop the connection the hard way (no close handshake), like a network blip."""
+        transport = self.ws._response.connection.transport  # type: ignore[union-attr]
+        assert transport is not None
+        transport.abort()
+        self.closed = True
 
     async def drain_until_closed(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout

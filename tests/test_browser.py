@@ -98,6 +98,9 @@ async def test_login_type_resize_exit(browser, gateway, user):
     await expect(page.locator("body")).to_have_attribute("data-state", "running", timeout=30_000)
     second = await page.locator("body").get_attribute("data-session")
     assert second and second != session_id
+    await page.keyboard.type("exit")
+    await page.keyboard.press("Enter")
+    await expect(page.locator("body")).to_have_attribute("data-state", "ended", timeout=15_000)
     await page.close()
     await containers_gone(**{"termbridge.session": second})
 
@@ -110,3 +113,57 @@ async def test_idle_warning_banner_and_ended_state(browser, start_gateway, user)
     await expect(page.locator("body")).to_have_attribute("data-reason", "idle", timeout=15_000)
     await expect(page.locator("#ended-reason")).to_contain_text("idle")
     await page.close()
+
+
+STATE_RECORDER = """() => {
+  window.__states = [];
+  new MutationObserver(() => window.__states.push(document.body.dataset.state))
+    .observe(document.body, {attributes: true, attributeFilter: ["data-state"]});
+}"""
+
+
+async def test_reload_resumes_and_a_blip_reconnects(browser, gateway, user):
+    from bridge.web_front import WEBSOCKETS
+
+    context = await browser.new_context()
+    page = await context.new_page()
+    await log_in(page, gateway, user)
+    await expect(page.locator("body")).to_have_attribute("data-state", "running", timeout=30_000)
+    session_id = await page.locator("body").get_attribute("data-session")
+    await page.locator(".xterm-helper-textarea").focus()
+    await page.keyboard.type("export TB_KEPT=survives-$((40+2))")
+    await page.keyboard.press("Enter")
+
+    await page.reload()
+    await expect(page.locator("body")).to_have_attribute("data-state", "running", timeout=30_000)
+    assert await page.locator("body").get_attribute("data-session") == session_id
+    await page.locator(".xterm-helper-textarea").focus()
+    await page.keyboard.type("clear; echo $TB_KEPT")
+    await page.keyboard.press("Enter")
+    await expect(screen_line(page, "survives-42")).to_have_count(1, timeout=15_000)
+
+    # A network blip: the gateway's side of the socket dies without a close handshake.
+    await page.evaluate(STATE_RECORDER)
+    for ws in list(gateway.app[WEBSOCKETS]):
+        ws._writer.transport.abort()
+    await page.wait_for_function("window.__states.includes('reconnecting')", timeout=15_000)
+    await expect(page.locator("body")).to_have_attribute("data-state", "running", timeout=30_000)
+    assert await page.locator("body").get_attribute("data-session") == session_id
+    await page.keyboard.type("echo again-$TB_KEPT")
+    await page.keyboard.press("Enter")
+    await expect(screen_line(page, "again-survives-42")).to_have_count(1, timeout=15_000)
+
+    # A new tab is a new session.
+    other = await context.new_page()
+    await other.goto(gateway.url + "/")
+    await expect(other.locator("body")).to_have_attribute("data-state", "running", timeout=30_000)
+    other_id = await other.locator("body").get_attribute("data-session")
+    assert other_id != session_id
+    for p in (other, page):
+        await p.locator(".xterm-helper-textarea").focus()
+        await p.keyboard.type("exit")
+        await p.keyboard.press("Enter")
+        await expect(p.locator("body")).to_have_attribute("data-state", "ended", timeout=15_000)
+    await context.close()
+    await containers_gone(**{"termbridge.session": session_id})
+    await containers_gone(**{"termbridge.session": other_id})

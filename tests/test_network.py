@@ -198,13 +198,9 @@ async def test_gateway_refuses_to_start_without_its_firewall(tmp_path, pam_servi
     assert "could not be secured" in done.stderr and "iptables not found" in done.stderr, done.stderr
 
 
-async def test_firewall_off_is_a_loud_choice(tmp_path, pam_service, state_dir):
-    from test_lifecycle import free_port, spawn_gateway
-
-    port = free_port()
-    path = write_config(tmp_path / "gw.toml", state_dir(), pam_service, web={"listen": f"127.0.0.1:{port}"},
-                        session={"firewall": False})
-    proc = await spawn_gateway(path, port, env={**os.environ, "PATH": _tools_dir(tmp_path, ["nsenter", "ip"])})
-    proc.send_signal(signal.SIGTERM)
-    _, err = await asyncio.to_thread(proc.communicate, timeout=30)
+async def test_firewall_off_is_a_loud_choice(gateway_process, tmp_path):
+    process = gateway_process(session={"firewall": False})
+    await process.start(env={**os.environ, "PATH": _tools_dir(tmp_path, ["nsenter", "ip"])})
+    process.signal(signal.SIGTERM)
+    _, err = await asyncio.to_thread(process.proc.communicate, timeout=30)
     assert "session.firewall is off" in err, err

@@ -80,7 +80,8 @@ async def test_limits_are_visible_inside_the_container(gateway, user):
         await term.control("exit")
 
 
-async def test_closing_the_socket_removes_the_container(gateway, user):
+async def test_closing_the_socket_removes_the_container_after_the_grace(start_gateway, user):
+    gateway = await start_gateway(session={"reconnect_grace": "1s"})
     async with await gateway.login(user) as http:
         term = await gateway.terminal(http)
         session = await term.control("session")

@@ -30,6 +30,15 @@ fit.fit();
 
 let ws = null;
 let ended = false;
+// The session id lives in the tab (sessionStorage): a reload resumes, a new tab starts anew.
+const STORE = "termbridge.session";
+let sessionId = sessionStorage.getItem(STORE);
+let received = 0; // output bytes of this session received by this page
+let repaint = true; // a fresh page has nothing on screen: ask for the whole buffer
+let graceMs = 60000;
+let droppedAt = null;
+let retry = 0;
+let retryTimer = null;
 
 function setState(state) {
   body.dataset.state = state;
@@ -56,9 +65,16 @@ function sendResize() {
   send(JSON.stringify({ type: "resize", cols: term.cols, rows: term.rows }));
 }
 
+function forgetSession() {
+  sessionId = null;
+  sessionStorage.removeItem(STORE);
+}
+
 function showEnded(reason, message) {
   if (ended) return;
   ended = true;
+  clearTimeout(retryTimer);
+  forgetSession();
   setState("ended");
   body.dataset.reason = reason;
   showBanner("");
@@ -70,10 +86,21 @@ function showEnded(reason, message) {
 function onControl(msg) {
   switch (msg.type) {
     case "session":
+      if (msg.id !== sessionId && received > 0) term.reset(); // the old session is gone: a new one
+      if (msg.id !== sessionId) received = 0;
+      sessionId = msg.id;
+      sessionStorage.setItem(STORE, msg.id);
+      received = msg.offset;
+      if (msg.reconnect_grace) graceMs = msg.reconnect_grace * 1000;
+      retry = 0;
+      droppedAt = null;
       setState("running");
       body.dataset.session = msg.id;
       showBanner("");
       term.focus();
+      break;
+    case "gap":
+      term.write(`\r\n[termbridge: ${msg.lost} bytes of older output were not kept]\r\n`);
       break;
     case "idle-warning":
       showBanner(`No input for a while: this session ends in ${msg.seconds} s unless you type something.`);
@@ -90,12 +117,18 @@ function onControl(msg) {
   }
 }
 
+function socketUrl() {
+  const proto = location.protocol === "https:" ? "wss:" : "ws:";
+  let url = `${proto}//${location.host}/ws`;
+  if (sessionId) url += `?session=${encodeURIComponent(sessionId)}&offset=${repaint ? 0 : received}`;
+  return url;
+}
+
 function connect() {
   ended = false;
   endedBox.hidden = true;
-  setState("connecting");
-  const proto = location.protocol === "https:" ? "wss:" : "ws:";
-  ws = new WebSocket(`${proto}//${location.host}/ws`);
+  setState(droppedAt ? "reconnecting" : "connecting");
+  ws = new WebSocket(socketUrl());
   ws.binaryType = "arraybuffer";
   ws.onopen = () => sendResize();
   ws.onmessage = (ev) => {
@@ -108,12 +141,36 @@ function connect() {
       }
       onControl(msg);
     } else {
+      repaint = false;
+      received += ev.data.byteLength;
       term.write(new Uint8Array(ev.data));
     }
   };
   ws.onclose = (ev) => {
-    if (!ended) showEnded("error", ev.code === 1006 ? "The connection to the gateway was lost." : "The connection closed.");
+    if (ended) return;
+    if (ev.code === 4001) {
+      showEnded("error", "This session was opened in another window.");
+      return;
+    }
+    if (!sessionId || ev.code === 1013) {
+      showEnded("error", ev.code === 1006 ? "The connection to the gateway was lost." : "The connection closed.");
+      return;
+    }
+    reconnect();
   };
+}
+
+function reconnect() {
+  droppedAt = droppedAt || Date.now();
+  if (Date.now() - droppedAt > graceMs) {
+    showEnded("error", "The connection to the gateway was lost.");
+    return;
+  }
+  setState("reconnecting");
+  showBanner("Connection lost: reconnecting…");
+  const delay = Math.min(5000, 250 * 2 ** retry) * (0.75 + Math.random() / 2);
+  retry += 1;
+  retryTimer = setTimeout(connect, delay);
 }
 
 term.onData((data) => sendInput(encoder.encode(data)));
@@ -122,7 +179,15 @@ term.onResize(() => sendResize());
 window.addEventListener("resize", () => fit.fit());
 document.getElementById("restart").addEventListener("click", () => {
   term.reset();
+  received = 0;
+  droppedAt = null;
   connect();
+});
+window.addEventListener("online", () => {
+  if (droppedAt && !ended) {
+    clearTimeout(retryTimer);
+    connect();
+  }
 });
 
 connect();

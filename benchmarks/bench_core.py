@@ -1,0 +1,157 @@
+"""Core timings of the web door on this machine: login-to-prompt (WebSocket client and browser),
+reattach time, and the resume buffer's memory per session.
+
+    .venv/bin/python benchmarks/bench_core.py [--runs N] [--no-browser] [--json FILE]
+
+Needs what the tests need (root, Docker, the session image, Debian's chromium). It creates a
+throwaway PAM account and removes it, and talks only to loopback and its own containers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+from aiohttp import web  # noqa: E402
+
+from bridge.app import build_app  # noqa: E402
+from bridge.config import load_config  # noqa: E402
+from bridge.web_front import MANAGER  # noqa: E402
+from helpers import PROMPT, create_user, delete_user, write_config  # noqa: E402
+
+PAM_SERVICE = "termbridge-bench"
+
+
+def summary(samples: list[float]) -> dict[str, float]:
+    ordered = sorted(samples)
+    return {
+        "n": len(ordered),
+        "median_ms": round(statistics.median(ordered) * 1000, 1),
+        "p90_ms": round(ordered[min(len(ordered) - 1, int(len(ordered) * 0.9))] * 1000, 1),
+        "min_ms": round(ordered[0] * 1000, 1),
+    }
+
+
+async def start_gateway(tmp: Path):
+    from conftest import Gateway
+
+    path = write_config(tmp / "bench.toml", tmp / "state", PAM_SERVICE)
+    config = load_config(path, env={})
+    app = build_app(config, web_root=ROOT / "web")
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    return runner, Gateway(f"http://{host}:{port}", config, app, path)
+
+
+async def ws_login_to_prompt(gateway, user, runs: int) -> list[float]:
+    samples = []
+    async with await gateway.login(user) as http:
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            term = await gateway.terminal(http)
+            await term.expect(PROMPT)
+            samples.append(time.perf_counter() - t0)
+            await term.send("exit\r")
+            await term.control("exit")
+    return samples
+
+
+async def reattach(gateway, user, runs: int) -> tuple[list[float], dict[str, int]]:
+    samples = []
+    async with await gateway.login(user) as http:
+        term = await gateway.terminal(http)
+        session = await term.control("session")
+        await term.expect(PROMPT)
+        manager = gateway.app[MANAGER]
+        idle_held = manager.get(session["id"]).output.held
+        for _ in range(runs):
+            await term.ws.close()
+            t0 = time.perf_counter()
+            term = await gateway.terminal(http, path=f"/ws?session={session['id']}&offset=0")
+            await term.control("session")
+            await term.expect(PROMPT)  # the replayed screen, through the last prompt
+            samples.append(time.perf_counter() - t0)
+        await term.send("head -c 3000000 /dev/zero | tr '\\0' x; echo; echo BIG-DONE\r")
+        await term.expect(b"\r\nBIG-DONE\r\n", timeout=120)
+        full_held = manager.get(session["id"]).output.held
+        await term.send("exit\r")
+        await term.control("exit")
+    return samples, {"idle_session_bytes": idle_held, "after_3MB_output_bytes": full_held}
+
+
+async def browser_login_to_prompt(gateway, user, runs: int) -> list[float]:
+    from playwright.async_api import async_playwright
+
+    from test_browser import CHROMIUM, CHROMIUM_FLAGS
+
+    samples = []
+    async with async_playwright() as pw:
+        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        for _ in range(runs):
+            context = await browser.new_context()
+            page = await context.new_page()
+            await page.goto(gateway.url + "/login")
+            await page.get_by_label("Username").fill(user.name)
+            await page.get_by_label("Password").fill(user.password)
+            t0 = time.perf_counter()
+            await page.get_by_role("button", name="Log in").click()
+            await page.wait_for_function(
+                "document.querySelector('.xterm-rows') && /[$#] *$/m.test(document.querySelector('.xterm-rows').innerText)",
+                timeout=30_000,
+            )
+            samples.append(time.perf_counter() - t0)
+            await page.locator(".xterm-helper-textarea").focus()
+            await page.keyboard.type("exit\n")
+            await page.wait_for_function("document.body.dataset.state === 'ended'", timeout=15_000)
+            await context.close()
+        await browser.close()
+    return samples
+
+
+async def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--no-browser", action="store_true")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+
+    pam_file = Path("/etc/pam.d") / PAM_SERVICE
+    shutil.copyfile(ROOT / "etc" / "pam.d" / "termbridge", pam_file)
+    user = create_user()
+    tmp = Path(tempfile.mkdtemp(prefix="tb-bench-"))
+    runner, gateway = await start_gateway(tmp)
+    results: dict[str, object] = {}
+    try:
+        results["ws_login_to_prompt"] = summary(await ws_login_to_prompt(gateway, user, args.runs))
+        reattach_samples, memory = await reattach(gateway, user, args.runs)
+        results["reattach_to_prompt"] = summary(reattach_samples)
+        results["resume_buffer"] = memory
+        if not args.no_browser:
+            results["browser_login_to_prompt"] = summary(await browser_login_to_prompt(gateway, user, max(3, args.runs // 2)))
+    finally:
+        await runner.cleanup()
+        delete_user(user)
+        pam_file.unlink(missing_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    text = json.dumps(results, indent=2)
+    print(text)
+    if args.json:
+        args.json.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(asyncio.run(main()))

@@ -1,0 +1,114 @@
+"""The admin socket: `termbridge sessions list|kill` talk to the running gateway through it.
+
+A unix socket in `state_dir` (itself 0700), mode 0600, and the peer's uid checked with
+SO_PEERCRED: only root (or the gateway's own user) gets in. One JSON request line, one JSON
+answer line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import socket
+import struct
+from pathlib import Path
+from typing import Any
+
+from .sessions import SessionManager
+
+log = logging.getLogger("termbridge.admin")
+
+SOCKET_NAME = "admin.sock"
+MAX_REQUEST = 4096
+
+
+def socket_path(state_dir: Path) -> Path:
+    return state_dir / SOCKET_NAME
+
+
+def _peer_uid(writer: asyncio.StreamWriter) -> int | None:
+    sock = writer.get_extra_info("socket")
+    if sock is None:
+        return None
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return struct.unpack("3i", creds)[1]
+
+
+class AdminServer:
+    def __init__(self, manager: SessionManager, path: Path) -> None:
+        self.manager = manager
+        self.path = path
+        self._server: asyncio.AbstractServer | None = None
+
+    async def start(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+        old_umask = os.umask(0o177)
+        try:
+            self._server = await asyncio.start_unix_server(self._handle, path=str(self.path), limit=MAX_REQUEST)
+        finally:
+            os.umask(old_umask)
+        os.chmod(self.path, 0o600)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            uid = _peer_uid(writer)
+            if uid not in (0, os.geteuid()):
+                log.warning("admin socket: refused peer uid %s", uid)
+                answer: dict[str, Any] = {"error": "permission denied"}
+            else:
+                try:
+                    line = await asyncio.wait_for(reader.readline(), 10)
+                    answer = await self.dispatch(json.loads(line))
+                except (ValueError, asyncio.LimitOverrunError, TimeoutError):
+                    answer = {"error": "bad request"}
+            writer.write(json.dumps(answer).encode() + b"\n")
+            await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    async def dispatch(self, request: Any) -> dict[str, Any]:
+        if not isinstance(request, dict):
+            return {"error": "bad request"}
+        command = request.get("command")
+        if command == "list":
+            return {"sessions": [s.describe() for s in self.manager.list()]}
+        if command == "kill":
+            prefix = str(request.get("id", ""))
+            matches = [s for s in self.manager.list() if prefix and s.id.startswith(prefix)]
+            if not matches:
+                return {"error": f"no live session {prefix!r}"}
+            if len(matches) > 1:
+                return {"error": f"{prefix!r} matches {len(matches)} sessions; give more of the id"}
+            session = matches[0]
+            session.log.info("killed by an administrator")
+            await self.manager.kill(session)
+            return {"killed": session.id}
+        return {"error": f"unknown command {str(command)[:40]!r}"}
+
+
+def request(path: Path, payload: dict[str, Any], timeout: float = 15.0) -> dict[str, Any]:
+    """The CLI's side: one request, one answer (blocking; the CLI has no event loop)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(str(path))
+        sock.sendall(json.dumps(payload).encode() + b"\n")
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    return json.loads(data)

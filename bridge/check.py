@@ -1,0 +1,226 @@
+"""`termbridge check`: find out what is wrong before users do.
+
+One line per check: `ok`, `warn` or `FAIL`, what was found, and for a failure how to fix it.
+Any FAIL makes the exit status 1; warnings do not. Nothing here changes the system: ports are
+probed by binding and closing, directories by creating and removing a probe file.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import ssl
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+from . import resources
+from .config import DEFAULT_CONFIG_PATH, Config, load_config
+from .errors import BackendUnavailable, ConfigError
+
+PAM_DIRS = (Path("/etc/pam.d"), Path("/usr/lib/pam.d"))
+
+
+@dataclass(frozen=True)
+class Check:
+    status: str  # ok, warn, FAIL
+    name: str
+    message: str
+    fix: str = ""
+
+    @property
+    def failed(self) -> bool:
+        return self.status == "FAIL"
+
+    def line(self) -> str:
+        text = f"{self.status:<4} {self.name}: {self.message}"
+        return f"{text}; fix: {self.fix}" if self.fix else text
+
+
+def ok(name: str, message: str) -> Check:
+    return Check("ok", name, message)
+
+
+def warn(name: str, message: str, fix: str = "") -> Check:
+    return Check("warn", name, message, fix)
+
+
+def fail(name: str, message: str, fix: str) -> Check:
+    return Check("FAIL", name, message, fix)
+
+
+def _config_arg(path: str | None) -> str:
+    return f" --config {path}" if path else ""
+
+
+# -- the checks -----------------------------------------------------------------------------------
+
+
+def check_docker(config: Config, config_arg: str) -> Iterator[Check]:
+    from .docker_backend import engine_facts  # the docker SDK stays behind its one module
+
+    image = config.session.image
+    try:
+        facts = engine_facts(image)
+    except BackendUnavailable as exc:
+        yield fail(
+            "docker", f"the engine cannot be reached: {exc.detail}",
+            "start dockerd (systemctl start docker), or point DOCKER_HOST at it; the gateway runs as root "
+            "or as a member of the docker group",
+        )
+        yield fail("image", f"{image} not checked: Docker is unreachable", "fix docker first")
+        return
+    yield ok("docker", f"Docker {facts.version} (API {facts.api_version}) at {facts.host}")
+    if facts.image_id is None:
+        yield fail("image", f"session image {image} is not present",
+                   f"termbridge image build{config_arg} (add --base IMAGE without a registry)")
+    else:
+        yield ok("image", f"{image} present ({facts.image_id.removeprefix('sha256:')[:12]}, built {facts.image_created})")
+    options = " ".join(facts.security_options)
+    if "name=userns" in options or "name=rootless" in options:
+        yield ok("userns-remap", "on: root in a session container is not root on the host")
+    else:
+        yield warn(
+            "userns-remap", "off: root in a session container is root on the host, should it ever escape",
+            'set "userns-remap": "default" in /etc/docker/daemon.json and restart dockerd',
+        )
+
+
+def check_pam(config: Config) -> Iterator[Check]:
+    service = config.auth.pam_service
+    found = next((d / service for d in PAM_DIRS if (d / service).is_file()), None)
+    if found is None:
+        shipped = resources.etc_dir() / "pam.d" / "termbridge"
+        yield fail("pam", f"PAM service {service!r} not found in {' or '.join(map(str, PAM_DIRS))}",
+                   f"install -m 0644 {shipped} /etc/pam.d/{service}")
+    else:
+        yield ok("pam", f"service {service!r}: {found}")
+    if os.geteuid() == 0 or os.access("/etc/shadow", os.R_OK):
+        yield ok("shadow", "passwords can be verified (root, or /etc/shadow readable)")
+    else:
+        yield fail("shadow", "not root and /etc/shadow is not readable: PAM can only check this user's own password",
+                   "run the gateway as root (etc/systemd/termbridge.service does)")
+
+
+def _port_free(name: str, address: tuple[str, int] | None) -> Check:
+    if address is None:
+        return ok(name, "disabled")
+    host, port = address
+    shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        return fail(name, f"{shown}: the address does not resolve ({exc.strerror})", f"set {name} to a local address")
+    family, kind, proto, _, sockaddr = infos[0]
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(sockaddr)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return fail(name, f"{shown} is in use", f"stop what listens there (ss -ltnp 'sport = :{port}'; a running "
+                            f"termbridge counts: check before starting it) or set {name} to another port")
+            if exc.errno == errno.EACCES:
+                return fail(name, f"{shown}: permission denied", "use a port above 1024, or run as root")
+            if exc.errno == errno.EADDRNOTAVAIL:
+                return fail(name, f"{shown}: no such address on this host", f"set {name} to an address of this host")
+            return fail(name, f"{shown}: {exc.strerror}", f"set {name} to a free local address")
+    return ok(name, f"{shown} is free")
+
+
+def _probe_dir(path: Path) -> str | None:
+    """None if a file can be created in `path`, else why not."""
+    probe = path / f".termbridge-check-{os.getpid()}"
+    try:
+        probe.touch(exist_ok=False)
+        probe.unlink()
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None
+
+
+def _writable_dir(name: str, path: Path, fix: str) -> Check:
+    if path.exists():
+        if not path.is_dir():
+            return fail(name, f"{path} exists and is not a directory", fix)
+        problem = _probe_dir(path)
+        return fail(name, f"{path} is not writable: {problem}", fix) if problem else ok(name, f"{path} is writable")
+    parent = next(p for p in path.parents if p.exists())
+    problem = _probe_dir(parent) if parent.is_dir() else "not a directory"
+    if problem:
+        return fail(name, f"{path} does not exist and cannot be created in {parent}: {problem}", fix)
+    return ok(name, f"{path} will be created")
+
+
+def _tls(config: Config) -> Check:
+    web = config.web
+    if web.tls_cert is None or web.tls_key is None:
+        return ok("tls", "not set: plain HTTP; put a TLS proxy in front (etc/nginx/termbridge.conf)")
+    missing = [str(p) for p in (web.tls_cert, web.tls_key) if not p.is_file()]
+    if missing:
+        verb = "does" if len(missing) == 1 else "do"
+        return fail("tls", f"{' and '.join(missing)} {verb} not exist", "set web.tls_cert and web.tls_key to PEM files")
+    unreadable = [str(p) for p in (web.tls_cert, web.tls_key) if not os.access(p, os.R_OK)]
+    if unreadable:
+        return fail("tls", f"cannot read {' and '.join(unreadable)}", "let the gateway's user read them")
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(web.tls_cert, web.tls_key)
+    except (OSError, ssl.SSLError) as exc:
+        return fail("tls", f"{web.tls_cert} / {web.tls_key} cannot be loaded: {exc}",
+                    "web.tls_cert must be a PEM certificate (chain) and web.tls_key its PEM private key")
+    return ok("tls", f"{web.tls_cert} and {web.tls_key} load")
+
+
+def _audit_log(path: Path) -> Check:
+    fix = "create the directory or change audit.log"
+    if path.exists():
+        return ok("audit.log", f"{path} is appendable") if os.access(path, os.W_OK) else fail(
+            "audit.log", f"{path} is not writable", fix)
+    parent = _writable_dir("audit.log", path.parent, fix)
+    return parent if parent.failed else ok("audit.log", f"{path} will be created")
+
+
+def check_files(config: Config) -> Iterator[Check]:
+    yield _writable_dir("state_dir", config.state_dir, "create it (0700, owned by the gateway's user) or change state_dir")
+    yield _tls(config)
+    if config.audit.log:
+        yield _audit_log(Path(config.audit.log))
+    if config.audit.record_dir is not None:
+        yield _writable_dir("audit.record_dir", config.audit.record_dir, "create it or change audit.record_dir")
+    xterm = resources.web_root() / "node_modules" / "@xterm" / "xterm" / "lib" / "xterm.mjs"
+    if xterm.is_file():
+        yield ok("assets", f"{resources.web_root()}")
+    else:
+        yield fail("assets", f"{xterm} is missing", "run `npm ci` in web/ (make assets), or reinstall termbridge")
+
+
+def run_checks(config_path: str | None) -> list[Check]:
+    shown = config_path or str(DEFAULT_CONFIG_PATH)
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        return [fail("config", f"{shown}: {exc.detail}", f"edit {shown}; etc/termbridge.toml documents every key")]
+    if config_path is None and not DEFAULT_CONFIG_PATH.exists():
+        checks = [warn("config", f"{shown} does not exist: built-in defaults apply",
+                       f"install -m 0644 {resources.etc_dir() / 'termbridge.toml'} {shown}")]
+    else:
+        checks = [ok("config", f"{shown} is valid")]
+    config_arg = _config_arg(config_path)
+    checks += check_docker(config, config_arg)
+    checks += check_pam(config)
+    checks.append(_port_free("web.listen", config.web.listen))
+    checks.append(_port_free("ssh.listen", config.ssh.listen))
+    checks += check_files(config)
+    return checks
+
+
+def main(config_path: str | None, out: TextIO = sys.stdout) -> int:
+    checks = run_checks(config_path)
+    for check in checks:
+        print(check.line(), file=out)
+    failed = sum(c.failed for c in checks)
+    print(f"{len(checks)} checks, {failed} failed" + (", ready to serve" if not failed else ""), file=out)
+    return 1 if failed else 0

@@ -1,0 +1,494 @@
+"""The SSH door: plain ssh, sftp and scp clients get a fresh container per connection.
+
+The gateway is an asyncssh server. Once PAM (or a key from the host user's authorized_keys)
+vouches for the person, the connection gets one session from the session manager: a container
+and an SSH connection into its sshd. Every channel the client opens (shell, exec, the sftp
+subsystem) is opened again on that upstream connection and joined to it with
+`SSHServerProcess.redirect()`, which carries data, EOF, window-change, break and signals; the exit
+status or exit signal goes back to the client. Only sessions are served: TCP, agent and X11
+forwarding are refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import pwd
+import stat
+from collections.abc import Coroutine
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import asyncssh
+
+from .auth import AuthenticatedUser, Outcome, valid_username
+from .config import Config
+from .errors import AuthUnavailable, BridgeError, ConfigError
+from .sessions import Session, SessionManager
+from .throttle import ThrottledAuthenticator
+
+log = logging.getLogger("termbridge.ssh")
+
+# OpenSSH clients try a password 3 times, then keyboard-interactive (which asyncssh also serves
+# from the password check) 3 more: the connection ends after the third wrong answer overall.
+MAX_PASSWORD_TRIES = 3
+MAX_AUTHORIZED_KEYS_BYTES = 1024 * 1024
+# A connection whose session could not start and that opened no channel to hear why (ssh -N)
+# is closed after this long, with the reason as the disconnect message.
+FAILED_START_LINGER = 5.0
+# After a session ended, how long its channels have to say goodbye before the connection closes.
+CLOSE_GRACE = 2.0
+PASSED_ENV = ("LANG", "TERM")
+
+
+def _env_passes(name: str) -> bool:
+    return name in PASSED_ENV or name.startswith("LC_")
+
+
+# -- host key -------------------------------------------------------------------------------------
+
+
+def load_or_create_host_key(path: Path) -> asyncssh.SSHKey:
+    """The door's identity: ed25519, created 0600 on first start and the same on every restart,
+    so clients' known_hosts entries stay valid. A key others may read is refused, as sshd does."""
+    if not path.exists():
+        key = asyncssh.generate_private_key("ssh-ed25519", comment="termbridge-host")
+        temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(key.export_private_key("openssh"))
+            os.link(temp, path)  # never a half-written key at `path`, never an existing one replaced
+        except FileExistsError:
+            pass  # another process created it first: use that one
+        except OSError as exc:
+            raise ConfigError(f"'ssh.host_key' {str(path)!r} cannot be created: {exc.strerror}") from None
+        else:
+            log.info("created SSH host key %s (%s)", path, key.get_fingerprint())
+            return key
+        finally:
+            temp.unlink(missing_ok=True)
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+        if mode & 0o077:
+            raise ConfigError(f"'ssh.host_key' {str(path)!r} is accessible by others (mode {mode:04o}); chmod 600 it")
+        return asyncssh.read_private_key(path)
+    except (OSError, asyncssh.KeyImportError) as exc:
+        raise ConfigError(f"'ssh.host_key' {str(path)!r} cannot be read: {exc}") from None
+
+
+# -- authorized_keys ------------------------------------------------------------------------------
+
+
+def _unsafe(st: os.stat_result, uid: int) -> bool:
+    return st.st_uid not in (0, uid) or bool(st.st_mode & 0o022)
+
+
+def read_authorized_keys(entry: pwd.struct_passwd) -> str | None:
+    """The text of ~/.ssh/authorized_keys, or None when it is absent or unsafe. sshd's StrictModes:
+    the file, and every directory from it up to the home directory (up to / for a file outside
+    it), must be owned by the user or root and writable by no one else."""
+    path = Path(entry.pw_dir) / ".ssh" / "authorized_keys"
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        log.warning("authorized_keys of %s ignored: %s: %s", entry.pw_name, path, exc.strerror)
+        return None
+    with os.fdopen(fd, "rb") as fh:
+        st = os.fstat(fh.fileno())
+        if not stat.S_ISREG(st.st_mode) or _unsafe(st, entry.pw_uid):
+            log.warning("authorized_keys of %s ignored: bad ownership or modes for file %s", entry.pw_name, path)
+            return None
+        real = Path(os.path.realpath(path))
+        home = Path(os.path.realpath(entry.pw_dir))
+        for directory in real.parents:
+            try:
+                dst = os.stat(directory)
+            except OSError:
+                return None
+            if _unsafe(dst, entry.pw_uid):
+                log.warning(
+                    "authorized_keys of %s ignored: bad ownership or modes for directory %s", entry.pw_name, directory
+                )
+                return None
+            if directory == home:
+                break
+        data = fh.read(MAX_AUTHORIZED_KEYS_BYTES + 1)
+    if len(data) > MAX_AUTHORIZED_KEYS_BYTES:
+        log.warning("authorized_keys of %s ignored: larger than %d bytes", entry.pw_name, MAX_AUTHORIZED_KEYS_BYTES)
+        return None
+    return data.decode("utf-8", "replace")
+
+
+def _authorized_keys_of(username: str) -> str | None:
+    try:
+        entry = pwd.getpwnam(username)
+    except KeyError:
+        return None
+    return read_authorized_keys(entry)
+
+
+# -- channels -------------------------------------------------------------------------------------
+
+
+def _say(process: asyncssh.SSHServerProcess, text: str) -> None:
+    """One line on the channel's stderr (the person's terminal, not the program's output)."""
+    end = "\r\n" if process.term_type else "\n"
+    try:
+        process.stderr.write(f"termbridge: {text}{end}".encode())
+    except OSError:
+        pass  # the channel is already closing
+
+
+def _refuse(process: asyncssh.SSHServerProcess, text: str, status: int = 1) -> None:
+    _say(process, text)
+    process.exit(status)
+
+
+class _ChannelProcess(asyncssh.SSHServerProcess):
+    """One channel a client opened. asyncssh would serve "sftp" itself (given an sftp_factory) or
+    refuse it; here sftp is the container's sshd's to serve, like a shell or a command."""
+
+    def __init__(self, handler: Any) -> None:
+        super().__init__(handler, None, 0, False)
+
+    def subsystem_requested(self, subsystem: str) -> bool:
+        return subsystem == "sftp"
+
+    def session_started(self) -> None:
+        chan = self.channel
+        handler = self._start_process(
+            asyncssh.SSHReader(self, chan),
+            asyncssh.SSHWriter(self, chan),
+            asyncssh.SSHWriter(self, chan, asyncssh.EXTENDED_DATA_STDERR),
+        )
+        chan.get_connection().create_task(handler)
+
+
+class _MeteredUpstream(asyncssh.SSHClientProcess):
+    """The container end of one bridged channel, reporting to the session what crosses it:
+    `feed_data`/`feed_exception` are what redirect() calls with the person's bytes and terminal
+    changes, `data_received` is the container's output."""
+
+    def __init__(self, session: Session) -> None:
+        super().__init__()
+        self._session = session
+
+    def data_received(self, data: bytes, datatype: int | None) -> None:
+        self._session.note_output(data)
+        super().data_received(data, datatype)
+
+    def feed_data(self, data: bytes, datatype: int | None) -> None:
+        self._session.note_input(data)
+        super().feed_data(data, datatype)
+
+    def feed_exception(self, exc: Exception) -> None:
+        if isinstance(exc, asyncssh.TerminalSizeChanged):
+            self._session.note_resize(exc.width, exc.height)
+        else:  # break or signal: the person did something
+            self._session.touch()
+        super().feed_exception(exc)
+
+
+# -- one connection -------------------------------------------------------------------------------
+
+
+class SshConnection(asyncssh.SSHServer):
+    """One client connection: its authentication, its session and its channels. It is also the
+    session's Sink: the manager tells it about idle warnings and the end."""
+
+    def __init__(self, door: SshDoor) -> None:
+        self._door = door
+        self._conn: asyncssh.SSHServerConnection | None = None
+        self.rhost = "-"
+        self.user: AuthenticatedUser | None = None
+        self.session: Session | None = None
+        self._key_user: AuthenticatedUser | None = None
+        self._failures = 0
+        self._starting: asyncio.Task[Session] | None = None
+        self._channels: set[asyncssh.SSHServerProcess] = set()
+        self._linger: asyncio.TimerHandle | None = None
+
+    # -- connection -----------------------------------------------------------------------------
+
+    def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
+        self._conn = conn
+        peer = conn.get_extra_info("peername")
+        self.rhost = str(peer[0]) if peer else "-"
+        self._door.connections.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._door.connections.discard(self)
+        if self._linger is not None:
+            self._linger.cancel()
+        self._door.spawn(self._release(exc))
+
+    async def _release(self, exc: Exception | None) -> None:
+        """The client went away: a start in progress is cancelled (leaving nothing behind), a
+        running session ends as `disconnected`."""
+        if self._starting is not None and not self._starting.done():
+            self._starting.cancel()
+        if self._starting is not None:
+            await asyncio.gather(self._starting, return_exceptions=True)
+        session = self.session
+        if session is not None and not session.ending:
+            session.log.info("ssh connection from %s closed%s", self.rhost, f": {exc}" if exc else "")
+            await self._door.manager.end(session, "disconnected")
+
+    def close(self, reason: str = "") -> None:
+        if self._conn is not None and not self._conn.is_closed():
+            if reason:
+                self._conn.disconnect(asyncssh.DISC_BY_APPLICATION, reason)
+            else:
+                self._conn.close()
+
+    # -- authentication -------------------------------------------------------------------------
+
+    async def begin_auth(self, username: str) -> bool:  # type: ignore[override]
+        """Load the keys this user may log in with, if the account may log in at all."""
+        self._key_user = None
+        keys = await self._door.authorized_keys(username, self.rhost)
+        if keys is not None:
+            self._key_user, authorized = keys
+            assert self._conn is not None
+            self._conn.set_authorized_keys(authorized)
+        else:
+            assert self._conn is not None
+            self._conn.set_authorized_keys(None)  # type: ignore[arg-type]
+        return True
+
+    def public_key_auth_supported(self) -> bool:
+        return True  # offered for every name, so the method list does not tell who has keys
+
+    def password_auth_supported(self) -> bool:
+        return True
+
+    async def validate_password(self, username: str, password: str) -> bool:  # type: ignore[override]
+        result = await self._door.authenticator.authenticate(username, password, self.rhost)
+        self._door.manager.note_login(username, self.rhost, "ssh", result.outcome.value, result.reason)
+        if result.outcome is Outcome.UNAVAILABLE:
+            raise asyncssh.ServiceNotAvailable(AuthUnavailable.user_message)
+        if result.outcome is Outcome.THROTTLED:
+            log.warning("ssh login of %r from %s throttled: %s", username[:64], self.rhost, result.reason)
+            raise asyncssh.PermissionDenied(f"too many failed logins; try again in {result.retry_after} s")
+        if result.ok:
+            self.user = result.user
+            return True
+        self._failures += 1
+        if self._failures >= MAX_PASSWORD_TRIES:
+            log.warning("ssh connection from %s closed after %d failed passwords", self.rhost, self._failures)
+            raise asyncssh.PermissionDenied("too many authentication failures")
+        return False
+
+    def auth_completed(self) -> None:
+        assert self._conn is not None
+        user = self.user or self._key_user
+        assert user is not None and user.name == self._conn.get_extra_info("username"), "auth without our check"
+        if self.user is None:
+            self._door.manager.note_login(user.name, self.rhost, "ssh", "ok", "public key")
+        self.user = user
+        log.info("ssh login of %s from %s", user.name, self.rhost)
+        self._starting = asyncio.get_running_loop().create_task(self._start(user), name=f"ssh-start-{user.name}")
+
+    async def _start(self, user: AuthenticatedUser) -> Session:
+        try:
+            return await self._door.manager.create(user, "ssh", self)
+        except BridgeError as exc:
+            log.warning("ssh session of %s from %s not started: %s", user.name, self.rhost, exc.detail)
+            if not self._channels:
+                self._linger = asyncio.get_running_loop().call_later(
+                    FAILED_START_LINGER, self._close_unheard, exc.user_message
+                )
+            raise
+
+    def _close_unheard(self, reason: str) -> None:
+        if not self._channels:
+            self.close(reason)
+
+    # -- the Sink protocol ----------------------------------------------------------------------
+
+    async def started(self, session: Session) -> None:
+        self.session = session
+
+    async def output(self, data: bytes) -> None:
+        """Never called: this door opens its own channels, no shell is pumped to it."""
+
+    async def idle_warning(self, seconds: float) -> None:
+        for process in list(self._channels):
+            if process.term_type or (process.command is None and process.subsystem is None):
+                _say(process, f"this session ends in {round(seconds)} s unless you type something")
+
+    async def ended(self, code: int | None, reason: str, message: str | None) -> None:
+        """Each channel hears why and exits with 255 (what ssh reports for a lost connection), so
+        that clients print the line before they go; the connection closes once they did."""
+        text = message or f"the session ended ({reason})"
+        channels = list(self._channels)
+        for process in channels:
+            _refuse(process, text, status=255)
+        self._door.spawn(self._close_after(channels, text))
+
+    async def _close_after(self, channels: list[asyncssh.SSHServerProcess], reason: str) -> None:
+        try:
+            async with asyncio.timeout(CLOSE_GRACE):
+                await asyncio.gather(*(process.wait_closed() for process in channels), return_exceptions=True)
+        except TimeoutError:
+            pass
+        self.close(reason)
+
+    # -- channels -------------------------------------------------------------------------------
+
+    def session_requested(self) -> asyncssh.SSHServerSession:
+        return _ChannelProcess(self._serve_channel)
+
+    async def _serve_channel(self, process: asyncssh.SSHServerProcess) -> None:
+        """The boundary for one channel: whatever goes wrong is logged with the session and user
+        and ends this channel with a line on stderr; the connection and its other channels go on."""
+        self._channels.add(process)
+        session: Session | None = None
+        try:
+            assert self._starting is not None
+            try:
+                session = await asyncio.shield(self._starting)
+            except BridgeError as exc:
+                _refuse(process, exc.user_message)
+                return
+            if session.ending:
+                _refuse(process, "this session has ended")
+                return
+            await self._bridge(session, process)
+        except Exception:
+            (session.log if session is not None else log).exception("channel from %s failed", self.rhost)
+            _refuse(process, "internal error; the gateway's log has the details", status=255)
+        finally:
+            self._channels.discard(process)
+
+    async def _bridge(self, session: Session, process: asyncssh.SSHServerProcess) -> None:
+        """Open the same request in the container and join the two channels until one closes."""
+        assert session.upstream is not None
+        env = {name: value for name, value in process.env.items() if _env_passes(name)}
+        try:
+            _, upstream = await session.upstream.conn.create_session(
+                partial(_MeteredUpstream, session),
+                process.command,
+                subsystem=process.subsystem,
+                env=env,
+                term_type=process.term_type,
+                term_size=process.term_size,
+                term_modes=process.term_modes,
+                encoding=None,
+            )
+        except (asyncssh.Error, OSError) as exc:
+            session.log.warning("the container refused a channel: %r", exc)
+            _refuse(process, "the container could not run this request")
+            return
+        what = process.subsystem or ("exec" if process.command is not None else "shell")
+        session.log.info("channel opened: %s%s", what, " with pty" if process.term_type else "")
+        await process.redirect(stdin=upstream.stdin)
+        # The client's EOF comes with the exit status (as from sshd, status first): OpenSSH's
+        # multiplexing master drops a status that arrives after EOF.
+        await process.redirect(stdout=upstream.stdout, stderr=upstream.stderr, send_eof=False)
+        theirs = asyncio.ensure_future(upstream.wait_closed())
+        ours = asyncio.ensure_future(process.wait_closed())
+        try:
+            done, _ = await asyncio.wait({theirs, ours}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            theirs.cancel()
+            ours.cancel()
+        if theirs not in done:  # the person closed the channel first
+            upstream.close()
+        elif upstream.exit_signal:
+            process.exit_with_signal(*upstream.exit_signal)
+        elif upstream.exit_status is not None and upstream.exit_status >= 0:
+            process.exit(upstream.exit_status)
+        elif not session.ending:
+            _say(process, "the connection to your container was lost")
+            process.exit(255)
+
+
+# -- the listener ---------------------------------------------------------------------------------
+
+
+class SshDoor:
+    """The SSH listener and every connection it accepted."""
+
+    def __init__(self, config: Config, manager: SessionManager, authenticator: ThrottledAuthenticator) -> None:
+        self.config = config
+        self.manager = manager
+        self.authenticator = authenticator
+        self.connections: set[SshConnection] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._acceptor: asyncssh.SSHAcceptor | None = None
+
+    async def start(self) -> None:
+        assert self.config.ssh.listen is not None
+        host, port = self.config.ssh.listen
+        host_key = await asyncio.to_thread(load_or_create_host_key, self.config.ssh_host_key)
+        try:
+            self._acceptor = await asyncssh.listen(
+                host,
+                port,
+                server_factory=partial(SshConnection, self),
+                server_host_keys=[host_key],
+                server_version="termbridge",
+                config=None,
+                encoding=None,
+                line_editor=False,
+                allow_scp=False,
+                agent_forwarding=False,
+                x11_forwarding=False,
+                keepalive_interval=30,
+                keepalive_count_max=3,
+                reuse_address=True,
+            )
+        except OSError as exc:
+            raise ConfigError(f"'ssh.listen' {host}:{port} cannot be used: {exc.strerror or exc}") from None
+        addresses = ", ".join(f"{a[0]}:{a[1]}" for a in self._acceptor.get_addresses())
+        log.info("SSH door listening on %s, host key %s", addresses, host_key.get_fingerprint())
+
+    @property
+    def port(self) -> int:
+        assert self._acceptor is not None
+        return self._acceptor.get_port()
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        """Run cleanup work the door owns (and waits for on close)."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def authorized_keys(
+        self, username: str, rhost: str
+    ) -> tuple[AuthenticatedUser, asyncssh.SSHAuthorizedKeys] | None:
+        """The user and their keys, when the account may log in with a key and has safe keys."""
+        if not valid_username(username):
+            return None
+        text = await asyncio.to_thread(_authorized_keys_of, username)  # NSS and file reads may block
+        if not text:
+            return None
+        keys = asyncssh.SSHAuthorizedKeys(text)
+        result = await self.authenticator.authorize_key(username, rhost)
+        if not result.ok or result.user is None:
+            return None
+        return result.user, keys
+
+    def stop_listening(self) -> None:
+        if self._acceptor is not None:
+            self._acceptor.close()
+
+    async def close(self) -> None:
+        """Stop listening, let ended sessions say goodbye (CLOSE_GRACE), drop what is left."""
+        self.stop_listening()
+        await self._drain()
+        for connection in list(self.connections):
+            connection.close("the gateway is shutting down")
+        if self._acceptor is not None:
+            await self._acceptor.wait_closed()
+        await self._drain()
+
+    async def _drain(self) -> None:
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)

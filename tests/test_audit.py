@@ -1,0 +1,269 @@
+"""Audit events and session recording, through the real gateway, real PAM users, real containers
+and real files."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import re
+import stat
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from bridge.app import build_app
+from bridge.audit import AsciicastRecorder, AuditLog
+from bridge.auth import AuthenticatedUser
+from bridge.config import SessionConfig, load_config
+from bridge.docker_backend import DockerBackend
+from bridge.errors import ConfigError
+from bridge.sessions import Session
+from bridge.web_front import MANAGER
+from helpers import PROMPT, TEST_IMAGE, containers_gone, metric, scrape, wait_for, write_config
+
+TS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
+
+
+def events(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+async def event(path: Path, kind: str, **match) -> dict:
+    """The first audit event of `kind` whose fields include `match` (waits for it)."""
+    found: list[dict] = []
+
+    def look() -> bool:
+        found[:] = [e for e in events(path) if e["event"] == kind and all(e.get(k) == v for k, v in match.items())]
+        return bool(found)
+
+    await wait_for(look, what=f"audit event {kind} {match}")
+    return found[0]
+
+
+async def echo_and_exit(term, word: str, exit_command: str) -> None:
+    await term.send(f"echo {word}\r")
+    await term.expect(f"{word}\r\n".encode())
+    await term.send(exit_command + "\r")
+    await term.control("exit")
+
+
+async def test_logins_and_a_session_are_audited(start_gateway, user, tmp_path):
+    log = tmp_path / "audit" / "audit.log"
+    log.parent.mkdir()
+    gateway = await start_gateway(audit={"log": str(log)})
+    assert stat.S_IMODE(log.stat().st_mode) == 0o640
+
+    async with aiohttp.ClientSession(base_url=gateway.url) as anon:
+        resp = await anon.post("/login", data={"username": user.name, "password": "wrong-" + user.password})
+        assert resp.status == 401
+    denied = await event(log, "login", ok=False)
+    assert denied["user"] == user.name and denied["door"] == "web" and denied["rhost"] == "127.0.0.1"
+    assert denied["result"] == "denied" and "Authentication failure" in denied["reason"]
+
+    async with await gateway.login(user) as http:
+        accepted = await event(log, "login", ok=True)
+        assert accepted["result"] == "ok" and accepted["reason"] == "" and accepted["user"] == user.name
+        term = await gateway.terminal(http)
+        session = await term.control("session")
+        await term.expect(PROMPT)
+        await echo_and_exit(term, "hello-audit", "exit 3")
+        end = await event(log, "session_end", session=session["id"])
+
+    start = await event(log, "session_start", session=session["id"])
+    assert start["user"] == user.name and start["door"] == "web" and start["image"] == TEST_IMAGE
+    assert re.fullmatch(r"[0-9a-f]{64}", start["container"])
+    assert start["container_name"] == f"termbridge-{user.name}-{session['id'][:8]}"
+    assert start["startup_ms"] > 0
+    assert end["container"] == start["container"] and end["image"] == TEST_IMAGE
+    assert (end["reason"], end["code"]) == ("exit", 3)
+    assert end["bytes_in"] == len(b"echo hello-audit\rexit 3\r")
+    assert end["bytes_out"] >= len(b"hello-audit\r\n") and end["duration"] > 0
+    gateway_id = (gateway.config.state_dir / "instance-id").read_text().strip()
+    for e in events(log):
+        assert TS.match(e["ts"]) and e["gateway"] == gateway_id
+    assert user.password not in log.read_text()
+
+
+async def test_refusals_and_kills_are_audited_and_counted(start_gateway, user, tmp_path):
+    log = tmp_path / "audit.log"
+    gateway = await start_gateway(audit={"log": str(log)}, session={"max_per_user": 1})
+    async with await gateway.login(user) as http:
+        first = await gateway.terminal(http)
+        session = await first.control("session")
+        second = await gateway.terminal(http)
+        await second.control("error")
+        refused = await event(log, "session_refused")
+        assert refused["user"] == user.name and refused["door"] == "web"
+        assert "session.max_per_user=1" in refused["reason"]
+        samples = await scrape(gateway.url)
+        assert metric(samples, "termbridge_session_starts_total", door="web", result="refused") == 1
+
+        resp = await http.post("/logout", headers={"Origin": gateway.origin}, allow_redirects=False)
+        assert resp.status == 303
+        kill = await event(log, "session_kill", session=session["id"])
+        assert kill["by"] == "logout" and kill["user"] == user.name
+        end = await event(log, "session_end", session=session["id"])
+        assert end["reason"] == "killed" and end["code"] is None
+        samples = await scrape(gateway.url)
+        assert metric(samples, "termbridge_session_ends_total", door="web", reason="killed") == 1
+    await containers_gone(**{"termbridge.session": session["id"]})
+
+
+async def test_empty_audit_log_goes_to_the_termbridge_audit_logger(gateway, user, caplog):
+    caplog.set_level(logging.INFO, logger="termbridge.audit")
+    async with await gateway.login(user):
+        pass
+    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "termbridge.audit"]
+    assert [(e["event"], e["user"], e["ok"]) for e in lines] == [("login", user.name, True)]
+
+
+def test_audit_file_is_reopened_after_logrotate_moves_it(tmp_path):
+    path = tmp_path / "audit.log"
+    audit = AuditLog(str(path), gateway="g1")
+    audit.login("alice", "192.0.2.7", "ssh", "denied", "no such user")
+    path.rename(tmp_path / "audit.log.1")
+    audit.emit("containers_reaped", count=2)
+    audit.close()
+    [old] = events(tmp_path / "audit.log.1")
+    assert old["event"] == "login" and old["door"] == "ssh" and old["rhost"] == "192.0.2.7"
+    [new] = events(path)
+    assert new == {"ts": new["ts"], "event": "containers_reaped", "gateway": "g1", "count": 2}
+
+
+async def test_unwritable_audit_log_stops_the_gateway_with_the_key(tmp_path, pam_service, state_dir):
+    path = write_config(tmp_path / "gw.toml", state_dir(), pam_service, audit={"log": "/proc/termbridge/audit.log"})
+    runner = web.AppRunner(build_app(load_config(path, env={})))
+    with pytest.raises(ConfigError, match="'audit.log'"):
+        await runner.setup()
+    await runner.cleanup()
+
+
+# -- recording ------------------------------------------------------------------------------------
+
+
+def read_cast(path: Path) -> tuple[dict, list[list]]:
+    header, *lines = path.read_text(encoding="utf-8").splitlines()
+    return json.loads(header), [json.loads(line) for line in lines]
+
+
+async def test_a_web_session_is_recorded_as_asciicast_v2(start_gateway, user, tmp_path):
+    record_dir = tmp_path / "casts"
+    gateway = await start_gateway(audit={"record_dir": str(record_dir)})
+    assert stat.S_IMODE(record_dir.stat().st_mode) == 0o700
+    async with await gateway.login(user) as http:
+        term = await gateway.terminal(http, cols=100, rows=30)
+        session = await term.control("session")
+        await term.expect(PROMPT)
+        await term.resize(120, 40)
+        assert (await term.run("stty size")).strip() == "40 120"
+        # multibyte characters, split over chunks by the shell, come out whole
+        await term.send("printf 'gr\\303\\274\\303\\237e \\342\\202\\254 %.0s' $(seq 300); echo; exit\r")
+        await term.control("exit")
+        await term.drain_until_closed()
+    await containers_gone(**{"termbridge.session": session["id"]})
+
+    path = record_dir / f"{session['id']}.cast"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    header, items = read_cast(path)
+    assert header["version"] == 2 and (header["width"], header["height"]) == (100, 30)
+    assert abs(header["timestamp"] - path.stat().st_mtime) < 600
+    assert user.name in header["title"]
+    shown = "".join(data for _, code, data in items if code == "o")
+    assert shown == term.transcript.decode("utf-8")
+    assert "grüße € " * 300 in shown
+    assert [data for _, code, data in items if code == "r"] == ["120x40"]
+    assert not [item for item in items if item[1] == "i"]
+    times = [t for t, _, _ in items]
+    assert times == sorted(times) and times[0] >= 0
+
+
+async def test_input_is_recorded_only_when_configured(start_gateway, user, tmp_path):
+    record_dir = tmp_path / "casts"
+    gateway = await start_gateway(audit={"record_dir": str(record_dir), "record_input": True})
+    async with await gateway.login(user) as http:
+        term = await gateway.terminal(http)
+        session = await term.control("session")
+        await term.expect(PROMPT)
+        await echo_and_exit(term, "typed-here", "exit")
+    await containers_gone(**{"termbridge.session": session["id"]})
+    _, items = read_cast(record_dir / f"{session['id']}.cast")
+    assert "".join(data for _, code, data in items if code == "i") == "echo typed-here\rexit\r"
+
+
+def _session() -> Session:
+    return Session(AuthenticatedUser("alice", 1000, 1000), "ssh", sink=None)  # type: ignore[arg-type]
+
+
+async def test_recorder_through_the_note_seam_a_door_without_a_pty_size_at_start(tmp_path):
+    """Doors feed recordings only through Session.note_*: here as a door that learns its pty size
+    late (the SSH door) would. The header takes the first size; later sizes are `r` events."""
+    session = _session()
+    recorder = AsciicastRecorder(tmp_path / "s.cast", session, limit=10_000)
+    session.taps.append(recorder)
+    session.note_resize(132, 43)
+    session.note_output("caf\u00e9 ".encode()[:4])  # the é is split across two chunks
+    session.note_output("caf\u00e9 ".encode()[4:])
+    session.note_input(b"secret\r")
+    session.note_resize(80, 24)
+    session.note_output(b"\xff\r\n")  # not UTF-8: recorded as U+FFFD, never dropped
+    recorder.close()
+    header, items = read_cast(tmp_path / "s.cast")
+    assert (header["width"], header["height"]) == (132, 43)
+    assert [(code, data) for _, code, data in items] == [("o", "caf"), ("o", "\u00e9 "), ("r", "80x24"), ("o", "\ufffd\r\n")]
+
+
+async def test_recording_stops_at_its_limit_and_the_session_goes_on(tmp_path):
+    session = _session()
+    recorder = AsciicastRecorder(tmp_path / "s.cast", session, limit=2000)
+    for _ in range(100):
+        recorder.output(b"x" * 100)
+    assert not recorder.recording
+    recorder.close()
+    _, items = read_cast(tmp_path / "s.cast")
+    assert items[-1][1:] == ["m", "recording stopped: audit.record_limit reached"]
+    assert sum(len(d) for _, c, d in items if c == "o") < 2000
+    assert os.path.getsize(tmp_path / "s.cast") < 2500
+
+
+async def test_recording_flushes_while_the_session_runs(tmp_path):
+    session = _session()
+    recorder = AsciicastRecorder(tmp_path / "s.cast", session)
+    recorder.output(b"still running\r\n")
+    await wait_for(lambda: "still running" in (tmp_path / "s.cast").read_text(), timeout=5, what="flush")
+    recorder.close()
+    await asyncio.sleep(0)
+
+
+async def test_an_admin_kill_is_audited(start_gateway, user, tmp_path):
+    log = tmp_path / "audit.log"
+    gateway = await start_gateway(audit={"log": str(log)})
+    async with await gateway.login(user) as http:
+        term = await gateway.terminal(http)
+        session = await term.control("session")
+        manager = gateway.app[MANAGER]
+        await manager.kill(manager.get(session["id"]))  # what `termbridge sessions kill` does
+        exit_message = await term.control("exit")
+        assert exit_message["reason"] == "killed" and "administrator" in exit_message["message"]
+    kill = await event(log, "session_kill", session=session["id"])
+    assert kill["by"] == "admin"
+    assert (await event(log, "session_end", session=session["id"]))["reason"] == "killed"
+
+
+async def test_a_start_that_fails_is_audited_with_its_detail(start_gateway, user, tmp_path):
+    log = tmp_path / "audit.log"
+    nowhere = f"unix://{tmp_path}/no-docker.sock"
+    backend = DockerBackend(SessionConfig(image=TEST_IMAGE), "unreachable", base_url=nowhere)
+    gateway = await start_gateway(backend=backend, audit={"log": str(log)})
+    async with await gateway.login(user) as http:
+        term = await gateway.terminal(http)
+        assert (await term.control("exit"))["reason"] == "error"
+    failed = await event(log, "session_failed")
+    assert failed["user"] == user.name and failed["door"] == "web" and failed["reason"] == "error"
+    assert failed["container"] is None and "Docker engine unreachable" in failed["detail"]
+    assert not [e for e in events(log) if e["event"] in ("session_start", "session_end")]

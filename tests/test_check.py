@@ -1,0 +1,103 @@
+"""`termbridge check` as a person runs it: a subprocess against this machine's real Docker, PAM
+files and ports; once with a config that should pass, once with one broken in every way."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from helpers import ROOT, TEST_IMAGE, free_port, self_signed_cert, write_config
+
+LINE = re.compile(r"^(ok  |warn|FAIL) (\S+): (.+)$")
+
+
+def run_check(config: Path | str, **env: str) -> tuple[int, dict[str, tuple[str, str]], str]:
+    """Exit status, {check name: (status, rest of line)}, and the whole output."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "bridge", "check", "--config", str(config)],
+        capture_output=True, text=True, timeout=120, cwd=ROOT, env={"PATH": os.environ["PATH"], **env},
+    )
+    assert "Traceback" not in proc.stderr, proc.stderr
+    *lines, summary = proc.stdout.splitlines()
+    checks = {}
+    for line in lines:
+        match = LINE.match(line)
+        assert match, f"not a check line: {line!r}"
+        checks[match.group(2)] = (match.group(1).strip(), match.group(3))
+    assert re.fullmatch(rf"{len(lines)} checks, \d+ failed.*", summary)
+    return proc.returncode, checks, proc.stdout
+
+
+def test_check_passes_on_this_machine(tmp_path, pam_service):
+    cert, key = self_signed_cert(tmp_path)
+    config = write_config(
+        tmp_path / "ok.toml", tmp_path / "state", pam_service,
+        web={"listen": f"127.0.0.1:{free_port()}", "tls_cert": str(cert), "tls_key": str(key)},
+        ssh={"listen": f"127.0.0.1:{free_port()}"},
+        audit={"log": str(tmp_path / "log" / "audit.log"), "record_dir": str(tmp_path / "casts")},
+    )
+    (tmp_path / "log").mkdir()
+    status, checks, output = run_check(config)
+    assert status == 0, output
+    assert set(checks) == {"config", "docker", "image", "userns-remap", "pam", "shadow", "web.listen", "ssh.listen",
+                           "state_dir", "tls", "audit.log", "audit.record_dir", "assets"}
+    assert all(state in ("ok", "warn") for state, _ in checks.values()), output
+    assert re.match(r"Docker \d+\.\d+", checks["docker"][1])
+    assert checks["image"][1].startswith(f"{TEST_IMAGE} present")
+    assert f"/etc/pam.d/{pam_service}" in checks["pam"][1]
+    assert checks["state_dir"] == ("ok", f"{tmp_path / 'state'} will be created")
+    assert not (tmp_path / "state").exists() and not (tmp_path / "casts").exists()  # check changes nothing
+    assert checks["userns-remap"][0] in ("ok", "warn")  # a warning at most, never a failure
+
+
+def test_check_names_every_problem_and_its_fix(tmp_path):
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", 0))
+    blocker.listen()
+    busy = blocker.getsockname()[1]
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a directory\n")
+    (tmp_path / "k.pem").write_text("")
+    config = write_config(
+        tmp_path / "broken.toml", a_file / "state", "termbridge-no-such-service",
+        web={"listen": f"127.0.0.1:{busy}", "tls_cert": str(tmp_path / "missing.pem"), "tls_key": str(tmp_path / "k.pem")},
+        ssh={"listen": "192.0.2.1:2222"},  # a documentation address: not on this host
+        session={"image": "termbridge/no-such-image:never"},
+        audit={"log": str(a_file / "audit.log"), "record_dir": str(a_file / "casts")},
+    )
+    try:
+        status, checks, output = run_check(config)
+    finally:
+        blocker.close()
+    assert status == 1
+    failed = {name: text for name, (state, text) in checks.items() if state == "FAIL"}
+    assert set(failed) == {"image", "pam", "web.listen", "ssh.listen", "state_dir", "tls", "audit.log",
+                           "audit.record_dir"}, output
+    assert "fix: termbridge image build --config" in failed["image"]
+    assert "fix: install -m 0644 " in failed["pam"] and "/etc/pam.d/termbridge-no-such-service" in failed["pam"]
+    assert f"127.0.0.1:{busy} is in use" in failed["web.listen"]
+    assert "192.0.2.1:2222: no such address on this host" in failed["ssh.listen"]
+    assert "missing.pem does not exist" in failed["tls"]
+    assert all("; fix: " in text for text in failed.values())
+    assert checks["docker"][0] == "ok"
+
+
+def test_check_without_docker_or_with_a_bad_config(tmp_path, pam_service):
+    config = write_config(tmp_path / "c.toml", tmp_path / "state", pam_service, web={"listen": "127.0.0.1:0"})
+    status, checks, output = run_check(config, DOCKER_HOST=f"unix://{tmp_path}/no-docker.sock")
+    assert status == 1
+    assert checks["docker"][0] == "FAIL" and "cannot be reached" in checks["docker"][1]
+    assert "fix: start dockerd" in checks["docker"][1]
+    assert checks["image"][0] == "FAIL"
+    assert checks["pam"][0] == "ok"
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[session]\nidle_timeout = 'never'\n")
+    status, checks, output = run_check(bad)
+    assert status == 1
+    assert list(checks) == ["config"]
+    assert checks["config"][0] == "FAIL" and "session.idle_timeout" in checks["config"][1]

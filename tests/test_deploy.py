@@ -1,0 +1,307 @@
+"""The deploy kit through the real things: Debian's nginx with etc/nginx/termbridge.conf and a
+self-signed certificate in front of a gateway, the systemd unit checked by systemd itself, and
+`pip install .` into a throwaway venv serving the login page and xterm.js."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import shutil
+import signal
+import ssl
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from conftest import Gateway
+from helpers import (
+    PROMPT, ROOT, Terminal, containers_gone, free_port, self_signed_cert, stop_process, wait_for, write_config,
+)
+
+NGINX = Path("/usr/sbin/nginx")
+SITE = ROOT / "etc" / "nginx" / "termbridge.conf"
+UNIT = ROOT / "etc" / "systemd" / "termbridge.service"
+CLIENT_ADDRESS = "127.0.0.2"  # the loopback range is all ours: a client address that is not nginx's own
+
+
+def replace_once(text: str, old: str, new: str) -> str:
+    """Edit the shipped file; fail loudly if it no longer has the shape this test expects."""
+    assert text.count(old) == 1, f"{old!r} should occur once in {SITE}"
+    return text.replace(old, new)
+
+
+@dataclass
+class Nginx:
+    https: str
+    http: str
+    cert: Path
+
+
+async def _port_open(port: int) -> bool:
+    try:
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+    except OSError:
+        return False
+    writer.close()
+    return True
+
+
+@pytest.fixture
+async def nginx_in_front(tmp_path: Path) -> AsyncIterator:
+    """Starts Debian's nginx, as a child process with a private prefix, running the shipped site
+    in front of a gateway address; stopped after the test."""
+    if not NGINX.exists():
+        pytest.fail(f"{NGINX} missing: apt-get install nginx (.ci/run does)")
+    procs: list[subprocess.Popen] = []
+
+    async def start(gateway_url: str) -> Nginx:
+        prefix = tmp_path / "nginx"
+        prefix.mkdir()
+        cert, key = self_signed_cert(prefix)
+        https_port, http_port = free_port(), free_port()
+        site = SITE.read_text()
+        site = replace_once(site, "server 127.0.0.1:8080;", f"server {gateway_url.removeprefix('http://')};")
+        site = replace_once(site, "listen 443 ssl;", f"listen 127.0.0.1:{https_port} ssl;")
+        site = replace_once(site, "listen 80;", f"listen 127.0.0.1:{http_port};")
+        site = replace_once(site, "listen [::]:443 ssl;\n", "")
+        site = replace_once(site, "listen [::]:80;\n", "")
+        site = replace_once(site, "/etc/letsencrypt/live/term.example.org/fullchain.pem", str(cert))
+        site = replace_once(site, "/etc/letsencrypt/live/term.example.org/privkey.pem", str(key))
+        (prefix / "termbridge.conf").write_text(site)
+        temp = " ".join(f"{kind}_temp_path {prefix}/{kind};" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+        (prefix / "nginx.conf").write_text(
+            f"user root root;\nworker_processes 1;\npid {prefix}/nginx.pid;\nerror_log {prefix}/error.log info;\n"
+            f"events {{ worker_connections 64; }}\n"
+            f"http {{\n  access_log {prefix}/access.log;\n  {temp}\n  include {prefix}/termbridge.conf;\n}}\n"
+        )
+        test = subprocess.run([str(NGINX), "-t", "-p", str(prefix), "-c", str(prefix / "nginx.conf"),
+                               "-e", str(prefix / "error.log")], capture_output=True, text=True)
+        assert test.returncode == 0, test.stderr
+        proc = subprocess.Popen(
+            [str(NGINX), "-p", str(prefix), "-c", str(prefix / "nginx.conf"), "-e", str(prefix / "error.log"),
+             "-g", "daemon off;"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        )
+        procs.append(proc)
+
+        async def listening() -> bool:
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else "nginx exited"
+            return await _port_open(https_port)
+
+        await wait_for(listening, what="nginx to listen")
+        return Nginx(f"https://127.0.0.1:{https_port}", f"http://127.0.0.1:{http_port}", cert)
+
+    yield start
+    for proc in procs:
+        stop_process(proc, signal.SIGQUIT)  # graceful: workers finish, master exits
+
+
+async def test_login_and_terminal_through_nginx_with_tls(start_gateway, nginx_in_front, user, tmp_path):
+    audit = tmp_path / "audit.log"
+    gateway = await start_gateway(web={"trusted_proxies": ["127.0.0.1"]}, audit={"log": str(audit)})
+    front = await nginx_in_front(gateway.url)
+    tls = ssl.create_default_context(cafile=str(front.cert))
+
+    def connector() -> aiohttp.TCPConnector:
+        return aiohttp.TCPConnector(ssl=tls, local_addr=(CLIENT_ADDRESS, 0))
+
+    async with aiohttp.ClientSession(connector=connector()) as anon:
+        resp = await anon.get(front.http + "/login", allow_redirects=False)
+        assert resp.status == 301 and resp.headers["Location"].startswith("https://")
+        resp = await anon.get(front.https + "/login")
+        assert resp.status == 200 and 'name="password"' in await resp.text()
+        assert resp.headers["Strict-Transport-Security"].startswith("max-age=")
+        assert (await anon.get(front.https + "/metrics")).status == 404  # kept inside
+
+    proxied = Gateway(front.https, gateway.config, gateway.app)
+    async with await proxied.login(user, connector=connector()) as http:
+        [cookie] = [c for c in http.cookie_jar]
+        assert cookie["secure"] and cookie["httponly"]  # the gateway believed X-Forwarded-Proto
+        ws = await http.ws_connect("/ws", headers={"Origin": front.https}, max_msg_size=0)
+        term = Terminal(ws)
+        await term.resize(90, 20)
+        session = await term.control("session")
+        await term.expect(PROMPT)
+        assert (await term.run("stty size")).strip() == "20 90"
+        assert (await term.run("echo through-$((6*7))")).strip() == "through-42"
+        await term.send("exit\r")
+        assert (await term.control("exit"))["reason"] == "exit"
+        await term.drain_until_closed()
+    await containers_gone(**{"termbridge.session": session["id"]})
+
+    logins = [json.loads(line) for line in audit.read_text().splitlines() if '"login"' in line]
+    assert [(e["user"], e["rhost"], e["ok"]) for e in logins] == [(user.name, CLIENT_ADDRESS, True)]
+
+
+# -- systemd --------------------------------------------------------------------------------------
+
+
+def test_systemd_unit_is_valid_and_restarts_on_failure(tmp_path):
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.fail("systemd-analyze missing: apt-get install systemd (.ci/run does)")
+    text = UNIT.read_text()
+    # systemd insists that ExecStart exists: point it at this checkout's termbridge for the check
+    local = replace_once(text, "ExecStart=/opt/termbridge/bin/termbridge", f"ExecStart={Path(sys.executable).parent}/termbridge")
+    local = replace_once(local, "ExecStartPre=/opt/termbridge/bin/termbridge",
+                         f"ExecStartPre={Path(sys.executable).parent}/termbridge")
+    unit = tmp_path / "termbridge.service"
+    unit.write_text(local)
+    verify = subprocess.run([analyze, "verify", str(unit)], capture_output=True, text=True)
+    assert verify.returncode == 0 and not verify.stderr.strip(), verify.stderr
+    security = subprocess.run([analyze, "security", "--offline=yes", str(unit)], capture_output=True, text=True)
+    exposure = float(security.stdout.split("Overall exposure level for termbridge.service:")[1].split()[0])
+    assert exposure < 4.0, security.stdout  # systemd's own scale: below 4 is "OK"
+    settings = unit_settings()
+    assert settings["Restart"] == "on-failure"
+    assert settings["ExecStart"].endswith("serve --config /etc/termbridge/termbridge.toml")
+    assert settings["StateDirectory"] == "termbridge" and settings["StateDirectoryMode"] == "0700"
+    assert "MemoryDenyWriteExecute" not in settings  # python-pam's ctypes callback needs it off
+
+
+def unit_settings() -> dict[str, str]:
+    return dict(line.split("=", 1) for line in UNIT.read_text().splitlines() if "=" in line and not line.startswith("#"))
+
+
+def in_units_sandbox(command: list[str], writable: Path) -> list[str]:
+    """`command` confined the way the unit confines the gateway, as far as it matters to PAM and
+    Docker: the unit's capability bounding set, no new privileges, and every file system
+    read-only except `writable` (what StateDirectory= and LogsDirectory= give it) and a private
+    /var/tmp (PrivateTmp=; /tmp itself holds `writable`)."""
+    settings = unit_settings()
+    assert settings["NoNewPrivileges"] == "yes" and settings["ProtectSystem"] == "strict"
+    assert settings["ProtectHome"] == "read-only" and settings["User"] == "root"
+    caps = ",".join("+" + cap.removeprefix("CAP_").lower() for cap in settings["CapabilityBoundingSet"].split())
+    assert settings["PrivateTmp"] == "yes"
+    script = (f'mount --bind "{writable}" "{writable}" && mount -t tmpfs -o mode=1777 tmpfs /var/tmp && '
+              f'mount -o remount,bind,ro / && '
+              f'exec setpriv --no-new-privs --bounding-set -all,{caps} --inh-caps=-all -- "$@"')
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sandbox", *command]
+
+
+@asynccontextmanager
+async def gateway_process(command: list[str], port: int, cwd: Path) -> AsyncIterator[tuple[Gateway, subprocess.Popen]]:
+    """A gateway started as a command (installed, sandboxed), answering /healthz; stopped after."""
+    proc = subprocess.Popen(command, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+
+    async def healthy() -> bool:
+        assert proc.poll() is None, f"the gateway exited: {proc.stderr.read() if proc.stderr else ''}"
+        try:
+            async with aiohttp.ClientSession() as http, http.get(url + "/healthz") as resp:
+                return resp.status == 200
+        except aiohttp.ClientError:
+            return False
+
+    try:
+        await wait_for(healthy, timeout=30, what="the gateway to answer /healthz")
+        yield Gateway(url, None, None), proc  # type: ignore[arg-type]
+    finally:
+        stop_process(proc)
+
+
+async def one_session(gateway: Gateway, user, word: str) -> None:
+    """Log in (PAM), open a terminal (Docker, then SSH into the container), echo, exit."""
+    async with await gateway.login(user) as http:
+        term = await gateway.terminal(http)
+        session = await term.control("session")
+        await term.expect(PROMPT)
+        assert (await term.run(f"echo {word}-$((6*7))")).strip() == f"{word}-42"
+        await term.send("exit\r")
+        await term.control("exit")
+    await containers_gone(**{"termbridge.session": session["id"]})
+
+
+async def test_the_gateway_works_inside_the_units_sandbox(tmp_path, pam_service, state_dir, user):
+    port = free_port()
+    audit = tmp_path / "audit.log"
+    config = write_config(tmp_path / "gw.toml", state_dir(), pam_service,
+                          web={"listen": f"127.0.0.1:{port}"}, audit={"log": str(audit)})
+    termbridge = [sys.executable, "-m", "bridge"]
+    check = subprocess.run(in_units_sandbox([*termbridge, "check", "--config", str(config)], tmp_path),
+                           capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert check.returncode == 0, check.stdout + check.stderr  # the unit's ExecStartPre
+    serve = in_units_sandbox([*termbridge, "serve", "--config", str(config)], tmp_path)
+    async with gateway_process(serve, port, ROOT) as (gateway, proc):
+        status = Path(f"/proc/{proc.pid}/status").read_text()
+        bounding = int(re.search(r"CapBnd:\s*([0-9a-f]+)", status).group(1), 16)
+        assert bounding == sum(1 << bit for bit in (2, 10, 29))  # DAC_READ_SEARCH, NET_BIND_SERVICE, AUDIT_WRITE
+        assert re.search(r"NoNewPrivs:\s*1", status)
+        await one_session(gateway, user, "sandboxed")
+    assert '"session_end"' in audit.read_text()
+
+
+# -- pip install ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory) -> Iterator[Path]:
+    """`pip install` of a wheel built from a copy of this checkout, into a throwaway venv; its
+    dependencies come from the test venv (no registry needed), termbridge itself only from the wheel."""
+    tmp = tmp_path_factory.mktemp("install")
+    src = tmp / "src"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(
+        ".venv", ".git", "__pycache__", "build", "*.egg-info", "test-artifacts", "node_modules", ".pytest_cache"))
+    shutil.copytree(ROOT / "web" / "node_modules" / "@xterm", src / "web" / "node_modules" / "@xterm")
+    dist = tmp / "dist"
+    build = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w", str(dist), str(src)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert build.returncode == 0, build.stderr
+    [wheel] = dist.glob("termbridge-*.whl")
+    venv = tmp / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    [site] = venv.glob("lib/python*/site-packages")
+    [deps] = Path(sys.executable).parent.parent.glob("lib/python*/site-packages")
+    (site / "termbridge-test-deps.pth").write_text(f"{deps}\n")
+    install = subprocess.run(
+        [sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install", "--quiet", "--no-deps",
+         str(wheel)], capture_output=True, text=True, timeout=300,
+    )
+    assert install.returncode == 0, install.stderr
+    shutil.rmtree(src)  # nothing may come from the source tree any more
+    yield venv
+
+
+def test_installed_package_carries_its_files(installed):
+    probe = subprocess.run(
+        [str(installed / "bin" / "python"), "-c",
+         "import json, bridge, bridge.resources as r; print(json.dumps([bridge.__file__, str(r.web_root()), "
+         "str(r.session_image_dir()), str(r.etc_dir())]))"],
+        capture_output=True, text=True, cwd=installed, check=True,
+    )
+    module, web_root, image_dir, etc_dir = (Path(p) for p in json.loads(probe.stdout))
+    for path in (module, web_root, image_dir, etc_dir):
+        assert installed in path.parents, path
+    assert (web_root / "node_modules" / "@xterm" / "xterm" / "css" / "xterm.css").is_file()
+    assert (image_dir / "Dockerfile").is_file() and (image_dir / "entrypoint.sh").is_file()
+    for shipped in ("termbridge.toml", "pam.d/termbridge", "systemd/termbridge.service", "nginx/termbridge.conf"):
+        assert (etc_dir / shipped).read_text() == (ROOT / "etc" / shipped).read_text()
+
+
+async def test_installed_termbridge_serves_login_xterm_and_a_session(installed, tmp_path, pam_service, state_dir, user):
+    port = free_port()
+    config = write_config(tmp_path / "gw.toml", state_dir(), pam_service, web={"listen": f"127.0.0.1:{port}"})
+    check = subprocess.run([str(installed / "bin" / "termbridge"), "check", "--config", str(config)],
+                           capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert check.returncode == 0, check.stdout
+    assert f"ok   assets: {installed}" in check.stdout
+    serve = [str(installed / "bin" / "termbridge"), "serve", "--config", str(config)]
+    async with gateway_process(serve, port, tmp_path) as (gateway, _):
+        async with aiohttp.ClientSession(base_url=gateway.url) as http:
+            resp = await http.get("/login")
+            assert resp.status == 200 and 'name="username"' in await resp.text()
+            resp = await http.get("/static/vendor/xterm/lib/xterm.mjs")
+            assert resp.status == 200 and "Terminal" in await resp.text()
+            for asset in ("/static/vendor/xterm/css/xterm.css", "/static/vendor/addon-fit/lib/addon-fit.mjs",
+                          "/static/terminal.js", "/static/termbridge.css"):
+                assert (await http.get(asset)).status == 200, asset
+        await one_session(gateway, user, "installed")
