@@ -37,7 +37,8 @@ HOST_CHAIN_RULES = (
     ("-p", "tcp", "-j", "REJECT", "--reject-with", "tcp-reset"),
     ("-j", "REJECT", "--reject-with", "icmp-port-unreachable"),
 )
-LOCK_PATH = Path("/run/termbridge-netguard.lock")
+# Under systemd, RuntimeDirectory=termbridge makes /run/termbridge writable (ProtectSystem=strict).
+LOCK_PATH = Path("/run/termbridge/netguard.lock")
 BRIDGE_NF_SYSCTL = Path("/proc/sys/net/bridge/bridge-nf-call-iptables")
 TIMEOUT = 20
 
@@ -98,6 +99,7 @@ def drop_default_routes(pid: int) -> None:
 @contextmanager
 def _host_lock() -> Iterator[None]:
     """Serialises check-then-insert across gateways on this host (iptables -w only locks one call)."""
+    LOCK_PATH.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     fd = os.open(LOCK_PATH, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)

@@ -179,6 +179,17 @@ class Gateway:
             raise AssertionError(f"login of {user.name} failed: {resp.status}")
         return http
 
+    async def attempt_login(self, username: str, password: str) -> int:
+        """One login attempt through the form (CSRF token included); the HTTP status."""
+        async with aiohttp.ClientSession(base_url=self.url, cookie_jar=aiohttp.CookieJar(unsafe=True)) as http:
+            resp = await http.post(
+                "/login",
+                data={"username": username, "password": password, "csrf": await csrf_token(http)},
+                headers={"Origin": self.origin},
+                allow_redirects=False,
+            )
+            return resp.status
+
     async def terminal(self, http: aiohttp.ClientSession, path: str = "/ws", cols: int = 80, rows: int = 24) -> Terminal:
         ws = await http.ws_connect(path, headers={"Origin": self.origin}, max_msg_size=0)
         term = Terminal(ws)

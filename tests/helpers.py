@@ -209,20 +209,27 @@ class GatewayProcess:
         self.proc: subprocess.Popen | None = None
 
     async def start(self, env: dict[str, str] | None = None) -> None:
-        proc = self.proc = subprocess.Popen(
-            [sys.executable, "-m", "bridge", "serve", "--config", str(self.config_path)],
-            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
-        )
+        # stderr to a file, never an unread pipe: a full pipe would block the gateway's logging.
+        self.log_path = Path(str(self.config_path) + ".log")
+        with open(self.log_path, "ab") as log:
+            proc = self.proc = subprocess.Popen(
+                [sys.executable, "-m", "bridge", "serve", "--config", str(self.config_path)],
+                cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log, env=env,
+            )
 
         async def healthy() -> bool:
             try:
                 async with aiohttp.ClientSession() as http, http.get(f"{self.gateway.url}/healthz") as resp:
                     return resp.status == 200
             except aiohttp.ClientError:
-                assert proc.poll() is None, proc.stderr.read()
+                assert proc.poll() is None, self.log()[-3000:]
                 return False
 
         await wait_for(healthy, timeout=30, what="gateway to answer /healthz")
+
+    def log(self) -> str:
+        """What the gateway wrote to stderr so far."""
+        return self.log_path.read_text(errors="replace")
 
     def signal(self, signum: int) -> None:
         assert self.proc is not None

@@ -11,7 +11,6 @@ import re
 import stat
 from pathlib import Path
 
-import aiohttp
 import pytest
 from aiohttp import web
 
@@ -23,7 +22,7 @@ from bridge.docker_backend import DockerBackend
 from bridge.errors import ConfigError
 from bridge.sessions import Session
 from bridge.web_front import MANAGER
-from helpers import PROMPT, TEST_IMAGE, containers_gone, metric, scrape, wait_for, write_config
+from helpers import PROMPT, TEST_IMAGE, containers_gone, csrf_token, metric, scrape, wait_for, write_config
 
 TS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 
@@ -59,9 +58,7 @@ async def test_logins_and_a_session_are_audited(start_gateway, user, tmp_path):
     gateway = await start_gateway(audit={"log": str(log)})
     assert stat.S_IMODE(log.stat().st_mode) == 0o640
 
-    async with aiohttp.ClientSession(base_url=gateway.url) as anon:
-        resp = await anon.post("/login", data={"username": user.name, "password": "wrong-" + user.password})
-        assert resp.status == 401
+    assert await gateway.attempt_login(user.name, "wrong-" + user.password) == 401
     denied = await event(log, "login", ok=False)
     assert denied["user"] == user.name and denied["door"] == "web" and denied["rhost"] == "127.0.0.1"
     assert denied["result"] == "denied" and "Authentication failure" in denied["reason"]
@@ -104,7 +101,8 @@ async def test_refusals_and_kills_are_audited_and_counted(start_gateway, user, t
         samples = await scrape(gateway.url)
         assert metric(samples, "termbridge_session_starts_total", door="web", result="refused") == 1
 
-        resp = await http.post("/logout", headers={"Origin": gateway.origin}, allow_redirects=False)
+        token = await csrf_token(http, "/")
+        resp = await http.post("/logout", data={"csrf": token}, headers={"Origin": gateway.origin}, allow_redirects=False)
         assert resp.status == 303
         kill = await event(log, "session_kill", session=session["id"])
         assert kill["by"] == "logout" and kill["user"] == user.name

@@ -21,6 +21,7 @@ import aiohttp
 import pytest
 
 from conftest import Gateway
+from bridge.web_front import COOKIE_NAME
 from helpers import (
     PROMPT, ROOT, Terminal, containers_gone, free_port, self_signed_cert, stop_process, wait_for, write_config,
 )
@@ -122,7 +123,7 @@ async def test_login_and_terminal_through_nginx_with_tls(start_gateway, nginx_in
 
     proxied = Gateway(front.https, gateway.config, gateway.app)
     async with await proxied.login(user, connector=connector()) as http:
-        [cookie] = [c for c in http.cookie_jar]
+        [cookie] = [c for c in http.cookie_jar if c.key == COOKIE_NAME]
         assert cookie["secure"] and cookie["httponly"]  # the gateway believed X-Forwarded-Proto
         ws = await http.ws_connect("/ws", headers={"Origin": front.https}, max_msg_size=0)
         term = Terminal(ws)
@@ -181,6 +182,7 @@ def in_units_sandbox(command: list[str], writable: Path) -> list[str]:
     caps = ",".join("+" + cap.removeprefix("CAP_").lower() for cap in settings["CapabilityBoundingSet"].split())
     assert settings["PrivateTmp"] == "yes"
     script = (f'mount --bind "{writable}" "{writable}" && mount -t tmpfs -o mode=1777 tmpfs /var/tmp && '
+              f'mkdir -p -m 0700 /run/termbridge && mount --bind /run/termbridge /run/termbridge && '
               f'mount -o remount,bind,ro / && '
               f'exec setpriv --no-new-privs --bounding-set -all,{caps} --inh-caps=-all -- "$@"')
     return ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sandbox", *command]
@@ -232,7 +234,8 @@ async def test_the_gateway_works_inside_the_units_sandbox(tmp_path, pam_service,
     async with gateway_process(serve, port, ROOT) as (gateway, proc):
         status = Path(f"/proc/{proc.pid}/status").read_text()
         bounding = int(re.search(r"CapBnd:\s*([0-9a-f]+)", status).group(1), 16)
-        assert bounding == sum(1 << bit for bit in (2, 10, 29))  # DAC_READ_SEARCH, NET_BIND_SERVICE, AUDIT_WRITE
+        # DAC_READ_SEARCH, NET_BIND_SERVICE, NET_ADMIN, SYS_PTRACE, SYS_ADMIN, AUDIT_WRITE
+        assert bounding == sum(1 << bit for bit in (2, 10, 12, 19, 21, 29))
         assert re.search(r"NoNewPrivs:\s*1", status)
         await one_session(gateway, user, "sandboxed")
     assert '"session_end"' in audit.read_text()

@@ -20,8 +20,7 @@ async def test_sessions_logins_and_time_to_prompt_are_counted(gateway, user):
     assert ("process_resident_memory_bytes", ()) in before
     assert not [name for name, _ in before if name.endswith("_created")]
 
-    async with aiohttp.ClientSession(base_url=gateway.url) as anon:
-        assert (await anon.post("/login", data={"username": user.name, "password": "nope"})).status == 401
+    assert await gateway.attempt_login(user.name, "nope") == 401
     async with await gateway.login(user) as http:
         term = await gateway.terminal(http)
         await term.control("session")

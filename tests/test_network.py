@@ -202,5 +202,6 @@ async def test_firewall_off_is_a_loud_choice(gateway_process, tmp_path):
     process = gateway_process(session={"firewall": False})
     await process.start(env={**os.environ, "PATH": _tools_dir(tmp_path, ["nsenter", "ip"])})
     process.signal(signal.SIGTERM)
-    _, err = await asyncio.to_thread(process.proc.communicate, timeout=30)
+    await process.wait(30)
+    err = process.log()
     assert "session.firewall is off" in err, err

@@ -57,7 +57,7 @@ async def test_a_megabyte_paste_reaches_the_shell_intact(gateway, user):
 
 
 async def test_a_frame_above_the_limit_closes_that_socket_only(start_gateway, user):
-    gateway = await start_gateway(web={"max_message_size": "64k"})
+    gateway = await start_gateway(web={"max_message_size": "64k"}, session={"reconnect_grace": "1s"})
     async with await gateway.login(user) as http:
         term, session = await ready_shell(gateway, http)
         await term.ws.send_bytes(b"y" * (64 * 1024 + 1))
@@ -70,9 +70,10 @@ async def test_a_frame_above_the_limit_closes_that_socket_only(start_gateway, us
         await again.control("exit")
 
 
-async def test_input_is_taken_only_as_fast_as_the_shell_reads(gateway, user):
+async def test_input_is_taken_only_as_fast_as_the_shell_reads(start_gateway, user):
     """40 MB offered to a shell that reads nothing: the gateway holds a few MB at most (SSH
     window, socket buffers) and stops reading the WebSocket; nothing queues without bound."""
+    gateway = await start_gateway(session={"reconnect_grace": "1s"})
     async with await gateway.login(user) as http:
         term, session = await ready_shell(gateway, http)
         await term.send("stty -echo; echo READY-$((2+2)); sleep 600\r")
@@ -92,7 +93,8 @@ async def test_input_is_taken_only_as_fast_as_the_shell_reads(gateway, user):
         # the browser goes away, as a closed tab does (a close frame could never get past the
         # unread input); aiohttp's client has no public abort, so its transport is aborted
         term.ws._response.connection.transport.abort()
-        # the gateway notices although it is not reading that socket, and ends the session
+        # the gateway notices although it is not reading that socket: the session detaches,
+        # and ends when the (here 1 s) reconnect grace is over
         await wait_for(lambda: session.ending, timeout=20, what="the session of a vanished browser to end")
 
 
