@@ -174,6 +174,7 @@ class SessionManager:
         self.backend = backend
         self.sessions: dict[str, Session] = {}
         self._cleanups: set[asyncio.Task] = set()
+        self._starting: set[asyncio.Future] = set()  # backend starts in flight (threads)
         self._closing = False
 
     # -- limits -------------------------------------------------------------------------------
@@ -246,18 +247,22 @@ class SessionManager:
             root=cfg.user == "root",
         )
         start = asyncio.ensure_future(self.backend.start(spec))
+        self._starting.add(start)
+        start.add_done_callback(self._starting.discard)
         try:
             session.container = await asyncio.shield(start)
         except asyncio.CancelledError:
             # The thread may still create the container: remove it when it lands.
             start.add_done_callback(self._remove_when_started)
             raise
+        self._check_not_ended(session)
         async with asyncio.timeout(cfg.start_timeout):
             session.upstream = await Upstream.connect(session.container, keys, cfg.start_timeout)
             if terminal is not None:
                 session.process = await session.upstream.open_terminal(
                     terminal.term, terminal.cols, terminal.rows, terminal.env
                 )
+        self._check_not_ended(session)
         session.ready_at = time.monotonic()
         session.touch()
         if session.sink is not None:
@@ -265,6 +270,12 @@ class SessionManager:
         session._tasks.append(asyncio.create_task(self._watchdog(session), name=f"watchdog-{session.id[:8]}"))
         if session.process is not None:
             session._tasks.append(asyncio.create_task(self._pump(session), name=f"pump-{session.id[:8]}"))
+
+    @staticmethod
+    def _check_not_ended(session: Session) -> None:
+        """A session killed while it started (logout, shutdown) must not go on to run."""
+        if session.ending:
+            raise SessionStartError(detail=f"ended ({session.end_reason}) while starting")
 
     def _remove_when_started(self, task: asyncio.Task) -> None:
         if not task.cancelled() and task.exception() is None:
@@ -407,5 +418,7 @@ class SessionManager:
         """End every session (reason `killed`) and wait for every container's removal."""
         self._closing = True
         await asyncio.gather(*(self.kill(s, message) for s in list(self.sessions.values())), return_exceptions=True)
-        while self._cleanups:
-            await asyncio.gather(*list(self._cleanups), return_exceptions=True)
+        # Containers still being created land after this; their sessions then remove them.
+        while self._starting or self._cleanups:
+            await asyncio.gather(*list(self._starting), *list(self._cleanups), return_exceptions=True)
+            await asyncio.sleep(0)

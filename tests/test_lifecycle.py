@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import aiohttp
+import pytest
 
 from bridge.docker_backend import DockerBackend
 from helpers import PROMPT, ROOT, containers_gone, session_containers, wait_for, write_config
@@ -110,3 +111,20 @@ async def test_shutdown_ends_sessions_and_removes_containers(start_gateway, user
     await containers_gone(**{"termbridge.session": session["id"]})
     assert os.path.isdir(gateway.config.state_dir)
     assert oct(os.stat(gateway.config.state_dir).st_mode & 0o777) == "0o700"
+
+
+@pytest.mark.parametrize("socket_closed_first", [False, True])
+async def test_shutdown_while_a_container_is_being_created_leaves_nothing(gateway, user, socket_closed_first):
+    """The gateway stops while a session's container is still being made (in a backend thread):
+    shutdown waits for it and removes it, instead of leaving it behind."""
+    from bridge.web_front import BACKEND, MANAGER
+
+    async with await gateway.login(user) as http:
+        term = await gateway.terminal(http)
+        await asyncio.sleep(0.1)  # the container is being created now
+        if socket_closed_first:
+            await term.ws.close()
+        await asyncio.wait_for(gateway.app[MANAGER].close(), 60)
+        await gateway.app[BACKEND].close()
+    await asyncio.sleep(3)  # long enough for a start that was still running to have landed
+    assert not session_containers(**{"termbridge.user": user.name})
