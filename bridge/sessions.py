@@ -182,6 +182,7 @@ class Session:
         self.detached_cursor = 0  # what the last attachment had taken when it went
         self.detached_since: float | None = time.monotonic()
         self.attached_once = False
+        self.removal_scheduled = False
         self._output_event = asyncio.Event()  # more output, or the session ends
         self._space_event = asyncio.Event()  # a reader advanced, or attachments changed
         self._ended = asyncio.Event()
@@ -311,6 +312,7 @@ class SessionManager:
         self.backend = backend
         self.sessions: dict[str, Session] = {}
         self._cleanups: set[asyncio.Task] = set()
+        self._starting: set[asyncio.Future] = set()  # backend starts in flight (threads)
         self._closing = False
         self.observers: list[SessionObserver] = []
 
@@ -404,6 +406,8 @@ class SessionManager:
             root=cfg.user == "root",
         )
         start = asyncio.ensure_future(self.backend.start(spec))
+        self._starting.add(start)
+        start.add_done_callback(self._starting.discard)
         try:
             session.container = await asyncio.shield(start)
         except asyncio.CancelledError:
@@ -411,6 +415,7 @@ class SessionManager:
             # close() waits for (a callback would fire after shutdown and leak it).
             self._track(self._remove_when_started(start))
             raise
+        self._check_not_ended(session)
         async with asyncio.timeout(cfg.start_timeout):
             session.upstream = await Upstream.connect(session.container, keys, cfg.start_timeout)
             if terminal is not None:
@@ -418,6 +423,7 @@ class SessionManager:
                     terminal.term, terminal.cols, terminal.rows, terminal.env
                 )
                 session.term_size = (terminal.cols, terminal.rows)
+        self._check_not_ended(session)
         session.ready_at = time.monotonic()
         session.touch()
         self._notify("session_started", session, session.ready_at - session.created)
@@ -426,6 +432,12 @@ class SessionManager:
         session._tasks.append(asyncio.create_task(self._watchdog(session), name=f"watchdog-{session.id[:8]}"))
         if session.process is not None:
             session._tasks.append(asyncio.create_task(self._pump(session), name=f"pump-{session.id[:8]}"))
+
+    @staticmethod
+    def _check_not_ended(session: Session) -> None:
+        """A session killed while it started (logout, shutdown) must not go on to run."""
+        if session.ending:
+            raise SessionStartError(detail=f"ended ({session.end_reason}) while starting")
 
     async def _remove_when_started(self, start: asyncio.Future[Container]) -> None:
         try:
@@ -605,9 +617,12 @@ class SessionManager:
         session.taps.clear()
         if session.upstream is not None:
             session.upstream.close()
-        if session.container is not None:
+        if session.container is not None and not session.removal_scheduled:
+            session.removal_scheduled = True
             self._schedule_removal(session.container.id, f"session {session.id[:12]}")
         self.sessions.pop(session.id, None)
+        if session._ended.is_set():
+            return  # killed while starting, finished again once its container landed
         lived = time.monotonic() - session.ready_at if session.ready_at else 0.0
         session.log.info(
             "ended: reason=%s code=%s after %.1f s, %d bytes in, %d bytes out",
@@ -676,5 +691,7 @@ class SessionManager:
         await asyncio.gather(
             *(self.kill(s, message, actor="shutdown") for s in list(self.sessions.values())), return_exceptions=True
         )
-        while self._cleanups:
-            await asyncio.gather(*list(self._cleanups), return_exceptions=True)
+        # Containers still being created land after this; their sessions then remove them.
+        while self._starting or self._cleanups:
+            await asyncio.gather(*list(self._starting), *list(self._cleanups), return_exceptions=True)
+            await asyncio.sleep(0)

@@ -45,7 +45,9 @@ def no_leaked_containers() -> Iterator[None]:
     ]
     for container in leftovers:
         container.remove(force=True)
-    assert not leftovers, f"leaked session containers: {[c.name for c in leftovers]}"
+    assert not leftovers, "leaked session containers: " + ", ".join(
+        f"{c.name} ({c.status}, started {c.labels.get('termbridge.started')})" for c in leftovers
+    )
 
 
 class LogRecorder(logging.Handler):

@@ -193,3 +193,20 @@ async def test_docker_outage_then_recovery(gateway, user):
         await term.send("exit\r")
         await term.control("exit")
     await containers_gone(**{"termbridge.session": session["id"]})
+
+
+@pytest.mark.parametrize("socket_closed_first", [False, True])
+async def test_shutdown_while_a_container_is_being_created_leaves_nothing(gateway, user, socket_closed_first):
+    """The gateway stops while a session's container is still being made (in a backend thread):
+    shutdown waits for it and removes it, instead of leaving it behind."""
+    from bridge.web_front import BACKEND, MANAGER
+
+    async with await gateway.login(user) as http:
+        term = await gateway.terminal(http)
+        await asyncio.sleep(0.1)  # the container is being created now
+        if socket_closed_first:
+            await term.ws.close()
+        await asyncio.wait_for(gateway.app[MANAGER].close(), 60)
+        await gateway.app[BACKEND].close()
+    await asyncio.sleep(3)  # long enough for a start that was still running to have landed
+    assert not session_containers(**{"termbridge.user": user.name})
