@@ -113,6 +113,7 @@ def build_app(
         admin = AdminServer(manager, admin_socket_path(config.state_dir))
         await admin.start()
         await reap_once(manager)
+        manager.start_pool()
         reaper = asyncio.create_task(reap_forever(manager), name="reaper")
         ssh_door: SshDoor | None = None
         try:

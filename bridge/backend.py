@@ -21,8 +21,8 @@ class ContainerSpec:
     """What a session asks of its container. Keys are opaque bytes to the backend."""
 
     session_id: str
-    user: str
-    door: str
+    user: str  # empty for a pooled container: the account comes at claim
+    door: str  # web, ssh, or pool
     started: str  # RFC 3339
     authorized_keys: bytes
     host_private_key: bytes
@@ -73,6 +73,10 @@ class Backend(Protocol):
         """Create, start, isolate, hand over the keys. Returns once the container runs and has an
         address (sshd may still be starting). Raises BackendUnavailable, ImageMissing or
         SessionStartError; on any failure, nothing is left behind."""
+
+    async def claim(self, container: Container, user: str, root: bool) -> Container:
+        """Hand a pooled container (started with no user) to `user`: its account is made and it
+        is renamed after them. Raises SessionStartError; the caller removes it on failure."""
 
     async def stop(self, container_id: str) -> None:
         """Remove the container. Idempotent: an absent container is success."""

@@ -53,7 +53,7 @@ RUN_TMPFS_SIZE = 16 * 1024**2
 # How the session image expects to be set up (label `termbridge.protocol`); 2: keys on stdin,
 # accounts on tmpfs, read-only root. An image built from an older session-image/ would wait for
 # keys that never come, so it is refused with a clear message instead.
-IMAGE_PROTOCOL = "2"
+IMAGE_PROTOCOL = "3"
 NETWORK_NAMES = {"isolated": "termbridge-isolated", "internet": "termbridge-internet"}
 SSHD_PORT = 22
 
@@ -258,7 +258,7 @@ class DockerBackend:
         self._prepare_sync(api)
         self._check_image(api)
         short = spec.session_id[:8]
-        name = f"termbridge-{spec.user}-{short}"
+        name = f"termbridge-{spec.user or 'pool'}-{short}"
         cfg = self.config
         labels = {
             LABEL_SESSION: spec.session_id,
@@ -305,6 +305,26 @@ class DockerBackend:
 
     async def start(self, spec: ContainerSpec) -> Container:
         return await self._call(self._start_sync, spec)
+
+    def _claim_sync(self, container: Container, user: str, root: bool) -> Container:
+        api = self._api()
+        name = f"termbridge-{user}-{container.name.rsplit('-', 1)[-1]}"
+        if not root:
+            # uid 0, not "root": Docker would look the name up in an /etc/passwd that lives on tmpfs
+            run = api.exec_create(container.id, ["/usr/local/sbin/termbridge-adduser", user], user="0")
+            output = api.exec_start(run["Id"])
+            code = api.exec_inspect(run["Id"]).get("ExitCode")
+            if code != 0:
+                raise SessionStartError(detail=f"claiming {container.name} for {user} failed ({code}): {output!r}")
+        try:
+            api.rename(container.id, name)
+        except docker.errors.APIError as exc:
+            log.warning("could not rename %s to %s: %s", container.name, name, exc)
+            name = container.name
+        return Container(container.id, name, container.address, container.port, "root" if root else user)
+
+    async def claim(self, container: Container, user: str, root: bool) -> Container:
+        return await self._call(self._claim_sync, container, user, root)
 
     def _remove_sync(self, container_id: str) -> None:
         try:

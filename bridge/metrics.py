@@ -19,7 +19,7 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
 from .auth import AuthenticatedUser
-from .backend import Backend, Container, ContainerInfo, ContainerSpec
+from .backend import Backend, Container, ContainerInfo, ContainerSpec, ContainerState
 from .errors import BackendUnavailable, BridgeError, ImageMissing, SessionStartError
 from .sessions import LOGIN_RESULTS, Session, SessionManager, SessionObserver
 
@@ -165,10 +165,13 @@ class MeteredBackend:
     async def start(self, spec: ContainerSpec) -> Container:
         return await self._count("start", self.inner.start(spec))
 
+    async def claim(self, container: Container, user: str, root: bool) -> Container:
+        return await self._count("claim", self.inner.claim(container, user, root))
+
     async def stop(self, container_id: str) -> None:
         await self._count("stop", self.inner.stop(container_id))
 
-    async def poll(self, container_id: str) -> int | None:
+    async def poll(self, container_id: str) -> ContainerState:
         return await self._count("poll", self.inner.poll(container_id))
 
     async def list_own(self) -> list[ContainerInfo]:

@@ -25,6 +25,7 @@ from .backend import Backend, Container, ContainerSpec, ContainerState
 from .config import Config
 from .errors import BridgeError, LimitReached, SessionStartError
 from .outbuf import OutputBuffer
+from .pool import Pooled, WarmPool
 from .upstream import SessionKeys, Upstream
 
 log = logging.getLogger("termbridge.sessions")
@@ -32,10 +33,11 @@ log = logging.getLogger("termbridge.sessions")
 READ_CHUNK = 65536
 # Output flow control. Attached: the pump reads ahead of what the person's socket took by at most
 # ATTACHED_WINDOW (keeps a runaway `yes` from queueing seconds of output ahead of Ctrl-C).
-# Detached: it keeps reading until IN_FLIGHT_RESERVE bytes from before the drop would be
-# evicted, so whatever was in flight when the socket died can still be replayed exactly.
+# Detached: it stops reading (the shell pauses when it next writes) while less than
+# IN_FLIGHT_RESERVE bytes before the drop would still be replayable; what was in flight when the
+# socket died (send buffers, bounded by SEND_BUFFER in the web door) can be replayed exactly.
 ATTACHED_WINDOW = 256 * 1024
-IN_FLIGHT_RESERVE = 512 * 1024
+IN_FLIGHT_RESERVE = 1024 * 1024 - READ_CHUNK
 
 
 class Sink(Protocol):
@@ -157,8 +159,8 @@ class SessionLog(logging.LoggerAdapter):
 
 
 class Session:
-    def __init__(self, user: AuthenticatedUser, door: str, sink: Sink) -> None:
-        self.id = secrets.token_hex(16)
+    def __init__(self, user: AuthenticatedUser, door: str, sink: Sink, session_id: str | None = None) -> None:
+        self.id = session_id or secrets.token_hex(16)
         self.user = user
         self.door = door
         self.sink: Sink | None = sink
@@ -315,6 +317,15 @@ class SessionManager:
         self._starting: set[asyncio.Future] = set()  # backend starts in flight (threads)
         self._closing = False
         self.observers: list[SessionObserver] = []
+        self.pool = WarmPool(config.session.pool, backend, config.session, self._room) if config.session.pool else None
+
+    def _room(self) -> int:
+        """How many more containers this gateway may hold (sessions and pooled ones alike)."""
+        return self.config.session.max_total - len(self.sessions) - (self.pool.held if self.pool else 0)
+
+    def start_pool(self) -> None:
+        if self.pool is not None:
+            self.pool.kick()
 
     def _notify(self, event: str, *args: object) -> None:
         for observer in self.observers:
@@ -339,7 +350,9 @@ class SessionManager:
         cfg = self.config.session
         if self._closing:
             raise LimitReached("the gateway is shutting down", detail="refused: shutting down")
-        if len(self.sessions) >= cfg.max_total:
+        # A login that takes a pooled container adds nothing to what the gateway holds.
+        takes_pooled = self.pool is not None and bool(self.pool.ready)
+        if self._room() + takes_pooled <= 0:
             raise LimitReached(
                 f"this server is at its limit of {cfg.max_total} sessions (session.max_total); try again later",
                 detail=f"refused: session.max_total={cfg.max_total} reached",
@@ -368,11 +381,12 @@ class SessionManager:
         except LimitReached as exc:
             self._notify("session_refused", user, door, exc.detail)
             raise
-        session = Session(user, door, sink)
+        pooled = self.pool.take() if self.pool is not None else None
+        session = Session(user, door, sink, pooled.session_id if pooled else None)
         self.sessions[session.id] = session
-        session.log.info("starting (%s door)", door)
+        session.log.info("starting (%s door%s)", door, f", pooled {pooled.container.name}" if pooled else "")
         try:
-            await self._provision(session, terminal)
+            await self._provision(session, terminal, pooled)
         except asyncio.CancelledError:
             self._finish(session, "cancelled")
             raise
@@ -392,29 +406,15 @@ class SessionManager:
         )
         return session
 
-    async def _provision(self, session: Session, terminal: TerminalRequest | None) -> None:
+    async def _provision(self, session: Session, terminal: TerminalRequest | None, pooled: Pooled | None) -> None:
         cfg = self.config.session
-        keys = SessionKeys.generate()
-        spec = ContainerSpec(
-            session_id=session.id,
-            user=session.user.name,
-            door=session.door,
-            started=session.started_at.isoformat(timespec="seconds"),
-            authorized_keys=keys.authorized_keys,
-            host_private_key=keys.host_private_key,
-            host_public_key=keys.host_public_key,
-            root=cfg.user == "root",
-        )
-        start = asyncio.ensure_future(self.backend.start(spec))
-        self._starting.add(start)
-        start.add_done_callback(self._starting.discard)
-        try:
-            session.container = await asyncio.shield(start)
-        except asyncio.CancelledError:
-            # The thread may still create the container: remove it when it lands, in a task that
-            # close() waits for (a callback would fire after shutdown and leak it).
-            self._track(self._remove_when_started(start))
-            raise
+        if pooled is not None:
+            keys = pooled.keys
+            session.container = pooled.container  # removed with the session, whatever happens next
+            session.container = await self.backend.claim(pooled.container, session.user.name, cfg.user == "root")
+        else:
+            keys = SessionKeys.generate()
+            session.container = await self._start_container(session, keys)
         self._check_not_ended(session)
         async with asyncio.timeout(cfg.start_timeout):
             session.upstream = await Upstream.connect(session.container, keys, cfg.start_timeout)
@@ -438,6 +438,28 @@ class SessionManager:
         """A session killed while it started (logout, shutdown) must not go on to run."""
         if session.ending:
             raise SessionStartError(detail=f"ended ({session.end_reason}) while starting")
+
+    async def _start_container(self, session: Session, keys: SessionKeys) -> Container:
+        spec = ContainerSpec(
+            session_id=session.id,
+            user=session.user.name,
+            door=session.door,
+            started=session.started_at.isoformat(timespec="seconds"),
+            authorized_keys=keys.authorized_keys,
+            host_private_key=keys.host_private_key,
+            host_public_key=keys.host_public_key,
+            root=self.config.session.user == "root",
+        )
+        start = asyncio.ensure_future(self.backend.start(spec))
+        self._starting.add(start)
+        start.add_done_callback(self._starting.discard)
+        try:
+            return await asyncio.shield(start)
+        except asyncio.CancelledError:
+            # The thread may still create the container: remove it when it lands, in a task that
+            # close() waits for (a callback would fire after shutdown and leak it).
+            self._track(self._remove_when_started(start))
+            raise
 
     async def _remove_when_started(self, start: asyncio.Future[Container]) -> None:
         try:
@@ -623,6 +645,8 @@ class SessionManager:
         self.sessions.pop(session.id, None)
         if session._ended.is_set():
             return  # killed while starting, finished again once its container landed
+        if self.pool is not None:
+            self.pool.kick()  # a slot is free: the pool may refill up to max_total
         lived = time.monotonic() - session.ready_at if session.ready_at else 0.0
         session.log.info(
             "ended: reason=%s code=%s after %.1f s, %d bytes in, %d bytes out",
@@ -660,6 +684,8 @@ class SessionManager:
     async def reap(self) -> int:
         """Remove containers of this gateway instance that no live session owns."""
         live = {s.container.id for s in self.sessions.values() if s.container} | set(self.sessions)
+        if self.pool is not None:
+            live |= self.pool.ids()
         removed = 0
         for info in await self.backend.list_own():
             if info.id in live or info.session_id in live:
@@ -688,6 +714,8 @@ class SessionManager:
     async def close(self, message: str = "the gateway is shutting down") -> None:
         """End every session (reason `killed`) and wait for every container's removal."""
         self._closing = True
+        if self.pool is not None:
+            await self.pool.close()
         await asyncio.gather(
             *(self.kill(s, message, actor="shutdown") for s in list(self.sessions.values())), return_exceptions=True
         )

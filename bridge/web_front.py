@@ -14,6 +14,7 @@ import html
 import ipaddress
 import logging
 import secrets
+import socket
 import string
 import time
 import weakref
@@ -431,6 +432,17 @@ async def _send_input(request: web.Request, ws: web.WebSocketResponse, session: 
             pass
 
 
+# What may be in flight to a browser when its socket dies must stay replayable (sessions.py keeps
+# IN_FLIGHT_RESERVE before the drop); left alone, Linux grows a socket's send buffer to MBs.
+SEND_BUFFER = 128 * 1024
+
+
+def _bound_send_buffer(request: web.Request) -> None:
+    sock = request.transport.get_extra_info("socket") if request.transport else None
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
+
+
 async def terminal_socket(request: web.Request) -> web.StreamResponse:
     login = current_login(request)
     if login is None:
@@ -443,6 +455,7 @@ async def terminal_socket(request: web.Request) -> web.StreamResponse:
     resume, offset = _resumable(request, login)
     ws = web.WebSocketResponse(max_msg_size=app[CONFIG].web.max_message_size, heartbeat=30, compress=False)
     await ws.prepare(request)
+    _bound_send_buffer(request)
     app[WEBSOCKETS].add(ws)
     terminal = TerminalRequest()
     sink = WebSocketSink(ws, login, app[CONFIG])

@@ -1,11 +1,12 @@
 #!/bin/sh
 # Sets up the session's accounts and keys on tmpfs, then runs sshd in the foreground.
-# TERMBRIDGE_USER: login name (validated by the gateway); TERMBRIDGE_MODE: login | root.
+# TERMBRIDGE_USER: login name (validated by the gateway); empty for a pooled container, whose
+# account `termbridge-adduser` makes when a login claims it. TERMBRIDGE_MODE: login | root.
 # stdin: a tar with ssh_host_ed25519_key, ssh_host_ed25519_key.pub and authorized_keys, written
 # by the gateway right after start (never on disk, never in `docker inspect`), then EOF.
 set -eu
 
-user="${TERMBRIDGE_USER:?TERMBRIDGE_USER is required}"
+user="${TERMBRIDGE_USER:-}"
 mode="${TERMBRIDGE_MODE:-login}"
 state=/run/termbridge
 base=/etc/termbridge/base
@@ -33,18 +34,11 @@ if [ "$mode" = root ]; then
         cp -p "$state/etc/$f" "/etc/$f.termbridge" && mv -f "/etc/$f.termbridge" "/etc/$f"
     done
     printf 'AllowUsers root\nPermitRootLogin prohibit-password\n' > "$state/sshd_config.d/10-mode.conf"
+elif [ -n "$user" ]; then
+    termbridge-adduser "$user"
 else
-    home="/home/$user"
-    today=$(( $(date +%s) / 86400 ))
-    printf '%s:x:1000:1000::%s:/bin/bash\n' "$user" "$home" >> "$state/etc/passwd"
-    printf '%s:x:1000:\n' "$user" >> "$state/etc/group"
-    printf '%s:*:%s:0:99999:7:::\n' "$user" "$today" >> "$state/etc/shadow"
-    printf '%s:!::\n' "$user" >> "$state/etc/gshadow"
-    mkdir -p "$home"
-    chmod 0750 "$home"
-    cp -R /etc/skel/. "$home/"
-    chown -R 1000:1000 "$home"
-    printf 'AllowUsers %s\nPermitRootLogin no\n' "$user" > "$state/sshd_config.d/10-mode.conf"
+    # Pooled: sshd is ready now; the account and AllowUsers come at claim (termbridge-adduser).
+    printf 'PermitRootLogin no\nDenyUsers root\n' > "$state/sshd_config.d/10-mode.conf"
 fi
 
 exec /usr/sbin/sshd -D -e

@@ -1,0 +1,152 @@
+"""The warm pool: containers created, started and sshd-ready ahead of time, so that a login only
+has to claim one. Each is used once (never returned, never reused); a taken one is replaced in
+the background. Pooled containers carry the SPEC labels (door `pool`, no user yet), count toward
+`session.max_total`, and are reaped like the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+from .backend import Backend, Container, ContainerSpec
+from .config import SessionConfig
+from .errors import BridgeError, SessionStartError
+from .upstream import SessionKeys
+
+log = logging.getLogger("termbridge.pool")
+
+RETRY_AFTER_FAILURE = 5.0
+
+
+@dataclass(frozen=True)
+class Pooled:
+    session_id: str  # the id its session will have (it is in the container's labels already)
+    container: Container
+    keys: SessionKeys
+    ready_at: float
+
+
+async def wait_for_sshd(container: Container, timeout: float) -> None:
+    """Until the container's sshd answers with its banner (no login: there is no user yet)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    delay = 0.005
+    while True:
+        try:
+            async with asyncio.timeout(max(0.1, deadline - loop.time())):
+                reader, writer = await asyncio.open_connection(container.address, container.port)
+                try:
+                    banner = await reader.readline()
+                finally:
+                    writer.close()
+            if banner.startswith(b"SSH-2.0-"):
+                return
+        except (OSError, TimeoutError):
+            pass
+        if loop.time() + delay >= deadline:
+            raise SessionStartError(detail=f"pooled container {container.name}: sshd not ready in {timeout:.0f} s")
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 0.1)
+
+
+class WarmPool:
+    def __init__(self, size: int, backend: Backend, config: SessionConfig, room: Callable[[], int]) -> None:
+        """`room()` says how many more containers the gateway may hold (max_total less what
+        sessions and this pool hold already)."""
+        self.size = size
+        self.backend = backend
+        self.config = config
+        self.room = room
+        self.ready: deque[Pooled] = deque()
+        self.filling = 0
+        self._making: set[str] = set()  # session ids of containers being made (for the reaper)
+        self._refill: asyncio.Task | None = None
+        self._closed = False
+        self._closing = asyncio.Event()
+
+    @property
+    def held(self) -> int:
+        """Containers this pool holds or is making."""
+        return len(self.ready) + self.filling
+
+    def ids(self) -> set[str]:
+        """Session and container ids the reaper must leave alone."""
+        return {p.session_id for p in self.ready} | {p.container.id for p in self.ready} | self._making
+
+    def take(self) -> Pooled | None:
+        """A ready container, brand-new and never used, or None. Starts the refill."""
+        pooled = self.ready.popleft() if self.ready else None
+        self.kick()
+        return pooled
+
+    def kick(self) -> None:
+        if not self._closed and (self._refill is None or self._refill.done()):
+            self._refill = asyncio.get_running_loop().create_task(self._fill(), name="pool-refill")
+
+    async def _fill(self) -> None:
+        while not self._closed and self.held < self.size and self.room() > 0:
+            self.filling += 1
+            try:
+                pooled = await self._make_one()
+            except BridgeError as exc:
+                log.warning("pool: could not make a container: %s; retrying in %.0f s", exc.detail, RETRY_AFTER_FAILURE)
+                try:
+                    await asyncio.wait_for(self._closing.wait(), RETRY_AFTER_FAILURE)
+                except TimeoutError:
+                    pass
+                continue
+            finally:
+                self.filling -= 1
+            if self._closed:
+                await self._remove(pooled)
+                return
+            self.ready.append(pooled)
+            log.info("pool: %s ready (%d of %d)", pooled.container.name, len(self.ready), self.size)
+
+    async def _make_one(self) -> Pooled:
+        keys = SessionKeys.generate()
+        session_id = secrets.token_hex(16)
+        spec = ContainerSpec(
+            session_id=session_id,
+            user="",
+            door="pool",
+            started=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            authorized_keys=keys.authorized_keys,
+            host_private_key=keys.host_private_key,
+            host_public_key=keys.host_public_key,
+            root=self.config.user == "root",
+        )
+        self._making.add(session_id)
+        try:
+            container = await self.backend.start(spec)
+            try:
+                await wait_for_sshd(container, self.config.start_timeout)
+            except BaseException:
+                await asyncio.shield(self.backend.stop(container.id))
+                raise
+            return Pooled(session_id, container, keys, time.monotonic())
+        finally:
+            self._making.discard(session_id)
+
+    async def _remove(self, pooled: Pooled) -> None:
+        try:
+            await self.backend.stop(pooled.container.id)
+        except BridgeError as exc:
+            log.warning("pool: removing %s failed: %s (the reaper will retry)", pooled.container.name, exc.detail)
+
+    async def close(self) -> None:
+        """Stop refilling and remove every pooled container. A container being made is waited
+        for (not cancelled: its backend thread would go on and leave it behind) and removed."""
+        self._closed = True
+        self._closing.set()
+        if self._refill is not None:
+            await asyncio.gather(self._refill, return_exceptions=True)
+        while self.ready:
+            await self._remove(self.ready.popleft())
