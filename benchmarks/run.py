@@ -1,0 +1,263 @@
+"""termbridge against ttyd and the Docker floor, in one run on one machine.
+
+    .venv/bin/python -m benchmarks [--quick] [--sessions N] [--json FILE]
+
+Measures, for termbridge's web door and SSH door, connect→prompt (cold, and with `session.pool`),
+keystroke echo round trips, throughput of 50 MB of base64 and close→container gone; the same
+for the floors (docker SDK attach; asyncssh straight into the container's sshd) and for ttyd
+running `docker run -it --rm`, all with the same image and limits. Then the scale run. Prints
+one table with ratios and writes JSON.
+
+Needs what the tests need (root, Docker, the session image). It creates a throwaway PAM account
+and removes it, talks only to loopback and its own containers, and removes every container it
+started. `--quick` is what the test suite runs: a few iterations, a small scale run, and ttyd
+only if it was built before.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from bridge.backend import LABEL_GATEWAY
+from bridge.config import load_config
+
+from . import report, ttyd
+from .clients import echo_round_trips, throughput
+from .harness import (
+    BENCH_LABEL, ROOT, GatewayProcess, bench_account, containers, login, machine, remove_labelled,
+    run_label, ssh_door_built, summary, workdir,
+)
+from .scale import run_scale
+from .systems import KIND_LABEL, FloorAttach, FloorSsh, SshDoor, System, Ttyd, WebDoor, docker_run_command
+
+POOL_SETTLE = 1.0  # after the pool is full again: its newest container's sshd is surely up
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a few iterations, small scale run (the test suite's mode)")
+    parser.add_argument("--runs", type=int, help="connect→prompt and close→gone samples per system (default 10; quick 2)")
+    parser.add_argument("--echo-samples", type=int, help="keystroke echo samples (default 200; quick 20)")
+    parser.add_argument("--megabytes", type=float, help="base64 output for throughput, MB (default 50; quick 2)")
+    parser.add_argument("--pool", type=int, default=2, help="session.pool of the pooled gateway (default 2)")
+    parser.add_argument("--sessions", type=int, help="live sessions in the scale run (default 100; quick 4; 0 skips it)")
+    parser.add_argument("--streaming", type=int, help="of which streaming output (default 10; quick 1)")
+    parser.add_argument("--stream-rate", type=float, default=100.0,
+                        help="kB/s each streaming session prints; 0 = as fast as it can (default 100)")
+    parser.add_argument("--probes", type=int, help="echo probes on idle sessions in the scale run (default 500; quick 20)")
+    parser.add_argument("--no-ttyd", action="store_true", help="skip the ttyd column")
+    parser.add_argument("--build-ttyd", action=argparse.BooleanOptionalAction, default=None,
+                        help="build ttyd from Debian's source package if missing (default: yes, not in --quick)")
+    parser.add_argument("--json", type=Path, help="write results here (default benchmarks/results/bench-<time>.json)")
+    args = parser.parse_args(argv)
+    quick = args.quick
+    defaults = {"runs": (10, 2), "echo_samples": (200, 20), "megabytes": (50.0, 2.0), "sessions": (100, 4),
+                "streaming": (10, 1), "probes": (500, 20), "build_ttyd": (True, False)}
+    for name, (full, small) in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, small if quick else full)
+    if args.sessions and args.streaming >= args.sessions:
+        parser.error("--streaming must be less than --sessions (idle sessions are probed)")
+    return args
+
+
+def say(text: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+
+
+async def measure(system: System, args: argparse.Namespace) -> dict[str, Any]:
+    """Connect→prompt and close→gone `runs` times; echo and throughput on the first session."""
+    say(f"{system.title}: {args.runs} sessions, {args.echo_samples} echoes, {args.megabytes:g} MB")
+    await system.setup()
+    try:
+        if not args.quick:  # one untimed session first: caches, the network, the image's pages
+            await system.close(await system.open())
+        first = await system.open()
+        connect = [first.connect_seconds]
+        echo = await echo_round_trips(first.term, first.reader, args.echo_samples)
+        rate = await throughput(first.term, first.reader, args.megabytes)
+        gone = [await system.close(first)]
+        for _ in range(args.runs - 1):
+            opened = await system.open()
+            connect.append(opened.connect_seconds)
+            gone.append(await system.close(opened))
+        return {"title": system.title, "connect": summary(connect), "echo": summary(echo),
+                "throughput": rate, "close_gone": summary(gone)}
+    except Exception as exc:  # one system failing must not lose the others' numbers
+        say(f"{system.title}: FAILED: {exc!r}")
+        return {"title": system.title, "error": repr(exc)}
+    finally:
+        await system.teardown()
+
+
+async def pool_filled(instance_id: str, size: int, timeout: float) -> bool:
+    """The pooled gateway keeps `size` running containers while no session is live."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = await asyncio.to_thread(containers, **{LABEL_GATEWAY: instance_id})
+        if len(found) >= size and all(c["State"] == "running" for c in found):
+            await asyncio.sleep(POOL_SETTLE)
+            return True
+        await asyncio.sleep(0.2)
+    return False
+
+
+async def measure_pool(system: System, gateway: GatewayProcess, args: argparse.Namespace) -> dict[str, Any]:
+    say(f"{system.title} with session.pool={args.pool}: {args.runs} sessions")
+    await system.setup()
+    connect, gone = [], []
+    try:
+        for _ in range(args.runs):
+            if not await pool_filled(gateway.instance_id, args.pool, 60):
+                raise RuntimeError("the pool did not refill within 60 s")
+            opened = await system.open()
+            connect.append(opened.connect_seconds)
+            gone.append(await system.close(opened))
+        return {"pool_connect": summary(connect), "pool_close_gone": summary(gone)}
+    except Exception as exc:
+        say(f"{system.title} (pool): FAILED: {exc!r}")
+        return {"pool_error": repr(exc)}
+    finally:
+        await system.teardown()
+
+
+def ttyd_binary(args: argparse.Namespace) -> tuple[Path | None, str]:
+    """ttyd's path, or why its column is skipped."""
+    if args.no_ttyd:
+        return None, "skipped (--no-ttyd)"
+    found = ttyd.find()
+    if found:
+        return found, ""
+    if not args.build_ttyd:
+        return None, "skipped (ttyd not built; a full run builds it)"
+    try:
+        return ttyd.build(say), ""
+    except Exception as exc:
+        say(f"ttyd: cannot build it: {exc}")
+        return None, "skipped (ttyd could not be built; see the log)"
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    run_id = run_label()
+    base = workdir()
+    with_ssh = ssh_door_built()
+    no_ssh = {"title": "termbridge SSH door", "skipped": "n/a (SSH door not built)"}
+    results: dict[str, Any] = {
+        "command": "python -m benchmarks " + shlex.join(sys.argv[1:]) if sys.argv[0].endswith("__main__.py") else "",
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "run": run_id,
+        "machine_before": machine(),
+        "systems": {},
+    }
+    systems: dict[str, Any] = results["systems"]
+    scale_sessions = max(args.sessions, 1)
+    limits = {"max_total": max(50, scale_sessions + 10), "max_per_user": scale_sessions + 10, "idle_timeout": "1h"}
+    with bench_account() as (pam_service, user):
+        gateway = GatewayProcess(base / "gateway", pam_service, {"session": {**limits, "pool": 0}}, with_ssh).start()
+        results["gateways"] = [gateway.instance_id]
+        cfg = load_config(base / "gateway" / "termbridge.toml", env={}).session
+        results["session_limits"] = {"image": cfg.image, "cpus": cfg.cpus, "memory": cfg.memory, "pids": cfg.pids,
+                                     "network": cfg.network}
+        http = await login(gateway.url, user)
+        tt_server = None
+        try:
+            systems["web"] = await measure(WebDoor(gateway, http), args)
+            systems["ssh"] = await measure(SshDoor(gateway, user), args) if with_ssh else dict(no_ssh)
+            systems["floor_attach"] = await measure(FloorAttach(cfg, run_id), args)
+            systems["floor_ssh"] = await measure(FloorSsh(cfg, run_id, user.name), args)
+            binary, why = ttyd_binary(args)
+            if binary is None:
+                systems["ttyd"] = {"title": "ttyd + docker run", "skipped": why}
+            else:
+                command = docker_run_command(cfg, {BENCH_LABEL: run_id, KIND_LABEL: "ttyd"})
+                tt_server = ttyd.TtydServer(binary, command, base / "ttyd.log").start()
+                systems["ttyd"] = await measure(Ttyd(tt_server.url, run_id), args)
+                systems["ttyd"]["version"] = ttyd.version(binary)
+                systems["ttyd"]["command"] = shlex.join(command)
+            if tt_server:
+                tt_server.stop()
+                tt_server = None
+
+            await run_pool(args, base, pam_service, limits, with_ssh, user, systems, results)
+
+            if args.sessions:
+                say(f"scale: {args.sessions} live sessions, {args.streaming} streaming")
+                try:
+                    results["scale"] = await run_scale(
+                        gateway, user, args.sessions, args.streaming, args.stream_rate, args.probes, say=say
+                    )
+                except Exception as exc:
+                    say(f"scale: FAILED: {exc!r}")
+                    results["scale"] = {"error": repr(exc)}
+        finally:
+            if tt_server:
+                tt_server.stop()
+            await http.close()
+            gateway.stop()
+            leftovers = remove_labelled(**{BENCH_LABEL: run_id}) + remove_labelled(**{LABEL_GATEWAY: f"bench-{run_id}"})
+            for instance in results["gateways"]:
+                leftovers += remove_labelled(**{LABEL_GATEWAY: instance})
+            if leftovers:
+                say(f"removed {leftovers} leftover container(s)")
+    results["machine_after"] = machine()
+    results["targets"] = report.targets(results)
+    return results
+
+
+async def run_pool(args, base, pam_service, limits, with_ssh, user, systems, results) -> None:
+    """A second gateway with `session.pool`; its columns say n/a until the pool exists (it is
+    known to exist when the gateway starts containers before anyone logs in)."""
+    for door in ("web", "ssh"):
+        systems.setdefault(door, {})
+    if args.pool <= 0:
+        for door in ("web", "ssh"):
+            systems[door]["pool_skipped"] = "n/a (--pool 0)"
+        return
+    gateway = GatewayProcess(base / "pooled", pam_service, {"session": {**limits, "pool": args.pool}}, with_ssh).start()
+    results["gateways"].append(gateway.instance_id)
+    try:
+        if not await pool_filled(gateway.instance_id, 1, 5 if args.quick else 15):
+            say("pool: no container appeared before any login: the pool is not built yet")
+            for door in ("web", "ssh"):
+                systems[door]["pool_skipped"] = "n/a (pool not built)"
+            return
+        http = await login(gateway.url, user)
+        try:
+            systems["web"].update(await measure_pool(WebDoor(gateway, http), gateway, args))
+            if with_ssh:
+                systems["ssh"].update(await measure_pool(SshDoor(gateway, user), gateway, args))
+        finally:
+            await http.close()
+    finally:
+        gateway.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    results = asyncio.run(run(args))
+    path = args.json or ROOT / "benchmarks" / "results" / time.strftime("bench-%Y%m%d-%H%M%S.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    print(report.table(results))
+    print()
+    for target in results["targets"]:
+        detail = target.get("why") or ", ".join(f"{k} {v}" for k, v in target.items() if k not in ("target", "status"))
+        print(f"- {target['status']}: {target['target']} ({detail})")
+    if "scale" in results:
+        print()
+        print(report.scale_text(results["scale"]))
+    m = results["machine_before"]
+    print(f"\nmachine: {m.get('cpus')} × {m.get('cpu', '?')}, {m.get('mem_total_mb')} MB, Docker {m.get('docker')}; "
+          f"load average {m['load_avg']} before, {results['machine_after']['load_avg']} after; "
+          f"{m.get('other_containers_running')} other containers running")
+    print(f"JSON: {path}")
+    failed = [k for k, v in results["systems"].items() if "error" in v or "pool_error" in v]
+    failed += ["scale"] if "error" in results.get("scale", {}) else []
+    return 1 if failed else 0
