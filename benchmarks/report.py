@@ -81,7 +81,7 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         out.append({"target": name, "status": "met" if met else "MISSED", "ratio": round(r, 2)})
 
     for door in ("web", "ssh"):
-        if "skipped" in (systems.get(door) or {}):
+        if "connect" not in (systems.get(door) or {}):
             continue
         v = lambda k, rk, st: value(systems, k, rk, st)  # noqa: E731
         judge(f"{door}: cold connect→prompt ≤ 1.25× the SSH floor",

@@ -52,6 +52,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--stream-rate", type=float, default=100.0,
                         help="kB/s each streaming session prints; 0 = as fast as it can (default 100)")
     parser.add_argument("--probes", type=int, help="echo probes on idle sessions in the scale run (default 500; quick 20)")
+    parser.add_argument("--only", choices=("compare", "scale"), help="only the comparison table, or only the scale run")
     parser.add_argument("--no-ttyd", action="store_true", help="skip the ttyd column")
     parser.add_argument("--build-ttyd", action=argparse.BooleanOptionalAction, default=None,
                         help="build ttyd from Debian's source package if missing (default: yes, not in --quick)")
@@ -63,6 +64,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for name, (full, small) in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, small if quick else full)
+    if args.only == "compare":
+        args.sessions = 0
     if args.sessions and args.streaming >= args.sessions:
         parser.error("--streaming must be less than --sessions (idle sessions are probed)")
     return args
@@ -148,9 +151,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     run_id = run_label()
     base = workdir()
     with_ssh = ssh_door_built()
-    no_ssh = {"title": "termbridge SSH door", "skipped": "n/a (SSH door not built)"}
     results: dict[str, Any] = {
-        "command": "python -m benchmarks " + shlex.join(sys.argv[1:]) if sys.argv[0].endswith("__main__.py") else "",
+        "command": args.command,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "run": run_id,
         "machine_before": machine(),
@@ -166,27 +168,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         results["session_limits"] = {"image": cfg.image, "cpus": cfg.cpus, "memory": cfg.memory, "pids": cfg.pids,
                                      "network": cfg.network}
         http = await login(gateway.url, user)
-        tt_server = None
         try:
-            systems["web"] = await measure(WebDoor(gateway, http), args)
-            systems["ssh"] = await measure(SshDoor(gateway, user), args) if with_ssh else dict(no_ssh)
-            systems["floor_attach"] = await measure(FloorAttach(cfg, run_id), args)
-            systems["floor_ssh"] = await measure(FloorSsh(cfg, run_id, user.name), args)
-            binary, why = ttyd_binary(args)
-            if binary is None:
-                systems["ttyd"] = {"title": "ttyd + docker run", "skipped": why}
-            else:
-                command = docker_run_command(cfg, {BENCH_LABEL: run_id, KIND_LABEL: "ttyd"})
-                tt_server = ttyd.TtydServer(binary, command, base / "ttyd.log").start()
-                systems["ttyd"] = await measure(Ttyd(tt_server.url, run_id), args)
-                systems["ttyd"]["version"] = ttyd.version(binary)
-                systems["ttyd"]["command"] = shlex.join(command)
-            if tt_server:
-                tt_server.stop()
-                tt_server = None
-
-            await run_pool(args, base, pam_service, limits, with_ssh, user, systems, results)
-
+            if args.only != "scale":
+                await compare(args, base, run_id, gateway, http, user, cfg, systems)
+                await run_pool(args, base, pam_service, limits, with_ssh, user, systems, results)
             if args.sessions:
                 say(f"scale: {args.sessions} live sessions, {args.streaming} streaming")
                 try:
@@ -197,8 +182,6 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     say(f"scale: FAILED: {exc!r}")
                     results["scale"] = {"error": repr(exc)}
         finally:
-            if tt_server:
-                tt_server.stop()
             await http.close()
             gateway.stop()
             leftovers = remove_labelled(**{BENCH_LABEL: run_id}) + remove_labelled(**{LABEL_GATEWAY: f"bench-{run_id}"})
@@ -209,6 +192,28 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     results["machine_after"] = machine()
     results["targets"] = report.targets(results)
     return results
+
+
+async def compare(args, base, run_id, gateway, http, user, cfg, systems) -> None:
+    """Every system side by side: the two doors, the two floors, ttyd."""
+    systems["web"] = await measure(WebDoor(gateway, http), args)
+    if gateway.ssh_port:
+        systems["ssh"] = await measure(SshDoor(gateway, user), args)
+    else:
+        systems["ssh"] = {"title": "termbridge SSH door", "skipped": "n/a (SSH door not built)"}
+    systems["floor_attach"] = await measure(FloorAttach(cfg, run_id), args)
+    systems["floor_ssh"] = await measure(FloorSsh(cfg, run_id, user.name), args)
+    binary, why = ttyd_binary(args)
+    if binary is None:
+        systems["ttyd"] = {"title": "ttyd + docker run", "skipped": why}
+        return
+    command = docker_run_command(cfg, {BENCH_LABEL: run_id, KIND_LABEL: "ttyd"})
+    server = ttyd.TtydServer(binary, command, base / "ttyd.log").start()
+    try:
+        systems["ttyd"] = await measure(Ttyd(server.url, run_id), args)
+    finally:
+        server.stop()
+    systems["ttyd"].update(version=ttyd.version(binary), command=shlex.join(command))
 
 
 async def run_pool(args, base, pam_service, limits, with_ssh, user, systems, results) -> None:
@@ -241,12 +246,14 @@ async def run_pool(args, base, pam_service, limits, with_ssh, user, systems, res
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    args.command = shlex.join(["python", "-m", "benchmarks", *(sys.argv[1:] if argv is None else argv)])
     results = asyncio.run(run(args))
     path = args.json or ROOT / "benchmarks" / "results" / time.strftime("bench-%Y%m%d-%H%M%S.json")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=2) + "\n")
-    print(report.table(results))
-    print()
+    if results["systems"]:
+        print(report.table(results))
+        print()
     for target in results["targets"]:
         detail = target.get("why") or ", ".join(f"{k} {v}" for k, v in target.items() if k not in ("target", "status"))
         print(f"- {target['status']}: {target['target']} ({detail})")

@@ -25,11 +25,13 @@ TICK = 0.1  # a rate-limited stream prints one burst per tick
 
 def stream_command(rate_kb: float) -> bytes:
     """Output forever: full speed (`base64 /dev/urandom`) when rate is 0, else `rate_kb` kB/s
-    of base64 in bursts, like a busy build log."""
+    of base64 in bursts, like a busy build log. The paced loop forks nothing per burst (`read -t`
+    on an empty pipe is its sleep), so what loads the machine is the output, not process churn."""
     if rate_kb <= 0:
         return b"base64 /dev/urandom\r"
     raw = max(1, int(rate_kb * 1000 * TICK * 3 / 4))
-    return f"while :; do head -c {raw} /dev/urandom | base64; sleep {TICK}; done\r".encode()
+    return (f"c=$(head -c {raw} /dev/urandom | base64 -w0); exec 3<> <(:); "
+            f"while :; do echo \"$c\"; read -t {TICK} -u 3; done\r").encode()
 
 
 async def open_prompted(http, url: str) -> tuple[WebTerm, Reader]:
@@ -90,7 +92,7 @@ def container_memory(container_id: str) -> int | None:
 
 async def run_scale(
     gateway: GatewayProcess, user: HostUser, sessions: int, streaming: int, rate_kb: float,
-    probes: int, settle: float = 2.0, concurrency: int = 8, say=print,
+    probes: int, settle: float = 5.0, gap: float = 0.02, concurrency: int = 8, say=print,
 ) -> dict[str, Any]:
     idle_count = sessions - streaming
     assert idle_count >= 1, "at least one idle session is needed to probe"
@@ -134,9 +136,10 @@ async def run_scale(
         say(f"scale: {probes} echo probes over {idle_count} idle sessions while {streaming} stream")
         cpu0, wall0 = gateway.cpu_seconds(), time.monotonic()
         samples: list[float] = []
-        for i in range(probes):
+        for i in range(probes):  # paced, so the window spans seconds of streaming
             term, reader = idle[i % idle_count]
             samples += await echo_round_trips(term, reader, 1)
+            await asyncio.sleep(gap)
         cpu1, wall1 = gateway.cpu_seconds(), time.monotonic()
         rss_peak = gateway.rss_kib()
         if child is not None:
