@@ -216,6 +216,26 @@ class GatewayProcess:
         fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
+    async def container_of(self, *, session_id: str | None = None, door: str | None = None,
+                           timeout: float = 10.0) -> str:
+        """The container id of one live session, asked of the gateway itself over its admin
+        socket (as `termbridge sessions list` does): labels cannot say it, since a pooled
+        container is labelled before its session exists."""
+        from bridge.admin import request, socket_path
+
+        path = socket_path(self.workdir / "state")
+        deadline = time.monotonic() + timeout
+        while True:
+            answer = await asyncio.to_thread(request, path, {"command": "list"})
+            found = [s["container"] for s in answer.get("sessions", [])
+                     if s.get("container") and (session_id is None or s["id"] == session_id)
+                     and (door is None or s["door"] == door)]
+            if len(found) == 1:
+                return await asyncio.to_thread(_container_id, found[0])
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the gateway lists {len(found)} sessions for {session_id or door}: {answer}")
+            await asyncio.sleep(0.05)
+
     def stop(self, timeout: float = 30.0) -> None:
         """SIGTERM: the gateway ends every session and removes every container, then exits."""
         if self.proc is None or self.proc.poll() is not None:
@@ -239,6 +259,14 @@ def containers(**labels: str) -> list[dict[str, Any]]:
     client = docker.APIClient(version="auto")
     try:
         return client.containers(all=True, filters={"label": [f"{k}={v}" for k, v in labels.items()]})
+    finally:
+        client.close()
+
+
+def _container_id(name: str) -> str:
+    client = docker.APIClient(version="auto")
+    try:
+        return client.inspect_container(name)["Id"]
     finally:
         client.close()
 

@@ -25,7 +25,7 @@ import aiohttp
 import asyncssh
 import docker
 
-from bridge.backend import LABEL_DOOR, LABEL_GATEWAY, LABEL_SESSION, LABEL_USER, ContainerSpec
+from bridge.backend import ContainerSpec
 from bridge.config import SessionConfig
 from bridge.docker_backend import NETWORK_NAMES, DockerBackend
 from bridge.upstream import SessionKeys, Upstream
@@ -113,7 +113,7 @@ class WebDoor(System):
         reader, seconds = await _prompt(term, t0)
         session = term.control("session")
         assert session is not None, "prompt before the session message"
-        cid = await find_container(**{LABEL_SESSION: session["id"]})
+        cid = await self.gateway.container_of(session_id=session["id"])
         return Opened(term, reader, seconds, cid)
 
 
@@ -145,9 +145,7 @@ class SshDoor(System):
         )
         term = await SshTerm.open(conn)
         reader, seconds = await _prompt(term, t0)
-        cid = await find_container(
-            **{LABEL_GATEWAY: self.gateway.instance_id, LABEL_USER: self.user.name, LABEL_DOOR: "ssh"}
-        )
+        cid = await self.gateway.container_of(door="ssh")
         return Opened(term, reader, seconds, cid)
 
     async def _after_exit(self, opened: Opened) -> None:
