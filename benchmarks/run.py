@@ -18,17 +18,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import shlex
+import shutil
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from bridge.backend import LABEL_GATEWAY
 from bridge.config import load_config
 
-from . import report, ttyd
+from . import profile, report, ttyd
 from .clients import echo_round_trips, throughput
 from .harness import (
     BENCH_LABEL, ROOT, GatewayProcess, bench_account, containers, login, machine, remove_labelled,
@@ -56,8 +59,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-ttyd", action="store_true", help="skip the ttyd column")
     parser.add_argument("--build-ttyd", action=argparse.BooleanOptionalAction, default=None,
                         help="build ttyd from Debian's source package if missing (default: yes, not in --quick)")
+    parser.add_argument("--profile", action="store_true",
+                        help="sample the gateway with py-spy during the doors' echo and throughput runs (JSON: profile)")
     parser.add_argument("--json", type=Path, help="write results here (default benchmarks/results/bench-<time>.json)")
     args = parser.parse_args(argv)
+    if args.profile and profile.py_spy() is None:
+        parser.error("--profile needs py-spy: .venv/bin/pip install -e '.[bench]'")
     quick = args.quick
     defaults = {"runs": (10, 2), "echo_samples": (200, 20), "megabytes": (50.0, 2.0), "sessions": (100, 4),
                 "streaming": (10, 1), "probes": (500, 20), "build_ttyd": (True, False)}
@@ -84,20 +91,37 @@ async def measure(system: System, args: argparse.Namespace) -> dict[str, Any]:
             await system.close(await system.open())
         first = await system.open()
         connect = [first.connect_seconds]
-        echo = await echo_round_trips(first.term, first.reader, args.echo_samples)
-        rate = await throughput(first.term, first.reader, args.megabytes)
+        profiles: dict[str, Any] = {}
+        with profiled(args, system, "echo", profiles):
+            echo = await echo_round_trips(first.term, first.reader, args.echo_samples)
+        with profiled(args, system, "throughput", profiles):
+            rate = await throughput(first.term, first.reader, args.megabytes)
         gone = [await system.close(first)]
         for _ in range(args.runs - 1):
             opened = await system.open()
             connect.append(opened.connect_seconds)
             gone.append(await system.close(opened))
         return {"title": system.title, "connect": summary(connect), "echo": summary(echo),
-                "throughput": rate, "close_gone": summary(gone)}
+                "throughput": rate, "close_gone": summary(gone), **({"profile": profiles} if profiles else {})}
     except Exception as exc:  # one system failing must not lose the others' numbers
         say(f"{system.title}: FAILED: {exc!r}")
         return {"title": system.title, "error": repr(exc)}
     finally:
         await system.teardown()
+
+
+@contextlib.contextmanager
+def profiled(args: argparse.Namespace, system: System, phase: str, into: dict[str, Any]) -> Iterator[None]:
+    """With --profile, py-spy samples the gateway (the doors only) while the block runs."""
+    gateway = getattr(system, "gateway", None)
+    if not args.profile or gateway is None:
+        yield
+        return
+    out = gateway.workdir / f"profile-{system.key}-{phase}.txt"
+    with profile.record(gateway.pid, out):
+        yield
+    into[phase] = profile.hot_spots(out)
+    say(f"{system.title}: {phase} profile: {out}")
 
 
 async def pool_filled(instance_id: str, size: int, timeout: float) -> bool:
@@ -155,6 +179,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "command": args.command,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "run": run_id,
+        "workdir": str(base),
         "machine_before": machine(),
         "systems": {},
     }
@@ -267,4 +292,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"JSON: {path}")
     failed = [k for k, v in results["systems"].items() if "error" in v or "pool_error" in v]
     failed += ["scale"] if "error" in results.get("scale", {}) else []
+    if failed or args.profile:
+        print(f"gateway logs{' and profiles' if args.profile else ''}: {results['workdir']}")
+    else:
+        shutil.rmtree(results["workdir"], ignore_errors=True)
     return 1 if failed else 0
