@@ -65,12 +65,48 @@ class Reader:
                 pass
 
 
-class WebTerm:
-    """termbridge's web door: binary frames are terminal bytes, text frames are JSON control."""
+class _WebSocketTerm:
+    """A WebSocket read all the time in the background, as a browser does: pings are answered
+    even while nobody waits for output (an idle session's socket must survive the heartbeat)."""
 
     def __init__(self, ws: aiohttp.ClientWebSocketResponse) -> None:
         self.ws = ws
+        self._chunks: asyncio.Queue[bytes] = asyncio.Queue()
+        self._reader = asyncio.create_task(self._read())
+
+    def _decode(self, msg: aiohttp.WSMessage) -> bytes | None:
+        """Terminal bytes from one message, or None when it carries none."""
+        raise NotImplementedError
+
+    async def _read(self) -> None:
+        try:
+            async for msg in self.ws:
+                data = self._decode(msg)
+                if data:
+                    self._chunks.put_nowait(data)
+        finally:
+            self._chunks.put_nowait(b"")
+
+    async def send(self, data: bytes) -> None:
+        await self.ws.send_bytes(data)
+
+    async def recv(self) -> bytes:
+        chunk = await self._chunks.get()
+        if not chunk:
+            self._chunks.put_nowait(b"")  # closed stays closed
+        return chunk
+
+    async def close(self) -> None:
+        await self.ws.close()
+        await asyncio.gather(self._reader, return_exceptions=True)
+
+
+class WebTerm(_WebSocketTerm):
+    """termbridge's web door: binary frames are terminal bytes, text frames are JSON control."""
+
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse) -> None:
         self.controls: list[dict[str, Any]] = []
+        super().__init__(ws)
 
     @classmethod
     async def connect(cls, http: aiohttp.ClientSession, origin: str, cols: int = 80, rows: int = 24) -> WebTerm:
@@ -78,24 +114,15 @@ class WebTerm:
         await ws.send_str(json.dumps({"type": "resize", "cols": cols, "rows": rows}))
         return cls(ws)
 
-    async def send(self, data: bytes) -> None:
-        await self.ws.send_bytes(data)
-
-    async def recv(self) -> bytes:
-        while True:
-            msg = await self.ws.receive()
-            if msg.type == aiohttp.WSMsgType.BINARY:
-                return msg.data
-            if msg.type == aiohttp.WSMsgType.TEXT:
-                self.controls.append(json.loads(msg.data))
-                continue
-            return b""
+    def _decode(self, msg: aiohttp.WSMessage) -> bytes | None:
+        if msg.type == aiohttp.WSMsgType.BINARY:
+            return msg.data
+        if msg.type == aiohttp.WSMsgType.TEXT:
+            self.controls.append(json.loads(msg.data))
+        return None
 
     def control(self, kind: str) -> dict[str, Any] | None:
         return next((c for c in self.controls if c.get("type") == kind), None)
-
-    async def close(self) -> None:
-        await self.ws.close()
 
 
 class SshTerm:
@@ -147,13 +174,10 @@ class AttachTerm:
             await asyncio.wait_for(self.writer.wait_closed(), 5)
 
 
-class TtydTerm:
+class TtydTerm(_WebSocketTerm):
     """ttyd 1.7's protocol: subprotocol `tty`; the first message is JSON with the size; then each
     message starts with a command byte ('0' input/output, '1' resize; '1' title and '2'
     preferences from the server)."""
-
-    def __init__(self, ws: aiohttp.ClientWebSocketResponse) -> None:
-        self.ws = ws
 
     @classmethod
     async def connect(cls, http: aiohttp.ClientSession, url: str, cols: int = 80, rows: int = 24) -> TtydTerm:
@@ -164,18 +188,12 @@ class TtydTerm:
     async def send(self, data: bytes) -> None:
         await self.ws.send_bytes(b"0" + data)
 
-    async def recv(self) -> bytes:
-        while True:
-            msg = await self.ws.receive()
-            if msg.type in (aiohttp.WSMsgType.BINARY, aiohttp.WSMsgType.TEXT):
-                data = msg.data if isinstance(msg.data, bytes) else msg.data.encode()
-                if data[:1] == b"0":
-                    return data[1:]
-                continue
-            return b""
-
-    async def close(self) -> None:
-        await self.ws.close()
+    def _decode(self, msg: aiohttp.WSMessage) -> bytes | None:
+        if msg.type in (aiohttp.WSMsgType.BINARY, aiohttp.WSMsgType.TEXT):
+            data = msg.data if isinstance(msg.data, bytes) else msg.data.encode()
+            if data[:1] == b"0":
+                return data[1:]
+        return None
 
 
 # -- measurements on any Term ----------------------------------------------------------------------
