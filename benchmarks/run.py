@@ -56,6 +56,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="kB/s each streaming session prints; 0 = as fast as it can (default 100)")
     parser.add_argument("--probes", type=int, help="echo probes on idle sessions in the scale run (default 500; quick 20)")
     parser.add_argument("--only", choices=("compare", "scale"), help="only the comparison table, or only the scale run")
+    parser.add_argument("--systems", type=lambda v: [x for x in v.split(",") if x], default=list(report.COLUMNS),
+                        help=f"comma-separated columns to measure (default all: {','.join(report.COLUMNS)})")
     parser.add_argument("--no-ttyd", action="store_true", help="skip the ttyd column")
     parser.add_argument("--build-ttyd", action=argparse.BooleanOptionalAction, default=None,
                         help="build ttyd from Debian's source package if missing (default: yes, not in --quick)")
@@ -71,6 +73,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for name, (full, small) in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, small if quick else full)
+    unknown = set(args.systems) - set(report.COLUMNS)
+    if unknown:
+        parser.error(f"unknown --systems {','.join(sorted(unknown))}; choose from {','.join(report.COLUMNS)}")
     if args.only == "compare":
         args.sessions = 0
     if args.sessions and args.streaming >= args.sessions:
@@ -220,14 +225,21 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 async def compare(args, base, run_id, gateway, http, user, cfg, systems) -> None:
-    """Every system side by side: the two doors, the two floors, ttyd."""
-    systems["web"] = await measure(WebDoor(gateway, http), args)
-    if gateway.ssh_port:
-        systems["ssh"] = await measure(SshDoor(gateway, user), args)
-    else:
-        systems["ssh"] = {"title": "termbridge SSH door", "skipped": "n/a (SSH door not built)"}
-    systems["floor_attach"] = await measure(FloorAttach(cfg, run_id), args)
-    systems["floor_ssh"] = await measure(FloorSsh(cfg, run_id, user.name), args)
+    """Every system side by side: the two doors, the two floors, ttyd (those in --systems)."""
+    wanted = set(args.systems)
+    if "web" in wanted:
+        systems["web"] = await measure(WebDoor(gateway, http), args)
+    if "ssh" in wanted:
+        if gateway.ssh_port:
+            systems["ssh"] = await measure(SshDoor(gateway, user), args)
+        else:
+            systems["ssh"] = {"title": "termbridge SSH door", "skipped": "n/a (SSH door not built)"}
+    if "floor_attach" in wanted:
+        systems["floor_attach"] = await measure(FloorAttach(cfg, run_id), args)
+    if "floor_ssh" in wanted:
+        systems["floor_ssh"] = await measure(FloorSsh(cfg, run_id, user.name), args)
+    if "ttyd" not in wanted:
+        return
     binary, why = ttyd_binary(args)
     if binary is None:
         systems["ttyd"] = {"title": "ttyd + docker run", "skipped": why}
@@ -244,10 +256,13 @@ async def compare(args, base, run_id, gateway, http, user, cfg, systems) -> None
 async def run_pool(args, base, pam_service, limits, with_ssh, user, systems, results) -> None:
     """A second gateway with `session.pool`; its columns say n/a until the pool exists (it is
     known to exist when the gateway starts containers before anyone logs in)."""
-    for door in ("web", "ssh"):
+    doors = [door for door in ("web", "ssh") if door in args.systems]
+    if not doors:
+        return
+    for door in doors:
         systems.setdefault(door, {})
     if args.pool <= 0:
-        for door in ("web", "ssh"):
+        for door in doors:
             systems[door]["pool_skipped"] = "n/a (--pool 0)"
         return
     gateway = GatewayProcess(base / "pooled", pam_service, {"session": {**limits, "pool": args.pool}}, with_ssh).start()
@@ -255,13 +270,14 @@ async def run_pool(args, base, pam_service, limits, with_ssh, user, systems, res
     try:
         if not await pool_filled(gateway.instance_id, 1, 5 if args.quick else 15):
             say("pool: no container appeared before any login: the pool is not built yet")
-            for door in ("web", "ssh"):
+            for door in doors:
                 systems[door]["pool_skipped"] = "n/a (pool not built)"
             return
         http = await login(gateway.url, user)
         try:
-            systems["web"].update(await measure_pool(WebDoor(gateway, http), gateway, args))
-            if with_ssh:
+            if "web" in doors:
+                systems["web"].update(await measure_pool(WebDoor(gateway, http), gateway, args))
+            if with_ssh and "ssh" in doors:
                 systems["ssh"].update(await measure_pool(SshDoor(gateway, user), gateway, args))
         finally:
             await http.close()
