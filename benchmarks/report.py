@@ -110,11 +110,17 @@ def scale_text(scale: dict[str, Any]) -> str:
     if "error" in scale:
         return f"scale run failed: {scale['error']}"
     echo = scale["idle_echo"]
+    jitter = scale.get("host_jitter", {})
     rss = scale["gateway_rss_mb"]
     lines = [
         f"scale: {scale['sessions']} live web sessions ({scale['streaming']} streaming, {scale['stream']}); "
         f"all started in {scale['all_started_s']} s, all containers gone {scale['all_gone_s']} s after exit",
         f"  idle echo: p50 {echo['median_ms']} ms, p99 {echo['p99_ms']} ms, max {echo['max_ms']} ms ({echo['n']} probes)",
+        *([f"  floor (straight into containers, same moment): p50 {scale['floor_idle_echo']['median_ms']} ms, "
+           f"p99 {scale['floor_idle_echo']['p99_ms']} ms, max {scale['floor_idle_echo']['max_ms']} ms"]
+          if "floor_idle_echo" in scale else []),
+        f"  host scheduling (a 1 ms sleep's lateness meanwhile): p50 {jitter.get('median_ms')} ms, "
+        f"p99 {jitter.get('p99_ms')} ms, max {jitter.get('max_ms')} ms",
         f"  gateway: RSS {rss['before']} MB before, {rss['live']} MB live, {rss['after_probes']} MB after probes "
         f"({scale['gateway_rss_per_session_kb']} kB/session); CPU {scale['gateway_cpu_percent']}% of one core while probing",
         f"  host memory: {scale['host_mem_per_session_mb']} MB/session (MemAvailable drop); "

@@ -63,6 +63,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="build ttyd from Debian's source package if missing (default: yes, not in --quick)")
     parser.add_argument("--profile", action="store_true",
                         help="sample the gateway with py-spy during the doors' echo and throughput runs (JSON: profile)")
+    parser.add_argument("--keep", action="store_true", help="keep the work dir (gateway logs) after a successful run")
     parser.add_argument("--json", type=Path, help="write results here (default benchmarks/results/bench-<time>.json)")
     args = parser.parse_args(argv)
     if args.profile and profile.py_spy() is None:
@@ -204,13 +205,17 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 await run_pool(args, base, pam_service, limits, with_ssh, user, systems, results)
             if args.sessions:
                 say(f"scale: {args.sessions} live sessions, {args.streaming} streaming")
+                floor = FloorSsh(cfg, run_id, user.name)
                 try:
                     results["scale"] = await run_scale(
-                        gateway, user, args.sessions, args.streaming, args.stream_rate, args.probes, say=say
+                        gateway, user, args.sessions, args.streaming, args.stream_rate, args.probes, say=say,
+                        floor=floor, floor_sessions=min(5, args.sessions),
                     )
                 except Exception as exc:
                     say(f"scale: FAILED: {exc!r}")
                     results["scale"] = {"error": repr(exc)}
+                finally:
+                    await floor.teardown()
         finally:
             await http.close()
             gateway.stop()
@@ -308,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"JSON: {path}")
     failed = [k for k, v in results["systems"].items() if "error" in v or "pool_error" in v]
     failed += ["scale"] if "error" in results.get("scale", {}) else []
-    if failed or args.profile:
+    if failed or args.profile or args.keep:
         print(f"gateway logs{' and profiles' if args.profile else ''}: {results['workdir']}")
     else:
         shutil.rmtree(results["workdir"], ignore_errors=True)

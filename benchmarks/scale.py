@@ -11,11 +11,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import multiprocessing
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from .clients import Reader, WebTerm, echo_round_trips
+from .systems import Opened, System
 from .harness import PROMPT, GatewayProcess, HostUser, containers, login, meminfo, summary
 
 from bridge.backend import LABEL_GATEWAY
@@ -78,6 +80,30 @@ def stream_worker(url: str, name: str, password: str, count: int, rate_kb: float
     asyncio.run(_stream_sessions(url, HostUser(name, password), count, rate_kb, ready, stop, results))
 
 
+class Jitter:
+    """How late a 1 ms sleep wakes up in a thread of this process, while the probes run: the
+    host's own scheduling delay, to read the probes' tail against."""
+
+    def __init__(self) -> None:
+        self.late: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="jitter", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            t0 = time.perf_counter()
+            time.sleep(0.001)
+            self.late.append(time.perf_counter() - t0 - 0.001)
+
+    def __enter__(self) -> Jitter:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def container_memory(container_id: str) -> int | None:
     """Bytes charged to one container's memory cgroup (cgroup v1 or v2), if readable."""
     for path in (
@@ -93,7 +119,11 @@ def container_memory(container_id: str) -> int | None:
 async def run_scale(
     gateway: GatewayProcess, user: HostUser, sessions: int, streaming: int, rate_kb: float,
     probes: int, settle: float = 5.0, gap: float = 0.02, concurrency: int = 8, say=print,
+    floor: System | None = None, floor_sessions: int = 5,
 ) -> dict[str, Any]:
+    """With `floor`, a few sessions straight into containers (no gateway) are probed in turn with
+    the gateway's: the same machine at the same moment, to tell the gateway's share of the tail
+    from the host's."""
     idle_count = sessions - streaming
     assert idle_count >= 1, "at least one idle session is needed to probe"
     mem_before = meminfo("MemAvailable")
@@ -103,6 +133,7 @@ async def run_scale(
     ready, stop, results = ctx.Event(), ctx.Event(), ctx.Queue()
     child = None
     idle: list[tuple[WebTerm, Reader]] = []
+    controls: list[Opened] = []
     out: dict[str, Any] = {"sessions": sessions, "streaming": streaming,
                            "stream": "full speed" if rate_kb <= 0 else f"{rate_kb:g} kB/s each"}
     try:
@@ -132,14 +163,22 @@ async def run_scale(
         mem_live = meminfo("MemAvailable")
         rss_live = gateway.rss_kib()
         charged = [m for m in (container_memory(c["Id"]) for c in live) if m is not None]
+        if floor is not None and floor_sessions:
+            say(f"scale: opening {floor_sessions} control sessions straight into containers (the floor)")
+            controls = [await floor.open() for _ in range(floor_sessions)]
 
         say(f"scale: {probes} echo probes over {idle_count} idle sessions while {streaming} stream")
         cpu0, wall0 = gateway.cpu_seconds(), time.monotonic()
         samples: list[float] = []
-        for i in range(probes):  # paced, so the window spans seconds of streaming
-            term, reader = idle[i % idle_count]
-            samples += await echo_round_trips(term, reader, 1)
-            await asyncio.sleep(gap)
+        floor_samples: list[float] = []
+        with Jitter() as jitter:
+            for i in range(probes):  # paced, so the window spans seconds of streaming
+                term, reader = idle[i % idle_count]
+                samples += await echo_round_trips(term, reader, 1)
+                if controls:
+                    control = controls[i % len(controls)]
+                    floor_samples += await echo_round_trips(control.term, control.reader, 1)
+                await asyncio.sleep(gap)
         cpu1, wall1 = gateway.cpu_seconds(), time.monotonic()
         rss_peak = gateway.rss_kib()
         if child is not None:
@@ -147,6 +186,8 @@ async def run_scale(
             out["streamed"] = await asyncio.to_thread(results.get, True, 60)
         out.update(
             idle_echo=summary(samples),
+            host_jitter=summary(jitter.late),
+            **({"floor_idle_echo": summary(floor_samples)} if floor_samples else {}),
             containers_live=len(live),
             gateway_cpu_percent=round((cpu1 - cpu0) / (wall1 - wall0) * 100, 1),
             gateway_rss_mb={"before": round(rss_before / 1024, 1), "live": round(rss_live / 1024, 1),
@@ -158,6 +199,9 @@ async def run_scale(
     finally:
         stop.set()
         say("scale: ending the sessions")
+        for control in controls:
+            with contextlib.suppress(Exception):
+                await floor.close(control)  # type: ignore[union-attr]
         t_end = time.monotonic()
         for term, _ in idle:
             with contextlib.suppress(ConnectionError, RuntimeError):
