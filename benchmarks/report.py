@@ -9,12 +9,12 @@ COLUMNS = ("web", "ssh", "floor_attach", "floor_ssh", "ttyd")
 FLOOR = "floor_ssh"  # the floor for our design: asyncssh straight into the container's sshd
 # (label, result key, statistic, unit, higher is better)
 ROWS = (
-    ("connect→prompt, cold (median)", "connect", "median_ms", "ms", False),
-    ("connect→prompt, warm pool (median)", "pool_connect", "median_ms", "ms", False),
-    ("keystroke echo (median)", "echo", "median_ms", "ms", False),
-    ("keystroke echo (p99)", "echo", "p99_ms", "ms", False),
-    ("throughput, 50 MB of base64", "throughput", "mb_per_s", "MB/s", True),
-    ("close→container gone (median)", "close_gone", "median_ms", "ms", False),
+    ("connect→prompt, cold (median of {runs})", "connect", "median_ms", "ms", False),
+    ("connect→prompt, warm pool (median of {runs})", "pool_connect", "median_ms", "ms", False),
+    ("keystroke echo (median of {echo_samples})", "echo", "median_ms", "ms", False),
+    ("keystroke echo (p99 of {echo_samples})", "echo", "p99_ms", "ms", False),
+    ("throughput, {megabytes:g} MB of base64 (median of {rounds})", "throughput", "mb_per_s", "MB/s", True),
+    ("close→container gone (median of {runs})", "close_gone", "median_ms", "ms", False),
 )
 
 
@@ -61,7 +61,7 @@ def table(results: dict[str, Any]) -> str:
               "web ÷ floor", "web ÷ ttyd", "ssh ÷ floor", "ssh ÷ ttyd"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for label, row_key, stat, unit, _ in ROWS:
-        cells = [label, *(cell(systems, k, row_key, stat, unit) for k in COLUMNS)]
+        cells = [label.format(**results["settings"]), *(cell(systems, k, row_key, stat, unit) for k in COLUMNS)]
         cells += [ratio(systems, door, ref, row_key, stat) for door in ("web", "ssh") for ref in (FLOOR, "ttyd")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -33,6 +33,7 @@ from bridge.config import load_config
 
 from . import profile, report, ttyd
 from .clients import echo_round_trips, throughput
+from .compare import Comparison
 from .harness import (
     BENCH_LABEL, ROOT, GatewayProcess, bench_account, containers, login, machine, remove_labelled,
     run_label, ssh_door_built, summary, workdir,
@@ -49,6 +50,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--runs", type=int, help="connect→prompt and close→gone samples per system (default 10; quick 2)")
     parser.add_argument("--echo-samples", type=int, help="keystroke echo samples (default 200; quick 20)")
     parser.add_argument("--megabytes", type=float, help="base64 output for throughput, MB (default 50; quick 2)")
+    parser.add_argument("--rounds", type=int, help="throughput runs per system, median reported (default 3; quick 1)")
     parser.add_argument("--pool", type=int, default=2, help="session.pool of the pooled gateway (default 2)")
     parser.add_argument("--sessions", type=int, help="live sessions in the scale run (default 100; quick 4; 0 skips it)")
     parser.add_argument("--streaming", type=int, help="of which streaming output (default 10; quick 1)")
@@ -62,14 +64,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--build-ttyd", action=argparse.BooleanOptionalAction, default=None,
                         help="build ttyd from Debian's source package if missing (default: yes, not in --quick)")
     parser.add_argument("--profile", action="store_true",
-                        help="sample the gateway with py-spy during the doors' echo and throughput runs (JSON: profile)")
+                        help="afterwards, sample the gateway with py-spy during one more echo and throughput run per door")
     parser.add_argument("--keep", action="store_true", help="keep the work dir (gateway logs) after a successful run")
     parser.add_argument("--json", type=Path, help="write results here (default benchmarks/results/bench-<time>.json)")
     args = parser.parse_args(argv)
     if args.profile and profile.py_spy() is None:
         parser.error("--profile needs py-spy: .venv/bin/pip install -e '.[bench]'")
     quick = args.quick
-    defaults = {"runs": (10, 2), "echo_samples": (200, 20), "megabytes": (50.0, 2.0), "sessions": (100, 4),
+    defaults = {"runs": (10, 2), "rounds": (3, 1), "echo_samples": (200, 20), "megabytes": (50.0, 2.0), "sessions": (100, 4),
                 "streaming": (10, 1), "probes": (500, 20), "build_ttyd": (True, False)}
     for name, (full, small) in defaults.items():
         if getattr(args, name) is None:
@@ -86,34 +88,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def say(text: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
-
-
-async def measure(system: System, args: argparse.Namespace) -> dict[str, Any]:
-    """Connect→prompt and close→gone `runs` times; echo and throughput on the first session."""
-    say(f"{system.title}: {args.runs} sessions, {args.echo_samples} echoes, {args.megabytes:g} MB")
-    await system.setup()
-    try:
-        if not args.quick:  # one untimed session first: caches, the network, the image's pages
-            await system.close(await system.open())
-        first = await system.open()
-        connect = [first.connect_seconds]
-        profiles: dict[str, Any] = {}
-        with profiled(args, system, "echo", profiles):
-            echo = await echo_round_trips(first.term, first.reader, args.echo_samples)
-        with profiled(args, system, "throughput", profiles):
-            rate = await throughput(first.term, first.reader, args.megabytes)
-        gone = [await system.close(first)]
-        for _ in range(args.runs - 1):
-            opened = await system.open()
-            connect.append(opened.connect_seconds)
-            gone.append(await system.close(opened))
-        return {"title": system.title, "connect": summary(connect), "echo": summary(echo),
-                "throughput": rate, "close_gone": summary(gone), **({"profile": profiles} if profiles else {})}
-    except Exception as exc:  # one system failing must not lose the others' numbers
-        say(f"{system.title}: FAILED: {exc!r}")
-        return {"title": system.title, "error": repr(exc)}
-    finally:
-        await system.teardown()
 
 
 @contextlib.contextmanager
@@ -186,6 +160,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "run": run_id,
         "workdir": str(base),
+        "settings": {k: getattr(args, k) for k in (
+            "runs", "echo_samples", "megabytes", "rounds", "pool", "sessions", "streaming", "stream_rate", "probes")},
         "machine_before": machine(),
         "systems": {},
     }
@@ -230,32 +206,58 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 async def compare(args, base, run_id, gateway, http, user, cfg, systems) -> None:
-    """Every system side by side: the two doors, the two floors, ttyd (those in --systems)."""
+    """Every system in --systems side by side (interleaved: see compare.py), then, with
+    --profile, the doors once more under py-spy (unmeasured, so sampling perturbs no number)."""
     wanted = set(args.systems)
+    chosen: list[System] = []
     if "web" in wanted:
-        systems["web"] = await measure(WebDoor(gateway, http), args)
+        chosen.append(WebDoor(gateway, http))
     if "ssh" in wanted:
         if gateway.ssh_port:
-            systems["ssh"] = await measure(SshDoor(gateway, user), args)
+            chosen.append(SshDoor(gateway, user))
         else:
             systems["ssh"] = {"title": "termbridge SSH door", "skipped": "n/a (SSH door not built)"}
     if "floor_attach" in wanted:
-        systems["floor_attach"] = await measure(FloorAttach(cfg, run_id), args)
+        chosen.append(FloorAttach(cfg, run_id))
     if "floor_ssh" in wanted:
-        systems["floor_ssh"] = await measure(FloorSsh(cfg, run_id, user.name), args)
-    if "ttyd" not in wanted:
-        return
-    binary, why = ttyd_binary(args)
-    if binary is None:
-        systems["ttyd"] = {"title": "ttyd + docker run", "skipped": why}
-        return
-    command = docker_run_command(cfg, {BENCH_LABEL: run_id, KIND_LABEL: "ttyd"})
-    server = ttyd.TtydServer(binary, command, base / "ttyd.log").start()
+        chosen.append(FloorSsh(cfg, run_id, user.name))
+    server = None
+    if "ttyd" in wanted:
+        binary, why = ttyd_binary(args)
+        if binary is None:
+            systems["ttyd"] = {"title": "ttyd + docker run", "skipped": why}
+        else:
+            command = docker_run_command(cfg, {BENCH_LABEL: run_id, KIND_LABEL: "ttyd"})
+            server = ttyd.TtydServer(binary, command, base / "ttyd.log").start()
+            chosen.append(Ttyd(server.url, run_id))
     try:
-        systems["ttyd"] = await measure(Ttyd(server.url, run_id), args)
+        systems.update(await Comparison(chosen, say).run(
+            args.runs, args.echo_samples, args.megabytes, args.rounds, warm_up=not args.quick
+        ))
     finally:
-        server.stop()
-    systems["ttyd"].update(version=ttyd.version(binary), command=shlex.join(command))
+        if server is not None:
+            server.stop()
+    if server is not None and "ttyd" in systems:
+        systems["ttyd"].update(version=ttyd.version(server.binary), command=shlex.join(server.command))
+    if args.profile:
+        for system in chosen:
+            if isinstance(system, (WebDoor, SshDoor)) and "error" not in systems[system.key]:
+                systems[system.key]["profile"] = await profile_door(system, args)
+
+
+async def profile_door(system: System, args: argparse.Namespace) -> dict[str, Any]:
+    profiles: dict[str, Any] = {}
+    await system.setup()
+    opened = await system.open()
+    try:
+        with profiled(args, system, "echo", profiles):
+            await echo_round_trips(opened.term, opened.reader, args.echo_samples)
+        with profiled(args, system, "throughput", profiles):
+            await throughput(opened.term, opened.reader, args.megabytes)
+    finally:
+        await system.close(opened)
+        await system.teardown()
+    return profiles
 
 
 async def run_pool(args, base, pam_service, limits, with_ssh, user, systems, results) -> None:

@@ -49,7 +49,7 @@ def test_quick_mode_measures_every_column(tmp_path: Path) -> None:
     assert scale["idle_echo"]["n"] == 20 and scale["streamed"]["bytes"] > 0, scale
     assert scale["gateway_rss_mb"]["live"] > 0
 
-    assert "| connect→prompt, cold (median) |" in done.stdout
+    assert "| connect→prompt, cold (median of 2) |" in done.stdout
     assert "n/a (pool not built)" in done.stdout or "pool_connect" in pool
     # Everything it started is gone: its gateways' containers, its floors', ttyd's.
     assert not containers(**{BENCH_LABEL: results["run"]})
@@ -68,6 +68,7 @@ def test_percentiles_are_nearest_rank() -> None:
 
 def test_ratios_and_targets() -> None:
     results = {
+        "settings": {"runs": 10, "echo_samples": 200, "megabytes": 50, "rounds": 3},
         "systems": {
             "web": {"title": "web", "connect": {"median_ms": 400}, "echo": {"median_ms": 0.5, "p99_ms": 2},
                     "throughput": {"mb_per_s": 30}, "close_gone": {"median_ms": 100},
@@ -88,7 +89,8 @@ def test_ratios_and_targets() -> None:
     }
     assert not any(t.startswith("ssh:") for t in verdicts)
     text = report.table(results)
-    assert "| connect→prompt, cold (median) | 400 ms | n/a (SSH door not built) |" in text
+    assert "| connect→prompt, cold (median of 10) | 400 ms | n/a (SSH door not built) |" in text
+    assert "| throughput, 50 MB of base64 (median of 3) | 30 MB/s |" in text
     assert "| 1.33× | 2.00× |" in text
 
 
