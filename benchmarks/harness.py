@@ -91,6 +91,13 @@ def meminfo(key: str) -> int:
     raise KeyError(key)
 
 
+def cpu_times() -> tuple[int, int]:
+    """(busy, total) jiffies of the whole host, from /proc/stat."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -120,7 +120,7 @@ def scale_text(scale: dict[str, Any]) -> str:
            f"p99 {scale['floor_idle_echo']['p99_ms']} ms, max {scale['floor_idle_echo']['max_ms']} ms"]
           if "floor_idle_echo" in scale else []),
         f"  host scheduling (a 1 ms sleep's lateness meanwhile): p50 {jitter.get('median_ms')} ms, "
-        f"p99 {jitter.get('p99_ms')} ms, max {jitter.get('max_ms')} ms",
+        f"p99 {jitter.get('p99_ms')} ms, max {jitter.get('max_ms')} ms; all CPUs {scale.get('host_cpu_busy_percent')}% busy",
         f"  gateway: RSS {rss['before']} MB before, {rss['live']} MB live, {rss['after_probes']} MB after probes "
         f"({scale['gateway_rss_per_session_kb']} kB/session); CPU {scale['gateway_cpu_percent']}% of one core while probing",
         f"  host memory: {scale['host_mem_per_session_mb']} MB/session (MemAvailable drop); "

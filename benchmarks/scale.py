@@ -18,7 +18,7 @@ from typing import Any
 
 from .clients import Reader, WebTerm, echo_round_trips
 from .systems import Opened, System
-from .harness import PROMPT, GatewayProcess, HostUser, containers, login, meminfo, summary
+from .harness import PROMPT, GatewayProcess, HostUser, containers, cpu_times, login, meminfo, summary
 
 from bridge.backend import LABEL_GATEWAY
 
@@ -168,7 +168,7 @@ async def run_scale(
             controls = [await floor.open() for _ in range(floor_sessions)]
 
         say(f"scale: {probes} echo probes over {idle_count} idle sessions while {streaming} stream")
-        cpu0, wall0 = gateway.cpu_seconds(), time.monotonic()
+        cpu0, wall0, host0 = gateway.cpu_seconds(), time.monotonic(), cpu_times()
         samples: list[float] = []
         floor_samples: list[float] = []
         with Jitter() as jitter:
@@ -179,7 +179,7 @@ async def run_scale(
                     control = controls[i % len(controls)]
                     floor_samples += await echo_round_trips(control.term, control.reader, 1)
                 await asyncio.sleep(gap)
-        cpu1, wall1 = gateway.cpu_seconds(), time.monotonic()
+        cpu1, wall1, host1 = gateway.cpu_seconds(), time.monotonic(), cpu_times()
         rss_peak = gateway.rss_kib()
         if child is not None:
             stop.set()
@@ -190,6 +190,7 @@ async def run_scale(
             **({"floor_idle_echo": summary(floor_samples)} if floor_samples else {}),
             containers_live=len(live),
             gateway_cpu_percent=round((cpu1 - cpu0) / (wall1 - wall0) * 100, 1),
+            host_cpu_busy_percent=round((host1[0] - host0[0]) / max(1, host1[1] - host0[1]) * 100, 1),
             gateway_rss_mb={"before": round(rss_before / 1024, 1), "live": round(rss_live / 1024, 1),
                             "after_probes": round(rss_peak / 1024, 1)},
             gateway_rss_per_session_kb=round((rss_live - rss_before) / sessions),
