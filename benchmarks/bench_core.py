@@ -95,7 +95,7 @@ async def reattach(gateway, user, runs: int) -> tuple[list[float], dict[str, int
 async def browser_login_to_prompt(gateway, user, runs: int) -> list[float]:
     from playwright.async_api import async_playwright
 
-    from test_browser import CHROMIUM, CHROMIUM_FLAGS
+    from helpers import CHROMIUM, CHROMIUM_FLAGS
 
     samples = []
     async with async_playwright() as pw:

@@ -157,11 +157,13 @@ async def index(request: web.Request) -> web.StreamResponse:
     login = current_login(request)
     if login is None:
         raise web.HTTPSeeOther("/login")
-    return _page(request, "terminal.html", user=login.user.name)
+    return _page(
+        request, "terminal.html", user=login.user.name, max_upload=str(request.app[CONFIG].web.max_upload_size)
+    )
 
 
 async def login_form(request: web.Request) -> web.StreamResponse:
-    return _page(request, "login.html", error="", error_class="hidden", username="")
+    return _page(request, "login.html", error="", error_class="hidden", invalid="false", username="")
 
 
 async def login_submit(request: web.Request) -> web.StreamResponse:
@@ -176,10 +178,12 @@ async def login_submit(request: web.Request) -> web.StreamResponse:
     if result.outcome is Outcome.UNAVAILABLE:
         return _page(
             request, "login.html", status=503, error="Login is unavailable right now; try again later.",
-            error_class="", username=username,
+            error_class="", invalid="false", username=username,
         )
     if not result.ok or result.user is None:
-        return _page(request, "login.html", status=401, error=LOGIN_FAILED, error_class="", username=username)
+        return _page(
+            request, "login.html", status=401, error=LOGIN_FAILED, error_class="", invalid="true", username=username
+        )
     _, cookie = request.app[LOGINS].issue(result.user)
     response = web.HTTPSeeOther("/")
     response.set_cookie(
@@ -221,6 +225,9 @@ async def healthz(request: web.Request) -> web.StreamResponse:
         return web.Response(status=503, text="docker unreachable\n")
     return web.Response(text="ok\n")
 
+
+# npm packages under web/node_modules/@xterm/ served as /static/vendor/<name>/ (never a CDN).
+VENDOR_PACKAGES = ("xterm", "addon-fit", "addon-search", "addon-unicode11", "addon-web-links", "addon-webgl")
 
 SUPERSEDED = 4001  # close code: another window attached to this session
 
@@ -346,6 +353,9 @@ async def terminal_socket(request: web.Request) -> web.StreamResponse:
                 except ProtocolError as exc:
                     await ws.send_str(wsproto.error_message(exc.user_message))
                     continue
+                if isinstance(control, wsproto.End):
+                    await _end_by_owner(ws, manager, session)
+                    continue
                 terminal.cols, terminal.rows = control.cols, control.rows
                 if session is not None:
                     session.resize(control.cols, control.rows)
@@ -363,6 +373,16 @@ async def terminal_socket(request: web.Request) -> web.StreamResponse:
         elif sink.session is not None and not sink.session.ending and sink.session.attachment is None:
             await manager.end(sink.session, "disconnected")
     return ws
+
+
+async def _end_by_owner(ws: web.WebSocketResponse, manager: SessionManager, session: Session | None) -> None:
+    """The page's "End session": the session ends as `exit` in the shell would (reason `exit`,
+    no exit status since the shell did not choose one), and its container goes."""
+    if session is None or not session.ready:
+        await ws.send_str(wsproto.error_message("the session has not started yet"))
+        return
+    session.log.info("ended by its owner from the page")
+    await manager.end(session, "exit", message="you ended the session")
 
 
 async def _refuse_on_failure(ws: web.WebSocketResponse, starting: asyncio.Task) -> None:
@@ -384,8 +404,8 @@ def setup_routes(app: web.Application, web_root: Path) -> None:
     app.router.add_get("/ws", terminal_socket)
     app.router.add_get("/healthz", healthz)
     modules = web_root / "node_modules"
-    app.router.add_static("/static/vendor/xterm/", modules / "@xterm" / "xterm", follow_symlinks=False)
-    app.router.add_static("/static/vendor/addon-fit/", modules / "@xterm" / "addon-fit", follow_symlinks=False)
+    for package in VENDOR_PACKAGES:
+        app.router.add_static(f"/static/vendor/{package}/", modules / "@xterm" / package, follow_symlinks=False)
     app.router.add_static("/static/", web_root / "static", follow_symlinks=False)
 
 

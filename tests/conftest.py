@@ -16,7 +16,10 @@ from aiohttp import web
 
 from bridge.app import build_app
 from bridge.config import Config, load_config
-from helpers import ROOT, TEST_IMAGE, HostUser, Terminal, create_user, delete_user, session_containers, write_config
+from helpers import (
+    CHROMIUM, CHROMIUM_FLAGS, ROOT, TEST_IMAGE, HostUser, Terminal, create_user, delete_user, session_containers,
+    write_config,
+)
 
 PAM_SERVICE = f"termbridge-test-{os.getpid()}"
 # State dirs of every gateway this run started: their instance ids scope the leak check, so that
@@ -156,3 +159,21 @@ async def start_gateway(
 async def gateway(start_gateway: Callable[..., Any]) -> Gateway:
     return await start_gateway()
 
+
+
+@pytest.fixture
+async def pw() -> AsyncIterator[Any]:
+    """A playwright driver (its `devices` table emulates phones)."""
+    from playwright.async_api import async_playwright
+
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} missing: apt-get install chromium (.ci/run does)")
+    async with async_playwright() as driver:
+        yield driver
+
+
+@pytest.fixture
+async def browser(pw: Any) -> AsyncIterator[Any]:
+    chromium = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS, headless=True)
+    yield chromium
+    await chromium.close()

@@ -21,6 +21,15 @@ ROOT = Path(__file__).resolve().parent.parent
 TEST_IMAGE = os.environ.get("TB_TEST_IMAGE", "termbridge/session:latest")
 SESSION_LABEL = "termbridge.session"
 PROMPT = re.compile(rb"[$#] (?:\x1b\[K)?$")
+# Browser tests drive Debian's Chromium through playwright (nothing downloads a browser).
+CHROMIUM = "/usr/bin/chromium"
+# --disable-webgl: xterm then renders with DOM rows the tests can read (the page falls back to
+# that renderer by itself); test_browser_ux checks the WebGL renderer in a browser without it.
+CHROMIUM_FLAGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync", "--disable-webgl",
+]
+ARTIFACTS = ROOT / "test-artifacts"
 
 
 @dataclass
