@@ -122,6 +122,9 @@ async def download(request: web.Request) -> web.StreamResponse:
         session.log.warning("download of %r broke off: %s", path, exc.detail)
         _abort(request)
         return response
+    except ConnectionError as exc:
+        session.log.info("download of %r broke off, the browser went away: %r", path, exc)
+        return response or web.Response(status=400)
     await response.write_eof()
     session.log.info("downloaded %s (%d bytes)", remote.resolved, remote.size)
     return response
@@ -155,6 +158,9 @@ async def upload(request: web.Request) -> web.StreamResponse:
             shown = homefiles.display_path(files.home, remote.resolved)
     except homefiles.FileError as exc:
         raise _translate(session, f"upload to {path!r}", exc) from None
+    except ConnectionError as exc:
+        session.log.info("upload to %r broke off, the browser went away: %r", path, exc)
+        return web.Response(status=400, text="upload incomplete")
     session.log.info("uploaded %s (%d bytes)", remote.resolved, remote.size)
     return web.json_response({"path": shown, "name": remote.name, "size": remote.size}, status=201)
 

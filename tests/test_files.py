@@ -259,3 +259,29 @@ async def test_size_limit_and_disk_full(start_gateway, user):
     assert resp.status == 201
     await _end(term, http)
 
+
+
+async def test_an_upload_cut_off_midway_leaves_nothing(gateway, user, caplog):
+    """The browser goes away in the middle of an upload: no partial file, no temporary file,
+    no server error, and the session's files are still served."""
+    import asyncio
+    from urllib.parse import urlsplit
+
+    http, term, sid = await _session(gateway, user)
+    cookie = "; ".join(f"{c.key}={c.value}" for c in http.cookie_jar)
+    host, port = urlsplit(gateway.url).hostname, urlsplit(gateway.url).port
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(
+        f"PUT /files/upload?session={sid}&path=cut.bin HTTP/1.1\r\nHost: {host}:{port}\r\n"
+        f"Origin: {gateway.origin}\r\nCookie: {cookie}\r\nContent-Length: 5000000\r\n\r\n".encode()
+    )
+    writer.write(os.urandom(1_000_000))
+    await writer.drain()
+    await asyncio.sleep(1)
+    writer.transport.abort()
+    await asyncio.sleep(1)
+    assert (await term.run("ls -A ~ | grep -c cut || true")).strip() == "0"
+    resp = await http.get("/files", params={"session": sid})
+    assert resp.status == 200
+    assert not [r for r in caplog.records if r.levelname == "ERROR" and r.name.startswith("aiohttp")]
+    await _end(term, http)

@@ -31,6 +31,7 @@ async function writeClipboard(text) {
 export class Clipboard {
   constructor(term, element, { prefs, notify }) {
     this.term = term;
+    this.element = element;
     this.prefs = prefs;
     this.notify = notify;
     this.selectTimer = null;
@@ -51,6 +52,8 @@ export class Clipboard {
 
   // Called for every keydown on the page before xterm sees it; true: handled, keep it from the shell.
   onKeyDown(ev) {
+    // Elsewhere on the page (the search box, the Files panel) the browser's own copy/paste rule.
+    if (!this.element.contains(ev.target)) return false;
     if (isShortcut(ev, "KeyC")) {
       ev.preventDefault();
       this.copySelection();

@@ -14,6 +14,9 @@ export function formatSize(bytes) {
   return `${value.toFixed(value < 10 ? 1 : 0)} ${units[unit]}`;
 }
 
+const UPLOAD_RETRIES = 2;
+const RETRY_WAIT_MS = 15000;
+
 function joinPath(dir, name) {
   return dir ? `${dir}/${name}` : name;
 }
@@ -100,7 +103,9 @@ export class Files {
     this.error.textContent = "";
     this.panel.setAttribute("aria-busy", "true");
     try {
-      const response = await fetch(`/files?${query({ session, path: dir })}`, { credentials: "same-origin" });
+      const url = `/files?${query({ session, path: dir })}`;
+      // one retry: a network change aborts requests in flight
+      const response = await fetch(url, { credentials: "same-origin" }).catch(() => fetch(url, { credentials: "same-origin" }));
       const text = await response.text();
       if (!response.ok) {
         this.error.textContent = errorText(text, `Listing failed (${response.status}).`);
@@ -215,6 +220,18 @@ export class Files {
     }
   }
 
+  // Whether `session` is (again) the connected one within a few seconds (the page may be
+  // reconnecting after the same network change).
+  async sameSessionBack(session) {
+    for (let waited = 0; waited < RETRY_WAIT_MS; waited += 250) {
+      await new Promise((done) => setTimeout(done, 250));
+      const current = this.getSession();
+      if (current === session) return true;
+      if (current) return false;
+    }
+    return false;
+  }
+
   addRow(file) {
     const li = document.createElement("li");
     li.className = "upload";
@@ -262,7 +279,14 @@ export class Files {
       this.finish(row, "error", `too large: the limit is ${formatSize(this.maxUpload)}`);
       return Promise.resolve();
     }
+    return this.send(file, dir, session, row, UPLOAD_RETRIES);
+  }
+
+  // A network change aborts requests in flight (the gateway discards the partial upload): try
+  // again a couple of times before reporting the failure.
+  send(file, dir, session, row, retries) {
     row.li.dataset.status = "uploading";
+    row.bar.value = 0;
     row.message.textContent = `0 of ${formatSize(file.size)}`;
     return new Promise((resolve) => {
       const xhr = new XMLHttpRequest();
@@ -284,6 +308,15 @@ export class Files {
         resolve();
       });
       xhr.addEventListener("error", () => {
+        if (retries > 0) {
+          row.message.textContent = "the connection broke; trying again…";
+          resolve(this.sameSessionBack(session).then((back) => {
+            if (back) return this.send(file, dir, session, row, retries - 1);
+            this.finish(row, "error", "failed: the connection to the gateway broke");
+            return undefined;
+          }));
+          return;
+        }
         this.finish(row, "error", "failed: the connection to the gateway broke");
         resolve();
       });

@@ -1,6 +1,6 @@
 // Search over the scrollback with xterm's search addon: Ctrl+Shift+F (Cmd+F on macOS) opens a
 // small box; Enter / Shift+Enter go to the next / previous match, Esc closes it.
-import { IS_MAC, isShortcut } from "./prefs.js";
+import { isShortcut } from "./prefs.js";
 
 const DECORATIONS = {
   matchBackground: "#ffd33d",
@@ -43,7 +43,7 @@ export class SearchBox {
   }
 
   onKeyDown(ev) {
-    if (isShortcut(ev, "KeyF") || (IS_MAC && ev.metaKey && !ev.shiftKey && ev.code === "KeyF")) {
+    if (isShortcut(ev, "KeyF")) {
       ev.preventDefault();
       this.open();
       return true;

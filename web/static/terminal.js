@@ -37,6 +37,7 @@ const term = new Terminal({
   scrollback: 5000,
   fontFamily: 'ui-monospace, "DejaVu Sans Mono", Menlo, Consolas, monospace',
   fontSize: prefs.fontSize,
+  lineHeight: 1.1, // at 1.0 the DOM renderer clips underscores of common monospace fonts
   screenReaderMode: prefs.screenReader,
   macOptionIsMeta: true,
 });
@@ -182,7 +183,7 @@ function onControl(msg) {
       break;
     case "exit": {
       const why = REASONS[msg.reason] || msg.reason;
-      const text = msg.message ? `${msg.message}.` : `The session ended: ${why}.`;
+      const text = msg.message ? `${msg.message[0].toUpperCase()}${msg.message.slice(1)}.` : `The session ended: ${why}.`;
       showEnded(msg.reason, msg.code !== null && msg.reason === "exit" ? `${text} Exit status ${msg.code}.` : text);
       break;
     }
@@ -342,4 +343,5 @@ window.addEventListener("online", () => {
   }
 });
 
+if (window.termbridgeLoaded) window.termbridgeLoaded();
 connect();
