@@ -145,22 +145,15 @@ class HomeFiles:
     @contextlib.asynccontextmanager
     async def open(cls, conn: asyncssh.SSHClientConnection) -> AsyncIterator[HomeFiles]:
         """A new sftp-server in the container, on the session's existing SSH connection. The home
-        is whatever the server says the login directory is (/home/<user>, or /root)."""
+        is whatever the server says the login directory is (/home/<user>, or /root). SFTP errors
+        inside the block become FileErrors; anything else (the browser going away) passes."""
         try:
-            sftp_cm = conn.start_sftp_client()
-            sftp = await sftp_cm.__aenter__()
-        except (asyncssh.Error, OSError) as exc:
-            raise TransferFailed("the container's file service is not available", detail=f"sftp start: {exc!r}") from exc
-        try:
-            home = await sftp.realpath(".")
-            yield cls(sftp, home)
+            async with conn.start_sftp_client() as sftp:
+                yield cls(sftp, await sftp.realpath("."))
         except asyncssh.SFTPError as exc:
             raise _translate(exc) from exc
         except asyncssh.Error as exc:
-            raise TransferFailed(detail=f"sftp: {exc!r}") from exc
-        finally:
-            with contextlib.suppress(Exception):
-                await sftp_cm.__aexit__(None, None, None)
+            raise TransferFailed("the container's file service is not available", detail=f"sftp: {exc!r}") from exc
 
     async def resolve(self, path: str) -> tuple[PurePosixPath, str]:
         """(relative path, canonical absolute path inside the home). The last component need not

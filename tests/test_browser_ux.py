@@ -197,6 +197,43 @@ async def test_links_search_title_and_font_size(browser, gateway, user):
     await context.close()
 
 
+async def test_macos_uses_cmd_for_the_terminals_shortcuts(browser, gateway, user):
+    """On a Mac (as the page sees navigator.platform), Cmd+C copies, Cmd+F searches and Cmd+=
+    grows the font, while Ctrl+C still interrupts."""
+    context = await browser.new_context(permissions=CLIPBOARD)
+    await context.add_init_script("Object.defineProperty(Navigator.prototype, 'platform', {get: () => 'MacIntel'})")
+    page = await context.new_page()
+    await log_in(page, gateway, user)
+    await expect(page.locator("body")).to_have_attribute("data-state", "running", timeout=30_000)
+    await run(page, "clear; echo mac-$((6*7))")
+    line = screen_line(page, "mac-42")
+    await expect(line).to_have_count(1, timeout=15_000)
+    await page.mouse.dblclick(*await point_at(page, line))
+    await page.keyboard.press("Meta+C")
+    await eventually(lambda: clipboard_text(page), "mac-42", "the clipboard")
+    await page.keyboard.press("Meta+F")
+    await expect(page.get_by_label("Search text")).to_be_focused()
+    await expect(page.get_by_label("Search text")).to_have_value("mac-42")  # the selection
+    await page.keyboard.press("Escape")
+    await page.keyboard.press("Meta+Equal")
+    await expect(page.locator("#font-size")).to_have_text("15")
+    await run(page, "sleep 300")
+    await page.keyboard.press("Control+C")
+    await expect(page.locator(".xterm-rows")).to_contain_text("^C", timeout=15_000)
+    await exit_and_gone(page)
+    await context.close()
+
+
+async def test_unicode11_widths(browser, gateway, user):
+    """With the unicode11 addon an emoji takes two cells, as in the container's own wcwidth: the
+    terminal's cursor report (DSR) after one emoji says column 3."""
+    context, page = await open_terminal(browser, gateway, user)
+    await run(page, "clear; printf '\\360\\237\\230\\200\\033[6n'; read -s -d R pos; echo; echo col=${pos#*;}")
+    await expect(screen_line(page, "col=3")).to_have_count(1, timeout=15_000)
+    await exit_and_gone(page)
+    await context.close()
+
+
 async def _upload_state(page, name: str):
     return page.locator(f'#uploads li[data-name="{name}"]')
 
