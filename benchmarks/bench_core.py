@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import shutil
 import statistics
@@ -128,29 +129,40 @@ async def main() -> int:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
-    pam_file = Path("/etc/pam.d") / PAM_SERVICE
-    shutil.copyfile(ROOT / "etc" / "pam.d" / "termbridge", pam_file)
-    user = create_user()
-    tmp = Path(tempfile.mkdtemp(prefix="tb-bench-"))
-    runner, gateway = await start_gateway(tmp)
     results: dict[str, object] = {}
-    try:
+    async with bench_gateway() as (gateway, user):
         results["ws_login_to_prompt"] = summary(await ws_login_to_prompt(gateway, user, args.runs))
         reattach_samples, memory = await reattach(gateway, user, args.runs)
         results["reattach_to_prompt"] = summary(reattach_samples)
         results["resume_buffer"] = memory
         if not args.no_browser:
             results["browser_login_to_prompt"] = summary(await browser_login_to_prompt(gateway, user, max(3, args.runs // 2)))
+    report(results, args.json)
+    return 0
+
+
+@contextlib.asynccontextmanager
+async def bench_gateway():
+    """A gateway on loopback and a throwaway PAM account, both gone afterwards."""
+    pam_file = Path("/etc/pam.d") / PAM_SERVICE
+    shutil.copyfile(ROOT / "etc" / "pam.d" / "termbridge", pam_file)
+    user = create_user()
+    tmp = Path(tempfile.mkdtemp(prefix="tb-bench-"))
+    runner, gateway = await start_gateway(tmp)
+    try:
+        yield gateway, user
     finally:
         await runner.cleanup()
         delete_user(user)
         pam_file.unlink(missing_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def report(results: dict[str, object], json_path: Path | None) -> None:
     text = json.dumps(results, indent=2)
     print(text)
-    if args.json:
-        args.json.write_text(text + "\n")
-    return 0
+    if json_path:
+        json_path.write_text(text + "\n")
 
 
 if __name__ == "__main__":

@@ -13,20 +13,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
-import json
 import os
-import shutil
 import statistics
-import sys
-import tempfile
 import time
 from pathlib import Path
 
-from bench_core import PAM_SERVICE, ROOT, start_gateway
+from bench_core import bench_gateway, report  # puts tests/ on the path for helpers
 
-sys.path.insert(0, str(ROOT / "tests"))
-
-from helpers import PROMPT, create_user, delete_user  # noqa: E402
+from helpers import PROMPT
 
 BLOCK = 1024 * 1024
 
@@ -119,22 +113,9 @@ async def main() -> int:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
-    pam_file = Path("/etc/pam.d") / PAM_SERVICE
-    shutil.copyfile(ROOT / "etc" / "pam.d" / "termbridge", pam_file)
-    user = create_user()
-    tmp = Path(tempfile.mkdtemp(prefix="tb-bench-files-"))
-    runner, gateway = await start_gateway(tmp)
-    try:
+    async with bench_gateway() as (gateway, user):
         results = await run(gateway, user, args.size_mib, args.runs)
-    finally:
-        await runner.cleanup()
-        delete_user(user)
-        pam_file.unlink(missing_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-    text = json.dumps(results, indent=2)
-    print(text)
-    if args.json:
-        args.json.write_text(text + "\n")
+    report(results, args.json)
     return 0
 
 

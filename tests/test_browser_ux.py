@@ -74,17 +74,22 @@ async def eventually(read, expected, what: str) -> None:
         raise AssertionError(f"{what}: wanted {expected!r}, last saw {seen[-1:]!r}") from None
 
 
+async def print_select_and_copy(page, echo: str, shown: str, copy_key: str) -> None:
+    """`echo` a word, select its output with a double click, copy it with `copy_key`."""
+    await run(page, f"clear; echo {echo}")
+    line = screen_line(page, shown)
+    await expect(line).to_have_count(1, timeout=15_000)
+    await page.mouse.dblclick(*await point_at(page, line))
+    await page.keyboard.press(copy_key)
+    await eventually(lambda: clipboard_text(page), shown, "the clipboard")
+
+
 async def test_clipboard_copy_paste_bracketed_and_large(browser, gateway, user):
     sent: list[bytes] = []
     context, page = await open_terminal(browser, gateway, user, sent, permissions=CLIPBOARD)
 
     # copy a command's output (select it with a double click, Ctrl+Shift+C) and paste it back
-    await run(page, "clear; echo copy-me-$((40+2))")
-    line = screen_line(page, "copy-me-42")
-    await expect(line).to_have_count(1, timeout=15_000)
-    await page.mouse.dblclick(*await point_at(page, line))
-    await page.keyboard.press("Control+Shift+C")
-    await eventually(lambda: clipboard_text(page), "copy-me-42", "the clipboard")
+    await print_select_and_copy(page, "copy-me-$((40+2))", "copy-me-42", "Control+Shift+C")
     await page.keyboard.type("echo again-")
     await page.keyboard.press("Control+Shift+V")
     await page.keyboard.press("Enter")
@@ -205,12 +210,7 @@ async def test_macos_uses_cmd_for_the_terminals_shortcuts(browser, gateway, user
     page = await context.new_page()
     await log_in(page, gateway, user)
     await expect(page.locator("body")).to_have_attribute("data-state", "running", timeout=30_000)
-    await run(page, "clear; echo mac-$((6*7))")
-    line = screen_line(page, "mac-42")
-    await expect(line).to_have_count(1, timeout=15_000)
-    await page.mouse.dblclick(*await point_at(page, line))
-    await page.keyboard.press("Meta+C")
-    await eventually(lambda: clipboard_text(page), "mac-42", "the clipboard")
+    await print_select_and_copy(page, "mac-$((6*7))", "mac-42", "Meta+C")
     await page.keyboard.press("Meta+F")
     await expect(page.get_by_label("Search text")).to_be_focused()
     await expect(page.get_by_label("Search text")).to_have_value("mac-42")  # the selection
