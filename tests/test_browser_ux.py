@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import secrets
 
 import pytest
 from playwright.async_api import expect
@@ -40,6 +41,13 @@ async def run(page, command: str) -> None:
     await page.locator(".xterm-helper-textarea").focus()
     await page.keyboard.type(command)
     await page.keyboard.press("Enter")
+
+
+async def run_to_end(page, command: str) -> None:
+    """Run `command` and wait until it has finished (it prints nothing itself)."""
+    marker = f"done-{secrets.token_hex(4)}"
+    await run(page, f"{command}; echo {marker}")
+    await expect(screen_line(page, marker)).to_have_count(1, timeout=15_000)
 
 
 async def exit_and_gone(page) -> None:
@@ -295,7 +303,7 @@ async def test_upload_by_drop_and_button_then_download(browser, gateway, user, t
     assert (tmp_path / "button.bin").read_bytes() == button_data
 
     # directories open in the panel; an upload goes to the directory shown
-    await run(page, "mkdir -p ~/inbox")
+    await run_to_end(page, "mkdir -p ~/inbox")
     await panel.get_by_role("button", name="Refresh").click()
     await panel.get_by_role("button", name="inbox/").click()
     await expect(page.locator("#files-path")).to_have_text("~/inbox")
@@ -323,7 +331,7 @@ async def test_upload_errors_are_shown(browser, start_gateway, user):
     await expect(row).to_contain_text("too large")
     await expect(row).to_have_attribute("role", "alert")
     # a name the gateway refuses: it explains, the page shows it
-    await run(page, "ln -s /etc ~/etc")
+    await run_to_end(page, "ln -s /etc ~/etc")
     await page.get_by_role("button", name="Files").click()
     await page.locator("#files").get_by_role("button", name="etc/").click()
     await expect(page.locator("#files-error")).to_contain_text("outside your home directory")
