@@ -2,7 +2,7 @@
 accessibility. Debian's Chromium through playwright, against the real gateway and containers.
 
 Screenshots of the main states go to test-artifacts/ (ux-desktop-light.png, ux-desktop-dark.png,
-ux-mobile.png, ux-ended.png, plus ux-files.png and ux-search.png)."""
+ux-mobile.png, ux-ended.png, plus ux-files.png, ux-search.png and ux-dropzone.png)."""
 
 from __future__ import annotations
 
