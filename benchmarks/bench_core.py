@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import shutil
 import sys
@@ -83,7 +84,7 @@ async def reattach(gateway, user, runs: int) -> tuple[list[float], dict[str, int
 async def browser_login_to_prompt(gateway, user, runs: int) -> list[float]:
     from playwright.async_api import async_playwright
 
-    from test_browser import CHROMIUM, CHROMIUM_FLAGS
+    from helpers import CHROMIUM, CHROMIUM_FLAGS
 
     samples = []
     async with async_playwright() as pw:
@@ -116,26 +117,36 @@ async def main() -> int:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
-    tmp = workdir()
     results: dict[str, object] = {}
+    async with bench_gateway() as (gateway, user):
+        results["ws_login_to_prompt"] = summary(await ws_login_to_prompt(gateway, user, args.runs))
+        reattach_samples, memory = await reattach(gateway, user, args.runs)
+        results["reattach_to_prompt"] = summary(reattach_samples)
+        results["resume_buffer"] = memory
+        if not args.no_browser:
+            results["browser_login_to_prompt"] = summary(await browser_login_to_prompt(gateway, user, max(3, args.runs // 2)))
+    report(results, args.json)
+    return 0
+
+
+@contextlib.asynccontextmanager
+async def bench_gateway():
+    """A gateway on loopback and a throwaway PAM account, both gone afterwards."""
+    tmp = workdir()
     with bench_account() as (pam_service, user):
         runner, gateway = await start_gateway(tmp, pam_service)
         try:
-            results["ws_login_to_prompt"] = summary(await ws_login_to_prompt(gateway, user, args.runs))
-            reattach_samples, memory = await reattach(gateway, user, args.runs)
-            results["reattach_to_prompt"] = summary(reattach_samples)
-            results["resume_buffer"] = memory
-            if not args.no_browser:
-                runs = max(3, args.runs // 2)
-                results["browser_login_to_prompt"] = summary(await browser_login_to_prompt(gateway, user, runs))
+            yield gateway, user
         finally:
             await runner.cleanup()
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def report(results: dict[str, object], json_path: Path | None) -> None:
     text = json.dumps(results, indent=2)
     print(text)
-    if args.json:
-        args.json.write_text(text + "\n")
-    return 0
+    if json_path:
+        json_path.write_text(text + "\n")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from . import resources, web_front
+from . import resources, web_files, web_front
 from .admin import AdminServer
 from .admin import socket_path as admin_socket_path
 from .audit import AuditLog, AuditObserver, SessionRecorder
@@ -73,6 +73,7 @@ def build_app(
     app = web.Application(client_max_size=64 * 1024)
     app[web_front.CONFIG] = config
     web_front.setup_routes(app, web_root)
+    web_files.setup_routes(app)
 
     async def gateway(app: web.Application) -> AsyncIterator[None]:
         ensure_state_dir(config.state_dir)

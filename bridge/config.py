@@ -171,6 +171,7 @@ class WebConfig:
     metrics_allow: tuple[str, ...] = _field(("127.0.0.1", "::1"), _addr_list, "clients allowed to read /metrics")
     public_origin: str | None = _field(None, _origin, "the origin browsers use")
     max_message_size: int = _field(1024**2, parse_size, "largest WebSocket message a client may send")
+    max_upload_size: int = _field(100 * 1024**2, parse_size, "largest file the Files panel accepts for upload")
 
 
 @dataclass(frozen=True)

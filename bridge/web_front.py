@@ -191,7 +191,7 @@ def _login_page(request: web.Request, status: int = 200, error: str = "", userna
     token = request.app[LOGINS].form_token("login", binding)
     response = _page(
         request, "login.html", status=status, error=error, error_class="" if error else "hidden",
-        username=username, csrf=token,
+        invalid="true" if status == 401 else "false", username=username, csrf=token,
     )
     response.set_cookie(
         CSRF_COOKIE, binding, httponly=True, samesite="Strict", secure=request_scheme(request) == "https", path="/login"
@@ -222,7 +222,10 @@ async def index(request: web.Request) -> web.StreamResponse:
     if login is None:
         raise web.HTTPSeeOther("/login")
     logout_csrf = request.app[LOGINS].form_token("logout", login.id)
-    return _page(request, "terminal.html", user=login.user.name, logout_csrf=logout_csrf)
+    return _page(
+        request, "terminal.html", user=login.user.name, logout_csrf=logout_csrf,
+        max_upload=str(request.app[CONFIG].web.max_upload_size),
+    )
 
 
 async def login_form(request: web.Request) -> web.StreamResponse:
@@ -321,6 +324,9 @@ async def metrics_page(request: web.Request) -> web.StreamResponse:
     body, content_type = request.app[METRICS].render(request.headers.get("Accept", ""))
     return web.Response(body=body, headers={"Content-Type": content_type})
 
+
+# npm packages under web/node_modules/@xterm/ served as /static/vendor/<name>/ (never a CDN).
+VENDOR_PACKAGES = ("xterm", "addon-fit", "addon-search", "addon-unicode11", "addon-web-links", "addon-webgl")
 
 SUPERSEDED = 4001  # close code: another window attached to this session
 
@@ -485,6 +491,9 @@ async def terminal_socket(request: web.Request) -> web.StreamResponse:
                 except ProtocolError as exc:
                     await ws.send_str(wsproto.error_message(exc.user_message))
                     continue
+                if isinstance(control, wsproto.End):
+                    await _end_by_owner(ws, manager, session)
+                    continue
                 terminal.cols, terminal.rows = control.cols, control.rows
                 if session is not None:
                     session.resize(control.cols, control.rows)
@@ -499,6 +508,16 @@ async def terminal_socket(request: web.Request) -> web.StreamResponse:
         if sink.session is not None:
             manager.detach(sink.session, sink)
     return ws
+
+
+async def _end_by_owner(ws: web.WebSocketResponse, manager: SessionManager, session: Session | None) -> None:
+    """The page's "End session": the session ends as `exit` in the shell would (reason `exit`,
+    no exit status since the shell did not choose one), and its container goes."""
+    if session is None or not session.ready:
+        await ws.send_str(wsproto.error_message("the session has not started yet"))
+        return
+    session.log.info("ended by its owner from the page")
+    await manager.end(session, "exit", message="you ended the session")
 
 
 async def _refuse_on_failure(ws: web.WebSocketResponse, starting: asyncio.Task) -> None:
@@ -522,8 +541,8 @@ def setup_routes(app: web.Application, web_root: Path) -> None:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics_page)
     modules = web_root / "node_modules"
-    app.router.add_static("/static/vendor/xterm/", modules / "@xterm" / "xterm", follow_symlinks=False)
-    app.router.add_static("/static/vendor/addon-fit/", modules / "@xterm" / "addon-fit", follow_symlinks=False)
+    for package in VENDOR_PACKAGES:
+        app.router.add_static(f"/static/vendor/{package}/", modules / "@xterm" / package, follow_symlinks=False)
     app.router.add_static("/static/", web_root / "static", follow_symlinks=False)
 
 

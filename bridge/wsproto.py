@@ -20,7 +20,12 @@ class Resize:
     rows: int
 
 
-ClientMessage = Resize
+@dataclass(frozen=True)
+class End:
+    """The person asks to end the session (the page's "End session"), as `exit` in the shell would."""
+
+
+ClientMessage = Resize | End
 
 
 def _dimension(obj: dict[str, Any], name: str) -> int:
@@ -43,6 +48,8 @@ def parse_client_text(text: str) -> ClientMessage:
     kind = obj.get("type")
     if kind == "resize":
         return Resize(cols=_dimension(obj, "cols"), rows=_dimension(obj, "rows"))
+    if kind == "end":
+        return End()
     if not isinstance(kind, str):
         raise ProtocolError("control message needs a string 'type'")
     raise ProtocolError(f"unknown message type {kind[:40]!r}")

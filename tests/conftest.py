@@ -20,8 +20,8 @@ from bridge.config import Config, load_config
 from bridge.upstream import SessionKeys
 from bridge.web_front import LoginRegistry
 from helpers import (
-    PASSWORDS, ROOT, TEST_IMAGE, GatewayProcess, HostUser, Terminal, create_user, csrf_token, delete_user,
-    find_secrets, free_port, private_key_fragments, session_containers, write_config,
+    CHROMIUM, CHROMIUM_FLAGS, PASSWORDS, ROOT, TEST_IMAGE, GatewayProcess, HostUser, Terminal, create_user,
+    csrf_token, delete_user, find_secrets, free_port, private_key_fragments, session_containers, write_config,
 )
 
 PAM_SERVICE = f"termbridge-test-{os.getpid()}"
@@ -245,3 +245,21 @@ def gateway_process(
     yield make
     for process in made:
         process.stop()
+
+
+@pytest.fixture
+async def pw() -> AsyncIterator[Any]:
+    """A playwright driver (its `devices` table emulates phones)."""
+    from playwright.async_api import async_playwright
+
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} missing: apt-get install chromium (.ci/run does)")
+    async with async_playwright() as driver:
+        yield driver
+
+
+@pytest.fixture
+async def browser(pw: Any) -> AsyncIterator[Any]:
+    chromium = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS, headless=True)
+    yield chromium
+    await chromium.close()

@@ -26,6 +26,15 @@ ROOT = Path(__file__).resolve().parent.parent
 TEST_IMAGE = os.environ.get("TB_TEST_IMAGE", "termbridge/session:latest")
 SESSION_LABEL = "termbridge.session"
 PROMPT = re.compile(rb"[$#] (?:\x1b\[K)?$")
+# Browser tests drive Debian's Chromium through playwright (nothing downloads a browser).
+CHROMIUM = "/usr/bin/chromium"
+# --disable-webgl: xterm then renders with DOM rows the tests can read (the page falls back to
+# that renderer by itself); test_browser_ux checks the WebGL renderer in a browser without it.
+CHROMIUM_FLAGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync", "--disable-webgl",
+]
+ARTIFACTS = ROOT / "test-artifacts"
 
 
 @dataclass
@@ -340,3 +349,49 @@ class Terminal:
         deadline = time.monotonic() + timeout
         while not self.closed:
             await self._receive(max(0.01, deadline - time.monotonic()))
+
+
+# -- browser helpers (playwright) ---------------------------------------------------------------
+
+
+def screen_line(page: Any, pattern: str) -> Any:
+    """A row of the terminal whose whole text matches `pattern`."""
+    return page.locator(".xterm-rows > div", has_text=re.compile(rf"^\s*{pattern}\s*$"))
+
+
+async def _navigate(navigation: Any) -> None:
+    """Run a navigation, again when Chromium aborted it with ERR_NETWORK_CHANGED: it does that to
+    requests in flight whenever a network interface comes or goes, and every container start or
+    removal on this machine (ours, or a parallel run's) adds or removes a veth interface. (The
+    terminal page reloads itself when its scripts fail that way: web/static/boot.js.)"""
+    from playwright.async_api import Error as PlaywrightError
+
+    for attempt in range(3):
+        try:
+            await navigation()
+            return
+        except PlaywrightError as exc:
+            if "ERR_NETWORK_CHANGED" not in str(exc) or attempt == 2:
+                raise
+
+
+async def goto(page: Any, url: str) -> None:
+    await _navigate(lambda: page.goto(url))
+
+
+async def reload(page: Any) -> None:
+    await _navigate(page.reload)
+
+
+async def log_in(page: Any, gateway: Any, user: HostUser, password: str | None = None) -> None:
+    from playwright.async_api import expect
+
+    for attempt in range(3):
+        await goto(page, gateway.url + "/")
+        await expect(page).to_have_url(re.compile(r"/login$"))
+        await page.get_by_label("Username").fill(user.name)
+        await page.get_by_label("Password").fill(password or user.password)
+        await page.get_by_role("button", name="Log in").click()
+        await page.wait_for_load_state()
+        if not page.url.startswith("chrome-error:") or attempt == 2:  # see goto()
+            return

@@ -3,45 +3,13 @@
 from __future__ import annotations
 
 import json
-import re
-from pathlib import Path
 
 import pytest
-from playwright.async_api import async_playwright, expect
+from playwright.async_api import expect
 
-from helpers import ROOT, containers_gone
+from helpers import ARTIFACTS, containers_gone, goto, log_in, reload, screen_line
 
 pytestmark = pytest.mark.browser
-
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_FLAGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-]
-ARTIFACTS = ROOT / "test-artifacts"
-
-
-@pytest.fixture
-async def browser():
-    if not Path(CHROMIUM).exists():
-        pytest.fail(f"{CHROMIUM} missing: apt-get install chromium (.ci/run does)")
-    async with async_playwright() as pw:
-        chromium = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS, headless=True)
-        yield chromium
-        await chromium.close()
-
-
-def screen_line(page, pattern: str):
-    """A row of the terminal whose whole text matches `pattern`."""
-    return page.locator(".xterm-rows > div", has_text=re.compile(rf"^\s*{pattern}\s*$"))
-
-
-async def log_in(page, gateway, user, password=None):
-    await page.goto(gateway.url + "/")
-    await expect(page).to_have_url(re.compile(r"/login$"))
-    await page.get_by_label("Username").fill(user.name)
-    await page.get_by_label("Password").fill(password or user.password)
-    await page.get_by_role("button", name="Log in").click()
 
 
 async def open_terminal_page(page, gateway, user) -> None:
@@ -134,7 +102,7 @@ async def test_reload_resumes_and_a_blip_reconnects(browser, gateway, user):
     await page.keyboard.type("export TB_KEPT=survives-$((40+2))")
     await page.keyboard.press("Enter")
 
-    await page.reload()
+    await reload(page)
     await expect(page.locator("body")).to_have_attribute("data-state", "running", timeout=30_000)
     assert await page.locator("body").get_attribute("data-session") == session_id
     await page.locator(".xterm-helper-textarea").focus()
@@ -155,7 +123,7 @@ async def test_reload_resumes_and_a_blip_reconnects(browser, gateway, user):
 
     # A new tab is a new session.
     other = await context.new_page()
-    await other.goto(gateway.url + "/")
+    await goto(other, gateway.url + "/")
     await expect(other.locator("body")).to_have_attribute("data-state", "running", timeout=30_000)
     other_id = await other.locator("body").get_attribute("data-session")
     assert other_id != session_id

@@ -12,7 +12,7 @@ from yarl import URL
 
 from bridge.web_front import COOKIE_NAME, CSRF_COOKIE
 from helpers import csrf_token
-from test_browser import browser, open_terminal_page  # noqa: F401  (the fixture)
+from test_browser import open_terminal_page
 
 FOREIGN = "http://evil.example"
 

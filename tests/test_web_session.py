@@ -126,6 +126,22 @@ async def test_bad_control_messages_get_an_error_and_the_session_goes_on(gateway
         await term.control("exit")
 
 
+async def test_end_message_ends_the_session_like_exit(gateway, user):
+    """The page's "End session" button: `{"type":"end"}` ends the session even while a program
+    runs, reason `exit` with no status (the shell did not choose one), and the container goes."""
+    async with await gateway.login(user) as http:
+        term = await gateway.terminal(http)
+        session = await term.control("session")
+        await term.expect(PROMPT)
+        await term.send("sleep 600\r")
+        await term.ws.send_str('{"type":"end"}')
+        assert await term.control("exit") == {
+            "type": "exit", "code": None, "reason": "exit", "message": "you ended the session",
+        }
+        await term.drain_until_closed()
+    await containers_gone(**{"termbridge.session": session["id"]})
+
+
 async def test_the_host_key_is_pinned(gateway, user, docker_engine):
     """A session's sshd presenting any host key but the one generated for it is refused."""
     import asyncssh

@@ -12,7 +12,7 @@ from playwright.async_api import expect
 
 from bridge.web_front import MANAGER
 from helpers import PROMPT, wait_for
-from test_browser import browser, open_terminal_page  # noqa: F401  (the fixture)
+from test_browser import open_terminal_page
 
 MEGABYTE_PASTE = b"".join(b"%05d " % i + b"x" * 93 + b"\n" for i in range(10_000))  # 1,000,000 bytes
 

@@ -15,6 +15,14 @@ def test_resize_parses():
     assert wsproto.parse_client_text('{"type":"resize","cols":1000,"rows":1}') == wsproto.Resize(1000, 1)
 
 
+def test_end_parses():
+    """The page's "End session" button: no fields; extra fields are ignored like resize's."""
+    assert wsproto.parse_client_text('{"type":"end"}') == wsproto.End()
+    assert wsproto.parse_client_text('{"type":"end","why":"done"}') == wsproto.End()
+    with pytest.raises(ProtocolError):
+        wsproto.parse_client_text('{"type":"End"}')
+
+
 @pytest.mark.parametrize(
     "text",
     [

@@ -2,6 +2,18 @@
 import "/static/csp.js";
 import { Terminal } from "/static/vendor/xterm/lib/xterm.mjs";
 import { FitAddon } from "/static/vendor/addon-fit/lib/addon-fit.mjs";
+import { SearchAddon } from "/static/vendor/addon-search/lib/addon-search.mjs";
+import { Unicode11Addon } from "/static/vendor/addon-unicode11/lib/addon-unicode11.mjs";
+import { WebLinksAddon } from "/static/vendor/addon-web-links/lib/addon-web-links.mjs";
+import { WebglAddon } from "/static/vendor/addon-webgl/lib/addon-webgl.mjs";
+import { Clipboard } from "./clipboard.js";
+import { ExtraKeys, isTouchDevice } from "./extrakeys.js";
+import { Files } from "./files.js";
+import { InputQueue } from "./input.js";
+import { FONT_MAX, FONT_MIN, IS_MAC, loadPrefs, savePrefs } from "./prefs.js";
+import { SearchBox } from "./search.js";
+import { StatusBar } from "./statusbar.js";
+import { followColorScheme } from "./theme.js";
 
 const REASONS = {
   exit: "the shell exited",
@@ -15,18 +27,58 @@ const body = document.body;
 const banner = document.getElementById("banner");
 const endedBox = document.getElementById("ended");
 const endedReason = document.getElementById("ended-reason");
+const container = document.getElementById("terminal");
 const encoder = new TextEncoder();
+const defaultTitle = document.title;
+const prefs = loadPrefs();
 
 const term = new Terminal({
+  allowProposedApi: true, // unicode11 and search decorations
   cursorBlink: true,
   scrollback: 5000,
   fontFamily: 'ui-monospace, "DejaVu Sans Mono", Menlo, Consolas, monospace',
-  fontSize: 14,
+  fontSize: prefs.fontSize,
+  lineHeight: 1.1, // at 1.0 the DOM renderer clips underscores of common monospace fonts
+  screenReaderMode: prefs.screenReader,
+  macOptionIsMeta: true,
 });
 const fit = new FitAddon();
+const search = new SearchAddon();
 term.loadAddon(fit);
-term.open(document.getElementById("terminal"));
+term.loadAddon(search);
+term.loadAddon(new Unicode11Addon());
+term.unicode.activeVersion = "11";
+// Links open in a new tab that cannot reach back into this page (noopener), and only http(s).
+term.loadAddon(new WebLinksAddon((event, uri) => {
+  if (/^https?:\/\//i.test(uri)) window.open(uri, "_blank", "noopener,noreferrer");
+}));
+followColorScheme((name, theme) => {
+  term.options.theme = theme;
+  body.dataset.theme = name;
+});
+term.open(container);
+useWebgl();
 fit.fit();
+
+// The WebGL renderer is much faster at large outputs; without WebGL (or when the GPU drops the
+// context) xterm's DOM renderer takes over.
+function useWebgl() {
+  body.dataset.renderer = "dom";
+  let webgl;
+  try {
+    webgl = new WebglAddon();
+    term.loadAddon(webgl);
+  } catch (err) {
+    console.info("termbridge: WebGL unavailable, using the DOM renderer:", err && err.message);
+    return;
+  }
+  body.dataset.renderer = "webgl";
+  webgl.onContextLoss(() => {
+    console.info("termbridge: WebGL context lost, using the DOM renderer");
+    webgl.dispose();
+    body.dataset.renderer = "dom";
+  });
+}
 
 let ws = null;
 let ended = false;
@@ -39,26 +91,47 @@ let graceMs = 60000;
 let droppedAt = null;
 let retry = 0;
 let retryTimer = null;
+let bannerKind = "";
+
+const status = new StatusBar();
+const input = new InputQueue(() => ws, () => body.dataset.state === "running");
+const extraKeys = new ExtraKeys(document.getElementById("extra-keys"), term, typed);
+const clipboard = new Clipboard(term, container, { prefs, notify });
+const searchBox = new SearchBox(term, search);
+const files = new Files({
+  getSession: () => (body.dataset.state === "running" ? sessionId : null),
+  notify,
+  maxUpload: Number(body.dataset.maxUpload) || Infinity,
+  term,
+});
 
 function setState(state) {
   body.dataset.state = state;
+  status.setState(state);
 }
 
-function showBanner(text) {
+function showBanner(text, kind = "info") {
   banner.textContent = text;
   banner.hidden = !text;
+  bannerKind = text ? kind : "";
+}
+
+function notify(text) {
+  showBanner(text, "notice");
+  setTimeout(() => {
+    if (bannerKind === "notice" && banner.textContent === text) showBanner("");
+  }, 8000);
 }
 
 function send(data) {
   if (ws && ws.readyState === WebSocket.OPEN) ws.send(data);
 }
 
-// A paste may be megabytes: it goes in frames far below the server's message limit
-// (web.max_message_size), and the server takes each one only as fast as the shell reads.
-const INPUT_CHUNK = 64 * 1024;
-
-function sendInput(bytes) {
-  for (let i = 0; i < bytes.length; i += INPUT_CHUNK) send(bytes.subarray(i, i + INPUT_CHUNK));
+// Everything the person types, pastes or taps goes through here.
+function typed(text) {
+  if (status.idleShown) status.clearIdle();
+  if (bannerKind === "idle") showBanner("");
+  input.push(encoder.encode(extraKeys.transform(text)));
 }
 
 function sendResize() {
@@ -74,6 +147,7 @@ function showEnded(reason, message) {
   if (ended) return;
   ended = true;
   clearTimeout(retryTimer);
+  input.clear();
   forgetSession();
   setState("ended");
   body.dataset.reason = reason;
@@ -96,23 +170,26 @@ function onControl(msg) {
       droppedAt = null;
       setState("running");
       body.dataset.session = msg.id;
+      status.setSession(msg.id);
       showBanner("");
-      term.focus();
+      input.pump();
+      if (!searchBox.isOpen && !files.isOpen) term.focus();
       break;
     case "gap":
       term.write(`\r\n[termbridge: ${msg.lost} bytes of older output were not kept]\r\n`);
       break;
     case "idle-warning":
-      showBanner(`No input for a while: this session ends in ${msg.seconds} s unless you type something.`);
+      showBanner(`No input for a while: this session ends in ${msg.seconds} s unless you type something.`, "idle");
+      status.idleWarning(msg.seconds);
       break;
     case "exit": {
       const why = REASONS[msg.reason] || msg.reason;
-      const text = msg.message ? `${msg.message}.` : `The session ended: ${why}.`;
+      const text = msg.message ? `${msg.message[0].toUpperCase()}${msg.message.slice(1)}.` : `The session ended: ${why}.`;
       showEnded(msg.reason, msg.code !== null && msg.reason === "exit" ? `${text} Exit status ${msg.code}.` : text);
       break;
     }
     case "error":
-      showBanner(msg.message);
+      showBanner(msg.message, "error");
       break;
   }
 }
@@ -147,6 +224,7 @@ function connect() {
     }
   };
   ws.onclose = (ev) => {
+    input.clear();
     if (ended) return;
     if (ev.code === 4001) {
       showEnded("error", "This session was opened in another window.");
@@ -167,20 +245,96 @@ function reconnect() {
     return;
   }
   setState("reconnecting");
-  showBanner("Connection lost: reconnecting…");
+  showBanner("Connection lost: reconnecting…", "connection");
   const delay = Math.min(5000, 250 * 2 ** retry) * (0.75 + Math.random() / 2);
   retry += 1;
   retryTimer = setTimeout(connect, delay);
 }
 
-term.onData((data) => sendInput(encoder.encode(data)));
-term.onBinary((data) => sendInput(Uint8Array.from(data, (c) => c.charCodeAt(0))));
+// -- preferences: font size, copy on select, screen reader mode -----------------------------------
+
+const fontOutput = document.getElementById("font-size");
+function setFontSize(size) {
+  prefs.fontSize = Math.min(FONT_MAX, Math.max(FONT_MIN, size));
+  term.options.fontSize = prefs.fontSize;
+  fontOutput.textContent = String(prefs.fontSize);
+  savePrefs(prefs);
+  fit.fit();
+}
+fontOutput.textContent = String(prefs.fontSize);
+document.getElementById("font-smaller").addEventListener("click", () => setFontSize(prefs.fontSize - 1));
+document.getElementById("font-larger").addEventListener("click", () => setFontSize(prefs.fontSize + 1));
+
+function fontKey(ev) {
+  const mod = IS_MAC ? ev.metaKey && !ev.ctrlKey : ev.ctrlKey && !ev.metaKey;
+  if (!mod || ev.altKey) return false;
+  if (ev.code === "Equal" || ev.code === "NumpadAdd") setFontSize(prefs.fontSize + 1);
+  else if (ev.code === "Minus" || ev.code === "NumpadSubtract") setFontSize(prefs.fontSize - 1);
+  else if (ev.code === "Digit0" || ev.code === "Numpad0") setFontSize(14);
+  else return false;
+  ev.preventDefault();
+  return true;
+}
+
+function bindToggle(id, name, apply) {
+  const box = document.getElementById(id);
+  box.checked = prefs[name];
+  box.addEventListener("change", () => {
+    prefs[name] = box.checked;
+    savePrefs(prefs);
+    apply(box.checked);
+  });
+}
+bindToggle("opt-copy-on-select", "copyOnSelect", () => {});
+bindToggle("opt-screen-reader", "screenReader", (on) => {
+  term.options.screenReaderMode = on;
+});
+
+// -- wiring -------------------------------------------------------------------------------------
+
+// The page's own shortcuts are taken before xterm sees the key (capture phase), so none of them
+// ever reaches the shell as a control character.
+document.addEventListener("keydown", (ev) => {
+  if (fontKey(ev) || clipboard.onKeyDown(ev) || searchBox.onKeyDown(ev)) ev.stopPropagation();
+}, true);
+
+term.onData(typed);
+term.onBinary((data) => input.push(Uint8Array.from(data, (c) => c.charCodeAt(0))));
 term.onResize(() => sendResize());
+term.onTitleChange((title) => {
+  document.title = title || defaultTitle;
+});
 window.addEventListener("resize", () => fit.fit());
+// Phones: keep the terminal above the on-screen keyboard.
+if (window.visualViewport) {
+  const followViewport = () => {
+    document.documentElement.style.setProperty("--app-height", `${window.visualViewport.height}px`);
+    fit.fit();
+  };
+  window.visualViewport.addEventListener("resize", followViewport);
+  followViewport();
+}
+if (isTouchDevice()) {
+  body.classList.add("touch");
+  fit.fit();
+}
+
+document.getElementById("btn-search").addEventListener("click", () => searchBox.toggle());
+const confirmEnd = document.getElementById("confirm-end");
+document.getElementById("btn-end").addEventListener("click", () => confirmEnd.showModal());
+confirmEnd.addEventListener("close", () => {
+  if (confirmEnd.returnValue === "end") send(JSON.stringify({ type: "end" }));
+  else term.focus();
+  confirmEnd.returnValue = "";
+});
+document.getElementById("settings").addEventListener("toggle", (ev) => {
+  if (!ev.target.open) term.focus();
+});
 document.getElementById("restart").addEventListener("click", () => {
   term.reset();
   received = 0;
   droppedAt = null;
+  status.setSession(null);
   connect();
 });
 window.addEventListener("online", () => {
@@ -190,4 +344,5 @@ window.addEventListener("online", () => {
   }
 });
 
+if (window.termbridgeLoaded) window.termbridgeLoaded();
 connect();
