@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -135,8 +136,13 @@ async def login(url: str, user: HostUser) -> aiohttp.ClientSession:
     http = aiohttp.ClientSession(
         base_url=url, cookie_jar=aiohttp.CookieJar(unsafe=True), connector=aiohttp.TCPConnector(limit=0)
     )
+    async with http.get("/login") as form:
+        token = re.search(r'name="csrf" value="([^"]+)"', await form.text())
     resp = await http.post(
-        "/login", data={"username": user.name, "password": user.password}, headers={"Origin": url}, allow_redirects=False
+        "/login",
+        data={"username": user.name, "password": user.password, "csrf": token.group(1) if token else ""},
+        headers={"Origin": url},
+        allow_redirects=False,
     )
     if resp.status != 303:
         await http.close()
