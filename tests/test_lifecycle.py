@@ -170,17 +170,15 @@ async def test_docker_outage_then_recovery(gateway, user):
         for pid in _dockerd_pids():
             os.kill(pid, signal.SIGTERM)
         try:
-            await wait_for(lambda: not _docker_up(), timeout=60, what="dockerd to stop")
+            # gone for good (its pid file too), not merely unresponsive
+            await wait_for(lambda: not _dockerd_pids(), timeout=60, what="dockerd to exit")
             resp = await anon.get("/healthz")
             assert resp.status == 503
             term = await gateway.terminal(http)
             assert "unavailable" in (await term.control("error"))["message"]
             assert (await anon.get("/login")).status == 200  # still serving
         finally:
-            if not _docker_up():
-                log = open("/tmp/termbridge-test-dockerd.log", "ab")
-                subprocess.Popen(["dockerd"], stdout=log, stderr=log, start_new_session=True)
-            await wait_for(_docker_up, timeout=60, what="dockerd to come back")
+            await _start_dockerd()
 
         async def healthy() -> bool:
             return (await anon.get("/healthz")).status == 200
@@ -195,18 +193,17 @@ async def test_docker_outage_then_recovery(gateway, user):
     await containers_gone(**{"termbridge.session": session["id"]})
 
 
-@pytest.mark.parametrize("socket_closed_first", [False, True])
-async def test_shutdown_while_a_container_is_being_created_leaves_nothing(gateway, user, socket_closed_first):
-    """The gateway stops while a session's container is still being made (in a backend thread):
-    shutdown waits for it and removes it, instead of leaving it behind."""
-    from bridge.web_front import BACKEND, MANAGER
-
-    async with await gateway.login(user) as http:
-        term = await gateway.terminal(http)
-        await asyncio.sleep(0.1)  # the container is being created now
-        if socket_closed_first:
-            await term.ws.close()
-        await asyncio.wait_for(gateway.app[MANAGER].close(), 60)
-        await gateway.app[BACKEND].close()
-    await asyncio.sleep(3)  # long enough for a start that was still running to have landed
-    assert not session_containers(**{"termbridge.user": user.name})
+async def _start_dockerd() -> None:
+    """Start dockerd again as .ci/run does, retrying while the old one's leftovers clear."""
+    for _ in range(5):
+        if _docker_up():
+            return
+        if not _dockerd_pids():
+            with open("/tmp/termbridge-test-dockerd.log", "ab") as log:
+                subprocess.Popen(["dockerd"], stdout=log, stderr=log, start_new_session=True)
+        try:
+            await wait_for(_docker_up, timeout=20, what="dockerd to come back")
+            return
+        except AssertionError:
+            continue
+    raise AssertionError("dockerd did not come back: see /tmp/termbridge-test-dockerd.log")
