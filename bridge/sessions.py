@@ -182,7 +182,6 @@ class Session:
         self.output = OutputBuffer()
         self.attachment: Attachment | None = None
         self.detached_cursor = 0  # what the last attachment had taken when it went
-        self.detached_since: float | None = time.monotonic()
         self.attached_once = False
         self.removal_scheduled = False
         self._output_event = asyncio.Event()  # more output, or the session ends
@@ -487,7 +486,7 @@ class SessionManager:
             session._grace.cancel()
             session._grace = None
         attachment = Attachment(session, sink, start)
-        session.attachment, session.sink, session.detached_since = attachment, sink, None
+        session.attachment, session.sink = attachment, sink
         session.attached_once = True
         await sink.attached(session, start, start - offset)
         attachment.task = asyncio.create_task(self._run_attachment(attachment), name=f"send-{session.id[:8]}")
@@ -517,7 +516,6 @@ class SessionManager:
             self._stop_attachment(attachment)
             session.attachment, session.sink = None, None
             session.detached_cursor = attachment.cursor
-            session.detached_since = time.monotonic()
             session._space_event.set()
         elif session._grace is not None:
             return

@@ -314,9 +314,6 @@ class SshConnection(asyncssh.SSHServer):
     async def started(self, session: Session) -> None:
         self.session = session
 
-    async def output(self, data: bytes) -> None:
-        """Never called: this door opens its own channels, no shell is pumped to it."""
-
     async def idle_warning(self, seconds: float) -> None:
         for process in list(self._channels):
             if process.term_type or (process.command is None and process.subsystem is None):
