@@ -232,14 +232,24 @@ class Session:
         for tap in self.taps:
             tap.resize(cols, rows)
 
-    async def write(self, data: bytes) -> None:
-        """Send the person's keystrokes to the shell; waits while the container is not reading."""
+    def feed(self, data: bytes) -> bool:
+        """Hand the person's keystrokes to the shell's channel. True when input is left unsent
+        (the container is not reading): the caller then awaits `drain()` before taking more."""
         if not self.ready or not data:
-            return
+            return False
         assert self.process is not None
         self.note_input(data)
         self.process.stdin.write(data)
-        await self.process.stdin.drain()
+        return self.process.stdin.channel.get_write_buffer_size() > 0
+
+    async def drain(self) -> None:
+        if self.process is not None:
+            await self.process.stdin.drain()
+
+    async def write(self, data: bytes) -> None:
+        """Send the person's keystrokes to the shell; waits while the container is not reading."""
+        if self.feed(data):
+            await self.drain()
 
     def resize(self, cols: int, rows: int) -> None:
         if not self.ready:

@@ -417,8 +417,16 @@ async def _flush(early: bytearray, session: Session) -> None:
 async def _send_input(request: web.Request, ws: web.WebSocketResponse, session: Session, data: bytes) -> bool:
     """Keystrokes to the shell with backpressure: while the shell does not read, this socket is
     not read either (TCP pushes back to the browser). Returns False if the socket died meanwhile:
-    unread, it would not notice by itself, so a ping probes it (a gone peer answers with a reset)."""
-    writing = asyncio.ensure_future(session.write(data))
+    unread, it would not notice by itself, so a ping probes it (a gone peer answers with a reset).
+    A keystroke the channel takes at once (the usual case) costs no task and no wait."""
+    try:
+        if not session.feed(data):
+            return True
+    except ConnectionError:
+        if not session.ending:  # an ended session is reported by its own path
+            raise
+        return True
+    writing = asyncio.ensure_future(session.drain())
     while True:
         done, _ = await asyncio.wait({writing}, timeout=INPUT_WAIT_CHECK)
         if done:
