@@ -27,7 +27,7 @@ from benchmarks.harness import ROOT, bench_account, summary, workdir  # noqa: E4
 from bridge.app import build_app  # noqa: E402
 from bridge.config import load_config  # noqa: E402
 from bridge.web_front import MANAGER  # noqa: E402
-from helpers import PROMPT, write_config  # noqa: E402
+from helpers import PROMPT, wait_for_js, write_config  # noqa: E402
 
 
 async def start_gateway(tmp: Path, pam_service: str):
@@ -97,14 +97,17 @@ async def browser_login_to_prompt(gateway, user, runs: int) -> list[float]:
             await page.get_by_label("Password").fill(user.password)
             t0 = time.perf_counter()
             await page.get_by_role("button", name="Log in").click()
-            await page.wait_for_function(
-                "document.querySelector('.xterm-rows') && /[$#] *$/m.test(document.querySelector('.xterm-rows').innerText)",
-                timeout=30_000,
+            await wait_for_js(
+                page,
+                "!!document.querySelector('.xterm-rows')"
+                " && /[$#] *$/m.test(document.querySelector('.xterm-rows').innerText)",
+                timeout=30,
+                interval=0.005,  # a timing: poll finely
             )
             samples.append(time.perf_counter() - t0)
             await page.locator(".xterm-helper-textarea").focus()
             await page.keyboard.type("exit\n")
-            await page.wait_for_function("document.body.dataset.state === 'ended'", timeout=15_000)
+            await wait_for_js(page, "document.body.dataset.state === 'ended'")
             await context.close()
         await browser.close()
     return samples

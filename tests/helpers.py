@@ -253,6 +253,12 @@ class GatewayProcess:
             stop_process(self.proc, timeout=15)
 
 
+async def wait_for_js(page, expression: str, timeout: float = 15.0, interval: float = 0.05) -> None:
+    """Poll a JavaScript expression from here. (Playwright's wait_for_function compiles its
+    predicate with eval inside the page, which the terminal page's strict CSP forbids.)"""
+    await wait_for(lambda: page.evaluate(expression), timeout=timeout, interval=interval, what=expression)
+
+
 async def wait_for(predicate, timeout: float = 15.0, interval: float = 0.1, what: str = "condition") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

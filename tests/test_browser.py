@@ -7,7 +7,7 @@ import json
 import pytest
 from playwright.async_api import expect
 
-from helpers import ARTIFACTS, containers_gone, goto, log_in, reload, screen_line
+from helpers import ARTIFACTS, containers_gone, goto, log_in, reload, screen_line, wait_for_js
 
 pytestmark = pytest.mark.browser
 
@@ -114,7 +114,7 @@ async def test_reload_resumes_and_a_blip_reconnects(browser, gateway, user):
     await page.evaluate(STATE_RECORDER)
     for ws in list(gateway.app[WEBSOCKETS]):
         ws._writer.transport.abort()
-    await page.wait_for_function("window.__states.includes('reconnecting')", timeout=15_000)
+    await wait_for_js(page, "window.__states.includes('reconnecting')")
     await expect(page.locator("body")).to_have_attribute("data-state", "running", timeout=30_000)
     assert await page.locator("body").get_attribute("data-session") == session_id
     await page.keyboard.type("echo again-$TB_KEPT")

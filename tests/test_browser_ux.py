@@ -17,6 +17,7 @@ from playwright.async_api import expect
 from bridge.web_front import WEBSOCKETS
 from helpers import (
     ARTIFACTS, CHROMIUM, CHROMIUM_FLAGS, containers_gone, goto, log_in, reload, screen_line, wait_for,
+    wait_for_js,
 )
 
 pytestmark = pytest.mark.browser
@@ -383,7 +384,7 @@ async def test_status_bar_reconnecting_and_end_session(browser, gateway, user):
     )
     for ws in list(gateway.app[WEBSOCKETS]):
         ws._writer.transport.abort()
-    await page.wait_for_function("window.__labels.some(l => l.startsWith('reconnecting'))", timeout=15_000)
+    await wait_for_js(page, "window.__labels.some(l => l.startsWith('reconnecting'))")
     await expect(status).to_have_text("connected", timeout=30_000)
     assert await page.locator("body").get_attribute("data-session") == session_id
 
