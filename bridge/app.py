@@ -95,9 +95,9 @@ def build_app(
             LoginThrottle(config.auth),
         )
         manager = SessionManager(config, gw_backend)
-        manager.observers += [AuditObserver(audit, config.session.image), metrics]
+        manager.observers.add(AuditObserver(audit, config.session.image), metrics)
         if config.audit.record_dir is not None:
-            manager.observers.append(
+            manager.observers.add(
                 SessionRecorder(
                     config.audit.record_dir, record_input=config.audit.record_input, limit=config.audit.record_limit
                 )

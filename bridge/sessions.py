@@ -13,7 +13,7 @@ import enum
 import logging
 import secrets
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Protocol
@@ -27,6 +27,7 @@ from .errors import BridgeError, LimitReached, SessionStartError
 from .outbuf import OutputBuffer
 from .pool import Pooled, WarmPool
 from .upstream import SessionKeys, Upstream
+from .vocab import Actor, Door, EndReason, LoginResult
 
 log = logging.getLogger("termbridge.sessions")
 
@@ -47,7 +48,7 @@ class Sink(Protocol):
 
     async def idle_warning(self, seconds: float) -> None: ...
 
-    async def ended(self, code: int | None, reason: str, message: str | None) -> None: ...
+    async def ended(self, code: int | None, reason: EndReason, message: str | None) -> None: ...
 
 
 class AttachedSink(Sink, Protocol):
@@ -68,8 +69,8 @@ class SessionObserver:
     override what you need. Methods run on the event loop, so they must not block; one that
     raises is logged and skipped, never allowed to break a session."""
 
-    def login(self, user: str, rhost: str | None, door: str, result: str, reason: str) -> None:
-        """A login attempt at any door; `result` is one of LOGIN_RESULTS."""
+    def login(self, user: str, rhost: str | None, door: Door, result: LoginResult, reason: str) -> None:
+        """A login attempt at any door."""
 
     def session_started(self, session: Session, seconds: float) -> None:
         """The session is ready, `seconds` after create() began (the time to a prompt)."""
@@ -80,17 +81,56 @@ class SessionObserver:
     def session_ended(self, session: Session) -> None:
         """A session that was ready has ended; its container's removal is under way."""
 
-    def session_refused(self, user: AuthenticatedUser, door: str, detail: str) -> None:
+    def session_refused(self, user: AuthenticatedUser, door: Door, detail: str) -> None:
         """A limit (or shutdown) refused a new session before anything was started."""
 
-    def session_killed(self, session: Session, actor: str) -> None:
-        """Someone ended a session from outside: `admin`, `logout`, `shutdown`."""
+    def session_killed(self, session: Session, actor: Actor) -> None:
+        """Someone ended a session from outside."""
 
     def containers_reaped(self, count: int) -> None:
         """The reaper removed `count` containers that no live session owned."""
 
 
-LOGIN_RESULTS = ("ok", "denied", "unavailable", "throttled")
+class Observers(SessionObserver):
+    """Every observer the manager tells, behind the same typed calls: each call reaches every
+    observer, and one that raises is logged and skipped."""
+
+    def __init__(self) -> None:
+        self._members: list[SessionObserver] = []
+
+    def add(self, *observers: SessionObserver) -> None:
+        self._members.extend(observers)
+
+    def __iter__(self) -> Iterator[SessionObserver]:
+        return iter(self._members)
+
+    def _each(self, event: str, call: Callable[[SessionObserver], None]) -> None:
+        for observer in self._members:
+            try:
+                call(observer)
+            except Exception:
+                log.exception("observer %s failed on %s", type(observer).__name__, event)
+
+    def login(self, user: str, rhost: str | None, door: Door, result: LoginResult, reason: str) -> None:
+        self._each("login", lambda o: o.login(user, rhost, door, result, reason))
+
+    def session_started(self, session: Session, seconds: float) -> None:
+        self._each("session_started", lambda o: o.session_started(session, seconds))
+
+    def session_failed(self, session: Session, detail: str) -> None:
+        self._each("session_failed", lambda o: o.session_failed(session, detail))
+
+    def session_ended(self, session: Session) -> None:
+        self._each("session_ended", lambda o: o.session_ended(session))
+
+    def session_refused(self, user: AuthenticatedUser, door: Door, detail: str) -> None:
+        self._each("session_refused", lambda o: o.session_refused(user, door, detail))
+
+    def session_killed(self, session: Session, actor: Actor) -> None:
+        self._each("session_killed", lambda o: o.session_killed(session, actor))
+
+    def containers_reaped(self, count: int) -> None:
+        self._each("containers_reaped", lambda o: o.containers_reaped(count))
 
 
 class StreamTap(Protocol):
@@ -159,7 +199,7 @@ class SessionLog(logging.LoggerAdapter):
 
 
 class Session:
-    def __init__(self, user: AuthenticatedUser, door: str, sink: Sink, session_id: str | None = None) -> None:
+    def __init__(self, user: AuthenticatedUser, door: Door, sink: Sink, session_id: str | None = None) -> None:
         self.id = session_id or secrets.token_hex(16)
         self.user = user
         self.door = door
@@ -176,7 +216,7 @@ class Session:
         self.bytes_out = 0
         self.term_size: tuple[int, int] | None = None
         self.taps: list[StreamTap] = []
-        self.end_reason: str | None = None
+        self.end_reason: EndReason | None = None
         self.exit_code: int | None = None
         self.log = SessionLog(log, {"session": self.id[:12], "user": user.name})
         self.output = OutputBuffer()
@@ -325,7 +365,7 @@ class SessionManager:
         self._cleanups: set[asyncio.Task] = set()
         self._starting: set[asyncio.Future] = set()  # backend starts in flight (threads)
         self._closing = False
-        self.observers: list[SessionObserver] = []
+        self.observers = Observers()
         self.pool = WarmPool(config.session.pool, backend, config.session, self._room) if config.session.pool else None
 
     def _room(self) -> int:
@@ -336,19 +376,10 @@ class SessionManager:
         if self.pool is not None:
             self.pool.kick()
 
-    def _notify(self, event: str, *args: object) -> None:
-        for observer in self.observers:
-            try:
-                getattr(observer, event)(*args)
-            except Exception:
-                log.exception("observer %s failed on %s", type(observer).__name__, event)
-
-    def note_login(self, user: str, rhost: str | None, door: str, result: str, reason: str = "") -> None:
+    def note_login(self, user: str, rhost: str | None, door: Door, result: LoginResult, reason: str = "") -> None:
         """Every door reports each login attempt here (never the password), whatever its outcome,
         so that the audit trail and the metrics see all doors alike."""
-        if result not in LOGIN_RESULTS:
-            raise ValueError(f"login result {result!r} is not one of {LOGIN_RESULTS}")
-        self._notify("login", user, rhost, door, result, reason)
+        self.observers.login(user, rhost, Door(door), LoginResult(result), reason)
 
     # -- limits -------------------------------------------------------------------------------
 
@@ -376,7 +407,7 @@ class SessionManager:
     # -- life cycle ---------------------------------------------------------------------------
 
     async def create(
-        self, user: AuthenticatedUser, door: str, sink: Sink, terminal: TerminalRequest | None = None
+        self, user: AuthenticatedUser, door: Door, sink: Sink, terminal: TerminalRequest | None = None
     ) -> Session:
         """Start a session and attach `sink`. With `terminal`, a login shell on a pty is opened and
         its output pumped to the sink; without, the session is the container and its upstream
@@ -385,10 +416,11 @@ class SessionManager:
         Returns once ready and `sink.started` was called; raises a BridgeError (limit, Docker
         down, image missing, start failure) with nothing left behind. Cancelling the caller also
         leaves nothing behind."""
+        door = Door(door)
         try:
             self._check_limits(user)
         except LimitReached as exc:
-            self._notify("session_refused", user, door, exc.detail)
+            self.observers.session_refused(user, door, exc.detail)
             raise
         pooled = self.pool.take() if self.pool is not None else None
         session = Session(user, door, sink, pooled.session_id if pooled else None)
@@ -397,15 +429,15 @@ class SessionManager:
         try:
             await self._provision(session, terminal, pooled)
         except asyncio.CancelledError:
-            self._finish(session, "cancelled")
+            self._finish(session, EndReason.CANCELLED)
             raise
         except BridgeError as exc:
             session.log.error("start failed: %s", exc.detail)
-            self._finish(session, "error", exc.detail)
+            self._finish(session, EndReason.ERROR, exc.detail)
             raise
         except Exception as exc:
             session.log.exception("start failed")
-            self._finish(session, "error", repr(exc))
+            self._finish(session, EndReason.ERROR, repr(exc))
             raise SessionStartError(detail=repr(exc)) from exc
         assert session.ready_at is not None
         session.log.info(
@@ -435,7 +467,7 @@ class SessionManager:
         self._check_not_ended(session)
         session.ready_at = time.monotonic()
         session.touch()
-        self._notify("session_started", session, session.ready_at - session.created)
+        self.observers.session_started(session, session.ready_at - session.created)
         if session.sink is not None:
             await session.sink.started(session)
         session._tasks.append(asyncio.create_task(self._watchdog(session), name=f"watchdog-{session.id[:8]}"))
@@ -537,7 +569,7 @@ class SessionManager:
     async def _grace_expiry(self, session: Session, grace: float) -> None:
         await asyncio.sleep(grace)
         if session.attachment is None and not session.ending:
-            await self.end(session, "disconnected")
+            await self.end(session, EndReason.DISCONNECTED)
 
     async def _pump(self, session: Session) -> None:
         """Container output into the session's buffer, with flow control: when the reader falls
@@ -556,11 +588,11 @@ class SessionManager:
             await session.process.wait_closed()
             status = session.process.exit_status
             if status is not None and status >= 0:
-                await self.end(session, "exit", code=status)
+                await self.end(session, EndReason.EXIT, code=status)
                 return
             signal = session.process.exit_signal
             if signal:
-                await self.end(session, "exit", code=None, message=f"the shell was killed by signal {signal[0]}")
+                await self.end(session, EndReason.EXIT, code=None, message=f"the shell was killed by signal {signal[0]}")
                 return
             await self._end_lost(session, "the shell ended without an exit status")
         except asyncio.CancelledError:
@@ -585,7 +617,7 @@ class SessionManager:
                     break
                 await asyncio.sleep(0.2)
         session.log.warning("upstream lost: %s (%s)", detail, message)
-        await self.end(session, "error", message=message)
+        await self.end(session, EndReason.ERROR, message=message)
 
     async def _watchdog(self, session: Session) -> None:
         cfg = self.config.session
@@ -594,11 +626,11 @@ class SessionManager:
         while not session.ending:
             now = time.monotonic()
             if now >= lifetime_end:
-                await self.end(session, "lifetime", message="the session reached its maximum lifetime")
+                await self.end(session, EndReason.LIFETIME, message="the session reached its maximum lifetime")
                 return
             action, delay = idle_step(session.last_activity, now, cfg.idle_timeout, session.warned)
             if action is IdleAction.END:
-                await self.end(session, "idle", message="the session was idle for too long")
+                await self.end(session, EndReason.IDLE, message="the session was idle for too long")
                 return
             if action is IdleAction.WARN:
                 session.warned = True
@@ -611,7 +643,7 @@ class SessionManager:
                 continue
             await asyncio.sleep(max(0.05, min(delay, lifetime_end - now)))
 
-    async def end(self, session: Session, reason: str, code: int | None = None, message: str | None = None) -> None:
+    async def end(self, session: Session, reason: EndReason, code: int | None = None, message: str | None = None) -> None:
         """End a session for `reason` (exit, idle, lifetime, killed, error, disconnected).
         Idempotent; tells the attached front door, then removes the container."""
         if session.ending:
@@ -630,7 +662,7 @@ class SessionManager:
             self._stop_attachment(attachment)
             session.attachment = None
         sink, session.sink = session.sink, None
-        if sink is not None and reason != "disconnected":
+        if sink is not None and reason is not EndReason.DISCONNECTED:
             try:
                 async with asyncio.timeout(5):
                     await sink.ended(code, reason, message)
@@ -638,7 +670,7 @@ class SessionManager:
                 session.log.info("could not tell the front door about the end: %r", exc)
         self._finish(session, reason)
 
-    def _finish(self, session: Session, reason: str, detail: str = "") -> None:
+    def _finish(self, session: Session, reason: EndReason, detail: str = "") -> None:
         """Release everything the session holds; the container's removal runs in a task the
         manager owns, so a cancelled caller cannot skip it."""
         session.end_reason = session.end_reason or reason
@@ -665,9 +697,9 @@ class SessionManager:
             session.bytes_out,
         )
         if session.ready_at is None:
-            self._notify("session_failed", session, detail or session.end_reason)
+            self.observers.session_failed(session, detail or session.end_reason)
         else:
-            self._notify("session_ended", session)
+            self.observers.session_ended(session)
         session._ended.set()
 
     def _schedule_removal(self, container_id: str, why: str) -> None:
@@ -702,7 +734,7 @@ class SessionManager:
             await self.backend.stop(info.id)
             removed += 1
         if removed:
-            self._notify("containers_reaped", removed)
+            self.observers.containers_reaped(removed)
         return removed
 
     def get(self, session_id: str) -> Session | None:
@@ -712,12 +744,12 @@ class SessionManager:
         return list(self.sessions.values())
 
     async def kill(
-        self, session: Session, message: str = "an administrator ended this session", actor: str = "admin"
+        self, session: Session, message: str = "an administrator ended this session", actor: Actor = Actor.ADMIN
     ) -> None:
         """End a session from outside; `actor` (admin, logout, shutdown) goes to the audit trail."""
         if not session.ending:
-            self._notify("session_killed", session, actor)
-        await self.end(session, "killed", message=message)
+            self.observers.session_killed(session, actor)
+        await self.end(session, EndReason.KILLED, message=message)
 
     async def close(self, message: str = "the gateway is shutting down") -> None:
         """End every session (reason `killed`) and wait for every container's removal."""
@@ -725,7 +757,7 @@ class SessionManager:
         if self.pool is not None:
             await self.pool.close()
         await asyncio.gather(
-            *(self.kill(s, message, actor="shutdown") for s in list(self.sessions.values())), return_exceptions=True
+            *(self.kill(s, message, actor=Actor.SHUTDOWN) for s in list(self.sessions.values())), return_exceptions=True
         )
         # Containers still being created land after this; their sessions then remove them.
         while self._starting or self._cleanups:

@@ -28,6 +28,7 @@ from .config import Config
 from .errors import AuthUnavailable, BridgeError, ConfigError
 from .sessions import Session, SessionManager
 from .throttle import ThrottledAuthenticator
+from .vocab import Door, EndReason, LoginResult
 
 log = logging.getLogger("termbridge.ssh")
 
@@ -237,7 +238,7 @@ class SshConnection(asyncssh.SSHServer):
         session = self.session
         if session is not None and not session.ending:
             session.log.info("ssh connection from %s closed%s", self.rhost, f": {exc}" if exc else "")
-            await self._door.manager.end(session, "disconnected")
+            await self._door.manager.end(session, EndReason.DISCONNECTED)
 
     def close(self, reason: str = "") -> None:
         if self._conn is not None and not self._conn.is_closed():
@@ -269,7 +270,7 @@ class SshConnection(asyncssh.SSHServer):
 
     async def validate_password(self, username: str, password: str) -> bool:  # type: ignore[override]
         result = await self._door.authenticator.authenticate(username, password, self.rhost)
-        self._door.manager.note_login(username, self.rhost, "ssh", result.outcome.value, result.reason)
+        self._door.manager.note_login(username, self.rhost, Door.SSH, result.outcome, result.reason)
         if result.outcome is Outcome.UNAVAILABLE:
             raise asyncssh.ServiceNotAvailable(AuthUnavailable.user_message)
         if result.outcome is Outcome.THROTTLED:
@@ -289,14 +290,14 @@ class SshConnection(asyncssh.SSHServer):
         user = self.user or self._key_user
         assert user is not None and user.name == self._conn.get_extra_info("username"), "auth without our check"
         if self.user is None:
-            self._door.manager.note_login(user.name, self.rhost, "ssh", "ok", "public key")
+            self._door.manager.note_login(user.name, self.rhost, Door.SSH, LoginResult.OK, "public key")
         self.user = user
         log.info("ssh login of %s from %s", user.name, self.rhost)
         self._starting = asyncio.get_running_loop().create_task(self._start(user), name=f"ssh-start-{user.name}")
 
     async def _start(self, user: AuthenticatedUser) -> Session:
         try:
-            return await self._door.manager.create(user, "ssh", self)
+            return await self._door.manager.create(user, Door.SSH, self)
         except BridgeError as exc:
             log.warning("ssh session of %s from %s not started: %s", user.name, self.rhost, exc.detail)
             if not self._channels:
@@ -319,7 +320,7 @@ class SshConnection(asyncssh.SSHServer):
             if process.term_type or (process.command is None and process.subsystem is None):
                 _say(process, f"this session ends in {round(seconds)} s unless you type something")
 
-    async def ended(self, code: int | None, reason: str, message: str | None) -> None:
+    async def ended(self, code: int | None, reason: EndReason, message: str | None) -> None:
         """Each channel hears why and exits with 255 (what ssh reports for a lost connection), so
         that clients print the line before they go; the connection closes once they did."""
         text = message or f"the session ended ({reason})"

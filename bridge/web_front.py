@@ -31,6 +31,7 @@ from .errors import BackendUnavailable, BridgeError, ProtocolError
 from .metrics import Metrics
 from .sessions import Attachment, Session, SessionManager, TerminalRequest
 from .throttle import ThrottledAuthenticator
+from .vocab import Actor, Door, EndReason
 
 log = logging.getLogger("termbridge.web")
 
@@ -245,7 +246,7 @@ async def login_submit(request: web.Request) -> web.StreamResponse:
         log.warning("login refused: missing or wrong CSRF token from %s", rhost)
         return _login_page(request, status=403, error=FORM_EXPIRED)
     result = await request.app[AUTHENTICATOR].authenticate(username, password, rhost)
-    request.app[MANAGER].note_login(username, rhost, "web", result.outcome.value, result.reason)
+    request.app[MANAGER].note_login(username, rhost, Door.WEB, result.outcome, result.reason)
     if result.outcome is Outcome.THROTTLED:
         response = _login_page(
             request, status=429, error=THROTTLED.format(minutes=-(-result.retry_after // 60)), username=username
@@ -288,14 +289,14 @@ async def logout(request: web.Request) -> web.StreamResponse:
             log.warning("logout of %s refused: missing or wrong CSRF token", login.user.name)
             raise web.HTTPForbidden(text="logout refused: reload the page and try again")
         request.app[LOGINS].revoke(login)
-        await _end_terminals(request.app, login, "you logged out", actor="logout")
+        await _end_terminals(request.app, login, "you logged out", actor=Actor.LOGOUT)
         log.info("logout of %s", login.user.name)
     response = web.HTTPSeeOther("/login")
     response.del_cookie(COOKIE_NAME, path="/")
     raise response
 
 
-async def _end_terminals(app: web.Application, login: Login, message: str, actor: str = "logout") -> None:
+async def _end_terminals(app: web.Application, login: Login, message: str, actor: Actor = Actor.LOGOUT) -> None:
     manager = app[MANAGER]
     for session_id in list(login.sessions):
         session = manager.get(session_id)
@@ -364,7 +365,7 @@ class WebSocketSink:
             await self.ws.send_str(wsproto.error_message("this session was opened in another window"))
             await self.ws.close(code=SUPERSEDED, message=b"superseded")
 
-    async def ended(self, code: int | None, reason: str, message: str | None) -> None:
+    async def ended(self, code: int | None, reason: EndReason, message: str | None) -> None:
         if self.session is not None:
             self.login.sessions.discard(self.session.id)
         if not self.ws.closed:
@@ -375,7 +376,7 @@ class WebSocketSink:
 async def _refuse(ws: web.WebSocketResponse, exc: BridgeError) -> None:
     if not ws.closed:
         await ws.send_str(wsproto.error_message(exc.user_message))
-        await ws.send_str(wsproto.exit_message(None, "error", exc.user_message))
+        await ws.send_str(wsproto.exit_message(None, EndReason.ERROR, exc.user_message))
         await ws.close(code=WSCloseCode.TRY_AGAIN_LATER if isinstance(exc, BackendUnavailable) else WSCloseCode.OK)
 
 
@@ -388,7 +389,7 @@ def _resumable(request: web.Request, login: Login) -> tuple[Session | None, int]
     offset_text = request.query.get("offset", "0")
     offset = int(offset_text) if offset_text.isdigit() and len(offset_text) <= 18 else 0
     session = request.app[MANAGER].get(session_id[:64])
-    if session is None or session.ending or session.process is None or session.door != "web":
+    if session is None or session.ending or session.process is None or session.door is not Door.WEB:
         log.info("reattach of %s to %.12s: no such live session; starting a new one", login.user.name, session_id)
         return None, 0
     if session.user.name != login.user.name:
@@ -400,7 +401,7 @@ def _resumable(request: web.Request, login: Login) -> tuple[Session | None, int]
 async def _start(manager: SessionManager, login: Login, terminal: TerminalRequest, sink: WebSocketSink,
                  early: bytearray) -> Attachment:
     """A new session, attached to this socket from byte 0."""
-    session = await manager.create(login.user, "web", sink, terminal)
+    session = await manager.create(login.user, Door.WEB, sink, terminal)
     attachment = await manager.attach(session, sink, 0)
     await _flush(early, session)
     return attachment
@@ -525,7 +526,7 @@ async def _end_by_owner(ws: web.WebSocketResponse, manager: SessionManager, sess
         await ws.send_str(wsproto.error_message("the session has not started yet"))
         return
     session.log.info("ended by its owner from the page")
-    await manager.end(session, "exit", message="you ended the session")
+    await manager.end(session, EndReason.EXIT, message="you ended the session")
 
 
 async def _refuse_on_failure(ws: web.WebSocketResponse, starting: asyncio.Task) -> None:
