@@ -18,15 +18,13 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Protocol
 
-import asyncssh
-
 from .auth import AuthenticatedUser
 from .backend import Backend, Container, ContainerSpec, ContainerState
 from .config import Config
 from .errors import BridgeError, LimitReached, SessionStartError
 from .outbuf import OutputBuffer
 from .pool import Pooled, WarmPool
-from .upstream import SessionKeys, Upstream
+from .upstream import SessionKeys, Shell, Upstream
 from .vocab import Actor, Door, EndReason, LoginResult
 
 log = logging.getLogger("termbridge.sessions")
@@ -208,7 +206,7 @@ class Session:
         self.created = time.monotonic()
         self.container: Container | None = None
         self.upstream: Upstream | None = None
-        self.process: asyncssh.SSHClientProcess | None = None
+        self.process: Shell | None = None
         self.last_activity = time.monotonic()
         self.ready_at: float | None = None
         self.warned = False
@@ -279,12 +277,11 @@ class Session:
             return False
         assert self.process is not None
         self.note_input(data)
-        self.process.stdin.write(data)
-        return self.process.stdin.channel.get_write_buffer_size() > 0
+        return self.process.write(data)
 
     async def drain(self) -> None:
         if self.process is not None:
-            await self.process.stdin.drain()
+            await self.process.drain()
 
     async def write(self, data: bytes) -> None:
         """Send the person's keystrokes to the shell; waits while the container is not reading."""
@@ -296,7 +293,7 @@ class Session:
             return
         assert self.process is not None
         self.note_resize(cols, rows)
-        self.process.change_terminal_size(cols, rows)
+        self.process.resize(cols, rows)
 
     async def wait_ended(self) -> None:
         await self._ended.wait()
@@ -575,29 +572,27 @@ class SessionManager:
         """Container output into the session's buffer, with flow control: when the reader falls
         behind (see `_pump_may_read`) we stop reading, and SSH windowing stops the container."""
         assert session.process is not None
-        stdout = session.process.stdout
+        shell = session.process
         try:
             while True:
                 while not session._pump_may_read():
                     session._space_event.clear()
                     await session._space_event.wait()
-                data = await stdout.read(READ_CHUNK)
+                data = await shell.read(READ_CHUNK)
                 if not data:
                     break
                 session._append_output(data)
-            await session.process.wait_closed()
-            status = session.process.exit_status
-            if status is not None and status >= 0:
+            status, signal = await shell.wait_exit()
+            if status is not None:
                 await self.end(session, EndReason.EXIT, code=status)
                 return
-            signal = session.process.exit_signal
             if signal:
-                await self.end(session, EndReason.EXIT, code=None, message=f"the shell was killed by signal {signal[0]}")
+                await self.end(session, EndReason.EXIT, code=None, message=f"the shell was killed by signal {signal}")
                 return
             await self._end_lost(session, "the shell ended without an exit status")
         except asyncio.CancelledError:
             raise
-        except (asyncssh.Error, OSError) as exc:
+        except OSError as exc:
             await self._end_lost(session, repr(exc))
 
     async def _end_lost(self, session: Session, detail: str) -> None:

@@ -78,7 +78,7 @@ async def list_files(request: web.Request) -> web.StreamResponse:
     path = request.query.get("path", "")
     assert session.upstream is not None
     try:
-        async with HomeFiles.open(session.upstream.conn) as files:
+        async with HomeFiles.open(session.upstream) as files:
             listing = await files.list(path)
     except homefiles.FileError as exc:
         raise _translate(session, f"listing {path!r}", exc) from None
@@ -100,7 +100,7 @@ async def download(request: web.Request) -> web.StreamResponse:
     assert session.upstream is not None
     response: web.StreamResponse | None = None
     try:
-        async with HomeFiles.open(session.upstream.conn) as files:
+        async with HomeFiles.open(session.upstream) as files:
             remote = await files.stat_file(path)
             session.touch()
             response = web.StreamResponse(
@@ -152,7 +152,7 @@ async def upload(request: web.Request) -> web.StreamResponse:
             yield chunk
 
     try:
-        async with HomeFiles.open(session.upstream.conn) as files:
+        async with HomeFiles.open(session.upstream) as files:
             session.touch()
             remote = await files.upload(path, chunks(), limit=limit, length=length, on_chunk=lambda _: session.touch())
             shown = homefiles.display_path(files.home, remote.resolved)
