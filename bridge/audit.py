@@ -21,7 +21,8 @@ from typing import Any, TextIO
 
 from .auth import AuthenticatedUser
 from .errors import ConfigError
-from .sessions import Session, SessionObserver
+from .observers import SessionObserver
+from .session import Session
 from .vocab import Actor, Door, LoginResult
 
 log = logging.getLogger("termbridge.audit")

@@ -21,7 +21,9 @@ from prometheus_client.registry import Collector
 from .auth import AuthenticatedUser
 from .backend import Backend, Container, ContainerInfo, ContainerSpec, ContainerState
 from .errors import BackendUnavailable, BridgeError, ImageMissing, SessionStartError
-from .sessions import Session, SessionManager, SessionObserver
+from .observers import SessionObserver
+from .session import Session
+from .sessions import SessionManager
 from .vocab import READY_END_REASONS, BackendOp, Door, EndReason, LoginResult, StartResult
 
 T = TypeVar("T")

@@ -26,7 +26,8 @@ import asyncssh
 from .auth import AuthenticatedUser, Outcome, valid_username
 from .config import Config
 from .errors import AuthUnavailable, BridgeError, ConfigError
-from .sessions import Session, SessionManager
+from .session import Session
+from .sessions import SessionManager
 from .throttle import ThrottledAuthenticator
 from .vocab import Door, EndReason, LoginResult
 

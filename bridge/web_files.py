@@ -17,7 +17,7 @@ from aiohttp import web
 
 from . import homefiles
 from .homefiles import HomeFiles
-from .sessions import Session
+from .session import Session
 from .web_front import CONFIG, MANAGER, client_address, current_login, origin_allowed
 
 log = logging.getLogger("termbridge.web")
@@ -43,14 +43,8 @@ def _owned_session(request: web.Request) -> Session:
     login = current_login(request)
     if login is None:
         raise _error(401, "log in first")
-    session_id = request.query.get("session", "")[:64]
-    session = request.app[MANAGER].get(session_id) if session_id else None
-    if session is not None and session.user.name != login.user.name:
-        log.warning(
-            "file request of %s from %s for session %.12s refused: it belongs to %s",
-            login.user.name, client_address(request), session_id, session.user.name,
-        )
-        session = None
+    session_id = request.query.get("session", "")
+    session = request.app[MANAGER].find_own(session_id, login.user, "file request", rhost=client_address(request))
     if session is None or not session.connected or session.upstream is None:
         raise _error(404, "no such session: it may have ended")
     return session

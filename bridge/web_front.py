@@ -29,7 +29,8 @@ from .backend import Backend
 from .config import Config
 from .errors import BackendUnavailable, BridgeError, ProtocolError
 from .metrics import Metrics
-from .sessions import Attachment, Session, SessionManager, TerminalRequest
+from .session import Session, TerminalRequest
+from .sessions import SessionManager
 from .throttle import ThrottledAuthenticator
 from .vocab import Actor, Door, EndReason
 
@@ -344,8 +345,9 @@ class WebSocketSink:
     async def started(self, session: Session) -> None:
         self.session = session
 
-    async def attached(self, session: Session, offset: int, lost: int) -> None:
-        self.session = session
+    async def attached(self, offset: int, lost: int) -> None:
+        session = self.session
+        assert session is not None, "started() comes first"
         self.login.sessions.add(session.id)
         cfg = self.config.session
         await self.ws.send_str(
@@ -380,31 +382,23 @@ async def _refuse(ws: web.WebSocketResponse, exc: BridgeError) -> None:
         await ws.close(code=WSCloseCode.TRY_AGAIN_LATER if isinstance(exc, BackendUnavailable) else WSCloseCode.OK)
 
 
-def _resumable(request: web.Request, login: Login) -> tuple[Session | None, int]:
-    """The caller's own live web session named by `?session=ID&offset=N`, if any.
-    Anything else (unknown, ended, another user's, an SSH session) gets a new session."""
+def _resume_request(request: web.Request) -> tuple[str, int] | None:
+    """`?session=ID&offset=N`: the session the page had (the manager decides whether it may have
+    it back: only its own live web session, else it gets a new one)."""
     session_id = request.query.get("session")
     if not session_id:
-        return None, 0
+        return None
     offset_text = request.query.get("offset", "0")
     offset = int(offset_text) if offset_text.isdigit() and len(offset_text) <= 18 else 0
-    session = request.app[MANAGER].get(session_id[:64])
-    if session is None or session.ending or session.process is None or session.door is not Door.WEB:
-        log.info("reattach of %s to %.12s: no such live session; starting a new one", login.user.name, session_id)
-        return None, 0
-    if session.user.name != login.user.name:
-        log.warning("reattach of %s to %.12s refused: it belongs to %s", login.user.name, session_id, session.user.name)
-        return None, 0
-    return session, offset
+    return session_id[:64], offset
 
 
-async def _start(manager: SessionManager, login: Login, terminal: TerminalRequest, sink: WebSocketSink,
-                 early: bytearray) -> Attachment:
-    """A new session, attached to this socket from byte 0."""
-    session = await manager.create(login.user, Door.WEB, sink, terminal)
-    attachment = await manager.attach(session, sink, 0)
+async def _open(manager: SessionManager, login: Login, terminal: TerminalRequest, sink: WebSocketSink,
+                resume: tuple[str, int] | None, early: bytearray) -> Session:
+    """This socket's terminal, new or resumed; then what the person typed meanwhile."""
+    session = await manager.open_terminal(login.user, Door.WEB, sink, terminal, resume=resume)
     await _flush(early, session)
-    return attachment
+    return session
 
 
 async def _flush(early: bytearray, session: Session) -> None:
@@ -447,7 +441,7 @@ async def _send_input(request: web.Request, ws: web.WebSocketResponse, session: 
             pass
 
 
-# What may be in flight to a browser when its socket dies must stay replayable (sessions.py keeps
+# What may be in flight to a browser when its socket dies must stay replayable (stream.py keeps
 # IN_FLIGHT_RESERVE before the drop); left alone, Linux grows a socket's send buffer to MBs.
 SEND_BUFFER = 128 * 1024
 
@@ -467,7 +461,7 @@ async def terminal_socket(request: web.Request) -> web.StreamResponse:
         raise web.HTTPForbidden(text="cross-origin WebSocket refused")
     app = request.app
     manager = app[MANAGER]
-    resume, offset = _resumable(request, login)
+    resume = _resume_request(request)
     ws = web.WebSocketResponse(max_msg_size=app[CONFIG].web.max_message_size, heartbeat=30, compress=False)
     await ws.prepare(request)
     _bound_send_buffer(request)
@@ -475,10 +469,7 @@ async def terminal_socket(request: web.Request) -> web.StreamResponse:
     terminal = TerminalRequest()
     sink = WebSocketSink(ws, login, app[CONFIG])
     early = bytearray()
-    if resume is not None:
-        starting = asyncio.create_task(manager.attach(resume, sink, offset))
-    else:
-        starting = asyncio.create_task(_start(manager, login, terminal, sink, early))
+    starting = asyncio.create_task(_open(manager, login, terminal, sink, resume, early))
     watcher = asyncio.create_task(_refuse_on_failure(ws, starting))
     try:
         async for msg in ws:

@@ -20,7 +20,7 @@ from bridge.auth import AuthenticatedUser
 from bridge.config import SessionConfig, load_config
 from bridge.docker_backend import DockerBackend
 from bridge.errors import ConfigError
-from bridge.sessions import Session
+from bridge.session import Session
 from bridge.web_front import MANAGER
 from helpers import PROMPT, TEST_IMAGE, containers_gone, csrf_token, metric, scrape, wait_for, write_config
 

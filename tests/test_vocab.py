@@ -7,7 +7,7 @@ import json
 import logging
 
 from bridge.auth import AuthenticatedUser
-from bridge.sessions import Observers, SessionObserver
+from bridge.observers import Observers, SessionObserver
 from bridge.vocab import EXIT_MESSAGE_REASONS, READY_END_REASONS, Actor, BackendOp, Door, EndReason, LoginResult
 
 
