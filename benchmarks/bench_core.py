@@ -26,7 +26,7 @@ from aiohttp import web  # noqa: E402
 from benchmarks.harness import ROOT, bench_account, summary, workdir  # noqa: E402
 from bridge.app import build_app  # noqa: E402
 from bridge.config import load_config  # noqa: E402
-from bridge.web_front import MANAGER  # noqa: E402
+from bridge.web.keys import MANAGER  # noqa: E402
 from helpers import PROMPT, wait_for_js, write_config  # noqa: E402
 
 

@@ -16,7 +16,8 @@ from pathlib import Path
 
 from aiohttp import web
 
-from . import resources, web_files, web_front
+from . import resources
+from . import web as web_door
 from .admin import AdminServer
 from .admin import socket_path as admin_socket_path
 from .audit import AuditLog, AuditObserver, SessionRecorder
@@ -29,6 +30,9 @@ from .metrics import MeteredBackend, Metrics
 from .sessions import SessionManager
 from .ssh_front import SshDoor
 from .throttle import LoginThrottle, ThrottledAuthenticator
+from .web.keys import AUTHENTICATOR, BACKEND, CONFIG, LOGINS, MANAGER, METRICS
+from .web.login import LoginRegistry
+from .web.terminal import close_websockets
 
 log = logging.getLogger("termbridge")
 
@@ -71,9 +75,8 @@ def build_app(
     web_root: Path = DEFAULT_WEB_ROOT,
 ) -> web.Application:
     app = web.Application(client_max_size=64 * 1024)
-    app[web_front.CONFIG] = config
-    web_front.setup_routes(app, web_root)
-    web_files.setup_routes(app)
+    app[CONFIG] = config
+    web_door.setup_routes(app, web_root)
 
     async def gateway(app: web.Application) -> AsyncIterator[None]:
         ensure_state_dir(config.state_dir)
@@ -103,12 +106,12 @@ def build_app(
                 )
             )
         metrics.watch(manager)
-        app[web_front.METRICS] = metrics
+        app[METRICS] = metrics
         secret = read_or_create_secret(config.state_dir / "cookie-secret", secrets.token_bytes(32))
-        app[web_front.BACKEND] = gw_backend
-        app[web_front.AUTHENTICATOR] = authenticator
-        app[web_front.MANAGER] = manager
-        app[web_front.LOGINS] = web_front.LoginRegistry(secret)
+        app[BACKEND] = gw_backend
+        app[AUTHENTICATOR] = authenticator
+        app[MANAGER] = manager
+        app[LOGINS] = LoginRegistry(secret)
         if not (web_root / "node_modules" / "@xterm" / "xterm").is_dir():
             log.error("web assets missing: run `npm ci` in %s", web_root)
         admin = AdminServer(manager, admin_socket_path(config.state_dir))
@@ -129,7 +132,7 @@ def build_app(
             if ssh_door is not None:
                 ssh_door.stop_listening()
             await manager.close()
-            await web_front.close_websockets(app)
+            await close_websockets(app)
             if ssh_door is not None:
                 await ssh_door.close()
             authenticator.close()
@@ -141,8 +144,8 @@ def build_app(
         `killed` while its socket can still hear it, and every container goes."""
         if SSH_DOOR in app:
             app[SSH_DOOR].stop_listening()
-        if web_front.MANAGER in app:
-            await app[web_front.MANAGER].close()
+        if MANAGER in app:
+            await app[MANAGER].close()
 
     app.cleanup_ctx.append(gateway)
     app.on_shutdown.append(drain)

@@ -21,7 +21,7 @@ from bridge.config import SessionConfig, load_config
 from bridge.docker_backend import DockerBackend
 from bridge.errors import ConfigError
 from bridge.session import Session
-from bridge.web_front import MANAGER
+from bridge.web.keys import MANAGER
 from helpers import PROMPT, TEST_IMAGE, containers_gone, csrf_token, metric, scrape, wait_for, write_config
 
 TS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")

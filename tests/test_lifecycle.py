@@ -67,7 +67,7 @@ async def test_shutdown_ends_sessions_and_removes_containers(start_gateway, user
         term = await gateway.terminal(http)
         session = await term.control("session")
         await term.expect(PROMPT)
-        from bridge.web_front import MANAGER
+        from bridge.web.keys import MANAGER
 
         await asyncio.wait_for(gateway.app[MANAGER].close(), 15)
         exit_msg = await term.control("exit")

@@ -1,7 +1,8 @@
 """The web door's file endpoints: list, download from and upload into a session's home directory.
 
-Owner-only: the login must own the session named by `?session=`; anyone else's session (or an
-unknown one) is "no such session" (404), so ids cannot be probed. The work is done by
+Owner-only: the login must own the session named by `?session=` (`SessionManager.find_own`, the
+same check a terminal's resume goes through); anyone else's session (or an unknown one) is "no
+such session" (404), so ids cannot be probed. The work is done by
 `homefiles` over SFTP on the session's existing SSH connection; this module translates its
 errors into HTTP statuses with a JSON `{"error": ...}` body, and logs the detail.
 """
@@ -15,10 +16,12 @@ from urllib.parse import quote
 
 from aiohttp import web
 
-from . import homefiles
-from .homefiles import HomeFiles
-from .session import Session
-from .web_front import CONFIG, MANAGER, client_address, current_login, origin_allowed
+from .. import homefiles
+from ..homefiles import HomeFiles
+from ..session import Session
+from .http import client_address, origin_allowed
+from .keys import CONFIG, MANAGER
+from .login import current_login
 
 log = logging.getLogger("termbridge.web")
 

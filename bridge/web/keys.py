@@ -1,0 +1,23 @@
+"""The typed keys under which the composition root hands the web door its components."""
+
+from __future__ import annotations
+
+import weakref
+from pathlib import Path
+
+from aiohttp import web
+
+from ..backend import Backend
+from ..config import Config
+from ..metrics import Metrics
+from ..sessions import SessionManager
+from ..throttle import ThrottledAuthenticator
+
+CONFIG = web.AppKey("config", Config)
+MANAGER = web.AppKey("manager", SessionManager)
+AUTHENTICATOR = web.AppKey("authenticator", ThrottledAuthenticator)
+BACKEND = web.AppKey("backend", Backend)
+LOGINS = web.AppKey("logins", "LoginRegistry")  # bridge.web.login.LoginRegistry
+METRICS = web.AppKey("metrics", Metrics)
+WEBSOCKETS = web.AppKey("websockets", weakref.WeakSet)  # live terminal sockets, closed on shutdown
+WEB_ROOT = web.AppKey("web_root", Path)
