@@ -82,10 +82,6 @@ class SessionManager:
         """How many more containers this gateway may hold (sessions and pooled ones alike)."""
         return self.config.session.max_total - len(self.sessions) - (self.pool.held if self.pool else 0)
 
-    def start_pool(self) -> None:
-        if self.pool is not None:
-            self.pool.kick()
-
     def note_login(self, user: str, rhost: str | None, door: Door, result: LoginResult, reason: str = "") -> None:
         """Every door reports each login attempt here (never the password), whatever its outcome,
         so that the audit trail and the metrics see all doors alike."""
