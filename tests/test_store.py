@@ -422,6 +422,11 @@ async def test_redis_entries_expire_on_their_own(redis_url: str, redis_server: R
         await asyncio.sleep(1.0)
         # what is left: the key check and nothing that grows with traffic
         assert keys_before >= 4 and redis_server.command("DBSIZE") == ":1"
+        await store.put_login(LoginRecord("L2", "alice", 1, 1, now + 600))
+        await store.put_login(LoginRecord("L3", "bob", 1, 1, now + 600))
+        await store.delete_login("L2")
+        await store.delete_logins_of("bob")
+        assert redis_server.command("DBSIZE") == ":1"  # logout leaves no index entry behind
     finally:
         await store.close()
 

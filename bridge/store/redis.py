@@ -92,6 +92,13 @@ for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do n = n + redis.call('DEL'
 redis.call('DEL', KEYS[1])
 return n
 """
+# KEYS: login. ARGV: the prefix of the users' login sets, login id.
+_DELETE_LOGIN = """
+local raw = redis.call('GET', KEYS[1])
+if not raw then return 0 end
+redis.call('SREM', ARGV[1] .. cjson.decode(raw)[1], ARGV[2])
+return redis.call('DEL', KEYS[1])
+"""
 # KEYS: failure zset. ARGV: now, now - window, unique member, window in ms, cap.
 _ADD_FAILURE = """
 redis.call('ZADD', KEYS[1], ARGV[1], ARGV[3])
@@ -109,7 +116,10 @@ return 1
 """
 
 
-def _guarded(method: Callable[Concatenate[RedisStore, P], Awaitable[T]]) -> Callable[Concatenate[RedisStore, P], Awaitable[T]]:
+Method = Callable[Concatenate["RedisStore", P], Awaitable[T]]
+
+
+def _guarded(method: Method[P, T]) -> Method[P, T]:
     """Redis errors (down, timeout, refused auth) become StoreUnavailable naming the server."""
 
     @functools.wraps(method)
@@ -162,14 +172,12 @@ class RedisStore(Store):
             health_check_interval=30,
         )
         self._redis: aioredis.Redis | None = aioredis.Redis.from_pool(pool)
-        self._scripts = {
-            name: self._redis.register_script(text)
-            for name, text in [
-                ("reserve", _RESERVE), ("claim", _CLAIM), ("release", _RELEASE_ONE),
-                ("delete_session", _DELETE_SESSION), ("update_session", _UPDATE_SESSION),
-                ("delete_logins_of", _DELETE_LOGINS_OF), ("add_failure", _ADD_FAILURE), ("lock", _LOCK),
-            ]
+        scripts = {
+            "reserve": _RESERVE, "claim": _CLAIM, "release": _RELEASE_ONE, "delete_session": _DELETE_SESSION,
+            "update_session": _UPDATE_SESSION, "delete_login": _DELETE_LOGIN, "delete_logins_of": _DELETE_LOGINS_OF,
+            "add_failure": _ADD_FAILURE, "lock": _LOCK,
         }
+        self._scripts = {name: self._redis.register_script(text) for name, text in scripts.items()}
 
     @classmethod
     async def open(cls, url: str, box: SecretBox) -> RedisStore:
@@ -279,7 +287,7 @@ class RedisStore(Store):
 
     @_guarded
     async def delete_login(self, login_id: str) -> None:
-        await self.redis.delete(_login_key(login_id))
+        await self._script("delete_login", [_login_key(login_id)], [_logins_of_key(""), login_id])
 
     @_guarded
     async def delete_logins_of(self, user: str) -> int:

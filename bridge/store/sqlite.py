@@ -69,21 +69,21 @@ class SqliteStore(Store):
     async def open(cls, path: Path, box: SecretBox) -> SqliteStore:
         store = cls(path, box)
         try:
-            await store._run(store._connect)
+            await store._run(lambda _: store._connect())
             await store._check_key()
         except BaseException:
             await store.close()
             raise
         return store
 
-    def _connect(self, conn: None) -> None:
+    def _connect(self) -> None:
         _private_file(self.path)
-        conn_ = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        conn_.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-        conn_.execute("PRAGMA journal_mode = WAL")
-        conn_.execute("PRAGMA synchronous = NORMAL")
-        conn_.executescript(SCHEMA)
-        self._conn = conn_
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = NORMAL")
+        conn.executescript(SCHEMA)
+        self._conn = conn
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         """Run `fn(conn, *args)` on the store's thread; SQLite errors become StoreUnavailable."""
@@ -146,7 +146,9 @@ class SqliteStore(Store):
             if row is None:
                 return False
             data = json.loads(row[0]) | fields
-            c.execute("UPDATE sessions SET user = ?, data = ? WHERE id = ?", (data["user"], json.dumps(data), session_id))
+            c.execute(
+                "UPDATE sessions SET user = ?, data = ? WHERE id = ?", (data["user"], json.dumps(data), session_id)
+            )
             return True
 
         return await self._tx(update)
@@ -234,7 +236,8 @@ class SqliteStore(Store):
                 c.execute("DELETE FROM locks WHERE until <= ?", (now,))
             c.execute("DELETE FROM failures WHERE key = ? AND at <= ?", (key, now - window))
             c.execute("INSERT INTO failures (key, at) VALUES (?, ?)", (key, now))
-            return c.execute("SELECT COUNT(*) FROM failures WHERE key = ? AND at > ?", (key, now - window)).fetchone()[0]
+            count = c.execute("SELECT COUNT(*) FROM failures WHERE key = ? AND at > ?", (key, now - window))
+            return count.fetchone()[0]
 
         return await self._tx(add)
 
