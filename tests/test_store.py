@@ -112,11 +112,32 @@ async def test_concurrent_updates_of_different_fields_both_land(replica: Replica
     a, b = await replica(), await replica()
     await a.put_session(session("s1"))
     await asyncio.gather(*(
-        (a if i % 2 else b).update_session("s1", **({"last_activity": float(i)} if i % 2 else {"attached_at": float(i)}))
+        a.update_session("s1", last_activity=float(i)) if i % 2 else b.update_session("s1", attached_at=float(i))
         for i in range(40)
     ))
     rec = await a.get_session("s1")
     assert rec.last_activity % 2 == 1 and rec.attached_at % 2 == 0
+
+
+async def test_attaching_is_compare_and_set(replica: Replica):
+    """Two gateways race to take over a detached session: exactly one wins."""
+    a, b = await replica(), await replica()
+    await a.put_session(session("s1", attached_by=None, port=22))
+    results = await asyncio.gather(*(
+        (a if i % 2 else b).update_session("s1", expect={"attached_by": None}, attached_by=f"gw{i}", attached_at=1.0)
+        for i in range(20)
+    ))
+    assert results.count(True) == 1
+    winner = f"gw{results.index(True)}"
+    assert (await b.get_session("s1")).attached_by == winner
+    assert not await a.update_session("s1", expect={"attached_by": "gw-other"}, attached_by=None)
+    expected = {"attached_by": winner, "port": 22.0, "attached_at": 1}  # numbers compare as numbers
+    assert await a.update_session("s1", expect=expected, attached_by=None)
+    assert (await b.get_session("s1")).attached_by is None
+    assert await a.update_session("s1", expect={"attached_by": None})  # a pure check
+    assert not await a.update_session("gone", expect={"attached_by": None}, attached_by="gw0")
+    with pytest.raises(ValueError, match="colour"):
+        await a.update_session("s1", expect={"colour": "red"}, ended=True)
 
 
 # -- slots (caps) --------------------------------------------------------------------------------
@@ -225,7 +246,9 @@ async def test_concurrent_claims_of_one_pooled_slot_keep_the_total(replica: Repl
     assert await a.reserve_slot("pool-1", None, 5, 4) is None
     for i in range(3):
         assert await a.reserve_slot(f"x{i}", f"u{i}", 5, 4) is None
-    results = await asyncio.gather(*((a if i % 2 else b).claim_slot("pool-1", f"s{i}", "alice", 5, 4) for i in range(10)))
+    results = await asyncio.gather(*(
+        (a if i % 2 else b).claim_slot("pool-1", f"s{i}", "alice", 5, 4) for i in range(10)
+    ))
     assert results.count(None) == 1
     assert len(await a.list_slots()) == 4
 
@@ -242,6 +265,8 @@ async def test_logins_are_valid_on_every_replica_until_logout(replica: Replica):
     assert await b.get_login("L1", now) == LoginRecord("L1", "alice", 1001, 1001, now + 600)
     assert await b.get_login("L1", now + 601) is None  # expired
     assert await b.get_login("nope", now) is None
+    await a.put_login(LoginRecord("L0", "alice", 1001, 1001, now - 1))  # already expired
+    assert await b.get_login("L0", now) is None
 
     await b.delete_login("L1")
     assert await a.get_login("L1", now) is None and await b.get_login("L1", now) is None
@@ -290,7 +315,9 @@ async def test_a_flood_of_other_keys_never_releases_a_lockout(replica: Replica):
     await a.add_failure("user:alice", now, 900)
     for start in range(0, 3000, 500):  # 3000 keys, later ones past the purge interval
         t = now + start / 10
-        await asyncio.gather(*((a if i % 2 else b).add_failure(f"addr:10.{i}.0.1", t, 900) for i in range(start, start + 500)))
+        await asyncio.gather(*(
+            (a if i % 2 else b).add_failure(f"addr:10.{i}.0.1", t, 900) for i in range(start, start + 500)
+        ))
         await b.lock(f"addr:10.{start}.0.1", t + 1)
     assert await b.locked_until("user:alice", now + 400) == pytest.approx(now + 600)
     assert await b.failures("user:alice", now + 400, 900) == 1

@@ -16,6 +16,7 @@ import os
 import secrets
 import stat
 from dataclasses import dataclass
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -86,11 +87,11 @@ class SessionSecret:
     host_key: bytes
 
 
-def check_update(fields: dict[str, Any]) -> None:
+def check_update(fields: Mapping[str, Any], expect: Mapping[str, Any]) -> None:
     """`update_session` may change any field but the id; a typo is a programming error."""
-    unknown = set(fields) - SESSION_FIELDS
-    if unknown or "id" in fields:
-        raise ValueError(f"cannot update session field(s): {', '.join(sorted(unknown | ({'id'} & set(fields))))}")
+    wrong = (set(fields) | set(expect)) - SESSION_FIELDS | ({"id"} & set(fields))
+    if wrong:
+        raise ValueError(f"cannot update session field(s): {', '.join(sorted(wrong))}")
 
 
 class SecretBox:
@@ -161,8 +162,8 @@ class Store(abc.ABC):
         stored = await self._meta_setdefault(KEY_CHECK, self._box.check)
         if stored != self._box.check:
             raise ConfigError(
-                "'store.secret_file' is not the key the other gateways of this store use: "
-                "copy theirs (same path, mode 0600) to this host"
+                "'store.secret_file' is not the key this store was written with: restore that file, "
+                "or copy it from the other gateways sharing the store (mode 0600)"
             )
 
     # -- sessions ------------------------------------------------------------------------------
@@ -178,8 +179,11 @@ class Store(abc.ABC):
     async def list_sessions(self, user: str | None = None) -> list[SessionRecord]: ...
 
     @abc.abstractmethod
-    async def update_session(self, session_id: str, **fields: Any) -> bool:
-        """Change some fields atomically; False if the session is gone."""
+    async def update_session(
+        self, session_id: str, *, expect: Mapping[str, Any] | None = None, **fields: Any
+    ) -> bool:
+        """Change some fields atomically; False if the session is gone or a field named in `expect`
+        no longer has that value (compare-and-set: two gateways racing to attach, one wins)."""
 
     @abc.abstractmethod
     async def delete_session(self, session_id: str) -> None:

@@ -12,8 +12,8 @@ from __future__ import annotations
 import functools
 import json
 import secrets
-from collections.abc import Awaitable, Callable
-from typing import Any, Concatenate, ParamSpec, TypeVar
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Concatenate, ParamSpec, TypeVar, cast
 from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
@@ -79,10 +79,15 @@ redis.call('SREM', KEYS[3], ARGV[1])
 redis.call('DEL', KEYS[4], KEYS[5])
 return 1
 """
-# KEYS: session hash. ARGV: field, json value, field, json value, ...
+# KEYS: session hash. ARGV: n, then n expected (field, json value) pairs, then the new ones.
+# Expected values are compared decoded, so that 5 and 5.0 are one number, as in Python.
 _UPDATE_SESSION = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-redis.call('HSET', KEYS[1], unpack(ARGV))
+local n = tonumber(ARGV[1])
+for i = 2, 2 * n, 2 do
+  if cjson.decode(redis.call('HGET', KEYS[1], ARGV[i]) or 'null') ~= cjson.decode(ARGV[i + 1]) then return 0 end
+end
+if #ARGV > 2 * n + 1 then redis.call('HSET', KEYS[1], unpack(ARGV, 2 * n + 2)) end
 return 1
 """
 # KEYS: login set of the user. ARGV: the login key prefix.
@@ -152,6 +157,14 @@ def _login_key(login_id: str) -> str:
 
 def _logins_of_key(user: str) -> str:
     return f"{PREFIX}logins-of:{user}"
+
+
+def _pairs(fields: Mapping[str, Any]) -> list[str]:
+    return [item for name, value in fields.items() for item in (name, json.dumps(value))]
+
+
+def _refusal(raw: bytes) -> Refusal | None:
+    return cast(Refusal, raw.decode()) or None
 
 
 def _decode_session(raw: dict[bytes, bytes]) -> SessionRecord:
@@ -226,11 +239,12 @@ class RedisStore(Store):
         return [rec for rec in records if user is None or rec.user == user]
 
     @_guarded
-    async def update_session(self, session_id: str, **fields: Any) -> bool:
-        check_update(fields)
-        if not fields:
-            return bool(await self.redis.exists(_session_key(session_id)))
-        args = [item for name, value in fields.items() for item in (name, json.dumps(value))]
+    async def update_session(
+        self, session_id: str, *, expect: Mapping[str, Any] | None = None, **fields: Any
+    ) -> bool:
+        expect = expect or {}
+        check_update(fields, expect)
+        args = [len(expect), *_pairs(expect), *_pairs(fields)]
         return bool(await self._script("update_session", [_session_key(session_id)], args))
 
     @_guarded
@@ -245,7 +259,7 @@ class RedisStore(Store):
         self, slot_id: str, user: str | None, max_per_user: int, max_total: int
     ) -> Refusal | None:
         refused = await self._script("reserve", [SLOTS, SLOT_USERS], [slot_id, user or "", max_per_user, max_total])
-        return refused.decode() or None
+        return _refusal(refused)
 
     @_guarded
     async def claim_slot(
@@ -254,7 +268,7 @@ class RedisStore(Store):
         refused = await self._script(
             "claim", [SLOTS, SLOT_USERS], [pool_slot_id, slot_id, user, max_per_user, max_total]
         )
-        return refused.decode() or None
+        return _refusal(refused)
 
     @_guarded
     async def release_slot(self, slot_id: str) -> None:

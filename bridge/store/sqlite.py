@@ -13,13 +13,13 @@ import json
 import os
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
 from ..errors import StoreUnavailable
-from .base import LoginRecord, Refusal, SecretBox, SessionRecord, Store, check_update
+from .base import KEY_CHECK, LoginRecord, Refusal, SecretBox, SessionRecord, Store, check_update
 
 T = TypeVar("T")
 
@@ -138,14 +138,20 @@ class SqliteStore(Store):
             )
         return [SessionRecord.from_dict(json.loads(row[0])) for row in rows]
 
-    async def update_session(self, session_id: str, **fields: Any) -> bool:
-        check_update(fields)
+    async def update_session(
+        self, session_id: str, *, expect: Mapping[str, Any] | None = None, **fields: Any
+    ) -> bool:
+        expect = expect or {}
+        check_update(fields, expect)
 
         def update(c: sqlite3.Connection) -> bool:
             row = c.execute("SELECT data FROM sessions WHERE id = ?", (session_id,)).fetchone()
             if row is None:
                 return False
-            data = json.loads(row[0]) | fields
+            data = json.loads(row[0])
+            if any(data.get(name) != value for name, value in expect.items()):
+                return False
+            data |= fields
             c.execute(
                 "UPDATE sessions SET user = ?, data = ? WHERE id = ?", (data["user"], json.dumps(data), session_id)
             )
@@ -294,7 +300,7 @@ class SqliteStore(Store):
         return await self._tx(setdefault)
 
     async def ping(self) -> None:
-        await self._run(lambda c: c.execute("SELECT 1").fetchone())
+        await self._run(lambda c: c.execute("SELECT value FROM meta WHERE name = ?", (KEY_CHECK,)).fetchone())
 
     async def close(self) -> None:
         executor, self._executor = self._executor, None
