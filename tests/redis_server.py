@@ -18,8 +18,10 @@ REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 class RedisServer:
     """Start, stop and restart (same port) one redis-server process."""
 
-    def __init__(self, port: int | None = None) -> None:
-        self.port = port or free_port()
+    def __init__(self, *extra: str) -> None:
+        """`extra`: more redis-server options, e.g. "--requirepass", "pw"."""
+        self.port = free_port()
+        self.extra = extra
         self.dir = Path(tempfile.mkdtemp(prefix="tb-redis-"))
         self.process: subprocess.Popen | None = None
 
@@ -33,11 +35,11 @@ class RedisServer:
         self.process = subprocess.Popen(
             [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
              "--dir", str(self.dir), "--rdbcompression", "no", "--daemonize", "no",
-             "--logfile", str(self.dir / "redis.log")],
+             "--logfile", str(self.dir / "redis.log"), *self.extra],
             stdin=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + 10
-        while self.command("PING") != "+PONG":
+        while self.command("PING") not in ("+PONG", "-NOAUTH Authentication required."):
             if self.process.poll() is not None or time.monotonic() > deadline:
                 self.stop()
                 raise RuntimeError(f"redis-server did not start: {(self.dir / 'redis.log').read_text()[-2000:]}")

@@ -354,6 +354,15 @@ def test_the_key_file_is_private_and_well_formed(tmp_path: Path):
         SecretBox.from_file(path)
 
 
+async def test_a_closed_store_says_so(backend: tuple[str, str], tmp_path: Path):
+    store = await open_store(config_for(tmp_path, backend[1]))
+    await store.close()
+    await store.close()  # idempotent
+    for call in (store.ping(), store.get_session("s1"), store.reserve_slot("s1", "alice", 1, 1)):
+        with pytest.raises(StoreUnavailable, match="closed"):
+            await call
+
+
 # -- SQLite specifics ----------------------------------------------------------------------------
 
 
@@ -381,9 +390,6 @@ async def test_sqlite_state_survives_a_restart_and_stays_private(tmp_path: Path)
     for path in [*files, tmp_path / "store-key"]:
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
     await store.close()
-    await store.close()
-    with pytest.raises(StoreUnavailable):
-        await store.get_session("s1")
 
     store = await open_store(config)
     try:
@@ -486,6 +492,22 @@ async def test_redis_down_at_start_and_password_kept_out_of_messages(tmp_path: P
     assert f"redis://127.0.0.1:{server.port}/3" in info.value.detail
     assert "hunter2secret" not in str(info.value) + info.value.detail
     server.close()
+
+
+async def test_redis_password(tmp_path: Path):
+    server = RedisServer("--requirepass", "s3cret-pw").start()
+    try:
+        store = await open_store(config_for(tmp_path, f"redis://:s3cret-pw@127.0.0.1:{server.port}/0"))
+        await store.put_login(LoginRecord("L1", "alice", 1, 1, time.time() + 60))
+        await store.close()
+        for url in (f"redis://:wrong-pw@127.0.0.1:{server.port}/0", f"redis://127.0.0.1:{server.port}/0"):
+            with pytest.raises(StoreUnavailable) as info:
+                await open_store(config_for(tmp_path, url))
+            detail = info.value.detail.lower()
+            assert ("auth" in detail or "password" in detail) and f"127.0.0.1:{server.port}" in detail, detail
+            assert "s3cret" not in detail and "wrong-pw" not in detail
+    finally:
+        server.close()
 
 
 # -- configuration -------------------------------------------------------------------------------
