@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from .errors import ConfigError
 
@@ -222,8 +223,12 @@ class AuditConfig:
 
 def _store_url(value: Any) -> str:
     text = _str(value).strip()
-    if text and not re.match(r"^(redis|rediss|unix)://", text):
-        raise ValueError("expected empty (SQLite in state_dir) or a URL like redis://HOST:PORT/DB")
+    if text:
+        parts = urlsplit(text)
+        if parts.scheme not in ("redis", "rediss", "unix") or not (parts.hostname or parts.path):
+            raise ValueError("expected empty (SQLite in state_dir) or a URL like redis://HOST:PORT/DB")
+        if parts.port == 0:  # reading .port also refuses a port that is no number in range
+            raise ValueError("port 0 is not a Redis port")
     return text
 
 

@@ -520,5 +520,7 @@ def test_store_config_keys(tmp_path: Path):
     assert config.store.url == "redis://10.0.0.2:6379/1"
     assert load_config(empty, env={}).store_secret_file == Path("/var/lib/termbridge/store-key")
     assert load_config(empty, env={"TERMBRIDGE_STORE_SECRET_FILE": "/etc/tb/k"}).store_secret_file == Path("/etc/tb/k")
-    with pytest.raises(ConfigError, match="store.url"):
-        load_config(empty, env={"TERMBRIDGE_STORE_URL": "mysql://x"})
+    assert load_config(empty, env={"TERMBRIDGE_STORE_URL": "unix:///run/redis.sock?db=2"}).store.url
+    for bad in ("mysql://x", "redis://host:port/0", "redis://host:99999/0", "redis://", "127.0.0.1:6379"):
+        with pytest.raises(ConfigError, match="store.url"):
+            load_config(empty, env={"TERMBRIDGE_STORE_URL": bad})

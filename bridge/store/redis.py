@@ -40,7 +40,7 @@ MAX_CONNECTIONS = 16
 # A flood on one key keeps at most this many failures (the largest max_failures_per_address).
 MAX_FAILURES_KEPT = 100_000
 
-_RELEASE = """
+_SLOT_HELPERS = """
 local function release(id)
   local user = redis.call('HGET', KEYS[1], id)
   if not user then return 0 end
@@ -51,7 +51,7 @@ end
 local function held(user) return tonumber(redis.call('HGET', KEYS[2], user) or '0') end
 """
 # KEYS: slots, slot-users. ARGV: slot id, user ('' = pool), max_per_user, max_total.
-_RESERVE = _RELEASE + """
+_RESERVE = _SLOT_HELPERS + """
 if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then return '' end
 if redis.call('HLEN', KEYS[1]) >= tonumber(ARGV[4]) then return 'max_total' end
 if ARGV[2] ~= '' then
@@ -62,7 +62,7 @@ redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 return ''
 """
 # KEYS: slots, slot-users. ARGV: pool slot id, slot id, user, max_per_user, max_total.
-_CLAIM = _RELEASE + """
+_CLAIM = _SLOT_HELPERS + """
 if redis.call('HEXISTS', KEYS[1], ARGV[2]) == 1 then release(ARGV[1]) return '' end
 if held(ARGV[3]) >= tonumber(ARGV[4]) then return 'max_per_user' end
 if release(ARGV[1]) == 0 and redis.call('HLEN', KEYS[1]) >= tonumber(ARGV[5]) then return 'max_total' end
@@ -71,9 +71,9 @@ redis.call('HINCRBY', KEYS[2], ARGV[3], 1)
 return ''
 """
 # KEYS: slots, slot-users. ARGV: slot id.
-_RELEASE_ONE = _RELEASE + "return release(ARGV[1])"
+_RELEASE_ONE = _SLOT_HELPERS + "return release(ARGV[1])"
 # KEYS: slots, slot-users, sessions set, session hash, secret hash. ARGV: session id.
-_DELETE_SESSION = _RELEASE + """
+_DELETE_SESSION = _SLOT_HELPERS + """
 release(ARGV[1])
 redis.call('SREM', KEYS[3], ARGV[1])
 redis.call('DEL', KEYS[4], KEYS[5])
