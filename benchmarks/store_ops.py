@@ -1,10 +1,10 @@
-"""Operations per second of the state store, SQLite and (given a URL) Redis.
+"""Operations per second of the state store, SQLite and Redis.
 
-    .venv/bin/python -m benchmarks.store_ops [--redis-url redis://127.0.0.1:6379/0] [--ops 2000]
+    .venv/bin/python -m benchmarks.store_ops [--ops 2000] [--json FILE]
 
 For each backend: reserve_slot + release_slot pairs, put_login and get_login, each one at a time
-(one caller's latency) and 50 in flight (a busy gateway). Only keys of its own run are
-written, and removed afterwards. Prints a table; `--json FILE` also writes the numbers.
+(one caller's latency) and 50 in flight (a busy gateway). SQLite in a temporary directory; Redis
+is a throwaway redis-server on a free loopback port (skipped if redis-server is not installed).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import json
 import secrets
+import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
@@ -20,6 +21,9 @@ from pathlib import Path
 
 from bridge.config import Config, StoreConfig
 from bridge.store import LoginRecord, Store, open_store
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from redis_server import REDIS_SERVER, RedisServer  # noqa: E402
 
 IN_FLIGHT = 50
 
@@ -60,26 +64,33 @@ async def measure(store: Store, ops: int) -> dict[str, float]:
     return results
 
 
-async def run(redis_url: str | None, ops: int) -> dict[str, dict[str, float]]:
+async def _measure_backend(state_dir: str, url: str, ops: int) -> dict[str, float]:
+    store = await open_store(Config(state_dir=Path(state_dir), store=StoreConfig(url=url)))
+    try:
+        return await measure(store, ops)
+    finally:
+        await store.close()
+
+
+async def run(ops: int) -> dict[str, dict[str, float]]:
     results = {}
     with tempfile.TemporaryDirectory(prefix="tb-store-bench-") as state_dir:
-        backends = [("sqlite", "")] + ([("redis", redis_url)] if redis_url else [])
-        for name, url in backends:
-            store = await open_store(Config(state_dir=Path(state_dir), store=StoreConfig(url=url)))
+        results["sqlite"] = await _measure_backend(state_dir, "", ops)
+        if Path(REDIS_SERVER).exists():
+            server = RedisServer().start()
             try:
-                results[name] = await measure(store, ops)
+                results["redis"] = await _measure_backend(state_dir, server.url, ops)
             finally:
-                await store.close()
+                server.close()
     return results
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.store_ops", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--redis-url", help="also measure this Redis")
     parser.add_argument("--ops", type=int, default=2000, help="operations per measurement (default 2000)")
     parser.add_argument("--json", type=Path, help="also write the numbers here")
     args = parser.parse_args(argv)
-    results = asyncio.run(run(args.redis_url, args.ops))
+    results = asyncio.run(run(args.ops))
     names = list(next(iter(results.values())))
     print(f"{'ops/s':<24}" + "".join(f"{backend:>12}" for backend in results))
     for name in names:

@@ -9,6 +9,7 @@ import json
 import os
 import sqlite3
 import stat
+import subprocess
 import sys
 import time
 from collections import Counter
@@ -524,3 +525,14 @@ def test_store_config_keys(tmp_path: Path):
     for bad in ("mysql://x", "redis://host:port/0", "redis://host:99999/0", "redis://", "127.0.0.1:6379"):
         with pytest.raises(ConfigError, match="store.url"):
             load_config(empty, env={"TERMBRIDGE_STORE_URL": bad})
+
+
+def test_the_store_benchmark_runs(tmp_path: Path):
+    """`python -m benchmarks.store_ops` measures both backends (no speed is asserted)."""
+    out = tmp_path / "store.json"
+    subprocess.run([sys.executable, "-m", "benchmarks.store_ops", "--ops", "60", "--json", str(out)],
+                   cwd=ROOT, check=True, timeout=120, capture_output=True)
+    results = json.loads(out.read_text())
+    assert set(results) == {"sqlite", "redis"}
+    assert all(rate > 0 for backend in results.values() for rate in backend.values())
+    assert len(results["redis"]) == 6
