@@ -427,6 +427,9 @@ async def test_sqlite_unreachable_file_is_a_clear_error(tmp_path: Path):
         await open_store(config_for(tmp_path / "missing", secret_file=tmp_path / "store-key"))
     assert "state database" in info.value.detail and "missing" in info.value.detail
     assert "try again later" in info.value.user_message
+    (tmp_path / "state.db").write_bytes(b"not a database, " * 1000)
+    with pytest.raises(StoreUnavailable, match="not a database"):
+        await open_store(config_for(tmp_path))
 
 
 # -- Redis specifics -----------------------------------------------------------------------------

@@ -78,12 +78,11 @@ class SqliteStore(Store):
 
     def _connect(self) -> None:
         _private_file(self.path)
-        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self._conn = conn = sqlite3.connect(self.path, isolation_level=None)  # closed by close()
         conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         conn.execute("PRAGMA journal_mode = WAL")
         conn.execute("PRAGMA synchronous = NORMAL")
         conn.executescript(SCHEMA)
-        self._conn = conn
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         """Run `fn(conn, *args)` on the store's thread; SQLite errors become StoreUnavailable."""
@@ -107,10 +106,11 @@ class SqliteStore(Store):
             conn.execute("BEGIN IMMEDIATE")
             try:
                 result = fn(conn, *args)
+                conn.execute("COMMIT")
             except BaseException:
-                conn.execute("ROLLBACK")
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
                 raise
-            conn.execute("COMMIT")
             return result
 
         return await self._run(tx, *args)
