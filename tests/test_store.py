@@ -64,6 +64,11 @@ def session(session_id: str, user: str = "alice", **fields: object) -> SessionRe
     return dataclasses.replace(base, **fields)
 
 
+async def owners(store: Store) -> dict[str, str | None]:
+    """Who holds each slot (None: a pooled container)."""
+    return {slot_id: slot.user for slot_id, slot in (await store.list_slots()).items()}
+
+
 def new_secret() -> SessionSecret:
     client = asyncssh.generate_private_key("ssh-ed25519")
     host = asyncssh.generate_private_key("ssh-ed25519")
@@ -153,7 +158,7 @@ async def test_max_total_holds_across_replicas_under_concurrency(replica: Replic
     assert set(results) == {None, "max_total"}
     slots = await a.list_slots()
     assert len(slots) == 20 and slots == await b.list_slots()
-    assert max(Counter(slots.values()).values()) <= 5
+    assert max(Counter((await owners(a)).values()).values()) <= 5
 
 
 async def test_max_per_user_holds_across_replicas_under_concurrency(replica: Replica):
@@ -163,7 +168,7 @@ async def test_max_per_user_holds_across_replicas_under_concurrency(replica: Rep
     ))
     assert results[:50].count(None) == 3 and set(results[:50]) == {None, "max_per_user"}
     assert results[50:].count(None) == 3
-    assert Counter((await b.list_slots()).values()) == {"alice": 3, "bob": 3}
+    assert Counter((await owners(b)).values()) == {"alice": 3, "bob": 3}
 
 
 RESERVE_IN_A_PROCESS = """
@@ -206,7 +211,7 @@ async def test_caps_hold_across_gateway_processes(backend: tuple[str, str], repl
         assert proc.returncode == 0
         results += json.loads(out)
     assert results.count(None) == 40
-    slots = await store.list_slots()
+    slots = await owners(store)
     assert len(slots) == 40
     assert Counter(slots.values())["alice"] == 7
 
@@ -222,24 +227,29 @@ async def test_slots_are_idempotent_and_released(replica: Replica):
     await b.release_slot("s1")
     assert await a.reserve_slot("s3", "carol", 1, 2) is None
     assert await a.reserve_slot("s4", "alice", 1, 3) is None  # alice's count went down with s1
-    assert await a.list_slots() == {"s2": "bob", "s3": "carol", "s4": "alice"}
+    assert await owners(a) == {"s2": "bob", "s3": "carol", "s4": "alice"}
 
 
 async def test_pooled_containers_count_against_the_total_and_are_claimed(replica: Replica):
     a, b = await replica(), await replica()
+    before = time.time()
     assert await a.reserve_slot("pool-1", None, 1, 3) is None
+    assert before <= (await b.list_slots())["pool-1"].since <= time.time()
     assert await a.reserve_slot("pool-2", None, 1, 3) is None
     assert await b.reserve_slot("s1", "alice", 1, 3) is None
     assert await b.reserve_slot("s2", "bob", 1, 3) == "max_total"
+    await asyncio.sleep(0.01)
     assert await b.claim_slot("pool-1", "s2", "bob", 1, 3) is None
+    slots = await a.list_slots()
+    assert slots["s2"].since > slots["pool-2"].since  # a claimed slot is held since the claim
     assert await a.claim_slot("pool-2", "s3", "alice", 1, 3) == "max_per_user"
-    assert await a.list_slots() == {"pool-2": None, "s1": "alice", "s2": "bob"}
+    assert await owners(a) == {"pool-2": None, "s1": "alice", "s2": "bob"}
     assert await a.claim_slot("pool-1", "s2", "bob", 1, 3) is None  # a retry changes nothing
     await a.release_slot("pool-2")
     # the pooled slot is already gone (reaped): the claim is a plain reservation
     assert await a.claim_slot("pool-2", "s4", "carol", 1, 3) is None
     assert await a.claim_slot("pool-9", "s5", "dave", 1, 3) == "max_total"
-    assert await b.list_slots() == {"s1": "alice", "s2": "bob", "s4": "carol"}
+    assert await owners(b) == {"s1": "alice", "s2": "bob", "s4": "carol"}
 
 
 async def test_concurrent_claims_of_one_pooled_slot_keep_the_total(replica: Replica):
@@ -396,7 +406,7 @@ async def test_sqlite_state_survives_a_restart_and_stays_private(tmp_path: Path)
     try:
         assert (await store.get_session("s1")).container_id == "c0ffee"
         assert await store.get_secret("s1") == secret
-        assert await store.list_slots() == {"s1": "alice"}
+        assert await owners(store) == {"s1": "alice"}
         assert (await store.get_login("L1", now)).user == "alice"
         assert await store.locked_until("user:bob", now) == pytest.approx(now + 300)
     finally:
@@ -463,7 +473,12 @@ async def test_redis_entries_expire_on_their_own(redis_url: str, redis_server: R
         await store.put_login(LoginRecord("L3", "bob", 1, 1, now + 600))
         await store.delete_login("L2")
         await store.delete_logins_of("bob")
-        assert redis_server.command("DBSIZE") == ":1"  # logout leaves no index entry behind
+        assert await store.reserve_slot("pool-1", None, 1, 1) is None
+        assert await store.claim_slot("pool-1", "s1", "alice", 1, 1) is None
+        await store.put_session(session("s1"))
+        await store.put_secret("s1", new_secret())
+        await store.delete_session("s1")
+        assert redis_server.command("DBSIZE") == ":1"  # logout and session end leave nothing behind
     finally:
         await store.close()
 

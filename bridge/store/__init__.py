@@ -5,9 +5,9 @@ and reconnect secrets. `store.url` picks the backend: empty for SQLite in state_
 from __future__ import annotations
 
 from ..config import Config
-from .base import LoginRecord, Refusal, SecretBox, SessionRecord, SessionSecret, Store
+from .base import LoginRecord, Refusal, SecretBox, SessionRecord, SessionSecret, Slot, Store
 
-__all__ = ["LoginRecord", "Refusal", "SessionRecord", "SessionSecret", "Store", "open_store"]
+__all__ = ["LoginRecord", "Refusal", "SessionRecord", "SessionSecret", "Slot", "Store", "open_store"]
 
 
 async def open_store(config: Config) -> Store:

@@ -68,6 +68,14 @@ SESSION_FIELDS = frozenset(f.name for f in dataclasses.fields(SessionRecord))
 
 
 @dataclass(frozen=True)
+class Slot:
+    """One unit of the caps: a session's (or a pooled container's) place, held since `since`."""
+
+    user: str | None  # None: a pooled container, counted against max_total only
+    since: float
+
+
+@dataclass(frozen=True)
 class LoginRecord:
     """A web login: the cookie names `id`; valid on every replica until `expires` or logout."""
 
@@ -209,8 +217,8 @@ class Store(abc.ABC):
     async def release_slot(self, slot_id: str) -> None: ...
 
     @abc.abstractmethod
-    async def list_slots(self) -> dict[str, str | None]:
-        """Every held slot and its user (None: pooled), for reaping slots nobody started."""
+    async def list_slots(self) -> dict[str, Slot]:
+        """Every held slot, for reaping one whose gateway died before it started the session."""
 
     # -- logins --------------------------------------------------------------------------------
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import json
 import secrets
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Concatenate, ParamSpec, TypeVar, cast
 from urllib.parse import urlsplit
@@ -22,7 +23,7 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisError
 
 from ..errors import StoreUnavailable
-from .base import LoginRecord, Refusal, SecretBox, SessionRecord, Store, check_update
+from .base import LoginRecord, Refusal, SecretBox, SessionRecord, Slot, Store, check_update
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -31,6 +32,8 @@ PREFIX = "termbridge:"
 SESSIONS = PREFIX + "sessions"  # set of session ids
 SLOTS = PREFIX + "slots"  # hash: slot id -> user ("" for a pooled container)
 SLOT_USERS = PREFIX + "slot-users"  # hash: user -> slots held
+SLOT_SINCE = PREFIX + "slot-since"  # hash: slot id -> when it was taken
+SLOT_KEYS = [SLOTS, SLOT_USERS, SLOT_SINCE]
 META = PREFIX + "meta"
 CONNECT_TIMEOUT = 3.0
 COMMAND_TIMEOUT = 5.0
@@ -45,12 +48,14 @@ local function release(id)
   local user = redis.call('HGET', KEYS[1], id)
   if not user then return 0 end
   redis.call('HDEL', KEYS[1], id)
+  redis.call('HDEL', KEYS[3], id)
   if user ~= '' and redis.call('HINCRBY', KEYS[2], user, -1) <= 0 then redis.call('HDEL', KEYS[2], user) end
   return 1
 end
 local function held(user) return tonumber(redis.call('HGET', KEYS[2], user) or '0') end
 """
-# KEYS: slots, slot-users. ARGV: slot id, user ('' = pool), max_per_user, max_total.
+# Every slot script: KEYS[1..3] = SLOT_KEYS.
+# ARGV: slot id, user ('' = pool), max_per_user, max_total, now.
 _RESERVE = _SLOT_HELPERS + """
 if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then return '' end
 if redis.call('HLEN', KEYS[1]) >= tonumber(ARGV[4]) then return 'max_total' end
@@ -59,24 +64,26 @@ if ARGV[2] ~= '' then
   redis.call('HINCRBY', KEYS[2], ARGV[2], 1)
 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('HSET', KEYS[3], ARGV[1], ARGV[5])
 return ''
 """
-# KEYS: slots, slot-users. ARGV: pool slot id, slot id, user, max_per_user, max_total.
+# ARGV: pool slot id, slot id, user, max_per_user, max_total, now.
 _CLAIM = _SLOT_HELPERS + """
 if redis.call('HEXISTS', KEYS[1], ARGV[2]) == 1 then release(ARGV[1]) return '' end
 if held(ARGV[3]) >= tonumber(ARGV[4]) then return 'max_per_user' end
 if release(ARGV[1]) == 0 and redis.call('HLEN', KEYS[1]) >= tonumber(ARGV[5]) then return 'max_total' end
 redis.call('HSET', KEYS[1], ARGV[2], ARGV[3])
+redis.call('HSET', KEYS[3], ARGV[2], ARGV[6])
 redis.call('HINCRBY', KEYS[2], ARGV[3], 1)
 return ''
 """
-# KEYS: slots, slot-users. ARGV: slot id.
+# ARGV: slot id.
 _RELEASE_ONE = _SLOT_HELPERS + "return release(ARGV[1])"
-# KEYS: slots, slot-users, sessions set, session hash, secret hash. ARGV: session id.
+# KEYS[4..6]: sessions set, session hash, secret hash. ARGV: session id.
 _DELETE_SESSION = _SLOT_HELPERS + """
 release(ARGV[1])
-redis.call('SREM', KEYS[3], ARGV[1])
-redis.call('DEL', KEYS[4], KEYS[5])
+redis.call('SREM', KEYS[4], ARGV[1])
+redis.call('DEL', KEYS[5], KEYS[6])
 return 1
 """
 # KEYS: session hash. ARGV: n, then n expected (field, json value) pairs, then the new ones.
@@ -249,7 +256,7 @@ class RedisStore(Store):
 
     @_guarded
     async def delete_session(self, session_id: str) -> None:
-        keys = [SLOTS, SLOT_USERS, SESSIONS, _session_key(session_id), _secret_key(session_id)]
+        keys = [*SLOT_KEYS, SESSIONS, _session_key(session_id), _secret_key(session_id)]
         await self._script("delete_session", keys, [session_id])
 
     # -- slots ---------------------------------------------------------------------------------
@@ -258,25 +265,29 @@ class RedisStore(Store):
     async def reserve_slot(
         self, slot_id: str, user: str | None, max_per_user: int, max_total: int
     ) -> Refusal | None:
-        refused = await self._script("reserve", [SLOTS, SLOT_USERS], [slot_id, user or "", max_per_user, max_total])
+        args = [slot_id, user or "", max_per_user, max_total, repr(time.time())]
+        refused = await self._script("reserve", SLOT_KEYS, args)
         return _refusal(refused)
 
     @_guarded
     async def claim_slot(
         self, pool_slot_id: str, slot_id: str, user: str, max_per_user: int, max_total: int
     ) -> Refusal | None:
-        refused = await self._script(
-            "claim", [SLOTS, SLOT_USERS], [pool_slot_id, slot_id, user, max_per_user, max_total]
-        )
+        args = [pool_slot_id, slot_id, user, max_per_user, max_total, repr(time.time())]
+        refused = await self._script("claim", SLOT_KEYS, args)
         return _refusal(refused)
 
     @_guarded
     async def release_slot(self, slot_id: str) -> None:
-        await self._script("release", [SLOTS, SLOT_USERS], [slot_id])
+        await self._script("release", SLOT_KEYS, [slot_id])
 
     @_guarded
-    async def list_slots(self) -> dict[str, str | None]:
-        return {k.decode(): v.decode() or None for k, v in (await self.redis.hgetall(SLOTS)).items()}
+    async def list_slots(self) -> dict[str, Slot]:
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hgetall(SLOTS)
+            pipe.hgetall(SLOT_SINCE)
+            users, since = await pipe.execute()
+        return {k.decode(): Slot(v.decode() or None, float(since.get(k, 0))) for k, v in users.items()}
 
     # -- logins --------------------------------------------------------------------------------
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ..errors import StoreUnavailable
-from .base import KEY_CHECK, LoginRecord, Refusal, SecretBox, SessionRecord, Store, check_update
+from .base import KEY_CHECK, LoginRecord, Refusal, SecretBox, SessionRecord, Slot, Store, check_update
 
 T = TypeVar("T")
 
@@ -33,7 +33,7 @@ CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS sessions (id TEXT PRIMARY KEY, user TEXT NOT NULL, data TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS sessions_user ON sessions (user);
 CREATE TABLE IF NOT EXISTS secrets (id TEXT PRIMARY KEY, client_key BLOB NOT NULL, host_key BLOB NOT NULL);
-CREATE TABLE IF NOT EXISTS slots (id TEXT PRIMARY KEY, user TEXT);
+CREATE TABLE IF NOT EXISTS slots (id TEXT PRIMARY KEY, user TEXT, since REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS slots_user ON slots (user);
 CREATE TABLE IF NOT EXISTS logins (
     id TEXT PRIMARY KEY, user TEXT NOT NULL, uid INTEGER NOT NULL, gid INTEGER NOT NULL, expires REAL NOT NULL
@@ -178,7 +178,7 @@ class SqliteStore(Store):
                 return "max_total"
             if user is not None and _user_slots(c, user) >= max_per_user:
                 return "max_per_user"
-            c.execute("INSERT INTO slots (id, user) VALUES (?, ?)", (slot_id, user))
+            c.execute("INSERT INTO slots (id, user, since) VALUES (?, ?, ?)", (slot_id, user, time.time()))
             return None
 
         return await self._tx(reserve)
@@ -195,7 +195,7 @@ class SqliteStore(Store):
             freed = c.execute("DELETE FROM slots WHERE id = ?", (pool_slot_id,)).rowcount
             if not freed and c.execute("SELECT COUNT(*) FROM slots").fetchone()[0] >= max_total:
                 return "max_total"
-            c.execute("INSERT INTO slots (id, user) VALUES (?, ?)", (slot_id, user))
+            c.execute("INSERT INTO slots (id, user, since) VALUES (?, ?, ?)", (slot_id, user, time.time()))
             return None
 
         return await self._tx(claim)
@@ -203,8 +203,9 @@ class SqliteStore(Store):
     async def release_slot(self, slot_id: str) -> None:
         await self._run(lambda c: c.execute("DELETE FROM slots WHERE id = ?", (slot_id,)))
 
-    async def list_slots(self) -> dict[str, str | None]:
-        return dict(await self._run(lambda c: c.execute("SELECT id, user FROM slots").fetchall()))
+    async def list_slots(self) -> dict[str, Slot]:
+        rows = await self._run(lambda c: c.execute("SELECT id, user, since FROM slots").fetchall())
+        return {slot_id: Slot(user, since) for slot_id, user, since in rows}
 
     # -- logins --------------------------------------------------------------------------------
 
