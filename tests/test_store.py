@@ -22,6 +22,7 @@ import pytest
 from bridge.config import Config, StoreConfig, load_config
 from bridge.errors import ConfigError, StoreUnavailable
 from bridge.store import LoginRecord, SessionRecord, SessionSecret, Store, open_store
+from bridge.store.base import SecretBox
 from helpers import ROOT, private_key_fragments
 from redis_server import RedisServer
 
@@ -33,7 +34,7 @@ def config_for(state_dir: Path, url: str = "", secret_file: Path | None = None) 
 
 
 @pytest.fixture(params=["sqlite", "redis"])
-def backend(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, str]:
+def backend(request: pytest.FixtureRequest) -> tuple[str, str]:
     """(name, store.url) of the backend under test."""
     url = request.getfixturevalue("redis_url") if request.param == "redis" else ""
     return request.param, url
@@ -351,8 +352,6 @@ async def test_secrets_reach_every_replica_and_a_wrong_key_file_is_refused(repli
 
 
 def test_the_key_file_is_private_and_well_formed(tmp_path: Path):
-    from bridge.store.base import SecretBox
-
     path = tmp_path / "store-key"
     SecretBox.from_file(path)
     assert stat.S_IMODE(path.stat().st_mode) == 0o600 and len(path.read_bytes()) == 32
