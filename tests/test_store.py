@@ -180,6 +180,7 @@ from bridge.store import open_store
 
 async def main(state_dir, url, name, go):
     store = await open_store(Config(state_dir=Path(state_dir), store=StoreConfig(url=url)))
+    print("ready", flush=True)
     while not Path(go).exists():
         time.sleep(0.001)
     results = await asyncio.gather(*(
@@ -204,7 +205,8 @@ async def test_caps_hold_across_gateway_processes(backend: tuple[str, str], repl
         )
         for n in range(4)
     ]
-    await asyncio.sleep(1.0)  # each has opened its store and waits
+    for proc in procs:  # each has opened its store and waits
+        assert await asyncio.wait_for(proc.stdout.readline(), 60) == b"ready\n"
     go.touch()
     results = []
     for proc in procs:
@@ -465,8 +467,10 @@ async def test_redis_entries_expire_on_their_own(redis_url: str, redis_server: R
         await store.add_failure("addr:10.0.0.1", now, 0.5)
         await store.lock("addr:10.0.0.1", now + 0.5)
         keys_before = int(redis_server.command("DBSIZE")[1:])
-        await asyncio.sleep(1.0)
         # what is left: the key check and nothing that grows with traffic
+        deadline = time.monotonic() + 10
+        while redis_server.command("DBSIZE") != ":1" and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
         assert keys_before >= 4 and redis_server.command("DBSIZE") == ":1"
         await store.put_login(LoginRecord("L2", "alice", 1, 1, now + 600))
         await store.put_login(LoginRecord("L3", "bob", 1, 1, now + 600))
