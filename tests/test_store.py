@@ -346,6 +346,10 @@ async def test_secrets_reach_every_replica_and_a_wrong_key_file_is_refused(repli
     await a.put_secret("s1", secret)
     assert await b.get_secret("s1") == secret
     assert await b.get_secret("s2") is None
+    sealed, host_key = await a._get_secret("s1")  # someone with write access moves an entry
+    await a._put_secret("s2", sealed, host_key)
+    with pytest.raises(StoreUnavailable, match="does not decrypt"):
+        await b.get_secret("s2")
     other = tmp_path / "other-key"
     other.write_bytes(os.urandom(32))
     other.chmod(0o600)
@@ -358,7 +362,7 @@ def test_the_key_file_is_private_and_well_formed(tmp_path: Path):
     SecretBox.from_file(path)
     assert stat.S_IMODE(path.stat().st_mode) == 0o600 and len(path.read_bytes()) == 32
     path.chmod(0o640)
-    with pytest.raises(ConfigError, match="readable by others"):
+    with pytest.raises(ConfigError, match="open to group or others"):
         SecretBox.from_file(path)
     path.chmod(0o600)
     path.write_bytes(b"short")

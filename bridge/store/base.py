@@ -143,7 +143,7 @@ class SecretBox:
         except OSError as exc:
             raise ConfigError(f"'store.secret_file' {str(path)!r} is not readable: {exc.strerror}") from None
         if info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-            raise ConfigError(f"'store.secret_file' {str(path)!r} is readable by others: chmod 600 it")
+            raise ConfigError(f"'store.secret_file' {str(path)!r} is open to group or others: chmod 600 it")
         if len(key) != _KEY_BYTES:
             raise ConfigError(f"'store.secret_file' {str(path)!r} must hold exactly {_KEY_BYTES} bytes")
         return cls(key)
