@@ -194,9 +194,9 @@ asyncio.run(main(*sys.argv[1:]))
 
 
 async def test_caps_hold_across_gateway_processes(backend: tuple[str, str], replica: Replica, tmp_path: Path):
-    """Four real processes (the gateways of one host, or of several hosts on one Redis) reserve
-    240 slots at the same moment: exactly max_total are granted, alice gets exactly max_per_user."""
-    store = await replica()  # creates the key file and the schema before the race
+    """Four real processes (the gateways of one host, or of several hosts on one Redis) start
+    together on an empty state_dir (one key file, one schema come out of it), then reserve 240
+    slots at the same moment: exactly max_total are granted, alice gets exactly max_per_user."""
     go = tmp_path / "go"
     procs = [
         await asyncio.create_subprocess_exec(
@@ -208,6 +208,7 @@ async def test_caps_hold_across_gateway_processes(backend: tuple[str, str], repl
     for proc in procs:  # each has opened its store and waits
         assert await asyncio.wait_for(proc.stdout.readline(), 60) == b"ready\n"
     go.touch()
+    store = await replica()
     results = []
     for proc in procs:
         out, _ = await asyncio.wait_for(proc.communicate(), 60)

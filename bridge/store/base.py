@@ -128,15 +128,8 @@ class SecretBox:
     @classmethod
     def from_file(cls, path: Path) -> SecretBox:
         """The key file: created 0600 on first use; one readable by others is refused."""
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            pass
-        except OSError as exc:
-            raise ConfigError(f"'store.secret_file' {str(path)!r} cannot be created: {exc.strerror}") from None
-        else:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(secrets.token_bytes(_KEY_BYTES))
+        if not path.exists():
+            _create_key_file(path)
         try:
             info = path.stat()
             key = path.read_bytes()
@@ -147,6 +140,23 @@ class SecretBox:
         if len(key) != _KEY_BYTES:
             raise ConfigError(f"'store.secret_file' {str(path)!r} must hold exactly {_KEY_BYTES} bytes")
         return cls(key)
+
+
+def _create_key_file(path: Path) -> None:
+    """Write the key beside its place, then link it there: gateways starting together on one
+    host never read a half-written key, and the first to link wins."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(secrets.token_bytes(_KEY_BYTES))
+        os.link(tmp, path)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise ConfigError(f"'store.secret_file' {str(path)!r} cannot be created: {exc.strerror}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 class Store(abc.ABC):
