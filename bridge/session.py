@@ -25,7 +25,8 @@ log = logging.getLogger("termbridge.sessions")
 class Sink(Protocol):
     """Where one session's control events go: the front door attached to it."""
 
-    async def started(self, session: Session) -> None: ...
+    async def started(self, session: Session) -> None:
+        """The session is ready (or, for a terminal, resumed): the first call a sink gets."""
 
     async def idle_warning(self, seconds: float) -> None: ...
 
