@@ -50,6 +50,13 @@ T = TypeVar("T")
 # AUDIT_WRITE Debian's and Ubuntu's sshd close the connection after login).
 SESSION_CAPS = ("CHOWN", "SETUID", "SETGID", "SYS_CHROOT", "AUDIT_WRITE")
 RUN_TMPFS_SIZE = 16 * 1024**2
+# The container's stdout/stderr is sshd's (-e) debugging output, which a person can make grow
+# (junk connections to the container's own sshd: ~150 bytes each). json-file keeps `docker logs`
+# working for the admin (its last lines tell why a session died); two files of 512 KiB, rotated,
+# bound the host's disk per session (Docker 20.10 keeps a rotated file even with max-file=1).
+LOG_FILE_BYTES = 512 * 1024
+LOG_FILES = 2
+LOG_CONFIG = {"type": "json-file", "config": {"max-size": str(LOG_FILE_BYTES), "max-file": str(LOG_FILES)}}
 # How the session image expects to be set up (label `termbridge.protocol`); 2: keys on stdin,
 # accounts on tmpfs, read-only root. An image built from an older session-image/ would wait for
 # keys that never come, so it is refused with a clear message instead.
@@ -215,6 +222,7 @@ class DockerBackend:
             privileged=False,
             read_only=not root,
             tmpfs=tmpfs,
+            log_config=LOG_CONFIG,
         )
 
     def _boot(self, api: docker.APIClient, cid: str, spec: ContainerSpec) -> None:

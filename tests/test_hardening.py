@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 import bridge.docker_backend
-from bridge.docker_backend import SESSION_CAPS
+from bridge.docker_backend import LOG_FILE_BYTES, LOG_FILES, SESSION_CAPS
 from helpers import PROMPT, TEST_IMAGE, session_containers
 
 # Linux capability numbers (linux/capability.h) of the set the session image needs.
@@ -130,3 +130,40 @@ async def test_an_image_from_before_the_hardening_is_refused_clearly(start_gatew
     finally:
         docker_engine.images.remove(tag, force=True)
     assert not session_containers(**{"termbridge.user": user.name})
+
+
+def log_bytes(container) -> int:
+    """Bytes of the container's log on the host (json-file and its rotated files)."""
+    import glob
+    import os
+
+    container.reload()
+    path = container.attrs["LogPath"]
+    return sum(os.path.getsize(p) for p in glob.glob(path + "*"))
+
+
+async def test_a_noisy_container_cannot_fill_the_hosts_disk(gateway, user):
+    """sshd writes to the container's stderr, which Docker keeps on the host. A person can make
+    it talk (junk connections to the container's own sshd); whatever the amount, the log stays
+    capped."""
+    import asyncio
+
+    http, term, container = await open_terminal(gateway, user)
+    async with http:
+        before = log_bytes(container)
+        await term.run(
+            "for i in $(seq 100); do timeout 2 bash -c 'exec 3<>/dev/tcp/127.0.0.1/22; echo junk >&3; cat <&3' "
+            ">/dev/null 2>&1; done",
+            timeout=120,
+        )
+        per_attempt = (log_bytes(container) - before) / 100
+        assert per_attempt > 0, "sshd wrote nothing for 100 junk connections: the probe proves nothing"
+        # 64 MiB of noise on the entrypoint's stderr, as a person with more time would make
+        noise = "head -c 67108864 /dev/zero | tr '\\0' x | fold -w 199 > /proc/1/fd/2"
+        code, out = await asyncio.to_thread(container.exec_run, ["sh", "-c", noise], user="0")
+        assert code == 0, out
+        size = log_bytes(container)
+        print(f"log: {per_attempt:.0f} bytes per junk connection; {size} bytes on disk after 64 MiB of noise")
+        assert size <= LOG_FILE_BYTES * LOG_FILES + 64 * 1024, size
+        await term.send("exit\r")
+        await term.control("exit")
