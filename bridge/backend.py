@@ -75,8 +75,8 @@ class Backend(Protocol):
         SessionStartError; on any failure, nothing is left behind."""
 
     async def claim(self, container: Container, user: str, root: bool) -> Container:
-        """Hand a pooled container (started with no user) to `user`: its account is made and it
-        is renamed after them. Raises SessionStartError; the caller removes it on failure."""
+        """Hand a pooled container (started with no user) to `user`: its account is made (its
+        name never carries the login). Raises SessionStartError; the caller removes it on failure."""
 
     async def stop(self, container_id: str) -> None:
         """Remove the container. Idempotent: an absent container is success."""

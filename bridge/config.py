@@ -114,6 +114,10 @@ def _addr_list(value: Any) -> tuple[str, ...]:
     return items
 
 
+def _ip_list(value: Any) -> tuple[str, ...]:
+    return tuple(str(ipaddress.ip_address(item)) for item in _str_list(value))
+
+
 def _positive_float(value: Any) -> float:
     if isinstance(value, bool):
         raise ValueError("expected a number")
@@ -210,6 +214,8 @@ class SessionConfig:
     start_timeout: float = _field(30.0, parse_duration, "how long a container may take to be ready")
     firewall: bool = _field(True, _bool, "install the host firewall rules that keep containers off host ports")
     tmpfs_size: int = _field(64 * 1024**2, parse_size, "size of each writable tmpfs (/tmp, the home directory)")
+    internet_allow: tuple[str, ...] = _field((), _addr_list, "private networks internet-mode sessions may reach")
+    dns: tuple[str, ...] = _field((), _ip_list, "name servers of internet-mode sessions; empty: the host's")
 
 
 @dataclass(frozen=True)

@@ -190,6 +190,7 @@ class DockerBackend:
                 netguard.require_tools("nsenter", "ip")
             if self.config.firewall:
                 netguard.require_tools("iptables")
+                netguard.require_tools("nsenter", "ip", "iptables-restore", "ip6tables-restore")
                 netguard.guard_bridge(bridge)
             else:
                 log.warning("session.firewall is off: session containers can reach host ports on %s", bridge)
@@ -202,6 +203,16 @@ class DockerBackend:
 
     async def prepare(self) -> None:
         await self._call(self._prepare_sync)
+
+    def _egress(self) -> netguard.Egress:
+        """What this container may reach, read afresh (the host's networks and resolvers change)."""
+        if self.config.network == "isolated":
+            return netguard.Egress()
+        resolvers = self.config.dns or netguard.upstream_resolvers()
+        if not resolvers:
+            log.warning("no name server for internet-mode sessions (set session.dns): they get no DNS")
+        blocked = (*netguard.PRIVATE_NETWORKS, *netguard.host_networks())
+        return netguard.Egress(blocked=blocked, allowed=self.config.internet_allow, resolvers=resolvers)
 
     def _host_config(self, api: docker.APIClient, root: bool) -> dict[str, Any]:
         cfg = self.config
@@ -240,13 +251,31 @@ class DockerBackend:
         raw = getattr(attached, "_sock", attached)
         try:
             api.start(cid)
+            info = api.inspect_container(cid)
+            pid = int(info["State"].get("Pid") or 0)
             if self.config.network == "isolated":
-                netguard.drop_default_routes(int(api.inspect_container(cid)["State"].get("Pid") or 0))
+                netguard.drop_default_routes(pid)
+            if self.config.firewall:
+                egress = self._egress()
+                netguard.guard_container(pid, egress)
+                if self.config.network == "internet":
+                    self._write_resolv_conf(info["ResolvConfPath"], egress)
             raw.settimeout(10)
             raw.sendall(keys)
             raw.shutdown(socket.SHUT_WR)
         finally:
             attached.close()
+
+    @staticmethod
+    def _write_resolv_conf(path: str, egress: netguard.Egress) -> None:
+        """Docker's file on the host, bind-mounted (read-only in login mode) on the container's
+        /etc/resolv.conf; written in place so the mount sees it. It names 127.0.0.11, which the
+        container's filter rules shut; root mode may edit it, that resolver stays shut."""
+        try:
+            with open(path, "w") as resolv:
+                resolv.write(netguard.resolv_conf(egress))
+        except OSError as exc:
+            raise SessionStartError(detail=f"writing the container's resolv.conf ({path}) failed: {exc}") from exc
 
     def _check_image(self, api: docker.APIClient) -> None:
         try:
@@ -266,7 +295,8 @@ class DockerBackend:
         self._prepare_sync(api)
         self._check_image(api)
         short = spec.session_id[:8]
-        name = f"termbridge-{spec.user or 'pool'}-{short}"
+        # Not the login: names are what Docker's DNS and `docker ps` show; the user is in a label.
+        name = f"termbridge-{short}"
         cfg = self.config
         labels = {
             LABEL_SESSION: spec.session_id,
@@ -316,7 +346,6 @@ class DockerBackend:
 
     def _claim_sync(self, container: Container, user: str, root: bool) -> Container:
         api = self._api()
-        name = f"termbridge-{user}-{container.name.rsplit('-', 1)[-1]}"
         if not root:
             # uid 0, not "root": Docker would look the name up in an /etc/passwd that lives on tmpfs
             run = api.exec_create(container.id, ["/usr/local/sbin/termbridge-adduser", user], user="0")
@@ -324,12 +353,7 @@ class DockerBackend:
             code = api.exec_inspect(run["Id"]).get("ExitCode")
             if code != 0:
                 raise SessionStartError(detail=f"claiming {container.name} for {user} failed ({code}): {output!r}")
-        try:
-            api.rename(container.id, name)
-        except docker.errors.APIError as exc:
-            log.warning("could not rename %s to %s: %s", container.name, name, exc)
-            name = container.name
-        return Container(container.id, name, container.address, container.port, "root" if root else user)
+        return Container(container.id, container.name, container.address, container.port, "root" if root else user)
 
     async def claim(self, container: Container, user: str, root: bool) -> Container:
         return await self._call(self._claim_sync, container, user, root)

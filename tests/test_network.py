@@ -7,6 +7,7 @@ import asyncio
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -18,6 +19,7 @@ import pytest
 from bridge import netguard
 from bridge.docker_backend import NETWORK_NAMES
 from helpers import PROMPT, ROOT, TEST_IMAGE, session_containers, write_config
+from privatenet import ANSWER, PORT, PrivateNet
 
 PROBE = "timeout 3 bash -c 'exec 3<>/dev/tcp/{ip}/{port}' 2>/dev/null && echo REACHED-{tag} || echo BLOCKED-{tag}"
 
@@ -148,6 +150,62 @@ async def test_internet_network_keeps_the_host_and_other_sessions_out(start_gate
     attrs = docker_engine.networks.get("termbridge-internet").attrs
     assert attrs["Internal"] is False  # outbound goes through Docker's masquerading
     assert attrs["Options"]["com.docker.network.bridge.enable_icc"] == "false"
+
+
+async def dns_leaks(term, other_user: str, other_address: str, network: str) -> str:
+    """What session `term` learns by name service about another session's container, this host
+    and the Docker network: reverse and forward lookups, each bounded in time."""
+    [other] = session_containers(**{"termbridge.user": other_user})
+    names = [other.name, f"{other.name}.{network}", other.id[:12], other.attrs["Config"]["Hostname"],
+             socket.gethostname(), network, "host.docker.internal", "gateway"]
+    lookups = [f"getent hosts {other_address}"] + [f"getent ahostsv4 {name}" for name in names]
+    return await term.run("; ".join(f"timeout 10 {lookup}" for lookup in lookups), timeout=120)
+
+
+async def test_sessions_learn_nothing_about_each_other_by_dns(gateway, user, make_user):
+    """Docker's embedded resolver (127.0.0.11) answered a reverse lookup of another session's
+    address with `termbridge-<their login>-<id>.termbridge-isolated`. Nothing answers now."""
+    other = make_user()
+    async with await gateway.login(user) as http_a, await gateway.login(other) as http_b:
+        term_a, _ = await session_shell(gateway, http_a)
+        term_b, addr_b = await session_shell(gateway, http_b)
+        assert await dns_leaks(term_a, other.name, addr_b, NETWORK_NAMES["isolated"]) == ""
+        # Docker's DNS and `docker ps` show container names: never the login
+        assert not [c.name for c in session_containers() if other.name in c.name or user.name in c.name]
+        for term in (term_a, term_b):
+            await term.send("exit\r")
+            await term.control("exit")
+
+
+async def test_internet_mode_keeps_private_networks_out_unless_allowed(start_gateway, user, make_user, tmp_path):
+    """A private network made on this machine (network namespace, 10.213.x.2) stands in for the
+    server's LAN, cloud metadata and an internal name server: a session in internet mode cannot
+    connect to it, can use it as its configured name server (port 53), learns nothing about other
+    sessions by DNS, and with session.internet_allow it connects."""
+    other = make_user()
+    with PrivateNet(tmp_path) as net:
+        gateway = await start_gateway(session={"network": "internet", "dns": [net.address]})
+        async with await gateway.login(user) as http_a, await gateway.login(other) as http_b:
+            term_a, _ = await session_shell(gateway, http_a)
+            term_b, addr_b = await session_shell(gateway, http_b)
+            assert (await term_a.run("grep nameserver /etc/resolv.conf")).split() == ["nameserver", net.address]
+            resolved = await term_a.run("timeout 10 getent ahostsv4 probe.tbtest | head -1")
+            assert resolved.split()[:1] == [ANSWER], resolved
+            assert await dns_leaks(term_a, other.name, addr_b, NETWORK_NAMES["internet"]) == ""
+            assert await probe(term_a, net.address, PORT) == "BLOCKED"
+            assert net.connections() == []
+            for term in (term_a, term_b):
+                await term.send("exit\r")
+                await term.control("exit")
+
+        allowing = await start_gateway(session={"network": "internet", "dns": [net.address],
+                                                "internet_allow": [net.network]})
+        async with await allowing.login(user) as http:
+            term, _ = await session_shell(allowing, http)
+            assert await probe(term, net.address, PORT) == "REACHED"
+            assert len(net.connections()) == 1
+            await term.send("exit\r")
+            await term.control("exit")
 
 
 def test_guard_is_idempotent_under_concurrency():

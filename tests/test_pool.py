@@ -31,7 +31,7 @@ async def test_a_login_takes_a_fresh_pooled_container_and_the_pool_refills(start
             [container] = session_containers(**{"termbridge.session": session["id"]})
             assert container.id not in used, "a pooled container was used twice"
             used.add(container.id)
-            assert container.name == f"termbridge-{user.name}-{session['id'][:8]}"
+            assert container.name == f"termbridge-{session['id'][:8]}"
             assert (await term.run("whoami")).strip() == user.name
             assert int((await term.run("id -u")).strip()) >= 1000
             assert (await term.run("ls -ld ~ | cut -d' ' -f3")).strip() == user.name
