@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import grp
 import ipaddress
 import json
 import os
+import pwd
 import re
 import tomllib
 from collections.abc import Callable, Mapping
@@ -22,6 +24,9 @@ _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmgKMG])?[bB]?\s*$")
 _SIZE_UNITS = {None: 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+# Host uids (and gids) below this map to session uids uid_base + uid; others get no session.
+UID_SPAN = 65536
+SUBORDINATE_ID_FILES = (Path("/etc/subuid"), Path("/etc/subgid"))
 
 
 def parse_duration(value: Any) -> float:
@@ -216,6 +221,9 @@ class SessionConfig:
     tmpfs_size: int = _field(64 * 1024**2, parse_size, "size of each writable tmpfs (/tmp, the home directory)")
     internet_allow: tuple[str, ...] = _field((), _addr_list, "private networks internet-mode sessions may reach")
     dns: tuple[str, ...] = _field((), _ip_list, "name servers of internet-mode sessions; empty: the host's")
+    uid_base: int = _field(
+        1_000_000_000, _int_range(UID_SPAN, 2**31 - 1 - UID_SPAN), "a login's session uid is uid_base + its host uid"
+    )
 
 
 @dataclass(frozen=True)
@@ -333,3 +341,32 @@ def _check(config: Config) -> None:
         raise ConfigError("'session.max_per_user' must not exceed 'session.max_total'")
     if config.session.pool > config.session.max_total:
         raise ConfigError("'session.pool' must not exceed 'session.max_total'")
+    clashes = session_uid_clashes(config.session.uid_base)
+    if clashes:
+        raise ConfigError(
+            f"'session.uid_base' = {config.session.uid_base}: session uids {config.session.uid_base}.."
+            f"{config.session.uid_base + UID_SPAN - 1} must belong to nobody on this host, but "
+            f"{', '.join(clashes[:5])}{' ...' if len(clashes) > 5 else ''} use some; choose another range"
+        )
+
+
+def session_uid_clashes(base: int) -> list[str]:
+    """Host accounts, groups and subordinate id ranges (rootless containers) that overlap the
+    session uid range: a host process with one of those ids could read a session's files and
+    /proc/<pid>/root, and would share its per-uid kernel limits."""
+    end = base + UID_SPAN
+    found = [f"user {e.pw_name} ({e.pw_uid})" for e in pwd.getpwall() if base <= e.pw_uid < end]
+    found += [f"group {e.gr_name} ({e.gr_gid})" for e in grp.getgrall() if base <= e.gr_gid < end]
+    for path in SUBORDINATE_ID_FILES:
+        try:
+            lines = path.read_text().splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.strip().split(":")
+            # dockremap's range is where Docker's userns-remap puts container uids: sessions' own
+            if len(fields) == 3 and fields[0] != "dockremap" and fields[1].isdigit() and fields[2].isdigit():
+                start, count = int(fields[1]), int(fields[2])
+                if start < end and base < start + count:
+                    found.append(f"{path} {fields[0]} ({start}+{count})")
+    return found

@@ -37,7 +37,7 @@ from .backend import (
     ContainerSpec,
     ContainerState,
 )
-from .config import SessionConfig
+from .config import UID_SPAN, SessionConfig
 from .errors import BackendUnavailable, ImageMissing, SessionStartError
 
 log = logging.getLogger("termbridge.docker")
@@ -59,8 +59,9 @@ LOG_FILES = 2
 LOG_CONFIG = {"type": "json-file", "config": {"max-size": str(LOG_FILE_BYTES), "max-file": str(LOG_FILES)}}
 # How the session image expects to be set up (label `termbridge.protocol`); 2: keys on stdin,
 # accounts on tmpfs, read-only root. An image built from an older session-image/ would wait for
-# keys that never come, so it is refused with a clear message instead.
-IMAGE_PROTOCOL = "3"
+# keys that never come, so it is refused with a clear message instead. 4: the account's uid comes
+# from the gateway (TERMBRIDGE_UID; `termbridge-adduser USER UID` at claim).
+IMAGE_PROTOCOL = "4"
 NETWORK_NAMES = {"isolated": "termbridge-isolated", "internet": "termbridge-internet"}
 SSHD_PORT = 22
 
@@ -311,7 +312,11 @@ class DockerBackend:
                 name=name,
                 hostname=f"tb-{short}",
                 labels=labels,
-                environment={"TERMBRIDGE_USER": spec.user, "TERMBRIDGE_MODE": "root" if spec.root else "login"},
+                environment={
+                    "TERMBRIDGE_USER": spec.user,
+                    "TERMBRIDGE_UID": "" if spec.root or not spec.user else str(self._session_uid(spec.user, spec.uid)),
+                    "TERMBRIDGE_MODE": "root" if spec.root else "login",
+                },
                 host_config=self._host_config(api, spec.root),
                 stdin_open=True,  # the keys come this way; with detach=False, Docker closes it after them
                 detach=False,
@@ -344,19 +349,30 @@ class DockerBackend:
     async def start(self, spec: ContainerSpec) -> Container:
         return await self._call(self._start_sync, spec)
 
-    def _claim_sync(self, container: Container, user: str, root: bool) -> Container:
+    def _session_uid(self, user: str, host_uid: int | None) -> int:
+        """The uid of `user`'s shell: uid_base + their host uid, theirs alone (config.py checks
+        that no host account, group or subordinate range has one in that range)."""
+        if host_uid is None or not 0 <= host_uid < UID_SPAN:
+            raise SessionStartError(
+                "your account cannot have a session on this server; ask the admin",
+                detail=f"{user}'s host uid {host_uid} is outside 0..{UID_SPAN - 1}, which session uids map",
+            )
+        return self.config.uid_base + host_uid
+
+    def _claim_sync(self, container: Container, user: str, uid: int, root: bool) -> Container:
         api = self._api()
         if not root:
             # uid 0, not "root": Docker would look the name up in an /etc/passwd that lives on tmpfs
-            run = api.exec_create(container.id, ["/usr/local/sbin/termbridge-adduser", user], user="0")
+            argv = ["/usr/local/sbin/termbridge-adduser", user, str(self._session_uid(user, uid))]
+            run = api.exec_create(container.id, argv, user="0")
             output = api.exec_start(run["Id"])
             code = api.exec_inspect(run["Id"]).get("ExitCode")
             if code != 0:
                 raise SessionStartError(detail=f"claiming {container.name} for {user} failed ({code}): {output!r}")
         return Container(container.id, container.name, container.address, container.port, "root" if root else user)
 
-    async def claim(self, container: Container, user: str, root: bool) -> Container:
-        return await self._call(self._claim_sync, container, user, root)
+    async def claim(self, container: Container, user: str, uid: int, root: bool) -> Container:
+        return await self._call(self._claim_sync, container, user, uid, root)
 
     def _remove_sync(self, container_id: str) -> None:
         try:

@@ -245,9 +245,10 @@ async def test_size_limit_and_disk_full(start_gateway, user):
     # a real full disk: a 256 KiB tmpfs mounted into the container's home by the admin (nsenter)
     await term.run("mkdir ~/small")
     (container,) = session_containers(**{"termbridge.session": sid})
+    uid = (await term.run("id -u")).strip()
     subprocess.run(
         ["nsenter", "-t", str(container.attrs["State"]["Pid"]), "-m", "mount", "-t", "tmpfs",
-         "-o", "size=256k,uid=1000,gid=1000", "tmpfs", f"/home/{user.name}/small"],
+         "-o", f"size=256k,uid={uid},gid={uid}", "tmpfs", f"/home/{user.name}/small"],
         check=True, capture_output=True,
     )
     resp = await _put(gateway, http, sid, "small/a.bin", os.urandom(512 * 1024))
