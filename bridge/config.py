@@ -341,6 +341,9 @@ def _check(config: Config) -> None:
         raise ConfigError("'session.max_per_user' must not exceed 'session.max_total'")
     if config.session.pool > config.session.max_total:
         raise ConfigError("'session.pool' must not exceed 'session.max_total'")
+    loopback = [server for server in config.session.dns if ipaddress.ip_address(server).is_loopback]
+    if loopback:
+        raise ConfigError(f"'session.dns': {', '.join(loopback)} is this host's loopback, which no container reaches")
     clashes = session_uid_clashes(config.session.uid_base)
     if clashes:
         raise ConfigError(

@@ -119,3 +119,13 @@ def test_check_refuses_a_session_uid_range_a_host_group_is_in(tmp_path, pam_serv
         assert run_check(config)[1]["config"][0] == "ok"
     finally:
         subprocess.run(["groupdel", name], capture_output=True)
+
+
+def test_check_names_root_modes_shared_limits_without_userns_remap(tmp_path, pam_service):
+    config = write_config(tmp_path / "root.toml", tmp_path / "state", pam_service, session={"user": "root"})
+    _, checks, out = run_check(config)
+    status, line = checks["userns-remap"]
+    if status == "warn":  # this machine's dockerd runs without userns-remap
+        assert "session.user = root" in line and "per-uid kernel limits" in line, out
+    else:
+        assert status == "ok", out

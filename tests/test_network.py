@@ -4,6 +4,7 @@ opens on the host (0.0.0.0, random port). No other address is ever contacted."""
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import os
 import secrets
 import signal
@@ -263,3 +264,20 @@ async def test_firewall_off_is_a_loud_choice(gateway_process, tmp_path):
     await process.wait(30)
     err = process.log()
     assert "session.firewall is off" in err, err
+
+
+def test_upstream_resolvers_skip_loopback(tmp_path):
+    """systemd-resolved's stub (127.0.0.53) is useless to a container: its real upstreams are used."""
+    stub, real = tmp_path / "resolv.conf", tmp_path / "resolved.conf"
+    stub.write_text("nameserver 127.0.0.53\noptions edns0\n")
+    real.write_text("# upstream\nnameserver 10.0.0.2\nnameserver fe80::1%eth0\nnameserver junk\nsearch lan\n")
+    assert netguard.upstream_resolvers((stub, real)) == ("10.0.0.2", "fe80::1")
+    assert netguard.upstream_resolvers((stub,)) == ()
+    assert netguard.resolv_conf(netguard.Egress()).startswith("# no name service")
+
+
+def test_host_networks_include_this_hosts_own_addresses():
+    nets = netguard.host_networks()
+    docker0 = network_gateway("bridge")
+    assert any(ipaddress.ip_address(docker0) in ipaddress.ip_network(n) for n in nets), nets
+    assert not any(ipaddress.ip_network(n).is_loopback for n in nets)
