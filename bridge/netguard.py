@@ -172,13 +172,12 @@ def _filter_table(egress: Egress, version: int) -> str:
 
 
 def guard_container(pid: int, egress: Egress) -> None:
-    """Install the container's own filter table (IPv4 and IPv6), then check it is in place."""
+    """Install the container's own filter table, IPv4 and IPv6 (each restore is all or nothing,
+    and a failure raises)."""
     if pid <= 0:
         raise NetworkGuardError(detail="the container is not running (no pid)")
-    for version, restore, tool in ((4, "iptables-restore", "iptables"), (6, "ip6tables-restore", "ip6tables")):
+    for version, restore in ((4, "iptables-restore"), (6, "ip6tables-restore")):
         _in_netns(pid, restore, input=_filter_table(egress, version))
-        if version == 4 and f"-d {EMBEDDED_DNS}/32" not in _in_netns(pid, tool, "-S", "OUTPUT").stdout:
-            raise NetworkGuardError(detail="the container's filter rules did not take")
 
 
 def resolv_conf(egress: Egress) -> str:

@@ -181,9 +181,16 @@ def in_units_sandbox(command: list[str], writable: Path) -> list[str]:
     assert settings["ProtectHome"] == "read-only" and settings["User"] == "root"
     caps = ",".join("+" + cap.removeprefix("CAP_").lower() for cap in settings["CapabilityBoundingSet"].split())
     assert settings["PrivateTmp"] == "yes"
+    # ReadWritePaths= outside /run (which stays writable here) stay writable; Docker's storage,
+    # often a file system of its own, is made read-only like the rest, as ProtectSystem=strict does
+    extra = [p.lstrip("-") for p in settings["ReadWritePaths"].split() if not p.lstrip("-").startswith("/run/")]
+    binds = "".join(f'mount --bind "{p}" "{p}" && ' for p in extra if Path(p).exists())
+    docker_mount = subprocess.run(["findmnt", "-n", "-o", "TARGET", "-T", "/var/lib/docker"],
+                                  capture_output=True, text=True).stdout.strip()
+    docker_ro = f'mount -o remount,bind,ro "{docker_mount}" && ' if docker_mount not in ("", "/") else ""
     script = (f'mount --bind "{writable}" "{writable}" && mount -t tmpfs -o mode=1777 tmpfs /var/tmp && '
               f'mkdir -p -m 0700 /run/termbridge && mount --bind /run/termbridge /run/termbridge && '
-              f'mount -o remount,bind,ro / && '
+              f'{binds}mount -o remount,bind,ro / && {docker_ro}'
               f'exec setpriv --no-new-privs --bounding-set -all,{caps} --inh-caps=-all -- "$@"')
     return ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sandbox", *command]
 
@@ -221,11 +228,12 @@ async def one_session(gateway: Gateway, user, word: str) -> None:
     await containers_gone(**{"termbridge.session": session["id"]})
 
 
-async def test_the_gateway_works_inside_the_units_sandbox(tmp_path, pam_service, state_dir, user):
+@pytest.mark.parametrize("network", ["isolated", "internet"])  # internet: writes the container's resolv.conf
+async def test_the_gateway_works_inside_the_units_sandbox(tmp_path, pam_service, state_dir, user, network):
     port = free_port()
     audit = tmp_path / "audit.log"
-    config = write_config(tmp_path / "gw.toml", state_dir(), pam_service,
-                          web={"listen": f"127.0.0.1:{port}"}, audit={"log": str(audit)})
+    config = write_config(tmp_path / "gw.toml", state_dir(), pam_service, web={"listen": f"127.0.0.1:{port}"},
+                          audit={"log": str(audit)}, session={"network": network})
     termbridge = [sys.executable, "-m", "bridge"]
     check = subprocess.run(in_units_sandbox([*termbridge, "check", "--config", str(config)], tmp_path),
                            capture_output=True, text=True, cwd=ROOT, timeout=120)
