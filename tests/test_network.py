@@ -163,14 +163,22 @@ async def dns_leaks(term, other_user: str, other_address: str, network: str) -> 
     return await term.run("; ".join(f"timeout 10 {lookup}" for lookup in lookups), timeout=120)
 
 
-async def test_sessions_learn_nothing_about_each_other_by_dns(gateway, user, make_user):
+async def test_sessions_learn_nothing_about_each_other_by_dns(gateway, user, make_user, docker_engine):
     """Docker's embedded resolver (127.0.0.11) answered a reverse lookup of another session's
     address with `termbridge-<their login>-<id>.termbridge-isolated`. Nothing answers now."""
     other = make_user()
+    network = NETWORK_NAMES["isolated"]
     async with await gateway.login(user) as http_a, await gateway.login(other) as http_b:
         term_a, _ = await session_shell(gateway, http_a)
         term_b, addr_b = await session_shell(gateway, http_b)
-        assert await dns_leaks(term_a, other.name, addr_b, NETWORK_NAMES["isolated"]) == ""
+        assert await dns_leaks(term_a, other.name, addr_b, network) == ""
+        # control: a container of this test on the same network, without the session's filter
+        # rules, gets the answer from Docker's resolver, so "nothing" above means shut
+        out = await asyncio.to_thread(
+            docker_engine.containers.run, TEST_IMAGE, entrypoint=["getent", "hosts", addr_b],
+            network=network, remove=True, labels={"tbtest": "1"},
+        )
+        assert out.decode().split()[:1] == [addr_b], out
         # Docker's DNS and `docker ps` show container names: never the login
         assert not [c.name for c in session_containers() if other.name in c.name or user.name in c.name]
         for term in (term_a, term_b):
