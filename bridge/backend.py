@@ -77,7 +77,8 @@ class Backend(Protocol):
 
     async def claim(self, container: Container, user: str, uid: int, root: bool) -> Container:
         """Hand a pooled container (started with no user) to `user`, whose host uid is `uid`: its
-        account is made (its name never carries the login). Raises SessionStartError; the caller removes it on failure."""
+        account is made (the name stays: it never carries the login). Raises SessionStartError;
+        the caller removes it on failure."""
 
     async def stop(self, container_id: str) -> None:
         """Remove the container. Idempotent: an absent container is success."""

@@ -190,8 +190,7 @@ class DockerBackend:
             if self.config.network == "isolated":
                 netguard.require_tools("nsenter", "ip")
             if self.config.firewall:
-                netguard.require_tools("iptables")
-                netguard.require_tools("nsenter", "ip", "iptables-restore", "ip6tables-restore")
+                netguard.require_tools("iptables", "iptables-restore", "ip6tables-restore", "nsenter", "ip")
                 netguard.guard_bridge(bridge)
             else:
                 log.warning("session.firewall is off: session containers can reach host ports on %s", bridge)
