@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import resource
 import secrets
 import ssl
 from collections.abc import AsyncIterator
@@ -178,9 +179,25 @@ def ssl_context(config: Config) -> ssl.SSLContext | None:
     return ctx
 
 
+def raise_open_file_limit() -> int:
+    """Lift the soft limit on open files to the hard one: each idle connection holds a descriptor
+    (two for a session), and the usual soft limit of 1024 runs out at about a thousand. The
+    systemd unit raises the hard limit (LimitNOFILE); this covers any other way of starting."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open-file limit from %d to %d: %s", soft, hard, exc)
+            return soft
+        log.info("open-file limit raised from %d to %d", soft, hard)
+    return hard
+
+
 def serve(config: Config) -> None:
     """Run the gateway in the foreground until SIGINT/SIGTERM."""
     ensure_state_dir(config.state_dir)
+    raise_open_file_limit()
     host, port = config.web.listen
     web.run_app(
         build_app(config),
