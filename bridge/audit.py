@@ -112,7 +112,7 @@ class AuditObserver(SessionObserver):
         lived = time.monotonic() - session.ready_at if session.ready_at is not None else 0.0
         self.audit.emit(
             "session_end", **_session_fields(session), image=self.image, reason=session.end_reason,
-            code=session.exit_code, duration=round(lived, 3), bytes_in=session.bytes_in, bytes_out=session.bytes_out,
+            code=session.exit_code, signal=session.exit_signal, channels=session.channels, duration=round(lived, 3), bytes_in=session.bytes_in, bytes_out=session.bytes_out,
         )
 
     def session_refused(self, user: AuthenticatedUser, door: str, detail: str) -> None:

@@ -237,7 +237,13 @@ class SshConnection(asyncssh.SSHServer):
         session = self.session
         if session is not None and not session.ending:
             session.log.info("ssh connection from %s closed%s", self.rhost, f": {exc}" if exc else "")
-            await self._door.manager.end(session, "disconnected")
+            last = next((c for c in reversed(session.channels) if c["kind"] in ("shell", "exec")), None)
+            if last is not None and last["ended"] == "exit":
+                # The client went after its command or shell ended: that end is the session's.
+                session.exit_signal = last["signal"]
+                await self._door.manager.end(session, "exit", code=last["code"])
+            else:
+                await self._door.manager.end(session, "disconnected")
 
     def close(self, reason: str = "") -> None:
         if self._conn is not None and not self._conn.is_closed():
@@ -384,6 +390,8 @@ class SshConnection(asyncssh.SSHServer):
             return
         what = process.subsystem or ("exec" if process.command is not None else "shell")
         session.log.info("channel opened: %s%s", what, " with pty" if process.term_type else "")
+        record: dict[str, Any] = {"kind": what, "ended": "open", "code": None, "signal": None}
+        session.channels.append(record)
         await process.redirect(stdin=upstream.stdin)
         # The client's EOF comes with the exit status (as from sshd, status first): OpenSSH's
         # multiplexing master drops a status that arrives after EOF.
@@ -395,15 +403,23 @@ class SshConnection(asyncssh.SSHServer):
         finally:
             theirs.cancel()
             ours.cancel()
+        # Recorded before the client hears the status, so that its disconnect finds it.
         if theirs not in done:  # the person closed the channel first
+            record["ended"] = "closed"
             upstream.close()
         elif upstream.exit_signal:
+            record.update(ended="exit", signal=upstream.exit_signal[0])
             process.exit_with_signal(*upstream.exit_signal)
         elif upstream.exit_status is not None and upstream.exit_status >= 0:
+            record.update(ended="exit", code=upstream.exit_status)
             process.exit(upstream.exit_status)
-        elif not session.ending:
-            _say(process, "the connection to your container was lost")
-            process.exit(255)
+        else:
+            record["ended"] = "lost"
+            if not session.ending:
+                _say(process, "the connection to your container was lost")
+                process.exit(255)
+        session.log.info("channel closed: %s, %s, code %s, signal %s", what, record["ended"], record["code"],
+                         record["signal"])
 
 
 # -- the listener ---------------------------------------------------------------------------------

@@ -11,10 +11,11 @@ import re
 import stat
 from pathlib import Path
 
+import asyncssh
 import pytest
 from aiohttp import web
 
-from bridge.app import build_app
+from bridge.app import SSH_DOOR, build_app
 from bridge.audit import AsciicastRecorder, AuditLog
 from bridge.auth import AuthenticatedUser
 from bridge.config import SessionConfig, load_config
@@ -265,3 +266,88 @@ async def test_a_start_that_fails_is_audited_with_its_detail(start_gateway, user
     assert failed["user"] == user.name and failed["door"] == "web" and failed["reason"] == "error"
     assert failed["container"] is None and "Docker engine unreachable" in failed["detail"]
     assert not [e for e in events(log) if e["event"] in ("session_start", "session_end")]
+
+
+# -- exit statuses, at both doors -------------------------------------------------------------------
+
+
+async def ssh_client(port: int, user, *args: str, known_hosts: Path) -> tuple[int, str]:
+    """Debian's OpenSSH client through sshpass: (its exit status, its stderr)."""
+    proc = await asyncio.create_subprocess_exec(
+        "sshpass", "-e", "ssh", "-F", "/dev/null", "-o", f"UserKnownHostsFile={known_hosts}",
+        "-o", "StrictHostKeyChecking=no", "-p", str(port), f"{user.name}@127.0.0.1", *args,
+        env={**os.environ, "SSHPASS": user.password}, stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await asyncio.wait_for(proc.communicate(), 60)
+    return proc.returncode, err.decode(errors="replace")
+
+
+async def test_ssh_exit_status_and_signal_reach_session_end(start_gateway, user, tmp_path):
+    log = tmp_path / "audit.log"
+    gateway = await start_gateway(audit={"log": str(log)}, ssh={"listen": "127.0.0.1:0"})
+    port = gateway.app[SSH_DOOR].port
+    status, err = await ssh_client(port, user, "exit 3", known_hosts=tmp_path / "kh")
+    assert status == 3, err
+    end = await event(log, "session_end", door="ssh")
+    assert (end["reason"], end["code"], end["signal"]) == ("exit", 3, None)
+    assert end["channels"] == [{"kind": "exec", "ended": "exit", "code": 3, "signal": None}]
+
+    status, err = await ssh_client(port, user, "kill -TERM $$", known_hosts=tmp_path / "kh")
+    assert status == 255, err  # how OpenSSH reports a remote command killed by a signal
+    await wait_for(lambda: len([e for e in events(log) if e["event"] == "session_end"]) == 2, what="second end")
+    end = [e for e in events(log) if e["event"] == "session_end"][-1]
+    assert (end["reason"], end["code"], end["signal"]) == ("exit", None, "TERM")
+
+
+async def test_ssh_session_end_takes_the_last_command_of_several_channels(start_gateway, user, tmp_path):
+    """One connection, one session, three channels: sftp, then two commands; the session's code is
+    the last command's, and every channel's end is in the record. A client that drops the
+    connection while its command still runs is `disconnected`."""
+    log = tmp_path / "audit.log"
+    gateway = await start_gateway(audit={"log": str(log)}, ssh={"listen": "127.0.0.1:0"})
+    port = gateway.app[SSH_DOOR].port
+    options = {"username": user.name, "password": user.password, "known_hosts": None, "client_keys": None,
+               "agent_path": None, "config": [], "preferred_auth": "password"}
+    async with asyncssh.connect("127.0.0.1", port, **options) as conn:
+        async with conn.start_sftp_client() as sftp:
+            await sftp.listdir(".")
+        assert (await conn.run("exit 1")).exit_status == 1
+        assert (await conn.run("echo hi; exit 4")).exit_status == 4
+    end = await event(log, "session_end", door="ssh")
+    assert (end["reason"], end["code"]) == ("exit", 4)
+    assert [(c["kind"], c["ended"], c["code"]) for c in end["channels"]] == [
+        ("sftp", "exit", 0), ("exec", "exit", 1), ("exec", "exit", 4)
+    ]
+
+    async with asyncssh.connect("127.0.0.1", port, **options) as conn:
+        process = await conn.create_process("sleep 60")
+        await wait_for(lambda: len([e for e in events(log) if e["event"] == "session_start"]) == 2,
+                       what="second session")
+        await asyncio.sleep(0.5)
+        conn.abort()
+        del process
+    await wait_for(lambda: len([e for e in events(log) if e["event"] == "session_end"]) == 2, what="second end")
+    end = [e for e in events(log) if e["event"] == "session_end"][-1]
+    assert (end["reason"], end["code"]) == ("disconnected", None)
+
+
+async def test_web_exit_status_and_signal_reach_session_end(start_gateway, user, tmp_path):
+    log = tmp_path / "audit.log"
+    gateway = await start_gateway(audit={"log": str(log)})
+    async with await gateway.login(user) as http:
+        term = await gateway.terminal(http)
+        session = await term.control("session")
+        await term.expect(PROMPT)
+        await term.send("exit 5\r")
+        await term.control("exit")
+        end = await event(log, "session_end", session=session["id"])
+        assert (end["reason"], end["code"], end["signal"]) == ("exit", 5, None)
+
+        term = await gateway.terminal(http)
+        session = await term.control("session")
+        await term.expect(PROMPT)
+        await term.send("kill -KILL $$\r")
+        await term.control("exit")
+        end = await event(log, "session_end", session=session["id"])
+        assert (end["reason"], end["code"], end["signal"]) == ("exit", None, "KILL")
