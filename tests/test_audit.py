@@ -332,22 +332,21 @@ async def test_ssh_session_end_takes_the_last_command_of_several_channels(start_
     assert (end["reason"], end["code"]) == ("disconnected", None)
 
 
+async def web_session_end(gateway, http, log: Path, command: str) -> dict:
+    """Run `command` at a fresh shell of the web door; the session's `session_end` event."""
+    term = await gateway.terminal(http)
+    session = await term.control("session")
+    await term.expect(PROMPT)
+    await term.send(command + "\r")
+    await term.control("exit")
+    return await event(log, "session_end", session=session["id"])
+
+
 async def test_web_exit_status_and_signal_reach_session_end(start_gateway, user, tmp_path):
     log = tmp_path / "audit.log"
     gateway = await start_gateway(audit={"log": str(log)})
     async with await gateway.login(user) as http:
-        term = await gateway.terminal(http)
-        session = await term.control("session")
-        await term.expect(PROMPT)
-        await term.send("exit 5\r")
-        await term.control("exit")
-        end = await event(log, "session_end", session=session["id"])
-        assert (end["reason"], end["code"], end["signal"]) == ("exit", 5, None)
-
-        term = await gateway.terminal(http)
-        session = await term.control("session")
-        await term.expect(PROMPT)
-        await term.send("kill -KILL $$\r")
-        await term.control("exit")
-        end = await event(log, "session_end", session=session["id"])
+        end = await web_session_end(gateway, http, log, "exit 5")
+        assert (end["reason"], end["code"], end["signal"], end["channels"]) == ("exit", 5, None, [])
+        end = await web_session_end(gateway, http, log, "kill -KILL $$")
         assert (end["reason"], end["code"], end["signal"]) == ("exit", None, "KILL")
