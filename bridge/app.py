@@ -100,7 +100,8 @@ def build_app(
         if config.audit.record_dir is not None:
             manager.observers.append(
                 SessionRecorder(
-                    config.audit.record_dir, record_input=config.audit.record_input, limit=config.audit.record_limit
+                    config.audit.record_dir, record_input=config.audit.record_input, limit=config.audit.record_limit,
+                    dir_limit=config.audit.record_dir_limit, audit=audit,
                 )
             )
         metrics.watch(manager)

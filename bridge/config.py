@@ -217,7 +217,10 @@ class AuditConfig:
     log: str = _field("", _str, "JSON-lines audit file; empty: the termbridge.audit logger")
     record_dir: Path | None = _field(None, _opt_path, "record each session as asciicast v2 here")
     record_input: bool = _field(False, _bool, "also record what the person typed (passwords typed in the shell too)")
-    record_limit: int = _field(100 * 1024**2, parse_size, "a recording stops growing at this size")
+    record_limit: int = _field(100 * 1024**2, parse_size, "a recording stops growing at this size (bytes on disk)")
+    record_dir_limit: int = _field(
+        1024**3, parse_size, "all recordings together: the oldest finished ones are removed to stay under it"
+    )
 
 
 _SECTIONS: dict[str, type] = {

@@ -227,7 +227,20 @@ async def test_recording_stops_at_its_limit_and_the_session_goes_on(tmp_path):
     _, items = read_cast(tmp_path / "s.cast")
     assert items[-1][1:] == ["m", "recording stopped: audit.record_limit reached"]
     assert sum(len(d) for _, c, d in items if c == "o") < 2000
-    assert os.path.getsize(tmp_path / "s.cast") < 2500
+    assert os.path.getsize(tmp_path / "s.cast") <= 2000
+
+
+def test_the_record_limit_counts_bytes_on_disk_not_characters(tmp_path):
+    """Bytes that are not UTF-8 are recorded as U+FFFD, three bytes each: 20 MB of them once made
+    a 60 MB file, and a 1 MiB limit let the file reach 3 MB."""
+    recorder = AsciicastRecorder(tmp_path / "s.cast", _session(), limit=1024**2)
+    chunk = b"\x80" * 65536
+    for _ in range(20_000_000 // len(chunk)):
+        recorder.output(chunk)
+    recorder.close()
+    assert os.path.getsize(tmp_path / "s.cast") <= 1024**2
+    _, items = read_cast(tmp_path / "s.cast")
+    assert items[-1][1:] == ["m", "recording stopped: audit.record_limit reached"]
 
 
 async def test_recording_flushes_while_the_session_runs(tmp_path):
@@ -350,3 +363,69 @@ async def test_web_exit_status_and_signal_reach_session_end(start_gateway, user,
         assert (end["reason"], end["code"], end["signal"], end["channels"]) == ("exit", 5, None, [])
         end = await web_session_end(gateway, http, log, "kill -KILL $$")
         assert (end["reason"], end["code"], end["signal"]) == ("exit", None, "KILL")
+
+
+# -- recordings on disk: bytes, and the directory as a whole -------------------------------------
+
+NOT_UTF8 = "head -c 5000000 /dev/zero | tr '\\0' '\\200'"
+
+
+def cast_sizes(record_dir: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_size for p in record_dir.glob("*.cast")}
+
+
+async def test_a_recording_stays_under_its_limit_in_bytes_at_both_doors(start_gateway, user, tmp_path):
+    """5 MB of bytes that are not UTF-8, with `record_limit = "1m"`: each door's recording ends
+    at most 1 MiB on disk, with its marker, and the audit trail says the recording stopped."""
+    record_dir, log = tmp_path / "casts", tmp_path / "audit.log"
+    gateway = await start_gateway(audit={"record_dir": str(record_dir), "record_limit": "1m", "log": str(log)},
+                                  ssh={"listen": "127.0.0.1:0"})
+    async with await gateway.login(user) as http:
+        end = await web_session_end(gateway, http, log, f"{NOT_UTF8}; exit")
+    status, err = await ssh_client(gateway.app[SSH_DOOR].port, user, NOT_UTF8, known_hosts=tmp_path / "kh")
+    assert status == 0, err
+    ssh_end = await event(log, "session_end", door="ssh")
+    for session in (end["session"], ssh_end["session"]):
+        await containers_gone(**{"termbridge.session": session})
+        path = record_dir / f"{session}.cast"
+        assert 512 * 1024 < path.stat().st_size <= 1024**2, path.stat().st_size
+        _, items = read_cast(path)
+        assert items[-1][1:] == ["m", "recording stopped: audit.record_limit reached"]
+        stopped = await event(log, "recording_stopped", session=session)
+        assert stopped["reason"] == "audit.record_limit" and stopped["file"] == path.name
+    assert end["bytes_out"] >= 5_000_000 and ssh_end["bytes_out"] >= 5_000_000  # the sessions went on
+
+
+async def test_the_recordings_directory_keeps_under_its_limit(start_gateway, user, tmp_path):
+    """`record_dir_limit = "600k"`: a new recording makes room by removing the oldest finished
+    ones (an audit event each); a live recording that alone would cross the cap stops there."""
+    record_dir, log = tmp_path / "casts", tmp_path / "audit.log"
+    gateway = await start_gateway(
+        audit={"record_dir": str(record_dir), "record_dir_limit": "600k", "log": str(log)},
+        ssh={"listen": "127.0.0.1:0"},
+    )
+    cap = 600 * 1024
+    async with await gateway.login(user) as http:
+        first = await web_session_end(gateway, http, log, "head -c 300000 /dev/zero | tr '\\0' a; exit")
+        await containers_gone(**{"termbridge.session": first["session"]})
+        assert list(cast_sizes(record_dir)) == [f"{first['session']}.cast"]
+        second = await web_session_end(gateway, http, log, "head -c 400000 /dev/zero | tr '\\0' b; exit")
+        await containers_gone(**{"termbridge.session": second["session"]})
+    sizes = cast_sizes(record_dir)
+    assert list(sizes) == [f"{second['session']}.cast"] and sum(sizes.values()) <= cap
+    removed = await event(log, "recording_removed", file=f"{first['session']}.cast")
+    assert removed["reason"] == "audit.record_dir_limit" and removed["bytes"] > 300_000
+
+    # through the SSH door: a recording larger than the whole cap
+    status, err = await ssh_client(gateway.app[SSH_DOOR].port, user, "head -c 900000 /dev/zero | tr '\\0' c",
+                                   known_hosts=tmp_path / "kh")
+    assert status == 0, err
+    third = await event(log, "session_end", door="ssh")
+    await containers_gone(**{"termbridge.session": third["session"]})
+    sizes = cast_sizes(record_dir)
+    assert list(sizes) == [f"{third['session']}.cast"] and sum(sizes.values()) <= cap
+    await event(log, "recording_removed", file=f"{second['session']}.cast")
+    stopped = await event(log, "recording_stopped", session=third["session"])
+    assert stopped["reason"] == "audit.record_dir_limit"
+    _, items = read_cast(record_dir / f"{third['session']}.cast")
+    assert items[-1][1:] == ["m", "recording stopped: audit.record_dir_limit reached"]
