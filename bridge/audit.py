@@ -21,6 +21,7 @@ from typing import Any, BinaryIO
 
 from .auth import AuthenticatedUser
 from .errors import ConfigError
+from .logsafe import SafeFormatter
 from .sessions import Session, SessionObserver
 
 log = logging.getLogger("termbridge.audit")
@@ -54,7 +55,7 @@ class AuditLog:
                 self._handler = logging.handlers.WatchedFileHandler(path, encoding="utf-8")
             except OSError as exc:
                 raise ConfigError(f"'audit.log' {target!r} cannot be opened: {exc.strerror}") from None
-            self._handler.setFormatter(logging.Formatter("%(message)s"))
+            self._handler.setFormatter(SafeFormatter("%(message)s"))
             # A logger of its own, outside the logging tree: audit lines go to the file only.
             self._logger = logging.Logger("termbridge.audit.file", logging.INFO)
             self._logger.addHandler(self._handler)
@@ -62,6 +63,7 @@ class AuditLog:
             self._logger = log
 
     def emit(self, event: str, **fields: Any) -> dict[str, Any]:
+        """One JSON line; json.dumps's ASCII output escapes every control and line separator."""
         record = {"ts": utc_now(), "event": event, "gateway": self.gateway, **fields}
         self._logger.info("%s", json.dumps(record, default=str))
         return record
@@ -130,6 +132,8 @@ class AuditObserver(SessionObserver):
 # Kept free under both limits for the marker line that says why a recording stopped.
 MARKER_ROOM = 256
 CAST_SUFFIX = ".cast"
+# JSON leaves these raw inside strings, but line-oriented readers (str.splitlines) break lines on them.
+_LINE_BREAKERS = {0x85: "\\u0085", 0x2028: "\\u2028", 0x2029: "\\u2029"}
 
 
 class RecordDir:
@@ -268,7 +272,7 @@ class AsciicastRecorder:
             return
         data = b"" if self._header_written else json.dumps(self._header()).encode() + b"\n"
         if item is not None:
-            data += json.dumps(item, ensure_ascii=False).encode() + b"\n"
+            data += json.dumps(item, ensure_ascii=False).translate(_LINE_BREAKERS).encode() + b"\n"
         if not marker:
             crossed = self._over_limit(len(data))
             if crossed is not None:

@@ -9,7 +9,9 @@ import logging
 import os
 import re
 import stat
+import sys
 from pathlib import Path
+from urllib.parse import urlencode
 
 import asyncssh
 import pytest
@@ -17,13 +19,17 @@ from aiohttp import web
 
 from bridge.app import SSH_DOOR, build_app
 from bridge.audit import AsciicastRecorder, AuditLog
+from bridge import logsafe
 from bridge.auth import AuthenticatedUser
 from bridge.config import SessionConfig, load_config
 from bridge.docker_backend import DockerBackend
 from bridge.errors import ConfigError
+from bridge.logsafe import SafeFormatter
 from bridge.sessions import Session
 from bridge.web_front import MANAGER
-from helpers import PROMPT, TEST_IMAGE, containers_gone, csrf_token, metric, scrape, wait_for, write_config
+from helpers import (
+    PROMPT, TEST_IMAGE, containers_gone, csrf_token, free_port, metric, scrape, wait_for, write_config,
+)
 
 TS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 
@@ -429,3 +435,78 @@ async def test_the_recordings_directory_keeps_under_its_limit(start_gateway, use
     assert stopped["reason"] == "audit.record_dir_limit"
     _, items = read_cast(record_dir / f"{third['session']}.cast")
     assert items[-1][1:] == ["m", "recording stopped: audit.record_dir_limit reached"]
+
+
+# -- the text log cannot be forged -------------------------------------------------------------------
+
+LOG_LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (DEBUG|INFO|WARNING|ERROR|CRITICAL) [\w.]+: ")
+RAW_CONTROLS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+FORGED = "2026-01-01 00:00:00,000 ERROR termbridge: [fake]"
+
+
+def forged_lines(text: str) -> list[str]:
+    """Lines of a gateway log that are neither a record's first line nor a traceback's `| ` line,
+    and raw control characters anywhere (split on \\n only, as a log reader would)."""
+    bad = [line for line in text.split("\n") if line and not LOG_LINE.match(line) and not line.startswith("| ")]
+    return bad + RAW_CONTROLS.findall(text)
+
+
+def test_safe_formatter_escapes_the_message_and_marks_traceback_lines():
+    formatter = SafeFormatter(logsafe.FORMAT)
+    try:
+        raise ValueError(f"bad name\n{FORGED}\x1b[2J")
+    except ValueError:
+        record = logging.LogRecord("termbridge.x", logging.WARNING, __file__, 1, "upload of %r: %s",
+                                   ("a\u2028b", "c\x85d\ne\x9bf\x7f\tg\u202eh"), sys.exc_info())
+    text = formatter.format(record)
+    first, *rest = text.split("\n")
+    assert first.endswith("upload of 'a\\u2028b': c\\x85d\\ne\\x9bf\\x7f\tg\\u202eh")
+    assert rest[0] == "| Traceback (most recent call last):"
+    assert rest[-2:] == ["| ValueError: bad name", f"| {FORGED}\\x1b[2J"]
+    assert forged_lines(text.replace(first, "2026-01-01 00:00:00,000 WARNING termbridge.x: -")) == []
+    assert "c\x85d\ne" in record.getMessage()  # other handlers see the record as it was
+
+
+async def test_untrusted_text_cannot_forge_gateway_log_lines(gateway_process, user, tmp_path):
+    """`termbridge serve` with its log on a file; what people control reaches it: an SSH client's
+    disconnect reason, a login name, file names with C1 controls and line separators (uploaded
+    and downloaded), a query parameter. Every line of the log is still one of the gateway's."""
+    ssh_port = free_port()
+    process = gateway_process(ssh={"listen": f"127.0.0.1:{ssh_port}"}, audit={"log": str(tmp_path / "audit.log")})
+    await process.start()
+    gateway = process.gateway
+
+    assert await gateway.attempt_login(f"nobody\n{FORGED} login", "x") == 401
+    name = f"up\x85{FORGED}\x9b2J\u2028{FORGED}\u2029\u202e.txt"
+    async with await gateway.login(user) as http:
+        term = await gateway.terminal(http, path="/ws?" + urlencode({"session": f"\n[fake]\x1b[2J"}))
+        session = (await term.control("session"))["id"]
+        await term.expect(PROMPT)
+        params = {"session": session, "path": name}
+        resp = await http.put("/files/upload", params=params, data=b"x", headers={"Origin": gateway.origin})
+        assert resp.status == 201, await resp.text()
+        resp = await http.get("/files/download", params=params)
+        assert resp.status == 200 and await resp.read() == b"x"
+        resp = await http.get("/files/download", params={"session": session, "path": f"a\n{FORGED}"})
+        assert resp.status == 400
+        await term.send("exit\r")
+        await term.control("exit")
+
+    options = {"username": user.name, "password": user.password, "known_hosts": None, "client_keys": None,
+               "agent_path": None, "config": [], "preferred_auth": "password"}
+    async with asyncssh.connect("127.0.0.1", ssh_port, **options) as conn:
+        await conn.create_process("sleep 60")
+        await wait_for(lambda: "channel opened: exec" in process.log(), what="the ssh session")
+        conn.disconnect(asyncssh.DISC_CONNECTION_LOST, f"bye\n{FORGED} disconnect\r\x1b[1A\x85\u2028")
+    await wait_for(lambda: "ssh connection from 127.0.0.1 closed" in process.log(), what="the disconnect logged")
+    await wait_for(lambda: process.log().count("ended: reason=") == 2, what="both sessions ended")
+
+    text = process.log()
+    assert forged_lines(text) == [], text[-4000:]
+    # what was sent is still there for the admin to read, escaped
+    assert f"bye\\n{FORGED} disconnect\\r\\x1b[1A\\x85\\u2028" in text
+    assert f"up\\x85{FORGED}\\x9b2J\\u2028" in text
+    assert "reattach of" in text and "\\n[fake]\\x1b[2J" in text
+    audit = (tmp_path / "audit.log").read_text()
+    assert not RAW_CONTROLS.search(audit) and all(json.loads(line) for line in audit.split("\n") if line)
+    assert any(e["event"] == "login" and e["user"].startswith("nobody\n") for e in events(tmp_path / "audit.log"))
