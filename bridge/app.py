@@ -15,7 +15,7 @@ import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from aiohttp import web
+from aiohttp import web, web_response
 
 from . import resources, web_files, web_front
 from .admin import AdminServer
@@ -71,6 +71,9 @@ def build_app(
     backend: Backend | None = None,
     web_root: Path = DEFAULT_WEB_ROOT,
 ) -> web.Application:
+    # aiohttp's default Server header names Python's version and its own; the web door's
+    # response hook replaces it, but the 400 for a request that does not parse never reaches a hook.
+    web_response.SERVER_SOFTWARE = "termbridge"  # type: ignore[attr-defined]
     app = web.Application(client_max_size=64 * 1024)
     app[web_front.CONFIG] = config
     web_front.setup_routes(app, web_root)

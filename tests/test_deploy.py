@@ -356,3 +356,10 @@ async def test_responses_do_not_name_the_server_software(gateway):
         for path in ("/", "/login", "/healthz", "/no-such-page", "/static/boot.js"):
             async with http.get(path, allow_redirects=False) as resp:
                 assert resp.headers.get("Server") == "termbridge", (path, resp.headers.get("Server"))
+    # a request that does not even parse is answered by aiohttp itself, before any hook
+    host, port = gateway.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n")
+    head = (await asyncio.wait_for(reader.read(4096), 10)).split(b"\r\n\r\n")[0].decode()
+    writer.close()
+    assert head.startswith("HTTP/1.0 400") and "\r\nServer: termbridge" in head, head
