@@ -41,6 +41,8 @@ FAILED_START_LINGER = 5.0
 # After a session ended, how long its channels have to say goodbye before the connection closes.
 CLOSE_GRACE = 2.0
 PASSED_ENV = ("LANG", "TERM")
+# The audit trail keeps how the last this many channels of a connection ended.
+MAX_CHANNEL_RECORDS = 64
 
 
 def _env_passes(name: str) -> bool:
@@ -392,6 +394,7 @@ class SshConnection(asyncssh.SSHServer):
         session.log.info("channel opened: %s%s", what, " with pty" if process.term_type else "")
         record: dict[str, Any] = {"kind": what, "ended": "open", "code": None, "signal": None}
         session.channels.append(record)
+        del session.channels[:-MAX_CHANNEL_RECORDS]  # a client may open thousands on one connection
         await process.redirect(stdin=upstream.stdin)
         # The client's EOF comes with the exit status (as from sshd, status first): OpenSSH's
         # multiplexing master drops a status that arrives after EOF.

@@ -350,6 +350,14 @@ async def test_ssh_session_end_takes_the_last_command_of_several_channels(start_
     end = [e for e in events(log) if e["event"] == "session_end"][-1]
     assert (end["reason"], end["code"]) == ("disconnected", None)
 
+    async with asyncssh.connect("127.0.0.1", port, **options) as conn:  # more channels than are kept
+        for i in range(70):
+            assert (await conn.run(f"exit {i % 7}")).exit_status == i % 7
+    await wait_for(lambda: len([e for e in events(log) if e["event"] == "session_end"]) == 3, what="third end")
+    end = [e for e in events(log) if e["event"] == "session_end"][-1]
+    assert (end["reason"], end["code"]) == ("exit", 69 % 7)
+    assert [c["code"] for c in end["channels"]] == [i % 7 for i in range(6, 70)]
+
 
 async def web_session_end(gateway, http, log: Path, command: str) -> dict:
     """Run `command` at a fresh shell of the web door; the session's `session_end` event."""
