@@ -64,12 +64,9 @@ def _continuation(text: str) -> str:
 
 
 def configure(level: int = logging.INFO, stream: TextIO = sys.stderr) -> None:
-    """The gateway's logging: one handler on the root logger, with the SafeFormatter."""
+    """The gateway's logging: a handler with the SafeFormatter on the root logger (like
+    logging.basicConfig, nothing is replaced when the root logger already has handlers)."""
     handler = logging.StreamHandler(stream)
     handler.setFormatter(SafeFormatter(FORMAT))
-    root = logging.getLogger()
-    for old in list(root.handlers):
-        root.removeHandler(old)
-    root.addHandler(handler)
-    root.setLevel(level)
+    logging.basicConfig(level=level, handlers=[handler])
     logging.getLogger("asyncssh").setLevel(logging.WARNING)
