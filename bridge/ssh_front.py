@@ -43,6 +43,7 @@ CLOSE_GRACE = 2.0
 PASSED_ENV = ("LANG", "TERM")
 # The audit trail keeps how the last this many channels of a connection ended.
 MAX_CHANNEL_RECORDS = 64
+COMMAND_KINDS = ("shell", "exec")
 
 
 def _env_passes(name: str) -> bool:
@@ -214,6 +215,7 @@ class SshConnection(asyncssh.SSHServer):
         self._starting: asyncio.Task[Session] | None = None
         self._channels: set[asyncssh.SSHServerProcess] = set()
         self._linger: asyncio.TimerHandle | None = None
+        self._last_command: dict[str, Any] | None = None  # the shell or exec channel that ended last
 
     # -- connection -----------------------------------------------------------------------------
 
@@ -239,9 +241,10 @@ class SshConnection(asyncssh.SSHServer):
         session = self.session
         if session is not None and not session.ending:
             session.log.info("ssh connection from %s closed%s", self.rhost, f": {exc}" if exc else "")
-            last = next((c for c in reversed(session.channels) if c["kind"] in ("shell", "exec")), None)
-            if last is not None and last["ended"] == "exit":
-                # The client went after its command or shell ended: that end is the session's.
+            last = self._last_command
+            running = any(c["ended"] == "open" and c["kind"] in COMMAND_KINDS for c in session.channels)
+            if last is not None and last["ended"] == "exit" and not running:
+                # The client went after the last of its commands or shells ended: that end is the session's.
                 session.exit_signal = last["signal"]
                 await self._door.manager.end(session, "exit", code=last["code"])
             else:
@@ -421,6 +424,8 @@ class SshConnection(asyncssh.SSHServer):
             if not session.ending:
                 _say(process, "the connection to your container was lost")
                 process.exit(255)
+        if what in COMMAND_KINDS:
+            self._last_command = record
         session.log.info("channel closed: %s, %s, code %s, signal %s", what, record["ended"], record["code"],
                          record["signal"])
 
