@@ -487,7 +487,7 @@ async def test_untrusted_text_cannot_forge_gateway_log_lines(gateway_process, us
     assert await gateway.attempt_login(f"nobody\n{FORGED} login", "x") == 401
     name = f"up\x85{FORGED}\x9b2J\u2028{FORGED}\u2029\u202e.txt"
     async with await gateway.login(user) as http:
-        term = await gateway.terminal(http, path="/ws?" + urlencode({"session": f"\n[fake]\x1b[2J"}))
+        term = await gateway.terminal(http, path="/ws?" + urlencode({"session": "\n[fake]\x1b[2J"}))
         session = (await term.control("session"))["id"]
         await term.expect(PROMPT)
         params = {"session": session, "path": name}
