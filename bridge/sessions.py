@@ -178,6 +178,8 @@ class Session:
         self.taps: list[StreamTap] = []
         self.end_reason: str | None = None
         self.exit_code: int | None = None
+        self.exit_signal: str | None = None
+        self.channels: list[dict[str, Any]] = []  # the SSH door's channels: kind, and how each ended
         self.log = SessionLog(log, {"session": self.id[:12], "user": user.name})
         self.output = OutputBuffer()
         self.attachment: Attachment | None = None
@@ -563,6 +565,7 @@ class SessionManager:
                 return
             signal = session.process.exit_signal
             if signal:
+                session.exit_signal = signal[0]
                 await self.end(session, "exit", code=None, message=f"the shell was killed by signal {signal[0]}")
                 return
             await self._end_lost(session, "the shell ended without an exit status")

@@ -286,3 +286,18 @@ async def test_an_upload_cut_off_midway_leaves_nothing(gateway, user, caplog):
     assert resp.status == 200
     assert not [r for r in caplog.records if r.levelname == "ERROR" and r.name.startswith("aiohttp")]
     await _end(term, http)
+
+
+async def test_a_name_of_sixty_emoji_uploads_and_downloads(gateway, user):
+    """60 emoji are 240 bytes of UTF-8, a valid name (at most 255 bytes): the temporary name the
+    upload is written to first must fit too, whatever the final name."""
+    name = "\N{GRINNING FACE}" * 60
+    assert len(name.encode()) == 240
+    http, term, sid = await _session(gateway, user)
+    resp = await _put(gateway, http, sid, name, b"emoji\n")
+    assert resp.status == 201, await resp.text()
+    assert (await resp.json())["name"] == name
+    resp = await http.get("/files/download", params=_query(sid, name))
+    assert resp.status == 200 and await resp.read() == b"emoji\n"
+    assert (await term.run("ls -A ~ | grep -c '[.]part$' || true")).strip() == "0"
+    await _end(term, http)
