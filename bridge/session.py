@@ -11,7 +11,7 @@ import secrets
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Protocol
+from typing import Any, Protocol
 
 from .auth import AuthenticatedUser
 from .backend import Container
@@ -87,6 +87,8 @@ class Session:
         self.taps: list[StreamTap] = []
         self.end_reason: EndReason | None = None
         self.exit_code: int | None = None
+        self.exit_signal: str | None = None
+        self.channels: list[dict[str, Any]] = []  # the SSH door's channels: kind, and how each ended
         self.log = SessionLog(log, {"session": self.id[:12], "user": user.name})
         self.removal_scheduled = False
         self._ended = asyncio.Event()

@@ -158,7 +158,9 @@ class SessionManager:
         if pooled is not None:
             keys = pooled.keys
             session.container = pooled.container  # removed with the session, whatever happens next
-            session.container = await self.backend.claim(pooled.container, session.user.name, cfg.user == "root")
+            session.container = await self.backend.claim(
+                pooled.container, session.user.name, session.user.uid, cfg.user == "root"
+            )
         else:
             keys = SessionKeys.generate()
             session.container = await self._start_container(session, keys)
@@ -203,6 +205,7 @@ class SessionManager:
             host_private_key=keys.host_private_key,
             host_public_key=keys.host_public_key,
             root=self.config.session.user == "root",
+            uid=session.user.uid,
         )
         start = asyncio.ensure_future(self.backend.start(spec))
         self._starting.add(start)
@@ -293,6 +296,7 @@ class SessionManager:
                 await self.end(session, EndReason.EXIT, code=status)
                 return
             if signal:
+                session.exit_signal = signal
                 await self.end(session, EndReason.EXIT, code=None, message=f"the shell was killed by signal {signal}")
                 return
             await self._end_lost(session, "the shell ended without an exit status")
