@@ -1,6 +1,6 @@
 """The composition root: builds every component from the config and owns their lifetimes.
 
-Each long-lived thing (state dir, audit log, Docker backend, PAM pool, session manager, admin
+Each long-lived thing (state dir, state store, audit log, Docker backend, PAM pool, session manager, admin
 socket, reaper, warm pool, SSH door) has its own `cleanup_ctx` generator, whose cleanup runs if
 and only if its startup ran: a failure while starting one releases those already started. On
 shutdown `tell_clients` ends every session (reason `killed`) while clients can hear it; the
@@ -35,7 +35,8 @@ from .metrics import MeteredBackend, Metrics
 from .sessions import SessionManager
 from .ssh_front import SshDoor
 from .throttle import LoginThrottle, ThrottledAuthenticator
-from .web.keys import AUTHENTICATOR, BACKEND, CONFIG, LOGINS, MANAGER, METRICS
+from .store import open_store
+from .web.keys import AUTHENTICATOR, BACKEND, CONFIG, LOGINS, MANAGER, METRICS, STORE
 from .web.login import LoginRegistry
 from .web.terminal import close_websockets
 
@@ -100,6 +101,11 @@ def build_app(
         if not (web_root / "node_modules" / "@xterm" / "xterm").is_dir():
             log.error("web assets missing: run `npm ci` in %s", web_root)
         yield
+
+    async def state_store(app: web.Application) -> AsyncIterator[None]:
+        app[STORE] = await open_store(config)
+        yield
+        await app[STORE].close()
 
     async def audit_log(app: web.Application) -> AsyncIterator[None]:
         app[AUDIT] = AuditLog(config.audit.log, gateway=app[INSTANCE])
@@ -176,7 +182,7 @@ def build_app(
         yield
         await door.close()
 
-    app.cleanup_ctx.extend([state_dir, audit_log, docker_backend, pam_pool, sessions, admin_socket, reaper, warm_pool,
+    app.cleanup_ctx.extend([state_dir, state_store, audit_log, docker_backend, pam_pool, sessions, admin_socket, reaper, warm_pool,
                             ssh_door])
     app.on_shutdown.append(tell_clients)
     return app

@@ -11,6 +11,7 @@ from ..backend import Backend
 from ..config import Config
 from ..metrics import Metrics
 from ..sessions import SessionManager
+from ..store import Store
 from ..throttle import ThrottledAuthenticator
 
 CONFIG = web.AppKey("config", Config)
@@ -19,5 +20,6 @@ AUTHENTICATOR = web.AppKey("authenticator", ThrottledAuthenticator)
 BACKEND = web.AppKey("backend", Backend)
 LOGINS = web.AppKey("logins", "LoginRegistry")  # bridge.web.login.LoginRegistry
 METRICS = web.AppKey("metrics", Metrics)
+STORE = web.AppKey("store", Store)  # sessions, logins, counters shared across restarts and replicas
 WEBSOCKETS = web.AppKey("websockets", weakref.WeakSet)  # live terminal sockets, closed on shutdown
 WEB_ROOT = web.AppKey("web_root", Path)
