@@ -17,6 +17,7 @@ import resource
 import secrets
 import ssl
 from collections.abc import AsyncIterator
+from functools import partial
 from pathlib import Path
 
 from aiohttp import web, web_response
@@ -29,6 +30,7 @@ from .audit import AuditLog, AuditObserver, SessionRecorder
 from .auth import PamAuthenticator
 from .backend import Backend
 from .config import Config
+from .continuity import Continuity, recover
 from .docker_backend import DockerBackend
 from .errors import BackendUnavailable, BridgeError, ConfigError
 from .metrics import MeteredBackend, Metrics
@@ -136,7 +138,7 @@ def build_app(
     async def sessions(app: web.Application) -> AsyncIterator[None]:
         """Releases whatever sessions are left (none after `tell_clients`; all of them when a
         later resource failed to start). `close` is idempotent."""
-        manager = SessionManager(config, app[BACKEND])
+        manager = SessionManager(config, app[BACKEND], Continuity(app[STORE], app[INSTANCE], config.session))
         manager.observers.add(AuditObserver(app[AUDIT], config.session.image), app[METRICS])
         if config.audit.record_dir is not None:
             manager.observers.add(
@@ -155,6 +157,20 @@ def build_app(
         await admin.start()
         yield
         await admin.close()
+
+    async def adoption(app: web.Application) -> AsyncIterator[None]:
+        """Keep the sessions a previous run (or a replica) left in the store, before the reaper
+        looks; then keep the store current while serving."""
+        manager = app[MANAGER]
+        assert manager.continuity is not None
+        graces = await recover(
+            manager.continuity, partial(container_alive, manager), manager.remove_container, manager.sessions.__contains__
+        )
+        watch = asyncio.create_task(manager.watch_store(), name="store-watch")
+        yield
+        for task in (watch, *graces):
+            task.cancel()
+        await asyncio.gather(watch, *graces, return_exceptions=True)
 
     async def reaper(app: web.Application) -> AsyncIterator[None]:
         await reap_once(app[MANAGER])
@@ -182,8 +198,8 @@ def build_app(
         yield
         await door.close()
 
-    app.cleanup_ctx.extend([state_dir, state_store, audit_log, docker_backend, pam_pool, sessions, admin_socket, reaper, warm_pool,
-                            ssh_door])
+    app.cleanup_ctx.extend([state_dir, state_store, audit_log, docker_backend, pam_pool, sessions, admin_socket, adoption,
+                            reaper, warm_pool, ssh_door])
     app.on_shutdown.append(tell_clients)
     return app
 
@@ -196,8 +212,17 @@ async def tell_clients(app: web.Application) -> None:
     if SSH_DOOR in app:
         app[SSH_DOOR].stop_listening()
     if MANAGER in app:
-        await app[MANAGER].close()
+        await app[MANAGER].close(keep=app[CONFIG].session.on_shutdown == "keep")
     await close_websockets(app)
+
+
+async def container_alive(manager: SessionManager, container_id: str) -> bool | None:
+    """Whether a session's container runs; None when Docker cannot say."""
+    try:
+        return (await manager.backend.poll(container_id)).running
+    except BridgeError as exc:
+        log.warning("cannot ask Docker about container %s: %s", container_id[:12], exc.detail)
+        return None
 
 
 async def reap_once(manager: SessionManager) -> None:

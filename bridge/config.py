@@ -212,6 +212,9 @@ class SessionConfig:
     idle_timeout: float = _field(15 * 60.0, parse_duration, "no input for this long ends the session")
     max_lifetime: float = _field(8 * 3600.0, parse_duration, "hard cap on one session")
     reconnect_grace: float = _field(60.0, parse_duration, "a dropped browser may reattach within this")
+    on_shutdown: str = _field(
+        "keep", _choice("keep", "end"), "keep: web sessions outlive a gateway stop or restart; end: they end with it"
+    )
     max_per_user: int = _field(3, _int_range(1, 10_000), "concurrent sessions per user")
     max_total: int = _field(50, _int_range(1, 100_000), "concurrent sessions on this gateway")
     network: str = _field("isolated", _choice("isolated", "internet"), "isolated or internet")

@@ -17,13 +17,15 @@ class OutputBuffer:
     oldest byte still held. A reader at offset N can be served exactly when N >= start.
     """
 
-    def __init__(self, capacity: int = DEFAULT_CAPACITY) -> None:
+    def __init__(self, capacity: int = DEFAULT_CAPACITY, start: int = 0) -> None:
+        """`start`: the offset of the first byte to come (a gateway that adopted a running shell
+        continues its numbering)."""
         if capacity <= 0:
             raise ValueError("capacity must be positive")
         self.capacity = capacity
         self._chunks: deque[bytes] = deque()
         self._held = 0
-        self.total = 0
+        self.total = start
 
     @property
     def start(self) -> int:

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 from .auth import AuthenticatedUser
 from .backend import Container
 from .stream import Stream, StreamSink
-from .upstream import Upstream
+from .upstream import SessionKeys, Upstream
 from .vocab import Door, EndReason
 
 log = logging.getLogger("termbridge.sessions")
@@ -36,6 +36,9 @@ class Sink(Protocol):
 class TerminalSink(Sink, StreamSink, Protocol):
     """A front door that shows a shell session's output stream (the web door): see
     `SessionManager.open_terminal` and `stream.Stream`."""
+
+    async def restarting(self) -> None:
+        """The gateway stops but the session runs on: come back (to it, or another gateway)."""
 
 
 class StreamTap(Protocol):
@@ -77,6 +80,8 @@ class Session:
         self.created = time.monotonic()
         self.container: Container | None = None
         self.upstream: Upstream | None = None
+        self.keys: SessionKeys | None = None  # to reconnect to the container (kept in the store)
+        self.released = False  # this gateway let go; the session runs on without it
         self.stream: Stream | None = None  # a shell on a pty (web sessions)
         self.last_activity = time.monotonic()
         self.ready_at: float | None = None
@@ -97,16 +102,17 @@ class Session:
     @property
     def ready(self) -> bool:
         """The shell runs and the session has not begun to end."""
-        return self.stream is not None and self.end_reason is None
+        return self.stream is not None and not self.ending
 
     @property
     def connected(self) -> bool:
         """The container's sshd is connected (with or without a shell) and the session lives."""
-        return self.upstream is not None and self.end_reason is None
+        return self.upstream is not None and not self.ending
 
     @property
     def ending(self) -> bool:
-        return self.end_reason is not None
+        """Ending, or let go by this gateway: nothing here may act on it any more."""
+        return self.end_reason is not None or self.released
 
     def touch(self) -> None:
         """Activity from the person: the idle clock starts over."""

@@ -14,18 +14,21 @@ import asyncio
 import enum
 import logging
 import time
+from datetime import datetime, timezone
 from collections.abc import Coroutine
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 from .auth import AuthenticatedUser
 from .backend import Backend, Container, ContainerSpec, ContainerState
 from .config import Config
+from .continuity import LEASE_CHECK_INTERVAL, ACTIVITY_WRITE_INTERVAL, Adoptable, Continuity, monotonic_from_wall
 from .errors import BridgeError, LimitReached, SessionStartError
 from .observers import Observers
 from .pool import Pooled, WarmPool
 from .session import Session, Sink, TerminalRequest, TerminalSink
 from .stream import Stream
+from .store import SessionRecord
 from .upstream import SessionKeys, Upstream
 from .vocab import Actor, Door, EndReason, LoginResult
 
@@ -69,9 +72,11 @@ def _describe_end(state: ContainerState, memory: int) -> str | None:
 
 
 class SessionManager:
-    def __init__(self, config: Config, backend: Backend) -> None:
+    def __init__(self, config: Config, backend: Backend, continuity: Continuity | None = None) -> None:
         self.config = config
         self.backend = backend
+        # Records and reconnect secrets in the store (None: sessions end with this process).
+        self.continuity = continuity
         self.sessions: dict[str, Session] = {}
         self._cleanups: set[asyncio.Task] = set()
         self._starting: set[asyncio.Future] = set()  # backend starts in flight (threads)
@@ -165,25 +170,37 @@ class SessionManager:
         else:
             keys = SessionKeys.generate()
             session.container = await self._start_container(session, keys)
+        session.keys = keys
         self._check_not_ended(session)
         async with asyncio.timeout(cfg.start_timeout):
             session.upstream = await Upstream.connect(session.container, keys, cfg.start_timeout)
             if terminal is not None:
-                shell = await session.upstream.open_terminal(terminal.term, terminal.cols, terminal.rows, terminal.env)
-                session.stream = Stream(
-                    shell,
-                    session.log,
-                    name=session.id[:8],
-                    note_output=session.note_output,
-                    grace=cfg.reconnect_grace,
-                    abandoned=partial(self._abandoned, session),
-                    dropped=partial(self.detach, session),
-                )
-                session.term_size = (terminal.cols, terminal.rows)
+                await self._open_stream(session, terminal)
         self._check_not_ended(session)
         session.ready_at = time.monotonic()
         session.touch()
+        if self.continuity is not None:
+            await self.continuity.record(session)
         self.observers.session_started(session, session.ready_at - session.created)
+        await self._run(session)
+
+    async def _open_stream(self, session: Session, terminal: TerminalRequest, offset: int = 0) -> None:
+        """The session's shell (through the holder, from output `offset` on) and its stream."""
+        assert session.upstream is not None
+        shell = await session.upstream.open_terminal(terminal.term, terminal.cols, terminal.rows, terminal.env)
+        session.stream = Stream(
+            shell,
+            session.log,
+            name=session.id[:8],
+            note_output=session.note_output,
+            grace=self.config.session.reconnect_grace,
+            abandoned=partial(self._abandoned, session),
+            dropped=partial(self.detach, session),
+        )
+        session.term_size = (terminal.cols, terminal.rows)
+
+    async def _run(self, session: Session) -> None:
+        """The session is ready (started or adopted): tell its sink, start its clocks and pump."""
         if session.sink is not None:
             await session.sink.started(session)
         session._tasks.append(asyncio.create_task(self._watchdog(session), name=f"watchdog-{session.id[:8]}"))
@@ -242,11 +259,14 @@ class SessionManager:
         are called before this returns. Raises what `create` raises."""
         session = self._resumable(user, door, *resume) if resume is not None else None
         offset = 0
-        if session is None:
-            session = await self.create(user, door, sink, terminal)
-        else:
+        if session is None and resume is not None and self.continuity is not None:
+            session = await self._adopt(user, door, sink, terminal, *resume)
+            offset = resume[1]
+        elif session is not None:
             offset = resume[1] if resume is not None else 0
             await sink.started(session)
+        if session is None:
+            session = await self.create(user, door, sink, terminal)
         stream = session.stream
         if stream is None or session.ending:
             raise SessionStartError("this session cannot be attached", detail="ended before it was attached")
@@ -258,13 +278,74 @@ class SessionManager:
         """The session `session_id` if it belongs to `user`. Anyone else's is reported as unknown
         (and logged), so session ids cannot be probed from another account."""
         session = self.sessions.get(session_id[:64]) if session_id else None
-        if session is not None and session.user.name != user.name:
-            log.warning(
-                "%s of %s from %s for session %.12s refused: it belongs to %s",
-                purpose, user.name, rhost, session_id, session.user.name,
-            )
+        if session is not None and not self._owns(user, session_id, session.user.name, purpose, rhost):
             return None
         return session
+
+    @staticmethod
+    def _owns(user: AuthenticatedUser, session_id: str, owner: str, purpose: str, rhost: str) -> bool:
+        """The one ownership check, for sessions in memory and in the store alike."""
+        if owner == user.name:
+            return True
+        log.warning(
+            "%s of %s from %s for session %.12s refused: it belongs to %s", purpose, user.name, rhost, session_id, owner
+        )
+        return False
+
+    async def _adopt(
+        self, user: AuthenticatedUser, door: Door, sink: TerminalSink, terminal: TerminalRequest, session_id: str,
+        offset: int,
+    ) -> Session | None:
+        """Serve `user`'s web session that another gateway process started (this one before a
+        restart, or a sibling replica): reconnect to its container with the stored keys and
+        attach to its shell from `offset`. None when the store has no such live session."""
+        assert self.continuity is not None
+        rec = await self.continuity.find(session_id[:64])
+        if rec is None or not self._owns(user, session_id, rec.user, "reattach", "-") or rec.door != door:
+            log.info("reattach of %s to %.12s: not in the store; starting a new one", user.name, session_id)
+            return None
+        found = await self.continuity.load(rec)
+        if found is None or not await self.continuity.take(rec):
+            return None
+        session = Session(user, door, sink, rec.id)
+        session.log.info("adopting (started by gateway %s, attached to %s)", rec.gateway, rec.attached_by or "none")
+        self.sessions[session.id] = session
+        try:
+            await self._reconnect(session, found, terminal, offset)
+        except (BridgeError, OSError, TimeoutError) as exc:
+            detail = getattr(exc, "detail", None) or repr(exc)
+            session.log.warning("adoption failed: %s", detail)
+            self.sessions.pop(session.id, None)
+            if session.upstream is not None:
+                session.upstream.close()
+            await self._forget_if_gone(rec)
+            return None
+        session.log.info("adopted in %.0f ms", (time.monotonic() - session.created) * 1000)
+        await self._run(session)
+        return session
+
+    async def _reconnect(self, session: Session, found: Adoptable, terminal: TerminalRequest, offset: int) -> None:
+        rec = found.record
+        session.started_at = datetime.fromtimestamp(rec.started, timezone.utc)
+        session.container, session.keys = found.container, found.keys
+        timeout = self.config.session.start_timeout
+        async with asyncio.timeout(timeout):
+            session.upstream = await Upstream.connect(found.container, found.keys, timeout)
+            await self._open_stream(session, terminal, offset)
+        # The clocks go on from where the store has them.
+        session.ready_at = monotonic_from_wall(rec.lifetime_deadline) - self.config.session.max_lifetime
+        session.last_activity = monotonic_from_wall(rec.last_activity)
+        assert self.continuity is not None
+        self.continuity.note_adopted(session)
+
+    async def _forget_if_gone(self, rec: SessionRecord) -> None:
+        assert self.continuity is not None
+        try:
+            state = await self.backend.poll(rec.container_id)
+        except BridgeError:
+            return
+        if not state.running:
+            await self.continuity.forget(rec.id)
 
     def _resumable(self, user: AuthenticatedUser, door: Door, session_id: str, offset: int) -> Session | None:
         session = self.find_own(session_id, user, "reattach")
@@ -382,7 +463,9 @@ class SessionManager:
             session.upstream.close()
         if session.container is not None and not session.removal_scheduled:
             session.removal_scheduled = True
-            self._schedule_removal(session.container.id, f"session {session.id[:12]}")
+            self._track(self._remove(session.container.id, f"session {session.id[:12]}", forget=session.id))
+        elif self.continuity is not None and session.ready_at is not None:
+            self._track(self.continuity.forget(session.id))
         self.sessions.pop(session.id, None)
         if session._ended.is_set():
             return  # killed while starting, finished again once its container landed
@@ -403,6 +486,11 @@ class SessionManager:
             self.observers.session_ended(session)
         session._ended.set()
 
+    async def remove_container(self, container_id: str, why: str) -> None:
+        """Remove a container no session here owns (one a previous run left), in a task that
+        `close()` waits for."""
+        self._schedule_removal(container_id, why)
+
     def _schedule_removal(self, container_id: str, why: str) -> None:
         self._track(self._remove(container_id, why))
 
@@ -411,11 +499,14 @@ class SessionManager:
         self._cleanups.add(task)
         task.add_done_callback(self._cleanups.discard)
 
-    async def _remove(self, container_id: str, why: str) -> None:
+    async def _remove(self, container_id: str, why: str, forget: str | None = None) -> None:
+        """Remove a container; then (`forget`: its session id) the session's store entry."""
         for attempt in range(3):
             try:
                 await self.backend.stop(container_id)
                 log.debug("removed container %s (%s)", container_id[:12], why)
+                if forget and self.continuity is not None:
+                    await self.continuity.forget(forget)
                 return
             except BridgeError as exc:
                 log.warning("removing container %s failed (try %d): %s", container_id[:12], attempt + 1, exc.detail)
@@ -423,10 +514,16 @@ class SessionManager:
         log.error("container %s not removed; the reaper will retry", container_id[:12])
 
     async def reap(self) -> int:
-        """Remove containers of this gateway instance that no live session owns."""
+        """Remove containers of this gateway instance that no live session and no store entry
+        owns (a session in the store waits for its page, on this gateway or another)."""
         live = {s.container.id for s in self.sessions.values() if s.container} | set(self.sessions)
         if self.pool is not None:
             live |= self.pool.ids()
+        if self.continuity is not None:
+            owned = await self.continuity.owned_ids()
+            if owned is None:
+                return 0
+            live |= owned
         removed = 0
         for info in await self.backend.list_own():
             if info.id in live or info.session_id in live:
@@ -437,6 +534,54 @@ class SessionManager:
         if removed:
             self.observers.containers_reaped(removed)
         return removed
+
+    async def release(self, session: Session, restarting: bool) -> None:
+        """Let go of a web session without ending it: its shell runs on in its container (the
+        holder keeps it and its output) for the next gateway to adopt. The attached page is told
+        the gateway is `restarting` (come back) or that another window took it over."""
+        if session.ending:
+            return
+        session.released = True
+        current = asyncio.current_task()
+        for task in session._tasks:
+            if task is not current:
+                task.cancel()
+        stream, sink, session.sink = session.stream, session.sink, None
+        if stream is not None:
+            await stream.close()
+        if sink is not None:
+            try:
+                async with asyncio.timeout(2):
+                    if restarting:
+                        await cast(TerminalSink, sink).restarting()
+                    else:
+                        await cast(TerminalSink, sink).superseded()
+            except (ConnectionError, RuntimeError, TimeoutError) as exc:
+                session.log.info("could not tell the front door: %r", exc)
+        if session.upstream is not None:
+            session.upstream.close()
+        self.sessions.pop(session.id, None)
+        if restarting and self.continuity is not None:
+            await self.continuity.release(session.id)
+        session.log.info("let go (%s); it runs on in container %s",
+                         "gateway restarting" if restarting else "taken over by another gateway",
+                         session.container and session.container.name)
+        session._ended.set()
+
+    async def watch_store(self) -> None:
+        """Forever: write moved idle clocks to the store, and let go of sessions another gateway
+        took over (another window attached there)."""
+        assert self.continuity is not None
+        since_activity = 0.0
+        while True:
+            await asyncio.sleep(LEASE_CHECK_INTERVAL)
+            for session in await self.continuity.taken_from_us(self.sessions.values()):
+                session.log.info("another gateway took this session over")
+                await self.release(session, restarting=False)
+            since_activity += LEASE_CHECK_INTERVAL
+            if since_activity >= ACTIVITY_WRITE_INTERVAL:
+                since_activity = 0.0
+                await self.continuity.write_activity(list(self.sessions.values()))
 
     def get(self, session_id: str) -> Session | None:
         return self.sessions.get(session_id)
@@ -452,13 +597,18 @@ class SessionManager:
             self.observers.session_killed(session, actor)
         await self.end(session, EndReason.KILLED, message=message)
 
-    async def close(self, message: str = "the gateway is shutting down") -> None:
-        """End every session (reason `killed`) and wait for every container's removal."""
+    async def close(self, message: str = "the gateway is shutting down", keep: bool = False) -> None:
+        """End every session (reason `killed`) and wait for every container's removal. With
+        `keep`, web sessions are let go instead (`release`): they run on for the next gateway."""
         self._closing = True
         if self.pool is not None:
             await self.pool.close()
+        sessions = list(self.sessions.values())
+        kept = [s for s in sessions if keep and self.continuity is not None and s.ready and s.door == Door.WEB]
         await asyncio.gather(
-            *(self.kill(s, message, actor=Actor.SHUTDOWN) for s in list(self.sessions.values())), return_exceptions=True
+            *(self.release(s, restarting=True) for s in kept),
+            *(self.kill(s, message, actor=Actor.SHUTDOWN) for s in sessions if s not in kept),
+            return_exceptions=True,
         )
         # Containers still being created land after this; their sessions then remove them.
         while self._starting or self._cleanups:

@@ -85,5 +85,11 @@ def error_message(message: str) -> str:
     return _encode(type="error", message=message)
 
 
+def restarting_message() -> str:
+    """The gateway is stopping but the session runs on: reconnect with the same session id and
+    offset (to this gateway once it is back, or to another one sharing its store)."""
+    return _encode(type="restarting")
+
+
 def gap_message(lost: int) -> str:
     return _encode(type="gap", lost=lost)

@@ -16,7 +16,9 @@ from helpers import PROMPT, ROOT, containers_gone, session_containers, wait_for,
 
 
 async def test_sigkilled_gateway_leftovers_are_reaped_on_restart(gateway_process, user):
-    process = gateway_process()
+    """A crashed gateway's web session is kept at restart (its page may come back); nobody does
+    within reconnect_grace, so it ends and its container goes."""
+    process = gateway_process(session={"reconnect_grace": "4s"})
     await process.start()
     gw = process.gateway
     async with await gw.login(user) as http:
@@ -28,7 +30,10 @@ async def test_sigkilled_gateway_leftovers_are_reaped_on_restart(gateway_process
     [leftover] = session_containers(**{"termbridge.session": session["id"]})
     assert leftover.status == "running"
     await process.start()
+    await asyncio.sleep(1)
+    assert [c.status for c in session_containers(**{"termbridge.session": session["id"]})] == ["running"]
     await containers_gone(**{"termbridge.session": session["id"]})
+    assert "disconnected: nobody came back after the restart" in process.log()
 
 
 async def test_docker_unreachable(start_gateway, user, state_dir, tmp_path):
@@ -78,7 +83,7 @@ async def test_shutdown_ends_sessions_and_removes_containers(start_gateway, user
 
 
 async def test_sigterm_drains_within_10_seconds(gateway_process, user):
-    process = gateway_process()
+    process = gateway_process(session={"on_shutdown": "end"})
     await process.start()
     gw = process.gateway
     async with await gw.login(user) as http:

@@ -76,6 +76,13 @@ class WebSocketSink:
             await self.ws.send_str(wsproto.error_message("this session was opened in another window"))
             await self.ws.close(code=SUPERSEDED, message=b"superseded")
 
+    async def restarting(self) -> None:
+        if self.session is not None:
+            self.login.sessions.discard(self.session.id)
+        if not self.ws.closed:
+            await self.ws.send_str(wsproto.restarting_message())
+            await self.ws.close(code=WSCloseCode.SERVICE_RESTART, message=b"gateway restarting")
+
     async def ended(self, code: int | None, reason: EndReason, message: str | None) -> None:
         if self.session is not None:
             self.login.sessions.discard(self.session.id)
