@@ -89,6 +89,7 @@ let received = 0; // output bytes of this session received by this page
 let repaint = true; // a fresh page has nothing on screen: ask for the whole buffer
 let graceMs = 60000;
 let droppedAt = null;
+let restarting = false; // the gateway said it restarts: the session waits for us meanwhile
 let retry = 0;
 let retryTimer = null;
 let bannerKind = "";
@@ -168,6 +169,7 @@ function onControl(msg) {
       if (msg.reconnect_grace) graceMs = msg.reconnect_grace * 1000;
       retry = 0;
       droppedAt = null;
+      restarting = false;
       setState("running");
       body.dataset.session = msg.id;
       status.setSession(msg.id);
@@ -190,6 +192,9 @@ function onControl(msg) {
     }
     case "error":
       showBanner(msg.message, "error");
+      break;
+    case "restarting":
+      restarting = true;
       break;
   }
 }
@@ -226,6 +231,7 @@ function connect() {
   ws.onclose = (ev) => {
     input.clear();
     if (ended) return;
+    if (ev.code === 1012) restarting = true; // service restart: the session runs on
     if (ev.code === 4001) {
       showEnded("error", "This session was opened in another window.");
       return;
@@ -245,8 +251,9 @@ function reconnect() {
     return;
   }
   setState("reconnecting");
-  showBanner("Connection lost: reconnecting…", "connection");
-  const delay = Math.min(5000, 250 * 2 ** retry) * (0.75 + Math.random() / 2);
+  showBanner(restarting ? "The gateway is restarting: reconnecting…" : "Connection lost: reconnecting…", "connection");
+  // A restart is over in seconds: retry at least every 2 s then, so the page is back soon after.
+  const delay = Math.min(restarting ? 2000 : 5000, 250 * 2 ** retry) * (0.75 + Math.random() / 2);
   retry += 1;
   retryTimer = setTimeout(connect, delay);
 }
