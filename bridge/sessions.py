@@ -29,7 +29,7 @@ from .pool import Pooled, WarmPool
 from .session import Session, Sink, TerminalRequest, TerminalSink
 from .stream import Stream
 from .store import SessionRecord
-from .upstream import SessionKeys, Upstream
+from .upstream import HeldShell, SessionKeys, Upstream
 from .vocab import Actor, Door, EndReason, LoginResult
 
 log = logging.getLogger("termbridge.sessions")
@@ -185,9 +185,15 @@ class SessionManager:
         await self._run(session)
 
     async def _open_stream(self, session: Session, terminal: TerminalRequest, offset: int = 0) -> None:
-        """The session's shell (through the holder, from output `offset` on) and its stream."""
+        """The session's shell (through the holder, from output `offset` on; a full-screen
+        program is repainted for a page that comes back) and its stream."""
         assert session.upstream is not None
-        shell = await session.upstream.open_terminal(terminal.term, terminal.cols, terminal.rows, terminal.env)
+        held = await session.upstream.attach_held(
+            terminal.term, terminal.cols, terminal.rows, offset, terminal.env, repaint=offset > 0
+        )
+        shell = HeldShell(held)
+        if held.lost:
+            session.log.info("the holder no longer has %d bytes from offset %d", held.lost, offset)
         session.stream = Stream(
             shell,
             session.log,
@@ -196,6 +202,7 @@ class SessionManager:
             grace=self.config.session.reconnect_grace,
             abandoned=partial(self._abandoned, session),
             dropped=partial(self.detach, session),
+            start=held.offset,
         )
         session.term_size = (terminal.cols, terminal.rows)
 

@@ -89,13 +89,14 @@ class Stream:
         grace: float,
         abandoned: Callable[[], Awaitable[None]],
         dropped: Callable[[StreamSink], None],
+        start: int = 0,
     ) -> None:
         self.shell = shell
         self.log = log
         self.name = name
-        self.output = OutputBuffer()
+        self.output = OutputBuffer(start=start)  # the holder's numbering: `start` is its offset
         self.attachment: Attachment | None = None
-        self.detached_cursor = 0  # what the last attachment had taken when it went
+        self.detached_cursor = start  # what the last attachment had taken when it went
         self.attached_once = False
         self.more = asyncio.Event()  # more output, or the stream closes
         self.space = asyncio.Event()  # a reader advanced, or attachments changed

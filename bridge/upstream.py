@@ -190,6 +190,33 @@ class Shell:
         return (status if status is not None and status >= 0 else None), (signal[0] if signal else None)
 
 
+class HeldShell(Shell):
+    """The web shell through the session holder (`Upstream.attach_held`): the same calls as a
+    `Shell`, but the shell lives on in the container when this channel closes, and its output
+    is numbered from the holder's absolute `offset`, so a later gateway can attach where this
+    one left off."""
+
+    def __init__(self, held: HeldTerminal) -> None:
+        super().__init__(held.process)
+        self._held = held
+        self._rest = held.rest
+        self.offset = held.offset
+        self.lost = held.lost
+
+    def write(self, data: bytes) -> bool:
+        self._held.write(data)
+        return self._process.stdin.channel.get_write_buffer_size() > 0
+
+    async def read(self, limit: int) -> bytes:
+        if self._rest:
+            data, self._rest = self._rest[:limit], self._rest[limit:]
+            return data
+        return await super().read(limit)
+
+    def resize(self, cols: int, rows: int) -> None:
+        self._held.resize(cols, rows)
+
+
 class Meter(Protocol):
     """What watches a bridged channel's bytes: the session's activity and accounting."""
 

@@ -1,0 +1,193 @@
+"""Sessions outlive the gateway: real `termbridge serve` processes are killed (SIGKILL), stopped
+(SIGTERM with on_shutdown = keep) and started again while a web session runs a counter loop in a
+real container; a WebSocket client comes back with its offset and must see the counter go on,
+every line exactly once, including what was printed while no gateway ran."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import signal
+import statistics
+import time
+
+import aiohttp
+import pytest
+
+from helpers import PROMPT, Terminal, containers_gone, session_containers, wait_for
+
+COUNTER = "i=0; while :; do i=$((i+1)); echo \"tick $i\"; sleep 0.1; done\r"
+TICK = re.compile(rb"tick (\d+)\r\n")
+
+
+def ticks(data: bytes) -> list[int]:
+    return [int(m) for m in TICK.findall(data)]
+
+
+async def reattach(gw, http: aiohttp.ClientSession, session_id: str, offset: int) -> Terminal:
+    ws = await http.ws_connect(f"/ws?session={session_id}&offset={offset}", headers={"Origin": gw.origin}, max_msg_size=0)
+    term = Terminal(ws)
+    await term.resize(80, 24)
+    return term
+
+
+async def start_counter(gw, http: aiohttp.ClientSession) -> tuple[Terminal, str]:
+    term = await gw.terminal(http)
+    session = await term.control("session")
+    await term.expect(PROMPT)
+    await term.send(COUNTER)
+    await term.expect(b"tick 5\r\n")
+    return term, session["id"]
+
+
+async def still_logged_in(gw, http: aiohttp.ClientSession, user) -> aiohttp.ClientSession:
+    """The page's login after the restart: the same cookie where logins live in the store, else
+    a new login of the same person (session ownership is the person's, not the cookie's)."""
+    async with http.get("/", allow_redirects=False) as resp:
+        if resp.status == 200:
+            return http
+    return await gw.login(user)
+
+
+async def comes_back(gw, http, session_id: str, offset: int, timeout: float = 20) -> tuple[Terminal, float]:
+    """Reattach as the page does (retrying while the gateway is not up yet); the new terminal and
+    the seconds from the gateway answering to the `session` message."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            began = time.monotonic()
+            term = await reattach(gw, http, session_id, offset)
+            await term.control("session", timeout=15)
+            return term, time.monotonic() - began
+        except (aiohttp.ClientError, AssertionError):
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.2)
+
+
+async def check_continued(before: Terminal, after: Terminal, session_id: str, offset: int) -> list[int]:
+    """`after` resumed exactly at `offset`: the ticks before and after join without a hole or a
+    repeat, and the loop was not restarted."""
+    session = await after.control("session")
+    assert session["id"] == session_id and session["offset"] == offset
+    assert not [c for c in after.controls if c.get("type") == "gap"]
+    last = ticks(bytes(before.transcript[:offset]))[-1]
+    await after.expect(f"tick {last + 30}\r\n".encode(), timeout=20)
+    seen = ticks(bytes(before.transcript[:offset]) + bytes(after.transcript))
+    assert seen == list(range(1, len(seen) + 1)), seen
+    return seen
+
+
+async def stop_counter(term: Terminal, session_id: str) -> None:
+    await term.send("\x03exit\r")
+    exit_msg = await term.control("exit", timeout=20)
+    assert exit_msg["reason"] == "exit"
+    await containers_gone(**{"termbridge.session": session_id})
+
+
+async def restart_and_continue(process, first, user, term: Terminal, session_id: str, offset: int) -> list[int]:
+    """The container ran on without a gateway; start the gateway again and come back."""
+    [container] = session_containers(**{"termbridge.session": session_id})
+    assert container.status == "running"
+    await process.start()
+    async with await still_logged_in(process.gateway, first, user) as http:
+        after, _ = await comes_back(process.gateway, http, session_id, offset)
+        seen = await check_continued(term, after, session_id, offset)
+        await stop_counter(after, session_id)
+    return seen
+
+
+@contextlib.asynccontextmanager
+async def counting(gateway_process, user, **sections):
+    """A gateway process and one web session of `user` running the counter loop in it."""
+    process = gateway_process(**sections)
+    await process.start()
+    async with await process.gateway.login(user) as http:
+        term, session_id = await start_counter(process.gateway, http)
+        yield process, http, term, session_id
+
+
+async def test_sigkill_output_while_down_is_replayed_exactly(gateway_process, user):
+    async with counting(gateway_process, user) as (process, first, term, session_id):
+        offset = term.received
+        process.signal(signal.SIGKILL)
+        await process.wait(10)
+        await asyncio.sleep(2)  # ~20 ticks printed with no gateway running
+        seen = await restart_and_continue(process, first, user, term, session_id, offset)
+        assert len(seen) > ticks(bytes(term.transcript[:offset]))[-1] + 20
+
+
+async def test_sigterm_keep_tells_the_page_and_the_session_runs_on(gateway_process, user):
+    async with counting(gateway_process, user) as (process, first, term, session_id):
+        process.signal(signal.SIGTERM)
+        await term.control("restarting", timeout=10)
+        await term.drain_until_closed(timeout=10)
+        assert term.close_code == 1012
+        assert not [c for c in term.controls if c.get("type") == "exit"]
+        assert await process.wait(10) == 0
+        await restart_and_continue(process, first, user, term, session_id, term.received)
+
+
+async def test_sigterm_end_ends_web_sessions(gateway_process, user):
+    async with counting(gateway_process, user, session={"on_shutdown": "end"}) as (process, _, term, session_id):
+        process.signal(signal.SIGTERM)
+        exit_msg = await term.control("exit", timeout=10)
+        assert exit_msg["reason"] == "killed"
+        assert await process.wait(10) == 0
+    assert not session_containers(**{"termbridge.session": session_id})
+
+
+async def test_container_ends_itself_with_no_gateway(gateway_process, user):
+    """idle_timeout with no gateway attached is enforced inside the container; the next gateway
+    forgets the session and removes what is left."""
+    process = gateway_process(session={"idle_timeout": "5s"})
+    await process.start()
+    gw = process.gateway
+    async with await gw.login(user) as http:
+        term = await gw.terminal(http)
+        session_id = (await term.control("session"))["id"]
+        await term.expect(PROMPT)
+        process.signal(signal.SIGKILL)
+        await process.wait(10)
+    began = time.monotonic()
+
+    def stopped() -> bool:
+        return all(c.status != "running" for c in session_containers(**{"termbridge.session": session_id}))
+
+    await wait_for(stopped, timeout=20, interval=0.5, what="the session container to end itself")
+    assert time.monotonic() - began < 15
+    await process.start()
+    await containers_gone(**{"termbridge.session": session_id})
+    assert f"session {session_id[:12]}" in process.log()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+async def test_reconnect_time_after_restart(gateway_process, make_user, sig):
+    """Several sessions come back after one restart; the time from the gateway answering to each
+    session's `session` message is printed (median, worst) and must stay within a few seconds."""
+    process = gateway_process()
+    await process.start()
+    gw = process.gateway
+    users = [make_user() for _ in range(4)]
+    https = [await gw.login(u) for u in users]
+    try:
+        running = [await start_counter(gw, http) for http in https]
+        offsets = [term.received for term, _ in running]
+        process.signal(sig)
+        await process.wait(10)
+        await process.start()
+        https = [await still_logged_in(gw, http, u) for http, u in zip(https, users)]
+        back = await asyncio.gather(
+            *(comes_back(gw, http, sid, off) for http, (_, sid), off in zip(https, running, offsets))
+        )
+        times = [t for _, t in back]
+        print(f"reconnect after {sig.name}: median {statistics.median(times) * 1000:.0f} ms, "
+              f"worst {max(times) * 1000:.0f} ms over {len(times)} sessions")
+        assert max(times) < 5
+        for (term, sid), off, (after, _) in zip(running, offsets, back):
+            await check_continued(term, after, sid, off)
+            await stop_counter(after, sid)
+    finally:
+        for http in https:
+            await http.close()
