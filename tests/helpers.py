@@ -78,7 +78,9 @@ def write_config(path: Path, state_dir: Path, pam_service: str, **sections: dict
         "web": {"listen": "127.0.0.1:0"},
         "ssh": {"listen": ""},
         "auth": {"pam_service": pam_service},
-        "session": {"image": TEST_IMAGE},
+        # A test gateway that stops ends its sessions (nothing comes back for them); the restart
+        # tests ask for "keep".
+        "session": {"image": TEST_IMAGE, "on_shutdown": "end"},
     }
     for section, values in sections.items():
         data.setdefault(section, {}).update(values)

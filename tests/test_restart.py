@@ -101,7 +101,7 @@ async def restart_and_continue(process, first, user, term: Terminal, session_id:
 @contextlib.asynccontextmanager
 async def counting(gateway_process, user, **sections):
     """A gateway process and one web session of `user` running the counter loop in it."""
-    process = gateway_process(**sections)
+    process = gateway_process(**{**sections, "session": {"on_shutdown": "keep", **sections.get("session", {})}})
     await process.start()
     async with await process.gateway.login(user) as http:
         term, session_id = await start_counter(process.gateway, http)
@@ -141,7 +141,7 @@ async def test_sigterm_end_ends_web_sessions(gateway_process, user):
 async def test_container_ends_itself_with_no_gateway(gateway_process, user):
     """idle_timeout with no gateway attached is enforced inside the container; the next gateway
     forgets the session and removes what is left."""
-    process = gateway_process(session={"idle_timeout": "5s"})
+    process = gateway_process(session={"idle_timeout": "5s", "on_shutdown": "keep"})
     await process.start()
     gw = process.gateway
     async with await gw.login(user) as http:
@@ -166,7 +166,7 @@ async def test_container_ends_itself_with_no_gateway(gateway_process, user):
 async def test_reconnect_time_after_restart(gateway_process, make_user, sig):
     """Several sessions come back after one restart; the time from the gateway answering to each
     session's `session` message is printed (median, worst) and must stay within a few seconds."""
-    process = gateway_process()
+    process = gateway_process(session={"on_shutdown": "keep"})
     await process.start()
     gw = process.gateway
     users = [make_user() for _ in range(4)]
