@@ -1,0 +1,274 @@
+"""The session holder (session-image/holder/tb-holder.c) in a real session container: real sshd,
+real asyncssh connections, `tb-holder attach` over an SSH channel with a pty."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, replace
+
+import asyncssh
+import pytest
+
+from bridge.backend import Container, ContainerSpec
+from bridge.config import SessionConfig
+from bridge.docker_backend import DockerBackend
+from bridge.upstream import SessionKeys, Upstream
+from helpers import PROMPT, TEST_IMAGE
+
+HEADER = re.compile(rb"\x1b_tb-holder 1 offset=(\d+) lost=(\d+) shell=(new|running)\x1b\\")
+
+
+@dataclass
+class Attachment:
+    """One `tb-holder attach` over its own SSH connection, with the header parsed."""
+
+    upstream: Upstream
+    process: asyncssh.SSHClientProcess
+    offset: int  # absolute offset of the first byte after the header
+    lost: int
+    shell: str
+    data: bytes = b""  # output after the header
+    seen: int = 0  # where the next expect starts looking
+
+    @property
+    def end(self) -> int:
+        return self.offset + len(self.data)
+
+    async def expect(self, pattern: bytes | re.Pattern[bytes], timeout: float = 15.0) -> re.Match[bytes]:
+        """The next match after the previous one."""
+        regex = pattern if isinstance(pattern, re.Pattern) else re.compile(re.escape(pattern))
+        async with asyncio.timeout(timeout):
+            while not (match := regex.search(self.data, self.seen)):
+                await self.more()
+        self.seen = match.end()
+        return match
+
+    async def more(self) -> None:
+        chunk = await self.process.stdout.read(65536)
+        if not chunk:
+            raise ConnectionError(f"closed; last output {self.data[-300:]!r}")
+        self.data += chunk
+
+    def send(self, text: str) -> None:
+        self.process.stdin.write(text.encode())
+
+    async def drop(self) -> None:
+        """The gateway goes away: the SSH connection is cut, nothing is said to the holder."""
+        self.upstream.close()
+        await self.upstream.wait_closed()
+
+
+@dataclass
+class Session:
+    backend: DockerBackend
+    container: Container
+    keys: SessionKeys
+
+    async def attach(self, offset: int = 0, cols: int = 80, rows: int = 24, extra: str = "") -> Attachment:
+        upstream = await Upstream.connect(self.container, self.keys, 30)
+        process = await upstream.conn.create_process(
+            f"tb-holder attach --offset {offset}{extra}", term_type="xterm-256color", term_size=(cols, rows),
+            encoding=None,
+        )
+        data = b""
+        async with asyncio.timeout(15):
+            while not (match := HEADER.search(data)):
+                chunk = await process.stdout.read(65536)
+                assert chunk, f"no header from tb-holder attach: {data!r}"
+                data += chunk
+        assert match.start() == 0, f"output before the header: {data[:match.start()]!r}"
+        return Attachment(upstream, process, int(match[1]), int(match[2]), match[3].decode(), data[match.end():])
+
+    async def state(self) -> tuple[bool, int | None]:
+        state = await self.backend.poll(self.container.id)
+        return state.running and not state.gone, state.exit_code
+
+    async def wait_stopped(self, timeout: float) -> float:
+        """Seconds until the container stopped by itself."""
+        t0 = time.monotonic()
+        while (await self.state())[0]:
+            if time.monotonic() - t0 > timeout:
+                raise TimeoutError(f"container still running after {timeout}s")
+            await asyncio.sleep(0.2)
+        return time.monotonic() - t0
+
+
+StartSession = Callable[..., Awaitable[Session]]
+
+
+@pytest.fixture
+async def start_session() -> AsyncIterator[StartSession]:
+    backends: list[tuple[DockerBackend, str]] = []
+
+    async def start(idle: float = 600, lifetime: float = 3600, root: bool = False) -> Session:
+        cfg = replace(SessionConfig(), image=TEST_IMAGE, idle_timeout=idle, max_lifetime=lifetime)
+        backend = DockerBackend(cfg, f"test-holder-{os.getpid()}")
+        keys = SessionKeys.generate()
+        spec = ContainerSpec(
+            session_id=os.urandom(16).hex(), user="" if root else "alice", door="web",
+            started=time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()),
+            authorized_keys=keys.authorized_keys, host_private_key=keys.host_private_key,
+            host_public_key=keys.host_public_key, root=root,
+        )
+        container = await backend.start(spec)
+        backends.append((backend, container.id))
+        return Session(backend, container, keys)
+
+    yield start
+    for backend, cid in backends:
+        await backend.stop(cid)
+        await backend.close()
+
+
+async def counter(att: Attachment, at_least: int) -> int:
+    """The counter loop's latest number, once it reached `at_least`."""
+    while True:
+        numbers = [int(n) for n in re.findall(rb"(?<=[\r\n])(\d+)\r\n", att.data)]
+        if numbers and numbers[-1] >= at_least:
+            return numbers[-1]
+        async with asyncio.timeout(15):
+            await att.more()
+
+
+async def test_the_shell_outlives_the_connection_and_the_replay_is_exact(start_session: StartSession) -> None:
+    """Drop the SSH connection in the middle of a counter loop; a new connection attached at the
+    old offset gets exactly the bytes that followed (no duplicate, no hole) and the loop went on."""
+    session = await start_session()
+    first = await session.attach()
+    assert (first.offset, first.lost, first.shell) == (0, 0, "new")
+    await first.expect(PROMPT)
+    first.send("i=0; while :; do i=$((i+1)); echo $i; sleep 0.2; done\r")
+    last = await counter(first, 3)
+    offset = first.end
+    await first.drop()
+    await asyncio.sleep(2)
+
+    second = await session.attach(offset=offset)
+    assert (second.offset, second.lost, second.shell) == (offset, 0, "running")
+    now = await counter(second, last + 12)
+    stream = first.data + second.data
+    numbers = [int(n) for n in re.findall(rb"(?<=[\r\n])(\d+)\r\n", stream)]
+    assert numbers == list(range(1, now + 1)), "the counter restarted, repeated or skipped"
+    assert (await session.state())[0]
+    second.send("\x03exit 0\r")
+    assert (await second.process.wait()).exit_status == 0
+
+
+async def test_an_offset_older_than_the_ring_reports_the_lost_bytes(start_session: StartSession) -> None:
+    """More than 1 MiB of output: attaching from 0 says how much is gone and replays the rest."""
+    session = await start_session()
+    att = await session.attach()
+    await att.expect(PROMPT)
+    att.send("head -c 1500000 /dev/zero | tr '\\0' x; echo; echo DONE$((40+2))\r")
+    await att.expect(b"DONE42", timeout=60)
+    await att.expect(PROMPT)
+    total = att.end
+    late = await session.attach(offset=0)
+    assert late.lost == total - 2**20 == late.offset
+    assert late.lost > 0
+    await late.expect(b"DONE42")
+    for a in (att, late):
+        await a.drop()
+
+
+async def test_two_attachments_see_the_same_output_and_both_type(start_session: StartSession) -> None:
+    session = await start_session()
+    one = await session.attach()
+    await one.expect(PROMPT)
+    two = await session.attach(offset=one.end)
+    one.send("echo from-$((1+0))-one\r")
+    await one.expect(b"from-1-one")
+    await two.expect(b"from-1-one")
+    two.send("echo from-$((1+1))-two\r")
+    await one.expect(b"from-2-two")
+    await two.expect(b"from-2-two")
+    two.send("exit 3\r")
+    assert (await one.process.wait()).exit_status == 3
+    assert (await two.process.wait()).exit_status == 3
+
+
+async def test_window_changes_reach_the_shell(start_session: StartSession) -> None:
+    """The attach size, a window-change on the SSH channel, and the last attacher's size."""
+    session = await start_session()
+    att = await session.attach(cols=100, rows=30)
+    await att.expect(PROMPT)
+    att.send("stty size\r")
+    await att.expect(b"30 100")
+    att.process.change_terminal_size(120, 40)
+    await asyncio.sleep(0.3)
+    att.send("stty size\r")
+    await att.expect(b"40 120")
+    other = await session.attach(offset=att.end, cols=90, rows=20)
+    other.send("stty size\r")
+    await other.expect(b"20 90")
+    for a in (att, other):
+        await a.drop()
+
+
+async def test_exit_status_reaches_the_client_and_the_container_stops(start_session: StartSession) -> None:
+    session = await start_session()
+    att = await session.attach()
+    await att.expect(PROMPT)
+    att.send("exit 7\r")
+    result = await att.process.wait()
+    assert result.exit_status == 7
+    await session.wait_stopped(10)
+    assert (await session.state()) == (False, 7)
+
+
+async def test_idle_with_nobody_attached_ends_the_container(start_session: StartSession) -> None:
+    session = await start_session(idle=3)
+    att = await session.attach()
+    await att.expect(PROMPT)
+    att.send("sleep 1000\r")
+    await asyncio.sleep(4)
+    assert (await session.state())[0], "ended while attached"
+    t0 = time.monotonic()
+    await att.drop()
+    await session.wait_stopped(10)
+    assert 2.5 < time.monotonic() - t0 < 6.5
+
+
+async def test_max_lifetime_ends_the_container_even_when_attached(start_session: StartSession) -> None:
+    session = await start_session(lifetime=4)
+    att = await session.attach()
+    await att.expect(PROMPT)
+    att.send("sleep 1000\r")
+    result = await att.process.wait(timeout=15)
+    assert result.exit_status == 129  # the shell got SIGHUP
+    await session.wait_stopped(10)
+
+
+async def test_only_the_session_user_and_root_may_attach(start_session: StartSession) -> None:
+    session = await start_session()
+    att = await session.attach()
+    await att.expect(PROMPT)
+    att.send("ls -ld /run/termbridge/holder; ls -l /run/termbridge/holder/holder.sock\r")
+    await att.expect(b"holder.sock")
+    # another uid in the session's group passes the file modes; SO_PEERCRED refuses it
+    api = session.backend._api()
+    run = api.exec_create(
+        session.container.id, ["setpriv", "--reuid=1001", "--regid=1000", "--clear-groups",
+                               "tb-holder", "attach"], user="0")
+    out = api.exec_start(run["Id"])
+    assert api.exec_inspect(run["Id"])["ExitCode"] == 4, out
+    assert b"not your session" in out
+    await att.drop()
+
+
+async def test_a_full_screen_program_is_repainted_on_attach(start_session: StartSession) -> None:
+    """`--repaint` (and any gap) sends the foreground program a SIGWINCH: it redraws."""
+    session = await start_session()
+    att = await session.attach()
+    await att.expect(PROMPT)
+    att.send("trap 'echo REPAINT-$((3*3))' WINCH; while :; do sleep 0.1; done\r")
+    await asyncio.sleep(0.5)
+    offset = att.end
+    await att.drop()
+    again = await session.attach(offset=offset, extra=" --repaint")
+    await again.expect(b"REPAINT-9")
+    await again.drop()
