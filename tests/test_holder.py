@@ -104,12 +104,12 @@ StartSession = Callable[..., Awaitable[Session]]
 async def start_session() -> AsyncIterator[StartSession]:
     backends: list[tuple[DockerBackend, str]] = []
 
-    async def start(idle: float = 600, lifetime: float = 3600, root: bool = False) -> Session:
+    async def start(idle: float = 600, lifetime: float = 3600, root: bool = False, pooled: bool = False) -> Session:
         cfg = replace(SessionConfig(), image=TEST_IMAGE, idle_timeout=idle, max_lifetime=lifetime)
         backend = DockerBackend(cfg, f"test-holder-{os.getpid()}")
         keys = SessionKeys.generate()
         spec = ContainerSpec(
-            session_id=os.urandom(16).hex(), user="" if root else "alice", door="web",
+            session_id=os.urandom(16).hex(), user="" if root or pooled else "alice", door="pool" if pooled else "web",
             started=time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()),
             authorized_keys=keys.authorized_keys, host_private_key=keys.host_private_key,
             host_public_key=keys.host_public_key, root=root,
@@ -247,16 +247,12 @@ async def test_only_the_session_user_and_root_may_attach(start_session: StartSes
     session = await start_session()
     att = await session.attach()
     await att.expect(PROMPT)
-    att.send("ls -ld /run/termbridge/holder; ls -l /run/termbridge/holder/holder.sock\r")
-    await att.expect(b"holder.sock")
+    att.send("stat -c '%a %U %G' /run/termbridge/holder /run/termbridge/holder/holder.sock\r")
+    await att.expect(b"750 root alice\r\n660 root alice")
     # another uid in the session's group passes the file modes; SO_PEERCRED refuses it
-    api = session.backend._api()
-    run = api.exec_create(
-        session.container.id, ["setpriv", "--reuid=1001", "--regid=1000", "--clear-groups",
-                               "tb-holder", "attach"], user="0")
-    out = api.exec_start(run["Id"])
-    assert api.exec_inspect(run["Id"])["ExitCode"] == 4, out
-    assert b"not your session" in out
+    cmd = ["setpriv", "--reuid=1001", "--regid=1000", "--clear-groups", "tb-holder", "attach"]
+    code, out = await session.backend._call(_exec, session, cmd)
+    assert code == 4 and b"not your session" in out, out
     await att.drop()
 
 
@@ -265,10 +261,48 @@ async def test_a_full_screen_program_is_repainted_on_attach(start_session: Start
     session = await start_session()
     att = await session.attach()
     await att.expect(PROMPT)
-    att.send("trap 'echo REPAINT-$((3*3))' WINCH; while :; do sleep 0.1; done\r")
+    # the foreground job, as vim or top would be: it redraws (here: prints) on SIGWINCH
+    att.send("sh -c 'trap \"echo REPAINT-\\$((3*3))\" WINCH; while :; do sleep 0.1; done'\r")
     await asyncio.sleep(0.5)
     offset = att.end
     await att.drop()
     again = await session.attach(offset=offset, extra=" --repaint")
     await again.expect(b"REPAINT-9")
     await again.drop()
+
+
+async def test_a_pooled_container_gets_its_shell_after_the_claim(start_session: StartSession) -> None:
+    """Warm pool: the account comes later (termbridge-adduser through docker exec); the holder
+    refuses to start a shell before, and starts it as the claimed user after."""
+    session = await start_session(pooled=True)
+    refused = await session.backend._call(_exec, session, ["tb-holder", "attach"])
+    assert refused[0] == 4 and b"no account" in refused[1], refused
+    session.container = await session.backend.claim(session.container, "bob", False)
+    att = await session.attach()
+    assert att.shell == "new"
+    await att.expect(PROMPT)
+    att.send("echo $(id -un):$(id -u):$HOME:$(tty); stat -c %U /proc/self/fd/0\r")
+    await att.expect(re.compile(rb"bob:1000:/home/bob:/dev/pts/\d+\r\nbob\r\n"))
+    await att.drop()
+
+
+async def test_an_unclaimed_pooled_container_ends_at_max_lifetime(start_session: StartSession) -> None:
+    session = await start_session(pooled=True, lifetime=3)
+    assert 1.5 < await session.wait_stopped(10) < 6
+
+
+async def test_root_mode_gets_a_root_shell(start_session: StartSession) -> None:
+    session = await start_session(root=True)
+    att = await session.attach()
+    await att.expect(PROMPT)
+    att.send("echo uid=$(id -u) home=$HOME\r")
+    await att.expect(b"uid=0 home=/root")
+    att.send("exit\r")
+    assert (await att.process.wait()).exit_status == 0
+
+
+def _exec(session: Session, cmd: list[str], uid: str = "0") -> tuple[int, bytes]:
+    api = session.backend._api()
+    run = api.exec_create(session.container.id, cmd, user=uid)
+    out = api.exec_start(run["Id"])
+    return api.exec_inspect(run["Id"])["ExitCode"], out

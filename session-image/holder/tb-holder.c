@@ -116,7 +116,7 @@ static struct {
     char pending[CHUNK];
     size_t pending_len, pending_off;
     int64_t started, claimed, last_activity, idle_ms, lifetime_ms;
-    int64_t hangup_at, kill_at, finish_by;
+    int64_t finish_by;
     const char *ending;
 } H = {.listen_fd = -1, .sig_fd = -1, .master = -1, .shell = -1, .companion = -1};
 
@@ -155,10 +155,14 @@ static void set_size(uint16_t rows, uint16_t cols) {
     if (ioctl(H.master, TIOCSWINSZ, &ws) == 0) H.rows = rows, H.cols = cols;
 }
 
-/* A full-screen program redraws on SIGWINCH even when the size did not change. */
+/* A full-screen program redraws on SIGWINCH. The kernel sends one to the foreground job on every
+ * real size change, so the size changes by a column and back: the holder has no CAP_KILL over the
+ * user's processes, and needs none. */
 static void nudge_repaint(void) {
-    pid_t fg = H.master >= 0 ? tcgetpgrp(H.master) : -1;
-    if (fg > 0) kill(-fg, SIGWINCH);
+    struct winsize ws = {.ws_row = H.rows, .ws_col = H.cols > 1 ? H.cols - 1 : H.cols + 1};
+    if (H.master < 0 || ioctl(H.master, TIOCSWINSZ, &ws)) return;
+    ws.ws_col = H.cols;
+    ioctl(H.master, TIOCSWINSZ, &ws);
 }
 
 static const char *allowed_env(const char *kv) {
@@ -281,15 +285,8 @@ refuse:
 static void accept_client(void) {
     int fd = accept4(H.listen_fd, NULL, NULL, SOCK_CLOEXEC);
     if (fd < 0) return;
-    struct ucred cred;
-    socklen_t clen = sizeof cred;
-    if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &clen) || (cred.uid != 0 && cred.uid != H.session_uid)) {
-        logf_("attach refused: uid %u is not the session's", (unsigned)cred.uid);
-        send_text(fd, MSG_ERROR, "not your session");
-        close(fd);
-        return;
-    }
-    /* The hello follows at once (the client sends it right after connecting). */
+    /* The hello follows at once (the client sends it right after connecting); it is read before
+     * any refusal, since closing on an unread message would lose the refusal's text. */
     struct pollfd p = {.fd = fd, .events = POLLIN};
     char buf[MAX_MSG];
     char cbuf[CMSG_SPACE(sizeof(int) * 4)];
@@ -302,9 +299,18 @@ static void accept_client(void) {
         int k = (int)((cm->cmsg_len - CMSG_LEN(0)) / sizeof(int));
         for (int j = 0; j < k && nfds < 4; j++) memcpy(&fds[nfds++], CMSG_DATA(cm) + j * sizeof(int), sizeof(int));
     }
-    if (n < 1 || buf[0] != MSG_HELLO || (mh.msg_flags & (MSG_TRUNC | MSG_CTRUNC))) {
+    struct ucred cred;
+    socklen_t clen = sizeof cred;
+    const char *refusal = NULL;
+    if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &clen) || (cred.uid != 0 && cred.uid != H.session_uid)) {
+        logf_("attach refused: uid %u is not the session's", (unsigned)cred.uid);
+        refusal = "not your session";
+    } else if (n < 1 || buf[0] != MSG_HELLO || (mh.msg_flags & (MSG_TRUNC | MSG_CTRUNC))) {
+        refusal = "bad attach request";
+    }
+    if (refusal) {
         for (int i = 0; i < nfds; i++) close(fds[i]);
-        send_text(fd, MSG_ERROR, "bad attach request");
+        send_text(fd, MSG_ERROR, refusal);
         close(fd);
         return;
     }
@@ -406,11 +412,12 @@ static void end_session(const char *why) {
         H.finish_by = now_ms();
         return;
     }
-    pid_t fg = tcgetpgrp(H.master);
-    kill(-H.shell, SIGHUP);
-    if (fg > 0) kill(-fg, SIGHUP);
-    kill(-H.shell, SIGCONT);
-    H.kill_at = now_ms() + HANGUP_GRACE_MS;
+    /* Hanging up the terminal sends SIGHUP and SIGCONT to the shell and its foreground job, as a
+     * dropped sshd connection did (no CAP_KILL needed); whatever outlives the grace ends with
+     * the container. */
+    close_fd(&H.master);
+    H.master_done = 1;
+    H.finish_by = now_ms() + HANGUP_GRACE_MS;
 }
 
 static void reap(void) {
@@ -421,7 +428,7 @@ static void reap(void) {
         if (pid == H.shell) {
             H.shell_done = 1;
             H.shell_status = code;
-            H.finish_by = now_ms() + FINISH_MS;
+            if (!H.finish_by) H.finish_by = now_ms() + FINISH_MS;
             logf_("shell exited with status %d", code);
         } else if (pid == H.companion) {
             logf_("%s exited with status %d", "the ssh server", code);
@@ -444,11 +451,6 @@ static void check_timers(int64_t now) {
     if (H.lifetime_ms && now - life_from >= H.lifetime_ms) end_session("maximum lifetime reached");
     if (H.idle_ms && H.shell > 0 && H.nclients == 0 && now - H.last_activity >= H.idle_ms)
         end_session("idle with nobody attached");
-    if (H.kill_at && now >= H.kill_at && !H.shell_done) {
-        kill(-H.shell, SIGKILL);
-        H.kill_at = 0;
-        H.finish_by = now + HANGUP_GRACE_MS;
-    }
 }
 
 /* Shell gone and its output handed out: tell every client its status, wait until sshd has let go
@@ -570,7 +572,7 @@ static int serve(int argc, char **argv) {
         }
         /* after the shell's exit the pty is read until it has nothing more (EAGAIN or EIO) */
         int drain = H.shell_done && !H.master_done && !pty_paused();
-        int timeout = drain ? 0 : H.shell_done || H.kill_at ? 50 : 1000;
+        int timeout = drain ? 0 : H.shell_done || H.ending ? 50 : 1000;
         if (poll(p, n, timeout) < 0 && errno != EINTR) {
             logf_("poll: %s", strerror(errno));
             return finish();
