@@ -175,13 +175,17 @@ class FloorSsh(System):
         container = await self.backend.start(spec)
         try:
             upstream = await Upstream.connect(container, keys, 30)
-            process = await upstream.open_terminal("xterm-256color", 80, 24)
+            process = await self._terminal(upstream)
         except BaseException:
             await self.backend.stop(container.id)
             raise
         term = SshTerm(upstream.conn, process)
         reader, seconds = await _prompt(term, t0)
         return Opened(term, reader, seconds, container.id)
+
+    async def _terminal(self, upstream: Upstream) -> asyncssh.SSHClientProcess:
+        """The login shell straight on sshd's pty."""
+        return await upstream.open_terminal("xterm-256color", 80, 24)
 
     async def _after_exit(self, opened: Opened) -> None:
         await opened.reader.until_closed()
@@ -190,6 +194,16 @@ class FloorSsh(System):
 
     async def teardown(self) -> None:
         await self.backend.close()
+
+
+class HolderSsh(FloorSsh):
+    """floor (b) with the session holder between sshd and the shell (`tb-holder attach`)."""
+
+    key, title = "holder_ssh", "floor + holder: asyncssh→sshd→tb-holder"
+
+    async def _terminal(self, upstream: Upstream) -> asyncssh.SSHClientProcess:
+        held = await upstream.attach_held("xterm-256color", 80, 24)
+        return held.process
 
 
 class FloorAttach(System):

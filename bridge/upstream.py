@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -22,6 +23,11 @@ log = logging.getLogger("termbridge.upstream")
 # limit) far less per byte than asyncssh's default chacha20-poly1305. Measured with
 # `python -m benchmarks`: keystroke echo -25 %, throughput +10-20 %.
 CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "chacha20-poly1305@openssh.com")
+
+# The session holder's attach client (session-image/holder/tb-holder.c): its first output is this
+# header, an APC string that a terminal would ignore; then the shell's output from `offset` on.
+HOLDER_HEADER = re.compile(rb"\x1b_tb-holder 1 offset=(\d+) lost=(\d+) shell=(new|running)\x1b\\")
+HOLDER_HEADER_MAX = 128
 
 
 @dataclass(frozen=True)
@@ -47,6 +53,17 @@ class SessionKeys:
     @property
     def host_public_key(self) -> bytes:
         return self.host_key.export_public_key("openssh")
+
+
+@dataclass(frozen=True)
+class HeldTerminal:
+    """An attachment to the session holder's shell."""
+
+    process: asyncssh.SSHClientProcess
+    offset: int  # absolute offset of the first output byte after the header
+    lost: int  # bytes between the requested offset and `offset` that the holder no longer has
+    new_shell: bool  # this attach started the shell
+    rest: bytes  # output that came with the header
 
 
 class Upstream:
@@ -100,6 +117,30 @@ class Upstream:
             env=dict(env or {}),
             encoding=None,
         )
+
+    async def attach_held(
+        self, term: str, cols: int, rows: int, offset: int = 0, env: Mapping[str, str] | None = None,
+        repaint: bool = False,
+    ) -> HeldTerminal:
+        """The session's shell through the holder (started on the first attach): output from
+        `offset` on (or from the oldest byte kept), a repaint of full-screen programs if asked.
+        The process exits with the shell's exit status; killed by SIGUSR1 when it fell more than
+        the holder's buffer behind (attach again from the offset reached)."""
+        command = f"tb-holder attach --offset {int(offset)}" + (" --repaint" if repaint else "")
+        process = await self.conn.create_process(
+            command, term_type=term, term_size=(cols, rows), env=dict(env or {}), encoding=None
+        )
+        data = b""
+        while True:
+            chunk = await process.stdout.read(4096)
+            data += chunk
+            if match := HOLDER_HEADER.match(data):
+                break
+            if not chunk or len(data) > HOLDER_HEADER_MAX:
+                process.close()
+                await process.wait_closed()
+                raise SessionStartError(detail=f"tb-holder attach failed ({process.exit_status}): {data[:300]!r}")
+        return HeldTerminal(process, int(match[1]), int(match[2]), match[3] == b"new", data[match.end():])
 
     def close(self) -> None:
         self.conn.close()

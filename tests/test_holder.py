@@ -19,8 +19,6 @@ from bridge.docker_backend import DockerBackend
 from bridge.upstream import SessionKeys, Upstream
 from helpers import PROMPT, TEST_IMAGE
 
-HEADER = re.compile(rb"\x1b_tb-holder 1 offset=(\d+) lost=(\d+) shell=(new|running)\x1b\\")
-
 
 @dataclass
 class Attachment:
@@ -68,20 +66,11 @@ class Session:
     container: Container
     keys: SessionKeys
 
-    async def attach(self, offset: int = 0, cols: int = 80, rows: int = 24, extra: str = "") -> Attachment:
+    async def attach(self, offset: int = 0, cols: int = 80, rows: int = 24, repaint: bool = False) -> Attachment:
         upstream = await Upstream.connect(self.container, self.keys, 30)
-        process = await upstream.conn.create_process(
-            f"tb-holder attach --offset {offset}{extra}", term_type="xterm-256color", term_size=(cols, rows),
-            encoding=None,
-        )
-        data = b""
-        async with asyncio.timeout(15):
-            while not (match := HEADER.search(data)):
-                chunk = await process.stdout.read(65536)
-                assert chunk, f"no header from tb-holder attach: {data!r}"
-                data += chunk
-        assert match.start() == 0, f"output before the header: {data[:match.start()]!r}"
-        return Attachment(upstream, process, int(match[1]), int(match[2]), match[3].decode(), data[match.end():])
+        held = await upstream.attach_held("xterm-256color", cols, rows, offset, repaint=repaint)
+        return Attachment(upstream, held.process, held.offset, held.lost, "new" if held.new_shell else "running",
+                          held.rest)
 
     async def state(self) -> tuple[bool, int | None]:
         state = await self.backend.poll(self.container.id)
@@ -266,7 +255,7 @@ async def test_a_full_screen_program_is_repainted_on_attach(start_session: Start
     await asyncio.sleep(0.5)
     offset = att.end
     await att.drop()
-    again = await session.attach(offset=offset, extra=" --repaint")
+    again = await session.attach(offset=offset, repaint=True)
     await again.expect(b"REPAINT-9")
     await again.drop()
 
