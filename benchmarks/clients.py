@@ -19,6 +19,8 @@ from typing import Any, Protocol
 import aiohttp
 import asyncssh
 
+from bridge.upstream import HeldTerminal
+
 from .harness import PROMPT
 
 WINDOW = 4096
@@ -146,6 +148,24 @@ class SshTerm:
     async def close(self) -> None:
         self.conn.close()
         await self.conn.wait_closed()
+
+
+class HeldTerm(SshTerm):
+    """The session holder's shell (`tb-holder attach --framed`): keystrokes go in frames."""
+
+    def __init__(self, conn: asyncssh.SSHClientConnection, held: HeldTerminal) -> None:
+        super().__init__(conn, held.process)
+        self.held = held
+        self.pushed = held.rest
+
+    async def send(self, data: bytes) -> None:
+        self.held.write(data)
+
+    async def recv(self) -> bytes:
+        if self.pushed:
+            chunk, self.pushed = self.pushed, b""
+            return chunk
+        return await super().recv()
 
 
 class AttachTerm:

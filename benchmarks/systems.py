@@ -30,7 +30,7 @@ from bridge.config import SessionConfig
 from bridge.docker_backend import NETWORK_NAMES, DockerBackend
 from bridge.upstream import SessionKeys, Upstream
 
-from .clients import AttachTerm, Reader, SshTerm, Term, TtydTerm, WebTerm
+from .clients import AttachTerm, HeldTerm, Reader, SshTerm, Term, TtydTerm, WebTerm
 from .harness import BENCH_LABEL, PROMPT, DestroyWatch, GatewayProcess, HostUser, find_container
 
 KIND_LABEL = "termbridge.bench.kind"
@@ -175,17 +175,16 @@ class FloorSsh(System):
         container = await self.backend.start(spec)
         try:
             upstream = await Upstream.connect(container, keys, 30)
-            process = await self._terminal(upstream)
+            term = await self._terminal(upstream)
         except BaseException:
             await self.backend.stop(container.id)
             raise
-        term = SshTerm(upstream.conn, process)
         reader, seconds = await _prompt(term, t0)
         return Opened(term, reader, seconds, container.id)
 
-    async def _terminal(self, upstream: Upstream) -> asyncssh.SSHClientProcess:
+    async def _terminal(self, upstream: Upstream) -> SshTerm:
         """The login shell straight on sshd's pty."""
-        return await upstream.open_terminal("xterm-256color", 80, 24)
+        return SshTerm(upstream.conn, await upstream.open_terminal("xterm-256color", 80, 24))
 
     async def _after_exit(self, opened: Opened) -> None:
         await opened.reader.until_closed()
@@ -201,9 +200,8 @@ class HolderSsh(FloorSsh):
 
     key, title = "holder_ssh", "floor + holder: asyncssh→sshd→tb-holder"
 
-    async def _terminal(self, upstream: Upstream) -> asyncssh.SSHClientProcess:
-        held = await upstream.attach_held("xterm-256color", 80, 24)
-        return held.process
+    async def _terminal(self, upstream: Upstream) -> SshTerm:
+        return HeldTerm(upstream.conn, await upstream.attach_held("xterm-256color", 80, 24))
 
 
 class FloorAttach(System):

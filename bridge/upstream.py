@@ -28,6 +28,9 @@ CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "chacha20-poly130
 # header, an APC string that a terminal would ignore; then the shell's output from `offset` on.
 HOLDER_HEADER = re.compile(rb"\x1b_tb-holder 1 offset=(\d+) lost=(\d+) shell=(new|running)\x1b\\")
 HOLDER_HEADER_MAX = 128
+# `--framed` input: [type][length, 2 bytes][payload]; 'd' keystrokes, 'w' rows and cols.
+FRAME_MAX = 0xFFFF
+SIZE_MAX = 9999
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,21 @@ class HeldTerminal:
     lost: int  # bytes between the requested offset and `offset` that the holder no longer has
     new_shell: bool  # this attach started the shell
     rest: bytes  # output that came with the header
+
+    def write(self, data: bytes) -> None:
+        """Keystrokes for the shell."""
+        for i in range(0, len(data), FRAME_MAX):
+            chunk = data[i : i + FRAME_MAX]
+            self.process.stdin.write(b"d" + len(chunk).to_bytes(2, "big") + chunk)
+
+    def resize(self, cols: int, rows: int) -> None:
+        """This attachment's window size (the last one to resize or type sets the shell's)."""
+        size = _clamp(rows).to_bytes(2, "big") + _clamp(cols).to_bytes(2, "big")
+        self.process.stdin.write(b"w\x00\x04" + size)
+
+
+def _clamp(n: int) -> int:
+    return max(1, min(SIZE_MAX, int(n)))
 
 
 class Upstream:
@@ -124,11 +142,13 @@ class Upstream:
     ) -> HeldTerminal:
         """The session's shell through the holder (started on the first attach): output from
         `offset` on (or from the oldest byte kept), a repaint of full-screen programs if asked.
-        The process exits with the shell's exit status; killed by SIGUSR1 when it fell more than
-        the holder's buffer behind (attach again from the offset reached)."""
-        command = f"tb-holder attach --offset {int(offset)}" + (" --repaint" if repaint else "")
+        No pty on this channel (no second terminal on the byte path): input and window changes go
+        through `HeldTerminal.write` and `resize`. The process exits with the shell's exit
+        status; killed by SIGUSR1 when it fell more than the holder's buffer behind (attach again
+        from the offset reached)."""
+        command = f"tb-holder attach --framed --size {_clamp(cols)}x{_clamp(rows)} --offset {int(offset)}"
         process = await self.conn.create_process(
-            command, term_type=term, term_size=(cols, rows), env=dict(env or {}), encoding=None
+            command + (" --repaint" if repaint else ""), env={**(env or {}), "TERM": term}, encoding=None
         )
         data = b""
         while True:

@@ -16,7 +16,7 @@ import pytest
 from bridge.backend import Container, ContainerSpec
 from bridge.config import SessionConfig
 from bridge.docker_backend import DockerBackend
-from bridge.upstream import SessionKeys, Upstream
+from bridge.upstream import HOLDER_HEADER, HeldTerminal, SessionKeys, Upstream
 from helpers import PROMPT, TEST_IMAGE
 
 
@@ -25,6 +25,7 @@ class Attachment:
     """One `tb-holder attach` over its own SSH connection, with the header parsed."""
 
     upstream: Upstream
+    held: HeldTerminal | None  # None: attached on a pty, as a person would
     process: asyncssh.SSHClientProcess
     offset: int  # absolute offset of the first byte after the header
     lost: int
@@ -52,7 +53,10 @@ class Attachment:
         self.data += chunk
 
     def send(self, text: str) -> None:
-        self.process.stdin.write(text.encode())
+        if self.held:
+            self.held.write(text.encode())
+        else:
+            self.process.stdin.write(text.encode())
 
     async def drop(self) -> None:
         """The gateway goes away: the SSH connection is cut, nothing is said to the holder."""
@@ -69,8 +73,20 @@ class Session:
     async def attach(self, offset: int = 0, cols: int = 80, rows: int = 24, repaint: bool = False) -> Attachment:
         upstream = await Upstream.connect(self.container, self.keys, 30)
         held = await upstream.attach_held("xterm-256color", cols, rows, offset, repaint=repaint)
-        return Attachment(upstream, held.process, held.offset, held.lost, "new" if held.new_shell else "running",
-                          held.rest)
+        return Attachment(upstream, held, held.process, held.offset, held.lost,
+                          "new" if held.new_shell else "running", held.rest)
+
+    async def attach_on_pty(self, cols: int, rows: int) -> Attachment:
+        """`tb-holder attach` on a terminal, as `ssh -t` would run it."""
+        upstream = await Upstream.connect(self.container, self.keys, 30)
+        process = await upstream.conn.create_process(
+            "tb-holder attach --offset 999999999", term_type="xterm-256color", term_size=(cols, rows), encoding=None
+        )
+        att = Attachment(upstream, None, process, 0, 0, "")
+        match = await att.expect(HOLDER_HEADER)
+        att.offset, att.lost, att.shell, att.data = int(match[1]), int(match[2]), match[3].decode(), b""
+        att.seen = 0
+        return att
 
     async def state(self) -> tuple[bool, int | None]:
         state = await self.backend.poll(self.container.id)
@@ -180,22 +196,47 @@ async def test_two_attachments_see_the_same_output_and_both_type(start_session: 
     assert (await two.process.wait()).exit_status == 3
 
 
+async def test_a_stuck_attachment_is_dropped_and_does_not_stop_the_others(start_session: StartSession) -> None:
+    """One attachment reads, one never does: the reader gets all 6 MB; the stuck one is let go
+    (killed by SIGUSR1, the sign to attach again from its offset)."""
+    session = await start_session()
+    reader = await session.attach()
+    await reader.expect(PROMPT)
+    stuck = await session.attach(offset=reader.end)
+    reader.send("head -c 6000000 /dev/zero | tr '\\0' y; echo; echo END$((5+5))\r")
+    await reader.expect(b"END10", timeout=90)
+    assert reader.data.count(b"y") >= 6_000_000
+    result = await stuck.process.wait(timeout=20)
+    assert result.exit_signal and result.exit_signal[0] == "USR1", (result.exit_status, result.exit_signal)
+    await reader.drop()
+
+
 async def test_window_changes_reach_the_shell(start_session: StartSession) -> None:
-    """The attach size, a window-change on the SSH channel, and the last attacher's size."""
+    """The attach size, a resize frame, the last attacher's size, and a person's `ssh -t` attach
+    (raw terminal, window-change on the SSH channel)."""
     session = await start_session()
     att = await session.attach(cols=100, rows=30)
     await att.expect(PROMPT)
     att.send("stty size\r")
     await att.expect(b"30 100")
-    att.process.change_terminal_size(120, 40)
-    await asyncio.sleep(0.3)
+    assert att.held
+    att.held.resize(120, 40)
     att.send("stty size\r")
     await att.expect(b"40 120")
     other = await session.attach(offset=att.end, cols=90, rows=20)
     other.send("stty size\r")
     await other.expect(b"20 90")
+    person = await session.attach_on_pty(cols=70, rows=15)
+    person.send("stty size; echo $((6*7))\r")
+    await person.expect(b"15 70\r\n42\r\n")  # no CR doubled: the person's terminal is raw
+    person.process.change_terminal_size(75, 18)
+    await asyncio.sleep(0.3)
+    person.send("stty size\r")
+    await person.expect(b"18 75")
+    person.send("exit 5\r")
+    assert (await person.process.wait()).exit_status == 5
     for a in (att, other):
-        await a.drop()
+        assert (await a.process.wait()).exit_status == 5
 
 
 async def test_exit_status_reaches_the_client_and_the_container_stops(start_session: StartSession) -> None:

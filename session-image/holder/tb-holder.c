@@ -2,14 +2,19 @@
  * tb-holder: keeps a termbridge session's shell alive between gateway connections.
  *
  *   tb-holder serve [-- COMMAND...]   the container's main process (run by the entrypoint as root)
- *   tb-holder attach [--offset N] [--repaint]
- *                                     run by the gateway over SSH: attach to the session's shell
+ *   tb-holder attach [--offset N] [--repaint] [--framed --size COLSxROWS]
+ *                                     attach to the session's shell (starting it on first use)
  *
  * The holder owns the shell's pty, keeps the last RING_SIZE bytes of its output with an absolute
  * byte count, and serves attach clients on a unix socket. An attach client hands the holder its
  * own stdin and stdout (SCM_RIGHTS): the holder then moves bytes between the shell's pty and the
  * client's terminal itself, so the hot path is one process and no terminal emulation; the client
  * only forwards window changes and exits with the shell's status.
+ *
+ * Two ways to attach. On a terminal (a person, `ssh -t`): the client sets it raw and forwards
+ * SIGWINCH. `--framed` (the gateway: an SSH channel without a pty, so no second terminal on the
+ * byte path): stdin carries frames, [type][length, 2 bytes big-endian][payload]: 'd' input
+ * bytes, 'w' a new size (rows, cols: 2 bytes big-endian each); stdout is the raw output.
  *
  * Why not dtach/abduco/tmux: tmux and screen re-render every byte; dtach keeps nothing while
  * nobody is attached, has no absolute offsets and no idle or lifetime limits.
@@ -45,8 +50,11 @@
 #define RING_SIZE (1u << 20)
 #define CHUNK (64u * 1024)
 /* The pty is not read while every attached client is this far behind: the fastest client sets
- * the pace (like sshd's own flow control), slower ones fall behind and are dropped at RING_SIZE. */
+ * the pace (like sshd's own flow control). A slower one (a replay) may fall behind up to the
+ * ring's size; there it holds the pty too while it takes output, and is dropped once it took
+ * nothing for STALL_MS, so one stuck client does not stop the others for long. */
 #define FLOW_HIGH (256u * 1024)
+#define STALL_MS 3000
 #define MAX_CLIENTS 16
 #define MAX_MSG 4096
 /* termbridge-adduser gives the session's account this uid and gid. */
@@ -61,7 +69,8 @@
 #define EXIT_HOLDER_LOST 255
 
 enum msg_type { MSG_HELLO = 1, MSG_WINCH, MSG_EXIT, MSG_DROP, MSG_ERROR };
-enum { HELLO_REPAINT = 1 };
+enum { HELLO_REPAINT = 1, HELLO_FRAMED = 2 };
+enum { FRAME_DATA = 'd', FRAME_WINCH = 'w' };
 
 struct msg_hello {
     uint8_t type, flags;
@@ -100,6 +109,10 @@ struct client {
     size_t hdr_len, hdr_off;
     uint16_t rows, cols;
     const char *gone; /* why it is detached at the end of this poll round, or NULL */
+    int64_t progress_at; /* when it last took output */
+    int framed;
+    uint8_t fhdr[3], fctl[4]; /* the frame being read: its header, a control frame's payload */
+    size_t fhdr_len, fctl_len, fleft;
 };
 
 static struct {
@@ -251,7 +264,8 @@ static void handle_hello(int fd, const struct msg_hello *m, size_t len, const in
         goto refuse;
     }
     struct client *c = &H.clients[H.nclients];
-    *c = (struct client){.ctl = fd, .in = fds[0], .out = fds[1], .rows = m->rows, .cols = m->cols};
+    *c = (struct client){.ctl = fd, .in = fds[0], .out = fds[1], .rows = m->rows, .cols = m->cols,
+                         .framed = (m->flags & HELLO_FRAMED) != 0, .progress_at = now_ms()};
     const char *state = "running";
     if (H.shell < 0) {
         if (!claimed() || spawn_shell(c, m->env, len - sizeof *m) < 0) {
@@ -332,17 +346,32 @@ static int flush_client(struct client *c) {
         ssize_t w = write(c->out, H.ring + off, len);
         if (w < 0) return errno == EAGAIN ? 0 : -1;
         c->pos += (uint64_t)w;
+        c->progress_at = now_ms();
     }
     return 0;
 }
 
 static int caught_up(const struct client *c) { return c->hdr_off == c->hdr_len && c->pos == H.total; }
 
+static int at_ring_limit(const struct client *c) { return H.total - c->pos + CHUNK > RING_SIZE; }
+
 static int pty_paused(void) {
-    if (H.nclients == 0) return 0;
-    for (int i = 0; i < H.nclients; i++)
-        if (H.total - H.clients[i].pos < FLOW_HIGH) return 0;
-    return 1;
+    int behind = 0;
+    for (int i = 0; i < H.nclients; i++) {
+        if (at_ring_limit(&H.clients[i])) return 1;
+        behind += H.total - H.clients[i].pos >= FLOW_HIGH;
+    }
+    return H.nclients && behind == H.nclients;
+}
+
+static void drop_stalled(int64_t now) {
+    for (int i = 0; i < H.nclients; i++) {
+        struct client *c = &H.clients[i];
+        if (!c->gone && at_ring_limit(c) && now - c->progress_at >= STALL_MS) {
+            send_msg(c->ctl, &(uint8_t){MSG_DROP}, 1);
+            c->gone = "took no output for too long";
+        }
+    }
 }
 
 static void read_pty(void) {
@@ -373,19 +402,58 @@ static void write_pty(void) {
     if (H.pending_off == H.pending_len) H.pending_len = H.pending_off = 0;
 }
 
+/* Frames in buf[0..n) to input bytes, in place; a size frame takes effect at once. Returns the
+ * number of input bytes, or -1 on a malformed frame. */
+static ssize_t unframe(struct client *c, char *buf, size_t n) {
+    size_t out = 0;
+    for (size_t i = 0; i < n;) {
+        if (c->fhdr_len < 3) {
+            c->fhdr[c->fhdr_len++] = (uint8_t)buf[i++];
+            if (c->fhdr_len < 3) continue;
+            c->fleft = (size_t)c->fhdr[1] << 8 | c->fhdr[2];
+            c->fctl_len = 0;
+            if (c->fhdr[0] != FRAME_DATA && (c->fhdr[0] != FRAME_WINCH || c->fleft != sizeof c->fctl)) return -1;
+        } else {
+            size_t take = n - i < c->fleft ? n - i : c->fleft;
+            if (c->fhdr[0] == FRAME_DATA) memmove(buf + out, buf + i, take), out += take;
+            else memcpy(c->fctl + c->fctl_len, buf + i, take), c->fctl_len += take;
+            i += take, c->fleft -= take;
+        }
+        if (c->fleft) continue;
+        if (c->fhdr[0] == FRAME_WINCH) {
+            c->rows = (uint16_t)(c->fctl[0] << 8 | c->fctl[1]);
+            c->cols = (uint16_t)(c->fctl[2] << 8 | c->fctl[3]);
+            set_size(c->rows, c->cols);
+        }
+        c->fhdr_len = 0;
+    }
+    return (ssize_t)out;
+}
+
 static void client_input(int i) {
     struct client *c = &H.clients[i];
     if (H.pending_len) return; /* another client's input is still on its way */
     ssize_t n = read(c->in, H.pending, sizeof H.pending);
-    if (n > 0) {
-        H.pending_len = (size_t)n, H.pending_off = 0;
-        H.last_activity = now_ms();
-        set_size(c->rows, c->cols); /* the one who types gets their size */
-        write_pty();
-    } else if (n == 0 || errno != EAGAIN) {
+    if (n < 0 && errno == EAGAIN) return;
+    if (n <= 0) {
+        if (c->framed) {
+            c->gone = ""; /* the gateway closed the channel, or its connection went */
+            return;
+        }
+        /* stdin ended (output goes on), or a tty hung up (which the output side notices too) */
         if (c->in != c->out) close_fd(&c->in);
-        c->in = -1; /* stdin ended (or a tty hung up, which the output side notices too) */
+        c->in = -1;
+        return;
     }
+    if (c->framed && (n = unframe(c, H.pending, (size_t)n)) < 0) {
+        c->gone = "malformed input frame";
+        return;
+    }
+    H.last_activity = now_ms();
+    set_size(c->rows, c->cols); /* the one who types (or resizes) gets their size */
+    if (n == 0) return;
+    H.pending_len = (size_t)n, H.pending_off = 0;
+    write_pty();
 }
 
 static void client_control(int i) {
@@ -402,6 +470,12 @@ static void client_control(int i) {
         c->rows = m.rows, c->cols = m.cols;
         set_size(m.rows, m.cols);
     }
+}
+
+/* Detach the clients marked gone; detaching moves the last client into the hole, so from the end. */
+static void sweep(void) {
+    for (int i = H.nclients - 1; i >= 0; i--)
+        if (H.clients[i].gone) detach(i, *H.clients[i].gone ? H.clients[i].gone : NULL);
 }
 
 static void end_session(const char *why) {
@@ -549,6 +623,8 @@ static int serve(int argc, char **argv) {
     for (;;) {
         int64_t now = now_ms();
         check_timers(now);
+        drop_stalled(now);
+        sweep();
         if (H.shell_done && H.master_done) {
             int all = 1;
             for (int i = 0; i < H.nclients; i++) all &= caught_up(&H.clients[i]);
@@ -596,9 +672,7 @@ static int serve(int argc, char **argv) {
                 break;
             }
         }
-        /* detaching moves the last client into the hole: sweep from the end */
-        for (int i = H.nclients - 1; i >= 0; i--)
-            if (H.clients[i].gone) detach(i, *H.clients[i].gone ? H.clients[i].gone : NULL);
+        sweep();
     }
 }
 
@@ -637,6 +711,7 @@ static int connect_holder(void) {
 static int attach(int argc, char **argv) {
     uint64_t offset = 0;
     uint8_t flags = 0;
+    uint16_t size_rows = 0, size_cols = 0;
     for (int i = 0; i < argc; i++) {
         char *end;
         if (strcmp(argv[i], "--offset") == 0 && i + 1 < argc) {
@@ -645,13 +720,20 @@ static int attach(int argc, char **argv) {
             if (*end || errno || argv[i][0] == '-') goto usage;
         } else if (strcmp(argv[i], "--repaint") == 0) {
             flags |= HELLO_REPAINT;
+        } else if (strcmp(argv[i], "--framed") == 0) {
+            flags |= HELLO_FRAMED;
+        } else if (strcmp(argv[i], "--size") == 0 && i + 1 < argc) {
+            unsigned c, r;
+            char x;
+            if (sscanf(argv[++i], "%ux%u%c", &c, &r, &x) != 2 || !c || !r || c > 9999 || r > 9999) goto usage;
+            size_cols = (uint16_t)c, size_rows = (uint16_t)r;
         } else {
             goto usage;
         }
     }
     int fd = connect_holder();
     if (fd < 0) return EXIT_NO_HOLDER;
-    if (isatty(0) && tcgetattr(0, &saved_tty) == 0) {
+    if (!(flags & HELLO_FRAMED) && isatty(0) && tcgetattr(0, &saved_tty) == 0) {
         struct termios raw = saved_tty;
         cfmakeraw(&raw);
         tty_saved = tcsetattr(0, TCSANOW, &raw) == 0;
@@ -668,6 +750,7 @@ static int attach(int argc, char **argv) {
     memset(h, 0, sizeof *h);
     h->type = MSG_HELLO, h->flags = flags, h->offset = offset;
     window_size(&h->rows, &h->cols);
+    if (size_rows) h->rows = size_rows, h->cols = size_cols;
     size_t len = sizeof *h;
     extern char **environ;
     for (char **e = environ; *e; e++) {
@@ -727,7 +810,7 @@ static int attach(int argc, char **argv) {
         }
     }
 usage:
-    dprintf(2, "usage: tb-holder attach [--offset N] [--repaint]\n");
+    dprintf(2, "usage: tb-holder attach [--offset N] [--repaint] [--framed --size COLSxROWS]\n");
     return EXIT_USAGE;
 }
 
@@ -737,6 +820,6 @@ int main(int argc, char **argv) {
         return serve(argc - skip, argv + skip);
     }
     if (argc >= 2 && strcmp(argv[1], "attach") == 0) return attach(argc - 2, argv + 2);
-    dprintf(2, "usage: tb-holder serve [-- COMMAND...] | tb-holder attach [--offset N] [--repaint]\n");
+    dprintf(2, "usage: tb-holder serve [-- COMMAND...] | tb-holder attach [--offset N] [--repaint] [--framed --size COLSxROWS]\n");
     return EXIT_USAGE;
 }
