@@ -19,6 +19,9 @@ from bridge.docker_backend import DockerBackend
 from bridge.upstream import HOLDER_HEADER, HeldTerminal, SessionKeys, Upstream
 from helpers import PROMPT, TEST_IMAGE
 
+HOST_UID = 4242  # alice's uid on the host: her session uid is session.uid_base + this
+SESSION_UID = SessionConfig().uid_base + HOST_UID
+
 
 @dataclass
 class Attachment:
@@ -117,7 +120,7 @@ async def start_session() -> AsyncIterator[StartSession]:
             session_id=os.urandom(16).hex(), user="" if root or pooled else "alice", door="pool" if pooled else "web",
             started=time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()),
             authorized_keys=keys.authorized_keys, host_private_key=keys.host_private_key,
-            host_public_key=keys.host_public_key, root=root,
+            host_public_key=keys.host_public_key, root=root, uid=None if root or pooled else HOST_UID,
         )
         container = await backend.start(spec)
         backends.append((backend, container.id))
@@ -280,7 +283,7 @@ async def test_only_the_session_user_and_root_may_attach(start_session: StartSes
     att.send("stat -c '%a %U %G' /run/termbridge/holder /run/termbridge/holder/holder.sock\r")
     await att.expect(b"750 root alice\r\n660 root alice")
     # another uid in the session's group passes the file modes; SO_PEERCRED refuses it
-    cmd = ["setpriv", "--reuid=1001", "--regid=1000", "--clear-groups", "tb-holder", "attach"]
+    cmd = ["setpriv", f"--reuid={SESSION_UID + 1}", f"--regid={SESSION_UID}", "--clear-groups", "tb-holder", "attach"]
     code, out = await session.backend._call(_exec, session, cmd)
     assert code == 4 and b"not your session" in out, out
     await att.drop()
@@ -307,12 +310,12 @@ async def test_a_pooled_container_gets_its_shell_after_the_claim(start_session: 
     session = await start_session(pooled=True)
     refused = await session.backend._call(_exec, session, ["tb-holder", "attach"])
     assert refused[0] == 4 and b"no account" in refused[1], refused
-    session.container = await session.backend.claim(session.container, "bob", False)
+    session.container = await session.backend.claim(session.container, "bob", HOST_UID + 1, False)
     att = await session.attach()
     assert att.shell == "new"
     await att.expect(PROMPT)
     att.send("echo $(id -un):$(id -u):$HOME:$(tty); stat -c %U /proc/self/fd/0\r")
-    await att.expect(re.compile(rb"bob:1000:/home/bob:/dev/pts/\d+\r\nbob\r\n"))
+    await att.expect(re.compile(rb"bob:%d:/home/bob:/dev/pts/\d+\r\nbob\r\n" % (SESSION_UID + 1)))
     await att.drop()
 
 

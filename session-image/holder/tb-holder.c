@@ -57,8 +57,10 @@
 #define STALL_MS 3000
 #define MAX_CLIENTS 16
 #define MAX_MSG 4096
-/* termbridge-adduser gives the session's account this uid and gid. */
-#define SESSION_UID 1000
+/* termbridge-adduser writes the session account's uid here once the account is complete. */
+#define ACCOUNT_FILE "/run/termbridge/account"
+/* ... and then sends SIGUSR1 to the pid written here, so the account can attach at once. */
+#define PID_FILE "/run/termbridge/holder.pid"
 #define HANGUP_GRACE_MS 2000
 #define FINISH_MS 5000
 
@@ -123,7 +125,8 @@ static struct {
     int listen_fd, sig_fd, master;
     pid_t shell, companion;
     int shell_status, shell_done, master_done;
-    uid_t session_uid;
+    uid_t session_uid; /* (uid_t)-1 until the account exists */
+    int root_mode;
     uint16_t rows, cols;
     /* input read from a client that the pty did not take yet; client input waits meanwhile */
     char pending[CHUNK];
@@ -245,9 +248,23 @@ static int spawn_shell(const struct client *c, const char *env, size_t env_len) 
     return 0;
 }
 
+/* The session's account exists (at start, or once a pooled container is claimed): from now on
+ * its user may reach the socket (the directory's group becomes the account's) and attach. */
 static int claimed(void) {
-    if (!H.claimed && (H.session_uid == 0 || getpwuid(H.session_uid))) H.claimed = now_ms();
-    return H.claimed != 0;
+    if (H.claimed) return 1;
+    if (!H.root_mode) {
+        FILE *f = fopen(ACCOUNT_FILE, "re");
+        unsigned long uid = 0;
+        int ok = f && fscanf(f, "%lu", &uid) == 1 && uid >= 1000 && uid < (uid_t)-1;
+        if (f) fclose(f);
+        struct passwd *pw = ok ? getpwuid((uid_t)uid) : NULL;
+        if (!pw) return 0;
+        if (chown(SOCK_DIR, 0, pw->pw_gid) || chown(SOCK_PATH, 0, pw->pw_gid) || chmod(SOCK_DIR, 0750))
+            logf_("cannot open %s to the session's group: %s", SOCK_DIR, strerror(errno));
+        H.session_uid = (uid_t)uid;
+    }
+    H.claimed = now_ms();
+    return 1;
 }
 
 static void handle_hello(int fd, const struct msg_hello *m, size_t len, const int *fds, int nfds, uid_t uid) {
@@ -516,6 +533,7 @@ static void handle_signals(void) {
     struct signalfd_siginfo si;
     while (read(H.sig_fd, &si, sizeof si) == sizeof si) {
         if (si.ssi_signo == SIGCHLD) reap();
+        else if (si.ssi_signo == SIGUSR1) claimed();
         else end_session(si.ssi_signo == SIGTERM ? "stopped (SIGTERM)" : "interrupted");
     }
 }
@@ -568,22 +586,22 @@ static long env_seconds(const char *name) {
     return s;
 }
 
+/* Root's alone until the account exists (claimed() opens it to the account's group). */
 static int listen_socket(void) {
-    gid_t group = H.session_uid; /* the session's group has the session's uid (termbridge-adduser) */
-    if (mkdir(SOCK_DIR, 0750) && errno != EEXIST) return -1;
-    if (chown(SOCK_DIR, 0, group) || chmod(SOCK_DIR, H.session_uid ? 0750 : 0700)) return -1;
+    if (mkdir(SOCK_DIR, 0700) && errno != EEXIST) return -1;
+    if (chown(SOCK_DIR, 0, 0) || chmod(SOCK_DIR, 0700)) return -1;
     unlink(SOCK_PATH);
     int fd = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
     struct sockaddr_un sa = {.sun_family = AF_UNIX, .sun_path = SOCK_PATH};
-    if (fd < 0 || bind(fd, (struct sockaddr *)&sa, sizeof sa) || chmod(SOCK_PATH, 0660) ||
-        chown(SOCK_PATH, 0, group) || listen(fd, 16))
+    if (fd < 0 || bind(fd, (struct sockaddr *)&sa, sizeof sa) || chmod(SOCK_PATH, 0660) || listen(fd, 16))
         return -1;
     return fd;
 }
 
 static int serve(int argc, char **argv) {
     const char *mode = getenv("TERMBRIDGE_MODE");
-    H.session_uid = mode && strcmp(mode, "root") == 0 ? 0 : SESSION_UID;
+    H.root_mode = mode && strcmp(mode, "root") == 0;
+    H.session_uid = H.root_mode ? 0 : (uid_t)-1;
     H.idle_ms = env_seconds("TERMBRIDGE_IDLE_TIMEOUT") * 1000;
     H.lifetime_ms = env_seconds("TERMBRIDGE_MAX_LIFETIME") * 1000;
     H.started = H.last_activity = now_ms();
@@ -594,6 +612,7 @@ static int serve(int argc, char **argv) {
     sigaddset(&set, SIGCHLD);
     sigaddset(&set, SIGTERM);
     sigaddset(&set, SIGINT);
+    sigaddset(&set, SIGUSR1);
     sigprocmask(SIG_BLOCK, &set, NULL);
     H.sig_fd = signalfd(-1, &set, SFD_CLOEXEC | SFD_NONBLOCK);
     H.listen_fd = listen_socket();
@@ -601,6 +620,9 @@ static int serve(int argc, char **argv) {
         logf_("cannot listen on %s: %s", SOCK_PATH, strerror(errno));
         return 1;
     }
+    claimed();
+    FILE *pid = fopen(PID_FILE, "we");
+    if (!pid || fprintf(pid, "%d\n", (int)getpid()) < 0 || fclose(pid)) logf_("cannot write %s", PID_FILE);
     if (argc > 0) {
         H.companion = fork();
         if (H.companion == 0) {
