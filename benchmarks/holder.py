@@ -20,6 +20,8 @@ from .compare import Comparison
 from .harness import machine, run_label
 from .systems import FloorSsh, HolderSsh
 
+BENCH_UID = 4242  # a host uid for the container's account (no host account is needed here)
+
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.holder", description=__doc__.split("\n\n")[0])
@@ -45,7 +47,7 @@ def cost(results: dict[str, Any]) -> dict[str, float]:
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     cfg = replace(SessionConfig(), image=args.image)
     label = run_label()
-    systems = [FloorSsh(cfg, label, "bench"), HolderSsh(cfg, label, "bench")]
+    systems = [FloorSsh(cfg, label, "bench", BENCH_UID), HolderSsh(cfg, label, "bench", BENCH_UID)]
     say = lambda text: print(text, file=sys.stderr)  # noqa: E731
     results = await Comparison(systems, say).run(args.runs, args.echo_samples, args.megabytes, args.rounds, True)
     out: dict[str, Any] = {"machine": machine(), "image": args.image, "cpus": cfg.cpus, "results": results}

@@ -158,9 +158,11 @@ class FloorSsh(System):
 
     key, title = "floor_ssh", "floor: asyncssh→sshd"
 
-    def __init__(self, cfg: SessionConfig, run: str, user: str) -> None:
+    def __init__(self, cfg: SessionConfig, run: str, user: str, uid: int | None = None) -> None:
+        """`uid`: the login's host uid (its session uid derives from it); default: `user`'s account's."""
         self.backend = DockerBackend(cfg, f"bench-{run}")
         self.user = user
+        self.uid = pwd.getpwnam(user).pw_uid if uid is None else uid
 
     async def open(self) -> Opened:
         t0 = time.perf_counter()
@@ -170,7 +172,7 @@ class FloorSsh(System):
             session_id=session_id, user=self.user, door="bench",
             started=time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()),
             authorized_keys=keys.authorized_keys, host_private_key=keys.host_private_key,
-            host_public_key=keys.host_public_key,
+            host_public_key=keys.host_public_key, uid=self.uid,
         )
         container = await self.backend.start(spec)
         try:
