@@ -545,6 +545,20 @@ static void check_timers(int64_t now) {
         end_session("idle with nobody attached");
 }
 
+/* Until the next deadline: a holder with nothing to do does not wake up (250 sessions: 250 idle
+ * processes on the host). */
+static int poll_timeout(int64_t now) {
+    int64_t next = now + 60000;
+#define SOONER(t) if ((t) < next) next = (t)
+    if (H.lifetime_ms) SOONER((H.claimed ? H.claimed : H.started) + H.lifetime_ms);
+    if (H.idle_ms && H.shell > 0 && !H.nclients) SOONER(H.last_activity + H.idle_ms);
+    if (!H.claimed) SOONER(now + 1000); /* the account's SIGUSR1 is the fast path */
+    for (int i = 0; i < H.nclients; i++)
+        if (at_ring_limit(&H.clients[i])) SOONER(H.clients[i].progress_at + STALL_MS);
+#undef SOONER
+    return next <= now ? 0 : (int)(next - now + 1);
+}
+
 /* Shell gone and its output handed out: tell every client its status, wait until sshd has let go
  * of their terminals (so the exit status is on its way before the container stops), exit. */
 static int finish(void) {
@@ -670,7 +684,7 @@ static int serve(int argc, char **argv) {
         }
         /* after the shell's exit the pty is read until it has nothing more (EAGAIN or EIO) */
         int drain = H.shell_done && !H.master_done && !pty_paused();
-        int timeout = drain ? 0 : H.shell_done || H.ending ? 50 : 1000;
+        int timeout = drain ? 0 : H.shell_done || H.ending ? 50 : poll_timeout(now);
         if (poll(p, n, timeout) < 0 && errno != EINTR) {
             logf_("poll: %s", strerror(errno));
             return finish();
