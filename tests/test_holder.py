@@ -73,9 +73,12 @@ class Session:
     container: Container
     keys: SessionKeys
 
-    async def attach(self, offset: int = 0, cols: int = 80, rows: int = 24, repaint: bool = False) -> Attachment:
+    async def attach(
+        self, offset: int = 0, cols: int = 80, rows: int = 24, repaint: bool = False, term: str = "xterm-256color",
+        env: dict[str, str] | None = None,
+    ) -> Attachment:
         upstream = await Upstream.connect(self.container, self.keys, 30)
-        held = await upstream.attach_held("xterm-256color", cols, rows, offset, repaint=repaint)
+        held = await upstream.attach_held(term, cols, rows, offset, env=env, repaint=repaint)
         return Attachment(upstream, held, held.process, held.offset, held.lost,
                           "new" if held.new_shell else "running", held.rest)
 
@@ -325,11 +328,12 @@ async def test_an_unclaimed_pooled_container_ends_at_max_lifetime(start_session:
 
 
 async def test_root_mode_gets_a_root_shell(start_session: StartSession) -> None:
+    """Also: the first attacher's TERM and locale reach the new shell, nothing else of theirs."""
     session = await start_session(root=True)
-    att = await session.attach()
+    att = await session.attach(term="vt220", env={"LC_TIME": "C.UTF-8", "EVIL": "1"})
     await att.expect(PROMPT)
-    att.send("echo uid=$(id -u) home=$HOME\r")
-    await att.expect(b"uid=0 home=/root")
+    att.send("echo uid=$(id -u) home=$HOME term=$TERM lc=$LC_TIME evil=${EVIL:-unset}\r")
+    await att.expect(b"uid=0 home=/root term=vt220 lc=C.UTF-8 evil=unset")
     att.send("exit\r")
     assert (await att.process.wait()).exit_status == 0
 
