@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import aiohttp
 import asyncssh
 
-from bridge.upstream import HeldTerminal
+from bridge.upstream import HeldShell
 
 from .harness import PROMPT
 
@@ -151,21 +151,17 @@ class SshTerm:
 
 
 class HeldTerm(SshTerm):
-    """The session holder's shell (`tb-holder attach --framed`): keystrokes go in frames."""
+    """The session holder's shell (`Upstream.attach_held`): keystrokes go in frames."""
 
-    def __init__(self, conn: asyncssh.SSHClientConnection, held: HeldTerminal) -> None:
-        super().__init__(conn, held.process)
-        self.held = held
-        self.pushed = held.rest
+    def __init__(self, conn: asyncssh.SSHClientConnection, shell: HeldShell) -> None:
+        self.conn = conn
+        self.shell = shell
 
     async def send(self, data: bytes) -> None:
-        self.held.write(data)
+        self.shell.write(data)
 
     async def recv(self) -> bytes:
-        if self.pushed:
-            chunk, self.pushed = self.pushed, b""
-            return chunk
-        return await super().recv()
+        return await self.shell.read(65536)
 
 
 class AttachTerm:

@@ -186,7 +186,7 @@ class FloorSsh(System):
 
     async def _terminal(self, upstream: Upstream) -> SshTerm:
         """The login shell straight on sshd's pty."""
-        return SshTerm(upstream.conn, await upstream.open_terminal("xterm-256color", 80, 24))
+        return await SshTerm.open(upstream.conn)
 
     async def _after_exit(self, opened: Opened) -> None:
         await opened.reader.until_closed()

@@ -23,7 +23,7 @@ import aiohttp
 import pytest
 
 from conftest import Gateway
-from bridge.web_front import COOKIE_NAME
+from bridge.web.login import COOKIE_NAME
 from helpers import (
     PROMPT, ROOT, Terminal, containers_gone, free_port, self_signed_cert, stop_process, wait_for, write_config,
 )

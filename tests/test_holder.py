@@ -16,7 +16,7 @@ import pytest
 from bridge.backend import Container, ContainerSpec
 from bridge.config import SessionConfig
 from bridge.docker_backend import DockerBackend
-from bridge.upstream import HOLDER_HEADER, HeldTerminal, SessionKeys, Upstream
+from bridge.upstream import HOLDER_HEADER, HeldShell, SessionKeys, Upstream
 from helpers import PROMPT, TEST_IMAGE
 
 HOST_UID = 4242  # alice's uid on the host: her session uid is session.uid_base + this
@@ -28,8 +28,8 @@ class Attachment:
     """One `tb-holder attach` over its own SSH connection, with the header parsed."""
 
     upstream: Upstream
-    held: HeldTerminal | None  # None: attached on a pty, as a person would
-    process: asyncssh.SSHClientProcess
+    held: HeldShell | None  # None: attached on a pty, as a person would
+    process: asyncssh.SSHClientProcess | None
     offset: int  # absolute offset of the first byte after the header
     lost: int
     shell: str
@@ -50,7 +50,11 @@ class Attachment:
         return match
 
     async def more(self) -> None:
-        chunk = await self.process.stdout.read(65536)
+        if self.held:
+            chunk = await self.held.read(65536)
+        else:
+            assert self.process
+            chunk = await self.process.stdout.read(65536)
         if not chunk:
             raise ConnectionError(f"closed; last output {self.data[-300:]!r}")
         self.data += chunk
@@ -59,7 +63,17 @@ class Attachment:
         if self.held:
             self.held.write(text.encode())
         else:
+            assert self.process
             self.process.stdin.write(text.encode())
+
+    async def exit(self, timeout: float = 15) -> tuple[int | None, str | None]:
+        """(exit status, signal name) of `tb-holder attach`."""
+        async with asyncio.timeout(timeout):
+            if self.held:
+                return await self.held.wait_exit()
+            assert self.process
+            result = await self.process.wait()
+            return result.exit_status, result.exit_signal[0] if result.exit_signal else None
 
     async def drop(self) -> None:
         """The gateway goes away: the SSH connection is cut, nothing is said to the holder."""
@@ -79,8 +93,7 @@ class Session:
     ) -> Attachment:
         upstream = await Upstream.connect(self.container, self.keys, 30)
         held = await upstream.attach_held(term, cols, rows, offset, env=env, repaint=repaint)
-        return Attachment(upstream, held, held.process, held.offset, held.lost,
-                          "new" if held.new_shell else "running", held.rest)
+        return Attachment(upstream, held, None, held.offset, held.lost, "new" if held.new_shell else "running")
 
     async def attach_on_pty(self, cols: int, rows: int) -> Attachment:
         """`tb-holder attach` on a terminal, as `ssh -t` would run it."""
@@ -166,7 +179,7 @@ async def test_the_shell_outlives_the_connection_and_the_replay_is_exact(start_s
     assert numbers == list(range(1, now + 1)), "the counter restarted, repeated or skipped"
     assert (await session.state())[0]
     second.send("\x03exit 0\r")
-    assert (await second.process.wait()).exit_status == 0
+    assert (await second.exit())[0] == 0
 
 
 async def test_an_offset_older_than_the_ring_reports_the_lost_bytes(start_session: StartSession) -> None:
@@ -198,8 +211,8 @@ async def test_two_attachments_see_the_same_output_and_both_type(start_session: 
     await one.expect(b"from-2-two")
     await two.expect(b"from-2-two")
     two.send("exit 3\r")
-    assert (await one.process.wait()).exit_status == 3
-    assert (await two.process.wait()).exit_status == 3
+    assert (await one.exit())[0] == 3
+    assert (await two.exit())[0] == 3
 
 
 async def test_a_stuck_attachment_is_dropped_and_does_not_stop_the_others(start_session: StartSession) -> None:
@@ -212,8 +225,12 @@ async def test_a_stuck_attachment_is_dropped_and_does_not_stop_the_others(start_
     reader.send("head -c 6000000 /dev/zero | tr '\\0' y; echo; echo END$((5+5))\r")
     await reader.expect(b"END10", timeout=90)
     assert reader.data.count(b"y") >= 6_000_000
-    result = await stuck.process.wait(timeout=20)
-    assert result.exit_signal and result.exit_signal[0] == "USR1", (result.exit_status, result.exit_signal)
+    assert stuck.held
+    async with asyncio.timeout(20):  # what it still has in flight, then the end
+        while await stuck.held.read(65536):
+            pass
+    status, signal = await stuck.exit()
+    assert signal == "USR1", status
     await reader.drop()
 
 
@@ -235,14 +252,15 @@ async def test_window_changes_reach_the_shell(start_session: StartSession) -> No
     person = await session.attach_on_pty(cols=70, rows=15)
     person.send("stty size; echo $((6*7))\r")
     await person.expect(b"15 70\r\n42\r\n")  # no CR doubled: the person's terminal is raw
+    assert person.process
     person.process.change_terminal_size(75, 18)
     await asyncio.sleep(0.3)
     person.send("stty size\r")
     await person.expect(b"18 75")
     person.send("exit 5\r")
-    assert (await person.process.wait()).exit_status == 5
+    assert (await person.exit())[0] == 5
     for a in (att, other):
-        assert (await a.process.wait()).exit_status == 5
+        assert (await a.exit())[0] == 5
 
 
 async def test_exit_status_reaches_the_client_and_the_container_stops(start_session: StartSession) -> None:
@@ -250,8 +268,7 @@ async def test_exit_status_reaches_the_client_and_the_container_stops(start_sess
     att = await session.attach()
     await att.expect(PROMPT)
     att.send("exit 7\r")
-    result = await att.process.wait()
-    assert result.exit_status == 7
+    assert (await att.exit())[0] == 7
     await session.wait_stopped(10)
     assert (await session.state()) == (False, 7)
 
@@ -274,8 +291,7 @@ async def test_max_lifetime_ends_the_container_even_when_attached(start_session:
     att = await session.attach()
     await att.expect(PROMPT)
     att.send("sleep 1000\r")
-    result = await att.process.wait(timeout=15)
-    assert result.exit_status == 129  # the shell got SIGHUP
+    assert (await att.exit())[0] == 129  # the shell got SIGHUP
     await session.wait_stopped(10)
 
 
@@ -335,7 +351,7 @@ async def test_root_mode_gets_a_root_shell(start_session: StartSession) -> None:
     att.send("echo uid=$(id -u) home=$HOME term=$TERM lc=$LC_TIME evil=${EVIL:-unset}\r")
     await att.expect(b"uid=0 home=/root term=vt220 lc=C.UTF-8 evil=unset")
     att.send("exit\r")
-    assert (await att.process.wait()).exit_status == 0
+    assert (await att.exit())[0] == 0
 
 
 def _exec(session: Session, cmd: list[str], uid: str = "0") -> tuple[int, bytes]:
