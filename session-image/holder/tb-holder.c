@@ -16,6 +16,15 @@
  * byte path): stdin carries frames, [type][length, 2 bytes big-endian][payload]: 'd' input
  * bytes, 'w' a new size (rows, cols: 2 bytes big-endian each); stdout is the raw output.
  *
+ * The attach client's output starts with one header, an APC string a terminal ignores:
+ *   ESC _ tb-holder 1 offset=N lost=M shell=new|running ESC \
+ * N: the absolute offset of the next byte (the one asked for, or the oldest kept, or the end);
+ * M: bytes asked for that are gone. Then raw output. Exit status: the shell's (128+signal when a
+ * signal ended it, 129 when the holder hung it up: idle, lifetime, docker stop); killed by
+ * SIGUSR1: it was let go for taking no output while a buffer behind (attach again); before any
+ * header, 2 usage, 3 no holder, 4 refused (not the session's user, no account yet, ending, full),
+ * 255 the holder went away.
+ *
  * Why not dtach/abduco/tmux: tmux and screen re-render every byte; dtach keeps nothing while
  * nobody is attached, has no absolute offsets and no idle or lifetime limits.
  *
