@@ -84,7 +84,7 @@ class Continuity:
             gateway=self.instance,
             started=started,
             last_activity=wall_from_monotonic(session.last_activity),
-            lifetime_deadline=wall_from_monotonic(session.ready_at) + self.config.max_lifetime,
+            lifetime_deadline=wall_from_monotonic(session.lifetime_end),
             container_id=container.id,
             container_name=container.name,
             address=container.address,

@@ -71,13 +71,19 @@ class SessionLog(logging.LoggerAdapter):
 
 
 class Session:
-    def __init__(self, user: AuthenticatedUser, door: Door, sink: Sink, session_id: str | None = None) -> None:
+    def __init__(
+        self, user: AuthenticatedUser, door: Door, sink: Sink, session_id: str | None = None,
+        max_lifetime: float = float("inf"),
+    ) -> None:
         self.id = session_id or secrets.token_hex(16)
         self.user = user
         self.door = door
         self.sink: Sink | None = sink
         self.started_at = datetime.now(timezone.utc)
         self.created = time.monotonic()
+        # When the lifetime ends: counted from the start of the start, so that the gateway (which
+        # says why) ends it before the holder in the container (the backstop) does.
+        self.lifetime_end = self.created + max_lifetime
         self.container: Container | None = None
         self.upstream: Upstream | None = None
         self.keys: SessionKeys | None = None  # to reconnect to the container (kept in the store)

@@ -29,7 +29,7 @@ from .pool import Pooled, WarmPool
 from .session import Session, Sink, TerminalRequest, TerminalSink
 from .stream import Stream
 from .store import SessionRecord
-from .upstream import HeldShell, SessionKeys, Upstream
+from .upstream import SessionKeys, Upstream
 from .vocab import Actor, Door, EndReason, LoginResult
 
 log = logging.getLogger("termbridge.sessions")
@@ -135,7 +135,7 @@ class SessionManager:
             self.observers.session_refused(user, door, exc.detail)
             raise
         pooled = self.pool.take() if self.pool is not None else None
-        session = Session(user, door, sink, pooled.session_id if pooled else None)
+        session = Session(user, door, sink, pooled.session_id if pooled else None, self.config.session.max_lifetime)
         self.sessions[session.id] = session
         session.log.info("starting (%s door%s)", door, f", pooled {pooled.container.name}" if pooled else "")
         try:
@@ -188,12 +188,11 @@ class SessionManager:
         """The session's shell (through the holder, from output `offset` on; a full-screen
         program is repainted for a page that comes back) and its stream."""
         assert session.upstream is not None
-        held = await session.upstream.attach_held(
+        shell = await session.upstream.attach_held(
             terminal.term, terminal.cols, terminal.rows, offset, terminal.env, repaint=offset > 0
         )
-        shell = HeldShell(held)
-        if held.lost:
-            session.log.info("the holder no longer has %d bytes from offset %d", held.lost, offset)
+        if shell.lost:
+            session.log.info("the holder no longer has %d bytes from offset %d", shell.lost, offset)
         session.stream = Stream(
             shell,
             session.log,
@@ -202,7 +201,7 @@ class SessionManager:
             grace=self.config.session.reconnect_grace,
             abandoned=partial(self._abandoned, session),
             dropped=partial(self.detach, session),
-            start=held.offset,
+            start=shell.offset,
         )
         session.term_size = (terminal.cols, terminal.rows)
 
@@ -340,7 +339,8 @@ class SessionManager:
             session.upstream = await Upstream.connect(found.container, found.keys, timeout)
             await self._open_stream(session, terminal, offset)
         # The clocks go on from where the store has them.
-        session.ready_at = monotonic_from_wall(rec.lifetime_deadline) - self.config.session.max_lifetime
+        session.ready_at = time.monotonic()
+        session.lifetime_end = monotonic_from_wall(rec.lifetime_deadline)
         session.last_activity = monotonic_from_wall(rec.last_activity)
         assert self.continuity is not None
         self.continuity.note_adopted(session)
@@ -415,8 +415,7 @@ class SessionManager:
 
     async def _watchdog(self, session: Session) -> None:
         cfg = self.config.session
-        assert session.ready_at is not None
-        lifetime_end = session.ready_at + cfg.max_lifetime
+        lifetime_end = session.lifetime_end
         while not session.ending:
             now = time.monotonic()
             if now >= lifetime_end:
