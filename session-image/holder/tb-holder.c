@@ -19,8 +19,9 @@
  * The attach client's output starts with one header, an APC string a terminal ignores:
  *   ESC _ tb-holder 1 offset=N lost=M shell=new|running ESC \
  * N: the absolute offset of the next byte (the one asked for, or the oldest kept, or the end);
- * M: bytes asked for that are gone. Then raw output. Exit status: the shell's (128+signal when a
- * signal ended it, 129 when the holder hung it up: idle, lifetime, docker stop); killed by
+ * M: bytes asked for that are gone. Then raw output. Exit status: the shell's; killed by the
+ * signal that killed the shell (so sshd reports it as the channel's exit signal; SIGHUP when the
+ * holder hung it up: idle, lifetime, docker stop; 129 if the shell chose to exit then); killed by
  * SIGUSR1: it was let go for taking no output while a buffer behind (attach again); before any
  * header, 2 usage, 3 no holder, 4 refused (not the session's user, no account yet, ending, full),
  * 255 the holder went away.
@@ -133,7 +134,7 @@ static struct {
     int nclients;
     int listen_fd, sig_fd, master;
     pid_t shell, companion;
-    int shell_status, shell_done, master_done;
+    int shell_status, shell_signal, shell_done, master_done;
     uid_t session_uid; /* (uid_t)-1 until the account exists */
     int root_mode;
     uint16_t rows, cols;
@@ -528,6 +529,7 @@ static void reap(void) {
         if (pid == H.shell) {
             H.shell_done = 1;
             H.shell_status = code;
+            H.shell_signal = WIFSIGNALED(status) ? WTERMSIG(status) : 0;
             if (!H.finish_by) H.finish_by = now_ms() + FINISH_MS;
             logf_("shell exited with status %d", code);
         } else if (pid == H.companion) {
@@ -572,7 +574,8 @@ static int poll_timeout(int64_t now) {
  * of their terminals (so the exit status is on its way before the container stops), exit. */
 static int finish(void) {
     int status = H.shell_done ? H.shell_status : 129;
-    struct msg_exit m = {.type = MSG_EXIT, .status = status};
+    /* negative: the signal that ended the shell, which each attach client dies of in turn */
+    struct msg_exit m = {.type = MSG_EXIT, .status = H.shell_done && H.shell_signal ? -H.shell_signal : status};
     for (int i = 0; i < H.nclients; i++) {
         struct client *c = &H.clients[i];
         send_msg(c->ctl, &m, sizeof m);
@@ -840,6 +843,12 @@ static int attach(int argc, char **argv) {
         case MSG_EXIT: {
             struct msg_exit m;
             memcpy(&m, buf, sizeof m);
+            if (m.status < 0) { /* the shell was killed: so is this client, and sshd says by what */
+                restore_tty();
+                signal(-m.status, SIG_DFL);
+                raise(-m.status);
+                return 128 + (-m.status & 0x7f);
+            }
             return m.status & 0xff;
         }
         case MSG_DROP:
