@@ -253,7 +253,7 @@ async def pw() -> AsyncIterator[Any]:
     from playwright.async_api import async_playwright
 
     if not Path(CHROMIUM).exists():
-        pytest.fail(f"{CHROMIUM} missing: apt-get install chromium (.ci/run does)")
+        pytest.fail(f"{CHROMIUM} missing: apt-get install chromium (`make test` does)")
     async with async_playwright() as driver:
         yield driver
 
