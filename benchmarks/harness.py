@@ -29,10 +29,10 @@ from typing import Any
 import aiohttp
 import docker
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
+from testbed.accounts import HostUser, create_user, delete_user
+from testbed.gateway import PROMPT, TEST_IMAGE, write_config
 
-from helpers import PROMPT, TEST_IMAGE, HostUser, create_user, delete_user, write_config  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 __all__ = ["PROMPT", "TEST_IMAGE", "HostUser"]
 

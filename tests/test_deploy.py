@@ -20,10 +20,10 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from conftest import Gateway
 from bridge.web_front import COOKIE_NAME
 from helpers import (
-    PROMPT, ROOT, Terminal, containers_gone, free_port, self_signed_cert, stop_process, wait_for, write_config,
+    PROMPT, ROOT, Gateway, Terminal, containers_gone, free_port, self_signed_cert, stop_process, wait_for,
+    write_config,
 )
 
 NGINX = Path("/usr/sbin/nginx")

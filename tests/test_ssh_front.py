@@ -24,8 +24,7 @@ from bridge.docker_backend import DockerBackend
 from bridge.errors import ConfigError
 from bridge.ssh_front import load_or_create_host_key, read_authorized_keys
 from bridge.web_front import MANAGER
-from conftest import Gateway
-from helpers import PROMPT, HostUser, containers_gone, free_port, session_containers, wait_for
+from helpers import PROMPT, Gateway, HostUser, containers_gone, free_port, session_containers, wait_for
 
 SSH_ON = {"listen": "127.0.0.1:0"}
 
