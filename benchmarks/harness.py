@@ -105,13 +105,6 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def ssh_door_built() -> bool:
-    """The SSH door lands in bridge/ssh_front.py; before that, its columns are n/a."""
-    import importlib.util
-
-    return importlib.util.find_spec("bridge.ssh_front") is not None
-
-
 # -- a PAM account and service for the run --------------------------------------------------------
 
 
