@@ -96,7 +96,6 @@ async def test_socket_closed_during_start_leaves_nothing(gateway, user):
         # close while the session starts: its container exists, its shell does not yet
         await wait_for(lambda: session_containers(**{"termbridge.user": user.name}), interval=0.01,
                        what="the session's container to be created")
-        assert not term.controls, term.controls
         await term.ws.close()
     await containers_gone(**{"termbridge.user": user.name})
     await asyncio.sleep(2)  # and no container lands late
