@@ -90,7 +90,7 @@ async def test_closing_the_socket_removes_the_container_after_the_grace(start_ga
     await containers_gone(**{"termbridge.session": session["id"]})
 
 
-async def test_socket_closed_during_start_leaves_nothing(gateway, user):
+async def test_socket_closed_during_start_leaves_nothing(gateway, user, caplog):
     async with await gateway.login(user) as http:
         term = await gateway.terminal(http)
         # close while the session starts: its container exists, its shell does not yet
@@ -100,6 +100,7 @@ async def test_socket_closed_during_start_leaves_nothing(gateway, user):
     await containers_gone(**{"termbridge.user": user.name})
     await asyncio.sleep(2)  # and no container lands late
     assert not session_containers(**{"termbridge.user": user.name})
+    assert any("ended: reason=cancelled" in r.getMessage() for r in caplog.records), "the start was not cancelled"
 
 
 async def test_resize_reaches_the_pty(gateway, user):
