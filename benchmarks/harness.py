@@ -30,7 +30,7 @@ import aiohttp
 import docker
 
 from testbed.accounts import HostUser, create_user, delete_user
-from testbed.gateway import PROMPT, TEST_IMAGE, write_config
+from testbed.gateway import PROMPT, TEST_IMAGE, free_port, write_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -97,12 +97,6 @@ def cpu_times() -> tuple[int, int]:
     fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
     idle = fields[3] + fields[4]  # idle + iowait
     return sum(fields) - idle, sum(fields)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # -- a PAM account and service for the run --------------------------------------------------------

@@ -9,12 +9,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import resource
 import secrets
 import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from aiohttp import web
+from aiohttp import web, web_response
 
 from . import resources, web_files, web_front
 from .admin import AdminServer
@@ -70,6 +71,9 @@ def build_app(
     backend: Backend | None = None,
     web_root: Path = DEFAULT_WEB_ROOT,
 ) -> web.Application:
+    # aiohttp's default Server header names Python's version and its own; the web door's
+    # response hook replaces it, but the 400 for a request that does not parse never reaches a hook.
+    web_response.SERVER_SOFTWARE = "termbridge"  # type: ignore[attr-defined]
     app = web.Application(client_max_size=64 * 1024)
     app[web_front.CONFIG] = config
     web_front.setup_routes(app, web_root)
@@ -99,7 +103,8 @@ def build_app(
         if config.audit.record_dir is not None:
             manager.observers.append(
                 SessionRecorder(
-                    config.audit.record_dir, record_input=config.audit.record_input, limit=config.audit.record_limit
+                    config.audit.record_dir, record_input=config.audit.record_input, limit=config.audit.record_limit,
+                    dir_limit=config.audit.record_dir_limit, audit=audit,
                 )
             )
         metrics.watch(manager)
@@ -178,9 +183,25 @@ def ssl_context(config: Config) -> ssl.SSLContext | None:
     return ctx
 
 
+def raise_open_file_limit() -> int:
+    """Lift the soft limit on open files to the hard one: each idle connection holds a descriptor
+    (two for a session), and the usual soft limit of 1024 runs out at about a thousand. The
+    systemd unit raises the hard limit (LimitNOFILE); this covers any other way of starting."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open-file limit from %d to %d: %s", soft, hard, exc)
+            return soft
+        log.info("open-file limit raised from %d to %d", soft, hard)
+    return hard
+
+
 def serve(config: Config) -> None:
     """Run the gateway in the foreground until SIGINT/SIGTERM."""
     ensure_state_dir(config.state_dir)
+    raise_open_file_limit()
     host, port = config.web.listen
     web.run_app(
         build_app(config),

@@ -272,7 +272,8 @@ class HomeFiles:
                     f"not enough space for {rel.name}: it needs {_size(length)}, {_size(free)} are free",
                     detail=f"{length} bytes announced, {free} free in {parent!r}",
                 )
-        temp = f"{parent}/.{rel.name[:200]}.termbridge-{secrets.token_hex(4)}.part"
+        # Bounded in bytes whatever the final name is: a 255-byte name plus a suffix would not fit.
+        temp = f"{parent}/.tb-upload-{secrets.token_hex(8)}.part"
         written = 0
         done = False
         try:

@@ -165,8 +165,8 @@ class MeteredBackend:
     async def start(self, spec: ContainerSpec) -> Container:
         return await self._count("start", self.inner.start(spec))
 
-    async def claim(self, container: Container, user: str, root: bool) -> Container:
-        return await self._count("claim", self.inner.claim(container, user, root))
+    async def claim(self, container: Container, user: str, uid: int, root: bool) -> Container:
+        return await self._count("claim", self.inner.claim(container, user, uid, root))
 
     async def stop(self, container_id: str) -> None:
         await self._count("stop", self.inner.stop(container_id))

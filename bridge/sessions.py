@@ -178,6 +178,8 @@ class Session:
         self.taps: list[StreamTap] = []
         self.end_reason: str | None = None
         self.exit_code: int | None = None
+        self.exit_signal: str | None = None
+        self.channels: list[dict[str, Any]] = []  # the SSH door's channels: kind, and how each ended
         self.log = SessionLog(log, {"session": self.id[:12], "user": user.name})
         self.output = OutputBuffer()
         self.attachment: Attachment | None = None
@@ -420,7 +422,9 @@ class SessionManager:
         if pooled is not None:
             keys = pooled.keys
             session.container = pooled.container  # removed with the session, whatever happens next
-            session.container = await self.backend.claim(pooled.container, session.user.name, cfg.user == "root")
+            session.container = await self.backend.claim(
+                pooled.container, session.user.name, session.user.uid, cfg.user == "root"
+            )
         else:
             keys = SessionKeys.generate()
             session.container = await self._start_container(session, keys)
@@ -458,6 +462,7 @@ class SessionManager:
             host_private_key=keys.host_private_key,
             host_public_key=keys.host_public_key,
             root=self.config.session.user == "root",
+            uid=session.user.uid,
         )
         start = asyncio.ensure_future(self.backend.start(spec))
         self._starting.add(start)
@@ -560,6 +565,7 @@ class SessionManager:
                 return
             signal = session.process.exit_signal
             if signal:
+                session.exit_signal = signal[0]
                 await self.end(session, "exit", code=None, message=f"the shell was killed by signal {signal[0]}")
                 return
             await self._end_lost(session, "the shell ended without an exit status")

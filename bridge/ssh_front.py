@@ -41,6 +41,9 @@ FAILED_START_LINGER = 5.0
 # After a session ended, how long its channels have to say goodbye before the connection closes.
 CLOSE_GRACE = 2.0
 PASSED_ENV = ("LANG", "TERM")
+# The audit trail keeps how the last this many channels of a connection ended.
+MAX_CHANNEL_RECORDS = 64
+COMMAND_KINDS = ("shell", "exec")
 
 
 def _env_passes(name: str) -> bool:
@@ -212,6 +215,7 @@ class SshConnection(asyncssh.SSHServer):
         self._starting: asyncio.Task[Session] | None = None
         self._channels: set[asyncssh.SSHServerProcess] = set()
         self._linger: asyncio.TimerHandle | None = None
+        self._last_command: dict[str, Any] | None = None  # the shell or exec channel that ended last
 
     # -- connection -----------------------------------------------------------------------------
 
@@ -237,7 +241,14 @@ class SshConnection(asyncssh.SSHServer):
         session = self.session
         if session is not None and not session.ending:
             session.log.info("ssh connection from %s closed%s", self.rhost, f": {exc}" if exc else "")
-            await self._door.manager.end(session, "disconnected")
+            last = self._last_command
+            running = any(c["ended"] == "open" and c["kind"] in COMMAND_KINDS for c in session.channels)
+            if last is not None and last["ended"] == "exit" and not running:
+                # The client went after the last of its commands or shells ended: that end is the session's.
+                session.exit_signal = last["signal"]
+                await self._door.manager.end(session, "exit", code=last["code"])
+            else:
+                await self._door.manager.end(session, "disconnected")
 
     def close(self, reason: str = "") -> None:
         if self._conn is not None and not self._conn.is_closed():
@@ -384,6 +395,9 @@ class SshConnection(asyncssh.SSHServer):
             return
         what = process.subsystem or ("exec" if process.command is not None else "shell")
         session.log.info("channel opened: %s%s", what, " with pty" if process.term_type else "")
+        record: dict[str, Any] = {"kind": what, "ended": "open", "code": None, "signal": None}
+        session.channels.append(record)
+        del session.channels[:-MAX_CHANNEL_RECORDS]  # a client may open thousands on one connection
         await process.redirect(stdin=upstream.stdin)
         # The client's EOF comes with the exit status (as from sshd, status first): OpenSSH's
         # multiplexing master drops a status that arrives after EOF.
@@ -395,15 +409,25 @@ class SshConnection(asyncssh.SSHServer):
         finally:
             theirs.cancel()
             ours.cancel()
+        # Recorded before the client hears the status, so that its disconnect finds it.
         if theirs not in done:  # the person closed the channel first
+            record["ended"] = "closed"
             upstream.close()
         elif upstream.exit_signal:
+            record.update(ended="exit", signal=upstream.exit_signal[0])
             process.exit_with_signal(*upstream.exit_signal)
         elif upstream.exit_status is not None and upstream.exit_status >= 0:
+            record.update(ended="exit", code=upstream.exit_status)
             process.exit(upstream.exit_status)
-        elif not session.ending:
-            _say(process, "the connection to your container was lost")
-            process.exit(255)
+        else:
+            record["ended"] = "lost"
+            if not session.ending:
+                _say(process, "the connection to your container was lost")
+                process.exit(255)
+        if what in COMMAND_KINDS:
+            self._last_command = record
+        session.log.info("channel closed: %s, %s, code %s, signal %s", what, record["ended"], record["code"],
+                         record["signal"])
 
 
 # -- the listener ---------------------------------------------------------------------------------

@@ -202,6 +202,7 @@ def _login_page(request: web.Request, status: int = 200, error: str = "", userna
 async def security_headers(request: web.Request, response: web.StreamResponse) -> None:
     """On every response, errors and static files included."""
     headers = response.headers
+    headers["Server"] = "termbridge"  # not aiohttp's default, which names Python's and its own versions
     headers.setdefault("Content-Security-Policy", CSP.format(nonce=""))
     headers.setdefault("X-Content-Type-Options", "nosniff")
     headers.setdefault("Referrer-Policy", "no-referrer")

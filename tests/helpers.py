@@ -8,7 +8,6 @@ import asyncio
 import base64
 import re
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,12 +19,13 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from testbed.accounts import PASSWORDS, HostUser, create_user, delete_user
 from testbed.gateway import (
-    CHROMIUM, CHROMIUM_FLAGS, PROMPT, TEST_IMAGE, Gateway, Terminal, csrf_token, wait_for, wait_for_js, write_config,
+    CHROMIUM, CHROMIUM_FLAGS, PROMPT, TEST_IMAGE, Gateway, Terminal, csrf_token, free_port, wait_for, wait_for_js,
+    write_config,
 )
 
 __all__ = [
     "CHROMIUM", "CHROMIUM_FLAGS", "PASSWORDS", "PROMPT", "TEST_IMAGE", "Gateway", "HostUser", "Terminal",
-    "create_user", "csrf_token", "delete_user", "wait_for", "wait_for_js", "write_config",
+    "create_user", "csrf_token", "delete_user", "free_port", "wait_for", "wait_for_js", "write_config",
 ]
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -131,12 +131,6 @@ def stop_process(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: flo
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class GatewayProcess:

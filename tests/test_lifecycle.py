@@ -115,7 +115,7 @@ async def test_sessions_list_and_kill(gateway, user):
         header, *rows = out.splitlines()
         assert header.split() == ["ID", "USER", "DOOR", "CONTAINER", "STARTED", "IDLE"]
         [row] = [r.split() for r in rows if r.startswith(session["id"])]
-        assert row[1:4] == [user.name, "web", f"termbridge-{user.name}-{session['id'][:8]}"]
+        assert row[1:4] == [user.name, "web", f"termbridge-{session['id'][:8]}"]
 
         code, _, err = await run_cli("sessions", "kill", "nosuchid", "--config", cfg)
         assert code == 1 and "no live session" in err
