@@ -464,6 +464,7 @@ async def test_input_on_any_channel_keeps_the_session(start_door, user):
     door = await start_door(session={"idle_timeout": "2s"})
     async with door.connect(user) as conn:
         shell = await conn.create_process(term_type="xterm", encoding=None)
+        await asyncio.wait_for(shell.stdout.readuntil(b"$ "), 60)  # the session runs: its clock too
         feeder = await conn.create_process("cat > /dev/null", encoding=None)
         for _ in range(8):  # 3.2 s of input, well past the 2 s idle timeout
             feeder.stdin.write(b".")
