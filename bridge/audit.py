@@ -22,7 +22,9 @@ from typing import Any, BinaryIO
 from .auth import AuthenticatedUser
 from .errors import ConfigError
 from .logsafe import SafeFormatter
-from .sessions import Session, SessionObserver
+from .observers import SessionObserver
+from .session import Session
+from .vocab import Actor, Door, LoginResult
 
 log = logging.getLogger("termbridge.audit")
 
@@ -68,9 +70,9 @@ class AuditLog:
         self._logger.info("%s", json.dumps(record, default=str))
         return record
 
-    def login(self, user: str, rhost: str | None, door: str, result: str, reason: str = "") -> None:
+    def login(self, user: str, rhost: str | None, door: Door, result: LoginResult, reason: str = "") -> None:
         """One login attempt at any door. Never give it the password."""
-        self.emit("login", user=user[:MAX_NAME], rhost=rhost or "", door=door, ok=result == "ok",
+        self.emit("login", user=user[:MAX_NAME], rhost=rhost or "", door=door, ok=result == LoginResult.OK,
                   result=result, reason=reason)
 
     def close(self) -> None:
@@ -96,7 +98,7 @@ class AuditObserver(SessionObserver):
         self.audit = audit
         self.image = image
 
-    def login(self, user: str, rhost: str | None, door: str, result: str, reason: str) -> None:
+    def login(self, user: str, rhost: str | None, door: Door, result: LoginResult, reason: str) -> None:
         self.audit.login(user, rhost, door, result, reason)
 
     def session_started(self, session: Session, seconds: float) -> None:
@@ -117,10 +119,10 @@ class AuditObserver(SessionObserver):
             code=session.exit_code, signal=session.exit_signal, channels=session.channels, duration=round(lived, 3), bytes_in=session.bytes_in, bytes_out=session.bytes_out,
         )
 
-    def session_refused(self, user: AuthenticatedUser, door: str, detail: str) -> None:
+    def session_refused(self, user: AuthenticatedUser, door: Door, detail: str) -> None:
         self.audit.emit("session_refused", user=user.name, door=door, reason=detail)
 
-    def session_killed(self, session: Session, actor: str) -> None:
+    def session_killed(self, session: Session, actor: Actor) -> None:
         self.audit.emit("session_kill", **_session_fields(session), by=actor)
 
     def containers_reaped(self, count: int) -> None:

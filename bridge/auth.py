@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-import enum
 import grp
 import logging
 import os
@@ -20,6 +19,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import pam
+
+from .vocab import LoginResult
 
 log = logging.getLogger("termbridge.auth")
 
@@ -33,11 +34,7 @@ PAM_RHOST = 4
 _PAM_BROKEN = frozenset({1, 2, 3, 4, 5, 26, 28})
 
 
-class Outcome(enum.Enum):
-    OK = "ok"
-    DENIED = "denied"
-    UNAVAILABLE = "unavailable"
-    THROTTLED = "throttled"  # refused before PAM was asked (see throttle.py)
+Outcome = LoginResult  # an authenticator's verdict is the login result every door reports
 
 
 @dataclass(frozen=True)

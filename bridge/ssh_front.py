@@ -26,8 +26,10 @@ import asyncssh
 from .auth import AuthenticatedUser, Outcome, valid_username
 from .config import Config
 from .errors import AuthUnavailable, BridgeError, ConfigError
-from .sessions import Session, SessionManager
+from .session import Session
+from .sessions import SessionManager
 from .throttle import ThrottledAuthenticator
+from .vocab import Door, EndReason, LoginResult
 
 log = logging.getLogger("termbridge.ssh")
 
@@ -163,38 +165,22 @@ class _ChannelProcess(asyncssh.SSHServerProcess):
         return subsystem == "sftp"
 
     def session_started(self) -> None:
-        chan = self.channel
-        handler = self._start_process(
-            asyncssh.SSHReader(self, chan),
-            asyncssh.SSHWriter(self, chan),
-            asyncssh.SSHWriter(self, chan, asyncssh.EXTENDED_DATA_STDERR),
-        )
-        chan.get_connection().create_task(handler)
+        start_as_process(self)
 
 
-class _MeteredUpstream(asyncssh.SSHClientProcess):
-    """The container end of one bridged channel, reporting to the session what crosses it:
-    `feed_data`/`feed_exception` are what redirect() calls with the person's bytes and terminal
-    changes, `data_received` is the container's output."""
-
-    def __init__(self, session: Session) -> None:
-        super().__init__()
-        self._session = session
-
-    def data_received(self, data: bytes, datatype: int | None) -> None:
-        self._session.note_output(data)
-        super().data_received(data, datatype)
-
-    def feed_data(self, data: bytes, datatype: int | None) -> None:
-        self._session.note_input(data)
-        super().feed_data(data, datatype)
-
-    def feed_exception(self, exc: Exception) -> None:
-        if isinstance(exc, asyncssh.TerminalSizeChanged):
-            self._session.note_resize(exc.width, exc.height)
-        else:  # break or signal: the person did something
-            self._session.touch()
-        super().feed_exception(exc)
+def start_as_process(process: asyncssh.SSHServerProcess) -> None:
+    """Run `process`'s handler on its channel, as asyncssh does for a shell or a command, whatever
+    the request (sftp included). asyncssh has no public call for this (its own session_started
+    hands "sftp" to its built-in SFTP server), so this is the one place that uses a private one:
+    `SSHServerProcess._start_process(stdin, stdout, stderr)`. tests/test_ssh_front.py checks that
+    asyncssh still has it, so an upgrade that changes it fails there, not in production."""
+    chan = process.channel
+    handler = process._start_process(  # noqa: SLF001 - see the docstring
+        asyncssh.SSHReader(process, chan),
+        asyncssh.SSHWriter(process, chan),
+        asyncssh.SSHWriter(process, chan, asyncssh.EXTENDED_DATA_STDERR),
+    )
+    chan.get_connection().create_task(handler)
 
 
 # -- one connection -------------------------------------------------------------------------------
@@ -246,9 +232,9 @@ class SshConnection(asyncssh.SSHServer):
             if last is not None and last["ended"] == "exit" and not running:
                 # The client went after the last of its commands or shells ended: that end is the session's.
                 session.exit_signal = last["signal"]
-                await self._door.manager.end(session, "exit", code=last["code"])
+                await self._door.manager.end(session, EndReason.EXIT, code=last["code"])
             else:
-                await self._door.manager.end(session, "disconnected")
+                await self._door.manager.end(session, EndReason.DISCONNECTED)
 
     def close(self, reason: str = "") -> None:
         if self._conn is not None and not self._conn.is_closed():
@@ -280,7 +266,7 @@ class SshConnection(asyncssh.SSHServer):
 
     async def validate_password(self, username: str, password: str) -> bool:  # type: ignore[override]
         result = await self._door.authenticator.authenticate(username, password, self.rhost)
-        self._door.manager.note_login(username, self.rhost, "ssh", result.outcome.value, result.reason)
+        self._door.manager.note_login(username, self.rhost, Door.SSH, result.outcome, result.reason)
         if result.outcome is Outcome.UNAVAILABLE:
             raise asyncssh.ServiceNotAvailable(AuthUnavailable.user_message)
         if result.outcome is Outcome.THROTTLED:
@@ -300,14 +286,14 @@ class SshConnection(asyncssh.SSHServer):
         user = self.user or self._key_user
         assert user is not None and user.name == self._conn.get_extra_info("username"), "auth without our check"
         if self.user is None:
-            self._door.manager.note_login(user.name, self.rhost, "ssh", "ok", "public key")
+            self._door.manager.note_login(user.name, self.rhost, Door.SSH, LoginResult.OK, "public key")
         self.user = user
         log.info("ssh login of %s from %s", user.name, self.rhost)
         self._starting = asyncio.get_running_loop().create_task(self._start(user), name=f"ssh-start-{user.name}")
 
     async def _start(self, user: AuthenticatedUser) -> Session:
         try:
-            return await self._door.manager.create(user, "ssh", self)
+            return await self._door.manager.create(user, Door.SSH, self)
         except BridgeError as exc:
             log.warning("ssh session of %s from %s not started: %s", user.name, self.rhost, exc.detail)
             if not self._channels:
@@ -330,7 +316,7 @@ class SshConnection(asyncssh.SSHServer):
             if process.term_type or (process.command is None and process.subsystem is None):
                 _say(process, f"this session ends in {round(seconds)} s unless you type something")
 
-    async def ended(self, code: int | None, reason: str, message: str | None) -> None:
+    async def ended(self, code: int | None, reason: EndReason, message: str | None) -> None:
         """Each channel hears why and exits with 255 (what ssh reports for a lost connection), so
         that clients print the line before they go; the connection closes once they did."""
         text = message or f"the session ended ({reason})"
@@ -379,17 +365,16 @@ class SshConnection(asyncssh.SSHServer):
         assert session.upstream is not None
         env = {name: value for name, value in process.env.items() if _env_passes(name)}
         try:
-            _, upstream = await session.upstream.conn.create_session(
-                partial(_MeteredUpstream, session),
-                process.command,
+            upstream = await session.upstream.open_channel(
+                session,
+                command=process.command,
                 subsystem=process.subsystem,
                 env=env,
                 term_type=process.term_type,
                 term_size=process.term_size,
                 term_modes=process.term_modes,
-                encoding=None,
             )
-        except (asyncssh.Error, OSError) as exc:
+        except OSError as exc:
             session.log.warning("the container refused a channel: %r", exc)
             _refuse(process, "the container could not run this request")
             return

@@ -25,8 +25,8 @@ from bridge.config import SessionConfig, load_config
 from bridge.docker_backend import DockerBackend
 from bridge.errors import ConfigError
 from bridge.logsafe import SafeFormatter
-from bridge.sessions import Session
-from bridge.web_front import MANAGER
+from bridge.session import Session
+from bridge.web.keys import MANAGER
 from helpers import (
     PROMPT, TEST_IMAGE, containers_gone, csrf_token, free_port, metric, scrape, wait_for, write_config,
 )

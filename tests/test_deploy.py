@@ -22,7 +22,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from bridge.web_front import COOKIE_NAME
+from bridge.web.login import COOKIE_NAME
 from helpers import (
     PROMPT, ROOT, Gateway, Terminal, containers_gone, free_port, self_signed_cert, stop_process, wait_for,
     write_config,

@@ -14,7 +14,7 @@ import pytest
 
 from bridge import homefiles
 from bridge.homefiles import BadPath, clean_relative, display_path, is_inside
-from bridge.web_files import content_disposition
+from bridge.web.files import content_disposition
 from helpers import session_containers
 
 # -- the path rules (pure) -----------------------------------------------------------------------
@@ -66,7 +66,7 @@ def test_display_path_and_content_disposition():
 
 
 def test_error_statuses_cover_every_file_error():
-    from bridge.web_files import STATUS
+    from bridge.web.files import STATUS
 
     errors = {cls for cls in vars(homefiles).values() if isinstance(cls, type) and issubclass(cls, homefiles.FileError)}
     assert errors - {homefiles.FileError} == set(STATUS)

@@ -14,7 +14,7 @@ def pooled() -> list:
 
 
 def pooled_ids(gateway) -> set[str]:
-    from bridge.web_front import MANAGER
+    from bridge.web.keys import MANAGER
 
     return {p.container.id for p in gateway.app[MANAGER].pool.ready}
 
@@ -91,7 +91,7 @@ async def test_ssh_door_claims_from_the_pool_too(start_gateway, user, tmp_path):
 
     gateway = await start_gateway(session={"pool": 1}, ssh={"listen": "127.0.0.1:0"})
     await wait_for(lambda: len(pooled_ids(gateway)) == 1, timeout=60, what="the pool to fill")
-    from bridge.web_front import MANAGER
+    from bridge.web.keys import MANAGER
 
     [ready] = gateway.app[MANAGER].pool.ready
     async with asyncssh.connect(
