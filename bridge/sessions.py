@@ -14,7 +14,7 @@ import asyncio
 import enum
 import logging
 import time
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from functools import partial
 from typing import Any
 
@@ -68,10 +68,15 @@ def _describe_end(state: ContainerState, memory: int) -> str | None:
     return None
 
 
+# How the manager reaches a started container's sshd: `Upstream.connect`; unit tests pass a fake.
+Connect = Callable[[Container, SessionKeys, float], Awaitable[Upstream]]
+
+
 class SessionManager:
-    def __init__(self, config: Config, backend: Backend) -> None:
+    def __init__(self, config: Config, backend: Backend, connect: Connect = Upstream.connect) -> None:
         self.config = config
         self.backend = backend
+        self._connect = connect
         self.sessions: dict[str, Session] = {}
         self._cleanups: set[asyncio.Task] = set()
         self._starting: set[asyncio.Future] = set()  # backend starts in flight (threads)
@@ -167,7 +172,7 @@ class SessionManager:
             session.container = await self._start_container(session, keys)
         self._check_not_ended(session)
         async with asyncio.timeout(cfg.start_timeout):
-            session.upstream = await Upstream.connect(session.container, keys, cfg.start_timeout)
+            session.upstream = await self._connect(session.container, keys, cfg.start_timeout)
             if terminal is not None:
                 shell = await session.upstream.open_terminal(terminal.term, terminal.cols, terminal.rows, terminal.env)
                 session.stream = Stream(

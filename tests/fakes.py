@@ -49,7 +49,7 @@ class FakeBackend:
         return Container(cid, f"termbridge-{spec.user or 'pool'}-{spec.session_id[:8]}", "127.0.0.1",
                          self.banner_port, spec.user or "pool")
 
-    async def claim(self, container: Container, user: str, root: bool) -> Container:
+    async def claim(self, container: Container, user: str, uid: int, root: bool) -> Container:
         if container.id not in self.live:
             raise SessionStartError(detail=f"claim: {container.id} is gone")
         return Container(container.id, container.name.replace("-pool-", f"-{user}-"), container.address,
