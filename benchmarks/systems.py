@@ -161,6 +161,7 @@ class FloorSsh(System):
     def __init__(self, cfg: SessionConfig, run: str, user: str) -> None:
         self.backend = DockerBackend(cfg, f"bench-{run}")
         self.user = user
+        self.uid = pwd.getpwnam(user).pw_uid  # the session's uid derives from it, as the gateway's do
 
     async def open(self) -> Opened:
         t0 = time.perf_counter()
@@ -170,7 +171,7 @@ class FloorSsh(System):
             session_id=session_id, user=self.user, door="bench",
             started=time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()),
             authorized_keys=keys.authorized_keys, host_private_key=keys.host_private_key,
-            host_public_key=keys.host_public_key,
+            host_public_key=keys.host_public_key, uid=self.uid,
         )
         container = await self.backend.start(spec)
         try:
