@@ -237,7 +237,8 @@ class Session:
         (the container is not reading): the caller then awaits `drain()` before taking more."""
         if not self.ready or not data:
             return False
-        assert self.process is not None
+        if self.process is None:
+            raise RuntimeError("a ready session without a process")
         self.note_input(data)
         self.process.stdin.write(data)
         return self.process.stdin.channel.get_write_buffer_size() > 0
@@ -254,7 +255,8 @@ class Session:
     def resize(self, cols: int, rows: int) -> None:
         if not self.ready:
             return
-        assert self.process is not None
+        if self.process is None:
+            raise RuntimeError("a ready session without a process")
         self.note_resize(cols, rows)
         self.process.change_terminal_size(cols, rows)
 
@@ -407,7 +409,8 @@ class SessionManager:
             session.log.exception("start failed")
             self._finish(session, "error", repr(exc))
             raise SessionStartError(detail=repr(exc)) from exc
-        assert session.ready_at is not None
+        if session.ready_at is None:
+            raise RuntimeError("a started session without ready_at")
         session.log.info(
             "ready in %.0f ms: container %s",
             (session.ready_at - session.created) * 1000,
@@ -542,7 +545,8 @@ class SessionManager:
     async def _pump(self, session: Session) -> None:
         """Container output into the session's buffer, with flow control: when the reader falls
         behind (see `_pump_may_read`) we stop reading, and SSH windowing stops the container."""
-        assert session.process is not None
+        if session.process is None:
+            raise RuntimeError("a started session without a process")
         stdout = session.process.stdout
         try:
             while True:
@@ -589,7 +593,8 @@ class SessionManager:
 
     async def _watchdog(self, session: Session) -> None:
         cfg = self.config.session
-        assert session.ready_at is not None
+        if session.ready_at is None:
+            raise RuntimeError("a started session without ready_at")
         lifetime_end = session.ready_at + cfg.max_lifetime
         while not session.ending:
             now = time.monotonic()

@@ -252,12 +252,12 @@ class SshConnection(asyncssh.SSHServer):
         """Load the keys this user may log in with, if the account may log in at all."""
         self._key_user = None
         keys = await self._door.authorized_keys(username, self.rhost)
+        if self._conn is None:
+            raise RuntimeError("authentication before the connection was made")
         if keys is not None:
             self._key_user, authorized = keys
-            assert self._conn is not None
             self._conn.set_authorized_keys(authorized)
         else:
-            assert self._conn is not None
             self._conn.set_authorized_keys(None)  # type: ignore[arg-type]
         return True
 
@@ -285,9 +285,14 @@ class SshConnection(asyncssh.SSHServer):
         return False
 
     def auth_completed(self) -> None:
-        assert self._conn is not None
+        """asyncssh says the client is in; only a user our own checks vouched for, under the name
+        the client logged in with, gets a session (an explicit check: `python -O` drops asserts)."""
         user = self.user or self._key_user
-        assert user is not None and user.name == self._conn.get_extra_info("username"), "auth without our check"
+        name = self._conn.get_extra_info("username") if self._conn is not None else None
+        if user is None or user.name != name:
+            log.error("ssh connection from %s authenticated without the gateway's check; closed", self.rhost)
+            self.close("authentication failed")
+            return
         if self.user is None:
             self._door.manager.note_login(user.name, self.rhost, "ssh", "ok", "public key")
         self.user = user
@@ -347,7 +352,8 @@ class SshConnection(asyncssh.SSHServer):
         self._channels.add(process)
         session: Session | None = None
         try:
-            assert self._starting is not None
+            if self._starting is None:
+                raise RuntimeError("a channel before authentication completed")
             try:
                 session = await asyncio.shield(self._starting)
             except BridgeError as exc:
@@ -365,7 +371,8 @@ class SshConnection(asyncssh.SSHServer):
 
     async def _bridge(self, session: Session, process: asyncssh.SSHServerProcess) -> None:
         """Open the same request in the container and join the two channels until one closes."""
-        assert session.upstream is not None
+        if session.upstream is None:
+            raise RuntimeError("a started session without an upstream connection")
         env = {name: value for name, value in process.env.items() if _env_passes(name)}
         try:
             _, upstream = await session.upstream.conn.create_session(
@@ -421,7 +428,8 @@ class SshDoor:
         self._acceptor: asyncssh.SSHAcceptor | None = None
 
     async def start(self) -> None:
-        assert self.config.ssh.listen is not None
+        if self.config.ssh.listen is None:
+            raise ConfigError("'ssh.listen' is not set")
         host, port = self.config.ssh.listen
         host_key = await asyncio.to_thread(load_or_create_host_key, self.config.ssh_host_key)
         try:
@@ -448,7 +456,8 @@ class SshDoor:
 
     @property
     def port(self) -> int:
-        assert self._acceptor is not None
+        if self._acceptor is None:
+            raise RuntimeError("the SSH door is not listening")
         return self._acceptor.get_port()
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:

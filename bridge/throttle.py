@@ -153,7 +153,8 @@ class LoginThrottle:
         now = self.clock()
         for kind, key in self._keys(username, address):
             record = self._record(kind, key, now, create=True)
-            assert record is not None
+            if record is None:
+                raise RuntimeError("a created throttle record is missing")
             record.failures.append(now)
             if len(record.failures) >= self._limit(kind):
                 record.locked_until = now + self.config.lockout

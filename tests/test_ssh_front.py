@@ -10,6 +10,7 @@ import re
 import secrets
 import signal
 import subprocess
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -551,3 +552,65 @@ async def test_gateway_shutdown_tells_ssh_clients_why(gateway_process, tmp_path,
     finally:
         kill_group(client)
     await containers_gone(**{"termbridge.user": user.name})
+
+
+# -- security checks survive `python -O` ------------------------------------------------------------
+
+
+def test_no_assert_statement_in_the_gateway():
+    """`python -O` strips asserts: no check in bridge/ may rely on one."""
+    import ast
+
+    found = [
+        f"{path.name}:{node.lineno}"
+        for path in sorted((Path(__file__).parent.parent / "bridge").glob("*.py"))
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Assert)
+    ]
+    assert not found, found
+
+
+def test_a_login_our_checks_did_not_vouch_for_gets_no_session_under_python_O():
+    """The SSH door's last check (the user asyncssh says logged in is the one our checks vouched
+    for), run under `python -O`: a mismatch closes the connection and starts nothing."""
+    script = """
+import asyncio
+from bridge.auth import AuthenticatedUser
+from bridge.ssh_front import SshConnection
+
+class Conn:
+    closed = None
+    def get_extra_info(self, name):
+        return {"username": "mallory", "peername": ("192.0.2.9", 1)}.get(name)
+    def is_closed(self):
+        return False
+    def disconnect(self, code, reason):
+        Conn.closed = reason
+
+class Manager:
+    created = []
+    def note_login(self, *args):
+        pass
+    async def create(self, user, door, sink):
+        Manager.created.append(user.name)
+
+class Door:
+    connections = set()
+    manager = Manager()
+
+async def main():
+    connection = SshConnection(Door())
+    connection.connection_made(Conn())
+    connection.user = AuthenticatedUser("alice", 1000, 1000)
+    connection.auth_completed()
+    await asyncio.sleep(0.1)
+    print(Conn.closed, Manager.created)
+
+asyncio.run(main())
+"""
+    done = subprocess.run(
+        [sys.executable, "-O", "-c", script], capture_output=True, text=True, timeout=60,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)},
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[0] == "authentication failed []", done.stdout + done.stderr
