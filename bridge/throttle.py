@@ -13,6 +13,11 @@ decides first, on the event loop and without PAM:
 - one address has at most MAX_PENDING attempts in flight (waiting or in PAM); more are refused
   like a lockout, so one address can never hold every PAM worker.
 
+The table holds at most MAX_KEYS records. When it is full, expired records go first, then the
+oldest that are not locked out; a lockout is never forgotten before it ends, so a flood of new
+names or addresses cannot release one. When even that frees nothing (the table is all lockouts),
+attempts under names and addresses it does not know are refused until some lockout ends.
+
 A success clears the username's failures (not the address's: one valid account must not
 launder an address that guesses other people's passwords).
 
@@ -99,6 +104,8 @@ class LoginThrottle:
                 return None
             if len(self._records) >= MAX_KEYS:
                 self._prune(now, force=True)
+            if len(self._records) >= MAX_KEYS:
+                return None  # full of lockouts: check() refuses new keys until some expire
             record = self._records[(kind, key)] = _Record()
         while record.failures and record.failures[0] <= now - self.config.failure_window:
             record.failures.popleft()
@@ -112,9 +119,14 @@ class LoginThrottle:
         for key, record in list(self._records.items()):
             if record.locked_until <= now and record.last_failure <= horizon:
                 del self._records[key]
-        if len(self._records) >= MAX_KEYS:  # still full of live keys: forget the oldest half
-            by_age = sorted(self._records, key=lambda key: self._records[key].last_failure)
-            for key in by_age[: len(by_age) // 2]:
+        if len(self._records) >= MAX_KEYS:
+            # Still full of live keys: forget the oldest half of those that are not locked out.
+            # A lockout is never forgotten early, so a flood of new names cannot release one.
+            unlocked = sorted(
+                (key for key, record in self._records.items() if record.locked_until <= now),
+                key=lambda key: self._records[key].last_failure,
+            )
+            for key in unlocked[: max(1, len(self._records) // 2)]:
                 del self._records[key]
 
     def _keys(self, username: str, address: str | None) -> list[tuple[str, str]]:
@@ -123,13 +135,15 @@ class LoginThrottle:
     def check(self, username: str, address: str | None) -> Decision:
         """May this attempt go to PAM, and after how long a wait?"""
         now = self.clock()
-        self._prune(now)
+        self._prune(now, force=len(self._records) >= MAX_KEYS and now - self._pruned >= 1.0)
         if self._pending.get(address_key(address), 0) >= MAX_PENDING:
             return Decision(False, retry_after=1.0, why=f"{MAX_PENDING} attempts from this address in flight")
         delay = 0.0
         for kind, key in self._keys(username, address):
             record = self._record(kind, key, now)
             if record is None:
+                if len(self._records) >= MAX_KEYS:  # a failure could not be counted: refuse
+                    return Decision(False, retry_after=1.0, why="the throttle table is full of lockouts")
                 continue
             if record.locked_until > now:
                 return Decision(False, retry_after=record.locked_until - now, why=f"{kind} locked out")
@@ -154,7 +168,9 @@ class LoginThrottle:
         for kind, key in self._keys(username, address):
             record = self._record(kind, key, now, create=True)
             if record is None:
-                raise RuntimeError("a created throttle record is missing")
+                log.warning("login throttle: table full of lockouts, a failure of %s %s not counted", kind,
+                            key if kind == "addr" else printable_username(key))
+                continue
             record.failures.append(now)
             if len(record.failures) >= self._limit(kind):
                 record.locked_until = now + self.config.lockout
