@@ -14,7 +14,10 @@ import grp
 import logging
 import os
 import pwd
+import random
 import re
+import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -31,6 +34,11 @@ PAM_RHOST = 4
 # OPEN_ERR, SYMBOL_ERR, SERVICE_ERR, SYSTEM_ERR, BUF_ERR, ABORT, MODULE_UNKNOWN: the PAM stack is
 # broken, not the password; the person is told login is unavailable, the admin gets the code.
 _PAM_BROKEN = frozenset({1, 2, 3, 4, 5, 26, 28})
+# A refusal decided without PAM (unknown name, nologin shell, outside auth.allowed_groups, an
+# empty password) is answered only as late as PAM answers a wrong password: a duration drawn from
+# the last FAILURE_SAMPLES of those, or, before there are any, pam_unix's 2 s delay +-25 %.
+FAILURE_SAMPLES = 32
+DEFAULT_FAILURE_DELAY = 2.0
 
 
 class Outcome(enum.Enum):
@@ -66,9 +74,15 @@ def valid_username(name: str) -> bool:
 
 
 def printable_username(name: str) -> str:
-    """A login name fit for the log. Anything that cannot be a user name is not logged: people
-    type their password into the username field."""
-    return name if valid_username(name) else f"<invalid name, {len(name)} chars>"
+    """A typed login name fit for logs, audit events and metrics. People type their password into
+    the username field, and a password may well look like a user name: so the name is shown only
+    when it is the name of an account on this host, otherwise only its length."""
+    if valid_username(name):
+        try:
+            return pwd.getpwnam(name).pw_name
+        except KeyError:
+            pass
+    return f"<unknown name, {len(name)} chars>"
 
 
 def _user_groups(entry: pwd.struct_passwd) -> set[str]:
@@ -121,6 +135,7 @@ class PamAuthenticator:
         self.service = service
         self.allowed_groups = frozenset(allowed_groups)
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pam")
+        self._failure_times: deque[float] = deque(maxlen=FAILURE_SAMPLES)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -139,21 +154,22 @@ class PamAuthenticator:
             return AuthResult(Outcome.DENIED, reason="not in auth.allowed_groups")
         return AuthResult(Outcome.OK, AuthenticatedUser(entry.pw_name, entry.pw_uid, entry.pw_gid))
 
-    def _authenticate_sync(self, username: str, password: str, rhost: str | None) -> AuthResult:
+    def _authenticate_sync(self, username: str, password: str, rhost: str | None) -> tuple[AuthResult, bool]:
+        """PAM's verdict, and whether PAM was asked at all."""
         precheck = self.account_check(username)
         if not precheck.ok:
-            return precheck
+            return precheck, False
         if not password or len(password.encode("utf-8", "surrogateescape")) > MAX_PASSWORD_BYTES or "\0" in password:
-            return AuthResult(Outcome.DENIED, reason="empty, oversized or malformed password")
-        return self._pam(precheck, username, password, rhost)
+            return AuthResult(Outcome.DENIED, reason="empty, oversized or malformed password"), False
+        return self._pam(precheck, username, password, rhost), True
 
-    def _key_login_sync(self, username: str, rhost: str | None) -> AuthResult:
+    def _key_login_sync(self, username: str, rhost: str | None) -> tuple[AuthResult, bool]:
         precheck = self.account_check(username)
         if not precheck.ok:
-            return precheck
+            return precheck, False
         if _password_locked(username):
-            return AuthResult(Outcome.DENIED, reason="account is locked")
-        return self._pam(precheck, username, None, rhost)
+            return AuthResult(Outcome.DENIED, reason="account is locked"), False
+        return self._pam(precheck, username, None, rhost), True
 
     def _pam(self, precheck: AuthResult, username: str, password: str | None, rhost: str | None) -> AuthResult:
         """The PAM conversation; without a password (a key already proved who it is) only the
@@ -173,10 +189,12 @@ class PamAuthenticator:
         return AuthResult(Outcome.DENIED, reason=reason)
 
     async def _run(
-        self, what: str, username: str, rhost: str | None, fn: Callable[..., AuthResult], *args: object
-    ) -> AuthResult:
+        self, what: str, username: str, rhost: str | None, fn: Callable[..., tuple[AuthResult, bool]], *args: object
+    ) -> tuple[AuthResult, bool]:
+        """Run `fn` in a PAM worker and log its verdict; (verdict, whether PAM was asked)."""
         loop = asyncio.get_running_loop()
-        result = await loop.run_in_executor(self._pool, fn, username, *args)
+        outcome = await loop.run_in_executor(self._pool, fn, username, *args)
+        result = outcome[0]
         log.info(
             "%s %s for %r from %s%s",
             what,
@@ -185,12 +203,28 @@ class PamAuthenticator:
             rhost or "-",
             f": {result.reason}" if result.reason else "",
         )
-        return result
+        return outcome
 
     async def authenticate(self, username: str, password: str, rhost: str | None = None) -> AuthResult:
-        return await self._run("login", username, rhost, self._authenticate_sync, password, rhost)
+        """PAM's verdict. A refusal takes as long whether or not the account exists and may log
+        in (see FAILURE_SAMPLES): its timing must not tell who has an account here."""
+        started = time.monotonic()
+        result, asked_pam = await self._run("login", username, rhost, self._authenticate_sync, password, rhost)
+        if result.outcome is Outcome.DENIED:
+            took = time.monotonic() - started
+            if asked_pam:
+                self._failure_times.append(took)
+            else:
+                await asyncio.sleep(max(0.0, self._failure_time() - took))  # on the loop, not in a PAM worker
+        return result
+
+    def _failure_time(self) -> float:
+        """How long PAM takes to refuse a wrong password here, drawn from what it took lately."""
+        if self._failure_times:
+            return random.choice(self._failure_times)
+        return DEFAULT_FAILURE_DELAY * random.uniform(0.75, 1.25)
 
     async def authorize_key(self, username: str, rhost: str | None = None) -> AuthResult:
         """Whether this account may log in with a public key: the same rules as a password login
         (name, shell, groups, locked, and PAM's account stage for expiry), minus the password."""
-        return await self._run("key login account check", username, rhost, self._key_login_sync, rhost)
+        return (await self._run("key login account check", username, rhost, self._key_login_sync, rhost))[0]

@@ -19,17 +19,18 @@ import stat
 from collections.abc import Coroutine
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncssh
 
-from .auth import AuthenticatedUser, Outcome, valid_username
+from .auth import AuthenticatedUser, AuthResult, Outcome, printable_username, valid_username
 from .config import Config
 from .errors import AuthUnavailable, BridgeError, ConfigError
 from .sessions import Session, SessionManager
 from .throttle import ThrottledAuthenticator
 
 log = logging.getLogger("termbridge.ssh")
+T = TypeVar("T")
 
 # OpenSSH clients try a password 3 times, then keyboard-interactive (which asyncssh also serves
 # from the password check) 3 more: the connection ends after the third wrong answer overall.
@@ -41,6 +42,19 @@ FAILED_START_LINGER = 5.0
 # After a session ended, how long its channels have to say goodbye before the connection closes.
 CLOSE_GRACE = 2.0
 PASSED_ENV = ("LANG", "TERM")
+
+
+class _HideTypedNames(logging.Filter):
+    """asyncssh logs the user name a client sent ("Beginning auth for user %s"), and people type
+    their password there: such a name is logged as `printable_username` shows it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "user %s" in str(record.msg) and isinstance(record.args, tuple):
+            record.args = tuple(printable_username(a) if isinstance(a, str) else a for a in record.args)
+        return True
+
+
+_HIDE_TYPED_NAMES = _HideTypedNames()
 
 
 def _env_passes(name: str) -> bool:
@@ -209,6 +223,7 @@ class SshConnection(asyncssh.SSHServer):
         self.session: Session | None = None
         self._key_user: AuthenticatedUser | None = None
         self._failures = 0
+        self._password_check: asyncio.Task[AuthResult] | None = None
         self._starting: asyncio.Task[Session] | None = None
         self._channels: set[asyncssh.SSHServerProcess] = set()
         self._linger: asyncio.TimerHandle | None = None
@@ -268,21 +283,32 @@ class SshConnection(asyncssh.SSHServer):
         return True
 
     async def validate_password(self, username: str, password: str) -> bool:  # type: ignore[override]
-        result = await self._door.authenticator.authenticate(username, password, self.rhost)
-        self._door.manager.note_login(username, self.rhost, "ssh", result.outcome.value, result.reason)
+        """asyncssh cancels this when the client sends another request or goes away; the check
+        itself is the door's (see `SshDoor.check_password`) and goes on to its verdict, which is
+        counted, throttled and audited whatever the client does. One check per connection at a
+        time: a client that gives up early waits for its previous guess before the next is heard."""
+        if self._password_check is not None:
+            await asyncio.wait({self._password_check})
+        if self._failures >= MAX_PASSWORD_TRIES:
+            raise asyncssh.PermissionDenied("too many authentication failures")
+        check = self._password_check = self._door.check_password(username, password, self.rhost)
+        check.add_done_callback(self._count_failure)
+        result = await asyncio.shield(check)
         if result.outcome is Outcome.UNAVAILABLE:
             raise asyncssh.ServiceNotAvailable(AuthUnavailable.user_message)
         if result.outcome is Outcome.THROTTLED:
-            log.warning("ssh login of %r from %s throttled: %s", username[:64], self.rhost, result.reason)
             raise asyncssh.PermissionDenied(f"too many failed logins; try again in {result.retry_after} s")
         if result.ok:
             self.user = result.user
             return True
-        self._failures += 1
         if self._failures >= MAX_PASSWORD_TRIES:
             log.warning("ssh connection from %s closed after %d failed passwords", self.rhost, self._failures)
             raise asyncssh.PermissionDenied("too many authentication failures")
         return False
+
+    def _count_failure(self, check: asyncio.Task[AuthResult]) -> None:
+        if not check.cancelled() and check.exception() is None and check.result().outcome is Outcome.DENIED:
+            self._failures += 1
 
     def auth_completed(self) -> None:
         """asyncssh says the client is in; only a user our own checks vouched for, under the name
@@ -294,7 +320,7 @@ class SshConnection(asyncssh.SSHServer):
             self.close("authentication failed")
             return
         if self.user is None:
-            self._door.manager.note_login(user.name, self.rhost, "ssh", "ok", "public key")
+            self._door.manager.note_login(printable_username(user.name), self.rhost, "ssh", "ok", "public key")
         self.user = user
         log.info("ssh login of %s from %s", user.name, self.rhost)
         self._starting = asyncio.get_running_loop().create_task(self._start(user), name=f"ssh-start-{user.name}")
@@ -432,6 +458,7 @@ class SshDoor:
             raise ConfigError("'ssh.listen' is not set")
         host, port = self.config.ssh.listen
         host_key = await asyncio.to_thread(load_or_create_host_key, self.config.ssh_host_key)
+        logging.getLogger("asyncssh").addFilter(_HIDE_TYPED_NAMES)  # once: a filter is added only once
         try:
             self._acceptor = await asyncssh.listen(
                 host,
@@ -460,11 +487,22 @@ class SshDoor:
             raise RuntimeError("the SSH door is not listening")
         return self._acceptor.get_port()
 
-    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
-        """Run cleanup work the door owns (and waits for on close)."""
+    def spawn(self, coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
+        """Run work the door owns, that no connection may cancel (it waits for it on close)."""
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
+
+    def check_password(self, username: str, password: str, rhost: str) -> asyncio.Task[AuthResult]:
+        """One password check as a task of the door, not of the connection: a client that gives
+        up or disconnects cannot stop it from being counted by the throttle and audited."""
+        return self.spawn(self._check_password(username, password, rhost))
+
+    async def _check_password(self, username: str, password: str, rhost: str) -> AuthResult:
+        result = await self.authenticator.authenticate(username, password, rhost)
+        self.manager.note_login(printable_username(username), rhost, "ssh", result.outcome.value, result.reason)
+        return result
 
     async def authorized_keys(
         self, username: str, rhost: str

@@ -10,8 +10,9 @@ decides first, on the event loop and without PAM:
 - at `auth.max_failures` (username) or `auth.max_failures_per_address` the key is locked out
   until `auth.lockout` has passed since its last failure: the web door answers 429, the SSH
   door disconnects, and PAM is not asked at all;
-- one address has at most MAX_PENDING attempts in flight (waiting or in PAM); more are refused
-  like a lockout, so one address can never hold every PAM worker.
+- one address, and one username, has at most MAX_PENDING attempts in flight (waiting or in PAM,
+  until PAM answers even when the client gave up); more are refused like a lockout, so one address
+  can never hold every PAM worker.
 
 The table holds at most MAX_KEYS records. When it is full, expired records go first, then the
 oldest that are not locked out; a lockout is never forgotten before it ends, so a flood of new
@@ -91,7 +92,7 @@ class LoginThrottle:
         self.config = config
         self.clock = clock
         self._records: dict[tuple[str, str], _Record] = {}
-        self._pending: dict[str, int] = {}
+        self._pending: dict[tuple[str, str], int] = {}
         self._pruned = clock()
 
     def _limit(self, kind: str) -> int:
@@ -136,8 +137,9 @@ class LoginThrottle:
         """May this attempt go to PAM, and after how long a wait?"""
         now = self.clock()
         self._prune(now, force=len(self._records) >= MAX_KEYS and now - self._pruned >= 1.0)
-        if self._pending.get(address_key(address), 0) >= MAX_PENDING:
-            return Decision(False, retry_after=1.0, why=f"{MAX_PENDING} attempts from this address in flight")
+        for kind, key in self._keys(username, address):
+            if self._pending.get((kind, key), 0) >= MAX_PENDING:
+                return Decision(False, retry_after=1.0, why=f"{MAX_PENDING} attempts for this {kind} in flight")
         delay = 0.0
         for kind, key in self._keys(username, address):
             record = self._record(kind, key, now)
@@ -151,17 +153,17 @@ class LoginThrottle:
                 delay = max(delay, min(MAX_DELAY, 2.0 ** (len(record.failures) - 1)))
         return Decision(True, delay=delay)
 
-    def begin(self, address: str | None) -> None:
-        key = address_key(address)
-        self._pending[key] = self._pending.get(key, 0) + 1
+    def begin(self, username: str, address: str | None) -> None:
+        for key in self._keys(username, address):
+            self._pending[key] = self._pending.get(key, 0) + 1
 
-    def end(self, address: str | None) -> None:
-        key = address_key(address)
-        left = self._pending.get(key, 0) - 1
-        if left > 0:
-            self._pending[key] = left
-        else:
-            self._pending.pop(key, None)
+    def end(self, username: str, address: str | None) -> None:
+        for key in self._keys(username, address):
+            left = self._pending.get(key, 0) - 1
+            if left > 0:
+                self._pending[key] = left
+            else:
+                self._pending.pop(key, None)
 
     def failure(self, username: str, address: str | None) -> None:
         now = self.clock()
@@ -211,13 +213,13 @@ class ThrottledAuthenticator:
             return AuthResult(
                 Outcome.THROTTLED, reason=decision.why, retry_after=max(1, math.ceil(decision.retry_after))
             )
-        self.throttle.begin(address)
+        self.throttle.begin(username, address)
         try:
             if decision.delay:
                 await asyncio.sleep(decision.delay)
             result = await self.inner.authenticate(username, password, address)
         finally:
-            self.throttle.end(address)
+            self.throttle.end(username, address)
         if result.outcome is Outcome.DENIED:
             self.throttle.failure(username, address)
         elif result.ok:

@@ -24,7 +24,7 @@ from pathlib import Path
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from . import wsproto
-from .auth import AuthenticatedUser, Outcome
+from .auth import AuthenticatedUser, Outcome, printable_username
 from .backend import Backend
 from .config import Config
 from .errors import BackendUnavailable, BridgeError, ProtocolError
@@ -245,7 +245,7 @@ async def login_submit(request: web.Request) -> web.StreamResponse:
         log.warning("login refused: missing or wrong CSRF token from %s", rhost)
         return _login_page(request, status=403, error=FORM_EXPIRED)
     result = await request.app[AUTHENTICATOR].authenticate(username, password, rhost)
-    request.app[MANAGER].note_login(username, rhost, "web", result.outcome.value, result.reason)
+    request.app[MANAGER].note_login(printable_username(username), rhost, "web", result.outcome.value, result.reason)
     if result.outcome is Outcome.THROTTLED:
         response = _login_page(
             request, status=429, error=THROTTLED.format(minutes=-(-result.retry_after // 60)), username=username

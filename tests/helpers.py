@@ -401,3 +401,35 @@ async def log_in(page: Any, gateway: Any, user: HostUser, password: str | None =
         await page.wait_for_load_state()
         if not page.url.startswith("chrome-error:") or attempt == 2:  # see goto()
             return
+
+
+async def refusal_times(
+    attempt: Any, known: list[HostUser], refused_names: list[str], rounds: int = 3
+) -> tuple[list[float], list[float]]:
+    """How long a door takes to refuse (a) a wrong password of a real account and (b) a name that
+    is refused without PAM (unknown, nologin shell, ...): `rounds` rounds of all of them in
+    parallel, each from its own client address. `attempt(name, password, address)` does one."""
+
+    async def timed(name: str, password: str, address: str) -> float:
+        started = time.monotonic()
+        await attempt(name, password, address)
+        return time.monotonic() - started
+
+    wrong: list[float] = []
+    refused: list[float] = []
+    for r in range(rounds):
+        times = await asyncio.gather(
+            *(timed(u.name, "not-" + u.password, f"127.0.{10 + r}.{i + 1}") for i, u in enumerate(known)),
+            *(timed(name, "whatever-1", f"127.0.{20 + r}.{i + 1}") for i, name in enumerate(refused_names)),
+        )
+        wrong += times[: len(known)]
+        refused += times[len(known):]
+    return wrong, refused
+
+
+def assert_same_timing(wrong: list[float], refused: list[float], tolerance: float = 0.2) -> None:
+    """The medians of the two differ by less than `tolerance` of the wrong-password one."""
+    import statistics
+
+    a, b = statistics.median(wrong), statistics.median(refused)
+    assert abs(a - b) < tolerance * a, f"median refusal {b:.2f} s vs wrong password {a:.2f} s"

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
+import logging
 import os
 import re
 import secrets
@@ -26,7 +28,9 @@ from bridge.errors import ConfigError
 from bridge.ssh_front import load_or_create_host_key, read_authorized_keys
 from bridge.web_front import MANAGER
 from conftest import Gateway
-from helpers import PROMPT, HostUser, containers_gone, free_port, session_containers, wait_for
+from helpers import (
+    PROMPT, HostUser, assert_same_timing, containers_gone, free_port, refusal_times, session_containers, wait_for,
+)
 
 SSH_ON = {"listen": "127.0.0.1:0"}
 
@@ -614,3 +618,113 @@ asyncio.run(main())
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.split("\n")[0] == "authentication failed []", done.stdout + done.stderr
+
+
+# -- password guesses the client gives up on ---------------------------------------------------------
+
+
+async def abandon_password(door: Door, name: str, password: str, after: float, source: str = "127.0.0.1") -> None:
+    """One password from `source`; the client gives up (drops the connection) after `after` s."""
+    try:
+        async with asyncio.timeout(after):
+            async with door.connect(HostUser(name, password), local_addr=(source, 0)):
+                pass
+    except (TimeoutError, asyncssh.Error, OSError):
+        pass
+
+
+def audit_events(path: Path, kind: str) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [e for e in map(json.loads, path.read_text().splitlines()) if e["event"] == kind]
+
+
+async def test_abandoned_password_guesses_are_counted_audited_and_lock_out(start_door, user, tmp_path):
+    """12 wrong passwords, each abandoned after 0.5 s: every one is audited, those PAM heard count
+    as failures, and the lockout they earn holds against the right password."""
+    audit = tmp_path / "audit.log"
+    door = await start_door(auth={"max_failures": 3, "lockout": "10m"}, audit={"log": str(audit)})
+    for i in range(12):
+        await abandon_password(door, user.name, f"wrong-guess-{i}", after=0.5)
+
+    def logins() -> list[dict[str, Any]]:
+        return [e for e in audit_events(audit, "login") if e["user"] == user.name and e["door"] == "ssh"]
+
+    await wait_for(lambda: len(logins()) >= 12, timeout=40, what="12 audited ssh logins")
+    results = [e["result"] for e in logins()]
+    assert results.count("denied") >= 3 and set(results) <= {"denied", "throttled"}, results
+    with pytest.raises(asyncssh.PermissionDenied):
+        async with door.connect(user):
+            pass
+    assert logins()[-1]["result"] == "throttled"
+    assert not session_containers(**{"termbridge.user": user.name})
+
+
+async def test_abandoned_checks_do_not_take_the_pam_workers_others_need(start_door, make_user):
+    """One address keeps sending 3 guesses at a time and abandoning them after 0.5 s; meanwhile
+    another person, from another address, logs in 4 times: never waiting for a PAM worker."""
+    door = await start_door(auth={"pam_workers": 4, "max_failures": 1000, "max_failures_per_address": 1000})
+    target, other = make_user(), make_user()
+
+    async def attack() -> None:
+        for batch in range(10):
+            await asyncio.gather(*(
+                abandon_password(door, target.name, f"wrong-{batch}-{i}", after=0.5, source="127.0.0.3")
+                for i in range(3)
+            ))
+
+    attacker = asyncio.create_task(attack())
+    await asyncio.sleep(1.5)
+    took = []
+    for _ in range(4):
+        started = asyncio.get_running_loop().time()
+        async with door.connect(other, local_addr=("127.0.0.2", 0)):
+            took.append(asyncio.get_running_loop().time() - started)
+        await asyncio.sleep(0.3)
+    await attacker
+    assert max(took) < 1.0, f"logins waited for PAM workers: {[round(t, 2) for t in took]}"
+    await containers_gone(**{"termbridge.user": other.name})
+
+
+async def test_refusal_timing_does_not_tell_which_accounts_exist(start_door, make_user):
+    """The SSH door's refusals of unknown names and a nologin account take as long as a real
+    account's wrong password."""
+    door = await start_door(auth={"failure_window": 0.01, "pam_workers": 12})
+    known = [make_user() for _ in range(6)]
+    nologin = make_user(shell="/usr/sbin/nologin")
+
+    async def attempt(name: str, password: str, address: str) -> None:
+        with pytest.raises(asyncssh.PermissionDenied):
+            async with door.connect(HostUser(name, password), local_addr=(address, 0)):
+                pass
+
+    unknown = ["tbnobody" + secrets.token_hex(3) for _ in range(4)]
+    wrong, refused = await refusal_times(attempt, known, [*unknown, nologin.name, nologin.name])
+    assert_same_timing(wrong, refused)
+
+
+# -- passwords typed as the user name ----------------------------------------------------------------
+
+TYPED_SECRETS = ["Hunter2!Correct Horse", "correct.horse-battery9"]  # the second looks like a user name
+
+
+async def test_a_password_typed_as_the_user_name_is_never_logged_or_audited(start_door, user, tmp_path, caplog):
+    """Both doors, each secret typed as the user name: it is in no log line (at DEBUG, the server's
+    asyncssh included) and no audit event; the events say `<unknown name, N chars>` instead. A real
+    account's name is still logged."""
+    caplog.set_level(logging.DEBUG)
+    audit = tmp_path / "audit.log"
+    door = await start_door(audit={"log": str(audit)})
+    for secret in TYPED_SECRETS:  # OpenSSH as the client: asyncssh would log the name client-side
+        assert await door.gateway.attempt_login(secret, "whatever") == 401
+        argv = door.ssh(HostUser(secret, ""), "true", options=["-o", "NumberOfPasswordPrompts=1"])
+        rc, _, _ = await door.run(argv, password="whatever")
+        assert rc != 0
+    assert await door.gateway.attempt_login(user.name, "not-" + user.password) == 401
+    await wait_for(lambda: len(audit_events(audit, "login")) >= 5, what="5 audited logins")
+    logins = audit_events(audit, "login")
+    for secret in TYPED_SECRETS:
+        assert secret not in audit.read_text()
+        assert not [r for r in caplog.records if secret in r.getMessage()], secret
+        assert f"<unknown name, {len(secret)} chars>" in {e["user"] for e in logins}
+    assert user.name in {e["user"] for e in logins}

@@ -83,15 +83,18 @@ def test_ipv6_counts_by_prefix():
     assert address_key(None) == "-"
 
 
-def test_attempts_in_flight_per_address_are_bounded():
+def test_attempts_in_flight_per_address_and_per_username_are_bounded():
     t, _ = make()
-    for _ in range(MAX_PENDING):
-        assert t.check("x", "192.0.2.3").allowed
-        t.begin("192.0.2.3")
-    assert not t.check("x", "192.0.2.3").allowed
-    assert t.check("x", "192.0.2.4").allowed
-    t.end("192.0.2.3")
-    assert t.check("x", "192.0.2.3").allowed
+    for i in range(MAX_PENDING):
+        assert t.check(f"x{i}", "192.0.2.3").allowed
+        t.begin(f"x{i}", "192.0.2.3")
+    assert not t.check("y", "192.0.2.3").allowed
+    assert t.check("y", "192.0.2.4").allowed
+    t.end("x0", "192.0.2.3")
+    assert t.check("y", "192.0.2.3").allowed
+    for i in range(MAX_PENDING):  # one name from many addresses
+        t.begin("victim", f"198.51.100.{i}")
+    assert not t.check("victim", "198.51.100.99").allowed
 
 
 def test_memory_stays_bounded(monkeypatch):
