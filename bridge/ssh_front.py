@@ -42,6 +42,11 @@ FAILED_START_LINGER = 5.0
 # After a session ended, how long its channels have to say goodbye before the connection closes.
 CLOSE_GRACE = 2.0
 PASSED_ENV = ("LANG", "TERM")
+# asyncssh keeps every `env` request on the channel until it closes: a client could fill the
+# gateway's memory with them. Only names that pass are kept, and only this many and this much.
+MAX_ENV_VARS = 32  # per channel
+MAX_ENV_BYTES = 16 * 1024  # names and values, per channel
+MAX_ENV_BYTES_PER_CONNECTION = 256 * 1024  # over all its channels, for its whole life
 
 
 class _HideTypedNames(logging.Filter):
@@ -59,6 +64,41 @@ _HIDE_TYPED_NAMES = _HideTypedNames()
 
 def _env_passes(name: str) -> bool:
     return name in PASSED_ENV or name.startswith("LC_")
+
+
+class _EnvBudget:
+    """What one connection may still store of `env` requests (see MAX_ENV_BYTES_PER_CONNECTION)."""
+
+    def __init__(self) -> None:
+        self.left = MAX_ENV_BYTES_PER_CONNECTION
+        self.refused = 0
+
+
+class _EnvCappedChannel(asyncssh.SSHServerChannel):
+    """A session channel that refuses `env` requests beyond the caps, and names that would not be
+    passed to the container anyway (like sshd's AcceptEnv), instead of keeping them all."""
+
+    env_budget: _EnvBudget
+
+    def _process_env_request(self, packet: asyncssh.packet.SSHPacket) -> bool:
+        name, value = packet.get_string(), packet.get_string()
+        packet.check_end()
+        size = len(name) + len(value)
+        stored = sum(len(k) + len(v) for k, v in self._env.items() if k != name)
+        budget = self.env_budget
+        if not _env_passes(name.decode("utf-8", "replace")):
+            return False
+        if (name not in self._env and len(self._env) >= MAX_ENV_VARS) or stored + size > MAX_ENV_BYTES or size > budget.left:
+            budget.refused += 1
+            if budget.refused == 1:
+                log.warning(
+                    "ssh env requests from %s refused: over %d variables or %d bytes per channel, or %d per connection",
+                    self.get_extra_info("peername", ("-",))[0], MAX_ENV_VARS, MAX_ENV_BYTES, MAX_ENV_BYTES_PER_CONNECTION,
+                )
+            return False
+        budget.left -= size
+        self._env[name] = value
+        return True
 
 
 # -- host key -------------------------------------------------------------------------------------
@@ -224,6 +264,7 @@ class SshConnection(asyncssh.SSHServer):
         self._key_user: AuthenticatedUser | None = None
         self._failures = 0
         self._password_check: asyncio.Task[AuthResult] | None = None
+        self._env_budget = _EnvBudget()
         self._starting: asyncio.Task[Session] | None = None
         self._channels: set[asyncssh.SSHServerProcess] = set()
         self._linger: asyncio.TimerHandle | None = None
@@ -369,8 +410,13 @@ class SshConnection(asyncssh.SSHServer):
 
     # -- channels -------------------------------------------------------------------------------
 
-    def session_requested(self) -> asyncssh.SSHServerSession:
-        return _ChannelProcess(self._serve_channel)
+    def session_requested(self) -> tuple[asyncssh.SSHServerChannel, asyncssh.SSHServerSession]:
+        if self._conn is None:
+            raise RuntimeError("a channel before the connection was made")
+        channel = self._conn.create_server_channel()
+        channel.__class__ = _EnvCappedChannel  # asyncssh makes the channel; only env handling differs
+        channel.env_budget = self._env_budget
+        return channel, _ChannelProcess(self._serve_channel)
 
     async def _serve_channel(self, process: asyncssh.SSHServerProcess) -> None:
         """The boundary for one channel: whatever goes wrong is logged with the session and user

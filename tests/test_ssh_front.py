@@ -25,7 +25,7 @@ from bridge.app import SSH_DOOR
 from bridge.config import SessionConfig
 from bridge.docker_backend import DockerBackend
 from bridge.errors import ConfigError
-from bridge.ssh_front import load_or_create_host_key, read_authorized_keys
+from bridge.ssh_front import MAX_ENV_VARS, load_or_create_host_key, read_authorized_keys
 from bridge.web_front import MANAGER
 from conftest import Gateway
 from helpers import (
@@ -728,3 +728,43 @@ async def test_a_password_typed_as_the_user_name_is_never_logged_or_audited(star
         assert not [r for r in caplog.records if secret in r.getMessage()], secret
         assert f"<unknown name, {len(secret)} chars>" in {e["user"] for e in logins}
     assert user.name in {e["user"] for e in logins}
+
+
+# -- env requests --------------------------------------------------------------------------------------
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+async def test_env_requests_are_capped_per_channel_and_connection(gateway_process, user):
+    """60 MB of `env` requests on one channel of a real gateway process: its RSS stays flat while
+    the channel is open, and the container sees at most the per-channel cap of them; over many
+    channels the connection's budget runs out, with a log line for the admin."""
+    port = free_port()
+    gateway = gateway_process(ssh={"listen": f"127.0.0.1:{port}"})
+    await gateway.start()
+    pid = gateway.proc.pid
+    value = "x" * 2000
+    async with asyncssh.connect(
+        "127.0.0.1", port, username=user.name, password=user.password, known_hosts=None, client_keys=None,
+        agent_path=None, config=[], preferred_auth="password",
+    ) as conn:
+        assert (await conn.run("true", check=True)).exit_status == 0  # the container is up
+        before = rss_mb(pid)
+        env = {f"LC_T{i}": value for i in range(30_000)}
+        proc = await conn.create_process("printenv | grep -c '^LC_T'; sleep 3", env=env)
+        first = await asyncio.wait_for(proc.stdout.readline(), 60)
+        during = rss_mb(pid)
+        proc.close()
+        counts = []
+        for _ in range(20):
+            result = await conn.run("printenv | grep -c '^LC_T' || true", env={f"LC_T{i}": value for i in range(8)})
+            counts.append(int(result.stdout.strip()))
+    assert during - before < 20, f"gateway RSS grew from {before:.0f} to {during:.0f} MB"
+    assert 0 < int(first) <= MAX_ENV_VARS
+    assert counts[0] == 8 and counts[-1] == 0, counts  # the connection's budget ran out
+    assert "ssh env requests from 127.0.0.1 refused" in gateway.log()
