@@ -768,3 +768,88 @@ async def test_env_requests_are_capped_per_channel_and_connection(gateway_proces
     assert 0 < int(first) <= MAX_ENV_VARS
     assert counts[0] == 8 and counts[-1] == 0, counts  # the connection's budget ran out
     assert "ssh env requests from 127.0.0.1 refused" in gateway.log()
+
+
+# -- authorized_keys options and files ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("options", "argv", "expected"),
+    [
+        ('expiry-time="20200101" ', ["true"], None),  # expired: refused
+        ('expiry-time="20991231Z" ', ["echo", "in-time"], b"in-time"),
+        ("restrict ", ["-tt", "tty"], "PTY allocation request failed"),
+        ("restrict,pty ", ["-tt", "tty"], b"/dev/pts/"),
+        ("no-pty ", ["-tt", "tty"], "PTY allocation request failed"),
+        ('command="echo forced" ', ["echo", "asked"], b"forced"),
+        ('from="192.0.2.1" ', ["true"], None),
+        ('from="127.0.0.1",no-agent-forwarding,no-user-rc,permitopen="a:1",environment="A=b" ', ["echo", "ok"], b"ok"),
+        ("bogus-option ", ["true"], None),  # unknown: the key is skipped
+        ("verify-required ", ["true"], None),  # not implemented: skipped, not ignored
+        ("cert-authority ", ["true"], None),
+    ],
+)
+async def test_authorized_keys_options_are_honoured_like_sshd(door, user, tmp_path, options, argv, expected):
+    key = install_key(user, tmp_path, options=options)
+    tty = [argv.pop(0)] if argv[0] == "-tt" else []
+    rc, out, err = await door.run(["ssh", *door.options(*key_options(key)), *tty, "-p", str(door.port),
+                                   f"{user.name}@127.0.0.1", *argv])
+    if expected is None:
+        assert rc == 255 and "Permission denied" in err, (rc, out, err)
+    elif isinstance(expected, str):  # what OpenSSH says when the pty is refused
+        assert expected in err and "Permission denied" not in err, (rc, out, err)
+    else:
+        assert expected in out, (rc, out, err)
+    await containers_gone(**{"termbridge.user": user.name})
+
+
+@pytest.mark.parametrize("content", ["# only a comment\n", 'no-pty,bad-option="x" ssh-ed25519 AAAA\n', "garbage\n"])
+async def test_a_broken_authorized_keys_only_turns_key_login_off(door, user, tmp_path, caplog, content):
+    key = install_key(user, tmp_path)
+    authorized = Path(os.path.expanduser(f"~{user.name}")) / ".ssh" / "authorized_keys"
+    good = authorized.read_text()
+    authorized.write_text(content)
+    with caplog.at_level(logging.WARNING, logger="termbridge.ssh"):
+        rc, out, err = await door.run(door.ssh(user, "echo by-password", options=["-o", "PubkeyAuthentication=no"]),
+                                      password=user.password)
+    assert (rc, out.strip()) == (0, b"by-password"), err
+    assert any("authorized_keys of " + user.name in r.getMessage() for r in caplog.records)
+    authorized.write_text(content + good)  # a bad line does not spoil the good one after it
+    rc, out, err = await door.run(door.ssh(user, "echo by-key", options=key_options(key)))
+    assert (rc, out.strip()) == (0, b"by-key"), err
+    await containers_gone(**{"termbridge.user": user.name})
+
+
+@pytest.mark.parametrize("target", ["root-only file", "device"])
+async def test_authorized_keys_is_read_with_the_users_permissions(door, user, tmp_path, target, monkeypatch):
+    """A symlink to a file only root may read, or to a device: no key login (and the device is
+    never opened), while the password still works."""
+    key = install_key(user, tmp_path)
+    authorized = Path(os.path.expanduser(f"~{user.name}")) / ".ssh" / "authorized_keys"
+    if target == "device":
+        pointed = Path("/dev/ptmx")
+    else:
+        pointed = Path("/root") / f"tb-authorized-{secrets.token_hex(3)}"
+        pointed.write_text(authorized.read_text())
+        pointed.chmod(0o600)
+    authorized.unlink()
+    os.symlink(pointed, authorized)
+    opened: list[str] = []
+    real_open = os.open
+
+    def watched_open(path, *args, **kwargs):  # type: ignore[no-untyped-def]
+        opened.append(os.path.realpath(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", watched_open)
+    try:
+        rc, _, err = await door.run(door.ssh(user, "true", options=key_options(key)))
+        assert rc == 255 and "Permission denied" in err
+        rc, out, err = await door.run(door.ssh(user, "echo pw", options=["-o", "PubkeyAuthentication=no"]),
+                                      password=user.password)
+        assert (rc, out.strip()) == (0, b"pw"), err
+    finally:
+        if target != "device":
+            pointed.unlink()
+    assert "/dev/ptmx" not in opened
+    await containers_gone(**{"termbridge.user": user.name})
