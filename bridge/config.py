@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from .errors import ConfigError
 
@@ -220,12 +221,30 @@ class AuditConfig:
     record_limit: int = _field(100 * 1024**2, parse_size, "a recording stops growing at this size")
 
 
+def _store_url(value: Any) -> str:
+    text = _str(value).strip()
+    if text:
+        parts = urlsplit(text)
+        if parts.scheme not in ("redis", "rediss", "unix") or not (parts.hostname or parts.path):
+            raise ValueError("expected empty (SQLite in state_dir) or a URL like redis://HOST:PORT/DB")
+        if parts.port == 0:  # reading .port also refuses a port that is no number in range
+            raise ValueError("port 0 is not a Redis port")
+    return text
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    url: str = _field("", _store_url, "empty: SQLite at <state_dir>/state.db; redis://HOST:PORT/DB: shared")
+    secret_file: Path | None = _field(None, _opt_path, "key that encrypts session keys at rest; default <state_dir>/store-key")
+
+
 _SECTIONS: dict[str, type] = {
     "web": WebConfig,
     "ssh": SshConfig,
     "auth": AuthConfig,
     "session": SessionConfig,
     "audit": AuditConfig,
+    "store": StoreConfig,
 }
 
 
@@ -237,10 +256,15 @@ class Config:
     auth: AuthConfig = field(default_factory=AuthConfig)
     session: SessionConfig = field(default_factory=SessionConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
 
     @property
     def ssh_host_key(self) -> Path:
         return self.ssh.host_key or self.state_dir / "ssh_host_ed25519_key"
+
+    @property
+    def store_secret_file(self) -> Path:
+        return self.store.secret_file or self.state_dir / "store-key"
 
 
 def _scalar_fields(cls: type) -> dict[str, dataclasses.Field]:

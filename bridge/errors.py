@@ -41,3 +41,9 @@ class SessionStartError(BridgeError):
 
 class ProtocolError(BridgeError):
     """A client sent something the protocol does not allow."""
+
+
+class StoreUnavailable(BridgeError):
+    """The shared state store (SQLite file or Redis) did not answer; the detail says why."""
+
+    user_message = "the gateway's state store is unavailable right now, try again later"

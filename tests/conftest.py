@@ -23,6 +23,7 @@ from helpers import (
     CHROMIUM, CHROMIUM_FLAGS, PASSWORDS, ROOT, TEST_IMAGE, GatewayProcess, HostUser, Terminal, create_user,
     csrf_token, delete_user, find_secrets, free_port, private_key_fragments, session_containers, write_config,
 )
+from redis_server import RedisServer
 
 PAM_SERVICE = f"termbridge-test-{os.getpid()}"
 # State dirs of every gateway this run started: their instance ids scope the leak check, so that
@@ -263,3 +264,18 @@ async def browser(pw: Any) -> AsyncIterator[Any]:
     chromium = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS, headless=True)
     yield chromium
     await chromium.close()
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """One real redis-server for the run (started on first use)."""
+    server = RedisServer().start()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    """The shared server's URL, emptied for this test."""
+    assert redis_server.command("FLUSHALL") == "+OK"
+    return redis_server.url

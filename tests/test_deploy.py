@@ -277,7 +277,8 @@ def installed(tmp_path_factory) -> Iterator[Path]:
 def test_installed_package_carries_its_files(installed):
     probe = subprocess.run(
         [str(installed / "bin" / "python"), "-c",
-         "import json, bridge, bridge.resources as r; print(json.dumps([bridge.__file__, str(r.web_root()), "
+         "import json, bridge, bridge.resources as r, bridge.store.redis, bridge.store.sqlite; "
+         "print(json.dumps([bridge.__file__, str(r.web_root()), "
          "str(r.session_image_dir()), str(r.etc_dir())]))"],
         capture_output=True, text=True, cwd=installed, check=True,
     )
