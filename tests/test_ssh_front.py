@@ -567,7 +567,7 @@ def test_no_assert_statement_in_the_gateway():
 
     found = [
         f"{path.name}:{node.lineno}"
-        for path in sorted((Path(__file__).parent.parent / "bridge").glob("*.py"))
+        for path in sorted((Path(__file__).parent.parent / "bridge").rglob("*.py"))
         for node in ast.walk(ast.parse(path.read_text()))
         if isinstance(node, ast.Assert)
     ]
