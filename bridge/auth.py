@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import ctypes.util
 import enum
+import functools
 import grp
 import logging
 import os
 import pwd
-import random
 import re
-import time
-from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -34,11 +33,12 @@ PAM_RHOST = 4
 # OPEN_ERR, SYMBOL_ERR, SERVICE_ERR, SYSTEM_ERR, BUF_ERR, ABORT, MODULE_UNKNOWN: the PAM stack is
 # broken, not the password; the person is told login is unavailable, the admin gets the code.
 _PAM_BROKEN = frozenset({1, 2, 3, 4, 5, 26, 28})
-# A refusal decided without PAM (unknown name, nologin shell, outside auth.allowed_groups, an
-# empty password) is answered only as late as PAM answers a wrong password: a duration drawn from
-# the last FAILURE_SAMPLES of those, or, before there are any, pam_unix's 2 s delay +-25 %.
-FAILURE_SAMPLES = 32
-DEFAULT_FAILURE_DELAY = 2.0
+# A login refused before PAM (unknown name, nologin shell, outside auth.allowed_groups, a bad
+# password field) still goes through PAM, for this name that no account can have (":" separates
+# /etc/passwd fields) and a dummy password: the refusal then takes exactly as long as PAM takes to
+# refuse a wrong password (pam_unix's delay, randomised by libpam), so its timing does not tell
+# whether an account exists or may log in.
+DECOY_USER = "termbridge:no-such-user"
 
 
 class Outcome(enum.Enum):
@@ -94,19 +94,55 @@ def _user_groups(entry: pwd.struct_passwd) -> set[str]:
     return names
 
 
-def _password_locked(username: str) -> bool:
-    """`usermod -L` / `passwd -l` put "!" before the hash. PAM's account stage does not look at
-    it (only authentication would fail), so a key login checks it here, like the web door refuses
-    a locked account."""
+def _shadow_hashes(username: str) -> tuple[str, str]:
+    """(the password field of `username` in /etc/shadow, the first real password hash there);
+    empty strings for what is not found."""
+    own = first = ""
     try:
         with open("/etc/shadow", encoding="utf-8", errors="replace") as fh:
             for line in fh:
                 name, _, rest = line.partition(":")
+                field = rest.partition(":")[0]
                 if name == username:
-                    return rest.startswith("!")
+                    own = field
+                if not first and field.startswith("$"):
+                    first = field
     except OSError:
         pass
-    return False
+    return own, first
+
+
+def _password_locked(username: str) -> bool:
+    """`usermod -L` / `passwd -l` put "!" before the hash. PAM's account stage does not look at
+    it (only authentication would fail), so a key login checks it here, like the web door refuses
+    a locked account."""
+    return _shadow_hashes(username)[0].startswith("!")
+
+
+_CRYPT_DATA_SIZE = 32768  # libxcrypt's struct crypt_data
+
+
+@functools.cache
+def _crypt_rn() -> Callable[..., bytes | None] | None:
+    """libcrypt's reentrant crypt_rn (what pam_unix hashes with), or None without libcrypt."""
+    name = ctypes.util.find_library("crypt")
+    if name is None:
+        return None
+    fn = ctypes.CDLL(name).crypt_rn
+    fn.restype = ctypes.c_char_p
+    fn.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_void_p, ctypes.c_int]
+    return fn  # type: ignore[no-any-return]
+
+
+def _hash_like_pam(username: str) -> None:
+    """The work pam_unix does for a wrong password, done for nothing: hash a dummy password with
+    the account's own stored hash settings (or another account's, for an unknown name). Without
+    it, a refusal before PAM would be quicker by the hashing time, more so on a loaded host."""
+    own, first = _shadow_hashes(username)
+    setting = own if own.startswith("$") else first
+    crypt_rn = _crypt_rn()
+    if setting and crypt_rn is not None:
+        crypt_rn(b"-", setting.encode(), ctypes.create_string_buffer(_CRYPT_DATA_SIZE), _CRYPT_DATA_SIZE)
 
 
 def _skip_authenticate(_handle: object, _flags: int) -> int:
@@ -135,7 +171,6 @@ class PamAuthenticator:
         self.service = service
         self.allowed_groups = frozenset(allowed_groups)
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pam")
-        self._failure_times: deque[float] = deque(maxlen=FAILURE_SAMPLES)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -154,22 +189,25 @@ class PamAuthenticator:
             return AuthResult(Outcome.DENIED, reason="not in auth.allowed_groups")
         return AuthResult(Outcome.OK, AuthenticatedUser(entry.pw_name, entry.pw_uid, entry.pw_gid))
 
-    def _authenticate_sync(self, username: str, password: str, rhost: str | None) -> tuple[AuthResult, bool]:
-        """PAM's verdict, and whether PAM was asked at all."""
+    def _authenticate_sync(self, username: str, password: str, rhost: str | None) -> AuthResult:
         precheck = self.account_check(username)
-        if not precheck.ok:
-            return precheck, False
-        if not password or len(password.encode("utf-8", "surrogateescape")) > MAX_PASSWORD_BYTES or "\0" in password:
-            return AuthResult(Outcome.DENIED, reason="empty, oversized or malformed password"), False
-        return self._pam(precheck, username, password, rhost), True
+        if precheck.ok and (
+            not password or len(password.encode("utf-8", "surrogateescape")) > MAX_PASSWORD_BYTES or "\0" in password
+        ):
+            precheck = AuthResult(Outcome.DENIED, reason="empty, oversized or malformed password")
+        if not precheck.ok:  # as long as a wrong password takes: pam_unix's hashing, then PAM's delay
+            _hash_like_pam(username)
+            decoy = self._pam(precheck, DECOY_USER, "-", rhost)
+            return decoy if decoy.outcome is Outcome.UNAVAILABLE else precheck
+        return self._pam(precheck, username, password, rhost)
 
-    def _key_login_sync(self, username: str, rhost: str | None) -> tuple[AuthResult, bool]:
+    def _key_login_sync(self, username: str, rhost: str | None) -> AuthResult:
         precheck = self.account_check(username)
         if not precheck.ok:
-            return precheck, False
+            return precheck
         if _password_locked(username):
-            return AuthResult(Outcome.DENIED, reason="account is locked"), False
-        return self._pam(precheck, username, None, rhost), True
+            return AuthResult(Outcome.DENIED, reason="account is locked")
+        return self._pam(precheck, username, None, rhost)
 
     def _pam(self, precheck: AuthResult, username: str, password: str | None, rhost: str | None) -> AuthResult:
         """The PAM conversation; without a password (a key already proved who it is) only the
@@ -189,12 +227,10 @@ class PamAuthenticator:
         return AuthResult(Outcome.DENIED, reason=reason)
 
     async def _run(
-        self, what: str, username: str, rhost: str | None, fn: Callable[..., tuple[AuthResult, bool]], *args: object
-    ) -> tuple[AuthResult, bool]:
-        """Run `fn` in a PAM worker and log its verdict; (verdict, whether PAM was asked)."""
+        self, what: str, username: str, rhost: str | None, fn: Callable[..., AuthResult], *args: object
+    ) -> AuthResult:
         loop = asyncio.get_running_loop()
-        outcome = await loop.run_in_executor(self._pool, fn, username, *args)
-        result = outcome[0]
+        result = await loop.run_in_executor(self._pool, fn, username, *args)
         log.info(
             "%s %s for %r from %s%s",
             what,
@@ -203,28 +239,14 @@ class PamAuthenticator:
             rhost or "-",
             f": {result.reason}" if result.reason else "",
         )
-        return outcome
+        return result
 
     async def authenticate(self, username: str, password: str, rhost: str | None = None) -> AuthResult:
         """PAM's verdict. A refusal takes as long whether or not the account exists and may log
-        in (see FAILURE_SAMPLES): its timing must not tell who has an account here."""
-        started = time.monotonic()
-        result, asked_pam = await self._run("login", username, rhost, self._authenticate_sync, password, rhost)
-        if result.outcome is Outcome.DENIED:
-            took = time.monotonic() - started
-            if asked_pam:
-                self._failure_times.append(took)
-            else:
-                await asyncio.sleep(max(0.0, self._failure_time() - took))  # on the loop, not in a PAM worker
-        return result
-
-    def _failure_time(self) -> float:
-        """How long PAM takes to refuse a wrong password here, drawn from what it took lately."""
-        if self._failure_times:
-            return random.choice(self._failure_times)
-        return DEFAULT_FAILURE_DELAY * random.uniform(0.75, 1.25)
+        in (see DECOY_USER): its timing must not tell who has an account here."""
+        return await self._run("login", username, rhost, self._authenticate_sync, password, rhost)
 
     async def authorize_key(self, username: str, rhost: str | None = None) -> AuthResult:
         """Whether this account may log in with a public key: the same rules as a password login
         (name, shell, groups, locked, and PAM's account stage for expiry), minus the password."""
-        return (await self._run("key login account check", username, rhost, self._key_login_sync, rhost))[0]
+        return await self._run("key login account check", username, rhost, self._key_login_sync, rhost)
