@@ -248,7 +248,9 @@ async def test_a_flood_through_the_web_door_does_not_release_a_lockout(start_gat
     """Lock alice out, then 80 logins under new names from 80 addresses (via a trusted proxy)
     overflow a 40-record table: alice's right password is still refused."""
     monkeypatch.setattr(throttle_mod, "MAX_KEYS", 40)
-    gateway = await start_gateway(auth={"max_failures": 2, "lockout": "10m"}, web={"trusted_proxies": ["127.0.0.1"]})
+    gateway = await start_gateway(
+        auth={"max_failures": 2, "lockout": "10m", "pam_workers": 32}, web={"trusted_proxies": ["127.0.0.1"]}
+    )
     alice = make_user()
     for _ in range(2):
         assert (await post(gateway, alice.name, "wrong", "192.0.2.10"))[0] == 401
