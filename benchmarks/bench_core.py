@@ -26,7 +26,7 @@ from aiohttp import web  # noqa: E402
 from benchmarks.harness import ROOT, bench_account, summary, workdir  # noqa: E402
 from bridge.app import build_app  # noqa: E402
 from bridge.config import load_config  # noqa: E402
-from bridge.web_front import MANAGER  # noqa: E402
+from bridge.web.keys import MANAGER  # noqa: E402
 from helpers import PROMPT, wait_for_js, write_config  # noqa: E402
 
 
@@ -65,7 +65,7 @@ async def reattach(gateway, user, runs: int) -> tuple[list[float], dict[str, int
         session = await term.control("session")
         await term.expect(PROMPT)
         manager = gateway.app[MANAGER]
-        idle_held = manager.get(session["id"]).output.held
+        idle_held = manager.get(session["id"]).stream.output.held
         for _ in range(runs):
             await term.ws.close()
             t0 = time.perf_counter()
@@ -75,7 +75,7 @@ async def reattach(gateway, user, runs: int) -> tuple[list[float], dict[str, int
             samples.append(time.perf_counter() - t0)
         await term.send("head -c 3000000 /dev/zero | tr '\\0' x; echo; echo BIG-DONE\r")
         await term.expect(b"\r\nBIG-DONE\r\n", timeout=120)
-        full_held = manager.get(session["id"]).output.held
+        full_held = manager.get(session["id"]).stream.output.held
         await term.send("exit\r")
         await term.control("exit")
     return samples, {"idle_session_bytes": idle_held, "after_3MB_output_bytes": full_held}

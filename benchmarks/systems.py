@@ -175,11 +175,10 @@ class FloorSsh(System):
         container = await self.backend.start(spec)
         try:
             upstream = await Upstream.connect(container, keys, 30)
-            process = await upstream.open_terminal("xterm-256color", 80, 24)
+            term = await SshTerm.open(upstream.conn)
         except BaseException:
             await self.backend.stop(container.id)
             raise
-        term = SshTerm(upstream.conn, process)
         reader, seconds = await _prompt(term, t0)
         return Opened(term, reader, seconds, container.id)
 

@@ -1,22 +1,28 @@
 """The composition root: builds every component from the config and owns their lifetimes.
 
-Long-lived things live in one `cleanup_ctx` generator, whose cleanup runs if and only if its
-startup ran: on shutdown every session ends (reason `killed`) and every container goes.
+Each long-lived thing (state dir, state store, audit log, Docker backend, PAM pool, session manager, admin
+socket, reaper, warm pool, SSH door) has its own `cleanup_ctx` generator, whose cleanup runs if
+and only if its startup ran: a failure while starting one releases those already started. On
+shutdown `tell_clients` ends every session (reason `killed`) while clients can hear it; the
+contexts then release everything, and every container goes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+import resource
 import secrets
 import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from aiohttp import web
+from aiohttp import web, web_response
 
-from . import resources, web_files, web_front
+from . import resources
+from . import web as web_door
 from .admin import AdminServer
 from .admin import socket_path as admin_socket_path
 from .audit import AuditLog, AuditObserver, SessionRecorder
@@ -29,6 +35,10 @@ from .metrics import MeteredBackend, Metrics
 from .sessions import SessionManager
 from .ssh_front import SshDoor
 from .throttle import LoginThrottle, ThrottledAuthenticator
+from .store import open_store
+from .web.keys import AUTHENTICATOR, BACKEND, CONFIG, LOGINS, MANAGER, METRICS, STORE
+from .web.login import LoginRegistry
+from .web.terminal import close_websockets
 
 log = logging.getLogger("termbridge")
 
@@ -36,6 +46,8 @@ REAP_INTERVAL = 30.0
 DEFAULT_WEB_ROOT = resources.web_root()
 # The SSH door while it runs (absent when `ssh.listen` is empty); `.port` is the bound port.
 SSH_DOOR = web.AppKey("ssh_door", SshDoor)
+INSTANCE = web.AppKey("instance", str)  # this gateway's id in container labels
+AUDIT = web.AppKey("audit", AuditLog)
 
 
 def ensure_state_dir(path: Path) -> None:
@@ -70,83 +82,122 @@ def build_app(
     backend: Backend | None = None,
     web_root: Path = DEFAULT_WEB_ROOT,
 ) -> web.Application:
+    """The wiring: routes now, every long-lived thing in its own cleanup context (started in this
+    order, released in the reverse order, and only if it was started)."""
+    # aiohttp's default Server header names Python's version and its own; the web door's
+    # response hook replaces it, but the 400 for a request that does not parse never reaches a hook.
+    web_response.SERVER_SOFTWARE = "termbridge"  # type: ignore[attr-defined]
     app = web.Application(client_max_size=64 * 1024)
-    app[web_front.CONFIG] = config
-    web_front.setup_routes(app, web_root)
-    web_files.setup_routes(app)
+    app[CONFIG] = config
+    app[METRICS] = Metrics()
+    web_door.setup_routes(app, web_root)
 
-    async def gateway(app: web.Application) -> AsyncIterator[None]:
+    async def state_dir(app: web.Application) -> AsyncIterator[None]:
         ensure_state_dir(config.state_dir)
-        instance = instance_id(config.state_dir)
+        app[INSTANCE] = instance_id(config.state_dir)
         if config.audit.record_dir is not None:
             SessionRecorder.prepare(config.audit.record_dir)
-        audit = AuditLog(config.audit.log, gateway=instance)
-        metrics = Metrics()
-        gw_backend = MeteredBackend(backend or DockerBackend(config.session, instance), metrics)
+        app[LOGINS] = LoginRegistry(read_or_create_secret(config.state_dir / "cookie-secret", secrets.token_bytes(32)))
+        if not (web_root / "node_modules" / "@xterm" / "xterm").is_dir():
+            log.error("web assets missing: run `npm ci` in %s", web_root)
+        yield
+
+    async def state_store(app: web.Application) -> AsyncIterator[None]:
+        app[STORE] = await open_store(config)
+        yield
+        await app[STORE].close()
+
+    async def audit_log(app: web.Application) -> AsyncIterator[None]:
+        app[AUDIT] = AuditLog(config.audit.log, gateway=app[INSTANCE])
+        yield
+        app[AUDIT].close()
+
+    async def docker_backend(app: web.Application) -> AsyncIterator[None]:
+        metered = MeteredBackend(backend or DockerBackend(config.session, app[INSTANCE]), app[METRICS])
         try:
-            await gw_backend.prepare()
+            await metered.prepare()
         except BackendUnavailable as exc:
             log.warning("Docker unreachable at start; the session network is prepared later: %s", exc.detail)
         except BaseException:
-            await gw_backend.close()
+            await metered.close()
             raise
-        authenticator = ThrottledAuthenticator(
+        app[BACKEND] = metered
+        yield
+        await metered.close()
+
+    async def pam_pool(app: web.Application) -> AsyncIterator[None]:
+        app[AUTHENTICATOR] = ThrottledAuthenticator(
             PamAuthenticator(config.auth.pam_service, config.auth.allowed_groups, config.auth.pam_workers),
             LoginThrottle(config.auth),
         )
-        manager = SessionManager(config, gw_backend)
-        manager.observers += [AuditObserver(audit, config.session.image), metrics]
+        yield
+        app[AUTHENTICATOR].close()
+
+    async def sessions(app: web.Application) -> AsyncIterator[None]:
+        """Releases whatever sessions are left (none after `tell_clients`; all of them when a
+        later resource failed to start). `close` is idempotent."""
+        manager = SessionManager(config, app[BACKEND])
+        manager.observers.add(AuditObserver(app[AUDIT], config.session.image), app[METRICS])
         if config.audit.record_dir is not None:
-            manager.observers.append(
+            manager.observers.add(
                 SessionRecorder(
-                    config.audit.record_dir, record_input=config.audit.record_input, limit=config.audit.record_limit
+                    config.audit.record_dir, record_input=config.audit.record_input, limit=config.audit.record_limit,
+                    dir_limit=config.audit.record_dir_limit, audit=app[AUDIT],
                 )
             )
-        metrics.watch(manager)
-        app[web_front.METRICS] = metrics
-        secret = read_or_create_secret(config.state_dir / "cookie-secret", secrets.token_bytes(32))
-        app[web_front.BACKEND] = gw_backend
-        app[web_front.AUTHENTICATOR] = authenticator
-        app[web_front.MANAGER] = manager
-        app[web_front.LOGINS] = web_front.LoginRegistry(secret)
-        if not (web_root / "node_modules" / "@xterm" / "xterm").is_dir():
-            log.error("web assets missing: run `npm ci` in %s", web_root)
-        admin = AdminServer(manager, admin_socket_path(config.state_dir))
+        app[METRICS].watch(manager)
+        app[MANAGER] = manager
+        yield
+        await manager.close()
+
+    async def admin_socket(app: web.Application) -> AsyncIterator[None]:
+        admin = AdminServer(app[MANAGER], admin_socket_path(config.state_dir))
         await admin.start()
-        await reap_once(manager)
-        manager.start_pool()
-        reaper = asyncio.create_task(reap_forever(manager), name="reaper")
-        ssh_door: SshDoor | None = None
-        try:
-            if config.ssh.listen is not None:
-                ssh_door = SshDoor(config, manager, authenticator)
-                await ssh_door.start()
-                app[SSH_DOOR] = ssh_door
+        yield
+        await admin.close()
+
+    async def reaper(app: web.Application) -> AsyncIterator[None]:
+        await reap_once(app[MANAGER])
+        task = asyncio.create_task(reap_forever(app[MANAGER]), name="reaper")
+        yield
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    async def warm_pool(app: web.Application) -> AsyncIterator[None]:
+        pool = app[MANAGER].pool
+        if pool is None:
             yield
-        finally:
-            reaper.cancel()
-            await admin.close()
-            if ssh_door is not None:
-                ssh_door.stop_listening()
-            await manager.close()
-            await web_front.close_websockets(app)
-            if ssh_door is not None:
-                await ssh_door.close()
-            authenticator.close()
-            await gw_backend.close()
-            audit.close()
+            return
+        pool.kick()
+        yield
+        await pool.close()
 
-    async def drain(app: web.Application) -> None:
-        """On SIGTERM/SIGINT, before connections are torn down: every session ends with reason
-        `killed` while its socket can still hear it, and every container goes."""
-        if SSH_DOOR in app:
-            app[SSH_DOOR].stop_listening()
-        if web_front.MANAGER in app:
-            await app[web_front.MANAGER].close()
+    async def ssh_door(app: web.Application) -> AsyncIterator[None]:
+        if config.ssh.listen is None:
+            yield
+            return
+        door = SshDoor(config, app[MANAGER], app[AUTHENTICATOR])
+        await door.start()
+        app[SSH_DOOR] = door
+        yield
+        await door.close()
 
-    app.cleanup_ctx.append(gateway)
-    app.on_shutdown.append(drain)
+    app.cleanup_ctx.extend([state_dir, state_store, audit_log, docker_backend, pam_pool, sessions, admin_socket, reaper, warm_pool,
+                            ssh_door])
+    app.on_shutdown.append(tell_clients)
     return app
+
+
+async def tell_clients(app: web.Application) -> None:
+    """On SIGTERM/SIGINT, before aiohttp drops the connections (cleanup contexts run after it
+    did): no new SSH logins, every session ends with reason `killed` while its client can still
+    hear why, and the remaining sockets close with GOING_AWAY. Releasing resources is left to
+    the cleanup contexts."""
+    if SSH_DOOR in app:
+        app[SSH_DOOR].stop_listening()
+    if MANAGER in app:
+        await app[MANAGER].close()
+    await close_websockets(app)
 
 
 async def reap_once(manager: SessionManager) -> None:
@@ -178,17 +229,58 @@ def ssl_context(config: Config) -> ssl.SSLContext | None:
     return ctx
 
 
+def raise_open_file_limit() -> int:
+    """Lift the soft limit on open files to the hard one: each idle connection holds a descriptor
+    (two for a session), and the usual soft limit of 1024 runs out at about a thousand. The
+    systemd unit raises the hard limit (LimitNOFILE); this covers any other way of starting."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open-file limit from %d to %d: %s", soft, hard, exc)
+            return soft
+        log.info("open-file limit raised from %d to %d", soft, hard)
+    return hard
+
+
 def serve(config: Config) -> None:
     """Run the gateway in the foreground until SIGINT/SIGTERM."""
     ensure_state_dir(config.state_dir)
+    raise_open_file_limit()
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    main = loop.create_task(_serve(build_app(config), config))
+    try:
+        loop.run_until_complete(main)
+    except (web.GracefulExit, KeyboardInterrupt):
+        pass
+    finally:
+        # Like run_app: the main task first (its `finally` shuts the gateway down, and the tasks
+        # that work needs must live meanwhile), then whatever is left.
+        if not main.done():
+            main.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                loop.run_until_complete(main)
+        left = asyncio.all_tasks(loop)
+        for task in left:
+            task.cancel()
+        loop.run_until_complete(asyncio.gather(*left, return_exceptions=True))
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        asyncio.set_event_loop(None)
+        loop.close()
+
+
+async def _serve(app: web.Application, config: Config) -> None:
+    """What `web.run_app` does, except that a failed start is cleaned up too (run_app leaves the
+    cleanup contexts that did start unreleased when a later one fails)."""
     host, port = config.web.listen
-    web.run_app(
-        build_app(config),
-        host=host,
-        port=port,
-        ssl_context=ssl_context(config),
-        print=lambda text: log.info("%s", text.strip()),
-        shutdown_timeout=3,
-        access_log=None,
-        handle_signals=True,
-    )
+    runner = web.AppRunner(app, handle_signals=True, access_log=None, shutdown_timeout=3)
+    try:
+        await runner.setup()
+        site = web.TCPSite(runner, host, port, ssl_context=ssl_context(config))
+        await site.start()
+        log.info("Running on %s", site.name)
+        await asyncio.Event().wait()  # until a signal raises GracefulExit
+    finally:
+        await runner.cleanup()

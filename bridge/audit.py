@@ -17,11 +17,14 @@ import os
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, BinaryIO
 
 from .auth import AuthenticatedUser
 from .errors import ConfigError
-from .sessions import Session, SessionObserver
+from .logsafe import SafeFormatter
+from .observers import SessionObserver
+from .session import Session
+from .vocab import Actor, Door, LoginResult
 
 log = logging.getLogger("termbridge.audit")
 
@@ -54,7 +57,7 @@ class AuditLog:
                 self._handler = logging.handlers.WatchedFileHandler(path, encoding="utf-8")
             except OSError as exc:
                 raise ConfigError(f"'audit.log' {target!r} cannot be opened: {exc.strerror}") from None
-            self._handler.setFormatter(logging.Formatter("%(message)s"))
+            self._handler.setFormatter(SafeFormatter("%(message)s"))
             # A logger of its own, outside the logging tree: audit lines go to the file only.
             self._logger = logging.Logger("termbridge.audit.file", logging.INFO)
             self._logger.addHandler(self._handler)
@@ -62,13 +65,14 @@ class AuditLog:
             self._logger = log
 
     def emit(self, event: str, **fields: Any) -> dict[str, Any]:
+        """One JSON line; json.dumps's ASCII output escapes every control and line separator."""
         record = {"ts": utc_now(), "event": event, "gateway": self.gateway, **fields}
         self._logger.info("%s", json.dumps(record, default=str))
         return record
 
-    def login(self, user: str, rhost: str | None, door: str, result: str, reason: str = "") -> None:
+    def login(self, user: str, rhost: str | None, door: Door, result: LoginResult, reason: str = "") -> None:
         """One login attempt at any door. Never give it the password."""
-        self.emit("login", user=user[:MAX_NAME], rhost=rhost or "", door=door, ok=result == "ok",
+        self.emit("login", user=user[:MAX_NAME], rhost=rhost or "", door=door, ok=result == LoginResult.OK,
                   result=result, reason=reason)
 
     def close(self) -> None:
@@ -94,7 +98,7 @@ class AuditObserver(SessionObserver):
         self.audit = audit
         self.image = image
 
-    def login(self, user: str, rhost: str | None, door: str, result: str, reason: str) -> None:
+    def login(self, user: str, rhost: str | None, door: Door, result: LoginResult, reason: str) -> None:
         self.audit.login(user, rhost, door, result, reason)
 
     def session_started(self, session: Session, seconds: float) -> None:
@@ -112,13 +116,13 @@ class AuditObserver(SessionObserver):
         lived = time.monotonic() - session.ready_at if session.ready_at is not None else 0.0
         self.audit.emit(
             "session_end", **_session_fields(session), image=self.image, reason=session.end_reason,
-            code=session.exit_code, duration=round(lived, 3), bytes_in=session.bytes_in, bytes_out=session.bytes_out,
+            code=session.exit_code, signal=session.exit_signal, channels=session.channels, duration=round(lived, 3), bytes_in=session.bytes_in, bytes_out=session.bytes_out,
         )
 
-    def session_refused(self, user: AuthenticatedUser, door: str, detail: str) -> None:
+    def session_refused(self, user: AuthenticatedUser, door: Door, detail: str) -> None:
         self.audit.emit("session_refused", user=user.name, door=door, reason=detail)
 
-    def session_killed(self, session: Session, actor: str) -> None:
+    def session_killed(self, session: Session, actor: Actor) -> None:
         self.audit.emit("session_kill", **_session_fields(session), by=actor)
 
     def containers_reaped(self, count: int) -> None:
@@ -127,13 +131,90 @@ class AuditObserver(SessionObserver):
 
 # -- recording ------------------------------------------------------------------------------------
 
+# Kept free under both limits for the marker line that says why a recording stopped.
+MARKER_ROOM = 256
+CAST_SUFFIX = ".cast"
+# JSON leaves these raw inside strings, but line-oriented readers (str.splitlines) break lines on them.
+_LINE_BREAKERS = {0x85: "\\u0085", 0x2028: "\\u2028", 0x2029: "\\u2029"}
+
+
+class RecordDir:
+    """The recordings directory as a whole, kept under `audit.record_dir_limit` bytes on disk.
+
+    When a recording would cross the cap, the oldest finished recordings are removed first (each
+    removal is an audit event); when only live recordings are left, the one that would cross it
+    stops instead. Sizes are what is on disk plus what live recorders wrote, counted in bytes."""
+
+    def __init__(self, path: Path, limit: int, audit: AuditLog | None = None) -> None:
+        self.path = path
+        self.limit = limit
+        self.audit = audit
+        self.live: dict[Path, AsciicastRecorder] = {}
+        self.used = self._finished_bytes()[1]
+
+    def _finished_bytes(self) -> tuple[list[os.DirEntry[str]], int]:
+        """The finished recordings, oldest first, and their total size."""
+        finished: list[tuple[float, os.DirEntry[str], int]] = []
+        with os.scandir(self.path) as entries:
+            for entry in entries:
+                if not entry.name.endswith(CAST_SUFFIX) or Path(entry.path) in self.live:
+                    continue
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                finished.append((st.st_mtime, entry, st.st_size))
+        finished.sort(key=lambda item: item[0])
+        return [entry for _, entry, _ in finished], sum(size for _, _, size in finished)
+
+    def has_room(self, size: int) -> bool:
+        """Whether `size` more bytes fit, after removing the oldest finished recordings if needed."""
+        if self.used + size <= self.limit:
+            return True
+        finished, on_disk = self._finished_bytes()
+        self.used = on_disk + sum(recorder.written for recorder in self.live.values())
+        for entry in finished:
+            if self.used + size <= self.limit:
+                break
+            try:
+                freed = entry.stat(follow_symlinks=False).st_size
+                os.unlink(entry.path)
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                log.error("cannot remove recording %s to keep audit.record_dir_limit: %s", entry.path, exc)
+                continue
+            self.used -= freed
+            log.info("removed recording %s (%d bytes): audit.record_dir_limit (%d bytes) reached",
+                      entry.path, freed, self.limit)
+            if self.audit is not None:
+                self.audit.emit("recording_removed", file=entry.name, bytes=freed, reason="audit.record_dir_limit")
+        return self.used + size <= self.limit
+
+    def grew(self, size: int) -> None:
+        self.used += size
+
+    def started(self, recorder: AsciicastRecorder) -> None:
+        self.live[recorder.path] = recorder
+
+    def finished(self, recorder: AsciicastRecorder) -> None:
+        self.live.pop(recorder.path, None)
+
+    def stopped(self, recorder: AsciicastRecorder, reason: str) -> None:
+        """A recording stopped early while its session goes on: the audit trail says so."""
+        if self.audit is not None:
+            self.audit.emit("recording_stopped", **_session_fields(recorder.session), file=recorder.path.name,
+                            bytes=recorder.written, reason=reason)
+
 
 class AsciicastRecorder:
     """One session's terminal as asciicast v2 (header line, then `[time, code, data]` lines).
 
     A StreamTap: the session calls it for every chunk, on the loop. Output goes through an
-    incremental UTF-8 decoder, so a character split across chunks is recorded whole. Writes are
-    buffered and flushed within a second; a failing disk stops the recording, not the session.
+    incremental UTF-8 decoder, so a character split across chunks is recorded whole. Limits count
+    the bytes that reach the disk (a byte that is not UTF-8 is recorded as U+FFFD, three bytes):
+    `limit` for this file, `space` for the directory. Writes are buffered and flushed within a
+    second; a failing disk stops the recording, not the session.
     """
 
     def __init__(
@@ -143,11 +224,13 @@ class AsciicastRecorder:
         *,
         record_input: bool = False,
         limit: int | None = None,
+        space: RecordDir | None = None,
     ) -> None:
         self.path = path
         self.session = session
         self.record_input = record_input
         self.limit = limit
+        self.space = space
         self.written = 0
         self._t0 = time.monotonic()
         self._timestamp = int(time.time())
@@ -157,7 +240,9 @@ class AsciicastRecorder:
         self._in = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._flush_handle: asyncio.TimerHandle | None = None
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        self._file: TextIO | None = os.fdopen(fd, "w", encoding="utf-8", buffering=64 * 1024)
+        self._file: BinaryIO | None = os.fdopen(fd, "wb", buffering=64 * 1024)
+        if space is not None:
+            space.started(self)
 
     @property
     def recording(self) -> bool:
@@ -174,32 +259,54 @@ class AsciicastRecorder:
             "title": f"termbridge session {self.session.id} ({self.session.user.name}, {self.session.door})",
         }
 
-    def _line(self, item: Any | None) -> None:
-        """Write `item` as one line, after the header if that is still due (`None`: header only)."""
+    def _over_limit(self, size: int) -> str | None:
+        """Which limit `size` more bytes (and room for the marker) would cross, if any."""
+        if self.limit is not None and self.written + size + MARKER_ROOM > self.limit:
+            return "audit.record_limit"
+        if self.space is not None and not self.space.has_room(size + MARKER_ROOM):
+            return "audit.record_dir_limit"
+        return None
+
+    def _line(self, item: Any | None, *, marker: bool = False) -> None:
+        """Write `item` as one line, after the header if that is still due (`None`: header only).
+        A line that would cross a limit stops the recording instead, with a marker saying why."""
         if self._file is None:
             return
+        data = b"" if self._header_written else json.dumps(self._header()).encode() + b"\n"
+        if item is not None:
+            data += json.dumps(item, ensure_ascii=False).translate(_LINE_BREAKERS).encode() + b"\n"
+        if not marker:
+            crossed = self._over_limit(len(data))
+            if crossed is not None:
+                self._stop(crossed)
+                return
         try:
-            if not self._header_written:
-                self._header_written = True
-                self._file.write(json.dumps(self._header()) + "\n")
-            if item is not None:
-                text = json.dumps(item, ensure_ascii=False) + "\n"
-                self._file.write(text)
-                self.written += len(text)
-            self._schedule_flush()
+            self._file.write(data)
         except OSError as exc:
-            self.session.log.error("recording to %s failed, recording stops: %s", self.path, exc)
-            self._close_file()
+            self._failed(exc)
+            return
+        self._header_written = True
+        self.written += len(data)
+        if self.space is not None:
+            self.space.grew(len(data))
+        self._schedule_flush()
+
+    def _stop(self, limit: str) -> None:
+        self.session.log.warning("recording reached %s; recording stops", limit)
+        self._line([self._elapsed(), "m", f"recording stopped: {limit} reached"], marker=True)
+        self._close_file()
+        if self.space is not None:
+            self.space.stopped(self, limit)
+
+    def _failed(self, exc: OSError) -> None:
+        self.session.log.error("recording to %s failed, recording stops: %s", self.path, exc)
+        self._close_file()
+        if self.space is not None:
+            self.space.stopped(self, f"write error: {exc.strerror or exc}")
 
     def _event(self, code: str, data: str) -> None:
-        if not data or self._file is None:
-            return
-        if self.limit is not None and self.written + len(data) > self.limit:
-            self.session.log.warning("recording reached audit.record_limit (%d bytes); recording stops", self.limit)
-            self._line([self._elapsed(), "m", "recording stopped: audit.record_limit reached"])
-            self._close_file()
-            return
-        self._line([self._elapsed(), code, data])
+        if data and self._file is not None:
+            self._line([self._elapsed(), code, data])
 
     def _elapsed(self) -> float:
         return round(time.monotonic() - self._t0, 6)
@@ -233,8 +340,7 @@ class AsciicastRecorder:
             try:
                 self._file.flush()
             except OSError as exc:
-                self.session.log.error("recording to %s failed, recording stops: %s", self.path, exc)
-                self._close_file()
+                self._failed(exc)
 
     def _close_file(self) -> None:
         if self._flush_handle is not None:
@@ -246,6 +352,8 @@ class AsciicastRecorder:
                 file.close()
             except OSError as exc:
                 self.session.log.error("closing recording %s failed: %s", self.path, exc)
+        if self.space is not None:
+            self.space.finished(self)
 
     def close(self) -> None:
         """Write what the decoders still hold, and the header if nothing was shown at all."""
@@ -260,10 +368,19 @@ class AsciicastRecorder:
 class SessionRecorder(SessionObserver):
     """Starts an `AsciicastRecorder` for every session that becomes ready."""
 
-    def __init__(self, record_dir: Path, *, record_input: bool = False, limit: int | None = None) -> None:
+    def __init__(
+        self,
+        record_dir: Path,
+        *,
+        record_input: bool = False,
+        limit: int | None = None,
+        dir_limit: int | None = None,
+        audit: AuditLog | None = None,
+    ) -> None:
         self.record_dir = record_dir
         self.record_input = record_input
         self.limit = limit
+        self.space = RecordDir(record_dir, dir_limit, audit) if dir_limit is not None else None
 
     @staticmethod
     def prepare(record_dir: Path) -> None:
@@ -277,12 +394,14 @@ class SessionRecorder(SessionObserver):
             raise ConfigError(f"'audit.record_dir' {str(record_dir)!r} is not writable: {exc.strerror}") from None
 
     def path_for(self, session: Session) -> Path:
-        return self.record_dir / f"{session.id}.cast"
+        return self.record_dir / f"{session.id}{CAST_SUFFIX}"
 
     def session_started(self, session: Session, seconds: float) -> None:
         path = self.path_for(session)
         try:
-            recorder = AsciicastRecorder(path, session, record_input=self.record_input, limit=self.limit)
+            recorder = AsciicastRecorder(
+                path, session, record_input=self.record_input, limit=self.limit, space=self.space
+            )
         except OSError as exc:
             session.log.error("cannot record to %s: %s; the session goes on unrecorded", path, exc)
             return

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import ctypes.util
-import enum
 import functools
 import grp
 import logging
@@ -22,6 +21,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import pam
+
+from .vocab import LoginResult
 
 log = logging.getLogger("termbridge.auth")
 
@@ -41,11 +42,7 @@ _PAM_BROKEN = frozenset({1, 2, 3, 4, 5, 26, 28})
 DECOY_USER = "termbridge:no-such-user"
 
 
-class Outcome(enum.Enum):
-    OK = "ok"
-    DENIED = "denied"
-    UNAVAILABLE = "unavailable"
-    THROTTLED = "throttled"  # refused before PAM was asked (see throttle.py)
+Outcome = LoginResult  # an authenticator's verdict is the login result every door reports
 
 
 @dataclass(frozen=True)

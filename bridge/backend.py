@@ -28,6 +28,7 @@ class ContainerSpec:
     host_private_key: bytes
     host_public_key: bytes
     root: bool = False  # `session.user = root`
+    uid: int | None = None  # the login's uid on the host; None for a pooled container
 
 
 @dataclass(frozen=True)
@@ -74,9 +75,10 @@ class Backend(Protocol):
         address (sshd may still be starting). Raises BackendUnavailable, ImageMissing or
         SessionStartError; on any failure, nothing is left behind."""
 
-    async def claim(self, container: Container, user: str, root: bool) -> Container:
-        """Hand a pooled container (started with no user) to `user`: its account is made and it
-        is renamed after them. Raises SessionStartError; the caller removes it on failure."""
+    async def claim(self, container: Container, user: str, uid: int, root: bool) -> Container:
+        """Hand a pooled container (started with no user) to `user`, whose host uid is `uid`: its
+        account is made (the name stays: it never carries the login). Raises SessionStartError;
+        the caller removes it on failure."""
 
     async def stop(self, container_id: str) -> None:
         """Remove the container. Idempotent: an absent container is success."""

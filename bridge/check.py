@@ -83,8 +83,12 @@ def check_docker(config: Config, config_arg: str) -> Iterator[Check]:
     if "name=userns" in options or "name=rootless" in options:
         yield ok("userns-remap", "on: root in a session container is not root on the host")
     else:
+        root_mode = (
+            "; session.user = root: every root session shares host root's per-uid kernel limits (inotify instances...)"
+            if config.session.user == "root" else ""
+        )
         yield warn(
-            "userns-remap", "off: root in a session container is root on the host, should it ever escape",
+            "userns-remap", f"off: root in a session container is root on the host, should it ever escape{root_mode}",
             'set "userns-remap": "default" in /etc/docker/daemon.json and restart dockerd',
         )
 

@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 
+from . import logsafe
 from .config import Config, load_config
 from .errors import BridgeError, ConfigError
 
@@ -70,12 +71,7 @@ def sessions_command(config: Config, args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO,
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    logging.getLogger("asyncssh").setLevel(logging.WARNING)
+    logsafe.configure(logging.INFO, sys.stderr)
     if args.command == "check":
         from .check import main as check
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import grp
 import ipaddress
 import json
 import os
+import pwd
 import re
 import tomllib
 from collections.abc import Callable, Mapping
@@ -23,6 +25,9 @@ _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmgKMG])?[bB]?\s*$")
 _SIZE_UNITS = {None: 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+# Host uids (and gids) below this map to session uids uid_base + uid; others get no session.
+UID_SPAN = 65536
+SUBORDINATE_ID_FILES = (Path("/etc/subuid"), Path("/etc/subgid"))
 
 
 def parse_duration(value: Any) -> float:
@@ -113,6 +118,10 @@ def _addr_list(value: Any) -> tuple[str, ...]:
     for item in items:
         ipaddress.ip_network(item, strict=False)
     return items
+
+
+def _ip_list(value: Any) -> tuple[str, ...]:
+    return tuple(str(ipaddress.ip_address(item)) for item in _str_list(value))
 
 
 def _positive_float(value: Any) -> float:
@@ -211,6 +220,11 @@ class SessionConfig:
     start_timeout: float = _field(30.0, parse_duration, "how long a container may take to be ready")
     firewall: bool = _field(True, _bool, "install the host firewall rules that keep containers off host ports")
     tmpfs_size: int = _field(64 * 1024**2, parse_size, "size of each writable tmpfs (/tmp, the home directory)")
+    internet_allow: tuple[str, ...] = _field((), _addr_list, "private networks internet-mode sessions may reach")
+    dns: tuple[str, ...] = _field((), _ip_list, "name servers of internet-mode sessions; empty: the host's")
+    uid_base: int = _field(
+        1_000_000_000, _int_range(UID_SPAN, 2**31 - 1 - UID_SPAN), "a login's session uid is uid_base + its host uid"
+    )
 
 
 @dataclass(frozen=True)
@@ -218,7 +232,10 @@ class AuditConfig:
     log: str = _field("", _str, "JSON-lines audit file; empty: the termbridge.audit logger")
     record_dir: Path | None = _field(None, _opt_path, "record each session as asciicast v2 here")
     record_input: bool = _field(False, _bool, "also record what the person typed (passwords typed in the shell too)")
-    record_limit: int = _field(100 * 1024**2, parse_size, "a recording stops growing at this size")
+    record_limit: int = _field(100 * 1024**2, parse_size, "a recording stops growing at this size (bytes on disk)")
+    record_dir_limit: int = _field(
+        1024**3, parse_size, "all recordings together: the oldest finished ones are removed to stay under it"
+    )
 
 
 def _store_url(value: Any) -> str:
@@ -351,3 +368,35 @@ def _check(config: Config) -> None:
         raise ConfigError("'session.max_per_user' must not exceed 'session.max_total'")
     if config.session.pool > config.session.max_total:
         raise ConfigError("'session.pool' must not exceed 'session.max_total'")
+    loopback = [server for server in config.session.dns if ipaddress.ip_address(server).is_loopback]
+    if loopback:
+        raise ConfigError(f"'session.dns': {', '.join(loopback)} is this host's loopback, which no container reaches")
+    clashes = session_uid_clashes(config.session.uid_base)
+    if clashes:
+        raise ConfigError(
+            f"'session.uid_base' = {config.session.uid_base}: session uids {config.session.uid_base}.."
+            f"{config.session.uid_base + UID_SPAN - 1} must belong to nobody on this host, but "
+            f"{', '.join(clashes[:5])}{' ...' if len(clashes) > 5 else ''} use some; choose another range"
+        )
+
+
+def session_uid_clashes(base: int) -> list[str]:
+    """Host accounts, groups and subordinate id ranges (rootless containers) that overlap the
+    session uid range: a host process with one of those ids could read a session's files and
+    /proc/<pid>/root, and would share its per-uid kernel limits."""
+    end = base + UID_SPAN
+    found = [f"user {e.pw_name} ({e.pw_uid})" for e in pwd.getpwall() if base <= e.pw_uid < end]
+    found += [f"group {e.gr_name} ({e.gr_gid})" for e in grp.getgrall() if base <= e.gr_gid < end]
+    for path in SUBORDINATE_ID_FILES:
+        try:
+            lines = path.read_text().splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.strip().split(":")
+            # dockremap's range is where Docker's userns-remap puts container uids: sessions' own
+            if len(fields) == 3 and fields[0] != "dockremap" and fields[1].isdigit() and fields[2].isdigit():
+                start, count = int(fields[1]), int(fields[2])
+                if start < end and base < start + count:
+                    found.append(f"{path} {fields[0]} ({start}+{count})")
+    return found

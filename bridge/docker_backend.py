@@ -37,7 +37,7 @@ from .backend import (
     ContainerSpec,
     ContainerState,
 )
-from .config import SessionConfig
+from .config import UID_SPAN, SessionConfig
 from .errors import BackendUnavailable, ImageMissing, SessionStartError
 
 log = logging.getLogger("termbridge.docker")
@@ -50,10 +50,18 @@ T = TypeVar("T")
 # AUDIT_WRITE Debian's and Ubuntu's sshd close the connection after login).
 SESSION_CAPS = ("CHOWN", "SETUID", "SETGID", "SYS_CHROOT", "AUDIT_WRITE")
 RUN_TMPFS_SIZE = 16 * 1024**2
+# The container's stdout/stderr is sshd's (-e) debugging output, which a person can make grow
+# (junk connections to the container's own sshd: ~150 bytes each). json-file keeps `docker logs`
+# working for the admin (its last lines tell why a session died); two files of 512 KiB, rotated,
+# bound the host's disk per session (Docker 20.10 keeps a rotated file even with max-file=1).
+LOG_FILE_BYTES = 512 * 1024
+LOG_FILES = 2
+LOG_CONFIG = {"type": "json-file", "config": {"max-size": str(LOG_FILE_BYTES), "max-file": str(LOG_FILES)}}
 # How the session image expects to be set up (label `termbridge.protocol`); 2: keys on stdin,
 # accounts on tmpfs, read-only root. An image built from an older session-image/ would wait for
-# keys that never come, so it is refused with a clear message instead.
-IMAGE_PROTOCOL = "3"
+# keys that never come, so it is refused with a clear message instead. 4: the account's uid comes
+# from the gateway (TERMBRIDGE_UID; `termbridge-adduser USER UID` at claim).
+IMAGE_PROTOCOL = "4"
 NETWORK_NAMES = {"isolated": "termbridge-isolated", "internet": "termbridge-internet"}
 SSHD_PORT = 22
 
@@ -182,7 +190,7 @@ class DockerBackend:
             if self.config.network == "isolated":
                 netguard.require_tools("nsenter", "ip")
             if self.config.firewall:
-                netguard.require_tools("iptables")
+                netguard.require_tools("iptables", "iptables-restore", "ip6tables-restore", "nsenter", "ip")
                 netguard.guard_bridge(bridge)
             else:
                 log.warning("session.firewall is off: session containers can reach host ports on %s", bridge)
@@ -195,6 +203,16 @@ class DockerBackend:
 
     async def prepare(self) -> None:
         await self._call(self._prepare_sync)
+
+    def _egress(self) -> netguard.Egress:
+        """What this container may reach, read afresh (the host's networks and resolvers change)."""
+        if self.config.network == "isolated":
+            return netguard.Egress()
+        resolvers = self.config.dns or netguard.upstream_resolvers()
+        if not resolvers:
+            log.warning("no name server for internet-mode sessions (set session.dns): they get no DNS")
+        blocked = (*netguard.PRIVATE_NETWORKS, *netguard.host_networks())
+        return netguard.Egress(blocked=blocked, allowed=self.config.internet_allow, resolvers=resolvers)
 
     def _host_config(self, api: docker.APIClient, root: bool) -> dict[str, Any]:
         cfg = self.config
@@ -215,6 +233,7 @@ class DockerBackend:
             privileged=False,
             read_only=not root,
             tmpfs=tmpfs,
+            log_config=LOG_CONFIG,
         )
 
     def _boot(self, api: docker.APIClient, cid: str, spec: ContainerSpec) -> None:
@@ -232,13 +251,31 @@ class DockerBackend:
         raw = getattr(attached, "_sock", attached)
         try:
             api.start(cid)
+            info = api.inspect_container(cid)
+            pid = int(info["State"].get("Pid") or 0)
             if self.config.network == "isolated":
-                netguard.drop_default_routes(int(api.inspect_container(cid)["State"].get("Pid") or 0))
+                netguard.drop_default_routes(pid)
+            if self.config.firewall:
+                egress = self._egress()
+                netguard.guard_container(pid, egress)
+                if self.config.network == "internet":
+                    self._write_resolv_conf(info["ResolvConfPath"], egress)
             raw.settimeout(10)
             raw.sendall(keys)
             raw.shutdown(socket.SHUT_WR)
         finally:
             attached.close()
+
+    @staticmethod
+    def _write_resolv_conf(path: str, egress: netguard.Egress) -> None:
+        """Docker's file on the host, bind-mounted (read-only in login mode) on the container's
+        /etc/resolv.conf; written in place so the mount sees it. It names 127.0.0.11, which the
+        container's filter rules shut; root mode may edit it, that resolver stays shut."""
+        try:
+            with open(path, "w") as resolv:
+                resolv.write(netguard.resolv_conf(egress))
+        except OSError as exc:
+            raise SessionStartError(detail=f"writing the container's resolv.conf ({path}) failed: {exc}") from exc
 
     def _check_image(self, api: docker.APIClient) -> None:
         try:
@@ -258,7 +295,8 @@ class DockerBackend:
         self._prepare_sync(api)
         self._check_image(api)
         short = spec.session_id[:8]
-        name = f"termbridge-{spec.user or 'pool'}-{short}"
+        # Not the login: names are what Docker's DNS and `docker ps` show; the user is in a label.
+        name = f"termbridge-{short}"
         cfg = self.config
         labels = {
             LABEL_SESSION: spec.session_id,
@@ -273,7 +311,11 @@ class DockerBackend:
                 name=name,
                 hostname=f"tb-{short}",
                 labels=labels,
-                environment={"TERMBRIDGE_USER": spec.user, "TERMBRIDGE_MODE": "root" if spec.root else "login"},
+                environment={
+                    "TERMBRIDGE_USER": spec.user,
+                    "TERMBRIDGE_UID": "" if spec.root or not spec.user else str(self._session_uid(spec.user, spec.uid)),
+                    "TERMBRIDGE_MODE": "root" if spec.root else "login",
+                },
                 host_config=self._host_config(api, spec.root),
                 stdin_open=True,  # the keys come this way; with detach=False, Docker closes it after them
                 detach=False,
@@ -306,25 +348,30 @@ class DockerBackend:
     async def start(self, spec: ContainerSpec) -> Container:
         return await self._call(self._start_sync, spec)
 
-    def _claim_sync(self, container: Container, user: str, root: bool) -> Container:
+    def _session_uid(self, user: str, host_uid: int | None) -> int:
+        """The uid of `user`'s shell: uid_base + their host uid, theirs alone (config.py checks
+        that no host account, group or subordinate range has one in that range)."""
+        if host_uid is None or not 0 <= host_uid < UID_SPAN:
+            raise SessionStartError(
+                "your account cannot have a session on this server; ask the admin",
+                detail=f"{user}'s host uid {host_uid} is outside 0..{UID_SPAN - 1}, which session uids map",
+            )
+        return self.config.uid_base + host_uid
+
+    def _claim_sync(self, container: Container, user: str, uid: int, root: bool) -> Container:
         api = self._api()
-        name = f"termbridge-{user}-{container.name.rsplit('-', 1)[-1]}"
         if not root:
             # uid 0, not "root": Docker would look the name up in an /etc/passwd that lives on tmpfs
-            run = api.exec_create(container.id, ["/usr/local/sbin/termbridge-adduser", user], user="0")
+            argv = ["/usr/local/sbin/termbridge-adduser", user, str(self._session_uid(user, uid))]
+            run = api.exec_create(container.id, argv, user="0")
             output = api.exec_start(run["Id"])
             code = api.exec_inspect(run["Id"]).get("ExitCode")
             if code != 0:
                 raise SessionStartError(detail=f"claiming {container.name} for {user} failed ({code}): {output!r}")
-        try:
-            api.rename(container.id, name)
-        except docker.errors.APIError as exc:
-            log.warning("could not rename %s to %s: %s", container.name, name, exc)
-            name = container.name
-        return Container(container.id, name, container.address, container.port, "root" if root else user)
+        return Container(container.id, container.name, container.address, container.port, "root" if root else user)
 
-    async def claim(self, container: Container, user: str, root: bool) -> Container:
-        return await self._call(self._claim_sync, container, user, root)
+    async def claim(self, container: Container, user: str, uid: int, root: bool) -> Container:
+        return await self._call(self._claim_sync, container, user, uid, root)
 
     def _remove_sync(self, container_id: str) -> None:
         try:

@@ -1,4 +1,5 @@
-"""Files in a session's home directory, over SFTP on the gateway's own SSH connection to the container.
+"""Files in a session's home directory, over SFTP on the gateway's own SSH connection to the container
+(opened by `upstream`, which owns every asyncssh call; this module is the policy on top).
 
 Every path comes from the person, so it is checked twice: by its text before the container is
 asked anything (relative, no `..`, no NUL or control characters, bounded), and after the
@@ -20,20 +21,13 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
-import asyncssh
-
 from .errors import BridgeError
+from .upstream import FileAttrs, FileKind, RemoteFiles, Sftp, SftpFailure, Upstream
 
 MAX_PATH = 4096
 MAX_NAME = 255
 CHUNK = 256 * 1024
 MAX_ENTRIES = 2000
-
-TYPE_NAMES = {
-    asyncssh.FILEXFER_TYPE_REGULAR: "file",
-    asyncssh.FILEXFER_TYPE_DIRECTORY: "dir",
-    asyncssh.FILEXFER_TYPE_SYMLINK: "link",
-}
 
 
 class FileError(BridgeError):
@@ -129,31 +123,25 @@ class RemoteFile:
     size: int
 
 
-def _type_name(attrs: asyncssh.SFTPAttrs) -> str:
-    return TYPE_NAMES.get(attrs.type, "other")
-
-
 class HomeFiles:
     """One SFTP conversation with a session's container, confined to the session user's home.
-    Open with `HomeFiles.open(conn)`; every method takes the person's path text."""
+    Open with `HomeFiles.open(upstream)`; every method takes the person's path text."""
 
-    def __init__(self, sftp: asyncssh.SFTPClient, home: str) -> None:
+    def __init__(self, sftp: RemoteFiles, home: str) -> None:
         self.sftp = sftp
         self.home = home
 
     @classmethod
     @contextlib.asynccontextmanager
-    async def open(cls, conn: asyncssh.SSHClientConnection) -> AsyncIterator[HomeFiles]:
+    async def open(cls, upstream: Upstream) -> AsyncIterator[HomeFiles]:
         """A new sftp-server in the container, on the session's existing SSH connection. The home
         is whatever the server says the login directory is (/home/<user>, or /root). SFTP errors
         inside the block become FileErrors; anything else (the browser going away) passes."""
         try:
-            async with conn.start_sftp_client() as sftp:
+            async with upstream.open_files() as sftp:
                 yield cls(sftp, await sftp.realpath("."))
-        except asyncssh.SFTPError as exc:
+        except SftpFailure as exc:
             raise _translate(exc) from exc
-        except asyncssh.Error as exc:
-            raise TransferFailed("the container's file service is not available", detail=f"sftp: {exc!r}") from exc
 
     async def resolve(self, path: str) -> tuple[PurePosixPath, str]:
         """(relative path, canonical absolute path inside the home). The last component need not
@@ -162,7 +150,9 @@ class HomeFiles:
         target = str(PurePosixPath(self.home) / rel)
         try:
             resolved = await self.sftp.realpath(target)
-        except asyncssh.SFTPNoSuchFile:
+        except SftpFailure as exc:
+            if exc.kind is not Sftp.NO_SUCH_FILE:
+                raise
             raise FileNotFound(f"{self._shown(rel)}: no such directory") from None
         if not is_inside(self.home, resolved):
             raise OutsideHome(
@@ -174,39 +164,41 @@ class HomeFiles:
     def _shown(self, rel: PurePosixPath) -> str:
         return "~" if not rel.parts else f"~/{rel}"
 
-    async def _stat(self, resolved: str, rel: PurePosixPath) -> asyncssh.SFTPAttrs:
+    async def _stat(self, resolved: str, rel: PurePosixPath, missing: str = "no such file or directory") -> FileAttrs:
         try:
             return await self.sftp.stat(resolved)
-        except (asyncssh.SFTPNoSuchFile, asyncssh.SFTPNoSuchPath):
-            raise FileNotFound(f"{self._shown(rel)}: no such file or directory") from None
+        except SftpFailure as exc:
+            if exc.kind is not Sftp.NO_SUCH_FILE:
+                raise
+            raise FileNotFound(f"{self._shown(rel)}: {missing}") from None
 
     async def list(self, path: str = "") -> Listing:
         rel, resolved = await self.resolve(path)
         attrs = await self._stat(resolved, rel)
-        if attrs.type != asyncssh.FILEXFER_TYPE_DIRECTORY:
+        if attrs.kind is not FileKind.DIR:
             raise WrongType(f"{self._shown(rel)} is not a directory")
         entries: list[Entry] = []
         truncated = False
-        async for item in self.sftp.scandir(resolved):
-            name = item.filename if isinstance(item.filename, str) else item.filename.decode(errors="replace")
+        async for name, item in self.sftp.scandir(resolved):
             if name in (".", ".."):
                 continue
             if len(entries) >= MAX_ENTRIES:
                 truncated = True
                 break
-            entries.append(await self._entry(resolved, name, item.attrs))
+            entries.append(await self._entry(resolved, name, item))
         entries.sort(key=lambda e: (e.type != "dir" and e.target != "dir", e.name.lower()))
         return Listing(path=str(rel) if rel.parts else "", display=self._shown(rel), entries=entries, truncated=truncated)
 
-    async def _entry(self, directory: str, name: str, attrs: asyncssh.SFTPAttrs) -> Entry:
-        kind = _type_name(attrs)
+    async def _entry(self, directory: str, name: str, attrs: FileAttrs) -> Entry:
         target = None
-        if kind == "link":
+        if attrs.kind is FileKind.LINK:
             try:
-                target = _type_name(await self.sftp.stat(f"{directory}/{name}"))
-            except asyncssh.SFTPError:
+                target = (await self.sftp.stat(f"{directory}/{name}")).kind.value
+            except SftpFailure as exc:
+                if exc.kind is Sftp.UNAVAILABLE:
+                    raise
                 target = "broken"
-        return Entry(name=name, type=kind, size=attrs.size or 0, mtime=attrs.mtime, target=target)
+        return Entry(name=name, type=attrs.kind.value, size=attrs.size, mtime=attrs.mtime, target=target)
 
     async def stat_file(self, path: str) -> RemoteFile:
         """A regular file to download (a symlink to one inside the home will do)."""
@@ -214,9 +206,9 @@ class HomeFiles:
         if not rel.parts:
             raise WrongType("name a file to download")
         attrs = await self._stat(resolved, rel)
-        if attrs.type != asyncssh.FILEXFER_TYPE_REGULAR:
+        if attrs.kind is not FileKind.FILE:
             raise WrongType(f"{self._shown(rel)} is not a regular file")
-        return RemoteFile(resolved=resolved, name=rel.name, size=attrs.size or 0)
+        return RemoteFile(resolved=resolved, name=rel.name, size=attrs.size)
 
     async def read(self, file: RemoteFile) -> AsyncIterator[bytes]:
         """The file's bytes in chunks, at most the size it had when stat'ed (the promised length)."""
@@ -234,10 +226,11 @@ class HomeFiles:
 
     async def free_space(self, resolved_dir: str) -> int | None:
         try:
-            vfs = await self.sftp.statvfs(resolved_dir)
-        except asyncssh.SFTPError:
+            return await self.sftp.free_space(resolved_dir)
+        except SftpFailure as exc:
+            if exc.kind is Sftp.UNAVAILABLE:
+                raise
             return None
-        return vfs.bavail * vfs.frsize
 
     async def upload(
         self,
@@ -255,11 +248,8 @@ class HomeFiles:
         if not rel.parts:
             raise BadPath("name the file to upload")
         _, parent = await self.resolve(str(rel.parent))
-        try:
-            parent_attrs = await self.sftp.stat(parent)
-        except (asyncssh.SFTPNoSuchFile, asyncssh.SFTPNoSuchPath):
-            raise FileNotFound(f"{self._shown(rel.parent)}: no such directory") from None
-        if parent_attrs.type != asyncssh.FILEXFER_TYPE_DIRECTORY:
+        parent_attrs = await self._stat(parent, rel.parent, missing="no such directory")
+        if parent_attrs.kind is not FileKind.DIR:
             raise WrongType(f"{self._shown(rel.parent)} is not a directory")
         final = f"{parent}/{rel.name}"
         await self._check_replaceable(final, rel)
@@ -272,7 +262,8 @@ class HomeFiles:
                     f"not enough space for {rel.name}: it needs {_size(length)}, {_size(free)} are free",
                     detail=f"{length} bytes announced, {free} free in {parent!r}",
                 )
-        temp = f"{parent}/.{rel.name[:200]}.termbridge-{secrets.token_hex(4)}.part"
+        # Bounded in bytes whatever the final name is: a 255-byte name plus a suffix would not fit.
+        temp = f"{parent}/.tb-upload-{secrets.token_hex(8)}.part"
         written = 0
         done = False
         try:
@@ -282,48 +273,44 @@ class HomeFiles:
                         raise TooLarge(_too_large(rel, limit), detail=f"more than {limit} bytes sent")
                     try:
                         await fh.write(chunk, written)
-                    except asyncssh.SFTPError as exc:
+                    except SftpFailure as exc:
+                        if exc.kind is Sftp.UNAVAILABLE:
+                            raise
                         raise await self._write_failed(exc, parent, rel) from exc
                     written += len(chunk)
                     if on_chunk is not None:
                         on_chunk(written)
             if length is not None and written != length:
                 raise TransferFailed("the upload was incomplete", detail=f"{written} of {length} bytes arrived")
-            await self._rename(temp, final)
+            await self.sftp.replace(temp, final)
             done = True
         finally:
             if not done:
-                with contextlib.suppress(asyncssh.Error, OSError):
+                with contextlib.suppress(SftpFailure, OSError):
                     await self.sftp.remove(temp)
         return RemoteFile(resolved=final, name=rel.name, size=written)
 
     async def _check_replaceable(self, final: str, rel: PurePosixPath) -> None:
         try:
             existing = await self.sftp.lstat(final)
-        except (asyncssh.SFTPNoSuchFile, asyncssh.SFTPNoSuchPath):
+        except SftpFailure as exc:
+            if exc.kind is not Sftp.NO_SUCH_FILE:
+                raise
             return
-        if existing.type == asyncssh.FILEXFER_TYPE_SYMLINK:
+        if existing.kind is FileKind.LINK:
             raise OutsideHome(
                 f"{self._shown(rel)} is a symbolic link; uploads do not write through links",
                 detail=f"upload onto symlink {final!r} refused",
             )
-        if existing.type != asyncssh.FILEXFER_TYPE_REGULAR:
+        if existing.kind is not FileKind.FILE:
             raise WrongType(f"{self._shown(rel)} exists and is not a regular file")
 
-    async def _write_failed(self, exc: asyncssh.SFTPError, parent: str, rel: PurePosixPath) -> FileError:
+    async def _write_failed(self, exc: SftpFailure, parent: str, rel: PurePosixPath) -> FileError:
         """OpenSSH's sftp-server reports ENOSPC as a plain "Failure": ask the file system."""
         free = await self.free_space(parent)
-        if isinstance(exc, (asyncssh.SFTPNoSpaceOnFilesystem, asyncssh.SFTPQuotaExceeded)) or free == 0:
+        if exc.kind is Sftp.NO_SPACE or free == 0:
             return DiskFull(f"the disk is full: {rel.name} could not be written", detail=f"write failed: {exc!r}, {free} free")
         return _translate(exc)
-
-    async def _rename(self, temp: str, final: str) -> None:
-        try:
-            await self.sftp.posix_rename(temp, final)
-        except asyncssh.SFTPOpUnsupported:
-            with contextlib.suppress(asyncssh.SFTPNoSuchFile):
-                await self.sftp.remove(final)
-            await self.sftp.rename(temp, final)
 
 
 def _size(n: int) -> str:
@@ -338,11 +325,13 @@ def _too_large(rel: PurePosixPath, limit: int) -> str:
     return f"{rel.name} is larger than the upload limit of {_size(limit)}"
 
 
-def _translate(exc: asyncssh.SFTPError) -> FileError:
-    if isinstance(exc, (asyncssh.SFTPNoSuchFile, asyncssh.SFTPNoSuchPath)):
-        return FileNotFound(detail=repr(exc))
-    if isinstance(exc, asyncssh.SFTPPermissionDenied):
-        return FileError("permission denied", detail=repr(exc))
-    if isinstance(exc, (asyncssh.SFTPNoSpaceOnFilesystem, asyncssh.SFTPQuotaExceeded)):
-        return DiskFull("the disk is full", detail=repr(exc))
-    return TransferFailed(detail=repr(exc))
+def _translate(exc: SftpFailure) -> FileError:
+    if exc.kind is Sftp.UNAVAILABLE:
+        return TransferFailed("the container's file service is not available", detail=exc.detail)
+    if exc.kind is Sftp.NO_SUCH_FILE:
+        return FileNotFound(detail=exc.detail)
+    if exc.kind is Sftp.PERMISSION:
+        return FileError("permission denied", detail=exc.detail)
+    if exc.kind is Sftp.NO_SPACE:
+        return DiskFull("the disk is full", detail=exc.detail)
+    return TransferFailed(detail=exc.detail)

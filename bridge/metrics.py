@@ -21,14 +21,15 @@ from prometheus_client.registry import Collector
 from .auth import AuthenticatedUser
 from .backend import Backend, Container, ContainerInfo, ContainerSpec, ContainerState
 from .errors import BackendUnavailable, BridgeError, ImageMissing, SessionStartError
-from .sessions import LOGIN_RESULTS, Session, SessionManager, SessionObserver
+from .observers import SessionObserver
+from .session import Session
+from .sessions import SessionManager
+from .vocab import READY_END_REASONS, BackendOp, Door, EndReason, LoginResult, StartResult
 
 T = TypeVar("T")
 
-DOORS = ("web", "ssh")
-END_REASONS = ("exit", "idle", "lifetime", "killed", "error", "disconnected")
-START_RESULTS = ("ok", "error", "cancelled", "refused")
-BACKEND_OPERATIONS = ("ping", "start", "stop", "poll", "list")
+# Backend calls whose error series exist from the start (a claim's failures appear when they happen).
+PRESET_OPERATIONS = (BackendOp.PING, BackendOp.START, BackendOp.STOP, BackendOp.POLL, BackendOp.LIST)
 # Time to a prompt: container create + start + sshd + shell; seconds.
 START_BUCKETS = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 8.0, 13.0, 20.0, 30.0, 60.0)
 
@@ -48,7 +49,7 @@ class _LiveSessions(Collector):
     def collect(self) -> Iterator[GaugeMetricFamily]:
         family = GaugeMetricFamily(self.NAME, self.HELP, labels=["door"])
         live = Tally(s.door for s in self.manager.list() if s.ready_at is not None and not s.ending)
-        for door in sorted(set(DOORS) | set(live)):
+        for door in sorted(set(Door) | set(live)):
             family.add_metric([door], live[door])
         yield family
 
@@ -89,17 +90,17 @@ class Metrics(SessionObserver):
             "termbridge_docker_errors", "Failed Docker operations by operation and kind.", ["operation", "kind"],
             registry=r,
         )
-        for door in DOORS:  # every series exists from the start, at zero: rate() needs no gaps
-            for result in LOGIN_RESULTS:
+        for door in Door:  # every series exists from the start, at zero: rate() needs no gaps
+            for result in LoginResult:
                 self.logins.labels(door, result)
-            for result in START_RESULTS:
+            for result in StartResult:
                 self.starts.labels(door, result)
-            for reason in END_REASONS:
+            for reason in READY_END_REASONS:
                 self.ends.labels(door, reason)
             self.time_to_prompt.labels(door)
             for direction in ("in", "out"):
                 self.bytes.labels(door, direction)
-        for operation in BACKEND_OPERATIONS:
+        for operation in PRESET_OPERATIONS:
             self.docker_errors.labels(operation, "unavailable")
 
     def watch(self, manager: SessionManager) -> None:
@@ -113,23 +114,24 @@ class Metrics(SessionObserver):
 
     # -- SessionObserver ----------------------------------------------------------------------
 
-    def login(self, user: str, rhost: str | None, door: str, result: str, reason: str) -> None:
+    def login(self, user: str, rhost: str | None, door: Door, result: LoginResult, reason: str) -> None:
         self.logins.labels(door, result).inc()
 
     def session_started(self, session: Session, seconds: float) -> None:
-        self.starts.labels(session.door, "ok").inc()
+        self.starts.labels(session.door, StartResult.OK).inc()
         self.time_to_prompt.labels(session.door).observe(seconds)
 
     def session_failed(self, session: Session, detail: str) -> None:
-        self.starts.labels(session.door, "cancelled" if session.end_reason == "cancelled" else "error").inc()
+        cancelled = session.end_reason is EndReason.CANCELLED
+        self.starts.labels(session.door, StartResult.CANCELLED if cancelled else StartResult.ERROR).inc()
 
     def session_ended(self, session: Session) -> None:
-        self.ends.labels(session.door, session.end_reason or "error").inc()
+        self.ends.labels(session.door, session.end_reason or EndReason.ERROR).inc()
         self.bytes.labels(session.door, "in").inc(session.bytes_in)
         self.bytes.labels(session.door, "out").inc(session.bytes_out)
 
-    def session_refused(self, user: AuthenticatedUser, door: str, detail: str) -> None:
-        self.starts.labels(door, "refused").inc()
+    def session_refused(self, user: AuthenticatedUser, door: Door, detail: str) -> None:
+        self.starts.labels(door, StartResult.REFUSED).inc()
 
     def containers_reaped(self, count: int) -> None:
         self.reaped.inc(count)
@@ -152,7 +154,7 @@ class MeteredBackend:
         self.inner = inner
         self.metrics = metrics
 
-    async def _count(self, operation: str, call: Awaitable[T]) -> T:
+    async def _count(self, operation: BackendOp, call: Awaitable[T]) -> T:
         try:
             return await call
         except BridgeError as exc:
@@ -160,22 +162,22 @@ class MeteredBackend:
             raise
 
     async def ping(self) -> str:
-        return await self._count("ping", self.inner.ping())
+        return await self._count(BackendOp.PING, self.inner.ping())
 
     async def start(self, spec: ContainerSpec) -> Container:
-        return await self._count("start", self.inner.start(spec))
+        return await self._count(BackendOp.START, self.inner.start(spec))
 
-    async def claim(self, container: Container, user: str, root: bool) -> Container:
-        return await self._count("claim", self.inner.claim(container, user, root))
+    async def claim(self, container: Container, user: str, uid: int, root: bool) -> Container:
+        return await self._count(BackendOp.CLAIM, self.inner.claim(container, user, uid, root))
 
     async def stop(self, container_id: str) -> None:
-        await self._count("stop", self.inner.stop(container_id))
+        await self._count(BackendOp.STOP, self.inner.stop(container_id))
 
     async def poll(self, container_id: str) -> ContainerState:
-        return await self._count("poll", self.inner.poll(container_id))
+        return await self._count(BackendOp.POLL, self.inner.poll(container_id))
 
     async def list_own(self) -> list[ContainerInfo]:
-        return await self._count("list", self.inner.list_own())
+        return await self._count(BackendOp.LIST, self.inner.list_own())
 
     async def close(self) -> None:
         await self.inner.close()

@@ -28,8 +28,10 @@ import asyncssh
 from .auth import AuthenticatedUser, AuthResult, Outcome, printable_username, valid_username
 from .config import Config
 from .errors import AuthUnavailable, BridgeError, ConfigError
-from .sessions import Session, SessionManager
+from .session import Session
+from .sessions import SessionManager
 from .throttle import ThrottledAuthenticator
+from .vocab import Door, EndReason, LoginResult
 
 log = logging.getLogger("termbridge.ssh")
 T = TypeVar("T")
@@ -44,6 +46,9 @@ FAILED_START_LINGER = 5.0
 # After a session ended, how long its channels have to say goodbye before the connection closes.
 CLOSE_GRACE = 2.0
 PASSED_ENV = ("LANG", "TERM")
+# The audit trail keeps how the last this many channels of a connection ended.
+MAX_CHANNEL_RECORDS = 64
+COMMAND_KINDS = ("shell", "exec")
 # asyncssh keeps every `env` request on the channel until it closes: a client could fill the
 # gateway's memory with them. Only names that pass are kept, and only this many and this much.
 MAX_ENV_VARS = 32  # per channel
@@ -374,38 +379,22 @@ class _ChannelProcess(asyncssh.SSHServerProcess):
         return subsystem == "sftp"
 
     def session_started(self) -> None:
-        chan = self.channel
-        handler = self._start_process(
-            asyncssh.SSHReader(self, chan),
-            asyncssh.SSHWriter(self, chan),
-            asyncssh.SSHWriter(self, chan, asyncssh.EXTENDED_DATA_STDERR),
-        )
-        chan.get_connection().create_task(handler)
+        start_as_process(self)
 
 
-class _MeteredUpstream(asyncssh.SSHClientProcess):
-    """The container end of one bridged channel, reporting to the session what crosses it:
-    `feed_data`/`feed_exception` are what redirect() calls with the person's bytes and terminal
-    changes, `data_received` is the container's output."""
-
-    def __init__(self, session: Session) -> None:
-        super().__init__()
-        self._session = session
-
-    def data_received(self, data: bytes, datatype: int | None) -> None:
-        self._session.note_output(data)
-        super().data_received(data, datatype)
-
-    def feed_data(self, data: bytes, datatype: int | None) -> None:
-        self._session.note_input(data)
-        super().feed_data(data, datatype)
-
-    def feed_exception(self, exc: Exception) -> None:
-        if isinstance(exc, asyncssh.TerminalSizeChanged):
-            self._session.note_resize(exc.width, exc.height)
-        else:  # break or signal: the person did something
-            self._session.touch()
-        super().feed_exception(exc)
+def start_as_process(process: asyncssh.SSHServerProcess) -> None:
+    """Run `process`'s handler on its channel, as asyncssh does for a shell or a command, whatever
+    the request (sftp included). asyncssh has no public call for this (its own session_started
+    hands "sftp" to its built-in SFTP server), so this is the one place that uses a private one:
+    `SSHServerProcess._start_process(stdin, stdout, stderr)`. tests/test_ssh_front.py checks that
+    asyncssh still has it, so an upgrade that changes it fails there, not in production."""
+    chan = process.channel
+    handler = process._start_process(  # noqa: SLF001 - see the docstring
+        asyncssh.SSHReader(process, chan),
+        asyncssh.SSHWriter(process, chan),
+        asyncssh.SSHWriter(process, chan, asyncssh.EXTENDED_DATA_STDERR),
+    )
+    chan.get_connection().create_task(handler)
 
 
 # -- one connection -------------------------------------------------------------------------------
@@ -428,6 +417,7 @@ class SshConnection(asyncssh.SSHServer):
         self._starting: asyncio.Task[Session] | None = None
         self._channels: set[asyncssh.SSHServerProcess] = set()
         self._linger: asyncio.TimerHandle | None = None
+        self._last_command: dict[str, Any] | None = None  # the shell or exec channel that ended last
 
     # -- connection -----------------------------------------------------------------------------
 
@@ -453,7 +443,14 @@ class SshConnection(asyncssh.SSHServer):
         session = self.session
         if session is not None and not session.ending:
             session.log.info("ssh connection from %s closed%s", self.rhost, f": {exc}" if exc else "")
-            await self._door.manager.end(session, "disconnected")
+            last = self._last_command
+            running = any(c["ended"] == "open" and c["kind"] in COMMAND_KINDS for c in session.channels)
+            if last is not None and last["ended"] == "exit" and not running:
+                # The client went after the last of its commands or shells ended: that end is the session's.
+                session.exit_signal = last["signal"]
+                await self._door.manager.end(session, EndReason.EXIT, code=last["code"])
+            else:
+                await self._door.manager.end(session, EndReason.DISCONNECTED)
 
     def close(self, reason: str = "") -> None:
         if self._conn is not None and not self._conn.is_closed():
@@ -521,14 +518,15 @@ class SshConnection(asyncssh.SSHServer):
             self.close("authentication failed")
             return
         if self.user is None:
-            self._door.manager.note_login(printable_username(user.name), self.rhost, "ssh", "ok", "public key")
+            name = printable_username(user.name)
+            self._door.manager.note_login(name, self.rhost, Door.SSH, LoginResult.OK, "public key")
         self.user = user
         log.info("ssh login of %s from %s", user.name, self.rhost)
         self._starting = asyncio.get_running_loop().create_task(self._start(user), name=f"ssh-start-{user.name}")
 
     async def _start(self, user: AuthenticatedUser) -> Session:
         try:
-            return await self._door.manager.create(user, "ssh", self)
+            return await self._door.manager.create(user, Door.SSH, self)
         except BridgeError as exc:
             log.warning("ssh session of %s from %s not started: %s", user.name, self.rhost, exc.detail)
             if not self._channels:
@@ -551,7 +549,7 @@ class SshConnection(asyncssh.SSHServer):
             if process.term_type or (process.command is None and process.subsystem is None):
                 _say(process, f"this session ends in {round(seconds)} s unless you type something")
 
-    async def ended(self, code: int | None, reason: str, message: str | None) -> None:
+    async def ended(self, code: int | None, reason: EndReason, message: str | None) -> None:
         """Each channel hears why and exits with 255 (what ssh reports for a lost connection), so
         that clients print the line before they go; the connection closes once they did."""
         text = message or f"the session ended ({reason})"
@@ -607,22 +605,24 @@ class SshConnection(asyncssh.SSHServer):
             raise RuntimeError("a started session without an upstream connection")
         env = {name: value for name, value in process.env.items() if _env_passes(name)}
         try:
-            _, upstream = await session.upstream.conn.create_session(
-                partial(_MeteredUpstream, session),
-                process.command,
+            upstream = await session.upstream.open_channel(
+                session,
+                command=process.command,
                 subsystem=process.subsystem,
                 env=env,
                 term_type=process.term_type,
                 term_size=process.term_size,
                 term_modes=process.term_modes,
-                encoding=None,
             )
-        except (asyncssh.Error, OSError) as exc:
+        except OSError as exc:
             session.log.warning("the container refused a channel: %r", exc)
             _refuse(process, "the container could not run this request")
             return
         what = process.subsystem or ("exec" if process.command is not None else "shell")
         session.log.info("channel opened: %s%s", what, " with pty" if process.term_type else "")
+        record: dict[str, Any] = {"kind": what, "ended": "open", "code": None, "signal": None}
+        session.channels.append(record)
+        del session.channels[:-MAX_CHANNEL_RECORDS]  # a client may open thousands on one connection
         await process.redirect(stdin=upstream.stdin)
         # The client's EOF comes with the exit status (as from sshd, status first): OpenSSH's
         # multiplexing master drops a status that arrives after EOF.
@@ -634,15 +634,25 @@ class SshConnection(asyncssh.SSHServer):
         finally:
             theirs.cancel()
             ours.cancel()
+        # Recorded before the client hears the status, so that its disconnect finds it.
         if theirs not in done:  # the person closed the channel first
+            record["ended"] = "closed"
             upstream.close()
         elif upstream.exit_signal:
+            record.update(ended="exit", signal=upstream.exit_signal[0])
             process.exit_with_signal(*upstream.exit_signal)
         elif upstream.exit_status is not None and upstream.exit_status >= 0:
+            record.update(ended="exit", code=upstream.exit_status)
             process.exit(upstream.exit_status)
-        elif not session.ending:
-            _say(process, "the connection to your container was lost")
-            process.exit(255)
+        else:
+            record["ended"] = "lost"
+            if not session.ending:
+                _say(process, "the connection to your container was lost")
+                process.exit(255)
+        if what in COMMAND_KINDS:
+            self._last_command = record
+        session.log.info("channel closed: %s, %s, code %s, signal %s", what, record["ended"], record["code"],
+                         record["signal"])
 
 
 # -- the listener ---------------------------------------------------------------------------------
@@ -707,7 +717,7 @@ class SshDoor:
 
     async def _check_password(self, username: str, password: str, rhost: str) -> AuthResult:
         result = await self.authenticator.authenticate(username, password, rhost)
-        self.manager.note_login(printable_username(username), rhost, "ssh", result.outcome.value, result.reason)
+        self.manager.note_login(printable_username(username), rhost, Door.SSH, result.outcome, result.reason)
         return result
 
     async def authorized_keys(

@@ -1,15 +1,23 @@
-"""The gateway's SSH client to one session container's sshd.
+"""The gateway's SSH client to one session container's sshd: the only asyncssh client code.
 
 Each session gets its own client key and its own host key; the host key is pinned, so the
 gateway talks to exactly the sshd it provisioned (no trust on first use, nothing else accepted).
+Every channel the gateway opens in a container opens here: the web terminal's shell (`Shell`),
+the SSH door's bridged channels (`open_channel`) and SFTP for the file endpoints
+(`RemoteFiles`). asyncssh's errors stop here too: callers see `ConnectionError` and
+`SftpFailure`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import enum
 import logging
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Awaitable, Mapping
 from dataclasses import dataclass
+from functools import partial
+from typing import Protocol, TypeVar
 
 import asyncssh
 
@@ -17,6 +25,7 @@ from .backend import Container
 from .errors import SessionStartError
 
 log = logging.getLogger("termbridge.upstream")
+T = TypeVar("T")
 
 # AES-GCM first: with AES-NI it costs the gateway (and the container's sshd, inside its CPU
 # limit) far less per byte than asyncssh's default chacha20-poly1305. Measured with
@@ -90,19 +99,269 @@ class Upstream:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.1)
 
-    async def open_terminal(
-        self, term: str, cols: int, rows: int, env: Mapping[str, str] | None = None
-    ) -> asyncssh.SSHClientProcess:
+    async def open_terminal(self, term: str, cols: int, rows: int, env: Mapping[str, str] | None = None) -> Shell:
         """A login shell on a pty; bytes in, bytes out."""
-        return await self.conn.create_process(
+        process = await self.conn.create_process(
             term_type=term,
             term_size=(cols, rows),
             env=dict(env or {}),
             encoding=None,
         )
+        return Shell(process)
+
+    async def open_channel(
+        self,
+        meter: Meter,
+        *,
+        command: str | None,
+        subsystem: str | None,
+        env: Mapping[str, str],
+        term_type: str | None,
+        term_size: tuple[int, int, int, int] | None,
+        term_modes: Mapping[int, int],
+    ) -> asyncssh.SSHClientProcess:
+        """The same request a person made of the SSH door (shell, exec or subsystem), opened in
+        the container; what crosses it is reported to `meter`. The SSH door joins it to the
+        person's channel with `redirect()`. Raises ConnectionError when the container refuses."""
+        try:
+            _, process = await self.conn.create_session(
+                partial(_MeteredProcess, meter),
+                command,
+                subsystem=subsystem,
+                env=dict(env),
+                term_type=term_type,
+                term_size=term_size,
+                term_modes=dict(term_modes),
+                encoding=None,
+            )
+        except asyncssh.Error as exc:
+            raise ConnectionError(repr(exc)) from exc
+        return process
+
+    @contextlib.asynccontextmanager
+    async def open_files(self) -> AsyncIterator[RemoteFiles]:
+        """A new sftp-server in the container, on this connection."""
+        try:
+            async with self.conn.start_sftp_client() as sftp:
+                yield RemoteFiles(sftp)
+        except asyncssh.SFTPError as exc:
+            raise SftpFailure.of(exc) from exc
+        except asyncssh.Error as exc:
+            raise SftpFailure(Sftp.UNAVAILABLE, f"sftp: {exc!r}") from exc
 
     def close(self) -> None:
         self.conn.close()
 
     async def wait_closed(self) -> None:
         await self.conn.wait_closed()
+
+
+class Shell:
+    """The login shell of a web session: bytes in, bytes out, with SSH flow control both ways."""
+
+    def __init__(self, process: asyncssh.SSHClientProcess) -> None:
+        self._process = process
+
+    def write(self, data: bytes) -> bool:
+        """Hand keystrokes to the channel. True when some are left unsent (the shell is not
+        reading): await `drain()` before writing more."""
+        self._process.stdin.write(data)
+        return self._process.stdin.channel.get_write_buffer_size() > 0
+
+    async def drain(self) -> None:
+        await self._process.stdin.drain()
+
+    async def read(self, limit: int) -> bytes:
+        """Up to `limit` bytes of output; b"" once the shell closed its output."""
+        try:
+            return await self._process.stdout.read(limit)
+        except asyncssh.Error as exc:
+            raise ConnectionError(repr(exc)) from exc
+
+    def resize(self, cols: int, rows: int) -> None:
+        self._process.change_terminal_size(cols, rows)
+
+    async def wait_exit(self) -> tuple[int | None, str | None]:
+        """(exit status, signal name) once the shell's channel closed; (None, None) when it
+        closed without either (the connection was lost)."""
+        await self._process.wait_closed()
+        status = self._process.exit_status
+        signal = self._process.exit_signal
+        return (status if status is not None and status >= 0 else None), (signal[0] if signal else None)
+
+
+class Meter(Protocol):
+    """What watches a bridged channel's bytes: the session's activity and accounting."""
+
+    def note_input(self, data: bytes) -> None: ...
+
+    def note_output(self, data: bytes) -> None: ...
+
+    def note_resize(self, cols: int, rows: int) -> None: ...
+
+    def touch(self) -> None: ...
+
+
+class _MeteredProcess(asyncssh.SSHClientProcess):
+    """The container end of one bridged channel, reporting what crosses it: `feed_data` and
+    `feed_exception` are what redirect() calls with the person's bytes and terminal changes,
+    `data_received` is the container's output."""
+
+    def __init__(self, meter: Meter) -> None:
+        super().__init__()
+        self._meter = meter
+
+    def data_received(self, data: bytes, datatype: int | None) -> None:
+        self._meter.note_output(data)
+        super().data_received(data, datatype)
+
+    def feed_data(self, data: bytes, datatype: int | None) -> None:
+        self._meter.note_input(data)
+        super().feed_data(data, datatype)
+
+    def feed_exception(self, exc: Exception) -> None:
+        if isinstance(exc, asyncssh.TerminalSizeChanged):
+            self._meter.note_resize(exc.width, exc.height)
+        else:  # break or signal: the person did something
+            self._meter.touch()
+        super().feed_exception(exc)
+
+
+# -- SFTP -----------------------------------------------------------------------------------------
+
+
+class Sftp(enum.StrEnum):
+    """Why an SFTP request failed, in the few kinds the file endpoints tell apart."""
+
+    NO_SUCH_FILE = "no such file"
+    PERMISSION = "permission denied"
+    NO_SPACE = "no space"
+    UNSUPPORTED = "unsupported"
+    FAILURE = "failure"
+    UNAVAILABLE = "unavailable"  # no SFTP at all: the connection or the subsystem failed
+
+
+class SftpFailure(Exception):
+    """An SFTP request failed; `kind` says how, `detail` is for the log."""
+
+    def __init__(self, kind: Sftp, detail: str) -> None:
+        super().__init__(detail)
+        self.kind = kind
+        self.detail = detail
+
+    @classmethod
+    def of(cls, exc: asyncssh.SFTPError) -> SftpFailure:
+        if isinstance(exc, (asyncssh.SFTPNoSuchFile, asyncssh.SFTPNoSuchPath)):
+            kind = Sftp.NO_SUCH_FILE
+        elif isinstance(exc, asyncssh.SFTPPermissionDenied):
+            kind = Sftp.PERMISSION
+        elif isinstance(exc, (asyncssh.SFTPNoSpaceOnFilesystem, asyncssh.SFTPQuotaExceeded)):
+            kind = Sftp.NO_SPACE
+        elif isinstance(exc, asyncssh.SFTPOpUnsupported):
+            kind = Sftp.UNSUPPORTED
+        else:
+            kind = Sftp.FAILURE
+        return cls(kind, repr(exc))
+
+
+class FileKind(enum.StrEnum):
+    FILE = "file"
+    DIR = "dir"
+    LINK = "link"
+    OTHER = "other"
+
+
+_KINDS = {
+    asyncssh.FILEXFER_TYPE_REGULAR: FileKind.FILE,
+    asyncssh.FILEXFER_TYPE_DIRECTORY: FileKind.DIR,
+    asyncssh.FILEXFER_TYPE_SYMLINK: FileKind.LINK,
+}
+
+
+@dataclass(frozen=True)
+class FileAttrs:
+    kind: FileKind
+    size: int
+    mtime: int | None
+
+    @classmethod
+    def of(cls, attrs: asyncssh.SFTPAttrs) -> FileAttrs:
+        return cls(_KINDS.get(attrs.type, FileKind.OTHER), attrs.size or 0, attrs.mtime)
+
+
+async def _sftp(call: Awaitable[T]) -> T:
+    try:
+        return await call
+    except asyncssh.SFTPError as exc:
+        raise SftpFailure.of(exc) from exc
+    except asyncssh.Error as exc:
+        raise SftpFailure(Sftp.UNAVAILABLE, f"sftp: {exc!r}") from exc
+
+
+class OpenFile:
+    """One open file in the container; offsets are explicit."""
+
+    def __init__(self, handle: asyncssh.SFTPClientFile) -> None:
+        self._handle = handle
+
+    async def read(self, size: int, offset: int) -> bytes:
+        return await _sftp(self._handle.read(size, offset))
+
+    async def write(self, data: bytes, offset: int) -> None:
+        await _sftp(self._handle.write(data, offset))
+
+
+class RemoteFiles:
+    """The SFTP calls the file endpoints make, with asyncssh's errors as `SftpFailure`."""
+
+    def __init__(self, sftp: asyncssh.SFTPClient) -> None:
+        self._sftp = sftp
+
+    async def realpath(self, path: str) -> str:
+        return await _sftp(self._sftp.realpath(path))
+
+    async def stat(self, path: str) -> FileAttrs:
+        return FileAttrs.of(await _sftp(self._sftp.stat(path)))
+
+    async def lstat(self, path: str) -> FileAttrs:
+        return FileAttrs.of(await _sftp(self._sftp.lstat(path)))
+
+    async def scandir(self, path: str) -> AsyncIterator[tuple[str, FileAttrs]]:
+        """(name, attributes) of each entry, `.` and `..` included; names decoded leniently."""
+        entries = self._sftp.scandir(path)
+        while True:
+            try:
+                item = await _sftp(entries.__anext__())
+            except StopAsyncIteration:
+                return
+            name = item.filename if isinstance(item.filename, str) else item.filename.decode(errors="replace")
+            yield name, FileAttrs.of(item.attrs)
+
+    async def free_space(self, path: str) -> int:
+        vfs = await _sftp(self._sftp.statvfs(path))
+        return vfs.bavail * vfs.frsize
+
+    @contextlib.asynccontextmanager
+    async def open(self, path: str, mode: str) -> AsyncIterator[OpenFile]:
+        handle = await _sftp(self._sftp.open(path, mode))
+        try:
+            yield OpenFile(handle)
+        finally:
+            await _sftp(handle.close())
+
+    async def remove(self, path: str) -> None:
+        await _sftp(self._sftp.remove(path))
+
+    async def replace(self, source: str, target: str) -> None:
+        """Rename `source` over `target` (POSIX rename where the server has it)."""
+        try:
+            await _sftp(self._sftp.posix_rename(source, target))
+        except SftpFailure as exc:
+            if exc.kind is not Sftp.UNSUPPORTED:
+                raise
+            try:
+                await self.remove(target)
+            except SftpFailure as gone:
+                if gone.kind is not Sftp.NO_SUCH_FILE:
+                    raise
+            await _sftp(self._sftp.rename(source, target))

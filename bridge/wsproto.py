@@ -7,11 +7,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import ProtocolError
+from .vocab import EXIT_MESSAGE_REASONS, EndReason
 
 MAX_CONTROL_BYTES = 4096
 MIN_DIM, MAX_DIM = 1, 1000
 
-EXIT_REASONS = frozenset({"exit", "idle", "lifetime", "killed", "error"})
+EXIT_REASONS = EXIT_MESSAGE_REASONS
 
 
 @dataclass(frozen=True)
@@ -71,7 +72,7 @@ def idle_warning(seconds: float) -> str:
     return _encode(type="idle-warning", seconds=max(0, round(seconds)))
 
 
-def exit_message(code: int | None, reason: str, message: str | None = None) -> str:
+def exit_message(code: int | None, reason: EndReason, message: str | None = None) -> str:
     """`message`, when given, is a safe sentence saying why (e.g. "the container was killed")."""
     if reason not in EXIT_REASONS:
         raise ValueError(f"unknown exit reason {reason!r}")

@@ -1,7 +1,8 @@
 #!/bin/sh
 # Sets up the session's accounts and keys on tmpfs, then runs sshd in the foreground.
 # TERMBRIDGE_USER: login name (validated by the gateway); empty for a pooled container, whose
-# account `termbridge-adduser` makes when a login claims it. TERMBRIDGE_MODE: login | root.
+# account `termbridge-adduser` makes when a login claims it. TERMBRIDGE_UID: its uid (login mode).
+# TERMBRIDGE_MODE: login | root.
 # stdin: a tar with ssh_host_ed25519_key, ssh_host_ed25519_key.pub and authorized_keys, written
 # by the gateway right after start (never on disk, never in `docker inspect`), then EOF.
 set -eu
@@ -35,7 +36,7 @@ if [ "$mode" = root ]; then
     done
     printf 'AllowUsers root\nPermitRootLogin prohibit-password\n' > "$state/sshd_config.d/10-mode.conf"
 elif [ -n "$user" ]; then
-    termbridge-adduser "$user"
+    termbridge-adduser "$user" "${TERMBRIDGE_UID:-}"
 else
     # Pooled: sshd is ready now; the account and AllowUsers come at claim (termbridge-adduser).
     printf 'PermitRootLogin no\nDenyUsers root\n' > "$state/sshd_config.d/10-mode.conf"

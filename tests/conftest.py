@@ -18,7 +18,7 @@ from aiohttp import web
 from bridge.app import build_app
 from bridge.config import Config, load_config
 from bridge.upstream import SessionKeys
-from bridge.web_front import LoginRegistry
+from bridge.web.login import LoginRegistry
 from helpers import (
     CHROMIUM, CHROMIUM_FLAGS, PASSWORDS, ROOT, TEST_IMAGE, GatewayProcess, HostUser, Terminal, create_user,
     csrf_token, delete_user, find_secrets, free_port, private_key_fragments, session_containers, write_config,

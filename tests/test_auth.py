@@ -12,7 +12,7 @@ import pytest
 from yarl import URL
 
 from bridge.auth import Outcome, PamAuthenticator
-from bridge.web_front import COOKIE_NAME, LOGIN_FAILED
+from bridge.web.login import COOKIE_NAME, LOGIN_FAILED
 from helpers import assert_same_timing, csrf_token, refusal_times
 
 

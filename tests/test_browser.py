@@ -91,7 +91,7 @@ STATE_RECORDER = """() => {
 
 
 async def test_reload_resumes_and_a_blip_reconnects(browser, gateway, user):
-    from bridge.web_front import WEBSOCKETS
+    from bridge.web.keys import WEBSOCKETS
 
     context = await browser.new_context()
     page = await context.new_page()

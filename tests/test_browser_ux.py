@@ -14,7 +14,7 @@ import secrets
 import pytest
 from playwright.async_api import expect
 
-from bridge.web_front import WEBSOCKETS
+from bridge.web.keys import WEBSOCKETS
 from helpers import (
     ARTIFACTS, CHROMIUM, CHROMIUM_FLAGS, containers_gone, goto, log_in, reload, screen_line, wait_for,
     wait_for_js,

@@ -101,3 +101,31 @@ def test_check_without_docker_or_with_a_bad_config(tmp_path, pam_service):
     assert status == 1
     assert list(checks) == ["config"]
     assert checks["config"][0] == "FAIL" and "session.idle_timeout" in checks["config"][1]
+
+
+def test_check_refuses_a_session_uid_range_a_host_group_is_in(tmp_path, pam_service):
+    """Session uids must belong to no host account: a group made in the range is named."""
+    import secrets
+
+    name, gid = f"tbg{secrets.token_hex(3)}", 3_000_000 + secrets.randbelow(10**6)
+    subprocess.run(["groupadd", "-g", str(gid), name], check=True, capture_output=True)
+    try:
+        config = write_config(tmp_path / "uids.toml", tmp_path / "state", pam_service,
+                              session={"uid_base": gid - 100})
+        code, checks, out = run_check(config)
+        assert code == 1 and checks["config"][0] == "FAIL", out
+        assert "session.uid_base" in checks["config"][1] and f"group {name} ({gid})" in checks["config"][1], out
+        config.write_text(config.read_text().replace(f"uid_base = {gid - 100}", f"uid_base = {gid + 1}"))
+        assert run_check(config)[1]["config"][0] == "ok"
+    finally:
+        subprocess.run(["groupdel", name], capture_output=True)
+
+
+def test_check_names_root_modes_shared_limits_without_userns_remap(tmp_path, pam_service):
+    config = write_config(tmp_path / "root.toml", tmp_path / "state", pam_service, session={"user": "root"})
+    _, checks, out = run_check(config)
+    status, line = checks["userns-remap"]
+    if status == "warn":  # this machine's dockerd runs without userns-remap
+        assert "session.user = root" in line and "per-uid kernel limits" in line, out
+    else:
+        assert status == "ok", out

@@ -71,6 +71,10 @@ def test_file_values_and_env_overrides(tmp_path):
         ("[auth]\nmax_failures = 0\n", "auth.max_failures"),
         ("[auth]\nlockout = 'forever'\n", "auth.lockout"),
         ("[web]\nmax_message_size = 'big'\n", "web.max_message_size"),
+        ("[session]\ninternet_allow = ['10.1.2.0/33']\n", "session.internet_allow"),
+        ("[session]\ndns = ['10.1.2.0/24']\n", "session.dns"),
+        ("[session]\ndns = ['127.0.0.53']\n", "session.dns"),
+        ("[session]\nuid_base = 1000\n", "session.uid_base"),
     ],
 )
 def test_errors_name_the_key(tmp_path, text, key):

@@ -7,8 +7,10 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import resource
 import shutil
 import signal
+import socket
 import ssl
 import subprocess
 import sys
@@ -21,7 +23,7 @@ import aiohttp
 import pytest
 
 from conftest import Gateway
-from bridge.web_front import COOKIE_NAME
+from bridge.web.login import COOKIE_NAME
 from helpers import (
     PROMPT, ROOT, Terminal, containers_gone, free_port, self_signed_cert, stop_process, wait_for, write_config,
 )
@@ -181,9 +183,16 @@ def in_units_sandbox(command: list[str], writable: Path) -> list[str]:
     assert settings["ProtectHome"] == "read-only" and settings["User"] == "root"
     caps = ",".join("+" + cap.removeprefix("CAP_").lower() for cap in settings["CapabilityBoundingSet"].split())
     assert settings["PrivateTmp"] == "yes"
+    # ReadWritePaths= outside /run (which stays writable here) stay writable; Docker's storage,
+    # often a file system of its own, is made read-only like the rest, as ProtectSystem=strict does
+    extra = [p.lstrip("-") for p in settings["ReadWritePaths"].split() if not p.lstrip("-").startswith("/run/")]
+    binds = "".join(f'mount --bind "{p}" "{p}" && ' for p in extra if Path(p).exists())
+    docker_mount = subprocess.run(["findmnt", "-n", "-o", "TARGET", "-T", "/var/lib/docker"],
+                                  capture_output=True, text=True).stdout.strip()
+    docker_ro = f'mount -o remount,bind,ro "{docker_mount}" && ' if docker_mount not in ("", "/") else ""
     script = (f'mount --bind "{writable}" "{writable}" && mount -t tmpfs -o mode=1777 tmpfs /var/tmp && '
               f'mkdir -p -m 0700 /run/termbridge && mount --bind /run/termbridge /run/termbridge && '
-              f'mount -o remount,bind,ro / && '
+              f'{binds}mount -o remount,bind,ro / && {docker_ro}'
               f'exec setpriv --no-new-privs --bounding-set -all,{caps} --inh-caps=-all -- "$@"')
     return ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sandbox", *command]
 
@@ -221,11 +230,12 @@ async def one_session(gateway: Gateway, user, word: str) -> None:
     await containers_gone(**{"termbridge.session": session["id"]})
 
 
-async def test_the_gateway_works_inside_the_units_sandbox(tmp_path, pam_service, state_dir, user):
+@pytest.mark.parametrize("network", ["isolated", "internet"])  # internet: writes the container's resolv.conf
+async def test_the_gateway_works_inside_the_units_sandbox(tmp_path, pam_service, state_dir, user, network):
     port = free_port()
     audit = tmp_path / "audit.log"
-    config = write_config(tmp_path / "gw.toml", state_dir(), pam_service,
-                          web={"listen": f"127.0.0.1:{port}"}, audit={"log": str(audit)})
+    config = write_config(tmp_path / "gw.toml", state_dir(), pam_service, web={"listen": f"127.0.0.1:{port}"},
+                          audit={"log": str(audit)}, session={"network": network})
     termbridge = [sys.executable, "-m", "bridge"]
     check = subprocess.run(in_units_sandbox([*termbridge, "check", "--config", str(config)], tmp_path),
                            capture_output=True, text=True, cwd=ROOT, timeout=120)
@@ -309,3 +319,56 @@ async def test_installed_termbridge_serves_login_xterm_and_a_session(installed, 
                           "/static/terminal.js", "/static/termbridge.css"):
                 assert (await http.get(asset)).status == 200, asset
         await one_session(gateway, user, "installed")
+
+
+def test_systemd_unit_lifts_the_open_file_limit():
+    assert int(unit_settings()["LimitNOFILE"]) >= 65536
+
+
+# -- what a running gateway shows -----------------------------------------------------------------
+
+
+def open_file_limits(pid: int) -> tuple[int, int]:
+    line = next(x for x in Path(f"/proc/{pid}/limits").read_text().splitlines() if x.startswith("Max open files"))
+    soft, hard = line.split()[3:5]
+    return int(soft), int(hard)
+
+
+async def test_the_gateway_serves_more_than_a_thousand_idle_connections(gateway_process):
+    """Started with the usual soft limit of 1024 (as outside systemd), the gateway lifts it to the
+    hard limit, and 1100 idle connections leave it answering."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard < 4096:
+        pytest.fail(f"the hard open-file limit here is {hard}: this test needs at least 4096")
+    process = gateway_process()
+    resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))  # what the child inherits
+    try:
+        await process.start()
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert process.proc is not None
+    assert open_file_limits(process.proc.pid) == (hard, hard)
+    idle: list[socket.socket] = []
+    try:
+        for _ in range(1100):
+            idle.append(socket.create_connection(("127.0.0.1", process.port), timeout=5))
+        async with aiohttp.ClientSession() as http, http.get(f"{process.gateway.url}/healthz") as resp:
+            assert resp.status == 200
+    finally:
+        for sock in idle:
+            sock.close()
+    assert "Too many open files" not in process.log()
+
+
+async def test_responses_do_not_name_the_server_software(gateway):
+    async with aiohttp.ClientSession(base_url=gateway.url) as http:
+        for path in ("/", "/login", "/healthz", "/no-such-page", "/static/boot.js"):
+            async with http.get(path, allow_redirects=False) as resp:
+                assert resp.headers.get("Server") == "termbridge", (path, resp.headers.get("Server"))
+    # a request that does not even parse is answered by aiohttp itself, before any hook
+    host, port = gateway.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n")
+    head = (await asyncio.wait_for(reader.read(4096), 10)).split(b"\r\n\r\n")[0].decode()
+    writer.close()
+    assert head.startswith("HTTP/1.0 400") and "\r\nServer: termbridge" in head, head

@@ -14,7 +14,7 @@ import pytest
 
 from bridge import homefiles
 from bridge.homefiles import BadPath, clean_relative, display_path, is_inside
-from bridge.web_files import content_disposition
+from bridge.web.files import content_disposition
 from helpers import session_containers
 
 # -- the path rules (pure) -----------------------------------------------------------------------
@@ -66,7 +66,7 @@ def test_display_path_and_content_disposition():
 
 
 def test_error_statuses_cover_every_file_error():
-    from bridge.web_files import STATUS
+    from bridge.web.files import STATUS
 
     errors = {cls for cls in vars(homefiles).values() if isinstance(cls, type) and issubclass(cls, homefiles.FileError)}
     assert errors - {homefiles.FileError} == set(STATUS)
@@ -245,9 +245,10 @@ async def test_size_limit_and_disk_full(start_gateway, user):
     # a real full disk: a 256 KiB tmpfs mounted into the container's home by the admin (nsenter)
     await term.run("mkdir ~/small")
     (container,) = session_containers(**{"termbridge.session": sid})
+    uid = (await term.run("id -u")).strip()
     subprocess.run(
         ["nsenter", "-t", str(container.attrs["State"]["Pid"]), "-m", "mount", "-t", "tmpfs",
-         "-o", "size=256k,uid=1000,gid=1000", "tmpfs", f"/home/{user.name}/small"],
+         "-o", f"size=256k,uid={uid},gid={uid}", "tmpfs", f"/home/{user.name}/small"],
         check=True, capture_output=True,
     )
     resp = await _put(gateway, http, sid, "small/a.bin", os.urandom(512 * 1024))
@@ -284,4 +285,19 @@ async def test_an_upload_cut_off_midway_leaves_nothing(gateway, user, caplog):
     resp = await http.get("/files", params={"session": sid})
     assert resp.status == 200
     assert not [r for r in caplog.records if r.levelname == "ERROR" and r.name.startswith("aiohttp")]
+    await _end(term, http)
+
+
+async def test_a_name_of_sixty_emoji_uploads_and_downloads(gateway, user):
+    """60 emoji are 240 bytes of UTF-8, a valid name (at most 255 bytes): the temporary name the
+    upload is written to first must fit too, whatever the final name."""
+    name = "\N{GRINNING FACE}" * 60
+    assert len(name.encode()) == 240
+    http, term, sid = await _session(gateway, user)
+    resp = await _put(gateway, http, sid, name, b"emoji\n")
+    assert resp.status == 201, await resp.text()
+    assert (await resp.json())["name"] == name
+    resp = await http.get("/files/download", params=_query(sid, name))
+    assert resp.status == 200 and await resp.read() == b"emoji\n"
+    assert (await term.run("ls -A ~ | grep -c '[.]part$' || true")).strip() == "0"
     await _end(term, http)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 import bridge.docker_backend
-from bridge.docker_backend import SESSION_CAPS
+from bridge.docker_backend import LOG_FILE_BYTES, LOG_FILES, SESSION_CAPS
 from helpers import PROMPT, TEST_IMAGE, session_containers
 
 # Linux capability numbers (linux/capability.h) of the set the session image needs.
@@ -130,3 +130,108 @@ async def test_an_image_from_before_the_hardening_is_refused_clearly(start_gatew
     finally:
         docker_engine.images.remove(tag, force=True)
     assert not session_containers(**{"termbridge.user": user.name})
+
+
+def log_bytes(container) -> int:
+    """Bytes of the container's log on the host (json-file and its rotated files)."""
+    import glob
+    import os
+
+    container.reload()
+    path = container.attrs["LogPath"]
+    return sum(os.path.getsize(p) for p in glob.glob(path + "*"))
+
+
+async def test_a_noisy_container_cannot_fill_the_hosts_disk(gateway, user):
+    """sshd writes to the container's stderr, which Docker keeps on the host. A person can make
+    it talk (junk connections to the container's own sshd); whatever the amount, the log stays
+    capped."""
+    import asyncio
+
+    http, term, container = await open_terminal(gateway, user)
+    async with http:
+        before = log_bytes(container)
+        await term.run(
+            "for i in $(seq 100); do timeout 2 bash -c 'exec 3<>/dev/tcp/127.0.0.1/22; echo junk >&3; cat <&3' "
+            ">/dev/null 2>&1; done",
+            timeout=120,
+        )
+        per_attempt = (log_bytes(container) - before) / 100
+        assert per_attempt > 0, "sshd wrote nothing for 100 junk connections: the probe proves nothing"
+        # 64 MiB of noise on the entrypoint's stderr, as a person with more time would make
+        noise = "head -c 67108864 /dev/zero | tr '\\0' x | fold -w 199 > /proc/1/fd/2"
+        code, out = await asyncio.to_thread(container.exec_run, ["sh", "-c", noise], user="0")
+        assert code == 0, out
+        size = log_bytes(container)
+        print(f"log: {per_attempt:.0f} bytes per junk connection; {size} bytes on disk after 64 MiB of noise")
+        assert size <= LOG_FILE_BYTES * LOG_FILES + 64 * 1024, size
+        await term.send("exit\r")
+        await term.control("exit")
+
+
+def _host_pid(token: str) -> int:
+    """The host pid of the process whose command line is `sleep <token>`."""
+    import os
+
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                if fh.read().split(b"\0")[:2] == [b"sleep", token.encode()]:
+                    return int(entry)
+        except (OSError, ValueError):
+            continue
+    raise AssertionError(f"no process `sleep {token}` on the host")
+
+
+async def _reads_as(uid: int, path: str) -> bool:
+    """Whether a host process running as `uid` can list `path`."""
+    import asyncio
+    import os
+
+    probe = f"import os\ntry:\n os.listdir({path!r}); print('read')\nexcept PermissionError: print('denied')\n"
+    proc = await asyncio.create_subprocess_exec(
+        "/usr/bin/python3", "-c", probe, stdout=asyncio.subprocess.PIPE,
+        preexec_fn=lambda: (os.setgroups([]), os.setgid(uid), os.setuid(uid)),
+    )
+    out, _ = await proc.communicate()
+    return out.decode().strip() == "read"
+
+
+INOTIFY_FAILS = "inotify cannot be used"
+
+
+async def test_each_persons_sessions_have_a_uid_no_host_account_has(gateway, make_user):
+    """Sessions all ran as uid 1000, which is a host account's uid too (shared per-uid kernel
+    limits; that account could read any session's files through /proc/<pid>/root). Now each
+    person's shell runs as uid_base + their host uid."""
+    import pwd
+    import secrets
+
+    a, b = make_user(), make_user()
+    http_a, term_a, _ = await open_terminal(gateway, a)
+    http_b, term_b, _ = await open_terminal(gateway, b)
+    async with http_a, http_b:
+        uid_a, uid_b = int((await term_a.run("id -u")).strip()), int((await term_b.run("id -u")).strip())
+        host_accounts = {e.pw_uid for e in pwd.getpwall()}
+        token = str(secrets.randbelow(10**9) + 10**9)
+        await term_a.run(f"sleep {token} & true")
+        pid = _host_pid(token)
+        home = f"/proc/{pid}/root/home/{a.name}"
+        assert await _reads_as(uid_a, home)  # the probe works: the session's own uid reads it
+        print(f"uids: {a.name} {uid_a}, {b.name} {uid_b}; host account with uid {uid_a}: {uid_a in host_accounts}")
+        assert uid_a != uid_b
+        assert uid_a not in host_accounts and uid_b not in host_accounts
+        assert uid_a == gateway.config.session.uid_base + pwd.getpwnam(a.name).pw_uid  # stable per person
+        assert not await _reads_as(pwd.getpwnam(a.name).pw_uid, home)
+
+        # the per-uid inotify limit (fs.inotify.max_user_instances): A exhausts its own, B is not touched
+        with open("/proc/sys/fs/inotify/max_user_instances") as fh:
+            limit = int(fh.read())
+        await term_a.run(f"touch /tmp/f; for i in $(seq {limit}); do tail -f /tmp/f >/dev/null 2>&1 & done; sleep 1")
+        check = "touch /tmp/g; timeout 2 tail -f /tmp/g 2>&1 >/dev/null"
+        assert INOTIFY_FAILS in await term_a.run(check)  # the limit bites in A
+        assert INOTIFY_FAILS not in await term_b.run(check)
+        await term_a.run("kill $(jobs -p) 2>/dev/null; wait")
+        for term in (term_a, term_b):
+            await term.send("exit\r")
+            await term.control("exit")

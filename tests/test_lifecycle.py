@@ -67,7 +67,7 @@ async def test_shutdown_ends_sessions_and_removes_containers(start_gateway, user
         term = await gateway.terminal(http)
         session = await term.control("session")
         await term.expect(PROMPT)
-        from bridge.web_front import MANAGER
+        from bridge.web.keys import MANAGER
 
         await asyncio.wait_for(gateway.app[MANAGER].close(), 15)
         exit_msg = await term.control("exit")
@@ -115,7 +115,7 @@ async def test_sessions_list_and_kill(gateway, user):
         header, *rows = out.splitlines()
         assert header.split() == ["ID", "USER", "DOOR", "CONTAINER", "STARTED", "IDLE"]
         [row] = [r.split() for r in rows if r.startswith(session["id"])]
-        assert row[1:4] == [user.name, "web", f"termbridge-{user.name}-{session['id'][:8]}"]
+        assert row[1:4] == [user.name, "web", f"termbridge-{session['id'][:8]}"]
 
         code, _, err = await run_cli("sessions", "kill", "nosuchid", "--config", cfg)
         assert code == 1 and "no live session" in err
@@ -207,3 +207,72 @@ async def _start_dockerd() -> None:
         except AssertionError:
             continue
     raise AssertionError("dockerd did not come back: see /tmp/termbridge-test-dockerd.log")
+
+
+async def test_a_resource_that_fails_to_start_releases_those_started_before_it(
+    tmp_path, pam_service, docker_engine, state_dir
+):
+    """The SSH door cannot listen (its address is taken) after the warm pool began making a
+    container: the gateway does not start, and everything started before the door is released:
+    the pooled container is removed, the Docker client and the audit file are closed."""
+    import secrets
+    import socket
+
+    from aiohttp import web
+
+    from bridge.app import build_app
+    from bridge.config import load_config
+    from bridge.errors import ConfigError
+
+    class WatchedBackend(DockerBackend):
+        def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+            super().__init__(*args, **kwargs)
+            self.started: list[str] = []
+            self.closed = False
+
+        async def start(self, spec):  # type: ignore[no-untyped-def]
+            self.started.append(spec.session_id)
+            return await super().start(spec)
+
+        async def close(self) -> None:
+            self.closed = True
+            await super().close()
+
+    audit_file = tmp_path / "audit.jsonl"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        path = write_config(
+            tmp_path / "gw.toml", state_dir(), pam_service,
+            ssh={"listen": f"127.0.0.1:{port}"}, session={"pool": 1}, audit={"log": str(audit_file)},
+        )
+        config = load_config(path, env={})
+        instance = f"test-failstart-{secrets.token_hex(4)}"
+        backend = WatchedBackend(config.session, instance)
+        runner = web.AppRunner(build_app(config, backend=backend, web_root=ROOT / "web"), access_log=None)
+        with pytest.raises(ConfigError, match="ssh.listen"):
+            await runner.setup()
+        await asyncio.wait_for(runner.cleanup(), 60)  # what `serve` does when a start fails
+    assert backend.started, "the warm pool should have begun making a container before the door failed"
+    assert backend.closed
+    open_files = {os.path.realpath(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")}
+    assert str(audit_file) not in open_files, "the audit file is still open"
+    await containers_gone(**{"termbridge.gateway": instance})
+
+
+async def test_serve_releases_what_it_started_when_a_later_start_fails(gateway_process):
+    """The same through `termbridge serve`: it exits with the reason and leaves no container."""
+    import socket
+
+    from bridge.config import load_config
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        process = gateway_process(ssh={"listen": f"127.0.0.1:{taken.getsockname()[1]}"}, session={"pool": 1})
+        with pytest.raises(AssertionError, match="ssh.listen"):
+            await process.start()
+        assert await process.wait(30) != 0
+    instance = (load_config(process.config_path, env={}).state_dir / "instance-id").read_text().strip()
+    await containers_gone(**{"termbridge.gateway": instance})

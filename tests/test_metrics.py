@@ -7,7 +7,8 @@ import docker
 
 from bridge.config import SessionConfig
 from bridge.docker_backend import DockerBackend
-from bridge.web_front import MANAGER, address_in
+from bridge.web.http import address_in
+from bridge.web.keys import MANAGER
 from helpers import PROMPT, TEST_IMAGE, containers_gone, metric, scrape, wait_for
 
 

@@ -4,9 +4,11 @@ opens on the host (0.0.0.0, random port). No other address is ever contacted."""
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -18,6 +20,7 @@ import pytest
 from bridge import netguard
 from bridge.docker_backend import NETWORK_NAMES
 from helpers import PROMPT, ROOT, TEST_IMAGE, session_containers, write_config
+from privatenet import ANSWER, PORT, PrivateNet
 
 PROBE = "timeout 3 bash -c 'exec 3<>/dev/tcp/{ip}/{port}' 2>/dev/null && echo REACHED-{tag} || echo BLOCKED-{tag}"
 
@@ -150,6 +153,70 @@ async def test_internet_network_keeps_the_host_and_other_sessions_out(start_gate
     assert attrs["Options"]["com.docker.network.bridge.enable_icc"] == "false"
 
 
+async def dns_leaks(term, other_user: str, other_address: str, network: str) -> str:
+    """What session `term` learns by name service about another session's container, this host
+    and the Docker network: reverse and forward lookups, each bounded in time."""
+    [other] = session_containers(**{"termbridge.user": other_user})
+    names = [other.name, f"{other.name}.{network}", other.id[:12], other.attrs["Config"]["Hostname"],
+             socket.gethostname(), network, "host.docker.internal", "gateway"]
+    lookups = [f"getent hosts {other_address}"] + [f"getent ahostsv4 {name}" for name in names]
+    return await term.run("; ".join(f"timeout 10 {lookup}" for lookup in lookups), timeout=120)
+
+
+async def test_sessions_learn_nothing_about_each_other_by_dns(gateway, user, make_user, docker_engine):
+    """Docker's embedded resolver (127.0.0.11) answered a reverse lookup of another session's
+    address with `termbridge-<their login>-<id>.termbridge-isolated`. Nothing answers now."""
+    other = make_user()
+    network = NETWORK_NAMES["isolated"]
+    async with await gateway.login(user) as http_a, await gateway.login(other) as http_b:
+        term_a, _ = await session_shell(gateway, http_a)
+        term_b, addr_b = await session_shell(gateway, http_b)
+        assert await dns_leaks(term_a, other.name, addr_b, network) == ""
+        # control: a container of this test on the same network, without the session's filter
+        # rules, gets the answer from Docker's resolver, so "nothing" above means shut
+        out = await asyncio.to_thread(
+            docker_engine.containers.run, TEST_IMAGE, entrypoint=["getent", "hosts", addr_b],
+            network=network, remove=True, labels={"tbtest": "1"},
+        )
+        assert out.decode().split()[:1] == [addr_b], out
+        # Docker's DNS and `docker ps` show container names: never the login
+        assert not [c.name for c in session_containers() if other.name in c.name or user.name in c.name]
+        for term in (term_a, term_b):
+            await term.send("exit\r")
+            await term.control("exit")
+
+
+async def test_internet_mode_keeps_private_networks_out_unless_allowed(start_gateway, user, make_user, tmp_path):
+    """A private network made on this machine (network namespace, 10.213.x.2) stands in for the
+    server's LAN, cloud metadata and an internal name server: a session in internet mode cannot
+    connect to it, can use it as its configured name server (port 53), learns nothing about other
+    sessions by DNS, and with session.internet_allow it connects."""
+    other = make_user()
+    with PrivateNet(tmp_path) as net:
+        gateway = await start_gateway(session={"network": "internet", "dns": [net.address]})
+        async with await gateway.login(user) as http_a, await gateway.login(other) as http_b:
+            term_a, _ = await session_shell(gateway, http_a)
+            term_b, addr_b = await session_shell(gateway, http_b)
+            assert (await term_a.run("grep nameserver /etc/resolv.conf")).split() == ["nameserver", net.address]
+            resolved = await term_a.run("timeout 10 getent ahostsv4 probe.tbtest | head -1")
+            assert resolved.split()[:1] == [ANSWER], resolved
+            assert await dns_leaks(term_a, other.name, addr_b, NETWORK_NAMES["internet"]) == ""
+            assert await probe(term_a, net.address, PORT) == "BLOCKED"
+            assert net.connections() == []
+            for term in (term_a, term_b):
+                await term.send("exit\r")
+                await term.control("exit")
+
+        allowing = await start_gateway(session={"network": "internet", "dns": [net.address],
+                                                "internet_allow": [net.network]})
+        async with await allowing.login(user) as http:
+            term, _ = await session_shell(allowing, http)
+            assert await probe(term, net.address, PORT) == "REACHED"
+            assert len(net.connections()) == 1
+            await term.send("exit\r")
+            await term.control("exit")
+
+
 def test_guard_is_idempotent_under_concurrency():
     """Several gateways installing the rules at once leave exactly one copy. Uses a bridge name
     that no interface has, and removes its rules afterwards."""
@@ -195,7 +262,7 @@ async def test_gateway_refuses_to_start_without_its_firewall(tmp_path, pam_servi
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
     )
     assert done.returncode == 1, done.stderr
-    assert "could not be secured" in done.stderr and "iptables not found" in done.stderr, done.stderr
+    assert "could not be secured" in done.stderr and "iptables, iptables-restore, ip6tables-restore not found" in done.stderr, done.stderr
 
 
 async def test_firewall_off_is_a_loud_choice(gateway_process, tmp_path):
@@ -205,3 +272,20 @@ async def test_firewall_off_is_a_loud_choice(gateway_process, tmp_path):
     await process.wait(30)
     err = process.log()
     assert "session.firewall is off" in err, err
+
+
+def test_upstream_resolvers_skip_loopback(tmp_path):
+    """systemd-resolved's stub (127.0.0.53) is useless to a container: its real upstreams are used."""
+    stub, real = tmp_path / "resolv.conf", tmp_path / "resolved.conf"
+    stub.write_text("nameserver 127.0.0.53\noptions edns0\n")
+    real.write_text("# upstream\nnameserver 10.0.0.2\nnameserver fe80::1%eth0\nnameserver junk\nsearch lan\n")
+    assert netguard.upstream_resolvers((stub, real)) == ("10.0.0.2", "fe80::1")
+    assert netguard.upstream_resolvers((stub,)) == ()
+    assert netguard.resolv_conf(netguard.Egress()).startswith("# no name service")
+
+
+def test_host_networks_include_this_hosts_own_addresses():
+    nets = netguard.host_networks()
+    docker0 = network_gateway("bridge")
+    assert any(ipaddress.ip_address(docker0) in ipaddress.ip_network(n) for n in nets), nets
+    assert not any(ipaddress.ip_network(n).is_loopback for n in nets)

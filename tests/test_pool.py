@@ -3,6 +3,7 @@ in the caps, reaped like the rest; the shell still runs as a user named after th
 
 from __future__ import annotations
 
+import pwd
 import signal
 
 from helpers import PROMPT, containers_gone, session_containers, wait_for
@@ -13,7 +14,7 @@ def pooled() -> list:
 
 
 def pooled_ids(gateway) -> set[str]:
-    from bridge.web_front import MANAGER
+    from bridge.web.keys import MANAGER
 
     return {p.container.id for p in gateway.app[MANAGER].pool.ready}
 
@@ -31,9 +32,11 @@ async def test_a_login_takes_a_fresh_pooled_container_and_the_pool_refills(start
             [container] = session_containers(**{"termbridge.session": session["id"]})
             assert container.id not in used, "a pooled container was used twice"
             used.add(container.id)
-            assert container.name == f"termbridge-{user.name}-{session['id'][:8]}"
+            assert container.name == f"termbridge-{session['id'][:8]}"
             assert (await term.run("whoami")).strip() == user.name
-            assert int((await term.run("id -u")).strip()) >= 1000
+            # the uid comes from the gateway at claim: uid_base + the login's host uid
+            host_uid = pwd.getpwnam(user.name).pw_uid
+            assert int((await term.run("id -u")).strip()) == gateway.config.session.uid_base + host_uid
             assert (await term.run("ls -ld ~ | cut -d' ' -f3")).strip() == user.name
             await term.send("exit\r")
             assert (await term.control("exit"))["reason"] == "exit"
@@ -88,7 +91,7 @@ async def test_ssh_door_claims_from_the_pool_too(start_gateway, user, tmp_path):
 
     gateway = await start_gateway(session={"pool": 1}, ssh={"listen": "127.0.0.1:0"})
     await wait_for(lambda: len(pooled_ids(gateway)) == 1, timeout=60, what="the pool to fill")
-    from bridge.web_front import MANAGER
+    from bridge.web.keys import MANAGER
 
     [ready] = gateway.app[MANAGER].pool.ready
     async with asyncssh.connect(

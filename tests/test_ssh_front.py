@@ -26,7 +26,7 @@ from bridge.config import SessionConfig
 from bridge.docker_backend import DockerBackend
 from bridge.errors import ConfigError
 from bridge.ssh_front import MAX_ENV_VARS, load_or_create_host_key, read_authorized_keys
-from bridge.web_front import MANAGER
+from bridge.web.keys import MANAGER
 from conftest import Gateway
 from helpers import (
     PROMPT, HostUser, assert_same_timing, containers_gone, free_port, refusal_times, session_containers, wait_for,
@@ -129,6 +129,18 @@ async def until_running(user: HostUser) -> Any:
 
 
 # -- host key -------------------------------------------------------------------------------------
+
+
+def test_asyncssh_still_has_the_private_hook_the_door_uses():
+    """`start_as_process` relies on SSHServerProcess._start_process(stdin, stdout, stderr), which
+    asyncssh does not document: an asyncssh that renames or reshapes it must fail here."""
+    import inspect
+
+    import asyncssh
+
+    hook = getattr(asyncssh.SSHServerProcess, "_start_process", None)
+    assert hook is not None, "asyncssh.SSHServerProcess._start_process is gone: see ssh_front.start_as_process"
+    assert list(inspect.signature(hook).parameters) == ["self", "stdin", "stdout", "stderr"]
 
 
 def test_host_key_is_created_0600_once_and_refused_when_others_can_read_it(tmp_path):

@@ -14,7 +14,7 @@ from bridge import throttle as throttle_mod
 from bridge.auth import Outcome, PamAuthenticator
 from bridge.config import AuthConfig
 from bridge.throttle import MAX_DELAY, MAX_PENDING, LoginThrottle, ThrottledAuthenticator, address_key
-from bridge.web_front import COOKIE_NAME
+from bridge.web.login import COOKIE_NAME
 from helpers import csrf_token
 
 

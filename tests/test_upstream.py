@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from bridge.upstream import CIPHERS
-from bridge.web_front import MANAGER
+from bridge.web.keys import MANAGER
 from helpers import PROMPT
 
 

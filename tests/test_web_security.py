@@ -10,7 +10,7 @@ import pytest
 from playwright.async_api import expect
 from yarl import URL
 
-from bridge.web_front import COOKIE_NAME, CSRF_COOKIE
+from bridge.web.login import COOKIE_NAME, CSRF_COOKIE
 from helpers import csrf_token
 from test_browser import open_terminal_page
 

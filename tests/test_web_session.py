@@ -26,7 +26,7 @@ async def test_session_runs_commands_and_exit_removes_container(gateway, user):
         assert labels["termbridge.door"] == "web"
         assert labels["termbridge.gateway"]
         assert re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d\d:\d\d$", labels["termbridge.started"])
-        assert container.name == f"termbridge-{user.name}-{session['id'][:8]}"
+        assert container.name == f"termbridge-{session['id'][:8]}"
 
         await term.send("exit\r")
         assert await term.control("exit") == {"type": "exit", "code": 0, "reason": "exit"}

@@ -10,7 +10,7 @@ import aiohttp
 import pytest
 from playwright.async_api import expect
 
-from bridge.web_front import MANAGER
+from bridge.web.keys import MANAGER
 from helpers import PROMPT, wait_for
 from test_browser import open_terminal_page
 

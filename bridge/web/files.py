@@ -1,7 +1,8 @@
 """The web door's file endpoints: list, download from and upload into a session's home directory.
 
-Owner-only: the login must own the session named by `?session=`; anyone else's session (or an
-unknown one) is "no such session" (404), so ids cannot be probed. The work is done by
+Owner-only: the login must own the session named by `?session=` (`SessionManager.find_own`, the
+same check a terminal's resume goes through); anyone else's session (or an unknown one) is "no
+such session" (404), so ids cannot be probed. The work is done by
 `homefiles` over SFTP on the session's existing SSH connection; this module translates its
 errors into HTTP statuses with a JSON `{"error": ...}` body, and logs the detail.
 """
@@ -15,10 +16,12 @@ from urllib.parse import quote
 
 from aiohttp import web
 
-from . import homefiles
-from .homefiles import HomeFiles
-from .sessions import Session
-from .web_front import CONFIG, MANAGER, client_address, current_login, origin_allowed
+from .. import homefiles
+from ..homefiles import HomeFiles
+from ..session import Session
+from .http import client_address, origin_allowed
+from .keys import CONFIG, MANAGER
+from .login import current_login
 
 log = logging.getLogger("termbridge.web")
 
@@ -43,14 +46,8 @@ def _owned_session(request: web.Request) -> Session:
     login = current_login(request)
     if login is None:
         raise _error(401, "log in first")
-    session_id = request.query.get("session", "")[:64]
-    session = request.app[MANAGER].get(session_id) if session_id else None
-    if session is not None and session.user.name != login.user.name:
-        log.warning(
-            "file request of %s from %s for session %.12s refused: it belongs to %s",
-            login.user.name, client_address(request), session_id, session.user.name,
-        )
-        session = None
+    session_id = request.query.get("session", "")
+    session = request.app[MANAGER].find_own(session_id, login.user, "file request", rhost=client_address(request))
     if session is None or not session.connected or session.upstream is None:
         raise _error(404, "no such session: it may have ended")
     return session
@@ -79,7 +76,7 @@ async def list_files(request: web.Request) -> web.StreamResponse:
     if session.upstream is None:
         raise _error(409, "this session has no container yet")
     try:
-        async with HomeFiles.open(session.upstream.conn) as files:
+        async with HomeFiles.open(session.upstream) as files:
             listing = await files.list(path)
     except homefiles.FileError as exc:
         raise _translate(session, f"listing {path!r}", exc) from None
@@ -102,7 +99,7 @@ async def download(request: web.Request) -> web.StreamResponse:
         raise _error(409, "this session has no container yet")
     response: web.StreamResponse | None = None
     try:
-        async with HomeFiles.open(session.upstream.conn) as files:
+        async with HomeFiles.open(session.upstream) as files:
             remote = await files.stat_file(path)
             session.touch()
             response = web.StreamResponse(
@@ -155,7 +152,7 @@ async def upload(request: web.Request) -> web.StreamResponse:
             yield chunk
 
     try:
-        async with HomeFiles.open(session.upstream.conn) as files:
+        async with HomeFiles.open(session.upstream) as files:
             session.touch()
             remote = await files.upload(path, chunks(), limit=limit, length=length, on_chunk=lambda _: session.touch())
             shown = homefiles.display_path(files.home, remote.resolved)

@@ -1,0 +1,25 @@
+"""The typed keys under which the composition root hands the web door its components."""
+
+from __future__ import annotations
+
+import weakref
+from pathlib import Path
+
+from aiohttp import web
+
+from ..backend import Backend
+from ..config import Config
+from ..metrics import Metrics
+from ..sessions import SessionManager
+from ..store import Store
+from ..throttle import ThrottledAuthenticator
+
+CONFIG = web.AppKey("config", Config)
+MANAGER = web.AppKey("manager", SessionManager)
+AUTHENTICATOR = web.AppKey("authenticator", ThrottledAuthenticator)
+BACKEND = web.AppKey("backend", Backend)
+LOGINS = web.AppKey("logins", "LoginRegistry")  # bridge.web.login.LoginRegistry
+METRICS = web.AppKey("metrics", Metrics)
+STORE = web.AppKey("store", Store)  # sessions, logins, counters shared across restarts and replicas
+WEBSOCKETS = web.AppKey("websockets", weakref.WeakSet)  # live terminal sockets, closed on shutdown
+WEB_ROOT = web.AppKey("web_root", Path)
