@@ -151,7 +151,8 @@ class SessionManager:
             session.log.exception("start failed")
             self._finish(session, EndReason.ERROR, repr(exc))
             raise SessionStartError(detail=repr(exc)) from exc
-        assert session.ready_at is not None
+        if session.ready_at is None:
+            raise RuntimeError("a started session without ready_at")
         session.log.info(
             "ready in %.0f ms: container %s",
             (session.ready_at - session.created) * 1000,
@@ -294,7 +295,8 @@ class SessionManager:
 
     async def _pump(self, session: Session) -> None:
         """The shell's output into its stream until the shell exits; then the session ends."""
-        assert session.stream is not None
+        if session.stream is None:
+            raise RuntimeError("a started session without a stream")
         try:
             await session.stream.pump()
             status, signal = await session.stream.shell.wait_exit()
@@ -332,7 +334,8 @@ class SessionManager:
 
     async def _watchdog(self, session: Session) -> None:
         cfg = self.config.session
-        assert session.ready_at is not None
+        if session.ready_at is None:
+            raise RuntimeError("a started session without ready_at")
         lifetime_end = session.ready_at + cfg.max_lifetime
         while not session.ending:
             now = time.monotonic()

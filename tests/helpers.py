@@ -225,3 +225,43 @@ async def log_in(page: Any, gateway: Any, user: HostUser, password: str | None =
         await page.wait_for_load_state()
         if not page.url.startswith("chrome-error:") or attempt == 2:  # see goto()
             return
+
+
+async def refusal_times(
+    attempt: Any, known: list[HostUser], refused_names: list[str], rounds: int = 4
+) -> tuple[list[float], list[float]]:
+    """How long a door takes to refuse (a) a wrong password of a real account and (b) a name that
+    is refused before its password is checked (unknown, nologin shell, ...): `rounds` rounds of
+    pairs in parallel, each from its own client address. `attempt(name, password, address)` does one."""
+
+    async def timed(name: str, password: str, address: str) -> float:
+        started = time.monotonic()
+        await attempt(name, password, address)
+        return time.monotonic() - started
+
+    wrong: list[float] = []
+    refused: list[float] = []
+    for r in range(rounds):
+        # libpam's random failure delay is a function of the second PAM starts in: each round
+        # starts just after a second begins, so that its attempts mostly share one delay, and
+        # interleaves the two kinds, so that a second boundary splits both alike.
+        await asyncio.sleep(1.02 - time.time() % 1)
+        times = await asyncio.gather(*(
+            coro
+            for i, (u, name) in enumerate(zip(known, refused_names))
+            for coro in (
+                timed(u.name, "not-" + u.password, f"127.0.{10 + r}.{i + 1}"),
+                timed(name, "whatever-1", f"127.0.{20 + r}.{i + 1}"),
+            )
+        ))
+        wrong += times[0::2]
+        refused += times[1::2]
+    return wrong, refused
+
+
+def assert_same_timing(wrong: list[float], refused: list[float], tolerance: float = 0.2) -> None:
+    """The medians of the two differ by less than `tolerance` of the wrong-password one."""
+    import statistics
+
+    a, b = statistics.median(wrong), statistics.median(refused)
+    assert abs(a - b) < tolerance * a, f"median refusal {b:.2f} s vs wrong password {a:.2f} s"
