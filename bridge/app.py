@@ -138,7 +138,9 @@ def build_app(
     async def sessions(app: web.Application) -> AsyncIterator[None]:
         """Releases whatever sessions are left (none after `tell_clients`; all of them when a
         later resource failed to start). `close` is idempotent."""
-        manager = SessionManager(config, app[BACKEND], Continuity(app[STORE], app[INSTANCE], config.session))
+        manager = SessionManager(
+            config, app[BACKEND], continuity=Continuity(app[STORE], app[INSTANCE], config.session)
+        )
         manager.observers.add(AuditObserver(app[AUDIT], config.session.image), app[METRICS])
         if config.audit.record_dir is not None:
             manager.observers.add(
@@ -162,11 +164,14 @@ def build_app(
         """Keep the sessions a previous run (or a replica) left in the store, before the reaper
         looks; then keep the store current while serving."""
         manager = app[MANAGER]
-        assert manager.continuity is not None
+        continuity = manager.continuity
+        if continuity is None:
+            yield
+            return
         graces = await recover(
-            manager.continuity, partial(container_alive, manager), manager.remove_container, manager.sessions.__contains__
+            continuity, partial(container_alive, manager), manager.remove_container, manager.sessions.__contains__
         )
-        watch = asyncio.create_task(manager.watch_store(), name="store-watch")
+        watch = asyncio.create_task(manager.watch_store(continuity), name="store-watch")
         yield
         for task in (watch, *graces):
             task.cancel()

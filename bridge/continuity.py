@@ -75,7 +75,8 @@ class Continuity:
 
     def record_of(self, session: Session) -> SessionRecord:
         container = session.container
-        assert container is not None and session.ready_at is not None
+        if container is None:
+            raise RuntimeError("a ready session without a container")
         started = session.started_at.timestamp()
         return SessionRecord(
             id=session.id,

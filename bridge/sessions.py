@@ -14,8 +14,8 @@ import asyncio
 import enum
 import logging
 import time
+from collections.abc import Awaitable, Callable, Coroutine
 from datetime import datetime, timezone
-from collections.abc import Coroutine
 from functools import partial
 from typing import Any, cast
 
@@ -71,10 +71,17 @@ def _describe_end(state: ContainerState, memory: int) -> str | None:
     return None
 
 
+# How the manager reaches a started container's sshd: `Upstream.connect`; unit tests pass a fake.
+Connect = Callable[[Container, SessionKeys, float], Awaitable[Upstream]]
+
+
 class SessionManager:
-    def __init__(self, config: Config, backend: Backend, continuity: Continuity | None = None) -> None:
+    def __init__(
+        self, config: Config, backend: Backend, connect: Connect = Upstream.connect, continuity: Continuity | None = None
+    ) -> None:
         self.config = config
         self.backend = backend
+        self._connect = connect
         # Records and reconnect secrets in the store (None: sessions end with this process).
         self.continuity = continuity
         self.sessions: dict[str, Session] = {}
@@ -151,7 +158,8 @@ class SessionManager:
             session.log.exception("start failed")
             self._finish(session, EndReason.ERROR, repr(exc))
             raise SessionStartError(detail=repr(exc)) from exc
-        assert session.ready_at is not None
+        if session.ready_at is None:
+            raise RuntimeError("a started session without ready_at")
         session.log.info(
             "ready in %.0f ms: container %s",
             (session.ready_at - session.created) * 1000,
@@ -173,9 +181,9 @@ class SessionManager:
         session.keys = keys
         self._check_not_ended(session)
         async with asyncio.timeout(cfg.start_timeout):
-            session.upstream = await Upstream.connect(session.container, keys, cfg.start_timeout)
+            session.upstream = await self._connect(session.container, keys, cfg.start_timeout)
             if terminal is not None:
-                await self._open_stream(session, terminal)
+                await self._open_stream(session, session.upstream, terminal)
         self._check_not_ended(session)
         session.ready_at = time.monotonic()
         session.touch()
@@ -184,11 +192,10 @@ class SessionManager:
         self.observers.session_started(session, session.ready_at - session.created)
         await self._run(session)
 
-    async def _open_stream(self, session: Session, terminal: TerminalRequest, offset: int = 0) -> None:
+    async def _open_stream(self, session: Session, upstream: Upstream, terminal: TerminalRequest, offset: int = 0) -> None:
         """The session's shell (through the holder, from output `offset` on; a full-screen
         program is repainted for a page that comes back) and its stream."""
-        assert session.upstream is not None
-        shell = await session.upstream.attach_held(
+        shell = await upstream.attach_held(
             terminal.term, terminal.cols, terminal.rows, offset, terminal.env, repaint=offset > 0
         )
         if shell.lost:
@@ -305,13 +312,15 @@ class SessionManager:
         """Serve `user`'s web session that another gateway process started (this one before a
         restart, or a sibling replica): reconnect to its container with the stored keys and
         attach to its shell from `offset`. None when the store has no such live session."""
-        assert self.continuity is not None
-        rec = await self.continuity.find(session_id[:64])
+        continuity = self.continuity
+        if continuity is None:
+            return None
+        rec = await continuity.find(session_id[:64])
         if rec is None or not self._owns(user, session_id, rec.user, "reattach", "-") or rec.door != door:
             log.info("reattach of %s to %.12s: not in the store; starting a new one", user.name, session_id)
             return None
-        found = await self.continuity.load(rec)
-        if found is None or not await self.continuity.take(rec):
+        found = await continuity.load(rec)
+        if found is None or not await continuity.take(rec):
             return None
         session = Session(user, door, sink, rec.id)
         session.log.info("adopting (started by gateway %s, attached to %s)", rec.gateway, rec.attached_by or "none")
@@ -324,8 +333,9 @@ class SessionManager:
             self.sessions.pop(session.id, None)
             if session.upstream is not None:
                 session.upstream.close()
-            await self._forget_if_gone(rec)
+            await self._forget_if_gone(continuity, rec)
             return None
+        continuity.note_adopted(session)
         session.log.info("adopted in %.0f ms", (time.monotonic() - session.created) * 1000)
         await self._run(session)
         return session
@@ -336,23 +346,20 @@ class SessionManager:
         session.container, session.keys = found.container, found.keys
         timeout = self.config.session.start_timeout
         async with asyncio.timeout(timeout):
-            session.upstream = await Upstream.connect(found.container, found.keys, timeout)
-            await self._open_stream(session, terminal, offset)
+            session.upstream = upstream = await self._connect(found.container, found.keys, timeout)
+            await self._open_stream(session, upstream, terminal, offset)
         # The clocks go on from where the store has them.
         session.ready_at = time.monotonic()
         session.lifetime_end = monotonic_from_wall(rec.lifetime_deadline)
         session.last_activity = monotonic_from_wall(rec.last_activity)
-        assert self.continuity is not None
-        self.continuity.note_adopted(session)
 
-    async def _forget_if_gone(self, rec: SessionRecord) -> None:
-        assert self.continuity is not None
+    async def _forget_if_gone(self, continuity: Continuity, rec: SessionRecord) -> None:
         try:
             state = await self.backend.poll(rec.container_id)
         except BridgeError:
             return
         if not state.running:
-            await self.continuity.forget(rec.id)
+            await continuity.forget(rec.id)
 
     def _resumable(self, user: AuthenticatedUser, door: Door, session_id: str, offset: int) -> Session | None:
         session = self.find_own(session_id, user, "reattach")
@@ -377,7 +384,8 @@ class SessionManager:
 
     async def _pump(self, session: Session) -> None:
         """The shell's output into its stream until the shell exits; then the session ends."""
-        assert session.stream is not None
+        if session.stream is None:
+            raise RuntimeError("a started session without a stream")
         try:
             await session.stream.pump()
             status, signal = await session.stream.shell.wait_exit()
@@ -574,20 +582,19 @@ class SessionManager:
                          session.container and session.container.name)
         session._ended.set()
 
-    async def watch_store(self) -> None:
+    async def watch_store(self, continuity: Continuity) -> None:
         """Forever: write moved idle clocks to the store, and let go of sessions another gateway
         took over (another window attached there)."""
-        assert self.continuity is not None
         since_activity = 0.0
         while True:
             await asyncio.sleep(LEASE_CHECK_INTERVAL)
-            for session in await self.continuity.taken_from_us(self.sessions.values()):
+            for session in await continuity.taken_from_us(self.sessions.values()):
                 session.log.info("another gateway took this session over")
                 await self.release(session, restarting=False)
             since_activity += LEASE_CHECK_INTERVAL
             if since_activity >= ACTIVITY_WRITE_INTERVAL:
                 since_activity = 0.0
-                await self.continuity.write_activity(list(self.sessions.values()))
+                await continuity.write_activity(list(self.sessions.values()))
 
     def get(self, session_id: str) -> Session | None:
         return self.sessions.get(session_id)
