@@ -191,3 +191,27 @@ async def test_reconnect_time_after_restart(gateway_process, make_user, sig):
     finally:
         for http in https:
             await http.close()
+
+
+async def test_a_second_window_on_another_gateway_takes_over(gateway_process, user, make_user, redis_url, tmp_path):
+    """Two gateway processes sharing one Redis store: a window on the second attaches to a
+    session the first serves; the first window is told (4001) and the counter goes on in the
+    second, joined exactly. Someone else naming the session id gets a session of their own."""
+    store = {"url": redis_url, "secret_file": str(tmp_path / "store-key")}
+    async with counting(gateway_process, user, store=store) as (first, _, term, session_id):
+        second = gateway_process(store=store, session={"on_shutdown": "keep"})
+        await second.start()
+        offset = term.received
+        async with await second.gateway.login(user) as http:
+            after, _ = await comes_back(second.gateway, http, session_id, offset)
+            await term.drain_until_closed(timeout=10)
+            assert term.close_code == 4001
+            await check_continued(term, after, session_id, offset)
+            async with await second.gateway.login(make_user()) as other:
+                stranger = await reattach(second.gateway, other, session_id, 0)
+                assert (await stranger.control("session"))["id"] != session_id
+                await stranger.send("exit\r")
+                await stranger.control("exit")
+            assert "belongs to" in second.log()
+            await stop_counter(after, session_id)
+        assert "another gateway took this session over" in first.log()
