@@ -15,7 +15,7 @@ import time
 import aiohttp
 import pytest
 
-from helpers import PROMPT, Terminal, containers_gone, session_containers, wait_for
+from helpers import PROMPT, Terminal, containers_gone, log_in, screen_line, session_containers, wait_for
 
 COUNTER = "i=0; while :; do i=$((i+1)); echo \"tick $i\"; sleep 0.1; done\r"
 TICK = re.compile(rb"tick (\d+)\r\n")
@@ -215,3 +215,52 @@ async def test_a_second_window_on_another_gateway_takes_over(gateway_process, us
             assert "belongs to" in second.log()
             await stop_counter(after, session_id)
         assert "another gateway took this session over" in first.log()
+
+
+def visible_ticks(text: str) -> list[int]:
+    return [int(n) for n in re.findall(r"^tick (\d+)\s*$", text, re.M)]
+
+
+@pytest.mark.browser
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+async def test_the_browser_comes_back_by_itself(browser, gateway_process, user, sig):
+    """Chromium: the gateway is killed (or stopped) and started again while the page's session
+    runs a counter loop; the page shows "reconnecting…", comes back by itself to the same
+    session, and the counter went on (no restart of the loop, nothing missing on screen)."""
+    from playwright.async_api import expect
+
+    process = gateway_process(session={"on_shutdown": "keep"})
+    await process.start()
+    page = await browser.new_page(viewport={"width": 900, "height": 700})
+    await log_in(page, process.gateway, user)
+    body = page.locator("body")
+    await expect(body).to_have_attribute("data-state", "running", timeout=30_000)
+    session_id = await body.get_attribute("data-session")
+    await expect(page.locator(".xterm-rows")).to_contain_text("$", timeout=30_000)
+    await page.locator(".xterm-helper-textarea").focus()
+    await page.keyboard.type(COUNTER.replace("sleep 0.1", "sleep 0.2").rstrip("\r"))
+    await page.keyboard.press("Enter")
+    await expect(screen_line(page, "tick 5")).to_have_count(1, timeout=15_000)
+
+    process.signal(sig)
+    await process.wait(10)
+    await expect(body).to_have_attribute("data-state", "reconnecting", timeout=10_000)
+    if sig == signal.SIGTERM:
+        await expect(page.locator("#banner")).to_contain_text("restarting", timeout=5_000)
+    before = max(visible_ticks(await page.locator(".xterm-rows").inner_text()))
+    await asyncio.sleep(2)
+    await process.start()
+    began = time.monotonic()
+    await expect(body).to_have_attribute("data-state", "running", timeout=15_000)
+    print(f"browser back {time.monotonic() - began:.2f} s after the gateway answered ({sig.name})")
+    assert await body.get_attribute("data-session") == session_id
+    await expect(screen_line(page, f"tick {before + 25}")).to_have_count(1, timeout=20_000)
+    shown = visible_ticks(await page.locator(".xterm-rows").inner_text())
+    assert shown == list(range(shown[0], shown[0] + len(shown))), shown  # consecutive: nothing lost or doubled
+    assert shown[0] > 1  # the loop was not restarted
+    await page.keyboard.press("Control+C")
+    await page.keyboard.type("exit")
+    await page.keyboard.press("Enter")
+    await expect(body).to_have_attribute("data-state", "ended", timeout=15_000)
+    await containers_gone(**{"termbridge.session": session_id})
+    await page.close()
