@@ -15,7 +15,10 @@ import time
 import aiohttp
 import pytest
 
-from helpers import PROMPT, Terminal, containers_gone, log_in, screen_line, session_containers, wait_for
+from helpers import (
+    PROMPT, Terminal, containers_gone, free_port, log_in, screen_line, session_containers, wait_for,
+)
+from test_audit import ssh_client
 
 COUNTER = "i=0; while :; do i=$((i+1)); echo \"tick $i\"; sleep 0.1; done\r"
 TICK = re.compile(rb"tick (\d+)\r\n")
@@ -118,14 +121,22 @@ async def test_sigkill_output_while_down_is_replayed_exactly(gateway_process, us
         assert len(seen) > ticks(bytes(term.transcript[:offset]))[-1] + 20
 
 
-async def test_sigterm_keep_tells_the_page_and_the_session_runs_on(gateway_process, user):
-    async with counting(gateway_process, user) as (process, first, term, session_id):
+async def test_sigterm_keep_tells_the_page_and_the_session_runs_on(gateway_process, user, tmp_path):
+    """Also: an SSH-door session ends at the stop either way (its connection is the gateway's),
+    and its container goes."""
+    port = free_port()
+    async with counting(gateway_process, user, ssh={"listen": f"127.0.0.1:{port}"}) as (process, first, term, session_id):
+        ssh = asyncio.create_task(ssh_client(port, user, "sleep 600", known_hosts=tmp_path / "kh"))
+        await wait_for(lambda: session_containers(**{"termbridge.door": "ssh", "termbridge.user": user.name}),
+                       timeout=30, what="the SSH-door session's container")
         process.signal(signal.SIGTERM)
         await term.control("restarting", timeout=10)
         await term.drain_until_closed(timeout=10)
         assert term.close_code == 1012
         assert not [c for c in term.controls if c.get("type") == "exit"]
         assert await process.wait(10) == 0
+        assert (await asyncio.wait_for(ssh, 10))[0] != 0
+        assert not session_containers(**{"termbridge.door": "ssh", "termbridge.user": user.name})
         await restart_and_continue(process, first, user, term, session_id, term.received)
 
 
