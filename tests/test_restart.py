@@ -180,14 +180,16 @@ async def test_reconnect_time_after_restart(gateway_process, make_user, sig):
     process = gateway_process(session={"on_shutdown": "keep"})
     await process.start()
     gw = process.gateway
-    users = [make_user() for _ in range(4)]
+    users = [make_user() for _ in range(6)]
     https = [await gw.login(u) for u in users]
     try:
         running = [await start_counter(gw, http) for http in https]
         offsets = [term.received for term, _ in running]
         process.signal(sig)
         await process.wait(10)
+        down = time.monotonic()
         await process.start()
+        print(f"gateway answering {time.monotonic() - down:.2f} s after it was started again")
         https = [await still_logged_in(gw, http, u) for http, u in zip(https, users)]
         back = await asyncio.gather(
             *(comes_back(gw, http, sid, off) for http, (_, sid), off in zip(https, running, offsets))
