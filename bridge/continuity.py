@@ -35,6 +35,7 @@ ACTIVITY_WRITE_INTERVAL = 5.0
 # another replica may have taken one over): the old window hears of it within this.
 LEASE_CHECK_INTERVAL = 2.0
 STORE_TIMEOUT = 5.0
+TAKE_ATTEMPTS = 5
 
 
 @dataclass(frozen=True)
@@ -147,6 +148,23 @@ class Continuity:
             return None
         container = Container(rec.container_id, rec.container_name, rec.address, rec.port, rec.ssh_user)
         return Adoptable(rec, container, keys)
+
+    async def claim(self, session_id: str, allowed: Callable[[SessionRecord], bool]) -> Adoptable | None:
+        """Become the gateway serving `session_id`, if the store has it live and `allowed` (the
+        ownership check) says yes. The lease may change under us (its gateway letting go as it
+        stops, another window): then read it again."""
+        for attempt in range(TAKE_ATTEMPTS):
+            rec = await self.find(session_id)
+            if rec is None or not allowed(rec):
+                return None
+            found = await self.load(rec)
+            if found is None:
+                return None
+            if await self.take(rec):
+                return found
+            log.info("session %.12s: its lease changed while taking it (try %d)", session_id, attempt + 1)
+            await asyncio.sleep(0.05 * (attempt + 1))
+        return None
 
     async def take(self, rec: SessionRecord) -> bool:
         """Become the gateway attached to `rec` (compare-and-set on the lease as it was read):

@@ -315,13 +315,13 @@ class SessionManager:
         continuity = self.continuity
         if continuity is None:
             return None
-        rec = await continuity.find(session_id[:64])
-        if rec is None or not self._owns(user, session_id, rec.user, "reattach", "-") or rec.door != door:
+        found = await continuity.claim(
+            session_id[:64], lambda rec: self._owns(user, session_id, rec.user, "reattach", "-") and rec.door == door
+        )
+        if found is None:
             log.info("reattach of %s to %.12s: not in the store; starting a new one", user.name, session_id)
             return None
-        found = await continuity.load(rec)
-        if found is None or not await continuity.take(rec):
-            return None
+        rec = found.record
         session = Session(user, door, sink, rec.id)
         session.log.info("adopting (started by gateway %s, attached to %s)", rec.gateway, rec.attached_by or "none")
         self.sessions[session.id] = session
