@@ -88,6 +88,7 @@ class Session:
         self.upstream: Upstream | None = None
         self.keys: SessionKeys | None = None  # to reconnect to the container (kept in the store)
         self.released = False  # this gateway let go; the session runs on without it
+        self.adopted = False  # started by another gateway process; this one reconnected to it
         self.stream: Stream | None = None  # a shell on a pty (web sessions)
         self.last_activity = time.monotonic()
         self.ready_at: float | None = None

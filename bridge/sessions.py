@@ -222,9 +222,9 @@ class SessionManager:
 
     @staticmethod
     def _check_not_ended(session: Session) -> None:
-        """A session killed while it started (logout, shutdown) must not go on to run."""
+        """A session killed (logout, shutdown) or let go while it started must not go on to run."""
         if session.ending:
-            raise SessionStartError(detail=f"ended ({session.end_reason}) while starting")
+            raise SessionStartError(detail=f"ended ({session.end_reason or 'let go'}) while starting")
 
     async def _start_container(self, session: Session, keys: SessionKeys) -> Container:
         spec = ContainerSpec(
@@ -323,16 +323,20 @@ class SessionManager:
             return None
         rec = found.record
         session = Session(user, door, sink, rec.id)
+        session.adopted = True
         session.log.info("adopting (started by gateway %s, attached to %s)", rec.gateway, rec.attached_by or "none")
         self.sessions[session.id] = session
         try:
             await self._reconnect(session, found, terminal, offset)
+            self._check_not_ended(session)
         except (BridgeError, OSError, TimeoutError) as exc:
             detail = getattr(exc, "detail", None) or repr(exc)
             session.log.warning("adoption failed: %s", detail)
             self.sessions.pop(session.id, None)
             if session.upstream is not None:
                 session.upstream.close()
+            if session.released:  # the gateway stops: the page was told to come back
+                raise SessionStartError(detail="let go while adopting") from None
             await self._forget_if_gone(continuity, rec)
             return None
         continuity.note_adopted(session)
@@ -617,7 +621,10 @@ class SessionManager:
         if self.pool is not None:
             await self.pool.close()
         sessions = list(self.sessions.values())
-        kept = [s for s in sessions if keep and self.continuity is not None and s.ready and s.door == Door.WEB]
+        kept = [
+            s for s in sessions
+            if keep and self.continuity is not None and s.door == Door.WEB and (s.ready or s.adopted) and not s.ending
+        ]
         await asyncio.gather(
             *(self.release(s, restarting=True) for s in kept),
             *(self.kill(s, message, actor=Actor.SHUTDOWN) for s in sessions if s not in kept),
