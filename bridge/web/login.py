@@ -72,6 +72,11 @@ class LoginRegistry:
     def revoke(self, login: Login) -> None:
         self._logins.pop(login.id, None)
 
+    def revoke_user(self, username: str) -> None:
+        """Forget every login of `username` (the account may no longer log in)."""
+        for login in [login for login in self._logins.values() if login.user.name == username]:
+            self.revoke(login)
+
     def form_token(self, purpose: str, binding: str) -> str:
         """A CSRF token for a form: only this gateway can make it, and only for `binding` (the
         browser's CSRF cookie for the login form, the login's id for logout)."""
