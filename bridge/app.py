@@ -38,7 +38,7 @@ from .ssh_front import SshDoor
 from .throttle import LoginThrottle, ThrottledAuthenticator
 from .store import open_store
 from .web.keys import ACCOUNTS, AUTHENTICATOR, BACKEND, CONFIG, LOGINS, MANAGER, METRICS, STORE
-from .web.login import LoginRegistry
+from .web.login import LoginRegistry, purge_forever
 from .web.terminal import close_websockets
 
 log = logging.getLogger("termbridge")
@@ -152,12 +152,17 @@ def build_app(
         await manager.close()
 
     async def account_guard(app: web.Application) -> AsyncIterator[None]:
+        """Earlier logins asked again; expired ones forgotten."""
         guard = AccountGuard(app[MANAGER], app[AUTHENTICATOR], config.auth.account_recheck, app[LOGINS].revoke_user)
         app[ACCOUNTS] = guard
-        task = asyncio.create_task(guard.run(), name="account-recheck")
+        tasks = [
+            asyncio.create_task(guard.run(), name="account-recheck"),
+            asyncio.create_task(purge_forever(app[LOGINS]), name="login-purge"),
+        ]
         yield
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def admin_socket(app: web.Application) -> AsyncIterator[None]:
         admin = AdminServer(app[MANAGER], admin_socket_path(config.state_dir))

@@ -14,7 +14,7 @@ from aiohttp import WSCloseCode, WSMsgType, web
 
 from .. import wsproto
 from ..config import Config
-from ..errors import BackendUnavailable, BridgeError, ProtocolError
+from ..errors import BackendUnavailable, BridgeError, ProtocolError, SessionStartError
 from ..session import Session, TerminalRequest
 from ..sessions import SessionManager
 from ..vocab import Door, EndReason
@@ -52,12 +52,16 @@ class WebSocketSink:
         self.session: Session | None = None
 
     async def started(self, session: Session) -> None:
+        """The session is ready: it belongs to the login from now on (logout ends it), unless the
+        login went while it started; then it must not go live."""
+        if self.login.revoked:
+            raise SessionStartError("you logged out", detail=f"login of {self.login.user.name} ended while starting")
         self.session = session
+        self.login.sessions.add(session.id)
 
     async def attached(self, offset: int, lost: int) -> None:
         session = self.session
         assert session is not None, "started() comes first"
-        self.login.sessions.add(session.id)
         cfg = self.config.session
         await self.ws.send_str(
             wsproto.session_message(session.id, cfg.idle_timeout, offset=offset, reconnect_grace=cfg.reconnect_grace)
