@@ -12,8 +12,10 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import asyncssh
 import pytest
 
+from bridge.app import SSH_DOOR
 from helpers import PROMPT, HostUser, containers_gone, run, session_containers
 
 REFUSED = "your account may no longer log in here"
@@ -85,3 +87,24 @@ async def test_live_sessions_of_an_account_that_may_not_log_in_end(
         await containers_gone(**{"termbridge.user": user.name})
     finally:
         await http.close()
+
+
+async def test_a_live_ssh_session_of_a_locked_account_ends(
+    start_gateway: Callable[..., Any], make_user: Callable[..., HostUser]
+) -> None:
+    gateway = await start_gateway(ssh={"listen": "127.0.0.1:0"}, auth={"account_recheck": RECHECK})
+    port = gateway.app[SSH_DOOR].port
+    user = make_user()
+    async with asyncssh.connect(
+        "127.0.0.1", port, username=user.name, password=user.password, known_hosts=None, client_keys=None
+    ) as conn:
+        proc = await conn.create_process("echo ready; sleep 120")
+        assert (await asyncio.wait_for(proc.stdout.readline(), 60)).strip() == "ready"
+        changed = time.monotonic()
+        run("usermod", "-L", user.name)
+        result = await asyncio.wait_for(proc.wait(), RECHECK + 30)
+        took = time.monotonic() - changed
+    print(f"ssh: the live session ended {took:.1f} s after usermod -L")
+    assert result.exit_status == 255 and REFUSED in result.stderr, (result.exit_status, result.stderr)
+    assert took < RECHECK + 10
+    await containers_gone(**{"termbridge.user": user.name})
