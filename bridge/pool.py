@@ -1,7 +1,7 @@
 """The warm pool: containers created, started and sshd-ready ahead of time, so that a login only
 has to claim one. Each is used once (never returned, never reused); a taken one is replaced in
-the background. Pooled containers carry the SPEC labels (door `pool`, no user yet), count toward
-`session.max_total`, and are reaped like the rest.
+the background. Pooled containers carry the termbridge.* labels (door `pool`, no user yet),
+count toward `session.max_total`, and are reaped like the rest.
 """
 
 from __future__ import annotations

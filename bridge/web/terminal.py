@@ -61,7 +61,8 @@ class WebSocketSink:
 
     async def attached(self, offset: int, lost: int) -> None:
         session = self.session
-        assert session is not None, "started() comes first"
+        if session is None:
+            raise RuntimeError("attached() before started()")
         cfg = self.config.session
         await self.ws.send_str(
             wsproto.session_message(session.id, cfg.idle_timeout, offset=offset, reconnect_grace=cfg.reconnect_grace)
