@@ -16,7 +16,8 @@ import asyncssh
 import pytest
 
 from bridge.app import SSH_DOOR
-from helpers import PROMPT, HostUser, containers_gone, run, session_containers
+from helpers import PROMPT, HostUser, containers_gone, session_containers
+from testbed.accounts import run
 
 REFUSED = "your account may no longer log in here"
 RECHECK = 2.0  # auth.account_recheck for the tests that wait for it
