@@ -23,6 +23,7 @@ from aiohttp import web, web_response
 
 from . import resources
 from . import web as web_door
+from .accounts import AccountGuard
 from .admin import AdminServer
 from .admin import socket_path as admin_socket_path
 from .audit import AuditLog, AuditObserver, SessionRecorder
@@ -36,8 +37,8 @@ from .sessions import SessionManager
 from .ssh_front import SshDoor
 from .throttle import LoginThrottle, ThrottledAuthenticator
 from .store import open_store
-from .web.keys import AUTHENTICATOR, BACKEND, CONFIG, LOGINS, MANAGER, METRICS, STORE
-from .web.login import LoginRegistry
+from .web.keys import ACCOUNTS, AUTHENTICATOR, BACKEND, CONFIG, LOGINS, MANAGER, METRICS, STORE
+from .web.login import LoginRegistry, purge_forever
 from .web.terminal import close_websockets
 
 log = logging.getLogger("termbridge")
@@ -150,6 +151,19 @@ def build_app(
         yield
         await manager.close()
 
+    async def account_guard(app: web.Application) -> AsyncIterator[None]:
+        """Earlier logins asked again; expired ones forgotten."""
+        guard = AccountGuard(app[MANAGER], app[AUTHENTICATOR], config.auth.account_recheck, app[LOGINS].revoke_user)
+        app[ACCOUNTS] = guard
+        tasks = [
+            asyncio.create_task(guard.run(), name="account-recheck"),
+            asyncio.create_task(purge_forever(app[LOGINS]), name="login-purge"),
+        ]
+        yield
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
     async def admin_socket(app: web.Application) -> AsyncIterator[None]:
         admin = AdminServer(app[MANAGER], admin_socket_path(config.state_dir))
         await admin.start()
@@ -182,8 +196,8 @@ def build_app(
         yield
         await door.close()
 
-    app.cleanup_ctx.extend([state_dir, state_store, audit_log, docker_backend, pam_pool, sessions, admin_socket, reaper, warm_pool,
-                            ssh_door])
+    app.cleanup_ctx.extend([state_dir, state_store, audit_log, docker_backend, pam_pool, sessions, account_guard,
+                            admin_socket, reaper, warm_pool, ssh_door])
     app.on_shutdown.append(tell_clients)
     return app
 
