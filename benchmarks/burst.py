@@ -7,7 +7,9 @@ burst against ttyd + `docker run` where ttyd is built.
 
 Every client fetches the login form first, then all wait on one barrier and are released
 together: what is timed is the burst, not the clients' own set-up. The host's load average is
-recorded before and after each burst, and its CPU busy share during it.
+recorded before and after each burst, and its CPU busy share during it. The same burst straight
+at Docker (create + attach + start, no gateway) is the floor every design that starts containers
+on demand pays.
 """
 
 from __future__ import annotations
@@ -31,13 +33,15 @@ import aiohttp
 from bridge.backend import LABEL_GATEWAY
 from bridge.config import load_config
 
+from testbed.gateway import write_config
+
 from . import history, profile, ttyd
 from .clients import Reader, TtydTerm, WebTerm
 from .harness import (
     BENCH_LABEL, PROMPT, GatewayProcess, HostUser, bench_account, cpu_times, machine, pool_filled, remove_labelled,
     run_label, summary, workdir,
 )
-from .systems import KIND_LABEL, docker_run_command
+from .systems import KIND_LABEL, FloorAttach, docker_run_command
 
 PROMPT_TIMEOUT = 120.0  # a cold burst of 30 on 2 cores takes tens of seconds; failing is worse
 Login = Callable[[asyncio.Barrier], Awaitable[tuple[float, Any]]]
@@ -129,6 +133,13 @@ def phases(log: Path, released: float) -> dict[str, Any]:
     return {"release_to_pam_ok": summary(logged_in), "session_startup": summary(startup)}
 
 
+async def floor_login(floor: FloorAttach, barrier: asyncio.Barrier) -> tuple[float, Any]:
+    """The Docker floor: create + attach + start `bash -l` with the session's limits, no gateway."""
+    await barrier.wait()
+    opened = await floor.open()
+    return opened.connect_seconds, (None, opened.term)
+
+
 async def release(label: str, logins: list[Login], log: Path | None = None) -> dict[str, Any]:
     """Run every login at once (an asyncio barrier releases them together); time, failures, load."""
     barrier = asyncio.Barrier(len(logins) + 1)
@@ -148,8 +159,10 @@ async def release(label: str, logins: list[Login], log: Path | None = None) -> d
     for outcome in outcomes:
         if isinstance(outcome, tuple):
             http, term = outcome[1]
+            await term.send(b"exit\r")  # the session ends as a person ends it; its container goes
             await term.close()
-            await http.close()
+            if http is not None:
+                await http.close()
     result = {
         "label": label, "n": len(logins), "failed": len(errors), "errors": sorted(set(errors))[:5],
         "login_prompt": summary(times), "all_done_s": round(wall, 2),
@@ -193,13 +206,24 @@ async def gateway_burst(args: argparse.Namespace, base: Path, service: str, user
         gateway.stop()
 
 
+async def floor_burst(base: Path, run_id: str, n: int) -> dict[str, Any]:
+    """The same burst straight at Docker (what `docker run` costs when N start at once): the
+    reference when ttyd is not built, and what any design starting containers on demand pays."""
+    cfg = load_config(base / "gateway.toml", env={}).session
+    floor = FloorAttach(cfg, run_id)
+    try:
+        return await release("floor: docker attach", [lambda b: floor_login(floor, b) for _ in range(n)])
+    finally:
+        await floor.teardown()
+
+
 async def ttyd_burst(args: argparse.Namespace, base: Path, run_id: str, n: int) -> dict[str, Any]:
     label = "ttyd + docker run"
     binary = None if args.no_ttyd else ttyd.find()
     if binary is None:
         why = "--no-ttyd" if args.no_ttyd else "ttyd is not built on this machine (`python -m benchmarks` builds it)"
         return {"label": label, "n": n, "skipped": f"skipped ({why})"}
-    cfg = load_config(base / "pool-0" / "termbridge.toml", env={}).session
+    cfg = load_config(base / "gateway.toml", env={}).session
     server = ttyd.TtydServer(binary, docker_run_command(cfg, {BENCH_LABEL: run_id, KIND_LABEL: "ttyd"}),
                              base / "ttyd.log").start()
     try:
@@ -226,6 +250,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             for pool in args.pools:
                 say(f"burst: {args.n} logins, session.pool={pool}")
                 results["bursts"].append(await gateway_burst(args, base, service, users, pool, results["gateways"]))
+            write_config(base / "gateway.toml", base / "state", service)  # the session limits the gateways get
+            say(f"burst: {args.n} × docker create + attach + start (the floor)")
+            results["bursts"].append(await floor_burst(base, run_id, args.n))
             say(f"burst: {args.n} × ttyd + docker run")
             results["bursts"].append(await ttyd_burst(args, base, run_id, args.n))
         finally:

@@ -278,9 +278,12 @@ def remove_labelled(**labels: str) -> int:
     removed = 0
     try:
         for c in client.containers(all=True, filters={"label": [f"{k}={v}" for k, v in labels.items()]}):
-            with contextlib.suppress(docker.errors.NotFound):
+            try:
                 client.remove_container(c["Id"], force=True, v=True)
                 removed += 1
+            except docker.errors.APIError as exc:  # gone, or its --rm removal is already under way
+                if exc.status_code not in (404, 409):
+                    raise
     finally:
         client.close()
     return removed
