@@ -69,6 +69,28 @@ async def test_every_page_passes_axe(browser, gateway, user, scheme):
     await context.close()
 
 
+@pytest.mark.parametrize("scheme", ["light", "dark"])
+async def test_phone_terminal_passes_axe(pw, browser, gateway, user, scheme):
+    """On a phone: the narrow status bar and the extra keys, one of them (Ctrl) held down."""
+    context = await browser.new_context(color_scheme=scheme, **pw.devices["Pixel 7"])
+    page = await context.new_page()
+    await log_in(page, gateway, user)
+    body = page.locator("body")
+    await expect(body).to_have_attribute("data-state", "running", timeout=30_000)
+    await expect(page.locator(".xterm-rows")).to_contain_text("$", timeout=30_000)
+    ctrl = page.get_by_role("toolbar", name="Extra keys").get_by_role("button", name="Ctrl")
+    await ctrl.tap()
+    await expect(ctrl).to_have_attribute("aria-pressed", "true")
+    await axe_check(page, f"phone-{scheme}")
+    session_id = await body.get_attribute("data-session")
+    await page.get_by_role("button", name="End session").tap()
+    await page.get_by_role("dialog").get_by_role("button", name="End session").tap()
+    await expect(body).to_have_attribute("data-state", "ended", timeout=15_000)
+    await axe_check(page, f"phone-ended-{scheme}")
+    await containers_gone(**{"termbridge.session": session_id})
+    await context.close()
+
+
 async def test_axe_reports_a_contrast_violation(browser, gateway):
     """The check can fail: text made nearly invisible on the login page is reported, by rule and
     element, under the page's own Content-Security-Policy."""
