@@ -286,6 +286,8 @@ async def axe_violations(page: Any) -> list[dict[str, Any]]:
     in through page.evaluate (DevTools' Runtime.evaluate), which the page's Content-Security-Policy
     does not govern: a <script> tag (page.add_script_tag) is refused by `script-src 'self'`, and the
     check must run against the production CSP as it is."""
+    if not AXE.exists():
+        raise RuntimeError(f"{AXE} is missing: run `npm ci` in web/ (or `make assets`)")
     if not await page.evaluate("() => typeof window.axe === 'object'"):
         await page.evaluate(AXE.read_text())
     return await page.evaluate(
