@@ -138,6 +138,31 @@ async def test_serve_notifies_systemd_logs_json_and_access_lines(tmp_path, pam_s
     assert not find_secrets(lines, [user.password])
 
 
+async def test_a_gateway_started_while_docker_is_down_is_ready_and_says_so(tmp_path, pam_service, state_dir):
+    """What lets the pre-start check pass with Docker down: the gateway itself starts, tells
+    systemd it is ready and serves its pages; /healthz says Docker is unreachable."""
+    port = free_port()
+    config = write_config(tmp_path / "c.toml", state_dir(), pam_service, web={"listen": f"127.0.0.1:{port}"})
+    notify = NotifySocket(tmp_path / "notify.sock")
+    dead = tmp_path / "dead.sock"
+    with socket.socket(socket.AF_UNIX) as sock, open(tmp_path / "gateway.log", "wb") as log:
+        sock.bind(str(dead))
+        proc = subprocess.Popen([*TERMBRIDGE, "serve", "--config", str(config)], cwd=ROOT, stdout=subprocess.DEVNULL,
+                                stderr=log, env={**_env(), "NOTIFY_SOCKET": str(notify.path), "DOCKER_HOST": f"unix://{dead}"})
+        try:
+            assert await notify.receive() == "READY=1"
+            async with aiohttp.ClientSession() as http:
+                async with http.get(f"http://127.0.0.1:{port}/healthz") as resp:  # serving, and honest about Docker
+                    assert (resp.status, await resp.text()) == (503, "docker unreachable\n")
+                async with http.get(f"http://127.0.0.1:{port}/login") as resp:
+                    assert resp.status == 200
+        finally:
+            stop_process(proc)
+            notify.close()
+    assert proc.returncode == 0
+    assert "Docker unreachable at start" in (tmp_path / "gateway.log").read_text()
+
+
 async def test_no_access_log_unless_asked(tmp_path, pam_service, state_dir):
     port = free_port()
     config = write_config(tmp_path / "c.toml", state_dir(), pam_service, web={"listen": f"127.0.0.1:{port}"})
