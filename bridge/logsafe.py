@@ -69,7 +69,7 @@ def _continuation(text: str) -> str:
 
 
 # Record attributes a JSON line carries when the record has them (SessionLog sets the first two).
-JSON_CONTEXT = ("session", "user", "door")
+JSON_CONTEXT = ("session", "user")
 
 
 class JsonFormatter(logging.Formatter):

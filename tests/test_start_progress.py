@@ -7,7 +7,6 @@ from __future__ import annotations
 import re
 import uuid
 
-import docker
 import pytest
 from playwright.async_api import expect
 
