@@ -9,6 +9,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -163,29 +164,54 @@ async def test_a_gateway_started_while_docker_is_down_is_ready_and_says_so(tmp_p
     assert "Docker unreachable at start" in (tmp_path / "gateway.log").read_text()
 
 
-async def test_no_access_log_unless_asked(tmp_path, pam_service, state_dir):
-    port = free_port()
-    config = write_config(tmp_path / "c.toml", state_dir(), pam_service, web={"listen": f"127.0.0.1:{port}"})
+# What HTTP lets through to a header (the parser refuses ASCII controls) and a log must still
+# not show raw: a bidi override, a line separator, a C1 control.
+EVIL_AGENT = "agent\u202eevil\u2028\x85"
+
+
+async def raw_get(port: int, path: str) -> int:
+    """GET with EVIL_AGENT as User-Agent, sent as bytes (aiohttp's client refuses such headers)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\nUser-Agent: {EVIL_AGENT}\r\nConnection: close\r\n\r\n".encode())
+    await writer.drain()
+    answer = await reader.read()
+    writer.close()
+    return int(answer.split(b" ", 2)[1])
+
+
+async def serve_three_requests(tmp_path: Path, config: Path, port: int) -> str:
+    """Start `termbridge serve`, ask /healthz three times with EVIL_AGENT, stop it; what it logged."""
     log_path = tmp_path / "gateway.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen([*TERMBRIDGE, "serve", "--config", str(config)], cwd=ROOT, stdout=subprocess.DEVNULL,
                                 stderr=log, env=_env())
     try:
-        async def healthy() -> bool:
-            try:
-                async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port}/healthz") as resp:
-                    return resp.status == 200
-            except aiohttp.ClientError:
-                return False
-
-        await wait_for(healthy, timeout=30, what="gateway to answer /healthz")
+        await wait_for(lambda: asyncio.to_thread(accepts, port), timeout=30, what="gateway to listen")
         for _ in range(3):
-            assert await healthy()
+            assert await raw_get(port, "/healthz?key=hunter2secret") == 200
     finally:
         stop_process(proc)
-    text = log_path.read_text()
+    return log_path.read_text()
+
+
+async def test_no_access_log_unless_asked(tmp_path, pam_service, state_dir):
+    port = free_port()
+    config = write_config(tmp_path / "c.toml", state_dir(), pam_service, web={"listen": f"127.0.0.1:{port}"})
+    text = await serve_three_requests(tmp_path, config, port)
     assert "Running on" in text and "termbridge.access" not in text and "/healthz" not in text
     assert not text.lstrip().startswith("{")  # text is the default format
+
+
+async def test_text_access_log_escapes_what_clients_send(tmp_path, pam_service, state_dir):
+    port = free_port()
+    config = write_config(tmp_path / "c.toml", state_dir(), pam_service, web={"listen": f"127.0.0.1:{port}"},
+                          log={"access": True})
+    text = await serve_three_requests(tmp_path, config, port)
+    access = [line for line in text.splitlines() if " termbridge.access: " in line]
+    assert len(access) == 3, text
+    for line in access:
+        assert re.search(r' termbridge\.access: 127\.0\.0\.1 "GET /healthz" 200 \d+ \d+\.\d{3}s "agent\\u202eevil\\u2028\\x85"$', line), line
+    assert "hunter2secret" not in text and "\u202e" not in text and "\u2028" not in text and "\x85" not in text
 
 
 def _env() -> dict[str, str]:
