@@ -33,11 +33,13 @@ from .config import Config
 from .docker_backend import DockerBackend
 from .errors import BackendUnavailable, BridgeError, ConfigError
 from .metrics import MeteredBackend, Metrics
+from .sdnotify import sd_notify
 from .sessions import SessionManager
 from .ssh_front import SshDoor
 from .throttle import LoginThrottle, ThrottledAuthenticator
 from .store import open_store
 from .web.keys import ACCOUNTS, AUTHENTICATOR, BACKEND, CONFIG, LOGINS, MANAGER, METRICS, STORE
+from .web.access import ACCESS_LOG, AccessLog
 from .web.login import LoginRegistry, purge_forever
 from .web.terminal import close_websockets
 
@@ -289,12 +291,15 @@ async def _serve(app: web.Application, config: Config) -> None:
     """What `web.run_app` does, except that a failed start is cleaned up too (run_app leaves the
     cleanup contexts that did start unreleased when a later one fails)."""
     host, port = config.web.listen
-    runner = web.AppRunner(app, handle_signals=True, access_log=None, shutdown_timeout=3)
+    access = {"access_log_class": AccessLog, "access_log": ACCESS_LOG} if config.log.access else {"access_log": None}
+    runner = web.AppRunner(app, handle_signals=True, shutdown_timeout=3, **access)  # type: ignore[arg-type]
     try:
-        await runner.setup()
+        await runner.setup()  # starts the cleanup contexts: the SSH door listens after this
         site = web.TCPSite(runner, host, port, ssl_context=ssl_context(config))
         await site.start()
         log.info("Running on %s", site.name)
+        sd_notify("READY=1")  # both doors accept connections now
         await asyncio.Event().wait()  # until a signal raises GracefulExit
     finally:
+        sd_notify("STOPPING=1")
         await runner.cleanup()
