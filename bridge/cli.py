@@ -31,6 +31,7 @@ def _parser() -> argparse.ArgumentParser:
     build = image_sub.add_parser("build", parents=[common], help="build the session image from session-image/")
     build.add_argument("--base", metavar="IMAGE", help="base image (default ubuntu:24.04)")
     build.add_argument("--verbose", action="store_true", help="the full build log, not one line per step")
+    build.add_argument("--if-stale", action="store_true", help="keep an image already built from this context and base")
     sessions = sub.add_parser("sessions", parents=[common], help="live sessions of the running gateway")
     sessions_sub = sessions.add_subparsers(dest="sessions_command", required=True)
     sessions_sub.add_parser("list", parents=[common], help="id, user, door, container, started, idle for")
@@ -98,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "image":
             from .docker_images import build_image
 
-            return build_image(config.session.image, base=args.base, verbose=args.verbose)
+            return build_image(config.session.image, base=args.base, verbose=args.verbose, if_stale=args.if_stale)
         if args.command == "sessions":
             return sessions_command(config, args)
     except ConfigError as exc:

@@ -4,6 +4,7 @@ backend, this is one of the two modules that import the docker SDK."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import sys
@@ -23,6 +24,7 @@ from .errors import BackendUnavailable, SessionStartError
 SESSION_IMAGE_DIR = resources.session_image_dir()
 
 
+CONTEXT_LABEL = "termbridge.context"  # what the image was built from: see context_digest
 STEP_RE = re.compile(r"^Step (\d+)/(\d+) : (.*)$")
 LINE_WIDTH = 80  # a progress line fits an 80-column terminal
 
@@ -61,23 +63,48 @@ class BuildProgress:
         print(f"build failed after {self.elapsed()}: {error.strip()}", file=self.out)
 
 
+def context_digest(context: Path, base: str | None) -> str:
+    """A digest of the build context's files and the base: an image labelled with the same digest
+    was built from exactly this, so `--if-stale` may skip the build."""
+    digest = hashlib.sha256(f"base={base or ''}\n".encode())
+    for path in sorted(p for p in context.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
+        digest.update(f"{path.relative_to(context).as_posix()}\n".encode())
+        digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()
+
+
+def _built_from(api: docker.APIClient, tag: str) -> str | None:
+    try:
+        return (api.inspect_image(tag)["Config"].get("Labels") or {}).get(CONTEXT_LABEL)
+    except docker.errors.ImageNotFound:
+        return None
+
+
 def build_image(
     tag: str, base: str | None = None, context: Path = SESSION_IMAGE_DIR, verbose: bool = False,
-    out: TextIO = sys.stderr,
+    out: TextIO = sys.stderr, if_stale: bool = False,
 ) -> int:
     """Build the session image (a command-line action, so blocking is fine here): one progress
-    line per step, the full build log with `verbose` or when the build fails. Returns 0 on
-    success, 1 on a failed build."""
+    line per step, the full build log with `verbose` or when the build fails. With `if_stale`,
+    an image already built from this context and base is kept. Returns 0 on success, 1 on a
+    failed build."""
     if not (context / "Dockerfile").is_file():
         raise SessionStartError(f"no Dockerfile in {context}")
     try:
         api = docker.APIClient(version="auto", **docker.utils.kwargs_from_env())
     except docker.errors.DockerException as exc:
         raise BackendUnavailable(detail=f"Docker engine unreachable: {exc}") from exc
+    digest = context_digest(context, base)
+    if if_stale and _built_from(api, tag) == digest:
+        print(f"{tag} is up to date (built from this session-image/ and base)", file=out)
+        return 0
     buildargs = {"BASE_IMAGE": base} if base else {}
     print(f"building {tag} from {context}" + (f" on {base}" if base else ""), file=out)
     progress = BuildProgress(out, verbose)
-    for chunk in api.build(path=str(context), tag=tag, buildargs=buildargs, rm=True, forcerm=True, decode=True):
+    for chunk in api.build(
+        path=str(context), tag=tag, buildargs=buildargs, labels={CONTEXT_LABEL: digest}, rm=True, forcerm=True,
+        decode=True,
+    ):
         if "stream" in chunk:
             progress.feed(chunk["stream"])
         elif "error" in chunk:

@@ -5,6 +5,7 @@ and on a recorded build stream with a clock this test turns."""
 from __future__ import annotations
 
 import io
+import os
 import re
 import subprocess
 import sys
@@ -50,8 +51,9 @@ def test_the_session_image_builds_with_one_line_per_step(private_tag, tmp_path):
     assert all(steps), lines  # nothing but step lines between the first and the last
     total = int(steps[0].group(2))  # type: ignore[union-attr]
     assert [int(m.group(1)) for m in steps] == list(range(1, total + 1))  # type: ignore[union-attr]
-    assert total == sum(1 for line in (ROOT / "session-image" / "Dockerfile").read_text().splitlines()
-                        if re.match(r"^[A-Z]+ ", line))
+    # every Dockerfile instruction, and the engine's own LABEL step for the context digest
+    assert total == 1 + sum(1 for line in (ROOT / "session-image" / "Dockerfile").read_text().splitlines()
+                            if re.match(r"^[A-Z]+ ", line))
     assert all(len(line) <= 80 for line in lines[1:-1])
     assert lines[-1].startswith(f"built {private_tag} in ")
     assert "--->" not in proc.stderr  # the engine's own chatter stays out
@@ -62,7 +64,7 @@ def test_a_failed_build_shows_its_whole_log(tmp_path):
     out = io.StringIO()
     assert build_image(f"termbridge/conv-fail:{uuid.uuid4().hex[:8]}", context=tmp_path, out=out) == 1
     text = out.getvalue()
-    assert "[2/2] 0:0" in text and "the-build-says-hello" in text and "Step 2/2 : RUN" in text
+    assert "[2/3] 0:0" in text and "the-build-says-hello" in text and "Step 2/3 : RUN" in text
     assert re.search(r"build failed after \d+:\d\d: .*returned a non-zero code: 3", text), text
 
 
@@ -91,3 +93,31 @@ def test_verbose_shows_the_engine_log_as_it_comes():
     for piece in RECORDED:
         progress.feed(piece)
     assert out.getvalue() == "".join(RECORDED)
+
+
+def test_if_stale_keeps_an_image_built_from_the_same_context(tmp_path):
+    """`make test` builds the session image with --if-stale: an image labelled with this context's
+    digest is kept; a changed context is built again."""
+    from bridge.docker_images import CONTEXT_LABEL, context_digest
+
+    context = tmp_path / "ctx"
+    context.mkdir()
+    (context / "Dockerfile").write_text("ARG BASE_IMAGE=scratch\nFROM ${BASE_IMAGE}\nLABEL probe=1\n")
+    tag = f"termbridge/test-stale:{os.getpid()}"
+    base = "termbridge/test-base:bookworm"
+    client = docker.from_env()
+    try:
+        out = io.StringIO()
+        assert build_image(tag, base=base, context=context, out=out) == 0
+        first = client.images.get(tag)
+        assert first.labels[CONTEXT_LABEL] == context_digest(context, base)
+        out = io.StringIO()
+        assert build_image(tag, base=base, context=context, out=out, if_stale=True) == 0
+        assert "up to date" in out.getvalue() and "building" not in out.getvalue()
+        (context / "extra").write_text("changed\n")
+        out = io.StringIO()
+        assert build_image(tag, base=base, context=context, out=out, if_stale=True) == 0
+        assert "building" in out.getvalue()
+        assert client.images.get(tag).labels[CONTEXT_LABEL] == context_digest(context, base) != first.labels[CONTEXT_LABEL]
+    finally:
+        client.images.remove(tag, force=True)
