@@ -24,6 +24,7 @@ from aiohttp import web, web_response
 
 from . import resources
 from . import web as web_door
+from .accounts import AccountGuard
 from .admin import AdminServer
 from .admin import socket_path as admin_socket_path
 from .audit import AuditLog, AuditObserver, SessionRecorder
@@ -34,12 +35,14 @@ from .continuity import Continuity, recover
 from .docker_backend import DockerBackend
 from .errors import BackendUnavailable, BridgeError, ConfigError
 from .metrics import MeteredBackend, Metrics
+from .sdnotify import sd_notify
 from .sessions import SessionManager
 from .ssh_front import SshDoor
 from .throttle import LoginThrottle, ThrottledAuthenticator
 from .store import open_store
-from .web.keys import AUTHENTICATOR, BACKEND, CONFIG, LOGINS, MANAGER, METRICS, STORE
-from .web.login import LoginRegistry
+from .web.keys import ACCOUNTS, AUTHENTICATOR, BACKEND, CONFIG, LOGINS, MANAGER, METRICS, STORE
+from .web.access import ACCESS_LOG, AccessLog
+from .web.login import LoginRegistry, purge_forever
 from .web.terminal import close_websockets
 
 log = logging.getLogger("termbridge")
@@ -154,6 +157,19 @@ def build_app(
         yield
         await manager.close()
 
+    async def account_guard(app: web.Application) -> AsyncIterator[None]:
+        """Earlier logins asked again; expired ones forgotten."""
+        guard = AccountGuard(app[MANAGER], app[AUTHENTICATOR], config.auth.account_recheck, app[LOGINS].revoke_user)
+        app[ACCOUNTS] = guard
+        tasks = [
+            asyncio.create_task(guard.run(), name="account-recheck"),
+            asyncio.create_task(purge_forever(app[LOGINS]), name="login-purge"),
+        ]
+        yield
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
     async def admin_socket(app: web.Application) -> AsyncIterator[None]:
         admin = AdminServer(app[MANAGER], admin_socket_path(config.state_dir))
         await admin.start()
@@ -203,8 +219,8 @@ def build_app(
         yield
         await door.close()
 
-    app.cleanup_ctx.extend([state_dir, state_store, audit_log, docker_backend, pam_pool, sessions, admin_socket, adoption,
-                            reaper, warm_pool, ssh_door])
+    app.cleanup_ctx.extend([state_dir, state_store, audit_log, docker_backend, pam_pool, sessions, account_guard,
+                            admin_socket, adoption, reaper, warm_pool, ssh_door])
     app.on_shutdown.append(tell_clients)
     return app
 
@@ -305,12 +321,15 @@ async def _serve(app: web.Application, config: Config) -> None:
     """What `web.run_app` does, except that a failed start is cleaned up too (run_app leaves the
     cleanup contexts that did start unreleased when a later one fails)."""
     host, port = config.web.listen
-    runner = web.AppRunner(app, handle_signals=True, access_log=None, shutdown_timeout=3)
+    access = {"access_log_class": AccessLog, "access_log": ACCESS_LOG} if config.log.access else {"access_log": None}
+    runner = web.AppRunner(app, handle_signals=True, shutdown_timeout=3, **access)  # type: ignore[arg-type]
     try:
-        await runner.setup()
+        await runner.setup()  # starts the cleanup contexts: the SSH door listens after this
         site = web.TCPSite(runner, host, port, ssl_context=ssl_context(config))
         await site.start()
         log.info("Running on %s", site.name)
+        sd_notify("READY=1")  # both doors accept connections now
         await asyncio.Event().wait()  # until a signal raises GracefulExit
     finally:
+        sd_notify("STOPPING=1")
         await runner.cleanup()

@@ -224,10 +224,13 @@ class Continuity:
         return {r.id for r in records} | {r.container_id for r in records if r.container_id}
 
 
+Remove = Callable[[str, str, str], Awaitable[None]]  # (session id, container id, why): container, then record
+
+
 async def recover(
     continuity: Continuity,
     alive: Callable[[str], Awaitable[bool | None]],
-    remove: Callable[[str, str], Awaitable[None]],
+    remove: Remove,
     adopted: Callable[[str], bool],
 ) -> list[asyncio.Task]:
     """At gateway start: keep the web sessions whose containers live (their pages come back to
@@ -265,17 +268,18 @@ async def recover(
     return waits
 
 
-async def _drop(continuity: Continuity, rec: SessionRecord, remove: Callable[[str, str], Awaitable[None]], why: str) -> None:
+async def _drop(continuity: Continuity, rec: SessionRecord, remove: Remove, why: str) -> None:
     log.info("session %.12s of %s: %s; removing its container", rec.id, rec.user, why)
     if rec.container_id:
-        await remove(rec.container_id, f"session {rec.id[:12]} ({why})")
-    await continuity.forget(rec.id)
+        await remove(rec.id, rec.container_id, f"session {rec.id[:12]} ({why})")
+    else:
+        await continuity.forget(rec.id)
 
 
 async def _grace(
     continuity: Continuity,
     rec: SessionRecord,
-    remove: Callable[[str, str], Awaitable[None]],
+    remove: Remove,
     adopted: Callable[[str], bool],
 ) -> None:
     await asyncio.sleep(continuity.config.reconnect_grace)

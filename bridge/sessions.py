@@ -14,6 +14,7 @@ import asyncio
 import enum
 import logging
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine
 from datetime import datetime, timezone
 from functools import partial
@@ -86,14 +87,21 @@ class SessionManager:
         self.continuity = continuity
         self.sessions: dict[str, Session] = {}
         self._cleanups: set[asyncio.Task] = set()
-        self._starting: set[asyncio.Future] = set()  # backend starts in flight (threads)
+        # Backend starts in flight (threads), by session id; a cancelled one stays until its
+        # container, if it landed, is removed.
+        self._starting: dict[str, asyncio.Future[Container]] = {}
+        # What each user holds against the caps: one per session from its first step until Docker
+        # confirmed its container gone (or its start failed leaving nothing), so that starts
+        # abandoned at once cannot pile up containers, nor Docker calls that others wait for.
+        self._held: Counter[str] = Counter()
+        self._holders: dict[str, str] = {}  # session id -> user, while it holds
         self._closing = False
         self.observers = Observers()
         self.pool = WarmPool(config.session.pool, backend, config.session, self._room) if config.session.pool else None
 
     def _room(self) -> int:
         """How many more containers this gateway may hold (sessions and pooled ones alike)."""
-        return self.config.session.max_total - len(self.sessions) - (self.pool.held if self.pool else 0)
+        return self.config.session.max_total - len(self._holders) - (self.pool.held if self.pool else 0)
 
     def note_login(self, user: str, rhost: str | None, door: Door, result: LoginResult, reason: str = "") -> None:
         """Every door reports each login attempt here (never the password), whatever its outcome,
@@ -103,7 +111,23 @@ class SessionManager:
     # -- limits -------------------------------------------------------------------------------
 
     def count_for(self, username: str) -> int:
-        return sum(1 for s in self.sessions.values() if s.user.name == username)
+        """Containers `username` holds: live sessions, starts and removals not yet done."""
+        return self._held[username]
+
+    def _hold(self, session: Session) -> None:
+        self._held[session.user.name] += 1
+        self._holders[session.id] = session.user.name
+
+    def _release(self, session_id: str) -> None:
+        """The session's container is gone (or never came): its slot is free. Idempotent."""
+        username = self._holders.pop(session_id, None)
+        if username is None:
+            return
+        self._held[username] -= 1
+        if self._held[username] <= 0:
+            del self._held[username]
+        if self.pool is not None:
+            self.pool.kick()  # a slot is free: the pool may refill up to max_total
 
     def _check_limits(self, user: AuthenticatedUser) -> None:
         cfg = self.config.session
@@ -144,6 +168,7 @@ class SessionManager:
         pooled = self.pool.take() if self.pool is not None else None
         session = Session(user, door, sink, pooled.session_id if pooled else None, self.config.session.max_lifetime)
         self.sessions[session.id] = session
+        self._hold(session)
         session.log.info("starting (%s door%s)", door, f", pooled {pooled.container.name}" if pooled else "")
         try:
             await self._provision(session, terminal, pooled)
@@ -239,22 +264,32 @@ class SessionManager:
             uid=session.user.uid,
         )
         start = asyncio.ensure_future(self.backend.start(spec))
-        self._starting.add(start)
-        start.add_done_callback(self._starting.discard)
+        self._starting[session.id] = start
         try:
-            return await asyncio.shield(start)
+            container = await asyncio.shield(start)
         except asyncio.CancelledError:
             # The thread may still create the container: remove it when it lands, in a task that
-            # close() waits for (a callback would fire after shutdown and leak it).
-            self._track(self._remove_when_started(start))
+            # close() waits for (a callback would fire after shutdown and leak it). The session
+            # holds its slot until then.
+            self._track(self._remove_when_started(session.id, start))
             raise
+        except BaseException:
+            self._starting.pop(session.id, None)
+            self._release(session.id)  # the backend leaves nothing behind when a start fails
+            raise
+        self._starting.pop(session.id, None)
+        return container
 
-    async def _remove_when_started(self, start: asyncio.Future[Container]) -> None:
+    async def _remove_when_started(self, session_id: str, start: asyncio.Future[Container]) -> None:
         try:
             container = await start
         except Exception:
             return  # the backend leaves nothing behind when a start fails
-        await self._remove(container.id, "cancelled start")
+        else:
+            await self._remove(container.id, "cancelled start")
+        finally:
+            self._starting.pop(session_id, None)
+            self._release(session_id)
 
     # -- web terminals: one call opens or resumes, the stream does the rest -----------------------
 
@@ -326,6 +361,7 @@ class SessionManager:
         session.adopted = True
         session.log.info("adopting (started by gateway %s, attached to %s)", rec.gateway, rec.attached_by or "none")
         self.sessions[session.id] = session
+        self._hold(session)  # it counts against this gateway's caps while served here
         try:
             await self._reconnect(session, found, terminal, offset)
             self._check_not_ended(session)
@@ -333,6 +369,7 @@ class SessionManager:
             detail = getattr(exc, "detail", None) or repr(exc)
             session.log.warning("adoption failed: %s", detail)
             self.sessions.pop(session.id, None)
+            self._release(session.id)
             if session.upstream is not None:
                 session.upstream.close()
             if session.released:  # the gateway stops: the page was told to come back
@@ -481,14 +518,12 @@ class SessionManager:
             session.upstream.close()
         if session.container is not None and not session.removal_scheduled:
             session.removal_scheduled = True
-            self._track(self._remove(session.container.id, f"session {session.id[:12]}", forget=session.id))
-        elif self.continuity is not None and session.ready_at is not None:
-            self._track(self.continuity.forget(session.id))
+            self._schedule_removal(session.container.id, f"session {session.id[:12]}", session.id)
+        elif session.container is None and session.id not in self._starting:
+            self._release(session.id)  # no container, none on its way
         self.sessions.pop(session.id, None)
         if session._ended.is_set():
             return  # killed while starting, finished again once its container landed
-        if self.pool is not None:
-            self.pool.kick()  # a slot is free: the pool may refill up to max_total
         lived = time.monotonic() - session.ready_at if session.ready_at else 0.0
         session.log.info(
             "ended: reason=%s code=%s after %.1f s, %d bytes in, %d bytes out",
@@ -504,32 +539,39 @@ class SessionManager:
             self.observers.session_ended(session)
         session._ended.set()
 
-    async def remove_container(self, container_id: str, why: str) -> None:
-        """Remove a container no session here owns (one a previous run left), in a task that
-        `close()` waits for."""
-        self._schedule_removal(container_id, why)
+    async def remove_container(self, session_id: str, container_id: str, why: str) -> None:
+        """Remove the container of a session no gateway serves (one a previous run left) and then
+        its record, in a task that `close()` waits for."""
+        self._track(self._remove(container_id, why, forget=session_id))
 
-    def _schedule_removal(self, container_id: str, why: str) -> None:
-        self._track(self._remove(container_id, why))
+    def _schedule_removal(self, container_id: str, why: str, holder: str) -> None:
+        self._track(self._remove(container_id, why, holder, forget=holder))
 
     def _track(self, cleanup: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(cleanup)
         self._cleanups.add(task)
         task.add_done_callback(self._cleanups.discard)
 
-    async def _remove(self, container_id: str, why: str, forget: str | None = None) -> None:
-        """Remove a container; then (`forget`: its session id) the session's store entry."""
-        for attempt in range(3):
-            try:
-                await self.backend.stop(container_id)
-                log.debug("removed container %s (%s)", container_id[:12], why)
-                if forget and self.continuity is not None:
-                    await self.continuity.forget(forget)
-                return
-            except BridgeError as exc:
-                log.warning("removing container %s failed (try %d): %s", container_id[:12], attempt + 1, exc.detail)
-                await asyncio.sleep(1 + attempt)
-        log.error("container %s not removed; the reaper will retry", container_id[:12])
+    async def _remove(
+        self, container_id: str, why: str, holder: str | None = None, forget: str | None = None
+    ) -> None:
+        """Remove a container; then `holder`'s slot (a session id) is free, and (`forget`: a
+        session id) the session's store entry goes."""
+        try:
+            for attempt in range(3):
+                try:
+                    await self.backend.stop(container_id)
+                    log.debug("removed container %s (%s)", container_id[:12], why)
+                    if forget is not None and self.continuity is not None:
+                        await self.continuity.forget(forget)
+                    return
+                except BridgeError as exc:
+                    log.warning("removing container %s failed (try %d): %s", container_id[:12], attempt + 1, exc.detail)
+                    await asyncio.sleep(1 + attempt)
+            log.error("container %s not removed; the reaper will retry", container_id[:12])
+        finally:
+            if holder is not None:
+                self._release(holder)
 
     async def reap(self) -> int:
         """Remove containers of this gateway instance that no live session and no store entry
@@ -579,6 +621,7 @@ class SessionManager:
         if session.upstream is not None:
             session.upstream.close()
         self.sessions.pop(session.id, None)
+        self._release(session.id)
         if restarting and self.continuity is not None:
             await self.continuity.release(session.id)
         session.log.info("let go (%s); it runs on in container %s",
@@ -632,5 +675,5 @@ class SessionManager:
         )
         # Containers still being created land after this; their sessions then remove them.
         while self._starting or self._cleanups:
-            await asyncio.gather(*list(self._starting), *list(self._cleanups), return_exceptions=True)
+            await asyncio.gather(*list(self._starting.values()), *list(self._cleanups), return_exceptions=True)
             await asyncio.sleep(0)

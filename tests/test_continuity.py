@@ -31,16 +31,18 @@ def record(session_id: str, **fields: object) -> SessionRecord:
 
 
 class Docker:
-    """Which containers run, and which were removed (by whom)."""
+    """Which containers run, and which were removed (by whom); a removal then forgets the
+    session's record, as the manager's does."""
 
     def __init__(self, running: set[str]) -> None:
         self.running = running
         self.removed: list[tuple[str, str]] = []
 
-    def remover(self, gateway: str):
-        async def remove(container_id: str, why: str) -> None:
+    def remover(self, gateway: str, store):
+        async def remove(session_id: str, container_id: str, why: str) -> None:
             self.removed.append((container_id, gateway))
             self.running.discard(container_id)
+            await store.delete_session(session_id)
 
         return remove
 
@@ -60,7 +62,7 @@ async def test_replicas_end_an_unclaimed_session_exactly_once(store_url: str, tm
         docker = Docker({"c-kept", "c-ssh", "c-served"})
         waits = []
         for i, store in enumerate(stores):
-            waits += await recover(Continuity(store, f"gw-{i}", session), docker.alive, docker.remover(f"gw-{i}"),
+            waits += await recover(Continuity(store, f"gw-{i}", session), docker.alive, docker.remover(f"gw-{i}", store),
                                    lambda _id: False)
         await asyncio.gather(*waits)
         assert [c for c, _ in docker.removed].count("c-kept") == 1  # one replica ended it
@@ -81,7 +83,7 @@ async def test_a_session_taken_during_the_grace_is_not_ended(store_url: str, tmp
         await store.put_session(record("s1", attached_by="gw-0", gateway="gw-0"))
         docker = Docker({"c-s1"})
         restarted, replica = Continuity(store, "gw-0", session), Continuity(store, "gw-1", session)
-        waits = await recover(restarted, docker.alive, docker.remover("gw-0"), lambda _id: False)
+        waits = await recover(restarted, docker.alive, docker.remover("gw-0", store), lambda _id: False)
         rec = await store.get_session("s1")
         assert rec is not None and rec.attached_by is None  # let go: any gateway may take it
         assert await replica.take(rec)  # a page came back to the other replica

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -24,6 +25,7 @@ log = logging.getLogger("termbridge.web")
 COOKIE_NAME = "termbridge_login"
 CSRF_COOKIE = "termbridge_csrf"
 LOGIN_TTL = 12 * 3600
+LOGIN_PURGE_INTERVAL = 300  # expired logins are forgotten at least this often (and on each login)
 LOGIN_FAILED = "Login failed: the username or password is wrong, or this account may not log in here."
 FORM_EXPIRED = "This login form has expired or came from another site. Please log in again."
 THROTTLED = "Too many failed logins. Try again in {minutes} minute(s)."
@@ -35,6 +37,7 @@ class Login:
     user: AuthenticatedUser
     expires: float
     sessions: set[str] = field(default_factory=set)
+    revoked: bool = False  # logged out: a terminal still starting for it must not go live
 
 
 class LoginRegistry:
@@ -47,7 +50,19 @@ class LoginRegistry:
     def _sign(self, payload: bytes) -> str:
         return base64.urlsafe_b64encode(hmac.new(self._secret, payload, hashlib.sha256).digest()).decode().rstrip("=")
 
+    def __len__(self) -> int:
+        return len(self._logins)
+
+    def purge(self) -> int:
+        """Forget expired logins (a cookie nobody brings back would stay forever); how many."""
+        now = time.time()
+        expired = [login for login in self._logins.values() if login.expires < now]
+        for login in expired:
+            self.revoke(login)
+        return len(expired)
+
     def issue(self, user: AuthenticatedUser) -> tuple[Login, str]:
+        self.purge()
         login = Login(id=secrets.token_urlsafe(18), user=user, expires=time.time() + LOGIN_TTL)
         self._logins[login.id] = login
         payload = base64.urlsafe_b64encode(f"{login.id}:{int(login.expires)}".encode()).decode().rstrip("=")
@@ -69,8 +84,20 @@ class LoginRegistry:
             return None
         return login
 
-    def revoke(self, login: Login) -> None:
+    def revoke(self, login: Login, successor: Login | None = None) -> None:
+        """Forget `login`. With a `successor` (the same person logged in again in this browser)
+        its terminals, also those still starting, belong to the successor; else they must end."""
         self._logins.pop(login.id, None)
+        if successor is None:
+            login.revoked = True
+        else:
+            successor.sessions |= login.sessions
+            login.sessions = successor.sessions
+
+    def revoke_user(self, username: str) -> None:
+        """Forget every login of `username` (the account may no longer log in)."""
+        for login in [login for login in self._logins.values() if login.user.name == username]:
+            self.revoke(login)
 
     def form_token(self, purpose: str, binding: str) -> str:
         """A CSRF token for a form: only this gateway can make it, and only for `binding` (the
@@ -79,6 +106,14 @@ class LoginRegistry:
 
     def form_token_ok(self, purpose: str, binding: str | None, token: str) -> bool:
         return bool(binding) and hmac.compare_digest(token.encode(), self.form_token(purpose, binding).encode())
+
+
+async def purge_forever(logins: LoginRegistry) -> None:
+    """Expired logins go even while nobody logs in."""
+    while True:
+        await asyncio.sleep(LOGIN_PURGE_INTERVAL)
+        if purged := logins.purge():
+            log.info("forgot %d expired login(s)", purged)
 
 
 def current_login(request: web.Request) -> Login | None:
@@ -133,10 +168,10 @@ async def login_submit(request: web.Request) -> web.StreamResponse:
     previous = current_login(request)
     login, cookie = logins.issue(result.user)  # always a new id: a cookie set before login is worthless
     if previous is not None:
-        logins.revoke(previous)
         if previous.user.name == login.user.name:
-            login.sessions |= previous.sessions
+            logins.revoke(previous, successor=login)
         else:
+            logins.revoke(previous)
             await _end_terminals(request.app, previous, "another account logged in from this browser")
     response = web.HTTPSeeOther("/")
     response.set_cookie(
