@@ -283,3 +283,25 @@ async def test_the_browser_comes_back_by_itself(browser, gateway_process, user, 
     await expect(body).to_have_attribute("data-state", "ended", timeout=15_000)
     await containers_gone(**{"termbridge.session": session_id})
     await page.close()
+
+
+async def test_idle_clock_goes_on_across_a_restart(gateway_process, user):
+    """The adopted session's idle clock continues from the store's, not from the reattach."""
+    process = gateway_process(session={"idle_timeout": "10s", "on_shutdown": "keep"})
+    await process.start()
+    async with await process.gateway.login(user) as first:
+        term = await process.gateway.terminal(first)
+        session_id = (await term.control("session"))["id"]
+        await term.expect(PROMPT)
+        ready = time.monotonic()
+        process.signal(signal.SIGKILL)
+        await process.wait(10)
+        await process.start()
+        await asyncio.sleep(max(0.0, 4 - (time.monotonic() - ready)))
+        async with await still_logged_in(process.gateway, first, user) as http:
+            after, _ = await comes_back(process.gateway, http, session_id, term.received)
+            exit_msg = await after.control("exit", timeout=20)
+            ended = time.monotonic() - ready
+    assert exit_msg["reason"] == "idle"
+    assert 8 < ended < 12.5, ended  # 10 s after the last activity, not 10 s after the reattach (14 s)
+    await containers_gone(**{"termbridge.session": session_id})
