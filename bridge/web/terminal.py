@@ -257,6 +257,16 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_get("/ws", terminal_socket)
 
 
+CLOSE_ALL_TIMEOUT = 3.0  # a close waits for the peer's answer; a gone peer must not hold the stop
+
+
 async def close_websockets(app: web.Application) -> None:
-    for ws in list(app[WEBSOCKETS]):
-        await ws.close(code=WSCloseCode.GOING_AWAY, message=b"gateway shutting down")
+    """Close the remaining sockets together, within CLOSE_ALL_TIMEOUT (the gateway stops within
+    10 s whatever its clients do)."""
+    closing = [ws.close(code=WSCloseCode.GOING_AWAY, message=b"gateway shutting down") for ws in list(app[WEBSOCKETS])]
+    if closing:
+        try:
+            async with asyncio.timeout(CLOSE_ALL_TIMEOUT):
+                await asyncio.gather(*closing, return_exceptions=True)
+        except TimeoutError:
+            log.info("some WebSockets did not answer their close within %.0f s", CLOSE_ALL_TIMEOUT)
