@@ -45,5 +45,6 @@ def test_server_messages():
     assert json.loads(wsproto.exit_message(0, "exit")) == {"type": "exit", "code": 0, "reason": "exit"}
     assert json.loads(wsproto.exit_message(None, "killed", "bye")) == {"type": "exit", "code": None, "reason": "killed", "message": "bye"}
     assert json.loads(wsproto.error_message("no")) == {"type": "error", "message": "no"}
+    assert json.loads(wsproto.restarting_message()) == {"type": "restarting"}
     with pytest.raises(ValueError):
         wsproto.exit_message(0, "disconnected")
