@@ -37,7 +37,7 @@ from .ssh_front import SshDoor
 from .throttle import LoginThrottle, ThrottledAuthenticator
 from .store import open_store
 from .web.keys import AUTHENTICATOR, BACKEND, CONFIG, LOGINS, MANAGER, METRICS, STORE
-from .web.login import LoginRegistry
+from .web.login import Login, LoginRegistry, end_terminals
 from .web.terminal import close_websockets
 
 log = logging.getLogger("termbridge")
@@ -97,13 +97,13 @@ def build_app(
         app[INSTANCE] = instance_id(config.state_dir)
         if config.audit.record_dir is not None:
             SessionRecorder.prepare(config.audit.record_dir)
-        app[LOGINS] = LoginRegistry(read_or_create_secret(config.state_dir / "cookie-secret", secrets.token_bytes(32)))
         if not (web_root / "node_modules" / "@xterm" / "xterm").is_dir():
             log.error("web assets missing: run `npm ci` in %s", web_root)
         yield
 
     async def state_store(app: web.Application) -> AsyncIterator[None]:
         app[STORE] = await open_store(config)
+        app[LOGINS] = LoginRegistry(app[STORE])
         yield
         await app[STORE].close()
 
@@ -150,6 +150,17 @@ def build_app(
         yield
         await manager.close()
 
+    async def login_watch(app: web.Application) -> AsyncIterator[None]:
+        """Ends this gateway's terminals of logins ended on another gateway (logout there)."""
+
+        async def end(login: Login) -> None:
+            await end_terminals(app, login, "you logged out")
+
+        task = asyncio.create_task(app[LOGINS].watch(end), name="login-watch")
+        yield
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
     async def admin_socket(app: web.Application) -> AsyncIterator[None]:
         admin = AdminServer(app[MANAGER], admin_socket_path(config.state_dir))
         await admin.start()
@@ -182,7 +193,7 @@ def build_app(
         yield
         await door.close()
 
-    app.cleanup_ctx.extend([state_dir, state_store, audit_log, docker_backend, pam_pool, sessions, admin_socket, reaper, warm_pool,
+    app.cleanup_ctx.extend([state_dir, state_store, audit_log, docker_backend, pam_pool, sessions, login_watch, admin_socket, reaper, warm_pool,
                             ssh_door])
     app.on_shutdown.append(tell_clients)
     return app

@@ -29,7 +29,7 @@ INPUT_WAIT_CHECK = 1.0  # how often input blocked on a slow shell checks that it
 
 
 async def index(request: web.Request) -> web.StreamResponse:
-    login = current_login(request)
+    login = await current_login(request)
     if login is None:
         raise web.HTTPSeeOther("/login")
     logout_csrf = request.app[LOGINS].form_token("logout", login.id)
@@ -162,7 +162,7 @@ def _bound_send_buffer(request: web.Request) -> None:
 
 
 async def terminal_socket(request: web.Request) -> web.StreamResponse:
-    login = current_login(request)
+    login = await current_login(request)
     if login is None:
         raise web.HTTPUnauthorized(text="log in first")
     if not origin_allowed(request, required=True):
