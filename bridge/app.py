@@ -113,7 +113,7 @@ def build_app(
         app[AUDIT].close()
 
     async def docker_backend(app: web.Application) -> AsyncIterator[None]:
-        metered = MeteredBackend(backend or DockerBackend(config.session, app[INSTANCE]), app[METRICS])
+        metered = MeteredBackend(backend or DockerBackend(config.session, app[INSTANCE], fleet=app[STORE].fleet), app[METRICS])
         try:
             await metered.prepare()
         except BackendUnavailable as exc:
@@ -136,7 +136,7 @@ def build_app(
     async def sessions(app: web.Application) -> AsyncIterator[None]:
         """Releases whatever sessions are left (none after `tell_clients`; all of them when a
         later resource failed to start). `close` is idempotent."""
-        manager = SessionManager(config, app[BACKEND])
+        manager = SessionManager(config, app[BACKEND], app[STORE], app[INSTANCE])
         manager.observers.add(AuditObserver(app[AUDIT], config.session.image), app[METRICS])
         if config.audit.record_dir is not None:
             manager.observers.add(
@@ -169,10 +169,14 @@ def build_app(
 
     async def reaper(app: web.Application) -> AsyncIterator[None]:
         await reap_once(app[MANAGER])
-        task = asyncio.create_task(reap_forever(app[MANAGER]), name="reaper")
+        tasks = [
+            asyncio.create_task(reap_forever(app[MANAGER]), name="reaper"),
+            asyncio.create_task(app[MANAGER].watch_fleet(), name="fleet-watch"),
+        ]
         yield
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def warm_pool(app: web.Application) -> AsyncIterator[None]:
         pool = app[MANAGER].pool
@@ -222,8 +226,8 @@ async def reap_once(manager: SessionManager) -> None:
 
 
 async def reap_forever(manager: SessionManager, interval: float = REAP_INTERVAL) -> None:
-    """Docker is the source of truth: every `interval`, remove this instance's containers that
-    no live session owns (a crash's leftovers, a removal that failed while Docker was down)."""
+    """Every `interval`, remove the fleet's containers that no session owns (a crash's
+    leftovers, a removal that failed while Docker was down), and release stale slots."""
     while True:
         await asyncio.sleep(interval)
         await reap_once(manager)

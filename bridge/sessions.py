@@ -15,21 +15,26 @@ import enum
 import logging
 import time
 from collections.abc import Coroutine
+from datetime import datetime
 from functools import partial
 from typing import Any
 
 from .auth import AuthenticatedUser
-from .backend import Backend, Container, ContainerSpec, ContainerState
+from .backend import LABEL_GATEWAY, LABEL_STARTED, Backend, Container, ContainerInfo, ContainerSpec, ContainerState
 from .config import Config
-from .errors import BridgeError, LimitReached, SessionStartError
+from .errors import BridgeError, LimitReached, SessionStartError, StoreUnavailable
 from .observers import Observers
-from .pool import Pooled, WarmPool
+from .pool import Pooled, WarmPool, pool_slot
 from .session import Session, Sink, TerminalRequest, TerminalSink
+from .store import Refusal, SessionRecord, Store
 from .stream import Stream
 from .upstream import SessionKeys, Upstream
 from .vocab import Actor, Door, EndReason, LoginResult
 
 log = logging.getLogger("termbridge.sessions")
+
+FLEET_INTERVAL = 1.0  # how often a gateway looks for kill requests on its sessions in the store
+REAP_GRACE = 60.0  # a fleet container younger than this is left alone: its start may be in flight
 
 
 class IdleAction(enum.Enum):
@@ -68,16 +73,44 @@ def _describe_end(state: ContainerState, memory: int) -> str | None:
     return None
 
 
+def limit_reached(cap: Refusal, max_per_user: int, max_total: int) -> LimitReached:
+    """The refusal of a cap, in words for the person and for the log."""
+    if cap == "max_total":
+        return LimitReached(
+            f"this server is at its limit of {max_total} sessions (session.max_total); try again later",
+            detail=f"refused: session.max_total={max_total} reached",
+        )
+    return LimitReached(
+        f"you already have {max_per_user} sessions, the most allowed (session.max_per_user); end one first",
+        detail=f"refused: session.max_per_user={max_per_user} reached",
+    )
+
+
+def _age(info: ContainerInfo, now: float) -> float:
+    """Seconds since the container's start label (0 when it has none: treated as new)."""
+    try:
+        started = datetime.fromisoformat(info.labels.get(LABEL_STARTED, ""))
+    except ValueError:
+        return 0.0
+    return now - started.timestamp()
+
+
 class SessionManager:
-    def __init__(self, config: Config, backend: Backend) -> None:
+    def __init__(self, config: Config, backend: Backend, store: Store | None = None, gateway: str = "") -> None:
+        """With `store`, the caps hold across every gateway sharing it (slots), sessions are
+        recorded there for `termbridge sessions` on any gateway, and the reaper goes by it."""
         self.config = config
         self.backend = backend
+        self.store = store
+        self.gateway = gateway
         self.sessions: dict[str, Session] = {}
         self._cleanups: set[asyncio.Task] = set()
         self._starting: set[asyncio.Future] = set()  # backend starts in flight (threads)
         self._closing = False
         self.observers = Observers()
-        self.pool = WarmPool(config.session.pool, backend, config.session, self._room) if config.session.pool else None
+        self.pool = (
+            WarmPool(config.session.pool, backend, config.session, self._room, store) if config.session.pool else None
+        )
 
     def _room(self) -> int:
         """How many more containers this gateway may hold (sessions and pooled ones alike)."""
@@ -100,16 +133,24 @@ class SessionManager:
         # A login that takes a pooled container adds nothing to what the gateway holds.
         takes_pooled = self.pool is not None and bool(self.pool.ready)
         if self._room() + takes_pooled <= 0:
-            raise LimitReached(
-                f"this server is at its limit of {cfg.max_total} sessions (session.max_total); try again later",
-                detail=f"refused: session.max_total={cfg.max_total} reached",
-            )
+            raise limit_reached("max_total", cfg.max_per_user, cfg.max_total)
         if self.count_for(user.name) >= cfg.max_per_user:
-            raise LimitReached(
-                f"you already have {cfg.max_per_user} sessions, the most allowed (session.max_per_user);"
-                " end one first",
-                detail=f"refused: session.max_per_user={cfg.max_per_user} reached",
+            raise limit_reached("max_per_user", cfg.max_per_user, cfg.max_total)
+
+    async def _reserve(self, session_id: str, user: str, pooled: Pooled | None) -> None:
+        """Take the session's slot in the store, so the caps hold across the fleet. Raises
+        LimitReached (a cap refused) or StoreUnavailable."""
+        if self.store is None:
+            return
+        cfg = self.config.session
+        if pooled is not None:
+            refusal = await self.store.claim_slot(
+                pool_slot(pooled.session_id), session_id, user, cfg.max_per_user, cfg.max_total
             )
+        else:
+            refusal = await self.store.reserve_slot(session_id, user, cfg.max_per_user, cfg.max_total)
+        if refusal is not None:
+            raise limit_reached(refusal, cfg.max_per_user, cfg.max_total)
 
     # -- life cycle ---------------------------------------------------------------------------
 
@@ -132,6 +173,17 @@ class SessionManager:
         pooled = self.pool.take() if self.pool is not None else None
         session = Session(user, door, sink, pooled.session_id if pooled else None)
         self.sessions[session.id] = session
+        try:
+            await self._reserve(session.id, user.name, pooled)
+        except (LimitReached, StoreUnavailable, asyncio.CancelledError) as exc:
+            self.sessions.pop(session.id, None)
+            if pooled is not None and self.pool is not None:
+                self.pool.give_back(pooled)
+            if isinstance(exc, LimitReached):
+                self.observers.session_refused(user, door, exc.detail)
+            elif isinstance(exc, StoreUnavailable):
+                session.log.error("refused: the state store did not answer: %s", exc.detail)
+            raise
         session.log.info("starting (%s door%s)", door, f", pooled {pooled.container.name}" if pooled else "")
         try:
             await self._provision(session, terminal, pooled)
@@ -181,6 +233,7 @@ class SessionManager:
                 )
                 session.term_size = (terminal.cols, terminal.rows)
         self._check_not_ended(session)
+        await self._record(session)
         session.ready_at = time.monotonic()
         session.touch()
         self.observers.session_started(session, session.ready_at - session.created)
@@ -189,6 +242,20 @@ class SessionManager:
         session._tasks.append(asyncio.create_task(self._watchdog(session), name=f"watchdog-{session.id[:8]}"))
         if session.stream is not None:
             session._tasks.append(asyncio.create_task(self._pump(session), name=f"pump-{session.id[:8]}"))
+
+    async def _record(self, session: Session) -> None:
+        """The session in the store: every gateway of the fleet lists it, and leaves its container alone."""
+        if self.store is None or session.container is None:
+            return
+        now, cfg, container = time.time(), self.config.session, session.container
+        await self.store.put_session(
+            SessionRecord(
+                id=session.id, user=session.user.name, door=str(session.door), gateway=self.gateway, started=now,
+                last_activity=now, lifetime_deadline=now + cfg.max_lifetime, profile="default",
+                container_id=container.id, container_name=container.name, address=container.address,
+                port=container.port, ssh_user=container.ssh_user,
+            )
+        )
 
     @staticmethod
     def _check_not_ended(session: Session) -> None:
@@ -215,16 +282,19 @@ class SessionManager:
             return await asyncio.shield(start)
         except asyncio.CancelledError:
             # The thread may still create the container: remove it when it lands, in a task that
-            # close() waits for (a callback would fire after shutdown and leak it).
-            self._track(self._remove_when_started(start))
+            # close() waits for (a callback would fire after shutdown and leak it). Its slot is
+            # held until then.
+            session.removal_scheduled = True
+            self._track(self._remove_when_started(start, session.id))
             raise
 
-    async def _remove_when_started(self, start: asyncio.Future[Container]) -> None:
+    async def _remove_when_started(self, start: asyncio.Future[Container], session_id: str) -> None:
         try:
             container = await start
         except Exception:
-            return  # the backend leaves nothing behind when a start fails
-        await self._remove(container.id, "cancelled start")
+            await self._forget(session_id)  # the backend leaves nothing behind when a start fails
+            return
+        await self._remove(container.id, "cancelled start", session_id)
 
     # -- web terminals: one call opens or resumes, the stream does the rest -----------------------
 
@@ -380,9 +450,12 @@ class SessionManager:
         session.taps.clear()
         if session.upstream is not None:
             session.upstream.close()
-        if session.container is not None and not session.removal_scheduled:
+        if not session.removal_scheduled:
             session.removal_scheduled = True
-            self._schedule_removal(session.container.id, f"session {session.id[:12]}")
+            if session.container is not None:
+                self._track(self._remove(session.container.id, f"session {session.id[:12]}", session.id))
+            else:
+                self._track(self._forget(session.id))
         self.sessions.pop(session.id, None)
         if session._ended.is_set():
             return  # killed while starting, finished again once its container landed
@@ -403,40 +476,128 @@ class SessionManager:
             self.observers.session_ended(session)
         session._ended.set()
 
-    def _schedule_removal(self, container_id: str, why: str) -> None:
-        self._track(self._remove(container_id, why))
-
     def _track(self, cleanup: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(cleanup)
         self._cleanups.add(task)
         task.add_done_callback(self._cleanups.discard)
 
-    async def _remove(self, container_id: str, why: str) -> None:
+    async def _remove(self, container_id: str, why: str, session_id: str) -> None:
+        """Remove the container, then forget the session in the store: its slot counts until now."""
         for attempt in range(3):
             try:
                 await self.backend.stop(container_id)
                 log.debug("removed container %s (%s)", container_id[:12], why)
+                await self._forget(session_id)
                 return
             except BridgeError as exc:
                 log.warning("removing container %s failed (try %d): %s", container_id[:12], attempt + 1, exc.detail)
                 await asyncio.sleep(1 + attempt)
         log.error("container %s not removed; the reaper will retry", container_id[:12])
 
+    async def _forget(self, session_id: str) -> None:
+        """Drop the session's record and slot from the store (the reaper retries if it is down)."""
+        if self.store is None:
+            return
+        try:
+            await self.store.delete_session(session_id)
+        except StoreUnavailable as exc:
+            log.warning("session %.12s: not forgotten in the store (the reaper will retry): %s", session_id, exc.detail)
+
     async def reap(self) -> int:
-        """Remove containers of this gateway instance that no live session owns."""
+        """Remove containers that nothing owns; with a store, fleet-wide (see `_unowned`)."""
         live = {s.container.id for s in self.sessions.values() if s.container} | set(self.sessions)
         if self.pool is not None:
             live |= self.pool.ids()
-        removed = 0
-        for info in await self.backend.list_own():
-            if info.id in live or info.session_id in live:
-                continue
+        if self.store is None:
+            unowned = [info for info in await self.backend.list_own() if not ({info.id, info.session_id} & live)]
+        else:
+            unowned = await self._unowned(live)
+        for info in unowned:
             log.info("reaping container %s (session %s, user %s)", info.name, info.session_id[:12], info.user)
             await self.backend.stop(info.id)
-            removed += 1
-        if removed:
-            self.observers.containers_reaped(removed)
-        return removed
+            await self._forget(info.session_id)
+            await self._forget(pool_slot(info.session_id))
+        if unowned:
+            self.observers.containers_reaped(len(unowned))
+        return len(unowned)
+
+    async def _unowned(self, live: set[str]) -> list[ContainerInfo]:
+        """The fleet's containers nothing owns. This gateway's memory owns its live sessions;
+        another gateway's session record owns its container until the session's lifetime is over
+        (a record of this gateway not in its memory is a previous run's: reaped). Another
+        gateway's container without a record is owned by its slot while that is younger than a
+        start may take (a pooled container's slot, user None, owns it for good), and by nothing
+        after REAP_GRACE when it has no slot. Slots and records that own no container are
+        released once they are that old (their gateway died)."""
+        assert self.store is not None
+        now, stale = time.time(), 2 * self.config.session.start_timeout + REAP_GRACE
+        records = {r.id: r for r in await self.store.list_sessions()}
+        slots = await self.store.list_slots()
+        containers = await self.backend.list_fleet()
+        unowned = []
+        for info in containers:
+            if {info.id, info.session_id} & live:
+                continue
+            record = records.get(info.session_id)
+            mine = info.labels.get(LABEL_GATEWAY) == self.gateway
+            if record is not None and (record.gateway != self.gateway) and now < record.lifetime_deadline:
+                continue
+            if record is None and not mine:
+                slot = slots.get(info.session_id) or slots.get(pool_slot(info.session_id))
+                if _age(info, now) < REAP_GRACE or (slot is not None and (slot.user is None or now - slot.since < stale)):
+                    continue
+            unowned.append(info)
+        held = {info.session_id for info in containers} | live
+        for slot_id, slot in slots.items():
+            session_id = slot_id.removeprefix("pool-")
+            if session_id not in held and session_id not in records and now - slot.since > stale:
+                log.info("releasing slot %.17s of %s: no container, no session", slot_id, slot.user or "the pool")
+                await self._forget(slot_id)
+        for record in records.values():
+            if record.id not in held and now - record.started > stale:
+                log.info("forgetting session %.12s of %s: its container is gone", record.id, record.user)
+                await self._forget(record.id)
+        return unowned
+
+    async def watch_fleet(self, interval: float = FLEET_INTERVAL) -> None:
+        """Forever: end this gateway's sessions that another gateway's admin asked to end
+        (`ended` set on the record, see `request_kill`)."""
+        assert self.store is not None
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                records = await self.store.list_sessions()
+            except StoreUnavailable as exc:
+                log.warning("fleet watch: %s", exc.detail)
+                continue
+            for record in records:
+                session = self.sessions.get(record.id)
+                if record.ended and session is not None and not session.ending:
+                    session.log.info("killed by an administrator on another gateway")
+                    await self.kill(session)
+
+    async def fleet(self) -> list[SessionRecord]:
+        """Every session of every gateway sharing the store (this one's only, without a store)."""
+        if self.store is None:
+            return []
+        return await self.store.list_sessions()
+
+    async def request_kill(self, record: SessionRecord, wait: float = 5.0) -> bool:
+        """End a session another gateway serves: ask it through the store; if it has not ended
+        the session within `wait` s (that gateway is gone), remove the container here. True when
+        the session is gone."""
+        assert self.store is not None
+        if not await self.store.update_session(record.id, ended=True):
+            return True
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+            if await self.store.get_session(record.id) is None:
+                return True
+        log.warning("session %.12s: gateway %s did not end it; removing its container", record.id, record.gateway)
+        await self.backend.stop(record.container_id)
+        await self._forget(record.id)
+        return True
 
     def get(self, session_id: str) -> Session | None:
         return self.sessions.get(session_id)
