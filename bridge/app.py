@@ -15,8 +15,9 @@ import logging
 import os
 import resource
 import secrets
+import signal
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 from aiohttp import web, web_response
@@ -28,7 +29,7 @@ from .admin import socket_path as admin_socket_path
 from .audit import AuditLog, AuditObserver, SessionRecorder
 from .auth import PamAuthenticator
 from .backend import Backend
-from .config import Config
+from .config import LIVE_KEYS, Config, apply_live, changed_keys
 from .docker_backend import DockerBackend
 from .errors import BackendUnavailable, BridgeError, ConfigError
 from .metrics import MeteredBackend, Metrics
@@ -48,6 +49,7 @@ DEFAULT_WEB_ROOT = resources.web_root()
 SSH_DOOR = web.AppKey("ssh_door", SshDoor)
 INSTANCE = web.AppKey("instance", str)  # this gateway's id in container labels
 AUDIT = web.AppKey("audit", AuditLog)
+TLS = web.AppKey("tls", ssl.SSLContext)  # the web door's TLS context, when it serves HTTPS itself
 
 
 def ensure_state_dir(path: Path) -> None:
@@ -237,11 +239,16 @@ def ssl_context(config: Config) -> ssl.SSLContext | None:
     if config.web.tls_cert is None or config.web.tls_key is None:
         return None
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    try:
-        ctx.load_cert_chain(config.web.tls_cert, config.web.tls_key)
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"'web.tls_cert'/'web.tls_key' cannot be loaded: {exc}") from None
+    load_cert_chain(ctx, config)
     return ctx
+
+
+def load_cert_chain(ctx: ssl.SSLContext, config: Config) -> None:
+    """Into `ctx` (new handshakes use it; a reload calls this again with the renewed files)."""
+    try:
+        ctx.load_cert_chain(config.web.tls_cert, config.web.tls_key)  # type: ignore[arg-type]
+    except (OSError, ssl.SSLError, TypeError) as exc:
+        raise ConfigError(f"'web.tls_cert'/'web.tls_key' cannot be loaded: {exc}") from None
 
 
 def raise_open_file_limit() -> int:
@@ -259,13 +266,52 @@ def raise_open_file_limit() -> int:
     return hard
 
 
-def serve(config: Config) -> None:
-    """Run the gateway in the foreground until SIGINT/SIGTERM."""
+def reload_config(app: web.Application, load: Callable[[], Config]) -> None:
+    """SIGHUP: read the config again and apply the LIVE_KEYS that changed to what starts from
+    now on (sessions, logins, TLS handshakes); name the changed keys that need a restart. A
+    config that does not load changes nothing."""
+    manager = app[MANAGER]
+    try:
+        new = load()
+        merged = apply_live(manager.config, new)
+    except ConfigError as exc:
+        log.error("reload: configuration error, nothing changed: %s", exc.detail)
+        return
+    changed = changed_keys(manager.config, new)
+    # TLS turns on or off only with a restart; a reload renews the certificate in place.
+    renewable = LIVE_KEYS if TLS in app else LIVE_KEYS - {"web.tls_cert", "web.tls_key"}
+    fixed = [key for key in changed if key not in renewable]
+    live = [key for key in changed if key in renewable]
+    if {"web.tls_cert", "web.tls_key"} & set(live):
+        try:
+            load_cert_chain(app[TLS], merged)
+        except ConfigError as exc:
+            log.error("reload: %s; the running configuration stays", exc.detail)
+            return
+    manager.config = merged
+    if manager.pool is not None:
+        manager.pool.config = merged.session
+    inner = getattr(app[BACKEND], "inner", None)
+    if isinstance(inner, DockerBackend):
+        inner.config = merged.session
+    app[AUTHENTICATOR].inner.allowed_groups = frozenset(merged.auth.allowed_groups)
+    app[AUTHENTICATOR].throttle.config = merged.auth
+    if live:
+        log.info("reload: applied %s", ", ".join(live))
+    if fixed:
+        log.warning("reload: not applied (restart the gateway to change them): %s", ", ".join(fixed))
+    if not changed:
+        log.info("reload: the configuration is unchanged")
+
+
+def serve(config: Config, load: Callable[[], Config] | None = None) -> None:
+    """Run the gateway in the foreground until SIGINT/SIGTERM; SIGHUP calls `load` for a new
+    config (`reload_config`)."""
     ensure_state_dir(config.state_dir)
     raise_open_file_limit()
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
-    main = loop.create_task(_serve(build_app(config), config))
+    main = loop.create_task(_serve(build_app(config), config, load))
     try:
         loop.run_until_complete(main)
     except (web.GracefulExit, KeyboardInterrupt):
@@ -286,16 +332,21 @@ def serve(config: Config) -> None:
         loop.close()
 
 
-async def _serve(app: web.Application, config: Config) -> None:
+async def _serve(app: web.Application, config: Config, load: Callable[[], Config] | None) -> None:
     """What `web.run_app` does, except that a failed start is cleaned up too (run_app leaves the
     cleanup contexts that did start unreleased when a later one fails)."""
     host, port = config.web.listen
     runner = web.AppRunner(app, handle_signals=True, access_log=None, shutdown_timeout=3)
     try:
+        tls = ssl_context(config)
+        if tls is not None:
+            app[TLS] = tls
         await runner.setup()
-        site = web.TCPSite(runner, host, port, ssl_context=ssl_context(config))
+        site = web.TCPSite(runner, host, port, ssl_context=tls)
         await site.start()
         log.info("Running on %s", site.name)
+        if load is not None:
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload_config, app, load)
         await asyncio.Event().wait()  # until a signal raises GracefulExit
     finally:
         await runner.cleanup()

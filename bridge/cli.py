@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "serve":
             from .app import serve
 
-            serve(config)
+            serve(config, lambda: load_config(args.config))
             return 0
         if args.command == "image":
             from .docker_backend import build_image

@@ -176,7 +176,7 @@ async def terminal_socket(request: web.Request) -> web.StreamResponse:
     _bound_send_buffer(request)
     app[WEBSOCKETS].add(ws)
     terminal = TerminalRequest()
-    sink = WebSocketSink(ws, login, app[CONFIG])
+    sink = WebSocketSink(ws, login, manager.config)  # the manager's: a reload may have changed it
     early = bytearray()
     starting = asyncio.create_task(_open(manager, login, terminal, sink, resume, early))
     watcher = asyncio.create_task(_refuse_on_failure(ws, starting))

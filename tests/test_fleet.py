@@ -1,0 +1,197 @@
+"""Several gateways sharing one store: real `termbridge serve` processes on a real Redis behind the
+real nginx (round-robin, no stickiness), and SIGHUP reloads of a real process."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import ssl
+import subprocess
+import sys
+from pathlib import Path
+
+import aiohttp
+from yarl import URL
+
+from bridge.web.login import COOKIE_NAME
+from helpers import (
+    PROMPT, ROOT, Terminal, containers_gone, csrf_token, self_signed_cert, session_containers, wait_for, write_config,
+)
+from test_deploy import CLIENT_ADDRESS, nginx_in_front  # noqa: F401 (a fixture)
+from test_lifecycle import run_cli
+
+
+def fleet_sections(redis_url: str, secret_file: Path, **session: object) -> dict[str, dict[str, object]]:
+    """What the gateways of one fleet share: the store and its key file."""
+    return {
+        "store": {"url": redis_url, "secret_file": str(secret_file)},
+        "web": {"trusted_proxies": ["127.0.0.1"]},
+        "session": {"max_per_user": 2, **session},
+    }
+
+
+async def start_fleet(gateway_process, redis_url: str, tmp_path: Path, count: int = 3, **session: object) -> list:
+    replicas = [gateway_process(**fleet_sections(redis_url, tmp_path / "store-key", **session)) for _ in range(count)]
+    for replica in replicas:
+        await replica.start()
+    return replicas
+
+
+class Direct:
+    """A client of one replica that presents a login cookie got elsewhere (through nginx)."""
+
+    def __init__(self, url: str, cookie: str) -> None:
+        self.url = url
+        self.http = aiohttp.ClientSession(base_url=url, headers={"Cookie": f"{COOKIE_NAME}={cookie}"})
+
+    async def page_status(self) -> int:
+        async with self.http.get("/", allow_redirects=False) as resp:
+            return resp.status
+
+    async def terminal(self) -> Terminal:
+        ws = await self.http.ws_connect("/ws", headers={"Origin": self.url}, max_msg_size=0)
+        return Terminal(ws)
+
+    async def close(self) -> None:
+        await self.http.close()
+
+
+async def test_a_fleet_behind_nginx_shares_logins_caps_and_logout(
+    gateway_process, redis_url, nginx_in_front, user, tmp_path  # noqa: F811
+):
+    replicas = await start_fleet(gateway_process, redis_url, tmp_path)
+    front = await nginx_in_front(*(r.gateway.url for r in replicas))
+    tls = ssl.create_default_context(cafile=str(front.cert))
+    connector = aiohttp.TCPConnector(ssl=tls, local_addr=(CLIENT_ADDRESS, 0))
+    proxied = replicas[0].gateway.__class__(front.https, None, None)  # type: ignore[arg-type]
+
+    # Logged in through nginx (the form and its post may reach different gateways): the cookie
+    # works on every gateway.
+    async with await proxied.login(user, connector=connector) as http:
+        cookie = http.cookie_jar.filter_cookies(URL(front.https))[COOKIE_NAME].value
+        direct = [Direct(r.gateway.url, cookie) for r in replicas]
+        try:
+            assert [await d.page_status() for d in direct] == [200, 200, 200]
+
+            # max_per_user = 2 holds across gateways: one session on each of two, the third refused.
+            terms = [await d.terminal() for d in direct[:2]]
+            ids = [(await t.control("session"))["id"] for t in terms]
+            for term in terms:
+                await term.expect(PROMPT)
+            third = await direct[2].terminal()
+            refusal = await third.control("error")
+            assert "2 sessions" in refusal["message"] and "max_per_user" in refusal["message"]
+            assert len(session_containers(**{"termbridge.user": user.name})) == 2
+
+            # Any gateway's admin socket lists the whole fleet, each session with its gateway.
+            code, out, err = await run_cli("sessions", "list", "--config", str(replicas[2].config_path))
+            assert code == 0, err
+            rows = {line.split()[0]: line.split() for line in out.splitlines()[1:]}
+            assert set(ids) <= set(rows) and rows[ids[0]][-1] != rows[ids[1]][-1]
+
+            # Logout through nginx (any gateway): the cookie is refused on every gateway, and the
+            # terminals on other gateways end within the watch interval.
+            token = await csrf_token(http, "/")
+            resp = await http.post("/logout", data={"csrf": token}, headers={"Origin": front.https}, allow_redirects=False)
+            assert resp.status == 303
+            for term in terms:
+                exit_msg = await term.control("exit", timeout=5)
+                assert exit_msg["reason"] == "killed" and "logged out" in exit_msg["message"]
+            assert [await d.page_status() for d in direct] == [303, 303, 303]
+        finally:
+            for d in direct:
+                await d.close()
+    for session_id in ids:
+        await containers_gone(**{"termbridge.session": session_id})
+
+
+async def test_admin_kills_a_session_another_gateway_serves(gateway_process, redis_url, user, tmp_path):
+    replicas = await start_fleet(gateway_process, redis_url, tmp_path, count=2)
+    async with await replicas[0].gateway.login(user) as http:
+        term = await replicas[0].gateway.terminal(http)
+        session_id = (await term.control("session"))["id"]
+        await term.expect(PROMPT)
+        code, out, err = await run_cli("sessions", "kill", session_id[:10], "--config", str(replicas[1].config_path))
+        assert code == 0 and session_id in out, err
+        exit_msg = await term.control("exit", timeout=5)
+        assert exit_msg["reason"] == "killed" and "administrator" in exit_msg["message"]
+    await containers_gone(**{"termbridge.session": session_id})
+    code, out, _ = await run_cli("sessions", "list", "--config", str(replicas[1].config_path))
+    assert code == 0 and session_id not in out
+
+
+def state_dir_of(replica) -> Path:
+    from bridge.config import load_config
+
+    return load_config(replica.config_path, env={}).state_dir
+
+
+def rewrite(replica, state_dir: Path, pam_service: str, **sections: dict[str, object]) -> None:
+    """The replica's config file, written again with `sections` (its listen port and state_dir kept)."""
+    sections["web"] = {"listen": f"127.0.0.1:{replica.port}", **sections.get("web", {})}
+    write_config(replica.config_path, state_dir, pam_service, **sections)
+
+
+async def test_sighup_applies_live_keys_and_names_the_others(gateway_process, pam_service, make_user, tmp_path):
+    user = make_user()
+    replica = gateway_process(session={"max_per_user": 1})
+    state_dir = state_dir_of(replica)
+    await replica.start()
+    async with await replica.gateway.login(user) as http:
+        first = await replica.gateway.terminal(http)
+        await first.control("session")
+        second = await replica.gateway.terminal(http)
+        assert "max_per_user" in (await second.control("error"))["message"]
+
+        rewrite(replica, state_dir, pam_service, session={"max_per_user": 2}, ssh={"listen": "127.0.0.1:0"})
+        replica.signal(signal.SIGHUP)
+        await wait_for(lambda: "reload: applied session.max_per_user" in replica.log(), what="the reload")
+        assert "not applied (restart the gateway to change them): ssh.listen" in replica.log()
+        second = await replica.gateway.terminal(http)
+        await second.control("session")
+        await second.expect(PROMPT)
+
+        # A config that does not load changes nothing, and the gateway goes on serving.
+        replica.config_path.write_text("this is not TOML [")
+        replica.signal(signal.SIGHUP)
+        await wait_for(lambda: "reload: configuration error, nothing changed" in replica.log(), what="the refusal")
+        assert (await second.run("echo still-$((40+2))")).strip() == "still-42"
+
+        # allowed_groups is live: from now on only members log in.
+        rewrite(replica, state_dir, pam_service, session={"max_per_user": 2}, auth={"allowed_groups": ["termbridge-nobody"]})
+        replica.signal(signal.SIGHUP)
+        await wait_for(lambda: "reload: applied auth.allowed_groups" in replica.log(), what="the second reload")
+        assert await replica.gateway.attempt_login(user.name, user.password) == 401
+    assert replica.proc is not None and replica.proc.poll() is None
+
+
+async def test_sighup_renews_the_tls_certificate(gateway_process, pam_service, tmp_path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir(), second.mkdir()
+    cert, key = self_signed_cert(first)
+    replica = gateway_process(web={"tls_cert": str(cert), "tls_key": str(key)})
+    state_dir = state_dir_of(replica)
+    log = open(str(replica.config_path) + ".log", "ab")
+    replica.log_path = Path(log.name)
+    replica.proc = subprocess.Popen(
+        [sys.executable, "-m", "bridge", "serve", "--config", str(replica.config_path)], cwd=ROOT, stderr=log,
+        stdout=subprocess.DEVNULL,
+    )
+
+    def served() -> str | None:
+        try:
+            return ssl.get_server_certificate(("127.0.0.1", replica.port), timeout=2)
+        except OSError:
+            return None
+
+    async def serving(pem: str) -> bool:
+        assert replica.proc is not None and replica.proc.poll() is None, replica.log()[-2000:]
+        return (await asyncio.to_thread(served) or "").strip() == pem.strip()
+
+    await wait_for(lambda: serving(cert.read_text()), timeout=30, what="the first certificate")
+    renewed, renewed_key = self_signed_cert(second)
+    rewrite(replica, state_dir, pam_service, web={"tls_cert": str(renewed), "tls_key": str(renewed_key)})
+    replica.signal(signal.SIGHUP)
+    await wait_for(lambda: serving(renewed.read_text()), what="the renewed certificate")
+    assert "reload: applied web.tls_cert, web.tls_key" in replica.log()
+    log.close()
