@@ -4,6 +4,7 @@ real nginx (round-robin, no stickiness), and SIGHUP reloads of a real process.""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import signal
 import ssl
 import subprocess
@@ -120,6 +121,40 @@ async def test_admin_kills_a_session_another_gateway_serves(gateway_process, red
     assert code == 0 and session_id not in out
 
 
+async def test_reapers_go_by_the_store(start_gateway, redis_url, user, tmp_path, monkeypatch):
+    """A session record owns its container on every gateway; a container with neither record nor
+    slot is reaped by any gateway once the grace is over; a slot that owns nothing is released."""
+    from bridge import sessions
+    from bridge.web.keys import MANAGER, STORE
+
+    sections = fleet_sections(redis_url, tmp_path / "store-key")
+    serving, other = await start_gateway(**sections), await start_gateway(**sections)
+    reaper, store = other.app[MANAGER], other.app[STORE]
+    async with await serving.login(user) as http:
+        term = await serving.terminal(http)
+        session_id = (await term.control("session"))["id"]
+        await term.expect(PROMPT)
+        assert await reaper.reap() == 0 and session_containers(**{"termbridge.session": session_id})
+
+        await store.delete_session(session_id)  # as if its gateway had died before recording it
+        assert await reaper.reap() == 0  # within the grace: its start may be in flight
+        monkeypatch.setattr(sessions, "REAP_GRACE", 0.0)
+        assert await reaper.reap() == 1
+        exit_msg = await term.control("exit", timeout=10)
+        assert exit_msg["reason"] == "error" and "removed" in exit_msg["message"]
+    await containers_gone(**{"termbridge.session": session_id})
+
+    assert await store.reserve_slot("a-start-whose-gateway-died", user.name, 2, 50) is None
+    reaper.config = dataclasses.replace(
+        reaper.config, session=dataclasses.replace(reaper.config.session, start_timeout=0.5)
+    )
+    await reaper.reap()
+    assert "a-start-whose-gateway-died" in await store.list_slots()  # younger than a start may take
+    await asyncio.sleep(1.2)
+    await reaper.reap()
+    assert "a-start-whose-gateway-died" not in await store.list_slots()
+
+
 def state_dir_of(replica) -> Path:
     from bridge.config import load_config
 
@@ -195,3 +230,10 @@ async def test_sighup_renews_the_tls_certificate(gateway_process, pam_service, t
     await wait_for(lambda: serving(renewed.read_text()), what="the renewed certificate")
     assert "reload: applied web.tls_cert, web.tls_key" in replica.log()
     log.close()
+
+
+def test_every_live_key_is_a_key():
+    from bridge.config import LIVE_KEYS, known_keys
+
+    assert LIVE_KEYS <= set(known_keys())
+    assert not {"web.listen", "ssh.listen", "store.url", "store.secret_file", "state_dir"} & LIVE_KEYS
