@@ -14,7 +14,6 @@ import logging
 import os
 import socket
 import struct
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -101,7 +100,6 @@ class AdminServer:
         """Every session of every gateway sharing the store, this gateway's from its memory."""
         gateway = self.manager.gateway
         found = {s.id: s.describe() | {"gateway": gateway} for s in self.manager.list()}
-        now = time.time()
         for record in await self.manager.fleet():
             found.setdefault(record.id, {
                 "id": record.id,
@@ -109,7 +107,7 @@ class AdminServer:
                 "door": record.door,
                 "container": record.container_name or None,
                 "started": datetime.fromtimestamp(record.started, timezone.utc).isoformat(timespec="seconds"),
-                "idle_for": round(max(0.0, now - record.last_activity), 1),
+                "idle_for": None,  # the serving gateway's to know
                 "attached": record.attached_by is not None,
                 "gateway": record.gateway,
             })

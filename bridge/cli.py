@@ -34,7 +34,9 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _fmt_idle(seconds: float) -> str:
+def _fmt_idle(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
     seconds = int(seconds)
     if seconds < 60:
         return f"{seconds}s"

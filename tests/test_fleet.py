@@ -155,6 +155,33 @@ async def test_reapers_go_by_the_store(start_gateway, redis_url, user, tmp_path,
     assert "a-start-whose-gateway-died" not in await store.list_slots()
 
 
+async def test_a_store_outage_is_a_clear_error_and_sessions_go_on(start_gateway, user, tmp_path, caplog):
+    from redis_server import RedisServer
+
+    server = RedisServer().start()
+    try:
+        gateway = await start_gateway(**fleet_sections(server.url, tmp_path / "store-key"))
+        async with await gateway.login(user) as http:
+            term = await gateway.terminal(http)
+            await term.control("session")
+            await term.expect(PROMPT)
+            server.stop()
+            async with http.get("/", allow_redirects=False) as resp:
+                assert resp.status == 503 and "state store is unavailable" in await resp.text()
+            assert await gateway.attempt_login(user.name, user.password) == 503
+            assert any("login lookup" in r.getMessage() and "127.0.0.1" in r.getMessage() for r in caplog.records)
+            await asyncio.sleep(2.5)  # the login watch meets the outage: it ends nothing
+            assert (await term.run("echo alive-$((40+2))")).strip() == "alive-42"
+            server.start()  # an empty Redis (no persistence): the login is gone, and so its terminal
+            assert "logged out" in (await term.control("exit", timeout=5))["message"]
+        async with await gateway.login(user) as http:
+            again = await gateway.terminal(http)
+            await again.control("session")
+            await again.expect(PROMPT)
+    finally:
+        server.close()
+
+
 def state_dir_of(replica) -> Path:
     from bridge.config import load_config
 
