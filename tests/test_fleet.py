@@ -182,6 +182,54 @@ async def test_a_store_outage_is_a_clear_error_and_sessions_go_on(start_gateway,
         server.close()
 
 
+async def test_pooled_containers_hold_fleet_slots_claimed_at_login(start_gateway, redis_url, make_user, tmp_path):
+    """Two gateways, max_total 3, a pool of 1 each: the pools count fleet-wide, a login claims its
+    gateway's pooled slot (the total is unchanged), and once three containers are sessions or
+    pooled, a login with no pooled container to claim is refused."""
+    from bridge.web.keys import MANAGER, STORE
+
+    sections = fleet_sections(redis_url, tmp_path / "store-key", pool=1, max_total=3)
+    first, second = await start_gateway(**sections), await start_gateway(**sections)
+    store = first.app[STORE]
+
+    async def pools_ready() -> bool:
+        return all(len(g.app[MANAGER].pool.ready) == 1 for g in (first, second))
+
+    async def slot_users() -> list:
+        return [slot.user for slot in (await store.list_slots()).values()]
+
+    await wait_for(pools_ready, timeout=60, what="both pools to fill")
+    assert await slot_users() == [None, None]
+    users = [make_user(), make_user(), make_user()]
+    ids, clients, terms = [], [], []
+    try:
+        for gateway, user in ((first, users[0]), (second, users[1])):
+            http = await gateway.login(user)
+            clients.append(http)
+            terms.append(await gateway.terminal(http))
+            ids.append((await terms[-1].control("session"))["id"])
+            await terms[-1].expect(PROMPT)
+        held = await store.list_slots()
+        assert [held[i].user for i in ids] == [users[0].name, users[1].name]
+        assert len(held) == 3  # the third: a refill; the fourth refill was refused by max_total
+        async with await second.login(users[2]) as http:
+            refused = await second.terminal(http)
+            assert "max_total" in (await refused.control("error"))["message"]
+        for term in terms:
+            await term.send("exit\r")
+            await term.control("exit")
+    finally:
+        for http in clients:
+            await http.close()
+    for session_id in ids:
+        await containers_gone(**{"termbridge.session": session_id})
+        await wait_for(lambda: _no_slot(store, session_id), what="the session's slot to go with its container")
+
+
+async def _no_slot(store, session_id: str) -> bool:
+    return session_id not in await store.list_slots()
+
+
 def state_dir_of(replica) -> Path:
     from bridge.config import load_config
 
