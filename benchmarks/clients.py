@@ -19,6 +19,8 @@ from typing import Any, Protocol
 import aiohttp
 import asyncssh
 
+from bridge.upstream import HeldShell
+
 from .harness import PROMPT
 
 WINDOW = 4096
@@ -146,6 +148,20 @@ class SshTerm:
     async def close(self) -> None:
         self.conn.close()
         await self.conn.wait_closed()
+
+
+class HeldTerm(SshTerm):
+    """The session holder's shell (`Upstream.attach_held`): keystrokes go in frames."""
+
+    def __init__(self, conn: asyncssh.SSHClientConnection, shell: HeldShell) -> None:
+        self.conn = conn
+        self.shell = shell
+
+    async def send(self, data: bytes) -> None:
+        self.shell.write(data)
+
+    async def recv(self) -> bytes:
+        return await self.shell.read(65536)
 
 
 class AttachTerm:

@@ -30,7 +30,7 @@ from bridge.config import SessionConfig
 from bridge.docker_backend import NETWORK_NAMES, DockerBackend
 from bridge.upstream import SessionKeys, Upstream
 
-from .clients import AttachTerm, Reader, SshTerm, Term, TtydTerm, WebTerm
+from .clients import AttachTerm, HeldTerm, Reader, SshTerm, Term, TtydTerm, WebTerm
 from .harness import BENCH_LABEL, PROMPT, DestroyWatch, GatewayProcess, HostUser, find_container
 
 KIND_LABEL = "termbridge.bench.kind"
@@ -158,9 +158,11 @@ class FloorSsh(System):
 
     key, title = "floor_ssh", "floor: asyncssh→sshd"
 
-    def __init__(self, cfg: SessionConfig, run: str, user: str) -> None:
+    def __init__(self, cfg: SessionConfig, run: str, user: str, uid: int | None = None) -> None:
+        """`uid`: the login's host uid (its session uid derives from it); default: `user`'s account's."""
         self.backend = DockerBackend(cfg, f"bench-{run}")
         self.user = user
+        self.uid = pwd.getpwnam(user).pw_uid if uid is None else uid
 
     async def open(self) -> Opened:
         t0 = time.perf_counter()
@@ -170,17 +172,21 @@ class FloorSsh(System):
             session_id=session_id, user=self.user, door="bench",
             started=time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()),
             authorized_keys=keys.authorized_keys, host_private_key=keys.host_private_key,
-            host_public_key=keys.host_public_key,
+            host_public_key=keys.host_public_key, uid=self.uid,
         )
         container = await self.backend.start(spec)
         try:
             upstream = await Upstream.connect(container, keys, 30)
-            term = await SshTerm.open(upstream.conn)
+            term = await self._terminal(upstream)
         except BaseException:
             await self.backend.stop(container.id)
             raise
         reader, seconds = await _prompt(term, t0)
         return Opened(term, reader, seconds, container.id)
+
+    async def _terminal(self, upstream: Upstream) -> SshTerm:
+        """The login shell straight on sshd's pty."""
+        return await SshTerm.open(upstream.conn)
 
     async def _after_exit(self, opened: Opened) -> None:
         await opened.reader.until_closed()
@@ -189,6 +195,15 @@ class FloorSsh(System):
 
     async def teardown(self) -> None:
         await self.backend.close()
+
+
+class HolderSsh(FloorSsh):
+    """floor (b) with the session holder between sshd and the shell (`tb-holder attach`)."""
+
+    key, title = "holder_ssh", "floor + holder: asyncssh→sshd→tb-holder"
+
+    async def _terminal(self, upstream: Upstream) -> SshTerm:
+        return HeldTerm(upstream.conn, await upstream.attach_held("xterm-256color", 80, 24))
 
 
 class FloorAttach(System):

@@ -61,8 +61,9 @@ LOG_CONFIG = {"type": "json-file", "config": {"max-size": str(LOG_FILE_BYTES), "
 # How the session image expects to be set up (label `termbridge.protocol`); 2: keys on stdin,
 # accounts on tmpfs, read-only root. An image built from an older session-image/ would wait for
 # keys that never come, so it is refused with a clear message instead. 4: the account's uid comes
-# from the gateway (TERMBRIDGE_UID; `termbridge-adduser USER UID` at claim).
-IMAGE_PROTOCOL = "4"
+# from the gateway (TERMBRIDGE_UID; `termbridge-adduser USER UID` at claim). 5: the session holder
+# (tb-holder) is the main process and enforces TERMBRIDGE_IDLE_TIMEOUT and TERMBRIDGE_MAX_LIFETIME.
+IMAGE_PROTOCOL = "5"
 NETWORK_NAMES = {"isolated": "termbridge-isolated", "internet": "termbridge-internet"}
 SSHD_PORT = 22
 
@@ -293,6 +294,17 @@ class DockerBackend:
                 f"{IMAGE_PROTOCOL!r}: rebuild it with `termbridge image build`",
             )
 
+    def _environment(self, spec: ContainerSpec) -> dict[str, str]:
+        """The entrypoint's settings; the holder inside ends the session on its own after the idle
+        timeout with no gateway attached, and at the maximum lifetime, if no gateway is left to."""
+        return {
+            "TERMBRIDGE_USER": spec.user,
+            "TERMBRIDGE_UID": "" if spec.root or not spec.user else str(self._session_uid(spec.user, spec.uid)),
+            "TERMBRIDGE_MODE": "root" if spec.root else "login",
+            "TERMBRIDGE_IDLE_TIMEOUT": str(max(1, round(self.config.idle_timeout))),
+            "TERMBRIDGE_MAX_LIFETIME": str(max(1, round(self.config.max_lifetime))),
+        }
+
     def _start_sync(self, spec: ContainerSpec) -> Container:
         api = self._api()
         self._prepare_sync(api)
@@ -315,11 +327,7 @@ class DockerBackend:
                 name=name,
                 hostname=f"tb-{short}",
                 labels=labels,
-                environment={
-                    "TERMBRIDGE_USER": spec.user,
-                    "TERMBRIDGE_UID": "" if spec.root or not spec.user else str(self._session_uid(spec.user, spec.uid)),
-                    "TERMBRIDGE_MODE": "root" if spec.root else "login",
-                },
+                environment=self._environment(spec),
                 host_config=self._host_config(api, spec.root),
                 stdin_open=True,  # the keys come this way; with detach=False, Docker closes it after them
                 detach=False,

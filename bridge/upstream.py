@@ -2,8 +2,8 @@
 
 Each session gets its own client key and its own host key; the host key is pinned, so the
 gateway talks to exactly the sshd it provisioned (no trust on first use, nothing else accepted).
-Every channel the gateway opens in a container opens here: the web terminal's shell (`Shell`),
-the SSH door's bridged channels (`open_channel`) and SFTP for the file endpoints
+Every channel the gateway opens in a container opens here: the web terminal's shell (`Shell`,
+or `HeldShell` through the session holder), the SSH door's bridged channels (`open_channel`) and SFTP for the file endpoints
 (`RemoteFiles`). asyncssh's errors stop here too: callers see `ConnectionError` and
 `SftpFailure`.
 """
@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import enum
 import logging
+import re
 from collections.abc import AsyncIterator, Awaitable, Mapping
 from dataclasses import dataclass
 from functools import partial
@@ -31,6 +32,14 @@ T = TypeVar("T")
 # limit) far less per byte than asyncssh's default chacha20-poly1305. Measured with
 # `python -m benchmarks`: keystroke echo -25 %, throughput +10-20 %.
 CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "chacha20-poly1305@openssh.com")
+
+# The session holder's attach client (session-image/holder/tb-holder.c): its first output is this
+# header, an APC string that a terminal would ignore; then the shell's output from `offset` on.
+HOLDER_HEADER = re.compile(rb"\x1b_tb-holder 1 offset=(\d+) lost=(\d+) shell=(new|running)\x1b\\")
+HOLDER_HEADER_MAX = 128
+# `--framed` input: [type][length, 2 bytes][payload]; 'd' keystrokes, 'w' rows and cols.
+FRAME_MAX = 0xFFFF
+SIZE_MAX = 9999
 
 
 @dataclass(frozen=True)
@@ -108,6 +117,30 @@ class Upstream:
             encoding=None,
         )
         return Shell(process)
+
+    async def attach_held(
+        self, term: str, cols: int, rows: int, offset: int = 0, env: Mapping[str, str] | None = None,
+        repaint: bool = False,
+    ) -> HeldShell:
+        """The session's shell through the holder (started on the first attach), which outlives
+        this connection: output from `offset` on (or from the oldest byte kept), a repaint of
+        full-screen programs if asked. No pty on this channel (no second terminal on the byte
+        path): keystrokes and sizes go in frames (`HeldShell.write`, `resize`)."""
+        command = f"tb-holder attach --framed --size {_clamp(cols)}x{_clamp(rows)} --offset {int(offset)}"
+        process = await self.conn.create_process(
+            command + (" --repaint" if repaint else ""), env={**(env or {}), "TERM": term}, encoding=None
+        )
+        data = b""
+        while True:
+            chunk = await process.stdout.read(4096)
+            data += chunk
+            if match := HOLDER_HEADER.match(data):
+                break
+            if not chunk or len(data) > HOLDER_HEADER_MAX:
+                process.close()
+                await process.wait_closed()
+                raise SessionStartError(detail=f"tb-holder attach failed ({process.exit_status}): {data[:300]!r}")
+        return HeldShell(process, int(match[1]), int(match[2]), match[3] == b"new", data[match.end() :])
 
     async def open_channel(
         self,
@@ -188,6 +221,41 @@ class Shell:
         status = self._process.exit_status
         signal = self._process.exit_signal
         return (status if status is not None and status >= 0 else None), (signal[0] if signal else None)
+
+
+class HeldShell(Shell):
+    """The session's shell through the session holder. `offset`: absolute offset of the first
+    output byte `read` returns; `lost`: bytes before it that were asked for and are gone (a gap);
+    `new_shell`: this attach started the shell. `wait_exit` gives the shell's exit status, or
+    the signal USR1 when this attachment fell a whole buffer behind and was let go (attach again
+    from the offset reached)."""
+
+    def __init__(self, process: asyncssh.SSHClientProcess, offset: int, lost: int, new_shell: bool, rest: bytes) -> None:
+        super().__init__(process)
+        self.offset = offset
+        self.lost = lost
+        self.new_shell = new_shell
+        self._rest = rest
+
+    def write(self, data: bytes) -> bool:
+        for i in range(0, len(data), FRAME_MAX):
+            chunk = data[i : i + FRAME_MAX]
+            self._process.stdin.write(b"d" + len(chunk).to_bytes(2, "big") + chunk)
+        return self._process.stdin.channel.get_write_buffer_size() > 0
+
+    async def read(self, limit: int) -> bytes:
+        if self._rest:
+            chunk, self._rest = self._rest[:limit], self._rest[limit:]
+            return chunk
+        return await super().read(limit)
+
+    def resize(self, cols: int, rows: int) -> None:
+        """This attachment's size (the last attachment to resize or type sets the shell's)."""
+        self._process.stdin.write(b"w\x00\x04" + _clamp(rows).to_bytes(2, "big") + _clamp(cols).to_bytes(2, "big"))
+
+
+def _clamp(n: int) -> int:
+    return max(1, min(SIZE_MAX, int(n)))
 
 
 class Meter(Protocol):

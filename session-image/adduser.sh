@@ -31,6 +31,12 @@ chmod 0750 "$home"
 cp -R /etc/skel/. "$home/"
 chown -R "$uid:$uid" "$home"
 printf 'AllowUsers %s\nPermitRootLogin no\n' "$user" > "$state/sshd_config.d/10-mode.conf"
+# Last: the session holder (tb-holder) lets this uid attach once it reads it here (told at once
+# when it already runs, in a pooled container).
+printf '%s\n' "$uid" > "$state/account"
+if [ -s "$state/holder.pid" ]; then
+    kill -USR1 "$(cat "$state/holder.pid")"
+fi
 if [ -s /run/sshd.pid ]; then
     kill -HUP "$(cat /run/sshd.pid)"
 fi

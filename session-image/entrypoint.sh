@@ -1,5 +1,8 @@
 #!/bin/sh
-# Sets up the session's accounts and keys on tmpfs, then runs sshd in the foreground.
+# Sets up the session's accounts and keys on tmpfs, then becomes the session holder, which runs
+# sshd and keeps the session's shell (started on the first `tb-holder attach`) alive between
+# gateway connections. The container ends with the holder: when the shell exits, after
+# TERMBRIDGE_IDLE_TIMEOUT seconds with nobody attached, or at TERMBRIDGE_MAX_LIFETIME.
 # TERMBRIDGE_USER: login name (validated by the gateway); empty for a pooled container, whose
 # account `termbridge-adduser` makes when a login claims it. TERMBRIDGE_UID: its uid (login mode).
 # TERMBRIDGE_MODE: login | root.
@@ -42,4 +45,4 @@ else
     printf 'PermitRootLogin no\nDenyUsers root\n' > "$state/sshd_config.d/10-mode.conf"
 fi
 
-exec /usr/sbin/sshd -D -e
+exec /usr/local/bin/tb-holder serve -- /usr/sbin/sshd -D -e

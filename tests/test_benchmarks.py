@@ -13,7 +13,7 @@ import pytest
 
 from benchmarks import report, ttyd
 from benchmarks.harness import BENCH_LABEL, containers, percentile, ssh_door_built, summary
-from helpers import ROOT
+from helpers import ROOT, TEST_IMAGE
 
 
 def test_quick_mode_measures_every_column(tmp_path: Path) -> None:
@@ -116,3 +116,19 @@ def test_no_debian_sources_is_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / "sources.list.d").mkdir()
     with pytest.raises(RuntimeError, match="no Debian archive entry"):
         ttyd.debian_mirror(tmp_path)
+
+
+def test_holder_benchmark_measures_both_paths() -> None:
+    """`python -m benchmarks.holder`: the same container straight through sshd's pty and through
+    the session holder, both measured, the cost computed."""
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.holder", "--image", TEST_IMAGE, "--runs", "1", "--echo-samples", "10",
+         "--megabytes", "1", "--rounds", "1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=240,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    out = json.loads(done.stdout)
+    for key in ("floor_ssh", "holder_ssh"):
+        entry = out["results"][key]
+        assert entry["echo"]["n"] == 10 and entry["throughput"]["bytes"] >= 1_000_000, entry
+    assert set(out["holder_cost"]) == {"echo_median_pct", "echo_p99_pct", "throughput_pct"}

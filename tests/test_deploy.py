@@ -308,6 +308,7 @@ def test_installed_package_carries_its_files(installed):
         assert installed in path.parents, path
     assert (web_root / "node_modules" / "@xterm" / "xterm" / "css" / "xterm.css").is_file()
     assert (image_dir / "Dockerfile").is_file() and (image_dir / "entrypoint.sh").is_file()
+    assert (image_dir / "holder" / "tb-holder.c").is_file()
     for shipped in ("termbridge.toml", "pam.d/termbridge", "systemd/termbridge.service", "nginx/termbridge.conf",
                     "nginx/replicas.conf"):
         assert (etc_dir / shipped).read_text() == (ROOT / "etc" / shipped).read_text()
