@@ -533,7 +533,8 @@ class SessionManager:
         now, stale = time.time(), 2 * self.config.session.start_timeout + REAP_GRACE
         records = {r.id: r for r in await self.store.list_sessions()}
         slots = await self.store.list_slots()
-        containers = await self.backend.list_fleet()
+        # This gateway's own too: containers from before it labelled its fleet are its alone.
+        containers = list({c.id: c for c in [*await self.backend.list_fleet(), *await self.backend.list_own()]}.values())
         unowned = []
         for info in containers:
             if {info.id, info.session_id} & live:
