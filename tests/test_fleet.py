@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import aiohttp
+import pytest
 from yarl import URL
 
 from bridge.web.login import COOKIE_NAME
@@ -312,3 +313,23 @@ def test_every_live_key_is_a_key():
 
     assert LIVE_KEYS <= set(known_keys())
     assert not {"web.listen", "ssh.listen", "store.url", "store.secret_file", "state_dir"} & LIVE_KEYS
+
+
+def test_a_reload_takes_the_live_keys_only():
+    from bridge.config import Config, apply_live, changed_keys
+    from bridge.errors import ConfigError
+
+    old = Config()
+    new = dataclasses.replace(
+        old,
+        web=dataclasses.replace(old.web, listen=("0.0.0.0", 9)),
+        session=dataclasses.replace(old.session, max_per_user=1, network="internet"),
+    )
+    assert changed_keys(old, new) == ["web.listen", "session.max_per_user", "session.network"]
+    merged = apply_live(old, new)
+    assert merged.session.max_per_user == 1
+    assert (merged.web.listen, merged.session.network) == (old.web.listen, old.session.network)
+    # A live key that would break a rule against a key that stays is refused as a whole.
+    pooled = dataclasses.replace(old, session=dataclasses.replace(old.session, pool=10))
+    with pytest.raises(ConfigError, match="session.pool"):
+        apply_live(pooled, dataclasses.replace(pooled, session=dataclasses.replace(pooled.session, max_total=5, max_per_user=1)))
