@@ -1,20 +1,28 @@
-# Two commands on a fresh machine with Docker running:
-#   make run    venv, web assets, session image, then serve on 127.0.0.1:8080 (as root: PAM)
-#   make test   venv, web assets, session image if missing, then the whole test suite
+# Two commands on a fresh Debian 12 or Ubuntu 24.04 machine, as root:
+#   make run    host packages and dockerd, venv, web assets, session image, then serve on 127.0.0.1:8080
+#   make test   host packages and dockerd, venv, web assets, session image if missing, then the suite
+# scripts/setup-host.sh installs only what is missing and says what it installs.
 PYTHON ?= python3
 VENV ?= .venv
 CONFIG ?= etc/termbridge.toml
-# Production builds FROM ubuntu:24.04; CI passes a local debootstrapped base instead.
+# Empty: `make run` builds FROM ubuntu:24.04 (a local Debian base when no registry serves it),
+# `make test` FROM a local Debian bookworm base (debootstrap, no registry needed).
 BASE_IMAGE ?=
 IMAGE ?= termbridge/session:latest
 PYTEST_ARGS ?=
 
 BIN := $(VENV)/bin
-BASE_ARG := $(if $(BASE_IMAGE),--base $(BASE_IMAGE),)
+SETUP := scripts/setup-host.sh
+# Which host set-up the goal needs; prerequisites inherit the goal's value.
+HOST_MODE := run
+test image-if-missing: HOST_MODE := test
 
-.PHONY: run test venv assets image image-if-missing pam clean
+.PHONY: run test host venv assets image image-if-missing pam clean
 
-$(BIN)/termbridge: pyproject.toml
+host:
+	$(SETUP) host $(HOST_MODE)
+
+$(BIN)/termbridge: pyproject.toml | host
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[test]'
@@ -22,26 +30,31 @@ $(BIN)/termbridge: pyproject.toml
 
 venv: $(BIN)/termbridge
 
-web/node_modules/.package-lock.json: web/package.json web/package-lock.json
+web/node_modules/.package-lock.json: web/package.json web/package-lock.json | host
 	cd web && npm ci --no-audit --no-fund
 	touch $@
 
 assets: web/node_modules/.package-lock.json
 
-image: venv
-	$(BIN)/termbridge image build $(BASE_ARG) --config $(CONFIG)
+# The session image, built from the base this goal needs (or BASE_IMAGE when given).
+BUILD_IMAGE = base="$(BASE_IMAGE)"; [ -n "$$base" ] || base=$$($(SETUP) base $(HOST_MODE)) || exit 1; \
+	$(BIN)/termbridge image build --base "$$base" --config $(CONFIG) && { [ $(HOST_MODE) = test ] || $(SETUP) warn "$$base"; }
 
-image-if-missing: venv
-	@docker image inspect $(IMAGE) >/dev/null 2>&1 || $(BIN)/termbridge image build $(BASE_ARG) --config $(CONFIG)
+image: venv host
+	@$(BUILD_IMAGE)
+
+image-if-missing: venv host
+	@docker image inspect $(IMAGE) >/dev/null 2>&1 || { $(BUILD_IMAGE); }
 
 pam:
 	@test -e /etc/pam.d/termbridge || install -m 0644 etc/pam.d/termbridge /etc/pam.d/termbridge
 
-run: venv assets image pam
+run: host venv assets image pam
 	$(BIN)/termbridge serve --config $(CONFIG)
 
-test: venv assets image-if-missing
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+# pytest's exit 5 (nothing collected) fails too, with a word about why.
+test: host venv assets image-if-missing
+	@$(BIN)/python -m pytest $(PYTEST_ARGS) || { rc=$$?; [ $$rc != 5 ] || echo "make: pytest collected no tests; check PYTEST_ARGS"; exit $$rc; }
 
 clean:
 	rm -rf $(VENV) web/node_modules

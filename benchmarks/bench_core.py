@@ -1,7 +1,7 @@
 """Core timings of the web door on this machine: login-to-prompt (WebSocket client and browser),
 reattach time, and the resume buffer's memory per session.
 
-    .venv/bin/python benchmarks/bench_core.py [--runs N] [--no-browser] [--json FILE]
+    .venv/bin/python -m benchmarks.bench_core [--runs N] [--no-browser] [--json FILE]
 
 Needs what the tests need (root, Docker, the session image, Debian's chromium). It creates a
 throwaway PAM account and removes it, and talks only to loopback and its own containers.
@@ -14,26 +14,20 @@ import asyncio
 import contextlib
 import json
 import shutil
-import sys
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from aiohttp import web
 
-from aiohttp import web  # noqa: E402
-
-from benchmarks.harness import ROOT, bench_account, summary, workdir  # noqa: E402
-from bridge.app import build_app  # noqa: E402
-from bridge.config import load_config  # noqa: E402
-from bridge.web.keys import MANAGER  # noqa: E402
-from helpers import PROMPT, wait_for_js, write_config  # noqa: E402
+from benchmarks.harness import ROOT, bench_account, summary, workdir
+from bridge.app import build_app
+from bridge.config import load_config
+from bridge.web.keys import MANAGER
+from testbed.gateway import CHROMIUM, CHROMIUM_FLAGS, PROMPT, Gateway, wait_for_js, write_config
 
 
 async def start_gateway(tmp: Path, pam_service: str):
     """In this process (the measurements below read the session manager's buffers)."""
-    from conftest import Gateway
-
     path = write_config(tmp / "bench.toml", tmp / "state", pam_service)
     config = load_config(path, env={})
     app = build_app(config, web_root=ROOT / "web")
@@ -83,8 +77,6 @@ async def reattach(gateway, user, runs: int) -> tuple[list[float], dict[str, int
 
 async def browser_login_to_prompt(gateway, user, runs: int) -> list[float]:
     from playwright.async_api import async_playwright
-
-    from helpers import CHROMIUM, CHROMIUM_FLAGS
 
     samples = []
     async with async_playwright() as pw:

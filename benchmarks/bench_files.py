@@ -2,7 +2,7 @@
 session container, and how much the gateway's memory grows meanwhile (it streams: the growth
 must stay far below the file's size).
 
-    .venv/bin/python benchmarks/bench_files.py [--size-mib N] [--runs N] [--json FILE]
+    .venv/bin/python -m benchmarks.bench_files [--size-mib N] [--runs N] [--json FILE]
 
 Needs what the tests need (root, Docker, the session image). It creates a throwaway PAM account
 and removes it, and talks only to loopback and its own container.
@@ -18,9 +18,8 @@ import statistics
 import time
 from pathlib import Path
 
-from bench_core import bench_gateway, report  # puts tests/ on the path for helpers
-
-from helpers import PROMPT
+from benchmarks.bench_core import bench_gateway, report
+from testbed.gateway import PROMPT
 
 BLOCK = 1024 * 1024
 

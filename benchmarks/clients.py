@@ -1,5 +1,5 @@
 """Terminal clients with one shape, so every measurement runs the same code against every system:
-termbridge's web door (WebSocket, SPEC protocol), any SSH server with a pty (termbridge's SSH door,
+termbridge's web door (WebSocket, its /ws protocol), any SSH server with a pty (termbridge's SSH door,
 or a container's own sshd), a Docker attach socket, and ttyd's WebSocket protocol.
 
 A client only sends bytes and hands back output chunks; `Reader` does the waiting, keeping a

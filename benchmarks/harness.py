@@ -29,10 +29,10 @@ from typing import Any
 import aiohttp
 import docker
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
+from testbed.accounts import HostUser, create_user, delete_user
+from testbed.gateway import PROMPT, TEST_IMAGE, free_port, write_config
 
-from helpers import PROMPT, TEST_IMAGE, HostUser, create_user, delete_user, write_config  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 __all__ = ["PROMPT", "TEST_IMAGE", "HostUser"]
 
@@ -97,19 +97,6 @@ def cpu_times() -> tuple[int, int]:
     fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
     idle = fields[3] + fields[4]  # idle + iowait
     return sum(fields) - idle, sum(fields)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def ssh_door_built() -> bool:
-    """The SSH door lands in bridge/ssh_front.py; before that, its columns are n/a."""
-    import importlib.util
-
-    return importlib.util.find_spec("bridge.ssh_front") is not None
 
 
 # -- a PAM account and service for the run --------------------------------------------------------

@@ -1,5 +1,5 @@
 """One table from the results: every system side by side, ratios to the floor and to ttyd, and
-the issue's targets judged."""
+the performance targets judged."""
 
 from __future__ import annotations
 
@@ -68,7 +68,7 @@ def table(results: dict[str, Any]) -> str:
 
 
 def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """The issue's targets, each met, missed, or not judged (and why)."""
+    """The performance targets, each met, missed, or not judged (and why)."""
     systems = results["systems"]
     out: list[dict[str, Any]] = []
 

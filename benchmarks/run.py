@@ -36,7 +36,7 @@ from .clients import echo_round_trips, throughput
 from .compare import Comparison
 from .harness import (
     BENCH_LABEL, ROOT, GatewayProcess, bench_account, containers, login, machine, remove_labelled,
-    run_label, ssh_door_built, summary, workdir,
+    run_label, summary, workdir,
 )
 from .scale import run_scale
 from .systems import KIND_LABEL, FloorAttach, FloorSsh, SshDoor, System, Ttyd, WebDoor, docker_run_command
@@ -154,7 +154,6 @@ def ttyd_binary(args: argparse.Namespace) -> tuple[Path | None, str]:
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     run_id = run_label()
     base = workdir()
-    with_ssh = ssh_door_built()
     results: dict[str, Any] = {
         "command": args.command,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -169,7 +168,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     scale_sessions = max(args.sessions, 1)
     limits = {"max_total": max(50, scale_sessions + 10), "max_per_user": scale_sessions + 10, "idle_timeout": "1h"}
     with bench_account() as (pam_service, user):
-        gateway = GatewayProcess(base / "gateway", pam_service, {"session": {**limits, "pool": 0}}, with_ssh).start()
+        gateway = GatewayProcess(base / "gateway", pam_service, {"session": {**limits, "pool": 0}}, with_ssh=True).start()
         results["gateways"] = [gateway.instance_id]
         cfg = load_config(base / "gateway" / "termbridge.toml", env={}).session
         results["session_limits"] = {"image": cfg.image, "cpus": cfg.cpus, "memory": cfg.memory, "pids": cfg.pids,
@@ -178,7 +177,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         try:
             if args.only != "scale":
                 await compare(args, base, run_id, gateway, http, user, cfg, systems)
-                await run_pool(args, base, pam_service, limits, with_ssh, user, systems, results)
+                await run_pool(args, base, pam_service, limits, user, systems, results)
             if args.sessions:
                 say(f"scale: {args.sessions} live sessions, {args.streaming} streaming")
                 floor = FloorSsh(cfg, run_id, user.name)
@@ -213,10 +212,7 @@ async def compare(args, base, run_id, gateway, http, user, cfg, systems) -> None
     if "web" in wanted:
         chosen.append(WebDoor(gateway, http))
     if "ssh" in wanted:
-        if gateway.ssh_port:
-            chosen.append(SshDoor(gateway, user))
-        else:
-            systems["ssh"] = {"title": "termbridge SSH door", "skipped": "n/a (SSH door not built)"}
+        chosen.append(SshDoor(gateway, user))
     if "floor_attach" in wanted:
         chosen.append(FloorAttach(cfg, run_id))
     if "floor_ssh" in wanted:
@@ -260,9 +256,9 @@ async def profile_door(system: System, args: argparse.Namespace) -> dict[str, An
     return profiles
 
 
-async def run_pool(args, base, pam_service, limits, with_ssh, user, systems, results) -> None:
-    """A second gateway with `session.pool`; its columns say n/a until the pool exists (it is
-    known to exist when the gateway starts containers before anyone logs in)."""
+async def run_pool(args, base, pam_service, limits, user, systems, results) -> None:
+    """A second gateway with `session.pool`: connect→prompt when a login claims a warm container.
+    A pool that holds nothing before the first login is reported as such, not measured."""
     doors = [door for door in ("web", "ssh") if door in args.systems]
     if not doors:
         return
@@ -272,19 +268,20 @@ async def run_pool(args, base, pam_service, limits, with_ssh, user, systems, res
         for door in doors:
             systems[door]["pool_skipped"] = "n/a (--pool 0)"
         return
-    gateway = GatewayProcess(base / "pooled", pam_service, {"session": {**limits, "pool": args.pool}}, with_ssh).start()
+    gateway = GatewayProcess(base / "pooled", pam_service, {"session": {**limits, "pool": args.pool}}, with_ssh=True).start()
     results["gateways"].append(gateway.instance_id)
     try:
-        if not await pool_filled(gateway.instance_id, 1, 5 if args.quick else 15):
-            say("pool: no container appeared before any login: the pool is not built yet")
+        wait = 5 if args.quick else 15
+        if not await pool_filled(gateway.instance_id, 1, wait):
+            say(f"pool: no warm container within {wait} s of the gateway's start")
             for door in doors:
-                systems[door]["pool_skipped"] = "n/a (pool not built)"
+                systems[door]["pool_skipped"] = f"n/a (the pool stayed empty for {wait} s)"
             return
         http = await login(gateway.url, user)
         try:
             if "web" in doors:
                 systems["web"].update(await measure_pool(WebDoor(gateway, http), gateway, args))
-            if with_ssh and "ssh" in doors:
+            if "ssh" in doors:
                 systems["ssh"].update(await measure_pool(SshDoor(gateway, user), gateway, args))
         finally:
             await http.close()

@@ -13,7 +13,6 @@ import argparse
 import asyncio
 import json
 import secrets
-import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
@@ -21,9 +20,7 @@ from pathlib import Path
 
 from bridge.config import Config, StoreConfig
 from bridge.store import LoginRecord, Store, open_store
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from redis_server import REDIS_SERVER, RedisServer  # noqa: E402
+from testbed.redis_server import REDIS_SERVER, RedisServer
 
 IN_FLIGHT = 50
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import ctypes.util
+import functools
 import grp
 import logging
 import os
@@ -32,6 +34,12 @@ PAM_RHOST = 4
 # OPEN_ERR, SYMBOL_ERR, SERVICE_ERR, SYSTEM_ERR, BUF_ERR, ABORT, MODULE_UNKNOWN: the PAM stack is
 # broken, not the password; the person is told login is unavailable, the admin gets the code.
 _PAM_BROKEN = frozenset({1, 2, 3, 4, 5, 26, 28})
+# A login refused before PAM (unknown name, nologin shell, outside auth.allowed_groups, a bad
+# password field) still goes through PAM, for this name that no account can have (":" separates
+# /etc/passwd fields) and a dummy password: the refusal then takes exactly as long as PAM takes to
+# refuse a wrong password (pam_unix's delay, randomised by libpam), so its timing does not tell
+# whether an account exists or may log in.
+DECOY_USER = "termbridge:no-such-user"
 
 
 Outcome = LoginResult  # an authenticator's verdict is the login result every door reports
@@ -63,9 +71,15 @@ def valid_username(name: str) -> bool:
 
 
 def printable_username(name: str) -> str:
-    """A login name fit for the log. Anything that cannot be a user name is not logged: people
-    type their password into the username field."""
-    return name if valid_username(name) else f"<invalid name, {len(name)} chars>"
+    """A typed login name fit for logs, audit events and metrics. People type their password into
+    the username field, and a password may well look like a user name: so the name is shown only
+    when it is the name of an account on this host, otherwise only its length."""
+    if valid_username(name):
+        try:
+            return pwd.getpwnam(name).pw_name
+        except KeyError:
+            pass
+    return f"<unknown name, {len(name)} chars>"
 
 
 def _user_groups(entry: pwd.struct_passwd) -> set[str]:
@@ -77,19 +91,55 @@ def _user_groups(entry: pwd.struct_passwd) -> set[str]:
     return names
 
 
-def _password_locked(username: str) -> bool:
-    """`usermod -L` / `passwd -l` put "!" before the hash. PAM's account stage does not look at
-    it (only authentication would fail), so a key login checks it here, like the web door refuses
-    a locked account."""
+def _shadow_hashes(username: str) -> tuple[str, str]:
+    """(the password field of `username` in /etc/shadow, the first real password hash there);
+    empty strings for what is not found."""
+    own = first = ""
     try:
         with open("/etc/shadow", encoding="utf-8", errors="replace") as fh:
             for line in fh:
                 name, _, rest = line.partition(":")
+                field = rest.partition(":")[0]
                 if name == username:
-                    return rest.startswith("!")
+                    own = field
+                if not first and field.startswith("$"):
+                    first = field
     except OSError:
         pass
-    return False
+    return own, first
+
+
+def _password_locked(username: str) -> bool:
+    """`usermod -L` / `passwd -l` put "!" before the hash. PAM's account stage does not look at
+    it (only authentication would fail), so a key login checks it here, like the web door refuses
+    a locked account."""
+    return _shadow_hashes(username)[0].startswith("!")
+
+
+_CRYPT_DATA_SIZE = 32768  # libxcrypt's struct crypt_data
+
+
+@functools.cache
+def _crypt_rn() -> Callable[..., bytes | None] | None:
+    """libcrypt's reentrant crypt_rn (what pam_unix hashes with), or None without libcrypt."""
+    name = ctypes.util.find_library("crypt")
+    if name is None:
+        return None
+    fn = ctypes.CDLL(name).crypt_rn
+    fn.restype = ctypes.c_char_p
+    fn.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_void_p, ctypes.c_int]
+    return fn  # type: ignore[no-any-return]
+
+
+def _hash_like_pam(username: str) -> None:
+    """The work pam_unix does for a wrong password, done for nothing: hash a dummy password with
+    the account's own stored hash settings (or another account's, for an unknown name). Without
+    it, a refusal before PAM would be quicker by the hashing time, more so on a loaded host."""
+    own, first = _shadow_hashes(username)
+    setting = own if own.startswith("$") else first
+    crypt_rn = _crypt_rn()
+    if setting and crypt_rn is not None:
+        crypt_rn(b"-", setting.encode(), ctypes.create_string_buffer(_CRYPT_DATA_SIZE), _CRYPT_DATA_SIZE)
 
 
 def _skip_authenticate(_handle: object, _flags: int) -> int:
@@ -138,10 +188,14 @@ class PamAuthenticator:
 
     def _authenticate_sync(self, username: str, password: str, rhost: str | None) -> AuthResult:
         precheck = self.account_check(username)
-        if not precheck.ok:
-            return precheck
-        if not password or len(password.encode("utf-8", "surrogateescape")) > MAX_PASSWORD_BYTES or "\0" in password:
-            return AuthResult(Outcome.DENIED, reason="empty, oversized or malformed password")
+        if precheck.ok and (
+            not password or len(password.encode("utf-8", "surrogateescape")) > MAX_PASSWORD_BYTES or "\0" in password
+        ):
+            precheck = AuthResult(Outcome.DENIED, reason="empty, oversized or malformed password")
+        if not precheck.ok:  # as long as a wrong password takes: pam_unix's hashing, then PAM's delay
+            _hash_like_pam(username)
+            decoy = self._pam(precheck, DECOY_USER, "-", rhost)
+            return decoy if decoy.outcome is Outcome.UNAVAILABLE else precheck
         return self._pam(precheck, username, password, rhost)
 
     def _key_login_sync(self, username: str, rhost: str | None) -> AuthResult:
@@ -185,6 +239,8 @@ class PamAuthenticator:
         return result
 
     async def authenticate(self, username: str, password: str, rhost: str | None = None) -> AuthResult:
+        """PAM's verdict. A refusal takes as long whether or not the account exists and may log
+        in (see DECOY_USER): its timing must not tell who has an account here."""
         return await self._run("login", username, rhost, self._authenticate_sync, password, rhost)
 
     async def authorize_key(self, username: str, rhost: str | None = None) -> AuthResult:

@@ -1,6 +1,6 @@
 """The Docker backend: the only module that imports the docker SDK.
 
-Every SDK call runs in this backend's own thread pool. Containers carry the SPEC labels, the
+Every SDK call runs in this backend's own thread pool. Containers carry the termbridge.* labels, the
 session limits and a hardened host config; removal is idempotent (404 and 409 are success).
 """
 

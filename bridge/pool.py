@@ -1,8 +1,8 @@
 """The warm pool: containers created, started and sshd-ready ahead of time, so that a login only
 has to claim one. Each is used once (never returned, never reused); a taken one is replaced in
-the background. Pooled containers carry the SPEC labels (door `pool`, no user yet), count toward
-`session.max_total` (with a store, fleet-wide: each holds a slot with no user, `pool_slot`,
-claimed by the login that takes it), and are reaped like the rest.
+the background. Pooled containers carry the termbridge.* labels (door `pool`, no user yet),
+count toward `session.max_total` (with a store, fleet-wide: each holds a slot with no user,
+`pool_slot`, claimed by the login that takes it), and are reaped like the rest.
 """
 
 from __future__ import annotations

@@ -141,7 +141,8 @@ class Session:
         (the container is not reading): the caller then awaits `drain()` before taking more."""
         if not self.ready or not data:
             return False
-        assert self.stream is not None
+        if self.stream is None:
+            raise RuntimeError("a ready session without a stream")
         self.note_input(data)
         return self.stream.shell.write(data)
 
@@ -157,7 +158,8 @@ class Session:
     def resize(self, cols: int, rows: int) -> None:
         if not self.ready:
             return
-        assert self.stream is not None
+        if self.stream is None:
+            raise RuntimeError("a ready session without a stream")
         self.note_resize(cols, rows)
         self.stream.shell.resize(cols, rows)
 

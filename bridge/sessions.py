@@ -14,7 +14,7 @@ import asyncio
 import enum
 import logging
 import time
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from datetime import datetime
 from functools import partial
 from typing import Any
@@ -95,14 +95,22 @@ def _age(info: ContainerInfo, now: float) -> float:
     return now - started.timestamp()
 
 
+# How the manager reaches a started container's sshd: `Upstream.connect`; unit tests pass a fake.
+Connect = Callable[[Container, SessionKeys, float], Awaitable[Upstream]]
+
+
 class SessionManager:
-    def __init__(self, config: Config, backend: Backend, store: Store | None = None, gateway: str = "") -> None:
+    def __init__(
+        self, config: Config, backend: Backend, store: Store | None = None, gateway: str = "",
+        connect: Connect = Upstream.connect,
+    ) -> None:
         """With `store`, the caps hold across every gateway sharing it (slots), sessions are
         recorded there for `termbridge sessions` on any gateway, and the reaper goes by it."""
         self.config = config
         self.backend = backend
         self.store = store
         self.gateway = gateway
+        self._connect = connect
         self.sessions: dict[str, Session] = {}
         self._cleanups: set[asyncio.Task] = set()
         self._starting: set[asyncio.Future] = set()  # backend starts in flight (threads)
@@ -198,7 +206,8 @@ class SessionManager:
             session.log.exception("start failed")
             self._finish(session, EndReason.ERROR, repr(exc))
             raise SessionStartError(detail=repr(exc)) from exc
-        assert session.ready_at is not None
+        if session.ready_at is None:
+            raise RuntimeError("a started session without ready_at")
         session.log.info(
             "ready in %.0f ms: container %s",
             (session.ready_at - session.created) * 1000,
@@ -219,7 +228,7 @@ class SessionManager:
             session.container = await self._start_container(session, keys)
         self._check_not_ended(session)
         async with asyncio.timeout(cfg.start_timeout):
-            session.upstream = await Upstream.connect(session.container, keys, cfg.start_timeout)
+            session.upstream = await self._connect(session.container, keys, cfg.start_timeout)
             if terminal is not None:
                 shell = await session.upstream.open_terminal(terminal.term, terminal.cols, terminal.rows, terminal.env)
                 session.stream = Stream(
@@ -359,7 +368,8 @@ class SessionManager:
 
     async def _pump(self, session: Session) -> None:
         """The shell's output into its stream until the shell exits; then the session ends."""
-        assert session.stream is not None
+        if session.stream is None:
+            raise RuntimeError("a started session without a stream")
         try:
             await session.stream.pump()
             status, signal = await session.stream.shell.wait_exit()
@@ -397,7 +407,8 @@ class SessionManager:
 
     async def _watchdog(self, session: Session) -> None:
         cfg = self.config.session
-        assert session.ready_at is not None
+        if session.ready_at is None:
+            raise RuntimeError("a started session without ready_at")
         lifetime_end = session.ready_at + cfg.max_lifetime
         while not session.ending:
             now = time.monotonic()

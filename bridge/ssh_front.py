@@ -16,14 +16,16 @@ import logging
 import os
 import pwd
 import stat
+import time
 from collections.abc import Coroutine
+from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncssh
 
-from .auth import AuthenticatedUser, Outcome, valid_username
+from .auth import AuthenticatedUser, AuthResult, Outcome, printable_username, valid_username
 from .config import Config
 from .errors import AuthUnavailable, BridgeError, ConfigError
 from .session import Session
@@ -32,6 +34,7 @@ from .throttle import ThrottledAuthenticator
 from .vocab import Door, EndReason, LoginResult
 
 log = logging.getLogger("termbridge.ssh")
+T = TypeVar("T")
 
 # OpenSSH clients try a password 3 times, then keyboard-interactive (which asyncssh also serves
 # from the password check) 3 more: the connection ends after the third wrong answer overall.
@@ -46,10 +49,63 @@ PASSED_ENV = ("LANG", "TERM")
 # The audit trail keeps how the last this many channels of a connection ended.
 MAX_CHANNEL_RECORDS = 64
 COMMAND_KINDS = ("shell", "exec")
+# asyncssh keeps every `env` request on the channel until it closes: a client could fill the
+# gateway's memory with them. Only names that pass are kept, and only this many and this much.
+MAX_ENV_VARS = 32  # per channel
+MAX_ENV_BYTES = 16 * 1024  # names and values, per channel
+MAX_ENV_BYTES_PER_CONNECTION = 256 * 1024  # over all its channels, for its whole life
+
+
+class _HideTypedNames(logging.Filter):
+    """asyncssh logs the user name a client sent ("Beginning auth for user %s"), and people type
+    their password there: such a name is logged as `printable_username` shows it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "user %s" in str(record.msg) and isinstance(record.args, tuple):
+            record.args = tuple(printable_username(a) if isinstance(a, str) else a for a in record.args)
+        return True
+
+
+_HIDE_TYPED_NAMES = _HideTypedNames()
 
 
 def _env_passes(name: str) -> bool:
     return name in PASSED_ENV or name.startswith("LC_")
+
+
+class _EnvBudget:
+    """What one connection may still store of `env` requests (see MAX_ENV_BYTES_PER_CONNECTION)."""
+
+    def __init__(self) -> None:
+        self.left = MAX_ENV_BYTES_PER_CONNECTION
+        self.refused = 0
+
+
+class _EnvCappedChannel(asyncssh.SSHServerChannel):
+    """A session channel that refuses `env` requests beyond the caps, and names that would not be
+    passed to the container anyway (like sshd's AcceptEnv), instead of keeping them all."""
+
+    env_budget: _EnvBudget
+
+    def _process_env_request(self, packet: asyncssh.packet.SSHPacket) -> bool:
+        name, value = packet.get_string(), packet.get_string()
+        packet.check_end()
+        size = len(name) + len(value)
+        stored = sum(len(k) + len(v) for k, v in self._env.items() if k != name)
+        budget = self.env_budget
+        if not _env_passes(name.decode("utf-8", "replace")):
+            return False
+        if (name not in self._env and len(self._env) >= MAX_ENV_VARS) or stored + size > MAX_ENV_BYTES or size > budget.left:
+            budget.refused += 1
+            if budget.refused == 1:
+                log.warning(
+                    "ssh env requests from %s refused: over %d variables or %d bytes per channel, or %d per connection",
+                    self.get_extra_info("peername", ("-",))[0], MAX_ENV_VARS, MAX_ENV_BYTES, MAX_ENV_BYTES_PER_CONNECTION,
+                )
+            return False
+        budget.left -= size
+        self._env[name] = value
+        return True
 
 
 # -- host key -------------------------------------------------------------------------------------
@@ -91,31 +147,59 @@ def _unsafe(st: os.stat_result, uid: int) -> bool:
     return st.st_uid not in (0, uid) or bool(st.st_mode & 0o022)
 
 
+def _user_may(st: os.stat_result, entry: pwd.struct_passwd, groups: set[int], bit: int) -> bool:
+    """Whether the user may read (bit 4) or search (bit 1) this by its mode bits, as the kernel
+    decides it for their uid and groups."""
+    if st.st_uid == entry.pw_uid:
+        return bool(st.st_mode & (bit << 6))
+    if st.st_gid in groups:
+        return bool(st.st_mode & (bit << 3))
+    return bool(st.st_mode & bit)
+
+
 def read_authorized_keys(entry: pwd.struct_passwd) -> str | None:
-    """The text of ~/.ssh/authorized_keys, or None when it is absent or unsafe. sshd's StrictModes:
-    the file, and every directory from it up to the home directory (up to / for a file outside
-    it), must be owned by the user or root and writable by no one else."""
+    """The text of ~/.ssh/authorized_keys as the user could read it, or None when it is absent or
+    unsafe. The gateway runs as root, so it checks what the user's own permissions allow instead
+    of trusting its own: the real file (symlinks resolved, as sshd follows them as the user) must
+    be a regular file the user may read, in directories they may search, and (sshd's StrictModes)
+    it and every directory up to the home directory (up to / for a file outside it) must be owned
+    by the user or root and writable by no one else. A device is never opened."""
     path = Path(entry.pw_dir) / ".ssh" / "authorized_keys"
+    real = Path(os.path.realpath(path))
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
+        lst = os.lstat(real)
     except FileNotFoundError:
         return None
     except OSError as exc:
         log.warning("authorized_keys of %s ignored: %s: %s", entry.pw_name, path, exc.strerror)
         return None
+    groups = set(os.getgrouplist(entry.pw_name, entry.pw_gid))
+    if not stat.S_ISREG(lst.st_mode):
+        log.warning("authorized_keys of %s ignored: %s is not a regular file", entry.pw_name, real)
+        return None
+    try:
+        fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_NOFOLLOW)
+    except OSError as exc:
+        log.warning("authorized_keys of %s ignored: %s: %s", entry.pw_name, real, exc.strerror)
+        return None
     with os.fdopen(fd, "rb") as fh:
         st = os.fstat(fh.fileno())
-        if not stat.S_ISREG(st.st_mode) or _unsafe(st, entry.pw_uid):
-            log.warning("authorized_keys of %s ignored: bad ownership or modes for file %s", entry.pw_name, path)
+        if (st.st_dev, st.st_ino) != (lst.st_dev, lst.st_ino) or not stat.S_ISREG(st.st_mode):
+            log.warning("authorized_keys of %s ignored: %s changed while it was opened", entry.pw_name, real)
             return None
-        real = Path(os.path.realpath(path))
+        if _unsafe(st, entry.pw_uid) or not _user_may(st, entry, groups, 4):
+            log.warning(
+                "authorized_keys of %s ignored: bad ownership or modes for file %s (or the user may not read it)",
+                entry.pw_name, real,
+            )
+            return None
         home = Path(os.path.realpath(entry.pw_dir))
         for directory in real.parents:
             try:
                 dst = os.stat(directory)
             except OSError:
                 return None
-            if _unsafe(dst, entry.pw_uid):
+            if _unsafe(dst, entry.pw_uid) or not _user_may(dst, entry, groups, 1):
                 log.warning(
                     "authorized_keys of %s ignored: bad ownership or modes for directory %s", entry.pw_name, directory
                 )
@@ -129,12 +213,142 @@ def read_authorized_keys(entry: pwd.struct_passwd) -> str | None:
     return data.decode("utf-8", "replace")
 
 
-def _authorized_keys_of(username: str) -> str | None:
+# Options of sshd(8)'s AUTHORIZED_KEYS FILE FORMAT and what the door does with each. "keep": given
+# to asyncssh, which enforces it (from= against the client address, command= as the forced
+# command for shells, commands and subsystems alike, no-pty, the forwarding permissions,
+# no-touch-required for security keys). "drop": nothing to enforce, since the door never forwards
+# ports, agents, X11 or tunnels and runs no rc files, and environment= is ignored like sshd's
+# default PermitUserEnvironment=no. "restrict", "expiry-time" are handled here. Any other option,
+# and the ones asyncssh cannot enforce here (cert-authority and principals= need certificate
+# checks this door does not do, verify-required needs a FIDO PIN check), make sshd-like refusal:
+# the key is skipped with a log line.
+_KEY_OPTIONS = {
+    "agent-forwarding": "keep", "command": "keep", "from": "keep", "no-agent-forwarding": "keep",
+    "no-port-forwarding": "keep", "no-pty": "keep", "no-x11-forwarding": "keep", "port-forwarding": "keep",
+    "pty": "keep", "x11-forwarding": "keep", "no-touch-required": "keep",
+    "no-user-rc": "drop", "user-rc": "drop", "permitlisten": "drop", "permitopen": "drop", "tunnel": "drop",
+    "environment": "drop",
+    "restrict": "restrict", "expiry-time": "expiry",
+}
+_VALUED = frozenset({"command", "environment", "expiry-time", "from", "permitlisten", "permitopen", "tunnel"})
+# restrict: every permission off, unless a later option turns one back on (as in sshd).
+_RESTRICTED = ("agent-forwarding", "port-forwarding", "pty", "X11-forwarding")
+_SPELLING = {"x11-forwarding": "X11-forwarding", "no-x11-forwarding": "no-X11-forwarding"}
+
+
+class KeyLineError(ValueError):
+    """One authorized_keys line the door will not use; the message says why, for the admin."""
+
+
+def _split_options(line: str) -> tuple[list[str], str]:
+    """OpenSSH's option syntax: comma-separated, double quotes protect commas and spaces (\\"
+    escapes a quote), the options end at the first unquoted blank. (options, the rest)."""
+    options: list[str] = []
+    current = ""
+    quoted = False
+    i = 0
+    while i < len(line):
+        ch = line[i]
+        if quoted and ch == "\\" and line[i + 1 : i + 2] == '"':
+            current += '\\"'
+            i += 2
+            continue
+        if ch == '"':
+            quoted = not quoted
+        elif not quoted and ch in " \t":
+            break
+        elif not quoted and ch == ",":
+            options.append(current)
+            current = ""
+            i += 1
+            continue
+        current += ch
+        i += 1
+    if quoted:
+        raise KeyLineError("unbalanced quote in the options")
+    options.append(current)
+    return options, line[i:].strip()
+
+
+def _expiry(value: str) -> float:
+    """expiry-time="YYYYMMDD[HHMM[SS]][Z]": local time, or UTC with Z (as sshd reads it)."""
+    text = value.strip('"')
+    utc = text.endswith(("Z", "z"))
+    digits = text[:-1] if utc else text
+    formats = {8: "%Y%m%d", 12: "%Y%m%d%H%M", 14: "%Y%m%d%H%M%S"}
+    if not digits.isdigit() or len(digits) not in formats:
+        raise KeyLineError(f"bad expiry-time {value!r}")
+    moment = datetime.strptime(digits, formats[len(digits)])
+    return moment.replace(tzinfo=timezone.utc).timestamp() if utc else moment.timestamp()
+
+
+def _key_line(line: str, now: float) -> str:
+    """One authorized_keys line as asyncssh should read it: its options checked and rewritten
+    (see _KEY_OPTIONS). Raises KeyLineError for a line the door must not use."""
+    try:
+        asyncssh.import_public_key(line)
+        return line  # a plain key, no options
+    except (asyncssh.KeyImportError, ValueError):
+        pass
+    options, key = _split_options(line)
+    kept: list[str] = []
+    for option in options:
+        name, has_value, value = option.partition("=")
+        lname = name.lower()
+        what = _KEY_OPTIONS.get(lname)
+        if what is None:
+            raise KeyLineError(f"option {name!r} is not supported by this gateway")
+        if bool(has_value) != (lname in _VALUED):
+            raise KeyLineError(f"option {option!r} is malformed")
+        if what == "expiry":
+            if _expiry(value) <= now:
+                raise KeyLineError(f"the key expired ({option})")
+        elif what == "restrict":
+            kept = [o for o in kept if o.lower().removeprefix("no-") not in {p.lower() for p in _RESTRICTED}]
+            kept += [f"no-{p}" for p in _RESTRICTED]
+        elif what == "keep":
+            if lname.startswith("no-") or has_value:
+                kept.append(_SPELLING.get(lname, lname) + (f"={value}" if has_value else ""))
+            else:  # a permission turned back on after restrict
+                off = "no-" + _SPELLING.get(lname, lname)
+                kept = [o for o in kept if o != off]
+    try:
+        asyncssh.import_public_key(key)
+    except (asyncssh.KeyImportError, ValueError) as exc:
+        raise KeyLineError(f"not a public key: {exc}") from None
+    return f"{','.join(kept)} {key}" if kept else key
+
+
+def parse_authorized_keys(text: str, username: str, now: float | None = None) -> asyncssh.SSHAuthorizedKeys | None:
+    """The keys of an authorized_keys text that the door may use, each line on its own: a line
+    that is broken, expired or carries an option the door does not implement is skipped with a log
+    line, the others still work. None when no key is left (key login off; passwords still work)."""
+    moment = time.time() if now is None else now
+    lines: list[str] = []
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        try:
+            usable = _key_line(line, moment)
+            asyncssh.SSHAuthorizedKeys(usable)  # what asyncssh itself refuses (e.g. a bad from=)
+        except ValueError as exc:
+            log.warning("authorized_keys of %s: line %d skipped: %s", username, number, exc)
+            continue
+        lines.append(usable)
+    if not lines:
+        log.warning("authorized_keys of %s has no usable key: key login is off for this user", username)
+        return None
+    return asyncssh.SSHAuthorizedKeys("\n".join(lines))
+
+
+def _authorized_keys_of(username: str) -> asyncssh.SSHAuthorizedKeys | None:
     try:
         entry = pwd.getpwnam(username)
     except KeyError:
         return None
-    return read_authorized_keys(entry)
+    text = read_authorized_keys(entry)
+    return parse_authorized_keys(text, entry.pw_name) if text else None
 
 
 # -- channels -------------------------------------------------------------------------------------
@@ -198,6 +412,8 @@ class SshConnection(asyncssh.SSHServer):
         self.session: Session | None = None
         self._key_user: AuthenticatedUser | None = None
         self._failures = 0
+        self._password_check: asyncio.Task[AuthResult] | None = None
+        self._env_budget = _EnvBudget()
         self._starting: asyncio.Task[Session] | None = None
         self._channels: set[asyncssh.SSHServerProcess] = set()
         self._linger: asyncio.TimerHandle | None = None
@@ -249,12 +465,12 @@ class SshConnection(asyncssh.SSHServer):
         """Load the keys this user may log in with, if the account may log in at all."""
         self._key_user = None
         keys = await self._door.authorized_keys(username, self.rhost)
+        if self._conn is None:
+            raise RuntimeError("authentication before the connection was made")
         if keys is not None:
             self._key_user, authorized = keys
-            assert self._conn is not None
             self._conn.set_authorized_keys(authorized)
         else:
-            assert self._conn is not None
             self._conn.set_authorized_keys(None)  # type: ignore[arg-type]
         return True
 
@@ -265,28 +481,45 @@ class SshConnection(asyncssh.SSHServer):
         return True
 
     async def validate_password(self, username: str, password: str) -> bool:  # type: ignore[override]
-        result = await self._door.authenticator.authenticate(username, password, self.rhost)
-        self._door.manager.note_login(username, self.rhost, Door.SSH, result.outcome, result.reason)
+        """asyncssh cancels this when the client sends another request or goes away; the check
+        itself is the door's (see `SshDoor.check_password`) and goes on to its verdict, which is
+        counted, throttled and audited whatever the client does. One check per connection at a
+        time: a client that gives up early waits for its previous guess before the next is heard."""
+        if self._password_check is not None:
+            await asyncio.wait({self._password_check})
+        if self._failures >= MAX_PASSWORD_TRIES:
+            raise asyncssh.PermissionDenied("too many authentication failures")
+        check = self._password_check = self._door.check_password(username, password, self.rhost)
+        check.add_done_callback(self._count_failure)
+        result = await asyncio.shield(check)
         if result.outcome is Outcome.UNAVAILABLE:
             raise asyncssh.ServiceNotAvailable(AuthUnavailable.user_message)
         if result.outcome is Outcome.THROTTLED:
-            log.warning("ssh login of %r from %s throttled: %s", username[:64], self.rhost, result.reason)
             raise asyncssh.PermissionDenied(f"too many failed logins; try again in {result.retry_after} s")
         if result.ok:
             self.user = result.user
             return True
-        self._failures += 1
         if self._failures >= MAX_PASSWORD_TRIES:
             log.warning("ssh connection from %s closed after %d failed passwords", self.rhost, self._failures)
             raise asyncssh.PermissionDenied("too many authentication failures")
         return False
 
+    def _count_failure(self, check: asyncio.Task[AuthResult]) -> None:
+        if not check.cancelled() and check.exception() is None and check.result().outcome is Outcome.DENIED:
+            self._failures += 1
+
     def auth_completed(self) -> None:
-        assert self._conn is not None
+        """asyncssh says the client is in; only a user our own checks vouched for, under the name
+        the client logged in with, gets a session (an explicit check: `python -O` drops asserts)."""
         user = self.user or self._key_user
-        assert user is not None and user.name == self._conn.get_extra_info("username"), "auth without our check"
+        name = self._conn.get_extra_info("username") if self._conn is not None else None
+        if user is None or user.name != name:
+            log.error("ssh connection from %s authenticated without the gateway's check; closed", self.rhost)
+            self.close("authentication failed")
+            return
         if self.user is None:
-            self._door.manager.note_login(user.name, self.rhost, Door.SSH, LoginResult.OK, "public key")
+            name = printable_username(user.name)
+            self._door.manager.note_login(name, self.rhost, Door.SSH, LoginResult.OK, "public key")
         self.user = user
         log.info("ssh login of %s from %s", user.name, self.rhost)
         self._starting = asyncio.get_running_loop().create_task(self._start(user), name=f"ssh-start-{user.name}")
@@ -335,8 +568,13 @@ class SshConnection(asyncssh.SSHServer):
 
     # -- channels -------------------------------------------------------------------------------
 
-    def session_requested(self) -> asyncssh.SSHServerSession:
-        return _ChannelProcess(self._serve_channel)
+    def session_requested(self) -> tuple[asyncssh.SSHServerChannel, asyncssh.SSHServerSession]:
+        if self._conn is None:
+            raise RuntimeError("a channel before the connection was made")
+        channel = self._conn.create_server_channel()
+        channel.__class__ = _EnvCappedChannel  # asyncssh makes the channel; only env handling differs
+        channel.env_budget = self._env_budget
+        return channel, _ChannelProcess(self._serve_channel)
 
     async def _serve_channel(self, process: asyncssh.SSHServerProcess) -> None:
         """The boundary for one channel: whatever goes wrong is logged with the session and user
@@ -344,7 +582,8 @@ class SshConnection(asyncssh.SSHServer):
         self._channels.add(process)
         session: Session | None = None
         try:
-            assert self._starting is not None
+            if self._starting is None:
+                raise RuntimeError("a channel before authentication completed")
             try:
                 session = await asyncio.shield(self._starting)
             except BridgeError as exc:
@@ -362,7 +601,8 @@ class SshConnection(asyncssh.SSHServer):
 
     async def _bridge(self, session: Session, process: asyncssh.SSHServerProcess) -> None:
         """Open the same request in the container and join the two channels until one closes."""
-        assert session.upstream is not None
+        if session.upstream is None:
+            raise RuntimeError("a started session without an upstream connection")
         env = {name: value for name, value in process.env.items() if _env_passes(name)}
         try:
             upstream = await session.upstream.open_channel(
@@ -430,9 +670,11 @@ class SshDoor:
         self._acceptor: asyncssh.SSHAcceptor | None = None
 
     async def start(self) -> None:
-        assert self.config.ssh.listen is not None
+        if self.config.ssh.listen is None:
+            raise ConfigError("'ssh.listen' is not set")
         host, port = self.config.ssh.listen
         host_key = await asyncio.to_thread(load_or_create_host_key, self.config.ssh_host_key)
+        logging.getLogger("asyncssh").addFilter(_HIDE_TYPED_NAMES)  # once: a filter is added only once
         try:
             self._acceptor = await asyncssh.listen(
                 host,
@@ -457,14 +699,26 @@ class SshDoor:
 
     @property
     def port(self) -> int:
-        assert self._acceptor is not None
+        if self._acceptor is None:
+            raise RuntimeError("the SSH door is not listening")
         return self._acceptor.get_port()
 
-    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
-        """Run cleanup work the door owns (and waits for on close)."""
+    def spawn(self, coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
+        """Run work the door owns, that no connection may cancel (it waits for it on close)."""
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
+
+    def check_password(self, username: str, password: str, rhost: str) -> asyncio.Task[AuthResult]:
+        """One password check as a task of the door, not of the connection: a client that gives
+        up or disconnects cannot stop it from being counted by the throttle and audited."""
+        return self.spawn(self._check_password(username, password, rhost))
+
+    async def _check_password(self, username: str, password: str, rhost: str) -> AuthResult:
+        result = await self.authenticator.authenticate(username, password, rhost)
+        self.manager.note_login(printable_username(username), rhost, Door.SSH, result.outcome, result.reason)
+        return result
 
     async def authorized_keys(
         self, username: str, rhost: str
@@ -472,10 +726,9 @@ class SshDoor:
         """The user and their keys, when the account may log in with a key and has safe keys."""
         if not valid_username(username):
             return None
-        text = await asyncio.to_thread(_authorized_keys_of, username)  # NSS and file reads may block
-        if not text:
+        keys = await asyncio.to_thread(_authorized_keys_of, username)  # NSS and file reads may block
+        if keys is None:
             return None
-        keys = asyncssh.SSHAuthorizedKeys(text)
         result = await self.authenticator.authorize_key(username, rhost)
         if not result.ok or result.user is None:
             return None

@@ -10,8 +10,14 @@ decides first, on the event loop and without PAM:
 - at `auth.max_failures` (username) or `auth.max_failures_per_address` the key is locked out
   until `auth.lockout` has passed since its last failure: the web door answers 429, the SSH
   door disconnects, and PAM is not asked at all;
-- one address has at most MAX_PENDING attempts in flight (waiting or in PAM); more are refused
-  like a lockout, so one address can never hold every PAM worker.
+- one address, and one username, has at most MAX_PENDING attempts in flight (waiting or in PAM,
+  until PAM answers even when the client gave up); more are refused like a lockout, so one address
+  can never hold every PAM worker.
+
+The table holds at most MAX_KEYS records. When it is full, expired records go first, then the
+oldest that are not locked out; a lockout is never forgotten before it ends, so a flood of new
+names or addresses cannot release one. When even that frees nothing (the table is all lockouts),
+attempts under names and addresses it does not know are refused until some lockout ends.
 
 A success clears the username's failures (not the address's: one valid account must not
 launder an address that guesses other people's passwords).
@@ -86,7 +92,7 @@ class LoginThrottle:
         self.config = config
         self.clock = clock
         self._records: dict[tuple[str, str], _Record] = {}
-        self._pending: dict[str, int] = {}
+        self._pending: dict[tuple[str, str], int] = {}
         self._pruned = clock()
 
     def _limit(self, kind: str) -> int:
@@ -99,6 +105,8 @@ class LoginThrottle:
                 return None
             if len(self._records) >= MAX_KEYS:
                 self._prune(now, force=True)
+            if len(self._records) >= MAX_KEYS:
+                return None  # full of lockouts: check() refuses new keys until some expire
             record = self._records[(kind, key)] = _Record()
         while record.failures and record.failures[0] <= now - self.config.failure_window:
             record.failures.popleft()
@@ -112,9 +120,14 @@ class LoginThrottle:
         for key, record in list(self._records.items()):
             if record.locked_until <= now and record.last_failure <= horizon:
                 del self._records[key]
-        if len(self._records) >= MAX_KEYS:  # still full of live keys: forget the oldest half
-            by_age = sorted(self._records, key=lambda key: self._records[key].last_failure)
-            for key in by_age[: len(by_age) // 2]:
+        if len(self._records) >= MAX_KEYS:
+            # Still full of live keys: forget the oldest half of those that are not locked out.
+            # A lockout is never forgotten early, so a flood of new names cannot release one.
+            unlocked = sorted(
+                (key for key, record in self._records.items() if record.locked_until <= now),
+                key=lambda key: self._records[key].last_failure,
+            )
+            for key in unlocked[: max(1, len(self._records) // 2)]:
                 del self._records[key]
 
     def _keys(self, username: str, address: str | None) -> list[tuple[str, str]]:
@@ -123,13 +136,16 @@ class LoginThrottle:
     def check(self, username: str, address: str | None) -> Decision:
         """May this attempt go to PAM, and after how long a wait?"""
         now = self.clock()
-        self._prune(now)
-        if self._pending.get(address_key(address), 0) >= MAX_PENDING:
-            return Decision(False, retry_after=1.0, why=f"{MAX_PENDING} attempts from this address in flight")
+        self._prune(now, force=len(self._records) >= MAX_KEYS and now - self._pruned >= 1.0)
+        for kind, key in self._keys(username, address):
+            if self._pending.get((kind, key), 0) >= MAX_PENDING:
+                return Decision(False, retry_after=1.0, why=f"{MAX_PENDING} attempts for this {kind} in flight")
         delay = 0.0
         for kind, key in self._keys(username, address):
             record = self._record(kind, key, now)
             if record is None:
+                if len(self._records) >= MAX_KEYS:  # a failure could not be counted: refuse
+                    return Decision(False, retry_after=1.0, why="the throttle table is full of lockouts")
                 continue
             if record.locked_until > now:
                 return Decision(False, retry_after=record.locked_until - now, why=f"{kind} locked out")
@@ -137,23 +153,26 @@ class LoginThrottle:
                 delay = max(delay, min(MAX_DELAY, 2.0 ** (len(record.failures) - 1)))
         return Decision(True, delay=delay)
 
-    def begin(self, address: str | None) -> None:
-        key = address_key(address)
-        self._pending[key] = self._pending.get(key, 0) + 1
+    def begin(self, username: str, address: str | None) -> None:
+        for key in self._keys(username, address):
+            self._pending[key] = self._pending.get(key, 0) + 1
 
-    def end(self, address: str | None) -> None:
-        key = address_key(address)
-        left = self._pending.get(key, 0) - 1
-        if left > 0:
-            self._pending[key] = left
-        else:
-            self._pending.pop(key, None)
+    def end(self, username: str, address: str | None) -> None:
+        for key in self._keys(username, address):
+            left = self._pending.get(key, 0) - 1
+            if left > 0:
+                self._pending[key] = left
+            else:
+                self._pending.pop(key, None)
 
     def failure(self, username: str, address: str | None) -> None:
         now = self.clock()
         for kind, key in self._keys(username, address):
             record = self._record(kind, key, now, create=True)
-            assert record is not None
+            if record is None:
+                log.warning("login throttle: table full of lockouts, a failure of %s %s not counted", kind,
+                            key if kind == "addr" else printable_username(key))
+                continue
             record.failures.append(now)
             if len(record.failures) >= self._limit(kind):
                 record.locked_until = now + self.config.lockout
@@ -194,13 +213,13 @@ class ThrottledAuthenticator:
             return AuthResult(
                 Outcome.THROTTLED, reason=decision.why, retry_after=max(1, math.ceil(decision.retry_after))
             )
-        self.throttle.begin(address)
+        self.throttle.begin(username, address)
         try:
             if decision.delay:
                 await asyncio.sleep(decision.delay)
             result = await self.inner.authenticate(username, password, address)
         finally:
-            self.throttle.end(address)
+            self.throttle.end(username, address)
         if result.outcome is Outcome.DENIED:
             self.throttle.failure(username, address)
         elif result.ok:

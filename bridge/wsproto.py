@@ -61,7 +61,7 @@ def _encode(**fields: Any) -> str:
 
 
 def session_message(session_id: str, idle_timeout: float, offset: int = 0, reconnect_grace: float | None = None) -> str:
-    """`reconnect_grace` (beyond SPEC) tells the page how long it may try to reattach."""
+    """`reconnect_grace` tells the page how long it may try to reattach."""
     fields: dict[str, Any] = {"type": "session", "id": session_id, "idle_timeout": round(idle_timeout), "offset": offset}
     if reconnect_grace is not None:
         fields["reconnect_grace"] = round(reconnect_grace)

@@ -6,24 +6,22 @@ import logging
 import os
 import shutil
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import docker
 import pytest
 from aiohttp import web
 
 from bridge.app import build_app
-from bridge.config import Config, load_config
+from bridge.config import load_config
 from bridge.upstream import SessionKeys
 from bridge.web.login import LoginRegistry
 from helpers import (
-    CHROMIUM, CHROMIUM_FLAGS, PASSWORDS, ROOT, TEST_IMAGE, GatewayProcess, HostUser, Terminal, create_user,
-    csrf_token, delete_user, find_secrets, free_port, private_key_fragments, session_containers, write_config,
+    CHROMIUM, CHROMIUM_FLAGS, PASSWORDS, ROOT, TEST_IMAGE, Gateway, GatewayProcess, HostUser, create_user,
+    delete_user, find_secrets, free_port, private_key_fragments, session_containers, write_config,
 )
-from redis_server import RedisServer
+from testbed.redis_server import RedisServer
 
 PAM_SERVICE = f"termbridge-test-{os.getpid()}"
 # State dirs of every gateway this run started: their instance ids scope the leak check, so that
@@ -156,50 +154,6 @@ def user(make_user: Callable[..., HostUser]) -> HostUser:
     return make_user()
 
 
-@dataclass
-class Gateway:
-    url: str
-    config: Config
-    app: web.Application
-    config_path: Path | None = None
-
-    @property
-    def origin(self) -> str:
-        return self.url
-
-    async def login(self, user: HostUser, password: str | None = None, **client: Any) -> aiohttp.ClientSession:
-        """A client session holding the login cookie (raises if the login fails); `client` goes to
-        aiohttp.ClientSession (e.g. a connector for TLS)."""
-        http = aiohttp.ClientSession(base_url=self.url, cookie_jar=aiohttp.CookieJar(unsafe=True), **client)
-        resp = await http.post(
-            "/login",
-            data={"username": user.name, "password": password or user.password, "csrf": await csrf_token(http)},
-            headers={"Origin": self.origin},
-            allow_redirects=False,
-        )
-        if resp.status != 303:
-            await http.close()
-            raise AssertionError(f"login of {user.name} failed: {resp.status}")
-        return http
-
-    async def attempt_login(self, username: str, password: str) -> int:
-        """One login attempt through the form (CSRF token included); the HTTP status."""
-        async with aiohttp.ClientSession(base_url=self.url, cookie_jar=aiohttp.CookieJar(unsafe=True)) as http:
-            resp = await http.post(
-                "/login",
-                data={"username": username, "password": password, "csrf": await csrf_token(http)},
-                headers={"Origin": self.origin},
-                allow_redirects=False,
-            )
-            return resp.status
-
-    async def terminal(self, http: aiohttp.ClientSession, path: str = "/ws", cols: int = 80, rows: int = 24) -> Terminal:
-        ws = await http.ws_connect(path, headers={"Origin": self.origin}, max_msg_size=0)
-        term = Terminal(ws)
-        await term.resize(cols, rows)
-        return term
-
-
 @pytest.fixture
 async def start_gateway(
     tmp_path: Path, pam_service: str, docker_engine: docker.DockerClient, state_dir: Callable[[], Path]
@@ -254,7 +208,7 @@ async def pw() -> AsyncIterator[Any]:
     from playwright.async_api import async_playwright
 
     if not Path(CHROMIUM).exists():
-        pytest.fail(f"{CHROMIUM} missing: apt-get install chromium (.ci/run does)")
+        pytest.fail(f"{CHROMIUM} missing: apt-get install chromium (`make test` does)")
     async with async_playwright() as driver:
         yield driver
 

@@ -13,7 +13,7 @@ from yarl import URL
 
 from bridge.auth import Outcome, PamAuthenticator
 from bridge.web.login import COOKIE_NAME, LOGIN_FAILED
-from helpers import csrf_token
+from helpers import assert_same_timing, csrf_token, refusal_times
 
 
 async def post_login(gateway, username, password, origin=None, headers=None):
@@ -152,3 +152,21 @@ def test_the_log_scan_finds_planted_secrets():
     ]
     found = find_secrets(lines, ["pw-hunter2-xyz", cookie_secret, *private_key_fragments(key)])
     assert len(found) == 4 and all("hunter2" not in line for line in found)
+
+
+async def test_refusal_timing_does_not_tell_which_accounts_exist(start_gateway, make_user):
+    """Unknown names and a nologin account are refused as slowly as a real account's wrong
+    password (PAM's failure delay), so timing does not reveal who has an account."""
+    gateway = await start_gateway(
+        auth={"failure_window": 0.01, "pam_workers": 12}, web={"trusted_proxies": ["127.0.0.1"]}
+    )
+    known = [make_user() for _ in range(6)]
+    nologin = make_user(shell="/usr/sbin/nologin")
+
+    async def attempt(name: str, password: str, address: str) -> None:
+        status, _, _ = await post_login(gateway, name, password, headers={"X-Forwarded-For": address})
+        assert status == 401
+
+    unknown = ["tbnobody" + secrets.token_hex(3) for _ in range(4)]
+    wrong, refused = await refusal_times(attempt, known, [*unknown, nologin.name, nologin.name])
+    assert_same_timing(wrong, refused)

@@ -22,10 +22,10 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from conftest import Gateway
 from bridge.web.login import COOKIE_NAME
 from helpers import (
-    PROMPT, ROOT, Terminal, containers_gone, free_port, self_signed_cert, stop_process, wait_for, write_config,
+    PROMPT, ROOT, Gateway, Terminal, containers_gone, free_port, self_signed_cert, stop_process, wait_for,
+    write_config,
 )
 
 NGINX = Path("/usr/sbin/nginx")
@@ -62,7 +62,7 @@ async def nginx_in_front(tmp_path: Path) -> AsyncIterator:
     """Starts Debian's nginx, as a child process with a private prefix, running the shipped site
     in front of a gateway address; stopped after the test."""
     if not NGINX.exists():
-        pytest.fail(f"{NGINX} missing: apt-get install nginx (.ci/run does)")
+        pytest.fail(f"{NGINX} missing: apt-get install nginx (`make test` does)")
     procs: list[subprocess.Popen] = []
 
     async def start(*gateway_urls: str) -> Nginx:
@@ -160,7 +160,7 @@ async def test_login_and_terminal_through_nginx_with_tls(start_gateway, nginx_in
 def test_systemd_unit_is_valid_and_restarts_on_failure(tmp_path):
     analyze = shutil.which("systemd-analyze")
     if analyze is None:
-        pytest.fail("systemd-analyze missing: apt-get install systemd (.ci/run does)")
+        pytest.fail("systemd-analyze missing: apt-get install systemd (`make test` does)")
     text = UNIT.read_text()
     # systemd insists that ExecStart exists: point it at this checkout's termbridge for the check
     local = replace_once(text, "ExecStart=/opt/termbridge/bin/termbridge", f"ExecStart={Path(sys.executable).parent}/termbridge")

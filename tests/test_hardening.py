@@ -3,11 +3,13 @@ tmpfs, no-new-privileges, no Docker socket, no host mounts; and the root mode.""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 import bridge.docker_backend
-from bridge.docker_backend import LOG_FILE_BYTES, LOG_FILES, SESSION_CAPS
-from helpers import PROMPT, TEST_IMAGE, session_containers
+from bridge.docker_backend import LOG_FILE_BYTES, LOG_FILES, SESSION_CAPS, DockerBackend
+from helpers import PROMPT, TEST_IMAGE, containers_gone, session_containers
 
 # Linux capability numbers (linux/capability.h) of the set the session image needs.
 CAP_NUMBERS = {"CHOWN": 0, "SETGID": 6, "SETUID": 7, "SYS_CHROOT": 18, "AUDIT_WRITE": 29}
@@ -100,17 +102,58 @@ async def test_root_mode_is_root_without_the_capabilities(start_gateway, user):
         await term.control("exit")
 
 
-@pytest.mark.parametrize("missing", SESSION_CAPS)
-async def test_every_capability_in_the_set_is_needed(start_gateway, user, monkeypatch, missing):
-    """Verifies the set is minimal: without any one of them no shell comes up."""
-    monkeypatch.setattr(bridge.docker_backend, "SESSION_CAPS", tuple(c for c in SESSION_CAPS if c != missing))
-    gateway = await start_gateway(session={"start_timeout": "4s"})
+# How a start fails once the container runs and its sshd lacks a capability: the SSH handshake or
+# the shell's channel breaks, or never completes. A failure before the container is up (Docker,
+# the image, the network) is a failure for the wrong reason.
+SSHD_FAILURE = re.compile(
+    r"ssh to \S+ failed|sshd at \S+ not reachable|ConnectionLost|DisconnectError|ChannelOpenError|TimeoutError"
+)
+
+
+@pytest.mark.parametrize("missing", [None, *SESSION_CAPS], ids=["none (control)", *SESSION_CAPS])
+async def test_every_capability_in_the_set_is_needed(start_gateway, user, monkeypatch, caplog, missing):
+    """The set is minimal: without any one capability the container's sshd cannot bring a shell
+    up, and with all of them, everything else alike (the control), it does."""
+    caps = tuple(c for c in SESSION_CAPS if c != missing)
+    monkeypatch.setattr(bridge.docker_backend, "SESSION_CAPS", caps)
+    granted: list[list[str]] = []  # observed, not replaced: the real calls run
+    running: list[str] = []
+    host_config, start = DockerBackend._host_config, DockerBackend.start
+
+    def observed_host_config(self, api, root):
+        config = host_config(self, api, root)
+        granted.append(sorted(config["CapAdd"]))
+        return config
+
+    async def observed_start(self, spec):
+        container = await start(self, spec)
+        running.append(container.id)
+        return container
+
+    monkeypatch.setattr(DockerBackend, "_host_config", observed_host_config)
+    monkeypatch.setattr(DockerBackend, "start", observed_start)
+    gateway = await start_gateway(session={"start_timeout": "10s"})
     async with await gateway.login(user) as http:
         term = await gateway.terminal(http)
-        exit_msg = await term.control("exit", timeout=60)
-        assert exit_msg["reason"] == "error", exit_msg
-        assert "session" not in [m["type"] for m in term.controls]
-        assert PROMPT.search(bytes(term.output)) is None
+        if missing is None:
+            await term.control("session")
+            await term.expect(PROMPT)
+            await term.send("exit\r")
+            assert (await term.control("exit"))["reason"] == "exit"
+        else:
+            while not {"session", "exit"} & {m["type"] for m in term.controls}:
+                await term._receive(60)
+            assert "session" not in [m["type"] for m in term.controls], f"a shell came up without {missing}"
+            assert (await term.control("exit"))["reason"] == "error", term.controls
+            assert PROMPT.search(bytes(term.output)) is None
+    assert granted == [sorted(caps)] and len(running) == 1  # the container ran, with exactly this set
+    if missing is not None:
+        failures = [
+            r.getMessage() + (repr(r.exc_info[1]) if r.exc_info else "")
+            for r in caplog.records if r.name == "termbridge.sessions" and "start failed" in r.getMessage()
+        ]
+        assert len(failures) == 1 and SSHD_FAILURE.search(failures[0]), failures
+    await containers_gone(**{"termbridge.user": user.name})
 
 
 async def test_an_image_from_before_the_hardening_is_refused_clearly(start_gateway, user, docker_engine):

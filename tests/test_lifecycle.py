@@ -194,7 +194,7 @@ async def test_docker_outage_then_recovery(gateway, user):
 
 
 async def _start_dockerd() -> None:
-    """Start dockerd again as .ci/run does, retrying while the old one's leftovers clear."""
+    """Start dockerd again as scripts/setup-host.sh does, retrying while the old one's leftovers clear."""
     for _ in range(5):
         if _docker_up():
             return

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 from bridge.sessions import IdleAction, idle_step, warn_before
 from helpers import PROMPT, containers_gone
@@ -39,18 +40,28 @@ async def test_idle_timeout_warns_then_ends(start_gateway, user):
 
 
 async def test_keystrokes_reset_the_idle_clock(start_gateway, user):
-    gateway = await start_gateway(session={"idle_timeout": "3s"})
+    """Typing keeps a session alive past the limit, and the idle end comes a full limit after the
+    last keystroke: only a clock that each keystroke restarts does both."""
+    limit = 3
+    gateway = await start_gateway(session={"idle_timeout": f"{limit}s"})
     async with await gateway.login(user) as http:
         term = await gateway.terminal(http)
         await term.control("session")
         await term.expect(PROMPT)
-        for _ in range(8):  # 4 s of typing, longer than the limit
+        started = time.monotonic()
+        while time.monotonic() - started < limit + 1.5:  # typing, never a pause near the limit
             await term.send(" ")
-            await asyncio.sleep(0.5)
-        assert not any(m["type"] == "exit" for m in term.controls)
+            await term.expect(b" ", timeout=5)  # read as we go: a warning or an end would show
+            await asyncio.sleep(0.4)
         await term.send("\x15")  # clear the line
-        exit_msg = await term.control("exit", timeout=10)
+        assert (await term.run("echo alive")).strip() == "alive"
+        last_keystroke = time.monotonic()
+        assert [m["type"] for m in term.controls] == ["session"], term.controls
+        exit_msg = await term.control("exit", timeout=limit + 10)
+        idle_for = time.monotonic() - last_keystroke
         assert exit_msg["reason"] == "idle"
+        assert limit - 0.5 <= idle_for <= limit + 2, idle_for
+        assert [m["type"] for m in term.controls] == ["session", "idle-warning", "exit"], term.controls
 
 
 async def test_max_lifetime_ends_a_busy_session(start_gateway, user):

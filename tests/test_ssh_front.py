@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
+import logging
 import os
 import re
 import secrets
 import signal
 import subprocess
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,10 +25,12 @@ from bridge.app import SSH_DOOR
 from bridge.config import SessionConfig
 from bridge.docker_backend import DockerBackend
 from bridge.errors import ConfigError
-from bridge.ssh_front import load_or_create_host_key, read_authorized_keys
+from bridge.ssh_front import MAX_ENV_VARS, load_or_create_host_key, read_authorized_keys
 from bridge.web.keys import MANAGER
-from conftest import Gateway
-from helpers import PROMPT, HostUser, containers_gone, free_port, session_containers, wait_for
+from helpers import (
+    PROMPT, Gateway, HostUser, assert_same_timing, containers_gone, free_port, refusal_times, session_containers,
+    wait_for,
+)
 
 SSH_ON = {"listen": "127.0.0.1:0"}
 
@@ -477,6 +482,7 @@ async def test_input_on_any_channel_keeps_the_session(start_door, user):
     door = await start_door(session={"idle_timeout": "2s"})
     async with door.connect(user) as conn:
         shell = await conn.create_process(term_type="xterm", encoding=None)
+        await asyncio.wait_for(shell.stdout.readuntil(b"$ "), 60)  # the session runs: its clock too
         feeder = await conn.create_process("cat > /dev/null", encoding=None)
         for _ in range(8):  # 3.2 s of input, well past the 2 s idle timeout
             feeder.stdin.write(b".")
@@ -562,4 +568,301 @@ async def test_gateway_shutdown_tells_ssh_clients_why(gateway_process, tmp_path,
         assert await process.wait(15) == 0
     finally:
         kill_group(client)
+    await containers_gone(**{"termbridge.user": user.name})
+
+
+# -- security checks survive `python -O` ------------------------------------------------------------
+
+
+def test_no_assert_statement_in_the_gateway():
+    """`python -O` strips asserts: no check in bridge/ may rely on one."""
+    import ast
+
+    found = [
+        f"{path.name}:{node.lineno}"
+        for path in sorted((Path(__file__).parent.parent / "bridge").rglob("*.py"))
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Assert)
+    ]
+    assert not found, found
+
+
+def test_a_login_our_checks_did_not_vouch_for_gets_no_session_under_python_O():
+    """The SSH door's last check (the user asyncssh says logged in is the one our checks vouched
+    for), run under `python -O`: a mismatch closes the connection and starts nothing."""
+    script = """
+import asyncio
+from bridge.auth import AuthenticatedUser
+from bridge.ssh_front import SshConnection
+
+class Conn:
+    closed = None
+    def get_extra_info(self, name):
+        return {"username": "mallory", "peername": ("192.0.2.9", 1)}.get(name)
+    def is_closed(self):
+        return False
+    def disconnect(self, code, reason):
+        Conn.closed = reason
+
+class Manager:
+    created = []
+    def note_login(self, *args):
+        pass
+    async def create(self, user, door, sink):
+        Manager.created.append(user.name)
+
+class Door:
+    connections = set()
+    manager = Manager()
+
+async def main():
+    connection = SshConnection(Door())
+    connection.connection_made(Conn())
+    connection.user = AuthenticatedUser("alice", 1000, 1000)
+    connection.auth_completed()
+    await asyncio.sleep(0.1)
+    print(Conn.closed, Manager.created)
+
+asyncio.run(main())
+"""
+    done = subprocess.run(
+        [sys.executable, "-O", "-c", script], capture_output=True, text=True, timeout=60,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)},
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[0] == "authentication failed []", done.stdout + done.stderr
+
+
+# -- password guesses the client gives up on ---------------------------------------------------------
+
+
+async def abandon_password(door: Door, name: str, password: str, after: float, source: str = "127.0.0.1") -> None:
+    """One password from `source`; the client gives up (drops the connection) after `after` s."""
+    try:
+        async with asyncio.timeout(after):
+            async with door.connect(HostUser(name, password), local_addr=(source, 0)):
+                pass
+    except (TimeoutError, asyncssh.Error, OSError):
+        pass
+
+
+def audit_events(path: Path, kind: str) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [e for e in map(json.loads, path.read_text().splitlines()) if e["event"] == kind]
+
+
+async def test_abandoned_password_guesses_are_counted_audited_and_lock_out(start_door, user, tmp_path):
+    """12 wrong passwords, each abandoned after 0.5 s: every one is audited, those PAM heard count
+    as failures, and the lockout they earn holds against the right password."""
+    audit = tmp_path / "audit.log"
+    door = await start_door(auth={"max_failures": 3, "lockout": "10m"}, audit={"log": str(audit)})
+    for i in range(12):
+        await abandon_password(door, user.name, f"wrong-guess-{i}", after=0.5)
+
+    def logins() -> list[dict[str, Any]]:
+        return [e for e in audit_events(audit, "login") if e["user"] == user.name and e["door"] == "ssh"]
+
+    await wait_for(lambda: len(logins()) >= 12, timeout=40, what="12 audited ssh logins")
+    results = [e["result"] for e in logins()]
+    assert results.count("denied") >= 3 and set(results) <= {"denied", "throttled"}, results
+    with pytest.raises(asyncssh.PermissionDenied):
+        async with door.connect(user):
+            pass
+    assert logins()[-1]["result"] == "throttled"
+    assert not session_containers(**{"termbridge.user": user.name})
+
+
+async def test_abandoned_checks_do_not_take_the_pam_workers_others_need(start_door, make_user):
+    """One address keeps sending 3 guesses at a time and abandoning them after 0.5 s; meanwhile
+    another person, from another address, logs in 4 times: never waiting for a PAM worker."""
+    door = await start_door(auth={"pam_workers": 4, "max_failures": 1000, "max_failures_per_address": 1000})
+    target, other = make_user(), make_user()
+
+    async def attack() -> None:
+        for batch in range(10):
+            await asyncio.gather(*(
+                abandon_password(door, target.name, f"wrong-{batch}-{i}", after=0.5, source="127.0.0.3")
+                for i in range(3)
+            ))
+
+    attacker = asyncio.create_task(attack())
+    await asyncio.sleep(1.5)
+    took = []
+    for _ in range(4):
+        started = asyncio.get_running_loop().time()
+        async with door.connect(other, local_addr=("127.0.0.2", 0)):
+            took.append(asyncio.get_running_loop().time() - started)
+        await asyncio.sleep(0.3)
+    await attacker
+    assert max(took) < 1.0, f"logins waited for PAM workers: {[round(t, 2) for t in took]}"
+    await containers_gone(**{"termbridge.user": other.name})
+
+
+async def test_refusal_timing_does_not_tell_which_accounts_exist(start_door, make_user):
+    """The SSH door's refusals of unknown names and a nologin account take as long as a real
+    account's wrong password."""
+    door = await start_door(auth={"failure_window": 0.01, "pam_workers": 12})
+    known = [make_user() for _ in range(6)]
+    nologin = make_user(shell="/usr/sbin/nologin")
+
+    async def attempt(name: str, password: str, address: str) -> None:
+        with pytest.raises(asyncssh.PermissionDenied):
+            async with door.connect(HostUser(name, password), local_addr=(address, 0)):
+                pass
+
+    unknown = ["tbnobody" + secrets.token_hex(3) for _ in range(4)]
+    wrong, refused = await refusal_times(attempt, known, [*unknown, nologin.name, nologin.name])
+    assert_same_timing(wrong, refused)
+
+
+# -- passwords typed as the user name ----------------------------------------------------------------
+
+TYPED_SECRETS = ["Hunter2!Correct Horse", "correct.horse-battery9"]  # the second looks like a user name
+
+
+async def test_a_password_typed_as_the_user_name_is_never_logged_or_audited(start_door, user, tmp_path, caplog):
+    """Both doors, each secret typed as the user name: it is in no log line (at DEBUG, the server's
+    asyncssh included) and no audit event; the events say `<unknown name, N chars>` instead. A real
+    account's name is still logged."""
+    caplog.set_level(logging.DEBUG)
+    audit = tmp_path / "audit.log"
+    door = await start_door(audit={"log": str(audit)})
+    for secret in TYPED_SECRETS:  # OpenSSH as the client: asyncssh would log the name client-side
+        assert await door.gateway.attempt_login(secret, "whatever") == 401
+        argv = door.ssh(HostUser(secret, ""), "true", options=["-o", "NumberOfPasswordPrompts=1"])
+        rc, _, _ = await door.run(argv, password="whatever")
+        assert rc != 0
+    assert await door.gateway.attempt_login(user.name, "not-" + user.password) == 401
+    await wait_for(lambda: len(audit_events(audit, "login")) >= 5, what="5 audited logins")
+    logins = audit_events(audit, "login")
+    for secret in TYPED_SECRETS:
+        assert secret not in audit.read_text()
+        assert not [r for r in caplog.records if secret in r.getMessage()], secret
+        assert f"<unknown name, {len(secret)} chars>" in {e["user"] for e in logins}
+    assert user.name in {e["user"] for e in logins}
+
+
+# -- env requests --------------------------------------------------------------------------------------
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+async def test_env_requests_are_capped_per_channel_and_connection(gateway_process, user):
+    """60 MB of `env` requests on one channel of a real gateway process: its RSS stays flat while
+    the channel is open, and the container sees at most the per-channel cap of them; over many
+    channels the connection's budget runs out, with a log line for the admin."""
+    port = free_port()
+    gateway = gateway_process(ssh={"listen": f"127.0.0.1:{port}"})
+    await gateway.start()
+    pid = gateway.proc.pid
+    value = "x" * 2000
+    async with asyncssh.connect(
+        "127.0.0.1", port, username=user.name, password=user.password, known_hosts=None, client_keys=None,
+        agent_path=None, config=[], preferred_auth="password",
+    ) as conn:
+        assert (await conn.run("true", check=True)).exit_status == 0  # the container is up
+        before = rss_mb(pid)
+        env = {f"LC_T{i}": value for i in range(30_000)}
+        proc = await conn.create_process("printenv | grep -c '^LC_T'; sleep 3", env=env)
+        first = await asyncio.wait_for(proc.stdout.readline(), 60)
+        during = rss_mb(pid)
+        proc.close()
+        counts = []
+        for _ in range(20):
+            result = await conn.run("printenv | grep -c '^LC_T' || true", env={f"LC_T{i}": value for i in range(8)})
+            counts.append(int(result.stdout.strip()))
+    assert during - before < 20, f"gateway RSS grew from {before:.0f} to {during:.0f} MB"
+    assert 0 < int(first) <= MAX_ENV_VARS
+    assert counts[0] == 8 and counts[-1] == 0, counts  # the connection's budget ran out
+    assert "ssh env requests from 127.0.0.1 refused" in gateway.log()
+
+
+# -- authorized_keys options and files ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("options", "argv", "expected"),
+    [
+        ('expiry-time="20200101" ', ["true"], None),  # expired: refused
+        ('expiry-time="20991231Z" ', ["echo", "in-time"], b"in-time"),
+        ("restrict ", ["-tt", "tty"], "PTY allocation request failed"),
+        ("restrict,pty ", ["-tt", "tty"], b"/dev/pts/"),
+        ("no-pty ", ["-tt", "tty"], "PTY allocation request failed"),
+        ('command="echo forced" ', ["echo", "asked"], b"forced"),
+        ('from="192.0.2.1" ', ["true"], None),
+        ('from="127.0.0.1",no-agent-forwarding,no-user-rc,permitopen="a:1",environment="A=b" ', ["echo", "ok"], b"ok"),
+        ("bogus-option ", ["true"], None),  # unknown: the key is skipped
+        ("verify-required ", ["true"], None),  # not implemented: skipped, not ignored
+        ("cert-authority ", ["true"], None),
+    ],
+)
+async def test_authorized_keys_options_are_honoured_like_sshd(door, user, tmp_path, options, argv, expected):
+    key = install_key(user, tmp_path, options=options)
+    tty = [argv.pop(0)] if argv[0] == "-tt" else []
+    rc, out, err = await door.run(["ssh", *door.options(*key_options(key)), *tty, "-p", str(door.port),
+                                   f"{user.name}@127.0.0.1", *argv])
+    if expected is None:
+        assert rc == 255 and "Permission denied" in err, (rc, out, err)
+    elif isinstance(expected, str):  # what OpenSSH says when the pty is refused
+        assert expected in err and "Permission denied" not in err, (rc, out, err)
+    else:
+        assert expected in out, (rc, out, err)
+    await containers_gone(**{"termbridge.user": user.name})
+
+
+@pytest.mark.parametrize("content", ["# only a comment\n", 'no-pty,bad-option="x" ssh-ed25519 AAAA\n', "garbage\n"])
+async def test_a_broken_authorized_keys_only_turns_key_login_off(door, user, tmp_path, caplog, content):
+    key = install_key(user, tmp_path)
+    authorized = Path(os.path.expanduser(f"~{user.name}")) / ".ssh" / "authorized_keys"
+    good = authorized.read_text()
+    authorized.write_text(content)
+    with caplog.at_level(logging.WARNING, logger="termbridge.ssh"):
+        rc, out, err = await door.run(door.ssh(user, "echo by-password", options=["-o", "PubkeyAuthentication=no"]),
+                                      password=user.password)
+    assert (rc, out.strip()) == (0, b"by-password"), err
+    assert any("authorized_keys of " + user.name in r.getMessage() for r in caplog.records)
+    authorized.write_text(content + good)  # a bad line does not spoil the good one after it
+    rc, out, err = await door.run(door.ssh(user, "echo by-key", options=key_options(key)))
+    assert (rc, out.strip()) == (0, b"by-key"), err
+    await containers_gone(**{"termbridge.user": user.name})
+
+
+@pytest.mark.parametrize("target", ["root-only file", "device"])
+async def test_authorized_keys_is_read_with_the_users_permissions(door, user, tmp_path, target, monkeypatch):
+    """A symlink to a file only root may read, or to a device: no key login (and the device is
+    never opened), while the password still works."""
+    key = install_key(user, tmp_path)
+    authorized = Path(os.path.expanduser(f"~{user.name}")) / ".ssh" / "authorized_keys"
+    if target == "device":
+        pointed = Path("/dev/ptmx")
+    else:
+        pointed = Path("/root") / f"tb-authorized-{secrets.token_hex(3)}"
+        pointed.write_text(authorized.read_text())
+        pointed.chmod(0o600)
+    authorized.unlink()
+    os.symlink(pointed, authorized)
+    opened: list[str] = []
+    real_open = os.open
+
+    def watched_open(path, *args, **kwargs):  # type: ignore[no-untyped-def]
+        opened.append(os.path.realpath(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", watched_open)
+    try:
+        rc, _, err = await door.run(door.ssh(user, "true", options=key_options(key)))
+        assert rc == 255 and "Permission denied" in err
+        rc, out, err = await door.run(door.ssh(user, "echo pw", options=["-o", "PubkeyAuthentication=no"]),
+                                      password=user.password)
+        assert (rc, out.strip()) == (0, b"pw"), err
+    finally:
+        if target != "device":
+            pointed.unlink()
+    assert "/dev/ptmx" not in opened
     await containers_gone(**{"termbridge.user": user.name})

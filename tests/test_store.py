@@ -24,7 +24,7 @@ from bridge.errors import ConfigError, StoreUnavailable
 from bridge.store import LoginRecord, SessionRecord, SessionSecret, Store, open_store
 from bridge.store.base import SecretBox
 from helpers import ROOT, private_key_fragments
-from redis_server import RedisServer
+from testbed.redis_server import RedisServer
 
 Replica = Callable[..., Awaitable[Store]]
 

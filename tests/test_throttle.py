@@ -83,15 +83,18 @@ def test_ipv6_counts_by_prefix():
     assert address_key(None) == "-"
 
 
-def test_attempts_in_flight_per_address_are_bounded():
+def test_attempts_in_flight_per_address_and_per_username_are_bounded():
     t, _ = make()
-    for _ in range(MAX_PENDING):
-        assert t.check("x", "192.0.2.3").allowed
-        t.begin("192.0.2.3")
-    assert not t.check("x", "192.0.2.3").allowed
-    assert t.check("x", "192.0.2.4").allowed
-    t.end("192.0.2.3")
-    assert t.check("x", "192.0.2.3").allowed
+    for i in range(MAX_PENDING):
+        assert t.check(f"x{i}", "192.0.2.3").allowed
+        t.begin(f"x{i}", "192.0.2.3")
+    assert not t.check("y", "192.0.2.3").allowed
+    assert t.check("y", "192.0.2.4").allowed
+    t.end("x0", "192.0.2.3")
+    assert t.check("y", "192.0.2.3").allowed
+    for i in range(MAX_PENDING):  # one name from many addresses
+        t.begin("victim", f"198.51.100.{i}")
+    assert not t.check("victim", "198.51.100.99").allowed
 
 
 def test_memory_stays_bounded(monkeypatch):
@@ -210,3 +213,49 @@ async def test_pam_sees_the_real_client_address(start_gateway, make_user, rhost_
     assert (await post(direct, user.name, user.password, forwarded_for="198.51.100.5"))[0] == 303
     assert (await post(proxied, user.name, user.password, forwarded_for="192.0.2.99, 198.51.100.5"))[0] == 303
     assert record.read_text().split() == ["127.0.0.1", "198.51.100.5"]
+
+
+def test_a_flood_of_new_names_and_addresses_never_releases_a_lockout(monkeypatch):
+    monkeypatch.setattr(throttle_mod, "MAX_KEYS", 50)
+    t, clock = make(max_failures=2, max_failures_per_address=2)
+    for _ in range(2):
+        t.failure("alice", "192.0.2.1")
+    assert not t.check("alice", "198.51.100.1").allowed
+    for i in range(5000):  # far more keys than the table holds, each with one failure
+        clock.now += 0.001
+        t.failure(f"flood{i}", f"10.{i // 65536}.{i // 256 % 256}.{i % 256}")
+        assert len(t._records) <= 50
+    refused = t.check("alice", "198.51.100.1")
+    assert not refused.allowed and refused.why == "user locked out"
+    assert not t.check("bob", "192.0.2.1").allowed  # the address lockout holds too
+
+
+def test_a_table_full_of_lockouts_refuses_keys_it_cannot_count(monkeypatch):
+    monkeypatch.setattr(throttle_mod, "MAX_KEYS", 20)
+    t, clock = make(max_failures=1, max_failures_per_address=1, lockout=300.0)
+    for i in range(10):  # 10 users and 10 addresses, every one locked out
+        t.failure(f"user{i}", f"10.0.0.{i}")
+    assert len(t._records) == 20
+    clock.now += 2
+    full = t.check("newcomer", "10.9.9.9")
+    assert not full.allowed and "full" in full.why  # its failure could not be counted
+    assert not t.check("user3", "10.9.9.9").allowed  # the lockouts all hold
+    clock.now += 300  # lockouts over: room again
+    assert t.check("newcomer", "10.9.9.9").allowed
+
+
+async def test_a_flood_through_the_web_door_does_not_release_a_lockout(start_gateway, make_user, monkeypatch):
+    """Lock alice out, then 80 logins under new names from 80 addresses (via a trusted proxy)
+    overflow a 40-record table: alice's right password is still refused."""
+    monkeypatch.setattr(throttle_mod, "MAX_KEYS", 40)
+    gateway = await start_gateway(
+        auth={"max_failures": 2, "lockout": "10m", "pam_workers": 32}, web={"trusted_proxies": ["127.0.0.1"]}
+    )
+    alice = make_user()
+    for _ in range(2):
+        assert (await post(gateway, alice.name, "wrong", "192.0.2.10"))[0] == 401
+    flood = [post(gateway, f"flood{i}", "x", f"10.1.{i // 250}.{i % 250}") for i in range(80)]
+    statuses = [s for s, _, _ in await asyncio.gather(*flood)]
+    assert set(statuses) <= {401, 429}
+    status, _, _ = await post(gateway, alice.name, alice.password, "198.51.100.20")
+    assert status == 429

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import re
 
-from helpers import PROMPT, TEST_IMAGE, containers_gone, session_containers
+from helpers import PROMPT, TEST_IMAGE, containers_gone, session_containers, wait_for
 
 
 async def test_session_runs_commands_and_exit_removes_container(gateway, user):
@@ -90,12 +90,17 @@ async def test_closing_the_socket_removes_the_container_after_the_grace(start_ga
     await containers_gone(**{"termbridge.session": session["id"]})
 
 
-async def test_socket_closed_during_start_leaves_nothing(gateway, user):
+async def test_socket_closed_during_start_leaves_nothing(gateway, user, caplog):
     async with await gateway.login(user) as http:
         term = await gateway.terminal(http)
-        await asyncio.sleep(0.05)  # the container is being created now
+        # close while the session starts: its container exists, its shell does not yet
+        await wait_for(lambda: session_containers(**{"termbridge.user": user.name}), interval=0.01,
+                       what="the session's container to be created")
         await term.ws.close()
     await containers_gone(**{"termbridge.user": user.name})
+    await asyncio.sleep(2)  # and no container lands late
+    assert not session_containers(**{"termbridge.user": user.name})
+    assert any("ended: reason=cancelled" in r.getMessage() for r in caplog.records), "the start was not cancelled"
 
 
 async def test_resize_reaches_the_pty(gateway, user):

@@ -73,7 +73,8 @@ def content_disposition(name: str) -> str:
 async def list_files(request: web.Request) -> web.StreamResponse:
     session = await _owned_session(request)
     path = request.query.get("path", "")
-    assert session.upstream is not None
+    if session.upstream is None:
+        raise _error(409, "this session has no container yet")
     try:
         async with HomeFiles.open(session.upstream) as files:
             listing = await files.list(path)
@@ -94,7 +95,8 @@ async def list_files(request: web.Request) -> web.StreamResponse:
 async def download(request: web.Request) -> web.StreamResponse:
     session = await _owned_session(request)
     path = request.query.get("path", "")
-    assert session.upstream is not None
+    if session.upstream is None:
+        raise _error(409, "this session has no container yet")
     response: web.StreamResponse | None = None
     try:
         async with HomeFiles.open(session.upstream) as files:
@@ -142,7 +144,8 @@ async def upload(request: web.Request) -> web.StreamResponse:
     path = request.query.get("path", "")
     limit = request.app[CONFIG].web.max_upload_size
     length = request.content_length
-    assert session.upstream is not None
+    if session.upstream is None:
+        raise _error(409, "this session has no container yet")
 
     async def chunks() -> AsyncIterator[bytes]:
         async for chunk in request.content.iter_chunked(homefiles.CHUNK):

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from ..auth import AuthenticatedUser, Outcome
+from ..auth import AuthenticatedUser, Outcome, printable_username
 from ..errors import StoreUnavailable
 from ..store import LoginRecord, Store
 from ..vocab import Actor, Door
@@ -166,7 +166,7 @@ async def login_submit(request: web.Request) -> web.StreamResponse:
         log.warning("login refused: missing or wrong CSRF token from %s", rhost)
         return _login_page(request, status=403, error=FORM_EXPIRED)
     result = await request.app[AUTHENTICATOR].authenticate(username, password, rhost)
-    request.app[MANAGER].note_login(username, rhost, Door.WEB, result.outcome, result.reason)
+    request.app[MANAGER].note_login(printable_username(username), rhost, Door.WEB, result.outcome, result.reason)
     if result.outcome is Outcome.THROTTLED:
         response = _login_page(
             request, status=429, error=THROTTLED.format(minutes=-(-result.retry_after // 60)), username=username

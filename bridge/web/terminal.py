@@ -56,7 +56,8 @@ class WebSocketSink:
 
     async def attached(self, offset: int, lost: int) -> None:
         session = self.session
-        assert session is not None, "started() comes first"
+        if session is None:
+            raise RuntimeError("attached() before started()")
         self.login.sessions.add(session.id)
         cfg = self.config.session
         await self.ws.send_str(

@@ -10,7 +10,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from helpers import free_port
+from testbed.gateway import free_port
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 
