@@ -196,15 +196,15 @@ class SessionManager:
         try:
             await self._provision(session, terminal, pooled)
         except asyncio.CancelledError:
-            self._finish(session, EndReason.CANCELLED)
+            self._failed(session, EndReason.CANCELLED)
             raise
         except BridgeError as exc:
             session.log.error("start failed: %s", exc.detail)
-            self._finish(session, EndReason.ERROR, exc.detail)
+            self._failed(session, EndReason.ERROR, exc.detail)
             raise
         except Exception as exc:
             session.log.exception("start failed")
-            self._finish(session, EndReason.ERROR, repr(exc))
+            self._failed(session, EndReason.ERROR, repr(exc))
             raise SessionStartError(detail=repr(exc)) from exc
         if session.ready_at is None:
             raise RuntimeError("a started session without ready_at")
@@ -265,6 +265,14 @@ class SessionManager:
                 port=container.port, ssh_user=container.ssh_user,
             )
         )
+
+    def _failed(self, session: Session, reason: EndReason, detail: str = "") -> None:
+        """A start that did not make it: finished, and its slot released now if it left no
+        container (one that lands later is removed, and its slot released, when it does)."""
+        self._finish(session, reason, detail)
+        if session.container is None and not session.removal_scheduled:
+            session.removal_scheduled = True
+            self._track(self._forget(session.id))
 
     @staticmethod
     def _check_not_ended(session: Session) -> None:
@@ -461,12 +469,9 @@ class SessionManager:
         session.taps.clear()
         if session.upstream is not None:
             session.upstream.close()
-        if not session.removal_scheduled:
+        if session.container is not None and not session.removal_scheduled:
             session.removal_scheduled = True
-            if session.container is not None:
-                self._track(self._remove(session.container.id, f"session {session.id[:12]}", session.id))
-            else:
-                self._track(self._forget(session.id))
+            self._track(self._remove(session.container.id, f"session {session.id[:12]}", session.id))
         self.sessions.pop(session.id, None)
         if session._ended.is_set():
             return  # killed while starting, finished again once its container landed

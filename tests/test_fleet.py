@@ -157,7 +157,7 @@ async def test_reapers_go_by_the_store(start_gateway, redis_url, user, tmp_path,
 
 
 async def test_a_store_outage_is_a_clear_error_and_sessions_go_on(start_gateway, user, tmp_path, caplog):
-    from redis_server import RedisServer
+    from testbed.redis_server import RedisServer
 
     server = RedisServer().start()
     try:
@@ -229,6 +229,56 @@ async def test_pooled_containers_hold_fleet_slots_claimed_at_login(start_gateway
 
 async def _no_slot(store, session_id: str) -> bool:
     return session_id not in await store.list_slots()
+
+
+async def test_a_start_holds_its_slot_until_its_container_is_gone(tmp_path):
+    """Against fakes at the backend and upstream seams, with a real store shared by two
+    managers: a session killed while its container starts still counts (on every gateway) until
+    that container has landed and been removed."""
+    import os
+
+    from bridge.auth import AuthenticatedUser
+    from bridge.config import load_config
+    from bridge.errors import LimitReached, SessionStartError
+    from bridge.session import TerminalRequest
+    from bridge.sessions import SessionManager
+    from bridge.store.base import SecretBox
+    from bridge.store.sqlite import SqliteStore
+    from bridge.vocab import Door
+    from fakes import FakeBackend, FakeConnect, RecordingSink, banner_server
+
+    alice = AuthenticatedUser("alice", 1000, 1000)
+    server = await banner_server()
+    port = server.sockets[0].getsockname()[1]
+    store = await SqliteStore.open(tmp_path / "state.db", SecretBox(os.urandom(32)))
+    config = load_config(write_config(tmp_path / "c.toml", tmp_path, "unused", session={"max_per_user": 1}), env={})
+    slow = FakeBackend(port)
+    slow.gate = asyncio.Event()
+    starting_gateway = SessionManager(config, slow, store, "gw-a", connect=FakeConnect())
+    other_gateway = SessionManager(config, FakeBackend(port), store, "gw-b", connect=FakeConnect())
+
+    async def open_on(manager: SessionManager) -> object:
+        return await manager.open_terminal(alice, Door.WEB, RecordingSink(), TerminalRequest())
+
+    try:
+        starting = asyncio.create_task(open_on(starting_gateway))
+        await wait_for(lambda: starting_gateway.sessions, timeout=2, interval=0.01, what="the start to begin")
+        [session] = starting_gateway.sessions.values()
+        await starting_gateway.kill(session)  # e.g. logout while the container starts
+        assert list(await store.list_slots()) == [session.id]
+        with pytest.raises(LimitReached, match="max_per_user"):
+            await open_on(other_gateway)
+        slow.gate.set()  # the container lands, is found ended, and goes
+        with pytest.raises(SessionStartError):
+            await starting
+        await wait_for(lambda: _no_slot(store, session.id), timeout=2, interval=0.01, what="the slot's release")
+        assert not slow.live
+        await open_on(other_gateway)  # the cap has room again
+    finally:
+        for manager in (starting_gateway, other_gateway):
+            await manager.close()
+        await store.close()
+        server.close()
 
 
 def state_dir_of(replica) -> Path:
