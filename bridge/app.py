@@ -130,7 +130,7 @@ def build_app(
     async def pam_pool(app: web.Application) -> AsyncIterator[None]:
         app[AUTHENTICATOR] = ThrottledAuthenticator(
             PamAuthenticator(config.auth.pam_service, config.auth.allowed_groups, config.auth.pam_workers),
-            LoginThrottle(config.auth),
+            LoginThrottle(config.auth, app[STORE]),
         )
         yield
         app[AUTHENTICATOR].close()

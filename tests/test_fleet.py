@@ -28,6 +28,7 @@ def fleet_sections(redis_url: str, secret_file: Path, **session: object) -> dict
     return {
         "store": {"url": redis_url, "secret_file": str(secret_file)},
         "web": {"trusted_proxies": ["127.0.0.1"]},
+        "auth": {"max_failures": 3, "lockout": "60s"},
         "session": {"max_per_user": 2, **session},
     }
 
@@ -58,10 +59,16 @@ class Direct:
         await self.http.close()
 
 
-async def test_a_fleet_behind_nginx_shares_logins_caps_and_logout(
-    gateway_process, redis_url, nginx_in_front, user, tmp_path  # noqa: F811
+async def test_a_fleet_behind_nginx_shares_logins_caps_throttle_and_logout(
+    gateway_process, redis_url, nginx_in_front, make_user, tmp_path  # noqa: F811
 ):
+    user, victim = make_user(), make_user()
     replicas = await start_fleet(gateway_process, redis_url, tmp_path)
+    # auth.max_failures = 3 wrong passwords, one on each gateway: locked out on every gateway.
+    for replica in replicas:
+        assert await replica.gateway.attempt_login(victim.name, "wrong") == 401
+    assert [await r.gateway.attempt_login(victim.name, victim.password) for r in replicas] == [429, 429, 429]
+
     front = await nginx_in_front(*(r.gateway.url for r in replicas))
     tls = ssl.create_default_context(cafile=str(front.cert))
     connector = aiohttp.TCPConnector(ssl=tls, local_addr=(CLIENT_ADDRESS, 0))
