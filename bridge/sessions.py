@@ -527,7 +527,7 @@ class SessionManager:
         if self.store is None:
             unowned = [info for info in await self.backend.list_own() if not ({info.id, info.session_id} & live)]
         else:
-            unowned = await self._unowned(live)
+            unowned = await self._unowned(self.store, live)
         for info in unowned:
             log.info("reaping container %s (session %s, user %s)", info.name, info.session_id[:12], info.user)
             await self.backend.stop(info.id)
@@ -537,7 +537,7 @@ class SessionManager:
             self.observers.containers_reaped(len(unowned))
         return len(unowned)
 
-    async def _unowned(self, live: set[str]) -> list[ContainerInfo]:
+    async def _unowned(self, store: Store, live: set[str]) -> list[ContainerInfo]:
         """The fleet's containers nothing owns. This gateway's memory owns its live sessions;
         another gateway's session record owns its container until the session's lifetime is over
         (a record of this gateway not in its memory is a previous run's: reaped). Another
@@ -545,10 +545,9 @@ class SessionManager:
         start may take (a pooled container's slot, user None, owns it for good), and by nothing
         after REAP_GRACE when it has no slot. Slots and records that own no container are
         released once they are that old (their gateway died)."""
-        assert self.store is not None
         now, stale = time.time(), 2 * self.config.session.start_timeout + REAP_GRACE
-        records = {r.id: r for r in await self.store.list_sessions()}
-        slots = await self.store.list_slots()
+        records = {r.id: r for r in await store.list_sessions()}
+        slots = await store.list_slots()
         # This gateway's own too: containers from before it labelled its fleet are its alone.
         containers = list({c.id: c for c in [*await self.backend.list_fleet(), *await self.backend.list_own()]}.values())
         unowned = []
@@ -579,11 +578,13 @@ class SessionManager:
     async def watch_fleet(self, interval: float = FLEET_INTERVAL) -> None:
         """Forever: end this gateway's sessions that another gateway's admin asked to end
         (`ended` set on the record, see `request_kill`)."""
-        assert self.store is not None
+        store = self.store
+        if store is None:
+            return
         while True:
             await asyncio.sleep(interval)
             try:
-                records = await self.store.list_sessions()
+                records = await store.list_sessions()
             except StoreUnavailable as exc:
                 log.warning("fleet watch: %s", exc.detail)
                 continue
@@ -599,22 +600,20 @@ class SessionManager:
             return []
         return await self.store.list_sessions()
 
-    async def request_kill(self, record: SessionRecord, wait: float = 5.0) -> bool:
+    async def request_kill(self, record: SessionRecord, wait: float = 5.0) -> None:
         """End a session another gateway serves: ask it through the store; if it has not ended
-        the session within `wait` s (that gateway is gone), remove the container here. True when
-        the session is gone."""
-        assert self.store is not None
-        if not await self.store.update_session(record.id, ended=True):
-            return True
+        the session within `wait` s (that gateway is gone), remove the container here."""
+        store = self.store
+        if store is None or not await store.update_session(record.id, ended=True):
+            return
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
             await asyncio.sleep(0.2)
-            if await self.store.get_session(record.id) is None:
-                return True
+            if await store.get_session(record.id) is None:
+                return
         log.warning("session %.12s: gateway %s did not end it; removing its container", record.id, record.gateway)
         await self.backend.stop(record.container_id)
         await self._forget(record.id)
-        return True
 
     def get(self, session_id: str) -> Session | None:
         return self.sessions.get(session_id)

@@ -128,6 +128,19 @@ async def test_admin_kills_a_session_another_gateway_serves(gateway_process, red
     code, out, _ = await run_cli("sessions", "list", "--config", str(replicas[1].config_path))
     assert code == 0 and session_id not in out
 
+    # A session whose gateway died: the kill waits for it a few seconds, then removes the container.
+    async with await replicas[0].gateway.login(user) as http:
+        term = await replicas[0].gateway.terminal(http)
+        orphan = (await term.control("session"))["id"]
+        await term.expect(PROMPT)
+        replicas[0].proc.kill()
+        replicas[0].proc.wait()
+    code, out, err = await run_cli("sessions", "kill", "--all", "--config", str(replicas[1].config_path))
+    assert code == 0 and orphan in out, err
+    await containers_gone(**{"termbridge.session": orphan})
+    code, out, _ = await run_cli("sessions", "list", "--config", str(replicas[1].config_path))
+    assert code == 0 and orphan not in out
+
 
 async def test_reapers_go_by_the_store(start_gateway, redis_url, user, tmp_path, monkeypatch):
     """A session record owns its container on every gateway; a container with neither record nor
