@@ -82,6 +82,16 @@ async def test_a_fleet_behind_nginx_shares_logins_caps_throttle_and_logout(
         try:
             assert [await d.page_status() for d in direct] == [200, 200, 200]
 
+            # A terminal through nginx: the WebSocket upgrade reaches whichever gateway.
+            ws = await http.ws_connect("/ws", headers={"Origin": front.https}, max_msg_size=0)
+            proxied_term = Terminal(ws)
+            proxied_id = (await proxied_term.control("session"))["id"]
+            await proxied_term.expect(PROMPT)
+            assert (await proxied_term.run("echo via-$((6*7))")).strip() == "via-42"
+            await proxied_term.send("exit\r")
+            assert (await proxied_term.control("exit"))["reason"] == "exit"
+            await containers_gone(**{"termbridge.session": proxied_id})
+
             # max_per_user = 2 holds across gateways: one session on each of two, the third refused.
             terms = [await d.terminal() for d in direct[:2]]
             ids = [(await t.control("session"))["id"] for t in terms]
