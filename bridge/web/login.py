@@ -87,9 +87,9 @@ class LoginRegistry:
         return self._login(record)
 
     async def revoke(self, login: Login) -> None:
-        """Log out everywhere; the caller ends `login.sessions`, this gateway's terminals of it."""
+        """Log out everywhere. The caller ends `login.sessions`, this gateway's terminals of it;
+        a terminal that was still starting and attaches later is ended by `watch`."""
         await self._store.delete_login(login.id)
-        self._local.pop(login.id, None)
 
     async def watch(self, end: Callable[[Login], Awaitable[None]], interval: float = WATCH_INTERVAL) -> None:
         """Forever: end this gateway's terminals of logins that are gone from the store (logged
@@ -189,6 +189,7 @@ async def login_submit(request: web.Request) -> web.StreamResponse:
     if previous is not None:
         if previous.user.name == login.user.name:
             login.sessions |= previous.sessions
+            previous.sessions.clear()  # they go on under the new login
         else:
             await end_terminals(request.app, previous, "another account logged in from this browser")
     response = web.HTTPSeeOther("/")
