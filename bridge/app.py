@@ -24,6 +24,7 @@ from aiohttp import web, web_response
 
 from . import resources
 from . import web as web_door
+from .accounts import AccountGuard
 from .admin import AdminServer
 from .admin import socket_path as admin_socket_path
 from .audit import AuditLog, AuditObserver, SessionRecorder
@@ -37,7 +38,7 @@ from .sessions import SessionManager
 from .ssh_front import SshDoor
 from .throttle import LoginThrottle, ThrottledAuthenticator
 from .store import open_store
-from .web.keys import AUTHENTICATOR, BACKEND, CONFIG, LOGINS, MANAGER, METRICS, STORE
+from .web.keys import ACCOUNTS, AUTHENTICATOR, BACKEND, CONFIG, LOGINS, MANAGER, METRICS, STORE
 from .web.login import Login, LoginRegistry, end_terminals
 from .web.terminal import close_websockets
 
@@ -152,16 +153,23 @@ def build_app(
         yield
         await manager.close()
 
-    async def login_watch(app: web.Application) -> AsyncIterator[None]:
-        """Ends this gateway's terminals of logins ended on another gateway (logout there)."""
+    async def account_guard(app: web.Application) -> AsyncIterator[None]:
+        """Earlier logins asked again; this gateway's terminals of logins ended on any gateway
+        (logout, an account that may no longer log in) end too."""
+        guard = AccountGuard(app[MANAGER], app[AUTHENTICATOR], config.auth.account_recheck, app[LOGINS].revoke_user)
+        app[ACCOUNTS] = guard
 
         async def end(login: Login) -> None:
             await end_terminals(app, login, "you logged out")
 
-        task = asyncio.create_task(app[LOGINS].watch(end), name="login-watch")
+        tasks = [
+            asyncio.create_task(guard.run(), name="account-recheck"),
+            asyncio.create_task(app[LOGINS].watch(end), name="login-watch"),
+        ]
         yield
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def admin_socket(app: web.Application) -> AsyncIterator[None]:
         admin = AdminServer(app[MANAGER], admin_socket_path(config.state_dir))
@@ -199,8 +207,8 @@ def build_app(
         yield
         await door.close()
 
-    app.cleanup_ctx.extend([state_dir, state_store, audit_log, docker_backend, pam_pool, sessions, login_watch, admin_socket, reaper, warm_pool,
-                            ssh_door])
+    app.cleanup_ctx.extend([state_dir, state_store, audit_log, docker_backend, pam_pool, sessions, account_guard,
+                            admin_socket, reaper, warm_pool, ssh_door])
     app.on_shutdown.append(tell_clients)
     return app
 

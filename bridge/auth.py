@@ -247,3 +247,11 @@ class PamAuthenticator:
         """Whether this account may log in with a public key: the same rules as a password login
         (name, shell, groups, locked, and PAM's account stage for expiry), minus the password."""
         return await self._run("key login account check", username, rhost, self._key_login_sync, rhost)
+
+    async def recheck(self, username: str, rhost: str | None = None) -> AuthResult:
+        """Whether an account that logged in earlier still may: the checks of `authorize_key`.
+        Asked at every web session start and periodically, so only refusals are logged."""
+        result = await asyncio.get_running_loop().run_in_executor(self._pool, self._key_login_sync, username, rhost)
+        if not result.ok:
+            log.info("account re-check %s for %r: %s", result.outcome.value, printable_username(username), result.reason)
+        return result

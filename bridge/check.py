@@ -60,7 +60,7 @@ def _config_arg(path: str | None) -> str:
 
 
 def check_docker(config: Config, config_arg: str) -> Iterator[Check]:
-    from .docker_backend import engine_facts  # the docker SDK stays behind its one module
+    from .docker_images import engine_facts  # the docker SDK stays behind the Docker modules
 
     image = config.session.image
     try:

@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
             serve(config, lambda: load_config(args.config))
             return 0
         if args.command == "image":
-            from .docker_backend import build_image
+            from .docker_images import build_image
 
             return build_image(config.session.image, base=args.base)
         if args.command == "sessions":

@@ -201,6 +201,9 @@ class AuthConfig:
     max_failures_per_address: int = _field(20, _int_range(1, 100_000), "failed logins from one address before lockout")
     failure_window: float = _field(15 * 60.0, parse_duration, "how long a failed login counts")
     lockout: float = _field(5 * 60.0, parse_duration, "how long a locked-out username or address is refused")
+    account_recheck: float = _field(
+        30.0, parse_duration, "how often the accounts of live sessions are checked again (locked, expired, ...)"
+    )
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""The Docker backend: the only module that imports the docker SDK.
+"""The Docker backend: sessions as containers on one engine. With docker_images.py (the image build
+and engine facts for the command line), the only modules that import the docker SDK.
 
 Every SDK call runs in this backend's own thread pool. Containers carry the termbridge.* labels, the
 session limits and a hardened host config; removal is idempotent (404 and 409 are success).
@@ -9,23 +10,19 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
-import os
 import socket
 import tarfile
 import threading
-import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, TypeVar
 
 import docker
 import docker.errors
 import requests.exceptions
 
-from . import netguard, resources
+from . import netguard
 from .backend import (
     LABEL_DOOR,
     LABEL_FLEET,
@@ -434,67 +431,3 @@ class DockerBackend:
     async def close(self) -> None:
         self._forget_client()
         self._pool.shutdown(wait=False, cancel_futures=True)
-
-
-SESSION_IMAGE_DIR = resources.session_image_dir()
-
-
-def build_image(tag: str, base: str | None = None, context: Path = SESSION_IMAGE_DIR) -> int:
-    """Build the session image (a command-line action, so blocking is fine here). Streams the
-    build log to stderr; returns 0 on success, 1 on a failed build."""
-    if not (context / "Dockerfile").is_file():
-        raise SessionStartError(f"no Dockerfile in {context}")
-    try:
-        api = docker.APIClient(version="auto", **docker.utils.kwargs_from_env())
-    except docker.errors.DockerException as exc:
-        raise BackendUnavailable(detail=f"Docker engine unreachable: {exc}") from exc
-    buildargs = {"BASE_IMAGE": base} if base else {}
-    print(f"building {tag} from {context}" + (f" on {base}" if base else ""), file=sys.stderr)
-    for chunk in api.build(path=str(context), tag=tag, buildargs=buildargs, rm=True, forcerm=True, decode=True):
-        if "stream" in chunk:
-            sys.stderr.write(chunk["stream"])
-        elif "error" in chunk:
-            print(f"build failed: {chunk['error']}", file=sys.stderr)
-            return 1
-    print(f"built {tag}", file=sys.stderr)
-    return 0
-
-
-@dataclass(frozen=True)
-class EngineFacts:
-    """What `termbridge check` reports about the Docker engine."""
-
-    host: str
-    version: str
-    api_version: str
-    security_options: tuple[str, ...]
-    image_id: str | None  # None: the image is not present
-    image_created: str | None
-
-
-def engine_facts(image: str) -> EngineFacts:
-    """Ask the engine about itself and the session image (a command-line action: blocking is
-    fine). Raises BackendUnavailable when the engine cannot be reached."""
-    try:
-        api = docker.APIClient(version="auto", timeout=15, **docker.utils.kwargs_from_env())
-    except docker.errors.DockerException as exc:
-        raise BackendUnavailable(detail=f"Docker engine unreachable: {exc}") from exc
-    try:
-        version = api.version()
-        info = api.info()
-        try:
-            inspected = api.inspect_image(image)
-        except docker.errors.ImageNotFound:
-            inspected = None
-        return EngineFacts(
-            host=os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock",
-            version=str(version.get("Version", "unknown")),
-            api_version=str(version.get("ApiVersion", "unknown")),
-            security_options=tuple(info.get("SecurityOptions") or ()),
-            image_id=inspected["Id"] if inspected else None,
-            image_created=inspected.get("Created") if inspected else None,
-        )
-    except (requests.exceptions.ConnectionError, docker.errors.DockerException) as exc:
-        raise BackendUnavailable(detail=f"Docker engine unreachable: {exc}") from exc
-    finally:
-        api.close()

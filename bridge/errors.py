@@ -23,6 +23,12 @@ class AuthUnavailable(BridgeError):
     user_message = "login is unavailable right now, try again later"
 
 
+class AccountRefused(BridgeError):
+    """An earlier login's account may no longer log in (locked, expired, removed, ...)."""
+
+    user_message = "your account may no longer log in here"
+
+
 class LimitReached(BridgeError):
     """A session limit refused a new session; the message says which one."""
 

@@ -14,6 +14,7 @@ import asyncio
 import enum
 import logging
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine
 from datetime import datetime
 from functools import partial
@@ -113,7 +114,14 @@ class SessionManager:
         self._connect = connect
         self.sessions: dict[str, Session] = {}
         self._cleanups: set[asyncio.Task] = set()
-        self._starting: set[asyncio.Future] = set()  # backend starts in flight (threads)
+        # Backend starts in flight (threads), by session id; a cancelled one stays until its
+        # container, if it landed, is removed.
+        self._starting: dict[str, asyncio.Future[Container]] = {}
+        # What each user holds against the caps: one per session from its first step until Docker
+        # confirmed its container gone (or its start failed leaving nothing), so that starts
+        # abandoned at once cannot pile up containers, nor Docker calls that others wait for.
+        self._held: Counter[str] = Counter()
+        self._holders: dict[str, str] = {}  # session id -> user, while it holds
         self._closing = False
         self.observers = Observers()
         self.pool = (
@@ -122,7 +130,7 @@ class SessionManager:
 
     def _room(self) -> int:
         """How many more containers this gateway may hold (sessions and pooled ones alike)."""
-        return self.config.session.max_total - len(self.sessions) - (self.pool.held if self.pool else 0)
+        return self.config.session.max_total - len(self._holders) - (self.pool.held if self.pool else 0)
 
     def note_login(self, user: str, rhost: str | None, door: Door, result: LoginResult, reason: str = "") -> None:
         """Every door reports each login attempt here (never the password), whatever its outcome,
@@ -132,7 +140,25 @@ class SessionManager:
     # -- limits -------------------------------------------------------------------------------
 
     def count_for(self, username: str) -> int:
-        return sum(1 for s in self.sessions.values() if s.user.name == username)
+        """Containers `username` holds: live sessions, starts and removals not yet done."""
+        return self._held[username]
+
+    def _hold(self, session: Session) -> None:
+        self._held[session.user.name] += 1
+        self._holders[session.id] = session.user.name
+
+    def _release(self, session_id: str) -> None:
+        """The session's container is gone (or never came): its slot is free. Idempotent."""
+        username = self._holders.pop(session_id, None)
+        if username is None:
+            return
+        self._held[username] -= 1
+        if self._held[username] <= 0:
+            del self._held[username]
+        if self.pool is not None:
+            self.pool.kick()  # a slot is free: the pool may refill up to max_total
+        if self.store is not None:
+            self._track(self._forget(session_id))
 
     def _check_limits(self, user: AuthenticatedUser) -> None:
         cfg = self.config.session
@@ -181,10 +207,12 @@ class SessionManager:
         pooled = self.pool.take() if self.pool is not None else None
         session = Session(user, door, sink, pooled.session_id if pooled else None)
         self.sessions[session.id] = session
+        self._hold(session)
         try:
             await self._reserve(session.id, user.name, pooled)
         except (LimitReached, StoreUnavailable, asyncio.CancelledError) as exc:
             self.sessions.pop(session.id, None)
+            self._release(session.id)
             if pooled is not None and self.pool is not None:
                 self.pool.give_back(pooled)
             if isinstance(exc, LimitReached):
@@ -196,15 +224,15 @@ class SessionManager:
         try:
             await self._provision(session, terminal, pooled)
         except asyncio.CancelledError:
-            self._failed(session, EndReason.CANCELLED)
+            self._finish(session, EndReason.CANCELLED)
             raise
         except BridgeError as exc:
             session.log.error("start failed: %s", exc.detail)
-            self._failed(session, EndReason.ERROR, exc.detail)
+            self._finish(session, EndReason.ERROR, exc.detail)
             raise
         except Exception as exc:
             session.log.exception("start failed")
-            self._failed(session, EndReason.ERROR, repr(exc))
+            self._finish(session, EndReason.ERROR, repr(exc))
             raise SessionStartError(detail=repr(exc)) from exc
         if session.ready_at is None:
             raise RuntimeError("a started session without ready_at")
@@ -266,14 +294,6 @@ class SessionManager:
             )
         )
 
-    def _failed(self, session: Session, reason: EndReason, detail: str = "") -> None:
-        """A start that did not make it: finished, and its slot released now if it left no
-        container (one that lands later is removed, and its slot released, when it does)."""
-        self._finish(session, reason, detail)
-        if session.container is None and not session.removal_scheduled:
-            session.removal_scheduled = True
-            self._track(self._forget(session.id))
-
     @staticmethod
     def _check_not_ended(session: Session) -> None:
         """A session killed while it started (logout, shutdown) must not go on to run."""
@@ -293,25 +313,32 @@ class SessionManager:
             uid=session.user.uid,
         )
         start = asyncio.ensure_future(self.backend.start(spec))
-        self._starting.add(start)
-        start.add_done_callback(self._starting.discard)
+        self._starting[session.id] = start
         try:
-            return await asyncio.shield(start)
+            container = await asyncio.shield(start)
         except asyncio.CancelledError:
             # The thread may still create the container: remove it when it lands, in a task that
-            # close() waits for (a callback would fire after shutdown and leak it). Its slot is
-            # held until then.
-            session.removal_scheduled = True
-            self._track(self._remove_when_started(start, session.id))
+            # close() waits for (a callback would fire after shutdown and leak it). The session
+            # holds its slot until then.
+            self._track(self._remove_when_started(session.id, start))
             raise
+        except BaseException:
+            self._starting.pop(session.id, None)
+            self._release(session.id)  # the backend leaves nothing behind when a start fails
+            raise
+        self._starting.pop(session.id, None)
+        return container
 
-    async def _remove_when_started(self, start: asyncio.Future[Container], session_id: str) -> None:
+    async def _remove_when_started(self, session_id: str, start: asyncio.Future[Container]) -> None:
         try:
             container = await start
         except Exception:
-            await self._forget(session_id)  # the backend leaves nothing behind when a start fails
-            return
-        await self._remove(container.id, "cancelled start", session_id)
+            return  # the backend leaves nothing behind when a start fails
+        else:
+            await self._remove(container.id, "cancelled start")
+        finally:
+            self._starting.pop(session_id, None)
+            self._release(session_id)
 
     # -- web terminals: one call opens or resumes, the stream does the rest -----------------------
 
@@ -471,12 +498,12 @@ class SessionManager:
             session.upstream.close()
         if session.container is not None and not session.removal_scheduled:
             session.removal_scheduled = True
-            self._track(self._remove(session.container.id, f"session {session.id[:12]}", session.id))
+            self._schedule_removal(session.container.id, f"session {session.id[:12]}", session.id)
+        elif session.container is None and session.id not in self._starting:
+            self._release(session.id)  # no container, none on its way
         self.sessions.pop(session.id, None)
         if session._ended.is_set():
             return  # killed while starting, finished again once its container landed
-        if self.pool is not None:
-            self.pool.kick()  # a slot is free: the pool may refill up to max_total
         lived = time.monotonic() - session.ready_at if session.ready_at else 0.0
         session.log.info(
             "ended: reason=%s code=%s after %.1f s, %d bytes in, %d bytes out",
@@ -492,23 +519,29 @@ class SessionManager:
             self.observers.session_ended(session)
         session._ended.set()
 
+    def _schedule_removal(self, container_id: str, why: str, holder: str) -> None:
+        self._track(self._remove(container_id, why, holder))
+
     def _track(self, cleanup: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(cleanup)
         self._cleanups.add(task)
         task.add_done_callback(self._cleanups.discard)
 
-    async def _remove(self, container_id: str, why: str, session_id: str) -> None:
-        """Remove the container, then forget the session in the store: its slot counts until now."""
-        for attempt in range(3):
-            try:
-                await self.backend.stop(container_id)
-                log.debug("removed container %s (%s)", container_id[:12], why)
-                await self._forget(session_id)
-                return
-            except BridgeError as exc:
-                log.warning("removing container %s failed (try %d): %s", container_id[:12], attempt + 1, exc.detail)
-                await asyncio.sleep(1 + attempt)
-        log.error("container %s not removed; the reaper will retry", container_id[:12])
+    async def _remove(self, container_id: str, why: str, holder: str | None = None) -> None:
+        """Remove a container; then `holder`'s slot (a session id) is free."""
+        try:
+            for attempt in range(3):
+                try:
+                    await self.backend.stop(container_id)
+                    log.debug("removed container %s (%s)", container_id[:12], why)
+                    return
+                except BridgeError as exc:
+                    log.warning("removing container %s failed (try %d): %s", container_id[:12], attempt + 1, exc.detail)
+                    await asyncio.sleep(1 + attempt)
+            log.error("container %s not removed; the reaper will retry", container_id[:12])
+        finally:
+            if holder is not None:
+                self._release(holder)
 
     async def _forget(self, session_id: str) -> None:
         """Drop the session's record and slot from the store (the reaper retries if it is down)."""
@@ -639,5 +672,5 @@ class SessionManager:
         )
         # Containers still being created land after this; their sessions then remove them.
         while self._starting or self._cleanups:
-            await asyncio.gather(*list(self._starting), *list(self._cleanups), return_exceptions=True)
+            await asyncio.gather(*list(self._starting.values()), *list(self._cleanups), return_exceptions=True)
             await asyncio.sleep(0)

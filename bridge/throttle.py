@@ -156,6 +156,10 @@ class ThrottledAuthenticator:
         """Public keys cannot be guessed: no throttle, the account checks only."""
         return await self.inner.authorize_key(username, address)
 
+    async def recheck(self, username: str, address: str | None = None) -> AuthResult:
+        """An earlier login's account, asked again (no throttling: no password is guessed)."""
+        return await self.inner.recheck(username, address)
+
     def close(self) -> None:
         self.inner.close()
 

@@ -61,6 +61,7 @@ class Actor(enum.StrEnum):
     ADMIN = "admin"
     LOGOUT = "logout"
     SHUTDOWN = "shutdown"
+    ACCOUNT = "account"  # the account may no longer log in (locked, expired, removed, ...)
 
 
 class BackendOp(enum.StrEnum):

@@ -311,18 +311,6 @@ async def test_a_start_holds_its_slot_until_its_container_is_gone(tmp_path):
         server.close()
 
 
-async def test_a_terminal_still_starting_at_logout_ends_too(start_gateway, user):
-    gateway = await start_gateway()
-    async with await gateway.login(user) as http:
-        token = await csrf_token(http, "/")
-        term = await gateway.terminal(http)  # its container is starting
-        resp = await http.post("/logout", data={"csrf": token}, headers={"Origin": gateway.origin}, allow_redirects=False)
-        assert resp.status == 303
-        exit_msg = await term.control("exit", timeout=10)
-        assert exit_msg["reason"] == "killed" and "logged out" in exit_msg["message"]
-    await wait_for(lambda: not session_containers(**{"termbridge.user": user.name}), what="its container to go")
-
-
 def state_dir_of(replica) -> Path:
     from bridge.config import load_config
 

@@ -153,6 +153,24 @@ async def test_cancelling_a_start_removes_the_container(core_with, during):
                    what="the late container to be removed")
 
 
+async def test_an_abandoned_start_holds_its_slot_until_its_container_is_gone(core_with):
+    """Starts dropped at once must not pile up containers (or Docker calls) past max_per_user."""
+    core = core_with(max_per_user=2, max_total=10)
+    core.backend.gate = gate = asyncio.Event()  # Docker is still creating the containers
+    for _ in range(2):
+        opening = asyncio.create_task(core.open())
+        await asyncio.sleep(0.02)
+        opening.cancel()
+        await asyncio.gather(opening, return_exceptions=True)
+    assert not core.manager.sessions and core.manager.count_for(ALICE.name) == 2
+    with pytest.raises(LimitReached, match="session.max_per_user"):
+        await core.open()
+    gate.set()  # the containers land and are removed: the slots are free again
+    await wait_for(lambda: core.manager.count_for(ALICE.name) == 0, timeout=2, interval=0.01, what="the slots")
+    assert core.backend.started == 2 and not core.backend.live
+    await core.open()
+
+
 async def test_kill_ends_with_reason_killed_and_removes_the_container(core_with):
     core = core_with()
     session, sink, _ = await core.open()
@@ -193,7 +211,9 @@ async def test_per_user_and_total_limits(core_with):
     assert core.backend.started == 2  # a refusal starts nothing
     shell.exit(0)
     await sink.ended_event.wait()
-    await core.open(ALICE)  # a slot is free again
+    await core.removed(first)
+    await wait_for(lambda: core.manager.count_for(ALICE.name) == 0, timeout=2, interval=0.01, what="the slot")
+    await core.open(ALICE)  # a slot is free again once the container is gone
 
 
 async def test_pooled_containers_count_toward_the_total(core_with):

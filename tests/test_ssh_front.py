@@ -25,7 +25,8 @@ from bridge.app import SSH_DOOR
 from bridge.config import SessionConfig
 from bridge.docker_backend import DockerBackend
 from bridge.errors import ConfigError
-from bridge.ssh_front import MAX_ENV_VARS, load_or_create_host_key, read_authorized_keys
+from bridge.ssh_channels import MAX_ENV_VARS
+from bridge.ssh_keys import load_or_create_host_key, read_authorized_keys
 from bridge.web.keys import MANAGER
 from helpers import (
     PROMPT, Gateway, HostUser, assert_same_timing, containers_gone, free_port, refusal_times, session_containers,
@@ -139,7 +140,7 @@ def test_asyncssh_still_has_the_private_hook_the_door_uses():
     import asyncssh
 
     hook = getattr(asyncssh.SSHServerProcess, "_start_process", None)
-    assert hook is not None, "asyncssh.SSHServerProcess._start_process is gone: see ssh_front.start_as_process"
+    assert hook is not None, "asyncssh.SSHServerProcess._start_process is gone: see ssh_channels.start_as_process"
     assert list(inspect.signature(hook).parameters) == ["self", "stdin", "stdout", "stderr"]
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from ..accounts import AccountGuard
 from ..backend import Backend
 from ..config import Config
 from ..metrics import Metrics
@@ -14,6 +15,7 @@ from ..sessions import SessionManager
 from ..store import Store
 from ..throttle import ThrottledAuthenticator
 
+ACCOUNTS = web.AppKey("accounts", AccountGuard)  # re-checks accounts of earlier logins
 CONFIG = web.AppKey("config", Config)
 MANAGER = web.AppKey("manager", SessionManager)
 AUTHENTICATOR = web.AppKey("authenticator", ThrottledAuthenticator)

@@ -35,36 +35,62 @@ THROTTLED = "Too many failed logins. Try again in {minutes} minute(s)."
 
 
 @dataclass
+class LoginState:
+    """What this gateway knows of one login beyond the store: its terminals here, and whether it
+    ended. Shared by every `Login` this gateway hands out for that login."""
+
+    user: str
+    expires: float
+    sessions: set[str] = field(default_factory=set)
+    revoked: bool = False  # logged out: a terminal still starting for it must not go live
+
+
+@dataclass
 class Login:
     id: str
     user: AuthenticatedUser
-    expires: float
-    sessions: set[str] = field(default_factory=set)  # this gateway's terminals of the login
+    state: LoginState
+
+    @property
+    def expires(self) -> float:
+        return self.state.expires
+
+    @property
+    def sessions(self) -> set[str]:
+        """This gateway's terminals of the login."""
+        return self.state.sessions
+
+    @property
+    def revoked(self) -> bool:
+        return self.state.revoked
 
 
 class LoginRegistry:
     """Web logins, kept in the state store so that every gateway sharing it honours them: a
     signed cookie names a login; logout deletes it from the store, and each gateway ends its own
-    terminals of a login that is gone within WATCH_INTERVAL (`watch`).
+    terminals of a login that is gone within WATCH_INTERVAL (`watch`), also those that were still
+    starting. The store forgets expired logins; `watch` forgets their local state.
 
     The cookie's signing key is derived from the store's key file, which replicas share anyway."""
 
     def __init__(self, store: Store) -> None:
         self._store = store
         self._secret = store.derive_key("login cookie")
-        # login id -> (expiry, this gateway's terminals of it); kept until the login expires, so
-        # that a Login handed out earlier always shares its set with the watch.
-        self._local: dict[str, tuple[float, set[str]]] = {}
+        self._local: dict[str, LoginState] = {}  # kept until the login expires or is found gone
+
+    def __len__(self) -> int:
+        """How many logins this gateway holds state for."""
+        return len(self._local)
 
     def _sign(self, payload: bytes) -> str:
         return base64.urlsafe_b64encode(hmac.new(self._secret, payload, hashlib.sha256).digest()).decode().rstrip("=")
 
     def _login(self, record: LoginRecord) -> Login:
-        user = AuthenticatedUser(record.user, record.uid, record.gid)
-        _, sessions = self._local.setdefault(record.id, (record.expires, set()))
-        return Login(record.id, user, record.expires, sessions)
+        state = self._local.setdefault(record.id, LoginState(record.user, record.expires))
+        return Login(record.id, AuthenticatedUser(record.user, record.uid, record.gid), state)
 
     async def issue(self, user: AuthenticatedUser) -> tuple[Login, str]:
+        self._forget_expired(time.time())
         record = LoginRecord(secrets.token_urlsafe(18), user.name, user.uid, user.gid, time.time() + LOGIN_TTL)
         await self._store.put_login(record)
         payload = base64.urlsafe_b64encode(f"{record.id}:{int(record.expires)}".encode()).decode().rstrip("=")
@@ -86,30 +112,54 @@ class LoginRegistry:
             return None
         return self._login(record)
 
-    async def revoke(self, login: Login) -> None:
-        """Log out everywhere. The caller ends `login.sessions`, this gateway's terminals of it;
-        a terminal that was still starting and attaches later is ended by `watch`."""
+    async def revoke(self, login: Login, successor: Login | None = None) -> None:
+        """Log `login` out everywhere. With a `successor` (the same person logged in again in this
+        browser) its terminals here, also those still starting, belong to the successor; else the
+        caller ends `login.sessions`, and one still starting refuses to go live."""
         await self._store.delete_login(login.id)
+        if successor is None:
+            login.state.revoked = True
+            return
+        successor.sessions.update(login.sessions)
+        login.state.sessions = successor.sessions
+        self._local.pop(login.id, None)  # its terminals are the successor's to watch
+
+    async def revoke_user(self, username: str) -> None:
+        """Log out every login of `username` (the account may no longer log in), on every gateway.
+        The caller ends the account's sessions here (with its own message, so `watch` is told
+        to leave these logins alone); other gateways' watches end theirs."""
+        for login_id, state in list(self._local.items()):
+            if state.user == username:
+                state.revoked = True
+                del self._local[login_id]
+        await self._store.delete_logins_of(username)
+
+    def _forget_expired(self, now: float) -> None:
+        """Local state of logins that expired with no terminal here (the store forgets them too)."""
+        for login_id, state in list(self._local.items()):
+            if not state.sessions and state.expires <= now:
+                del self._local[login_id]
 
     async def watch(self, end: Callable[[Login], Awaitable[None]], interval: float = WATCH_INTERVAL) -> None:
         """Forever: end this gateway's terminals of logins that are gone from the store (logged
-        out on any gateway, or expired). A store that does not answer ends nothing."""
+        out on any gateway, or expired), and forget expired logins. A store that does not answer
+        ends nothing."""
         while True:
             await asyncio.sleep(interval)
             now = time.time()
-            for login_id, (expires, sessions) in list(self._local.items()):
-                if not sessions:
-                    if expires <= now:
-                        del self._local[login_id]
+            self._forget_expired(now)
+            for login_id, state in list(self._local.items()):
+                if not state.sessions:
                     continue
                 try:
                     record = await self._store.get_login(login_id, now)
                 except StoreUnavailable as exc:
                     log.warning("login watch: %s", exc.detail)
                     break
-                if record is None:
-                    self._local.pop(login_id, None)
-                    await end(Login(login_id, _GONE, now, sessions))
+                if record is None and self._local.get(login_id) is state:  # else revoked here meanwhile
+                    state.revoked = True
+                    del self._local[login_id]
+                    await end(Login(login_id, AuthenticatedUser(state.user, -1, -1), state))
 
     def form_token(self, purpose: str, binding: str) -> str:
         """A CSRF token for a form: only this gateway's fleet can make it, and only for `binding`
@@ -118,10 +168,6 @@ class LoginRegistry:
 
     def form_token_ok(self, purpose: str, binding: str | None, token: str) -> bool:
         return bool(binding) and hmac.compare_digest(token.encode(), self.form_token(purpose, binding).encode())
-
-
-# The user of a login found gone by `watch`: only its sessions matter then.
-_GONE = AuthenticatedUser("-", -1, -1)
 
 
 async def current_login(request: web.Request) -> Login | None:
@@ -182,16 +228,13 @@ async def login_submit(request: web.Request) -> web.StreamResponse:
     try:
         login, cookie = await logins.issue(result.user)  # always a new id: a cookie set before login is worthless
         if previous is not None:
-            await logins.revoke(previous)
+            same = previous.user.name == login.user.name
+            await logins.revoke(previous, successor=login if same else None)
     except StoreUnavailable as exc:
         log.error("login of %s from %s not recorded: %s", result.user.name, rhost, exc.detail)
         return _login_page(request, status=503, error=exc.user_message.capitalize() + ".", username=username)
-    if previous is not None:
-        if previous.user.name == login.user.name:
-            login.sessions |= previous.sessions
-            previous.sessions.clear()  # they go on under the new login
-        else:
-            await end_terminals(request.app, previous, "another account logged in from this browser")
+    if previous is not None and previous.user.name != login.user.name:
+        await end_terminals(request.app, previous, "another account logged in from this browser")
     response = web.HTTPSeeOther("/")
     response.set_cookie(
         COOKIE_NAME,

@@ -14,12 +14,12 @@ from aiohttp import WSCloseCode, WSMsgType, web
 
 from .. import wsproto
 from ..config import Config
-from ..errors import BackendUnavailable, BridgeError, ProtocolError
+from ..errors import BackendUnavailable, BridgeError, ProtocolError, SessionStartError
 from ..session import Session, TerminalRequest
 from ..sessions import SessionManager
 from ..vocab import Door, EndReason
-from .http import expected_origin, origin_allowed, page
-from .keys import CONFIG, LOGINS, MANAGER, WEBSOCKETS
+from .http import client_address, expected_origin, origin_allowed, page
+from .keys import ACCOUNTS, CONFIG, LOGINS, MANAGER, WEBSOCKETS
 from .login import Login, current_login
 
 log = logging.getLogger("termbridge.web")
@@ -52,13 +52,17 @@ class WebSocketSink:
         self.session: Session | None = None
 
     async def started(self, session: Session) -> None:
+        """The session is ready: it belongs to the login from now on (logout ends it), unless the
+        login went while it started; then it must not go live."""
+        if self.login.revoked:
+            raise SessionStartError("you logged out", detail=f"login of {self.login.user.name} ended while starting")
         self.session = session
+        self.login.sessions.add(session.id)
 
     async def attached(self, offset: int, lost: int) -> None:
         session = self.session
         if session is None:
             raise RuntimeError("attached() before started()")
-        self.login.sessions.add(session.id)
         cfg = self.config.session
         await self.ws.send_str(
             wsproto.session_message(session.id, cfg.idle_timeout, offset=offset, reconnect_grace=cfg.reconnect_grace)
@@ -103,10 +107,12 @@ def _resume_request(request: web.Request) -> tuple[str, int] | None:
     return session_id[:64], offset
 
 
-async def _open(manager: SessionManager, login: Login, terminal: TerminalRequest, sink: WebSocketSink,
+async def _open(request: web.Request, login: Login, terminal: TerminalRequest, sink: WebSocketSink,
                 resume: tuple[str, int] | None, early: bytearray) -> Session:
-    """This socket's terminal, new or resumed; then what the person typed meanwhile."""
-    session = await manager.open_terminal(login.user, Door.WEB, sink, terminal, resume=resume)
+    """This socket's terminal, new or resumed, if the login's account may still log in; then what
+    the person typed meanwhile."""
+    await request.app[ACCOUNTS].check(login.user, client_address(request))
+    session = await request.app[MANAGER].open_terminal(login.user, Door.WEB, sink, terminal, resume=resume)
     await _flush(early, session)
     return session
 
@@ -179,7 +185,7 @@ async def terminal_socket(request: web.Request) -> web.StreamResponse:
     terminal = TerminalRequest()
     sink = WebSocketSink(ws, login, manager.config)  # the manager's: a reload may have changed it
     early = bytearray()
-    starting = asyncio.create_task(_open(manager, login, terminal, sink, resume, early))
+    starting = asyncio.create_task(_open(request, login, terminal, sink, resume, early))
     watcher = asyncio.create_task(_refuse_on_failure(ws, starting))
     try:
         async for msg in ws:
