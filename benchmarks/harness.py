@@ -49,7 +49,7 @@ def percentile(ordered: list[float], q: float) -> float:
 
 
 def summary(samples: list[float]) -> dict[str, float]:
-    """Seconds in, milliseconds out: n, median, p90, p99, min, max."""
+    """Seconds in, milliseconds out: n, median, p90, p95, p99, min, max."""
     ordered = sorted(samples)
     if not ordered:
         return {"n": 0}
@@ -58,6 +58,7 @@ def summary(samples: list[float]) -> dict[str, float]:
         "n": len(ordered),
         "median_ms": ms(statistics.median(ordered)),
         "p90_ms": ms(percentile(ordered, 90)),
+        "p95_ms": ms(percentile(ordered, 95)),
         "p99_ms": ms(percentile(ordered, 99)),
         "min_ms": ms(ordered[0]),
         "max_ms": ms(ordered[-1]),
@@ -277,9 +278,12 @@ def remove_labelled(**labels: str) -> int:
     removed = 0
     try:
         for c in client.containers(all=True, filters={"label": [f"{k}={v}" for k, v in labels.items()]}):
-            with contextlib.suppress(docker.errors.NotFound):
+            try:
                 client.remove_container(c["Id"], force=True, v=True)
                 removed += 1
+            except docker.errors.APIError as exc:  # gone, or its --rm removal is already under way
+                if exc.status_code not in (404, 409):
+                    raise
     finally:
         client.close()
     return removed
@@ -325,6 +329,21 @@ class DestroyWatch:
         if when is None:
             raise RuntimeError(f"container {self.container_id[:12]} was not destroyed in time")
         return when
+
+
+async def pool_filled(instance_id: str, size: int, timeout: float, settle: float = 1.0) -> bool:
+    """A pooled gateway keeps `size` running containers while no session is live; `settle`
+    after that, its newest container's sshd is surely up."""
+    from bridge.backend import LABEL_GATEWAY
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = await asyncio.to_thread(containers, **{LABEL_GATEWAY: instance_id})
+        if len(found) >= size and all(c["State"] == "running" for c in found):
+            await asyncio.sleep(settle)
+            return True
+        await asyncio.sleep(0.2)
+    return False
 
 
 def run_label() -> str:

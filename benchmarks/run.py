@@ -31,18 +31,15 @@ from typing import Any
 from bridge.backend import LABEL_GATEWAY
 from bridge.config import load_config
 
-from . import profile, report, ttyd
+from . import burst, history, profile, report, ttyd
 from .clients import echo_round_trips, throughput
 from .compare import Comparison
 from .harness import (
-    BENCH_LABEL, ROOT, GatewayProcess, bench_account, containers, login, machine, remove_labelled,
+    BENCH_LABEL, ROOT, GatewayProcess, bench_account, login, machine, pool_filled, remove_labelled,
     run_label, summary, workdir,
 )
 from .scale import run_scale
 from .systems import KIND_LABEL, FloorAttach, FloorSsh, SshDoor, System, Ttyd, WebDoor, docker_run_command
-
-POOL_SETTLE = 1.0  # after the pool is full again: its newest container's sshd is surely up
-
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
@@ -67,6 +64,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="afterwards, sample the gateway with py-spy during one more echo and throughput run per door")
     parser.add_argument("--keep", action="store_true", help="keep the work dir (gateway logs) after a successful run")
     parser.add_argument("--json", type=Path, help="write results here (default benchmarks/results/bench-<time>.json)")
+    parser.add_argument("--history", type=Path, default=history.HISTORY,
+                        help="results history this run is appended to (default benchmarks/results/history.jsonl)")
     args = parser.parse_args(argv)
     if args.profile and profile.py_spy() is None:
         parser.error("--profile needs py-spy: .venv/bin/pip install -e '.[bench]'")
@@ -102,18 +101,6 @@ def profiled(args: argparse.Namespace, system: System, phase: str, into: dict[st
         yield
     into[phase] = profile.hot_spots(out)
     say(f"{system.title}: {phase} profile: {out}")
-
-
-async def pool_filled(instance_id: str, size: int, timeout: float) -> bool:
-    """The pooled gateway keeps `size` running containers while no session is live."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = await asyncio.to_thread(containers, **{LABEL_GATEWAY: instance_id})
-        if len(found) >= size and all(c["State"] == "running" for c in found):
-            await asyncio.sleep(POOL_SETTLE)
-            return True
-        await asyncio.sleep(0.2)
-    return False
 
 
 async def measure_pool(system: System, gateway: GatewayProcess, args: argparse.Namespace) -> dict[str, Any]:
@@ -289,13 +276,31 @@ async def run_pool(args, base, pam_service, limits, user, systems, results) -> N
         gateway.stop()
 
 
+def report_main(argv: list[str]) -> int:
+    """`python -m benchmarks report [--markdown]`: the latest run from the history."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks report",
+                                     description="The latest results and their change against the previous comparable run.")
+    parser.add_argument("--markdown", action="store_true", help="the README's block: machine, command, table")
+    parser.add_argument("--history", type=Path, default=history.HISTORY)
+    args = parser.parse_args(argv)
+    entries = history.load(args.history)
+    print(history.markdown(entries) if args.markdown else history.text(entries))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["report"]:
+        return report_main(argv[1:])
+    if argv[:1] == ["burst"]:
+        return burst.main(argv[1:])
     args = parse_args(argv)
-    args.command = shlex.join(["python", "-m", "benchmarks", *(sys.argv[1:] if argv is None else argv)])
+    args.command = shlex.join(["python", "-m", "benchmarks", *argv])
     results = asyncio.run(run(args))
     path = args.json or ROOT / "benchmarks" / "results" / time.strftime("bench-%Y%m%d-%H%M%S.json")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=2) + "\n")
+    history.append(results, "compare", args.history)
     if results["systems"]:
         print(report.table(results))
         print()
@@ -309,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nmachine: {m.get('cpus')} × {m.get('cpu', '?')}, {m.get('mem_total_mb')} MB, Docker {m.get('docker')}; "
           f"load average {m['load_avg']} before, {results['machine_after']['load_avg']} after; "
           f"{m.get('other_containers_running')} other containers running")
-    print(f"JSON: {path}")
+    print(f"JSON: {path}; history: {args.history} (`python -m benchmarks report`)")
     failed = [k for k, v in results["systems"].items() if "error" in v or "pool_error" in v]
     failed += ["scale"] if "error" in results.get("scale", {}) else []
     if failed or args.profile or args.keep:

@@ -34,11 +34,13 @@ from .config import LIVE_KEYS, Config, apply_live, changed_keys
 from .docker_backend import DockerBackend
 from .errors import BackendUnavailable, BridgeError, ConfigError
 from .metrics import MeteredBackend, Metrics
+from .sdnotify import sd_notify
 from .sessions import SessionManager
 from .ssh_front import SshDoor
 from .throttle import LoginThrottle, ThrottledAuthenticator
 from .store import open_store
 from .web.keys import ACCOUNTS, AUTHENTICATOR, BACKEND, CONFIG, LOGINS, MANAGER, METRICS, STORE
+from .web.access import ACCESS_LOG, AccessLog
 from .web.login import Login, LoginRegistry, end_terminals
 from .web.terminal import close_websockets
 
@@ -344,17 +346,20 @@ async def _serve(app: web.Application, config: Config, load: Callable[[], Config
     """What `web.run_app` does, except that a failed start is cleaned up too (run_app leaves the
     cleanup contexts that did start unreleased when a later one fails)."""
     host, port = config.web.listen
-    runner = web.AppRunner(app, handle_signals=True, access_log=None, shutdown_timeout=3)
+    access = {"access_log_class": AccessLog, "access_log": ACCESS_LOG} if config.log.access else {"access_log": None}
+    runner = web.AppRunner(app, handle_signals=True, shutdown_timeout=3, **access)  # type: ignore[arg-type]
     try:
         tls = ssl_context(config)
         if tls is not None:
             app[TLS] = tls
-        await runner.setup()
+        await runner.setup()  # starts the cleanup contexts: the SSH door listens after this
         site = web.TCPSite(runner, host, port, ssl_context=tls)
         await site.start()
         log.info("Running on %s", site.name)
         if load is not None:
             asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload_config, app, load)
+        sd_notify("READY=1")  # both doors accept connections now
         await asyncio.Event().wait()  # until a signal raises GracefulExit
     finally:
+        sd_notify("STOPPING=1")
         await runner.cleanup()

@@ -59,19 +59,23 @@ def _config_arg(path: str | None) -> str:
 # -- the checks -----------------------------------------------------------------------------------
 
 
-def check_docker(config: Config, config_arg: str) -> Iterator[Check]:
+def check_docker(config: Config, config_arg: str, pre_start: bool = False) -> Iterator[Check]:
+    """With `pre_start` (the unit's ExecStartPre), an unreachable engine is a warning: the
+    gateway starts without it, refuses sessions meanwhile and prepares Docker once it is back."""
     from .docker_images import engine_facts  # the docker SDK stays behind the Docker modules
 
     image = config.session.image
     try:
         facts = engine_facts(image)
     except BackendUnavailable as exc:
-        yield fail(
-            "docker", f"the engine cannot be reached: {exc.detail}",
+        down = warn if pre_start else fail
+        consequence = "; the gateway starts and refuses sessions until it is back" if pre_start else ""
+        yield down(
+            "docker", f"the engine cannot be reached: {exc.detail}{consequence}",
             "start dockerd (systemctl start docker), or point DOCKER_HOST at it; the gateway runs as root "
             "or as a member of the docker group",
         )
-        yield fail("image", f"{image} not checked: Docker is unreachable", "fix docker first")
+        yield down("image", f"{image} not checked: Docker is unreachable", "fix docker first")
         return
     yield ok("docker", f"Docker {facts.version} (API {facts.api_version}) at {facts.host}")
     if facts.image_id is None:
@@ -201,7 +205,7 @@ def check_files(config: Config) -> Iterator[Check]:
         yield fail("assets", f"{xterm} is missing", "run `npm ci` in web/ (make assets), or reinstall termbridge")
 
 
-def run_checks(config_path: str | None) -> list[Check]:
+def run_checks(config_path: str | None, pre_start: bool = False) -> list[Check]:
     shown = config_path or str(DEFAULT_CONFIG_PATH)
     try:
         config = load_config(config_path)
@@ -213,7 +217,7 @@ def run_checks(config_path: str | None) -> list[Check]:
     else:
         checks = [ok("config", f"{shown} is valid")]
     config_arg = _config_arg(config_path)
-    checks += check_docker(config, config_arg)
+    checks += check_docker(config, config_arg, pre_start)
     checks += check_pam(config)
     checks.append(_port_free("web.listen", config.web.listen))
     checks.append(_port_free("ssh.listen", config.ssh.listen))
@@ -221,8 +225,8 @@ def run_checks(config_path: str | None) -> list[Check]:
     return checks
 
 
-def main(config_path: str | None, out: TextIO = sys.stdout) -> int:
-    checks = run_checks(config_path)
+def main(config_path: str | None, out: TextIO = sys.stdout, pre_start: bool = False) -> int:
+    checks = run_checks(config_path, pre_start)
     for check in checks:
         print(check.line(), file=out)
     failed = sum(c.failed for c in checks)

@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from . import logsafe
+from . import __version__, logsafe
 from .config import Config, load_config
 from .errors import BridgeError, ConfigError
 
@@ -15,15 +15,23 @@ EXIT_CONFIG = 2
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="termbridge", description="A shell in a brand-new container, from a browser.")
+    parser.add_argument("--version", action="version", version=f"termbridge {__version__}")
+    config_help = "TOML configuration (default /etc/termbridge/termbridge.toml)"
+    parser.add_argument("--config", metavar="FILE", help=config_help)
+    # Also accepted after the subcommand; SUPPRESS keeps a --config given before it.
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", metavar="FILE", help="TOML configuration (default /etc/termbridge/termbridge.toml)")
+    common.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS, help=config_help)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("serve", parents=[common], help="run the gateway in the foreground")
-    sub.add_parser("check", parents=[common], help="preflight: one line per check, exit 1 on any failure")
+    check = sub.add_parser("check", parents=[common], help="preflight: one line per check, exit 1 on any failure")
+    check.add_argument("--pre-start", action="store_true",
+                       help="before a start (systemd ExecStartPre): Docker being down is a warning, not a failure")
     image = sub.add_parser("image", parents=[common], help="manage the session image")
     image_sub = image.add_subparsers(dest="image_command", required=True)
     build = image_sub.add_parser("build", parents=[common], help="build the session image from session-image/")
     build.add_argument("--base", metavar="IMAGE", help="base image (default ubuntu:24.04)")
+    build.add_argument("--verbose", action="store_true", help="the full build log, not one line per step")
+    build.add_argument("--if-stale", action="store_true", help="keep an image already built from this context and base")
     sessions = sub.add_parser("sessions", parents=[common], help="live sessions of every gateway sharing the store")
     sessions_sub = sessions.add_subparsers(dest="sessions_command", required=True)
     sessions_sub.add_parser("list", parents=[common], help="id, user, door, container, started, idle for, gateway")
@@ -85,12 +93,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "check":
         from .check import main as check
 
-        return check(args.config)  # a bad config is one of its findings, not exit 2
+        return check(args.config, pre_start=args.pre_start)  # a bad config is one of its findings, not exit 2
     try:
         config = load_config(args.config)
     except ConfigError as exc:
         print(f"termbridge: configuration error: {exc.detail}", file=sys.stderr)
         return EXIT_CONFIG
+    logsafe.configure(getattr(logging, config.log.level.upper()), sys.stderr, config.log.format)
     try:
         if args.command == "serve":
             from .app import serve
@@ -100,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "image":
             from .docker_images import build_image
 
-            return build_image(config.session.image, base=args.base)
+            return build_image(config.session.image, base=args.base, verbose=args.verbose, if_stale=args.if_stale)
         if args.command == "sessions":
             return sessions_command(config, args)
     except ConfigError as exc:

@@ -258,6 +258,13 @@ class StoreConfig:
     secret_file: Path | None = _field(None, _opt_path, "key that encrypts session keys at rest; default <state_dir>/store-key")
 
 
+@dataclass(frozen=True)
+class LogConfig:
+    format: str = _field("text", _choice("text", "json"), "text: one escaped line per record; json: one JSON object")
+    level: str = _field("info", _choice("debug", "info", "warning", "error"), "the least severe level logged")
+    access: bool = _field(False, _bool, "one line per HTTP request (logger termbridge.access)")
+
+
 _SECTIONS: dict[str, type] = {
     "web": WebConfig,
     "ssh": SshConfig,
@@ -265,6 +272,7 @@ _SECTIONS: dict[str, type] = {
     "session": SessionConfig,
     "audit": AuditConfig,
     "store": StoreConfig,
+    "log": LogConfig,
 }
 
 
@@ -277,6 +285,7 @@ class Config:
     session: SessionConfig = field(default_factory=SessionConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
     @property
     def ssh_host_key(self) -> Path:

@@ -7,12 +7,17 @@ control character (C0 but tab, DEL, C1), the Unicode line and paragraph separato
 controls become visible escapes such as `\\n`, `\\x1b`, `\\x85`, `\\u2028`. A traceback keeps its
 lines, but each of them is prefixed with `| `: a line of the log that does not start with a
 timestamp or `| ` cannot exist, so no one can forge one.
+
+With `log.format = "json"` each record is one JSON object per line instead: json.dumps escapes
+every control character (and, with ensure_ascii, every non-ASCII one), so the same holds.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
+from datetime import datetime, timezone
 from typing import TextIO
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -63,10 +68,46 @@ def _continuation(text: str) -> str:
     return "\n".join(CONTINUATION + line for line in lines)
 
 
-def configure(level: int = logging.INFO, stream: TextIO = sys.stderr) -> None:
-    """The gateway's logging: a handler with the SafeFormatter on the root logger (like
-    logging.basicConfig, nothing is replaced when the root logger already has handlers)."""
+# Record attributes a JSON line carries when the record has them (SessionLog sets the first two).
+JSON_CONTEXT = ("session", "user")
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record: ts, level, logger, message, the context fields the record
+    carries, and a traceback as `exc`. For log shippers that want fields, not text."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, object] = {
+            "ts": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for name in JSON_CONTEXT:
+            value = getattr(record, name, None)
+            if value is not None:
+                entry[name] = str(value)
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        if record.stack_info:
+            entry["stack"] = self.formatStack(record.stack_info)
+        return json.dumps(entry, ensure_ascii=True)
+
+
+def formatter(kind: str = "text") -> logging.Formatter:
+    """The formatter of `log.format`: "text" or "json"."""
+    return JsonFormatter() if kind == "json" else SafeFormatter(FORMAT)
+
+
+def configure(level: int = logging.INFO, stream: TextIO = sys.stderr, kind: str = "text") -> None:
+    """The gateway's logging: a handler with the safe formatter of `kind` on the root logger.
+    Called again (once the configuration is read), it replaces the handler it installed."""
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if getattr(h, "termbridge", False)]:
+        root.removeHandler(old)
     handler = logging.StreamHandler(stream)
-    handler.setFormatter(SafeFormatter(FORMAT))
+    handler.termbridge = True  # type: ignore[attr-defined]
+    handler.setFormatter(formatter(kind))
     logging.basicConfig(level=level, handlers=[handler])
+    root.setLevel(level)
     logging.getLogger("asyncssh").setLevel(logging.WARNING)

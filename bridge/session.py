@@ -64,6 +64,8 @@ class TerminalRequest:
 
 class SessionLog(logging.LoggerAdapter):
     def process(self, msg, kwargs):  # type: ignore[no-untyped-def]
+        # also as record attributes, which the JSON log carries as fields of their own
+        kwargs["extra"] = {**self.extra, **kwargs.get("extra", {})}
         return f"[session={self.extra['session']} user={self.extra['user']}] {msg}", kwargs
 
 

@@ -266,3 +266,41 @@ def assert_same_timing(wrong: list[float], refused: list[float], tolerance: floa
 
     a, b = statistics.median(wrong), statistics.median(refused)
     assert abs(a - b) < tolerance * a, f"median refusal {b:.2f} s vs wrong password {a:.2f} s"
+
+
+# -- accessibility (axe-core from web/node_modules, a dev dependency) ----------------------------
+
+AXE = ROOT / "web" / "node_modules" / "axe-core" / "axe.min.js"
+
+
+def _describe(violation: dict[str, Any]) -> str:
+    """One violation as `rule (impact): help`, then each element's selector and axe's summary."""
+    lines = [f"{violation['id']} ({violation['impact']}): {violation['help']}"]
+    for node in violation["nodes"]:
+        lines.append(f"  {' '.join(map(str, node['target']))}: {node['failureSummary'].splitlines()[-1].strip()}")
+    return "\n".join(lines)
+
+
+async def axe_violations(page: Any) -> list[dict[str, Any]]:
+    """What axe-core finds on the page as it is now, every rule axe runs by default. Its source goes
+    in through page.evaluate (DevTools' Runtime.evaluate), which the page's Content-Security-Policy
+    does not govern: a <script> tag (page.add_script_tag) is refused by `script-src 'self'`, and the
+    check must run against the production CSP as it is."""
+    if not AXE.exists():
+        raise RuntimeError(f"{AXE} is missing: run `npm ci` in web/ (or `make assets`)")
+    if not await page.evaluate("() => typeof window.axe === 'object'"):
+        await page.evaluate(AXE.read_text())
+    return await page.evaluate(
+        """async () => (await axe.run(document, {resultTypes: ["violations"]})).violations.map(v => ({
+            id: v.id, impact: v.impact, help: v.help,
+            nodes: v.nodes.map(n => ({target: n.target, failureSummary: n.failureSummary || ""})),
+        }))"""
+    )
+
+
+async def axe_check(page: Any, name: str) -> None:
+    """Screenshot the page to test-artifacts/a11y-<name>.png, then fail on any axe violation."""
+    ARTIFACTS.mkdir(exist_ok=True)
+    await page.screenshot(path=str(ARTIFACTS / f"a11y-{name}.png"))
+    violations = await axe_violations(page)
+    assert not violations, f"axe on {name}:\n" + "\n".join(map(_describe, violations))

@@ -11,15 +11,17 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import report, ttyd
+from benchmarks import history, report, ttyd
 from benchmarks.harness import BENCH_LABEL, containers, percentile, summary
 from helpers import ROOT, TEST_IMAGE
+
+PROMPT_LIMIT_MS = 120_000  # burst's own timeout: a slower login counts as failed
 
 
 def test_quick_mode_measures_every_column(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     done = subprocess.run(
-        [sys.executable, "-m", "benchmarks", "--quick", "--json", str(out)],
+        [sys.executable, "-m", "benchmarks", "--quick", "--json", str(out), "--history", str(tmp_path / "h.jsonl")],
         cwd=ROOT, capture_output=True, text=True, timeout=240,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -46,6 +48,11 @@ def test_quick_mode_measures_every_column(tmp_path: Path) -> None:
     assert scale["gateway_rss_mb"]["live"] > 0
 
     assert "| connect→prompt, cold (median of 2) |" in done.stdout
+    # The run is kept: one history entry with what makes it comparable.
+    [entry] = history.load(tmp_path / "h.jsonl")
+    assert entry["kind"] == "compare" and entry["run"] == results["run"] and entry["command"].endswith("h.jsonl")
+    assert entry["machine_before"]["cpu"] and entry["machine_before"]["docker"] and entry["commit"]
+    assert len(entry["machine_before"]["load_avg"]) == 3 and entry["time"]
     # Everything it started is gone: its gateways' containers, its floors', ttyd's.
     assert not containers(**{BENCH_LABEL: results["run"]})
     assert not containers(**{"termbridge.gateway": f"bench-{results['run']}"})
@@ -127,3 +134,90 @@ def test_holder_benchmark_measures_both_paths() -> None:
         entry = out["results"][key]
         assert entry["echo"]["n"] == 10 and entry["throughput"]["bytes"] >= 1_000_000, entry
     assert set(out["holder_cost"]) == {"echo_median_pct", "echo_p99_pct", "throughput_pct"}
+
+
+def _entry(load: float, web_connect: float, ttyd_connect: float | None, cpu: str = "Test CPU") -> dict:
+    systems = {"web": {"title": "web door", "connect": {"median_ms": web_connect}, "echo": {"median_ms": 0.5},
+                       "throughput": {"mb_per_s": 20.0}}}
+    systems["ttyd"] = ({"title": "ttyd", "connect": {"median_ms": ttyd_connect}} if ttyd_connect
+                       else {"title": "ttyd", "skipped": "skipped (--no-ttyd)"})
+    return {"command": "python -m benchmarks", "settings": {"runs": 10, "echo_samples": 200, "megabytes": 50, "rounds": 3},
+            "machine_before": {"cpu": cpu, "cpus": 2, "mem_total_mb": 1000, "docker": "20.10", "load_avg": [load, 0, 0]},
+            "systems": systems}
+
+
+def _burst(n: int, p95: float, failed: int = 0) -> dict:
+    stats = {"n": n - failed, "median_ms": p95 / 2, "p95_ms": p95, "max_ms": p95 + 1}
+    return {"command": "python -m benchmarks burst", "settings": {"n": n, "pools": [0, n], "one_address": False},
+            "machine_before": {"cpu": "Test CPU", "cpus": 2, "mem_total_mb": 1000, "load_avg": [1.0, 0, 0]},
+            "bursts": [{"label": f"web door, pool {n}", "n": n, "failed": failed, "login_prompt": stats,
+                        "load_before": [1.0], "load_after": [2.0]}]}
+
+
+def test_report_shows_the_change_against_the_previous_comparable_run(tmp_path: Path) -> None:
+    """Two runs on one machine: `report` prints the latest table with each cell's change, a
+    regression flagged; runs on other hardware, or measuring other systems, are not compared."""
+    path = tmp_path / "history.jsonl"
+    history.append(_entry(1.0, 400, 250), "compare", path)
+    history.append(_entry(1.0, 100, 250, cpu="Other CPU"), "compare", path)  # other machine
+    history.append(_entry(1.0, 100, None), "compare", path)  # ttyd skipped: other systems
+    history.append(_entry(2.5, 500, 240), "compare", path)
+    history.append(_burst(10, 2000), "burst", path)
+    history.append(_burst(5, 100), "burst", path)  # another burst size
+    history.append(_burst(10, 1500, failed=1), "burst", path)
+    with path.open("a") as out:
+        out.write('{"kind": "compare", "interrupt\n')  # a torn last line is skipped
+
+    done = subprocess.run([sys.executable, "-m", "benchmarks", "report", "--history", str(path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    assert "| connect→prompt, cold (median of 10) | 500 ms (+25% ⚠) |" in out
+    assert "| 240 ms (-4%) |" in out  # ttyd got faster: no flag
+    assert "| throughput, 50 MB of base64 (median of 3) | 20 MB/s (+0%) |" in out
+    assert "load average [2.5, 0, 0] before" in out and "load average [1.0, 0, 0] before" in out
+    assert "web door, pool 10: p50 750.0 ms, p95 1500 ms, max 1501 ms (p95 -25%); 1 failed of 10" in out
+
+    entries = history.load(path)
+    assert len(entries) == 7 and all(e["commit"] and e["time"] for e in entries)
+    latest, previous = history.latest_pair(entries, "compare")
+    assert previous is entries[0] and latest is entries[3]
+    alone = history.text(entries[:1])
+    assert "No earlier comparable run." in alone and "(+" not in alone
+
+    markdown = subprocess.run([sys.executable, "-m", "benchmarks", "report", "--markdown", "--history", str(path)],
+                              cwd=ROOT, capture_output=True, text=True, timeout=60).stdout
+    assert markdown.startswith("Command: `python -m benchmarks` (commit ")
+    assert "Machine: 2 × Test CPU, 1000 MB" in markdown and "| 500 ms |" in markdown and "⚠" not in markdown
+
+
+def test_report_without_history_says_so(tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, "-m", "benchmarks", "report", "--history", str(tmp_path / "none.jsonl")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "No benchmark results yet" in done.stdout
+
+
+def test_burst_releases_logins_together(tmp_path: Path) -> None:
+    """`burst`: three distinct PAM accounts log in through the web door at once, cold and with
+    the pool sized to the burst; the Docker floor takes the same burst; all in the history."""
+    path = tmp_path / "history.jsonl"
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "burst", "--n", "3", "--pools", "0,3", "--history", str(path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=240,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    [entry] = history.load(path)
+    assert entry["kind"] == "burst" and entry["settings"]["n"] == 3
+    bursts = {b["label"]: b for b in entry["bursts"]}
+    for label in ("web door, pool 0", "web door, pool 3", "floor: docker attach"):
+        burst = bursts[label]
+        assert burst["failed"] == 0 and burst["login_prompt"]["n"] == 3, burst
+        assert 0 < burst["login_prompt"]["p95_ms"] < PROMPT_LIMIT_MS and len(burst["load_before"]) == 3
+    for label in ("web door, pool 0", "web door, pool 3"):  # the audit log saw three logins and starts
+        assert bursts[label]["release_to_pam_ok"]["n"] == 3 and bursts[label]["session_startup"]["n"] == 3
+    if ttyd.find() is None:
+        assert "not built" in bursts["ttyd + docker run"]["skipped"]
+    assert "web door, pool 3: p50" in done.stdout
+    assert not containers(**{BENCH_LABEL: entry["run"]})
+    for instance in entry["gateways"]:
+        assert not containers(**{"termbridge.gateway": instance})

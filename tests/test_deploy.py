@@ -22,6 +22,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from bridge.cli import EXIT_CONFIG
 from bridge.web.login import COOKIE_NAME
 from helpers import (
     PROMPT, ROOT, Gateway, Terminal, containers_gone, free_port, self_signed_cert, stop_process, wait_for,
@@ -175,6 +176,9 @@ def test_systemd_unit_is_valid_and_restarts_on_failure(tmp_path):
     assert exposure < 4.0, security.stdout  # systemd's own scale: below 4 is "OK"
     settings = unit_settings()
     assert settings["Restart"] == "on-failure"
+    assert settings["Type"] == "notify" and settings["NotifyAccess"] == "main"
+    assert settings["RestartPreventExitStatus"] == str(EXIT_CONFIG)
+    assert settings["ExecStartPre"].endswith("check --pre-start --config /etc/termbridge/termbridge.toml")
     assert settings["ExecStart"].endswith("serve --config /etc/termbridge/termbridge.toml")
     assert settings["StateDirectory"] == "termbridge" and settings["StateDirectoryMode"] == "0700"
     assert "MemoryDenyWriteExecute" not in settings  # python-pam's ctypes callback needs it off

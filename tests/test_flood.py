@@ -11,7 +11,6 @@ from typing import Any
 
 import aiohttp
 import asyncssh
-import pytest
 
 from helpers import PROMPT, GatewayProcess, HostUser, containers_gone, free_port, session_containers
 

@@ -10,6 +10,7 @@ import { Clipboard } from "./clipboard.js";
 import { ExtraKeys, isTouchDevice } from "./extrakeys.js";
 import { Files } from "./files.js";
 import { InputQueue } from "./input.js";
+import { StartProgress } from "./progress.js";
 import { FONT_MAX, FONT_MIN, IS_MAC, loadPrefs, savePrefs } from "./prefs.js";
 import { SearchBox } from "./search.js";
 import { StatusBar } from "./statusbar.js";
@@ -94,6 +95,7 @@ let retryTimer = null;
 let bannerKind = "";
 
 const status = new StatusBar();
+const progress = new StartProgress(document.getElementById("start-progress"));
 const input = new InputQueue(() => ws, () => body.dataset.state === "running");
 const extraKeys = new ExtraKeys(document.getElementById("extra-keys"), term, typed);
 const clipboard = new Clipboard(term, container, { prefs, notify });
@@ -108,6 +110,7 @@ const files = new Files({
 function setState(state) {
   body.dataset.state = state;
   status.setState(state);
+  progress.follow(state);
 }
 
 function showBanner(text, kind = "info") {
