@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from .auth import AuthenticatedUser, Outcome
-from .errors import AccountRefused, AuthUnavailable
+from .errors import AccountRefused, AuthUnavailable, StoreUnavailable
 from .sessions import SessionManager
 from .throttle import ThrottledAuthenticator
 from .vocab import Actor
@@ -31,7 +31,7 @@ class AccountGuard:
 
     def __init__(
         self, manager: SessionManager, authenticator: ThrottledAuthenticator, interval: float,
-        forget: Callable[[str], None] = lambda _name: None,
+        forget: Callable[[str], Awaitable[None]] | None = None,
     ) -> None:
         self.manager = manager
         self.authenticator = authenticator
@@ -52,7 +52,11 @@ class AccountGuard:
         raise AccountRefused(detail=f"{user.name} may no longer log in: {reason}")
 
     async def _refuse(self, username: str, reason: str) -> None:
-        self.forget(username)
+        if self.forget is not None:
+            try:
+                await self.forget(username)
+            except StoreUnavailable as exc:
+                log.error("account %s: its web logins not ended: %s", username, exc.detail)
         doomed = [s for s in self.manager.list() if s.user.name == username]
         if doomed:
             log.warning("account %s may no longer log in (%s): ending %d session(s)", username, reason, len(doomed))

@@ -15,8 +15,9 @@ import logging
 import os
 import resource
 import secrets
+import signal
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from functools import partial
 from pathlib import Path
 
@@ -30,8 +31,8 @@ from .admin import socket_path as admin_socket_path
 from .audit import AuditLog, AuditObserver, SessionRecorder
 from .auth import PamAuthenticator
 from .backend import Backend
-from .config import Config
-from .continuity import Continuity, recover
+from .config import LIVE_KEYS, Config, apply_live, changed_keys
+from .continuity import recover
 from .docker_backend import DockerBackend
 from .errors import BackendUnavailable, BridgeError, ConfigError
 from .metrics import MeteredBackend, Metrics
@@ -42,7 +43,7 @@ from .throttle import LoginThrottle, ThrottledAuthenticator
 from .store import open_store
 from .web.keys import ACCOUNTS, AUTHENTICATOR, BACKEND, CONFIG, LOGINS, MANAGER, METRICS, STORE
 from .web.access import ACCESS_LOG, AccessLog
-from .web.login import LoginRegistry, purge_forever
+from .web.login import Login, LoginRegistry, end_terminals
 from .web.terminal import close_websockets
 
 log = logging.getLogger("termbridge")
@@ -53,6 +54,7 @@ DEFAULT_WEB_ROOT = resources.web_root()
 SSH_DOOR = web.AppKey("ssh_door", SshDoor)
 INSTANCE = web.AppKey("instance", str)  # this gateway's id in container labels
 AUDIT = web.AppKey("audit", AuditLog)
+TLS = web.AppKey("tls", ssl.SSLContext)  # the web door's TLS context, when it serves HTTPS itself
 
 
 def ensure_state_dir(path: Path) -> None:
@@ -102,13 +104,13 @@ def build_app(
         app[INSTANCE] = instance_id(config.state_dir)
         if config.audit.record_dir is not None:
             SessionRecorder.prepare(config.audit.record_dir)
-        app[LOGINS] = LoginRegistry(read_or_create_secret(config.state_dir / "cookie-secret", secrets.token_bytes(32)))
         if not (web_root / "node_modules" / "@xterm" / "xterm").is_dir():
             log.error("web assets missing: run `npm ci` in %s", web_root)
         yield
 
     async def state_store(app: web.Application) -> AsyncIterator[None]:
         app[STORE] = await open_store(config)
+        app[LOGINS] = LoginRegistry(app[STORE])
         yield
         await app[STORE].close()
 
@@ -118,7 +120,7 @@ def build_app(
         app[AUDIT].close()
 
     async def docker_backend(app: web.Application) -> AsyncIterator[None]:
-        metered = MeteredBackend(backend or DockerBackend(config.session, app[INSTANCE]), app[METRICS])
+        metered = MeteredBackend(backend or DockerBackend(config.session, app[INSTANCE], fleet=app[STORE].fleet), app[METRICS])
         try:
             await metered.prepare()
         except BackendUnavailable as exc:
@@ -133,7 +135,7 @@ def build_app(
     async def pam_pool(app: web.Application) -> AsyncIterator[None]:
         app[AUTHENTICATOR] = ThrottledAuthenticator(
             PamAuthenticator(config.auth.pam_service, config.auth.allowed_groups, config.auth.pam_workers),
-            LoginThrottle(config.auth),
+            LoginThrottle(config.auth, app[STORE]),
         )
         yield
         app[AUTHENTICATOR].close()
@@ -141,9 +143,7 @@ def build_app(
     async def sessions(app: web.Application) -> AsyncIterator[None]:
         """Releases whatever sessions are left (none after `tell_clients`; all of them when a
         later resource failed to start). `close` is idempotent."""
-        manager = SessionManager(
-            config, app[BACKEND], continuity=Continuity(app[STORE], app[INSTANCE], config.session)
-        )
+        manager = SessionManager(config, app[BACKEND], app[STORE], app[INSTANCE])
         manager.observers.add(AuditObserver(app[AUDIT], config.session.image), app[METRICS])
         if config.audit.record_dir is not None:
             manager.observers.add(
@@ -158,12 +158,17 @@ def build_app(
         await manager.close()
 
     async def account_guard(app: web.Application) -> AsyncIterator[None]:
-        """Earlier logins asked again; expired ones forgotten."""
+        """Earlier logins asked again; this gateway's terminals of logins ended on any gateway
+        (logout, an account that may no longer log in) end too."""
         guard = AccountGuard(app[MANAGER], app[AUTHENTICATOR], config.auth.account_recheck, app[LOGINS].revoke_user)
         app[ACCOUNTS] = guard
+
+        async def end(login: Login) -> None:
+            await end_terminals(app, login, "you logged out")
+
         tasks = [
             asyncio.create_task(guard.run(), name="account-recheck"),
-            asyncio.create_task(purge_forever(app[LOGINS]), name="login-purge"),
+            asyncio.create_task(app[LOGINS].watch(end), name="login-watch"),
         ]
         yield
         for task in tasks:
@@ -195,10 +200,14 @@ def build_app(
 
     async def reaper(app: web.Application) -> AsyncIterator[None]:
         await reap_once(app[MANAGER])
-        task = asyncio.create_task(reap_forever(app[MANAGER]), name="reaper")
+        tasks = [
+            asyncio.create_task(reap_forever(app[MANAGER]), name="reaper"),
+            asyncio.create_task(app[MANAGER].watch_fleet(), name="fleet-watch"),
+        ]
         yield
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def warm_pool(app: web.Application) -> AsyncIterator[None]:
         pool = app[MANAGER].pool
@@ -233,7 +242,8 @@ async def tell_clients(app: web.Application) -> None:
     if SSH_DOOR in app:
         app[SSH_DOOR].stop_listening()
     if MANAGER in app:
-        await app[MANAGER].close(keep=app[CONFIG].session.on_shutdown == "keep")
+        manager = app[MANAGER]  # its config: a reload may have changed on_shutdown
+        await manager.close(keep=manager.config.session.on_shutdown == "keep")
     await close_websockets(app)
 
 
@@ -257,8 +267,8 @@ async def reap_once(manager: SessionManager) -> None:
 
 
 async def reap_forever(manager: SessionManager, interval: float = REAP_INTERVAL) -> None:
-    """Docker is the source of truth: every `interval`, remove this instance's containers that
-    no live session owns (a crash's leftovers, a removal that failed while Docker was down)."""
+    """Every `interval`, remove the fleet's containers that no session owns (a crash's
+    leftovers, a removal that failed while Docker was down), and release stale slots."""
     while True:
         await asyncio.sleep(interval)
         await reap_once(manager)
@@ -268,11 +278,16 @@ def ssl_context(config: Config) -> ssl.SSLContext | None:
     if config.web.tls_cert is None or config.web.tls_key is None:
         return None
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    try:
-        ctx.load_cert_chain(config.web.tls_cert, config.web.tls_key)
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"'web.tls_cert'/'web.tls_key' cannot be loaded: {exc}") from None
+    load_cert_chain(ctx, config)
     return ctx
+
+
+def load_cert_chain(ctx: ssl.SSLContext, config: Config) -> None:
+    """Into `ctx` (new handshakes use it; a reload calls this again with the renewed files)."""
+    try:
+        ctx.load_cert_chain(config.web.tls_cert, config.web.tls_key)  # type: ignore[arg-type]
+    except (OSError, ssl.SSLError, TypeError) as exc:
+        raise ConfigError(f"'web.tls_cert'/'web.tls_key' cannot be loaded: {exc}") from None
 
 
 def raise_open_file_limit() -> int:
@@ -290,13 +305,52 @@ def raise_open_file_limit() -> int:
     return hard
 
 
-def serve(config: Config) -> None:
-    """Run the gateway in the foreground until SIGINT/SIGTERM."""
+def reload_config(app: web.Application, load: Callable[[], Config]) -> None:
+    """SIGHUP: read the config again and apply the LIVE_KEYS that changed to what starts from
+    now on (sessions, logins, TLS handshakes); name the changed keys that need a restart. A
+    config that does not load changes nothing."""
+    manager = app[MANAGER]
+    try:
+        new = load()
+        merged = apply_live(manager.config, new)
+    except ConfigError as exc:
+        log.error("reload: configuration error, nothing changed: %s", exc.detail)
+        return
+    changed = changed_keys(manager.config, new)
+    # TLS turns on or off only with a restart; a reload renews the certificate in place.
+    renewable = LIVE_KEYS if TLS in app else LIVE_KEYS - {"web.tls_cert", "web.tls_key"}
+    fixed = [key for key in changed if key not in renewable]
+    live = [key for key in changed if key in renewable]
+    if {"web.tls_cert", "web.tls_key"} & set(live):
+        try:
+            load_cert_chain(app[TLS], merged)
+        except ConfigError as exc:
+            log.error("reload: %s; the running configuration stays", exc.detail)
+            return
+    manager.config = merged
+    if manager.pool is not None:
+        manager.pool.config = merged.session
+    inner = getattr(app[BACKEND], "inner", None)
+    if isinstance(inner, DockerBackend):
+        inner.config = merged.session
+    app[AUTHENTICATOR].inner.allowed_groups = frozenset(merged.auth.allowed_groups)
+    app[AUTHENTICATOR].throttle.config = merged.auth
+    if live:
+        log.info("reload: applied %s", ", ".join(live))
+    if fixed:
+        log.warning("reload: not applied (restart the gateway to change them): %s", ", ".join(fixed))
+    if not changed:
+        log.info("reload: the configuration is unchanged")
+
+
+def serve(config: Config, load: Callable[[], Config] | None = None) -> None:
+    """Run the gateway in the foreground until SIGINT/SIGTERM; SIGHUP calls `load` for a new
+    config (`reload_config`)."""
     ensure_state_dir(config.state_dir)
     raise_open_file_limit()
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
-    main = loop.create_task(_serve(build_app(config), config))
+    main = loop.create_task(_serve(build_app(config), config, load))
     try:
         loop.run_until_complete(main)
     except (web.GracefulExit, KeyboardInterrupt):
@@ -317,17 +371,22 @@ def serve(config: Config) -> None:
         loop.close()
 
 
-async def _serve(app: web.Application, config: Config) -> None:
+async def _serve(app: web.Application, config: Config, load: Callable[[], Config] | None) -> None:
     """What `web.run_app` does, except that a failed start is cleaned up too (run_app leaves the
     cleanup contexts that did start unreleased when a later one fails)."""
     host, port = config.web.listen
     access = {"access_log_class": AccessLog, "access_log": ACCESS_LOG} if config.log.access else {"access_log": None}
     runner = web.AppRunner(app, handle_signals=True, shutdown_timeout=3, **access)  # type: ignore[arg-type]
     try:
+        tls = ssl_context(config)
+        if tls is not None:
+            app[TLS] = tls
         await runner.setup()  # starts the cleanup contexts: the SSH door listens after this
-        site = web.TCPSite(runner, host, port, ssl_context=ssl_context(config))
+        site = web.TCPSite(runner, host, port, ssl_context=tls)
         await site.start()
         log.info("Running on %s", site.name)
+        if load is not None:
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload_config, app, load)
         sd_notify("READY=1")  # both doors accept connections now
         await asyncio.Event().wait()  # until a signal raises GracefulExit
     finally:

@@ -13,6 +13,7 @@ LABEL_SESSION = "termbridge.session"
 LABEL_USER = "termbridge.user"
 LABEL_DOOR = "termbridge.door"
 LABEL_GATEWAY = "termbridge.gateway"
+LABEL_FLEET = "termbridge.fleet"  # the gateways sharing one store (see Store.fleet)
 LABEL_STARTED = "termbridge.started"
 
 
@@ -88,6 +89,9 @@ class Backend(Protocol):
 
     async def list_own(self) -> list[ContainerInfo]:
         """Every container labelled with this gateway instance, running or not."""
+
+    async def list_fleet(self) -> list[ContainerInfo]:
+        """Every container of this gateway's fleet (every gateway sharing its store), running or not."""
 
     async def close(self) -> None:
         """Release the engine client."""

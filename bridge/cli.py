@@ -32,15 +32,19 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--base", metavar="IMAGE", help="base image (default ubuntu:24.04)")
     build.add_argument("--verbose", action="store_true", help="the full build log, not one line per step")
     build.add_argument("--if-stale", action="store_true", help="keep an image already built from this context and base")
-    sessions = sub.add_parser("sessions", parents=[common], help="live sessions of the running gateway")
+    sessions = sub.add_parser("sessions", parents=[common], help="live sessions of every gateway sharing the store")
     sessions_sub = sessions.add_subparsers(dest="sessions_command", required=True)
-    sessions_sub.add_parser("list", parents=[common], help="id, user, door, container, started, idle for")
-    kill = sessions_sub.add_parser("kill", parents=[common], help="end one session (the person sees why)")
-    kill.add_argument("id", help="session id (a unique prefix will do)")
+    sessions_sub.add_parser("list", parents=[common], help="id, user, door, container, started, idle for, gateway")
+    kill = sessions_sub.add_parser("kill", parents=[common], help="end sessions (the person sees why)")
+    target = kill.add_mutually_exclusive_group(required=True)
+    target.add_argument("id", nargs="?", help="session id (a unique prefix will do)")
+    target.add_argument("--all", action="store_true", help="every session of every gateway")
     return parser
 
 
-def _fmt_idle(seconds: float) -> str:
+def _fmt_idle(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
     seconds = int(seconds)
     if seconds < 60:
         return f"{seconds}s"
@@ -53,7 +57,10 @@ def sessions_command(config: Config, args: argparse.Namespace) -> int:
     from .admin import request, socket_path
 
     path = socket_path(config.state_dir)
-    payload = {"command": "list"} if args.sessions_command == "list" else {"command": "kill", "id": args.id}
+    if args.sessions_command == "list":
+        payload: dict[str, object] = {"command": "list"}
+    else:
+        payload = {"command": "kill", "all": True} if args.all else {"command": "kill", "id": args.id}
     try:
         answer = request(path, payload)
     except (FileNotFoundError, ConnectionRefusedError):
@@ -66,11 +73,14 @@ def sessions_command(config: Config, args: argparse.Namespace) -> int:
         print(f"termbridge: {answer['error']}", file=sys.stderr)
         return 1
     if args.sessions_command == "kill":
-        print(f"killed {answer['killed']}")
+        for session_id in answer["killed"]:
+            print(f"killed {session_id}")
         return 0
-    rows = [("ID", "USER", "DOOR", "CONTAINER", "STARTED", "IDLE")]
+    rows = [("ID", "USER", "DOOR", "CONTAINER", "STARTED", "IDLE", "GATEWAY")]
     for s in answer["sessions"]:
-        rows.append((s["id"], s["user"], s["door"], s["container"] or "-", s["started"], _fmt_idle(s["idle_for"])))
+        rows.append(
+            (s["id"], s["user"], s["door"], s["container"] or "-", s["started"], _fmt_idle(s["idle_for"]), s["gateway"])
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
@@ -94,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "serve":
             from .app import serve
 
-            serve(config)
+            serve(config, lambda: load_config(args.config))
             return 0
         if args.command == "image":
             from .docker_images import build_image

@@ -311,6 +311,43 @@ def known_keys() -> list[str]:
     return keys
 
 
+# What a running gateway takes over on SIGHUP, for new sessions and logins (a live session keeps
+# the limits it started with). Every other key (listen addresses, the store, state_dir, the
+# session network, ...) needs a restart; a reload names the ones that changed and leaves them.
+LIVE_KEYS = frozenset({
+    "web.tls_cert", "web.tls_key",
+    "auth.allowed_groups", "auth.max_failures", "auth.max_failures_per_address", "auth.failure_window",
+    "auth.lockout",
+    "session.image", "session.cpus", "session.memory", "session.pids", "session.idle_timeout",
+    "session.max_lifetime", "session.reconnect_grace", "session.max_per_user", "session.max_total",
+    "session.start_timeout", "session.tmpfs_size", "session.on_shutdown",
+})
+
+
+def _value(config: Config, key: str) -> Any:
+    section, _, name = key.rpartition(".")
+    return getattr(getattr(config, section) if section else config, name)
+
+
+def changed_keys(old: Config, new: Config) -> list[str]:
+    """The keys whose value differs, in declaration order."""
+    return [key for key in known_keys() if _value(old, key) != _value(new, key)]
+
+
+def apply_live(old: Config, new: Config) -> Config:
+    """`old` with the LIVE_KEYS values of `new` (the config a reload runs with)."""
+    sections: dict[str, dict[str, Any]] = {}
+    for key in changed_keys(old, new):
+        if key in LIVE_KEYS:
+            section, _, name = key.partition(".")
+            sections.setdefault(section, {})[name] = _value(new, key)
+    merged = dataclasses.replace(
+        old, **{section: dataclasses.replace(getattr(old, section), **values) for section, values in sections.items()}
+    )
+    _check(merged)
+    return merged
+
+
 def env_name(key: str) -> str:
     return ENV_PREFIX + key.replace(".", "_").upper()
 

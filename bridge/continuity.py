@@ -74,34 +74,10 @@ class Continuity:
             log.warning("store: %s of session %.12s failed: %s", what, session_id, detail)
             return None
 
-    def record_of(self, session: Session) -> SessionRecord:
-        container = session.container
-        if container is None:
-            raise RuntimeError("a ready session without a container")
-        started = session.started_at.timestamp()
-        return SessionRecord(
-            id=session.id,
-            user=session.user.name,
-            door=session.door,
-            gateway=self.instance,
-            started=started,
-            last_activity=wall_from_monotonic(session.last_activity),
-            lifetime_deadline=wall_from_monotonic(session.lifetime_end),
-            container_id=container.id,
-            container_name=container.name,
-            address=container.address,
-            port=container.port,
-            ssh_user=container.ssh_user,
-            attached_by=self.instance,
-            attached_at=time.time(),
-        )
-
-    async def record(self, session: Session) -> None:
-        """A session became ready: its record, and (web sessions, which can come back) the
-        secret to reconnect to its container."""
-        rec = self.record_of(session)
+    async def started(self, session: Session) -> None:
+        """A session became ready (the manager wrote its record): for a web session, which can
+        come back, the secret to reconnect to its container; its idle clock is written from now on."""
         self._written_activity[session.id] = session.last_activity
-        await self._safely("recording", session.id, self.store.put_session(rec))
         if session.keys is not None and session.door == "web":
             secret = SessionSecret(
                 client_key=session.keys.client_key.export_private_key("openssh"),

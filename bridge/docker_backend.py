@@ -25,6 +25,7 @@ import requests.exceptions
 from . import netguard
 from .backend import (
     LABEL_DOOR,
+    LABEL_FLEET,
     LABEL_GATEWAY,
     LABEL_SESSION,
     LABEL_STARTED,
@@ -82,11 +83,13 @@ class DockerBackend:
         config: SessionConfig,
         instance_id: str,
         *,
+        fleet: str = "",
         base_url: str | None = None,
         workers: int = 16,
     ) -> None:
         self.config = config
         self.instance_id = instance_id
+        self.fleet = fleet or instance_id
         self.network_name = NETWORK_NAMES[config.network]
         self._base_url = base_url
         self._workers = workers
@@ -312,6 +315,7 @@ class DockerBackend:
             LABEL_USER: spec.user,
             LABEL_DOOR: spec.door,
             LABEL_GATEWAY: self.instance_id,
+            LABEL_FLEET: self.fleet,
             LABEL_STARTED: spec.started,
         }
         try:
@@ -405,8 +409,8 @@ class DockerBackend:
     async def poll(self, container_id: str) -> ContainerState:
         return await self._call(self._poll_sync, container_id)
 
-    def _list_sync(self) -> list[ContainerInfo]:
-        found = self._api().containers(all=True, filters={"label": [f"{LABEL_GATEWAY}={self.instance_id}"]})
+    def _list_sync(self, label: str, value: str) -> list[ContainerInfo]:
+        found = self._api().containers(all=True, filters={"label": [f"{label}={value}"]})
         return [
             ContainerInfo(
                 id=c["Id"],
@@ -419,7 +423,10 @@ class DockerBackend:
         ]
 
     async def list_own(self) -> list[ContainerInfo]:
-        return await self._call(self._list_sync)
+        return await self._call(self._list_sync, LABEL_GATEWAY, self.instance_id)
+
+    async def list_fleet(self) -> list[ContainerInfo]:
+        return await self._call(self._list_sync, LABEL_FLEET, self.fleet)
 
     async def close(self) -> None:
         self._forget_client()

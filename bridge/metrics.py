@@ -179,6 +179,9 @@ class MeteredBackend:
     async def list_own(self) -> list[ContainerInfo]:
         return await self._count(BackendOp.LIST, self.inner.list_own())
 
+    async def list_fleet(self) -> list[ContainerInfo]:
+        return await self._count(BackendOp.LIST, self.inner.list_fleet())
+
     async def close(self) -> None:
         await self.inner.close()
 

@@ -1,7 +1,8 @@
 """The warm pool: containers created, started and sshd-ready ahead of time, so that a login only
 has to claim one. Each is used once (never returned, never reused); a taken one is replaced in
 the background. Pooled containers carry the termbridge.* labels (door `pool`, no user yet),
-count toward `session.max_total`, and are reaped like the rest.
+count toward `session.max_total` (with a store, fleet-wide: each holds a slot with no user,
+`pool_slot`, claimed by the login that takes it), and are reaped like the rest.
 """
 
 from __future__ import annotations
@@ -17,12 +18,18 @@ from datetime import datetime, timezone
 
 from .backend import Backend, Container, ContainerSpec
 from .config import SessionConfig
-from .errors import BridgeError, SessionStartError
+from .errors import BridgeError, LimitReached, SessionStartError, StoreUnavailable
+from .store import Store
 from .upstream import SessionKeys
 
 log = logging.getLogger("termbridge.pool")
 
 RETRY_AFTER_FAILURE = 5.0
+
+
+def pool_slot(session_id: str) -> str:
+    """The slot id of a pooled container, distinct from the session id it gets when claimed."""
+    return f"pool-{session_id}"
 
 
 @dataclass(frozen=True)
@@ -57,13 +64,16 @@ async def wait_for_sshd(container: Container, timeout: float) -> None:
 
 
 class WarmPool:
-    def __init__(self, size: int, backend: Backend, config: SessionConfig, room: Callable[[], int]) -> None:
+    def __init__(
+        self, size: int, backend: Backend, config: SessionConfig, room: Callable[[], int], store: Store | None = None
+    ) -> None:
         """`room()` says how many more containers the gateway may hold (max_total less what
         sessions and this pool hold already)."""
         self.size = size
         self.backend = backend
         self.config = config
         self.room = room
+        self.store = store
         self.ready: deque[Pooled] = deque()
         self.filling = 0
         self._making: set[str] = set()  # session ids of containers being made (for the reaper)
@@ -85,6 +95,10 @@ class WarmPool:
         pooled = self.ready.popleft() if self.ready else None
         self.kick()
         return pooled
+
+    def give_back(self, pooled: Pooled) -> None:
+        """A taken container its login could not use (a cap refused it): still brand-new."""
+        self.ready.appendleft(pooled)
 
     def kick(self) -> None:
         if not self._closed and (self._refill is None or self._refill.done()):
@@ -125,21 +139,43 @@ class WarmPool:
         )
         self._making.add(session_id)
         try:
-            container = await self.backend.start(spec)
+            await self._reserve(session_id)
             try:
-                await wait_for_sshd(container, self.config.start_timeout)
+                container = await self.backend.start(spec)
+                try:
+                    await wait_for_sshd(container, self.config.start_timeout)
+                except BaseException:
+                    await asyncio.shield(self.backend.stop(container.id))
+                    raise
             except BaseException:
-                await asyncio.shield(self.backend.stop(container.id))
+                await asyncio.shield(self._release(session_id))
                 raise
             return Pooled(session_id, container, keys, time.monotonic())
         finally:
             self._making.discard(session_id)
+
+    async def _reserve(self, session_id: str) -> None:
+        """A slot for the pooled container, so that the fleet's max_total counts it."""
+        if self.store is None:
+            return
+        if await self.store.reserve_slot(pool_slot(session_id), None, self.config.max_per_user, self.config.max_total):
+            raise LimitReached(detail="the fleet is at session.max_total")
+
+    async def _release(self, session_id: str) -> None:
+        if self.store is None:
+            return
+        try:
+            await self.store.release_slot(pool_slot(session_id))
+        except StoreUnavailable as exc:
+            log.warning("pool: slot of %.12s not released (the reaper will): %s", session_id, exc.detail)
 
     async def _remove(self, pooled: Pooled) -> None:
         try:
             await self.backend.stop(pooled.container.id)
         except BridgeError as exc:
             log.warning("pool: removing %s failed: %s (the reaper will retry)", pooled.container.name, exc.detail)
+            return
+        await self._release(pooled.session_id)
 
     async def close(self) -> None:
         """Stop refilling and remove every pooled container. A container being made is waited

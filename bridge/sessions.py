@@ -21,19 +21,25 @@ from functools import partial
 from typing import Any, cast
 
 from .auth import AuthenticatedUser
-from .backend import Backend, Container, ContainerSpec, ContainerState
+from .backend import LABEL_GATEWAY, LABEL_STARTED, Backend, Container, ContainerInfo, ContainerSpec, ContainerState
 from .config import Config
-from .continuity import LEASE_CHECK_INTERVAL, ACTIVITY_WRITE_INTERVAL, Adoptable, Continuity, monotonic_from_wall
-from .errors import BridgeError, LimitReached, SessionStartError
+from .continuity import (
+    ACTIVITY_WRITE_INTERVAL, LEASE_CHECK_INTERVAL, Adoptable, Continuity, monotonic_from_wall, wall_from_monotonic,
+)
+from .errors import BridgeError, LimitReached, SessionStartError, StoreUnavailable
 from .observers import Observers
-from .pool import Pooled, WarmPool
+from .pool import Pooled, WarmPool, pool_slot
 from .session import Session, Sink, TerminalRequest, TerminalSink
+from .store import Refusal, SessionRecord, Store
 from .stream import Stream
 from .store import SessionRecord
 from .upstream import SessionKeys, Upstream
 from .vocab import Actor, Door, EndReason, LoginResult
 
 log = logging.getLogger("termbridge.sessions")
+
+FLEET_INTERVAL = 1.0  # how often a gateway looks for kill requests on its sessions in the store
+REAP_GRACE = 60.0  # a fleet container younger than this is left alone: its start may be in flight
 
 
 class IdleAction(enum.Enum):
@@ -72,19 +78,47 @@ def _describe_end(state: ContainerState, memory: int) -> str | None:
     return None
 
 
+def limit_reached(cap: Refusal, max_per_user: int, max_total: int) -> LimitReached:
+    """The refusal of a cap, in words for the person and for the log."""
+    if cap == "max_total":
+        return LimitReached(
+            f"this server is at its limit of {max_total} sessions (session.max_total); try again later",
+            detail=f"refused: session.max_total={max_total} reached",
+        )
+    return LimitReached(
+        f"you already have {max_per_user} sessions, the most allowed (session.max_per_user); end one first",
+        detail=f"refused: session.max_per_user={max_per_user} reached",
+    )
+
+
+def _age(info: ContainerInfo, now: float) -> float:
+    """Seconds since the container's start label (0 when it has none: treated as new)."""
+    try:
+        started = datetime.fromisoformat(info.labels.get(LABEL_STARTED, ""))
+    except ValueError:
+        return 0.0
+    return now - started.timestamp()
+
+
 # How the manager reaches a started container's sshd: `Upstream.connect`; unit tests pass a fake.
 Connect = Callable[[Container, SessionKeys, float], Awaitable[Upstream]]
 
 
 class SessionManager:
     def __init__(
-        self, config: Config, backend: Backend, connect: Connect = Upstream.connect, continuity: Continuity | None = None
+        self, config: Config, backend: Backend, store: Store | None = None, gateway: str = "",
+        connect: Connect = Upstream.connect,
     ) -> None:
+        """With `store`, the caps hold across every gateway sharing it (slots), sessions are
+        recorded there for `termbridge sessions` on any gateway, the reaper goes by it, and web
+        sessions outlive this process (`continuity`)."""
         self.config = config
         self.backend = backend
+        self.store = store
+        self.gateway = gateway
         self._connect = connect
-        # Records and reconnect secrets in the store (None: sessions end with this process).
-        self.continuity = continuity
+        # Reconnect secrets and the attach lease in the store (None: sessions end with this process).
+        self.continuity = Continuity(store, gateway, config.session) if store is not None else None
         self.sessions: dict[str, Session] = {}
         self._cleanups: set[asyncio.Task] = set()
         # Backend starts in flight (threads), by session id; a cancelled one stays until its
@@ -97,7 +131,9 @@ class SessionManager:
         self._holders: dict[str, str] = {}  # session id -> user, while it holds
         self._closing = False
         self.observers = Observers()
-        self.pool = WarmPool(config.session.pool, backend, config.session, self._room) if config.session.pool else None
+        self.pool = (
+            WarmPool(config.session.pool, backend, config.session, self._room, store) if config.session.pool else None
+        )
 
     def _room(self) -> int:
         """How many more containers this gateway may hold (sessions and pooled ones alike)."""
@@ -120,14 +156,21 @@ class SessionManager:
 
     def _release(self, session_id: str) -> None:
         """The session's container is gone (or never came): its slot is free. Idempotent."""
+        if self._unhold(session_id) and self.store is not None:
+            self._track(self._forget(session_id))
+
+    def _unhold(self, session_id: str) -> bool:
+        """This gateway no longer counts the session (it ended, or runs on without this
+        gateway: its slot in the store stays then). False if it did not count it."""
         username = self._holders.pop(session_id, None)
         if username is None:
-            return
+            return False
         self._held[username] -= 1
         if self._held[username] <= 0:
             del self._held[username]
         if self.pool is not None:
             self.pool.kick()  # a slot is free: the pool may refill up to max_total
+        return True
 
     def _check_limits(self, user: AuthenticatedUser) -> None:
         cfg = self.config.session
@@ -136,16 +179,24 @@ class SessionManager:
         # A login that takes a pooled container adds nothing to what the gateway holds.
         takes_pooled = self.pool is not None and bool(self.pool.ready)
         if self._room() + takes_pooled <= 0:
-            raise LimitReached(
-                f"this server is at its limit of {cfg.max_total} sessions (session.max_total); try again later",
-                detail=f"refused: session.max_total={cfg.max_total} reached",
-            )
+            raise limit_reached("max_total", cfg.max_per_user, cfg.max_total)
         if self.count_for(user.name) >= cfg.max_per_user:
-            raise LimitReached(
-                f"you already have {cfg.max_per_user} sessions, the most allowed (session.max_per_user);"
-                " end one first",
-                detail=f"refused: session.max_per_user={cfg.max_per_user} reached",
+            raise limit_reached("max_per_user", cfg.max_per_user, cfg.max_total)
+
+    async def _reserve(self, session_id: str, user: str, pooled: Pooled | None) -> None:
+        """Take the session's slot in the store, so the caps hold across the fleet. Raises
+        LimitReached (a cap refused) or StoreUnavailable."""
+        if self.store is None:
+            return
+        cfg = self.config.session
+        if pooled is not None:
+            refusal = await self.store.claim_slot(
+                pool_slot(pooled.session_id), session_id, user, cfg.max_per_user, cfg.max_total
             )
+        else:
+            refusal = await self.store.reserve_slot(session_id, user, cfg.max_per_user, cfg.max_total)
+        if refusal is not None:
+            raise limit_reached(refusal, cfg.max_per_user, cfg.max_total)
 
     # -- life cycle ---------------------------------------------------------------------------
 
@@ -169,6 +220,18 @@ class SessionManager:
         session = Session(user, door, sink, pooled.session_id if pooled else None, self.config.session.max_lifetime)
         self.sessions[session.id] = session
         self._hold(session)
+        try:
+            await self._reserve(session.id, user.name, pooled)
+        except (LimitReached, StoreUnavailable, asyncio.CancelledError) as exc:
+            self.sessions.pop(session.id, None)
+            self._release(session.id)
+            if pooled is not None and self.pool is not None:
+                self.pool.give_back(pooled)
+            if isinstance(exc, LimitReached):
+                self.observers.session_refused(user, door, exc.detail)
+            elif isinstance(exc, StoreUnavailable):
+                session.log.error("refused: the state store did not answer: %s", exc.detail)
+            raise
         session.log.info("starting (%s door%s)", door, f", pooled {pooled.container.name}" if pooled else "")
         try:
             await self._provision(session, terminal, pooled)
@@ -210,10 +273,11 @@ class SessionManager:
             if terminal is not None:
                 await self._open_stream(session, session.upstream, terminal)
         self._check_not_ended(session)
+        await self._record(session)
         session.ready_at = time.monotonic()
         session.touch()
         if self.continuity is not None:
-            await self.continuity.record(session)
+            await self.continuity.started(session)
         self.observers.session_started(session, session.ready_at - session.created)
         await self._run(session)
 
@@ -244,6 +308,20 @@ class SessionManager:
         session._tasks.append(asyncio.create_task(self._watchdog(session), name=f"watchdog-{session.id[:8]}"))
         if session.stream is not None:
             session._tasks.append(asyncio.create_task(self._pump(session), name=f"pump-{session.id[:8]}"))
+
+    async def _record(self, session: Session) -> None:
+        """The session in the store: every gateway of the fleet lists it, and leaves its container alone."""
+        if self.store is None or session.container is None:
+            return
+        now, container = time.time(), session.container
+        await self.store.put_session(
+            SessionRecord(
+                id=session.id, user=session.user.name, door=str(session.door), gateway=self.gateway, started=now,
+                last_activity=now, lifetime_deadline=wall_from_monotonic(session.lifetime_end), profile="default",
+                container_id=container.id, container_name=container.name, address=container.address,
+                port=container.port, ssh_user=container.ssh_user, attached_by=self.gateway, attached_at=now,
+            )
+        )
 
     @staticmethod
     def _check_not_ended(session: Session) -> None:
@@ -369,7 +447,7 @@ class SessionManager:
             detail = getattr(exc, "detail", None) or repr(exc)
             session.log.warning("adoption failed: %s", detail)
             self.sessions.pop(session.id, None)
-            self._release(session.id)
+            self._unhold(session.id)
             if session.upstream is not None:
                 session.upstream.close()
             if session.released:  # the gateway stops: the page was told to come back
@@ -545,7 +623,7 @@ class SessionManager:
         self._track(self._remove(container_id, why, forget=session_id))
 
     def _schedule_removal(self, container_id: str, why: str, holder: str) -> None:
-        self._track(self._remove(container_id, why, holder, forget=holder))
+        self._track(self._remove(container_id, why, holder))
 
     def _track(self, cleanup: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(cleanup)
@@ -562,8 +640,8 @@ class SessionManager:
                 try:
                     await self.backend.stop(container_id)
                     log.debug("removed container %s (%s)", container_id[:12], why)
-                    if forget is not None and self.continuity is not None:
-                        await self.continuity.forget(forget)
+                    if forget is not None:
+                        await self._forget(forget)
                     return
                 except BridgeError as exc:
                     log.warning("removing container %s failed (try %d): %s", container_id[:12], attempt + 1, exc.detail)
@@ -573,27 +651,112 @@ class SessionManager:
             if holder is not None:
                 self._release(holder)
 
+    async def _forget(self, session_id: str) -> None:
+        """Drop the session's record and slot from the store (the reaper retries if it is down)."""
+        if self.store is None:
+            return
+        try:
+            await self.store.delete_session(session_id)
+        except StoreUnavailable as exc:
+            log.warning("session %.12s: not forgotten in the store (the reaper will retry): %s", session_id, exc.detail)
+
     async def reap(self) -> int:
-        """Remove containers of this gateway instance that no live session and no store entry
-        owns (a session in the store waits for its page, on this gateway or another)."""
+        """Remove containers that nothing owns; with a store, fleet-wide (see `_unowned`)."""
         live = {s.container.id for s in self.sessions.values() if s.container} | set(self.sessions)
         if self.pool is not None:
             live |= self.pool.ids()
-        if self.continuity is not None:
-            owned = await self.continuity.owned_ids()
-            if owned is None:
-                return 0
-            live |= owned
-        removed = 0
-        for info in await self.backend.list_own():
-            if info.id in live or info.session_id in live:
-                continue
+        if self.store is None:
+            unowned = [info for info in await self.backend.list_own() if not ({info.id, info.session_id} & live)]
+        else:
+            unowned = await self._unowned(self.store, live)
+        for info in unowned:
             log.info("reaping container %s (session %s, user %s)", info.name, info.session_id[:12], info.user)
             await self.backend.stop(info.id)
-            removed += 1
-        if removed:
-            self.observers.containers_reaped(removed)
-        return removed
+            await self._forget(info.session_id)
+            await self._forget(pool_slot(info.session_id))
+        if unowned:
+            self.observers.containers_reaped(len(unowned))
+        return len(unowned)
+
+    async def _unowned(self, store: Store, live: set[str]) -> list[ContainerInfo]:
+        """The fleet's containers nothing owns. This gateway's memory owns its live sessions;
+        another gateway's session record owns its container until the session's lifetime is over
+        (a record of this gateway not in its memory is a previous run's: reaped). Another
+        gateway's container without a record is owned by its slot while that is younger than a
+        start may take (a pooled container's slot, user None, owns it for good), and by nothing
+        after REAP_GRACE when it has no slot. Slots and records that own no container are
+        released once they are that old (their gateway died)."""
+        now, stale = time.time(), 2 * self.config.session.start_timeout + REAP_GRACE
+        records = {r.id: r for r in await store.list_sessions()}
+        slots = await store.list_slots()
+        # This gateway's own too: containers from before it labelled its fleet are its alone.
+        containers = list({c.id: c for c in [*await self.backend.list_fleet(), *await self.backend.list_own()]}.values())
+        unowned = []
+        for info in containers:
+            if {info.id, info.session_id} & live:
+                continue
+            record = records.get(info.session_id)
+            mine = info.labels.get(LABEL_GATEWAY) == self.gateway
+            if record is not None and now < record.lifetime_deadline and not record.ended and (
+                record.gateway != self.gateway or record.attached_by is None  # another's, or waiting for its page
+            ):
+                continue
+            if record is None and not mine:
+                slot = slots.get(info.session_id) or slots.get(pool_slot(info.session_id))
+                if _age(info, now) < REAP_GRACE or (slot is not None and (slot.user is None or now - slot.since < stale)):
+                    continue
+            unowned.append(info)
+        held = {info.session_id for info in containers} | live
+        for slot_id, slot in slots.items():
+            session_id = slot_id.removeprefix("pool-")
+            if session_id not in held and session_id not in records and now - slot.since > stale:
+                log.info("releasing slot %.17s of %s: no container, no session", slot_id, slot.user or "the pool")
+                await self._forget(slot_id)
+        for record in records.values():
+            if record.id not in held and now - record.started > stale:
+                log.info("forgetting session %.12s of %s: its container is gone", record.id, record.user)
+                await self._forget(record.id)
+        return unowned
+
+    async def watch_fleet(self, interval: float = FLEET_INTERVAL) -> None:
+        """Forever: end this gateway's sessions that another gateway's admin asked to end
+        (`ended` set on the record, see `request_kill`)."""
+        store = self.store
+        if store is None:
+            return
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                records = await store.list_sessions()
+            except StoreUnavailable as exc:
+                log.warning("fleet watch: %s", exc.detail)
+                continue
+            for record in records:
+                session = self.sessions.get(record.id)
+                if record.ended and session is not None and not session.ending:
+                    session.log.info("killed by an administrator on another gateway")
+                    await self.kill(session)
+
+    async def fleet(self) -> list[SessionRecord]:
+        """Every session of every gateway sharing the store (this one's only, without a store)."""
+        if self.store is None:
+            return []
+        return await self.store.list_sessions()
+
+    async def request_kill(self, record: SessionRecord, wait: float = 5.0) -> None:
+        """End a session another gateway serves: ask it through the store; if it has not ended
+        the session within `wait` s (that gateway is gone), remove the container here."""
+        store = self.store
+        if store is None or not await store.update_session(record.id, ended=True):
+            return
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+            if await store.get_session(record.id) is None:
+                return
+        log.warning("session %.12s: gateway %s did not end it; removing its container", record.id, record.gateway)
+        await self.backend.stop(record.container_id)
+        await self._forget(record.id)
 
     async def release(self, session: Session, restarting: bool) -> None:
         """Let go of a web session without ending it: its shell runs on in its container (the
@@ -621,7 +784,7 @@ class SessionManager:
         if session.upstream is not None:
             session.upstream.close()
         self.sessions.pop(session.id, None)
-        self._release(session.id)
+        self._unhold(session.id)
         if restarting and self.continuity is not None:
             await self.continuity.release(session.id)
         session.log.info("let go (%s); it runs on in container %s",

@@ -81,8 +81,8 @@ def no_secrets_in_logs() -> Iterator[None]:
             made.extend(private_key_fragments(key.export_private_key("openssh")))
         return keys
 
-    def observed_issue(self: LoginRegistry, user: Any) -> Any:
-        login, cookie = issue(self, user)
+    async def observed_issue(self: LoginRegistry, user: Any) -> Any:
+        login, cookie = await issue(self, user)
         made.extend([cookie, login.id])
         return login, cookie
 
@@ -92,7 +92,7 @@ def no_secrets_in_logs() -> Iterator[None]:
     patch.undo()
     logging.getLogger().removeHandler(recorder)
     for directory in STATE_DIRS:
-        for name in ("cookie-secret", "ssh_host_ed25519_key"):
+        for name in ("store-key", "ssh_host_ed25519_key"):
             if (directory / name).exists():
                 data = (directory / name).read_bytes()
                 made.extend(private_key_fragments(data) if b"PRIVATE KEY" in data else [data])

@@ -31,6 +31,7 @@ from helpers import (
 
 NGINX = Path("/usr/sbin/nginx")
 SITE = ROOT / "etc" / "nginx" / "termbridge.conf"
+REPLICAS = ROOT / "etc" / "nginx" / "replicas.conf"
 UNIT = ROOT / "etc" / "systemd" / "termbridge.service"
 CLIENT_ADDRESS = "127.0.0.2"  # the loopback range is all ours: a client address that is not nginx's own
 
@@ -65,13 +66,25 @@ async def nginx_in_front(tmp_path: Path) -> AsyncIterator:
         pytest.fail(f"{NGINX} missing: apt-get install nginx (`make test` does)")
     procs: list[subprocess.Popen] = []
 
-    async def start(gateway_url: str) -> Nginx:
+    async def start(*gateway_urls: str) -> Nginx:
+        """One gateway: the shipped site as is; several: with the upstream of etc/nginx/replicas.conf."""
         prefix = tmp_path / "nginx"
         prefix.mkdir()
         cert, key = self_signed_cert(prefix)
         https_port, http_port = free_port(), free_port()
         site = SITE.read_text()
-        site = replace_once(site, "server 127.0.0.1:8080;", f"server {gateway_url.removeprefix('http://')};")
+        if len(gateway_urls) > 1:
+            upstream = REPLICAS.read_text()
+            upstream = upstream[upstream.index("upstream termbridge {"):]
+            # Each `server` line keeps its parameters (max_fails=0); only the address changes.
+            params = re.findall(r"    server 127\.0\.0\.1:\d+([^;\n]*);\n", upstream)
+            servers = "".join(f"    server {url.removeprefix('http://')}{params[0] if params else ''};\n" for url in gateway_urls)
+            upstream = re.sub(r"(    server 127\.0\.0\.1:\d+[^;\n]*;\n)+", servers, upstream)
+            assert servers in upstream, f"{REPLICAS} should list its gateways as `server` lines"
+            start, end = site.index("upstream termbridge {"), site.index("}", site.index("upstream termbridge {")) + 2
+            site = site[:start] + upstream + site[end:]
+        else:
+            site = replace_once(site, "server 127.0.0.1:8080;", f"server {gateway_urls[0].removeprefix('http://')};")
         site = replace_once(site, "listen 443 ssl;", f"listen 127.0.0.1:{https_port} ssl;")
         site = replace_once(site, "listen 80;", f"listen 127.0.0.1:{http_port};")
         site = replace_once(site, "listen [::]:443 ssl;\n", "")
@@ -302,7 +315,8 @@ def test_installed_package_carries_its_files(installed):
     assert (web_root / "node_modules" / "@xterm" / "xterm" / "css" / "xterm.css").is_file()
     assert (image_dir / "Dockerfile").is_file() and (image_dir / "entrypoint.sh").is_file()
     assert (image_dir / "holder" / "tb-holder.c").is_file()
-    for shipped in ("termbridge.toml", "pam.d/termbridge", "systemd/termbridge.service", "nginx/termbridge.conf"):
+    for shipped in ("termbridge.toml", "pam.d/termbridge", "systemd/termbridge.service", "nginx/termbridge.conf",
+                    "nginx/replicas.conf"):
         assert (etc_dir / shipped).read_text() == (ROOT / "etc" / shipped).read_text()
 
 

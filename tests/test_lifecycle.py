@@ -118,7 +118,7 @@ async def test_sessions_list_and_kill(gateway, user):
         code, out, err = await run_cli("sessions", "list", "--config", cfg)
         assert code == 0, err
         header, *rows = out.splitlines()
-        assert header.split() == ["ID", "USER", "DOOR", "CONTAINER", "STARTED", "IDLE"]
+        assert header.split() == ["ID", "USER", "DOOR", "CONTAINER", "STARTED", "IDLE", "GATEWAY"]
         [row] = [r.split() for r in rows if r.startswith(session["id"])]
         assert row[1:4] == [user.name, "web", f"termbridge-{session['id'][:8]}"]
 

@@ -1,4 +1,5 @@
-"""Login throttling: the bookkeeping with a fake clock, then through PAM and the web door for real."""
+"""Login throttling: the bookkeeping with a fake clock over a real store, then through PAM and the
+web door for real (and across gateways sharing a store: test_fleet.py)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import asyncio
 import logging
 import os
 import stat
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import aiohttp
 import pytest
@@ -13,6 +16,9 @@ import pytest
 from bridge import throttle as throttle_mod
 from bridge.auth import Outcome, PamAuthenticator
 from bridge.config import AuthConfig
+from bridge.store import Store
+from bridge.store.base import SecretBox
+from bridge.store.sqlite import SqliteStore
 from bridge.throttle import MAX_DELAY, MAX_PENDING, LoginThrottle, ThrottledAuthenticator, address_key
 from bridge.web.login import COOKIE_NAME
 from helpers import csrf_token
@@ -26,53 +32,65 @@ class Clock:
         return self.now
 
 
-def make(**values) -> tuple[LoginThrottle, Clock]:
-    clock = Clock()
-    config = AuthConfig(**{"max_failures": 5, "max_failures_per_address": 20, "failure_window": 900.0,
-                           "lockout": 300.0, **values})
-    return LoginThrottle(config, clock=clock), clock
+@pytest.fixture
+async def store(tmp_path) -> AsyncIterator[Store]:
+    """A real store (SQLite; the same counters as Redis, see test_store.py) for the bookkeeping."""
+    opened = await SqliteStore.open(tmp_path / "state.db", SecretBox(os.urandom(32)))
+    yield opened
+    await opened.close()
 
 
-def test_failures_get_slower_then_lock_out_for_the_cooldown():
+@pytest.fixture
+def make(store: Store) -> Callable[..., tuple[LoginThrottle, Clock]]:
+    def make(**values: Any) -> tuple[LoginThrottle, Clock]:
+        clock = Clock()
+        config = AuthConfig(**{"max_failures": 5, "max_failures_per_address": 20, "failure_window": 900.0,
+                               "lockout": 300.0, **values})
+        return LoginThrottle(config, store, clock=clock), clock
+
+    return make
+
+
+async def test_failures_get_slower_then_lock_out_for_the_cooldown(make):
     t, clock = make()
-    assert t.check("alice", "192.0.2.1").delay == 0
+    assert (await t.check("alice", "192.0.2.1")).delay == 0
     delays = []
     for _ in range(4):
-        t.failure("alice", "192.0.2.1")
-        decision = t.check("alice", "192.0.2.1")
+        await t.failure("alice", "192.0.2.1")
+        decision = await t.check("alice", "192.0.2.1")
         assert decision.allowed
         delays.append(decision.delay)
     assert delays == [1, 2, 4, MAX_DELAY]
-    t.failure("alice", "192.0.2.1")  # the fifth
-    refused = t.check("alice", "198.51.100.1")  # from anywhere: the username is locked
+    await t.failure("alice", "192.0.2.1")  # the fifth
+    refused = await t.check("alice", "198.51.100.1")  # from anywhere: the username is locked
     assert not refused.allowed and refused.retry_after == 300
     clock.now += 299
-    assert not t.check("alice", "192.0.2.1").allowed
+    assert not (await t.check("alice", "192.0.2.1")).allowed
     clock.now += 2  # cooldown over: one more try, slowly
-    again = t.check("alice", "192.0.2.1")
+    again = await t.check("alice", "192.0.2.1")
     assert again.allowed and again.delay == MAX_DELAY
-    t.failure("alice", "192.0.2.1")
-    assert not t.check("alice", "192.0.2.1").allowed  # still 5+ failures in the window: locked again
+    await t.failure("alice", "192.0.2.1")
+    assert not (await t.check("alice", "192.0.2.1")).allowed  # still 5+ failures in the window: locked again
     clock.now += 901  # the window forgets them all
-    assert t.check("alice", "192.0.2.1") == throttle_mod.Decision(True)
+    assert await t.check("alice", "192.0.2.1") == throttle_mod.Decision(True)
 
 
-def test_addresses_and_usernames_count_separately():
+async def test_addresses_and_usernames_count_separately(make):
     t, _ = make(max_failures=100, max_failures_per_address=3)
     for name in ("u1", "u2", "u3"):
-        t.failure(name, "192.0.2.7")
-    assert not t.check("someone-else", "192.0.2.7").allowed  # the address guessed too much
-    assert t.check("someone-else", "192.0.2.8").allowed
+        await t.failure(name, "192.0.2.7")
+    assert not (await t.check("someone-else", "192.0.2.7")).allowed  # the address guessed too much
+    assert (await t.check("someone-else", "192.0.2.8")).allowed
 
 
-def test_success_clears_the_username_but_not_the_address():
+async def test_success_clears_the_username_but_not_the_address(make):
     t, _ = make(max_failures_per_address=4)
     for _ in range(3):
-        t.failure("bob", "192.0.2.9")
-    t.success("bob", "192.0.2.9")
-    assert t.check("bob", "198.51.100.2").delay == 0
-    t.failure("carol", "192.0.2.9")
-    assert not t.check("dave", "192.0.2.9").allowed
+        await t.failure("bob", "192.0.2.9")
+    await t.success("bob", "192.0.2.9")
+    assert (await t.check("bob", "198.51.100.2")).delay == 0
+    await t.failure("carol", "192.0.2.9")
+    assert not (await t.check("dave", "192.0.2.9")).allowed
 
 
 def test_ipv6_counts_by_prefix():
@@ -83,36 +101,51 @@ def test_ipv6_counts_by_prefix():
     assert address_key(None) == "-"
 
 
-def test_attempts_in_flight_per_address_and_per_username_are_bounded():
+def test_attempts_in_flight_per_address_and_per_username_are_bounded(make):
     t, _ = make()
     for i in range(MAX_PENDING):
-        assert t.check(f"x{i}", "192.0.2.3").allowed
+        assert t.busy(f"x{i}", "192.0.2.3") is None
         t.begin(f"x{i}", "192.0.2.3")
-    assert not t.check("y", "192.0.2.3").allowed
-    assert t.check("y", "192.0.2.4").allowed
+    assert t.busy("y", "192.0.2.3") is not None
+    assert t.busy("y", "192.0.2.4") is None
     t.end("x0", "192.0.2.3")
-    assert t.check("y", "192.0.2.3").allowed
+    assert t.busy("y", "192.0.2.3") is None
     for i in range(MAX_PENDING):  # one name from many addresses
         t.begin("victim", f"198.51.100.{i}")
-    assert not t.check("victim", "198.51.100.99").allowed
+    assert t.busy("victim", "198.51.100.99") is not None
 
 
-def test_memory_stays_bounded(monkeypatch):
-    monkeypatch.setattr(throttle_mod, "MAX_KEYS", 50)
-    t, clock = make()
-    for i in range(500):
-        clock.now += 0.01
-        t.failure(f"user{i}", f"10.0.{i // 250}.{i % 250}")
-    assert len(t._records) <= 50
+async def test_gateways_sharing_a_store_count_together(make):
+    """Two gateways' throttles over one store: failures on either lock the name out on both."""
+    first, _ = make(max_failures=4)
+    second, _ = make(max_failures=4)
+    for throttle in (first, second, first, second):
+        await throttle.failure("erin", "192.0.2.20")
+    assert not (await first.check("erin", "198.51.100.3")).allowed
+    assert not (await second.check("erin", "198.51.100.3")).allowed
+
+
+async def test_a_store_that_does_not_answer_refuses_logins_before_pam(pam_service, make_user, store, caplog):
+    user = make_user()
+    auth = ThrottledAuthenticator(PamAuthenticator(pam_service), LoginThrottle(AuthConfig(), store))
+    await store.close()
+    try:
+        with caplog.at_level(logging.INFO, logger="termbridge"):
+            result = await auth.authenticate(user.name, user.password, "192.0.2.51")
+        assert result.outcome is Outcome.UNAVAILABLE
+        assert not [r for r in caplog.records if r.name == "termbridge.auth"], "PAM was asked"
+        assert any("refused" in r.getMessage() and "store" in r.getMessage() for r in caplog.records)
+    finally:
+        auth.close()
 
 
 # -- through PAM ------------------------------------------------------------------------------
 
 
-async def test_the_door_api_refuses_before_pam(pam_service, make_user, caplog):
+async def test_the_door_api_refuses_before_pam(pam_service, make_user, store, caplog):
     """What the SSH door calls: THROTTLED with retry_after, and PAM is not asked."""
     alice, bob = make_user(), make_user()
-    auth = ThrottledAuthenticator(PamAuthenticator(pam_service), LoginThrottle(AuthConfig(max_failures=2, lockout=60.0)))
+    auth = ThrottledAuthenticator(PamAuthenticator(pam_service), LoginThrottle(AuthConfig(max_failures=2, lockout=60.0), store))
     try:
         for _ in range(2):
             assert (await auth.authenticate(alice.name, "wrong", "192.0.2.50")).outcome is Outcome.DENIED
@@ -215,39 +248,22 @@ async def test_pam_sees_the_real_client_address(start_gateway, make_user, rhost_
     assert record.read_text().split() == ["127.0.0.1", "198.51.100.5"]
 
 
-def test_a_flood_of_new_names_and_addresses_never_releases_a_lockout(monkeypatch):
-    monkeypatch.setattr(throttle_mod, "MAX_KEYS", 50)
+async def test_a_flood_of_new_names_and_addresses_never_releases_a_lockout(make):
     t, clock = make(max_failures=2, max_failures_per_address=2)
     for _ in range(2):
-        t.failure("alice", "192.0.2.1")
-    assert not t.check("alice", "198.51.100.1").allowed
-    for i in range(5000):  # far more keys than the table holds, each with one failure
-        clock.now += 0.001
-        t.failure(f"flood{i}", f"10.{i // 65536}.{i // 256 % 256}.{i % 256}")
-        assert len(t._records) <= 50
-    refused = t.check("alice", "198.51.100.1")
+        await t.failure("alice", "192.0.2.1")
+    assert not (await t.check("alice", "198.51.100.1")).allowed
+    for i in range(500):  # new names from new addresses, each with one failure
+        clock.now += 0.01
+        await t.failure(f"flood{i}", f"10.{i // 65536}.{i // 256 % 256}.{i % 256}")
+    refused = await t.check("alice", "198.51.100.1")
     assert not refused.allowed and refused.why == "user locked out"
-    assert not t.check("bob", "192.0.2.1").allowed  # the address lockout holds too
+    assert not (await t.check("bob", "192.0.2.1")).allowed  # the address lockout holds too
 
 
-def test_a_table_full_of_lockouts_refuses_keys_it_cannot_count(monkeypatch):
-    monkeypatch.setattr(throttle_mod, "MAX_KEYS", 20)
-    t, clock = make(max_failures=1, max_failures_per_address=1, lockout=300.0)
-    for i in range(10):  # 10 users and 10 addresses, every one locked out
-        t.failure(f"user{i}", f"10.0.0.{i}")
-    assert len(t._records) == 20
-    clock.now += 2
-    full = t.check("newcomer", "10.9.9.9")
-    assert not full.allowed and "full" in full.why  # its failure could not be counted
-    assert not t.check("user3", "10.9.9.9").allowed  # the lockouts all hold
-    clock.now += 300  # lockouts over: room again
-    assert t.check("newcomer", "10.9.9.9").allowed
-
-
-async def test_a_flood_through_the_web_door_does_not_release_a_lockout(start_gateway, make_user, monkeypatch):
-    """Lock alice out, then 80 logins under new names from 80 addresses (via a trusted proxy)
-    overflow a 40-record table: alice's right password is still refused."""
-    monkeypatch.setattr(throttle_mod, "MAX_KEYS", 40)
+async def test_a_flood_through_the_web_door_does_not_release_a_lockout(start_gateway, make_user):
+    """Lock alice out, then 80 logins under new names from 80 addresses (via a trusted proxy):
+    alice's right password is still refused."""
     gateway = await start_gateway(
         auth={"max_failures": 2, "lockout": "10m", "pam_workers": 32}, web={"trusted_proxies": ["127.0.0.1"]}
     )

@@ -21,7 +21,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from ..errors import ConfigError, StoreUnavailable
 
@@ -109,7 +111,15 @@ class SecretBox:
 
     def __init__(self, key: bytes) -> None:
         self._aead = AESGCM(key)
+        self._key = key
         self.check = hmac.new(key, b"termbridge store key check", hashlib.sha256).hexdigest()
+
+    def derive(self, purpose: str) -> bytes:
+        """A 32-byte key for `purpose` (HKDF-SHA256): every gateway holding this key file derives
+        the same one, so the file is the only secret replicas must share."""
+        return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=f"termbridge {purpose}".encode()).derive(
+            self._key
+        )
 
     def seal(self, session_id: str, plaintext: bytes) -> bytes:
         nonce = os.urandom(12)
@@ -173,6 +183,17 @@ class Store(abc.ABC):
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+    def derive_key(self, purpose: str) -> bytes:
+        """A secret for `purpose` (the login cookie's signing key) shared by every gateway of
+        this store, derived from the key file."""
+        return self._box.derive(purpose)
+
+    @property
+    def fleet(self) -> str:
+        """The name the gateways sharing this store (with its key file) label containers with: a
+        gateway reaps only its fleet's containers, never another installation's on the same host."""
+        return self._box.check[:16]
 
     async def _check_key(self) -> None:
         """Every gateway sharing the store must share the key file, or reconnecting to another

@@ -42,8 +42,8 @@ def _error(status: int, message: str) -> web.HTTPException:
     return exc
 
 
-def _owned_session(request: web.Request) -> Session:
-    login = current_login(request)
+async def _owned_session(request: web.Request) -> Session:
+    login = await current_login(request)
     if login is None:
         raise _error(401, "log in first")
     session_id = request.query.get("session", "")
@@ -71,7 +71,7 @@ def content_disposition(name: str) -> str:
 
 
 async def list_files(request: web.Request) -> web.StreamResponse:
-    session = _owned_session(request)
+    session = await _owned_session(request)
     path = request.query.get("path", "")
     if session.upstream is None:
         raise _error(409, "this session has no container yet")
@@ -93,7 +93,7 @@ async def list_files(request: web.Request) -> web.StreamResponse:
 
 
 async def download(request: web.Request) -> web.StreamResponse:
-    session = _owned_session(request)
+    session = await _owned_session(request)
     path = request.query.get("path", "")
     if session.upstream is None:
         raise _error(409, "this session has no container yet")
@@ -140,7 +140,7 @@ async def upload(request: web.Request) -> web.StreamResponse:
     if not origin_allowed(request, required=True):
         log.warning("upload refused: Origin %r from %s", request.headers.get("Origin"), client_address(request))
         raise _error(403, "cross-origin upload refused")
-    session = _owned_session(request)
+    session = await _owned_session(request)
     path = request.query.get("path", "")
     limit = request.app[CONFIG].web.max_upload_size
     length = request.content_length

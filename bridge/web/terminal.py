@@ -29,7 +29,7 @@ INPUT_WAIT_CHECK = 1.0  # how often input blocked on a slow shell checks that it
 
 
 async def index(request: web.Request) -> web.StreamResponse:
-    login = current_login(request)
+    login = await current_login(request)
     if login is None:
         raise web.HTTPSeeOther("/login")
     logout_csrf = request.app[LOGINS].form_token("logout", login.id)
@@ -176,7 +176,7 @@ def _bound_send_buffer(request: web.Request) -> None:
 
 
 async def terminal_socket(request: web.Request) -> web.StreamResponse:
-    login = current_login(request)
+    login = await current_login(request)
     if login is None:
         raise web.HTTPUnauthorized(text="log in first")
     if not origin_allowed(request, required=True):
@@ -190,7 +190,7 @@ async def terminal_socket(request: web.Request) -> web.StreamResponse:
     _bound_send_buffer(request)
     app[WEBSOCKETS].add(ws)
     terminal = TerminalRequest()
-    sink = WebSocketSink(ws, login, app[CONFIG])
+    sink = WebSocketSink(ws, login, manager.config)  # the manager's: a reload may have changed it
     early = bytearray()
     starting = asyncio.create_task(_open(request, login, terminal, sink, resume, early))
     watcher = asyncio.create_task(_refuse_on_failure(ws, starting))
