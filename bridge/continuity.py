@@ -191,14 +191,6 @@ class Continuity:
             return []
         return [mine[r.id] for r in records if r.id in mine and r.attached_by not in (None, self.instance)]
 
-    async def owned_ids(self) -> set[str] | None:
-        """Session ids and container ids the store has an entry for (the reaper keeps those);
-        None when the store cannot say (then the reaper keeps everything this round)."""
-        records = await self._safely("listing", "*", self.store.list_sessions())
-        if not isinstance(records, list):
-            return None
-        return {r.id for r in records} | {r.container_id for r in records if r.container_id}
-
 
 Remove = Callable[[str, str, str], Awaitable[None]]  # (session id, container id, why): container, then record
 

@@ -32,7 +32,6 @@ from .pool import Pooled, WarmPool, pool_slot
 from .session import Session, Sink, TerminalRequest, TerminalSink
 from .store import Refusal, SessionRecord, Store
 from .stream import Stream
-from .store import SessionRecord
 from .upstream import SessionKeys, Upstream
 from .vocab import Actor, Door, EndReason, LoginResult
 
