@@ -1,17 +1,21 @@
 """The session manager: limits, the registry, activity, idle and lifetime timers, and removal.
 
 A session (`session.py`) is one container, one upstream SSH connection and, for the web door, one
-shell on a pty whose output flows through a `Stream`. Front doors hand the manager an
-authenticated user and a `Sink` (where control events go); the web door opens its terminals with
-the one call `open_terminal`. The manager owns everything else, and every path that ends a
-session goes through `end()`; that is why start, timers, ends and removal share one module
-(a little over 450 lines) rather than being split around the registry they all change.
+shell whose output flows through a `Stream`. Front doors hand the manager an authenticated user
+and a `Sink` (where control events go); the web door opens or resumes its terminals with the one
+call `open_terminal`, which also adopts a session another gateway process started. The pure
+clocks live in `timers.py`, the reaper and fleet-wide view in `fleet.py`, records and reconnect
+secrets in `continuity.py`.
+
+Why this module is longer than the others (about 700 lines): start, adoption, the timers, every
+end and every removal change the same registry and the same per-user holds against the caps,
+and each must leave both exact on every path (exit, error, cancel, shutdown, let go at a
+restart). Kept together, that invariant is read and tested in one place (tests/test_session_core.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-import enum
 import logging
 import time
 from collections import Counter
@@ -21,60 +25,24 @@ from functools import partial
 from typing import Any, cast
 
 from .auth import AuthenticatedUser
-from .backend import LABEL_GATEWAY, LABEL_STARTED, Backend, Container, ContainerInfo, ContainerSpec, ContainerState
+from .backend import Backend, Container, ContainerSpec
 from .config import Config
 from .continuity import (
     ACTIVITY_WRITE_INTERVAL, LEASE_CHECK_INTERVAL, Adoptable, Continuity, monotonic_from_wall, wall_from_monotonic,
 )
 from .errors import BridgeError, LimitReached, SessionStartError, StoreUnavailable
+from .fleet import FLEET_INTERVAL, FleetKeeper
 from .observers import Observers
 from .pool import Pooled, WarmPool, pool_slot
 from .session import Session, Sink, TerminalRequest, TerminalSink
 from .store import Refusal, SessionRecord, Store
 from .stream import Stream
+from .timers import IdleAction, describe_end, idle_step
 from .upstream import SessionKeys, Upstream
 from .vocab import Actor, Door, EndReason, LoginResult
 
 log = logging.getLogger("termbridge.sessions")
 
-FLEET_INTERVAL = 1.0  # how often a gateway looks for kill requests on its sessions in the store
-REAP_GRACE = 60.0  # a fleet container younger than this is left alone: its start may be in flight
-
-
-class IdleAction(enum.Enum):
-    WAIT = "wait"
-    WARN = "warn"
-    END = "end"
-
-
-def warn_before(idle_timeout: float) -> float:
-    """How long before an idle end the person is warned: min(60 s, timeout / 3)."""
-    return min(60.0, idle_timeout / 3)
-
-
-def idle_step(last_activity: float, now: float, timeout: float, warned: bool) -> tuple[IdleAction, float]:
-    """What the idle clock says at `now`, and how long until it next has something to say.
-
-    A pure function of (last activity, now, limit, already warned), so it is testable alone.
-    """
-    remaining = last_activity + timeout - now
-    if remaining <= 0:
-        return IdleAction.END, 0.0
-    lead = warn_before(timeout)
-    if remaining <= lead:
-        return (IdleAction.WAIT if warned else IdleAction.WARN), remaining
-    return IdleAction.WAIT, remaining - lead
-
-
-def _describe_end(state: ContainerState, memory: int) -> str | None:
-    """Why a container stopped, in words for the person; None while it runs."""
-    if state.gone:
-        return "your container was removed"
-    if state.oom_killed:
-        return f"your container ran out of memory ({memory // 2**20} MiB) and was stopped"
-    if not state.running:
-        return f"your container stopped (exit code {state.exit_code})"
-    return None
 
 
 def limit_reached(cap: Refusal, max_per_user: int, max_total: int) -> LimitReached:
@@ -88,15 +56,6 @@ def limit_reached(cap: Refusal, max_per_user: int, max_total: int) -> LimitReach
         f"you already have {max_per_user} sessions, the most allowed (session.max_per_user); end one first",
         detail=f"refused: session.max_per_user={max_per_user} reached",
     )
-
-
-def _age(info: ContainerInfo, now: float) -> float:
-    """Seconds since the container's start label (0 when it has none: treated as new)."""
-    try:
-        started = datetime.fromisoformat(info.labels.get(LABEL_STARTED, ""))
-    except ValueError:
-        return 0.0
-    return now - started.timestamp()
 
 
 # How the manager reaches a started container's sshd: `Upstream.connect`; unit tests pass a fake.
@@ -130,6 +89,7 @@ class SessionManager:
         self._holders: dict[str, str] = {}  # session id -> user, while it holds
         self._closing = False
         self.observers = Observers()
+        self.keeper = FleetKeeper(self)
         self.pool = (
             WarmPool(config.session.pool, backend, config.session, self._room, store) if config.session.pool else None
         )
@@ -156,7 +116,7 @@ class SessionManager:
     def _release(self, session_id: str) -> None:
         """The session's container is gone (or never came): its slot is free. Idempotent."""
         if self._unhold(session_id) and self.store is not None:
-            self._track(self._forget(session_id))
+            self._track(self.forget(session_id))
 
     def _unhold(self, session_id: str) -> bool:
         """This gateway no longer counts the session (it ended, or runs on without this
@@ -531,7 +491,7 @@ class SessionManager:
                 except BridgeError as exc:
                     detail += f"; Docker: {exc.detail}"
                     break
-                described = _describe_end(state, self.config.session.memory)
+                described = describe_end(state, self.config.session.memory)
                 if described:
                     message = described
                     break
@@ -640,7 +600,7 @@ class SessionManager:
                     await self.backend.stop(container_id)
                     log.debug("removed container %s (%s)", container_id[:12], why)
                     if forget is not None:
-                        await self._forget(forget)
+                        await self.forget(forget)
                     return
                 except BridgeError as exc:
                     log.warning("removing container %s failed (try %d): %s", container_id[:12], attempt + 1, exc.detail)
@@ -650,7 +610,7 @@ class SessionManager:
             if holder is not None:
                 self._release(holder)
 
-    async def _forget(self, session_id: str) -> None:
+    async def forget(self, session_id: str) -> None:
         """Drop the session's record and slot from the store (the reaper retries if it is down)."""
         if self.store is None:
             return
@@ -659,103 +619,21 @@ class SessionManager:
         except StoreUnavailable as exc:
             log.warning("session %.12s: not forgotten in the store (the reaper will retry): %s", session_id, exc.detail)
 
-    async def reap(self) -> int:
-        """Remove containers that nothing owns; with a store, fleet-wide (see `_unowned`)."""
-        live = {s.container.id for s in self.sessions.values() if s.container} | set(self.sessions)
-        if self.pool is not None:
-            live |= self.pool.ids()
-        if self.store is None:
-            unowned = [info for info in await self.backend.list_own() if not ({info.id, info.session_id} & live)]
-        else:
-            unowned = await self._unowned(self.store, live)
-        for info in unowned:
-            log.info("reaping container %s (session %s, user %s)", info.name, info.session_id[:12], info.user)
-            await self.backend.stop(info.id)
-            await self._forget(info.session_id)
-            await self._forget(pool_slot(info.session_id))
-        if unowned:
-            self.observers.containers_reaped(len(unowned))
-        return len(unowned)
+    # -- the fleet: reaper, fleet-wide view, kills across gateways (fleet.py) -------------------
 
-    async def _unowned(self, store: Store, live: set[str]) -> list[ContainerInfo]:
-        """The fleet's containers nothing owns. This gateway's memory owns its live sessions;
-        another gateway's session record owns its container until the session's lifetime is over
-        (a record of this gateway not in its memory is a previous run's: reaped). Another
-        gateway's container without a record is owned by its slot while that is younger than a
-        start may take (a pooled container's slot, user None, owns it for good), and by nothing
-        after REAP_GRACE when it has no slot. Slots and records that own no container are
-        released once they are that old (their gateway died)."""
-        now, stale = time.time(), 2 * self.config.session.start_timeout + REAP_GRACE
-        records = {r.id: r for r in await store.list_sessions()}
-        slots = await store.list_slots()
-        # This gateway's own too: containers from before it labelled its fleet are its alone.
-        containers = list({c.id: c for c in [*await self.backend.list_fleet(), *await self.backend.list_own()]}.values())
-        unowned = []
-        for info in containers:
-            if {info.id, info.session_id} & live:
-                continue
-            record = records.get(info.session_id)
-            mine = info.labels.get(LABEL_GATEWAY) == self.gateway
-            if record is not None and now < record.lifetime_deadline and not record.ended and (
-                record.gateway != self.gateway or record.attached_by is None  # another's, or waiting for its page
-            ):
-                continue
-            if record is None and not mine:
-                slot = slots.get(info.session_id) or slots.get(pool_slot(info.session_id))
-                if _age(info, now) < REAP_GRACE or (slot is not None and (slot.user is None or now - slot.since < stale)):
-                    continue
-            unowned.append(info)
-        held = {info.session_id for info in containers} | live
-        for slot_id, slot in slots.items():
-            session_id = slot_id.removeprefix("pool-")
-            if session_id not in held and session_id not in records and now - slot.since > stale:
-                log.info("releasing slot %.17s of %s: no container, no session", slot_id, slot.user or "the pool")
-                await self._forget(slot_id)
-        for record in records.values():
-            if record.id not in held and now - record.started > stale:
-                log.info("forgetting session %.12s of %s: its container is gone", record.id, record.user)
-                await self._forget(record.id)
-        return unowned
+    async def reap(self) -> int:
+        """Remove containers that nothing owns; with a store, fleet-wide."""
+        return await self.keeper.reap()
 
     async def watch_fleet(self, interval: float = FLEET_INTERVAL) -> None:
-        """Forever: end this gateway's sessions that another gateway's admin asked to end
-        (`ended` set on the record, see `request_kill`)."""
-        store = self.store
-        if store is None:
-            return
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                records = await store.list_sessions()
-            except StoreUnavailable as exc:
-                log.warning("fleet watch: %s", exc.detail)
-                continue
-            for record in records:
-                session = self.sessions.get(record.id)
-                if record.ended and session is not None and not session.ending:
-                    session.log.info("killed by an administrator on another gateway")
-                    await self.kill(session)
+        await self.keeper.watch_fleet(interval)
 
     async def fleet(self) -> list[SessionRecord]:
-        """Every session of every gateway sharing the store (this one's only, without a store)."""
-        if self.store is None:
-            return []
-        return await self.store.list_sessions()
+        """Every session of every gateway sharing the store (none without a store)."""
+        return await self.keeper.fleet()
 
     async def request_kill(self, record: SessionRecord, wait: float = 5.0) -> None:
-        """End a session another gateway serves: ask it through the store; if it has not ended
-        the session within `wait` s (that gateway is gone), remove the container here."""
-        store = self.store
-        if store is None or not await store.update_session(record.id, ended=True):
-            return
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            await asyncio.sleep(0.2)
-            if await store.get_session(record.id) is None:
-                return
-        log.warning("session %.12s: gateway %s did not end it; removing its container", record.id, record.gateway)
-        await self.backend.stop(record.container_id)
-        await self._forget(record.id)
+        await self.keeper.request_kill(record, wait)
 
     async def release(self, session: Session, restarting: bool) -> None:
         """Let go of a web session without ending it: its shell runs on in its container (the

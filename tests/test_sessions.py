@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from bridge.sessions import IdleAction, idle_step, warn_before
+from bridge.timers import IdleAction, idle_step, warn_before
 from helpers import PROMPT, containers_gone
 
 

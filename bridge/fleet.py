@@ -1,0 +1,138 @@
+"""The fleet's housekeeping: the reaper (containers nothing owns, on one gateway or across all
+that share a store), the fleet-wide view of sessions, and admin kills of sessions another
+gateway serves."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from datetime import datetime
+from typing import TYPE_CHECKING
+
+from .backend import LABEL_GATEWAY, LABEL_STARTED, ContainerInfo
+from .errors import StoreUnavailable
+from .pool import pool_slot
+from .store import SessionRecord, Store
+
+if TYPE_CHECKING:
+    from .sessions import SessionManager
+
+log = logging.getLogger("termbridge.sessions")
+
+FLEET_INTERVAL = 1.0  # how often a gateway looks for kill requests on its sessions in the store
+REAP_GRACE = 60.0  # a fleet container younger than this is left alone: its start may be in flight
+
+
+def _age(info: ContainerInfo, now: float) -> float:
+    """Seconds since the container's start label (0 when it has none: treated as new)."""
+    try:
+        started = datetime.fromisoformat(info.labels.get(LABEL_STARTED, ""))
+    except ValueError:
+        return 0.0
+    return now - started.timestamp()
+
+
+class FleetKeeper:
+    """One gateway's share of the fleet's housekeeping, on behalf of its session manager."""
+
+    def __init__(self, manager: SessionManager) -> None:
+        self.manager = manager
+
+    async def reap(self) -> int:
+        """Remove containers that nothing owns; with a store, fleet-wide (see `_unowned`)."""
+        live = {s.container.id for s in self.manager.sessions.values() if s.container} | set(self.manager.sessions)
+        if self.manager.pool is not None:
+            live |= self.manager.pool.ids()
+        if self.manager.store is None:
+            unowned = [info for info in await self.manager.backend.list_own() if not ({info.id, info.session_id} & live)]
+        else:
+            unowned = await self._unowned(self.manager.store, live)
+        for info in unowned:
+            log.info("reaping container %s (session %s, user %s)", info.name, info.session_id[:12], info.user)
+            await self.manager.backend.stop(info.id)
+            await self.manager.forget(info.session_id)
+            await self.manager.forget(pool_slot(info.session_id))
+        if unowned:
+            self.manager.observers.containers_reaped(len(unowned))
+        return len(unowned)
+
+    async def _unowned(self, store: Store, live: set[str]) -> list[ContainerInfo]:
+        """The fleet's containers nothing owns. This gateway's memory owns its live sessions;
+        another gateway's session record owns its container until the session's lifetime is over
+        (a record of this gateway not in its memory is a previous run's: reaped). Another
+        gateway's container without a record is owned by its slot while that is younger than a
+        start may take (a pooled container's slot, user None, owns it for good), and by nothing
+        after REAP_GRACE when it has no slot. Slots and records that own no container are
+        released once they are that old (their gateway died)."""
+        now, stale = time.time(), 2 * self.manager.config.session.start_timeout + REAP_GRACE
+        records = {r.id: r for r in await store.list_sessions()}
+        slots = await store.list_slots()
+        # This gateway's own too: containers from before it labelled its fleet are its alone.
+        containers = list({c.id: c for c in [*await self.manager.backend.list_fleet(), *await self.manager.backend.list_own()]}.values())
+        unowned = []
+        for info in containers:
+            if {info.id, info.session_id} & live:
+                continue
+            record = records.get(info.session_id)
+            mine = info.labels.get(LABEL_GATEWAY) == self.manager.gateway
+            if record is not None and now < record.lifetime_deadline and not record.ended and (
+                record.gateway != self.manager.gateway or record.attached_by is None  # another's, or waiting for its page
+            ):
+                continue
+            if record is None and not mine:
+                slot = slots.get(info.session_id) or slots.get(pool_slot(info.session_id))
+                if _age(info, now) < REAP_GRACE or (slot is not None and (slot.user is None or now - slot.since < stale)):
+                    continue
+            unowned.append(info)
+        held = {info.session_id for info in containers} | live
+        for slot_id, slot in slots.items():
+            session_id = slot_id.removeprefix("pool-")
+            if session_id not in held and session_id not in records and now - slot.since > stale:
+                log.info("releasing slot %.17s of %s: no container, no session", slot_id, slot.user or "the pool")
+                await self.manager.forget(slot_id)
+        for record in records.values():
+            if record.id not in held and now - record.started > stale:
+                log.info("forgetting session %.12s of %s: its container is gone", record.id, record.user)
+                await self.manager.forget(record.id)
+        return unowned
+
+    async def watch_fleet(self, interval: float = FLEET_INTERVAL) -> None:
+        """Forever: end this gateway's sessions that another gateway's admin asked to end
+        (`ended` set on the record, see `request_kill`)."""
+        store = self.manager.store
+        if store is None:
+            return
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                records = await store.list_sessions()
+            except StoreUnavailable as exc:
+                log.warning("fleet watch: %s", exc.detail)
+                continue
+            for record in records:
+                session = self.manager.sessions.get(record.id)
+                if record.ended and session is not None and not session.ending:
+                    session.log.info("killed by an administrator on another gateway")
+                    await self.manager.kill(session)
+
+    async def fleet(self) -> list[SessionRecord]:
+        """Every session of every gateway sharing the store (this one's only, without a store)."""
+        if self.manager.store is None:
+            return []
+        return await self.manager.store.list_sessions()
+
+    async def request_kill(self, record: SessionRecord, wait: float = 5.0) -> None:
+        """End a session another gateway serves: ask it through the store; if it has not ended
+        the session within `wait` s (that gateway is gone), remove the container here."""
+        store = self.manager.store
+        if store is None or not await store.update_session(record.id, ended=True):
+            return
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+            if await store.get_session(record.id) is None:
+                return
+        log.warning("session %.12s: gateway %s did not end it; removing its container", record.id, record.gateway)
+        await self.manager.backend.stop(record.container_id)
+        await self.manager.forget(record.id)
