@@ -155,7 +155,7 @@ async def test_admin_kills_a_session_another_gateway_serves(gateway_process, red
 async def test_reapers_go_by_the_store(start_gateway, redis_url, user, tmp_path, monkeypatch):
     """A session record owns its container on every gateway; a container with neither record nor
     slot is reaped by any gateway once the grace is over; a slot that owns nothing is released."""
-    from bridge import sessions
+    from bridge import fleet
     from bridge.web.keys import MANAGER, STORE
 
     sections = fleet_sections(redis_url, tmp_path / "store-key")
@@ -169,7 +169,7 @@ async def test_reapers_go_by_the_store(start_gateway, redis_url, user, tmp_path,
 
         await store.delete_session(session_id)  # as if its gateway had died before recording it
         assert await reaper.reap() == 0  # within the grace: its start may be in flight
-        monkeypatch.setattr(sessions, "REAP_GRACE", 0.0)
+        monkeypatch.setattr(fleet, "REAP_GRACE", 0.0)
         assert await reaper.reap() == 1
         exit_msg = await term.control("exit", timeout=10)
         assert exit_msg["reason"] == "error" and "removed" in exit_msg["message"]
