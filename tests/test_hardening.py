@@ -110,10 +110,49 @@ SSHD_FAILURE = re.compile(
 )
 
 
-@pytest.mark.parametrize("missing", [None, *SESSION_CAPS], ids=["none (control)", *SESSION_CAPS])
-async def test_every_capability_in_the_set_is_needed(start_gateway, user, monkeypatch, caplog, missing):
-    """The set is minimal: without any one capability the container's sshd cannot bring a shell
-    up, and with all of them, everything else alike (the control), it does."""
+# Which door shows a capability is needed: web shells come from the session holder, SSH-door
+# shells from sshd's own pty login, which alone needs AUDIT_WRITE (it writes the login record).
+SSH_DOOR_CAPS = ("AUDIT_WRITE",)
+CAP_CASES = [
+    *((None, door) for door in ("web", "ssh")),
+    *((cap, "ssh" if cap in SSH_DOOR_CAPS else "web") for cap in SESSION_CAPS),
+]
+
+
+async def _ssh_door_shell(gateway, user) -> tuple[bool, str]:
+    """A pty shell through the SSH door: (whether a prompt came up, what the client saw)."""
+    import asyncio
+
+    import asyncssh
+
+    from bridge.app import SSH_DOOR
+
+    seen = b""
+    async with asyncssh.connect(
+        "127.0.0.1", gateway.app[SSH_DOOR].port, username=user.name, password=user.password, known_hosts=None,
+        client_keys=None, agent_path=None, config=[], preferred_auth="password",
+    ) as conn:
+        process = await conn.create_process(term_type="xterm", encoding=None, stderr=asyncssh.STDOUT)
+        try:
+            async with asyncio.timeout(30):
+                while not PROMPT.search(seen):
+                    chunk = await process.stdout.read(4096)
+                    if not chunk:
+                        return False, seen.decode(errors="replace")
+                    seen += chunk
+        except TimeoutError:
+            return False, seen.decode(errors="replace")
+        process.stdin.write(b"exit\r")
+        await process.wait_closed()
+    return True, seen.decode(errors="replace")
+
+
+@pytest.mark.parametrize(
+    "missing,door", CAP_CASES, ids=[f"{m or 'none (control)'}-{d}" for m, d in CAP_CASES]
+)
+async def test_every_capability_in_the_set_is_needed(start_gateway, user, monkeypatch, caplog, missing, door):
+    """The set is minimal: without any one capability a shell cannot come up (at the door that
+    shows it), and with all of them, everything else alike (the control), it does on both."""
     caps = tuple(c for c in SESSION_CAPS if c != missing)
     monkeypatch.setattr(bridge.docker_backend, "SESSION_CAPS", caps)
     granted: list[list[str]] = []  # observed, not replaced: the real calls run
@@ -132,27 +171,32 @@ async def test_every_capability_in_the_set_is_needed(start_gateway, user, monkey
 
     monkeypatch.setattr(DockerBackend, "_host_config", observed_host_config)
     monkeypatch.setattr(DockerBackend, "start", observed_start)
-    gateway = await start_gateway(session={"start_timeout": "10s"})
-    async with await gateway.login(user) as http:
-        term = await gateway.terminal(http)
-        if missing is None:
-            await term.control("session")
-            await term.expect(PROMPT)
-            await term.send("exit\r")
-            assert (await term.control("exit"))["reason"] == "exit"
-        else:
-            while not {"session", "exit"} & {m["type"] for m in term.controls}:
-                await term._receive(60)
-            assert "session" not in [m["type"] for m in term.controls], f"a shell came up without {missing}"
-            assert (await term.control("exit"))["reason"] == "error", term.controls
-            assert PROMPT.search(bytes(term.output)) is None
+    if door == "ssh":
+        gateway = await start_gateway(session={"start_timeout": "10s"}, ssh={"listen": "127.0.0.1:0"})
+        came_up, seen = await _ssh_door_shell(gateway, user)
+        assert came_up == (missing is None), f"without {missing}: {seen!r}"
+    else:
+        gateway = await start_gateway(session={"start_timeout": "10s"})
+        async with await gateway.login(user) as http:
+            term = await gateway.terminal(http)
+            if missing is None:
+                await term.control("session")
+                await term.expect(PROMPT)
+                await term.send("exit\r")
+                assert (await term.control("exit"))["reason"] == "exit"
+            else:
+                while not {"session", "exit"} & {m["type"] for m in term.controls}:
+                    await term._receive(60)
+                assert "session" not in [m["type"] for m in term.controls], f"a shell came up without {missing}"
+                assert (await term.control("exit"))["reason"] == "error", term.controls
+                assert PROMPT.search(bytes(term.output)) is None
+        if missing is not None:
+            failures = [
+                r.getMessage() + (repr(r.exc_info[1]) if r.exc_info else "")
+                for r in caplog.records if r.name == "termbridge.sessions" and "start failed" in r.getMessage()
+            ]
+            assert len(failures) == 1 and SSHD_FAILURE.search(failures[0]), failures
     assert granted == [sorted(caps)] and len(running) == 1  # the container ran, with exactly this set
-    if missing is not None:
-        failures = [
-            r.getMessage() + (repr(r.exc_info[1]) if r.exc_info else "")
-            for r in caplog.records if r.name == "termbridge.sessions" and "start failed" in r.getMessage()
-        ]
-        assert len(failures) == 1 and SSHD_FAILURE.search(failures[0]), failures
     await containers_gone(**{"termbridge.user": user.name})
 
 
