@@ -8,15 +8,15 @@ import asyncio
 import logging
 import time
 from datetime import datetime
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-from .backend import LABEL_GATEWAY, LABEL_STARTED, ContainerInfo
+from .backend import LABEL_GATEWAY, LABEL_STARTED, Backend, ContainerInfo
+from .config import Config
 from .errors import StoreUnavailable
-from .pool import pool_slot
+from .observers import Observers
+from .pool import WarmPool, pool_slot
+from .session import Session
 from .store import SessionRecord, Store
-
-if TYPE_CHECKING:
-    from .sessions import SessionManager
 
 log = logging.getLogger("termbridge.sessions")
 
@@ -33,10 +33,26 @@ def _age(info: ContainerInfo, now: float) -> float:
     return now - started.timestamp()
 
 
+class Manager(Protocol):
+    """What the housekeeping needs of the session manager (which imports this module)."""
+
+    config: Config
+    backend: Backend
+    store: Store | None
+    gateway: str
+    sessions: dict[str, Session]
+    pool: WarmPool | None
+    observers: Observers
+
+    async def forget(self, session_id: str) -> None: ...
+
+    async def kill(self, session: Session) -> None: ...
+
+
 class FleetKeeper:
     """One gateway's share of the fleet's housekeeping, on behalf of its session manager."""
 
-    def __init__(self, manager: SessionManager) -> None:
+    def __init__(self, manager: Manager) -> None:
         self.manager = manager
 
     async def reap(self) -> int:
