@@ -30,7 +30,7 @@ from typing import Any
 
 import aiohttp
 
-from bridge.backend import LABEL_GATEWAY
+from bridge.backends.base import LABEL_GATEWAY
 from bridge.config import load_config
 
 from testbed.gateway import write_config

@@ -334,7 +334,7 @@ class DestroyWatch:
 async def pool_filled(instance_id: str, size: int, timeout: float, settle: float = 1.0) -> bool:
     """A pooled gateway keeps `size` running containers while no session is live; `settle`
     after that, its newest container's sshd is surely up."""
-    from bridge.backend import LABEL_GATEWAY
+    from bridge.backends.base import LABEL_GATEWAY
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from bridge.backend import LABEL_GATEWAY
+from bridge.backends.base import LABEL_GATEWAY
 from bridge.config import load_config
 
 from . import burst, history, profile, report, ttyd

@@ -20,7 +20,7 @@ from .clients import Reader, WebTerm, echo_round_trips
 from .systems import Opened, System
 from .harness import PROMPT, GatewayProcess, HostUser, containers, cpu_times, login, meminfo, summary
 
-from bridge.backend import LABEL_GATEWAY
+from bridge.backends.base import LABEL_GATEWAY
 
 TICK = 0.1  # a rate-limited stream prints one burst per tick
 

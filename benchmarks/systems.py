@@ -25,9 +25,9 @@ import aiohttp
 import asyncssh
 import docker
 
-from bridge.backend import ContainerSpec
+from bridge.backends.base import ContainerSpec
 from bridge.config import SessionConfig
-from bridge.docker_backend import NETWORK_NAMES, DockerBackend
+from bridge.backends.docker import NETWORK_NAMES, DockerBackend
 from bridge.upstream import SessionKeys, Upstream
 
 from .clients import AttachTerm, HeldTerm, Reader, SshTerm, Term, TtydTerm, WebTerm

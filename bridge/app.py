@@ -30,10 +30,10 @@ from .admin import AdminServer
 from .admin import socket_path as admin_socket_path
 from .audit import AuditLog, AuditObserver, SessionRecorder
 from .auth import PamAuthenticator
-from .backend import Backend
+from .backends.base import Backend
 from .config import LIVE_KEYS, Config, apply_live, changed_keys
 from .continuity import recover
-from .docker_backend import DockerBackend
+from .backends.docker import DockerBackend
 from .errors import BackendUnavailable, BridgeError, ConfigError
 from .metrics import MeteredBackend, Metrics
 from .sdnotify import sd_notify

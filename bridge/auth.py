@@ -82,6 +82,23 @@ def printable_username(name: str) -> str:
     return f"<unknown name, {len(name)} chars>"
 
 
+def groups_of(username: str) -> frozenset[str]:
+    """The host groups `username` belongs to, primary group included; empty for an unknown name.
+    Read afresh at every call, so that `gpasswd -d` takes effect at the next check. It may ask
+    NSS (LDAP, SSSD): callers on the event loop use `member_of`."""
+    try:
+        return frozenset(_user_groups(pwd.getpwnam(username)))
+    except KeyError:
+        return frozenset()
+
+
+async def member_of(username: str, groups: tuple[str, ...] | frozenset[str]) -> bool:
+    """Whether `username` is in any of `groups` right now (never, when `groups` is empty)."""
+    if not groups:
+        return False
+    return bool(frozenset(groups) & await asyncio.to_thread(groups_of, username))
+
+
 def _user_groups(entry: pwd.struct_passwd) -> set[str]:
     names = {g.gr_name for g in grp.getgrall() if entry.pw_name in g.gr_mem}
     try:

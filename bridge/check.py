@@ -62,7 +62,7 @@ def _config_arg(path: str | None) -> str:
 def check_docker(config: Config, config_arg: str, pre_start: bool = False) -> Iterator[Check]:
     """With `pre_start` (the unit's ExecStartPre), an unreachable engine is a warning: the
     gateway starts without it, refuses sessions meanwhile and prepares Docker once it is back."""
-    from .docker_images import engine_facts  # the docker SDK stays behind the Docker modules
+    from .backends.images import engine_facts  # the docker SDK stays behind the Docker modules
 
     image = config.session.image
     try:

@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             serve(config, lambda: load_config(args.config))
             return 0
         if args.command == "image":
-            from .docker_images import build_image
+            from .backends.images import build_image
 
             return build_image(config.session.image, base=args.base, verbose=args.verbose, if_stale=args.if_stale)
         if args.command == "sessions":

@@ -196,6 +196,9 @@ class SshConfig:
 class AuthConfig:
     pam_service: str = _field("termbridge", _str, "PAM service name")
     allowed_groups: tuple[str, ...] = _field((), _str_list, "only members of these groups may log in")
+    admin_groups: tuple[str, ...] = _field(
+        (), _str_list, "members of these groups may use /admin and the SSH door's `sessions` command"
+    )
     pam_workers: int = _field(4, _int_range(1, 64), "threads that run PAM conversations")
     max_failures: int = _field(5, _int_range(1, 10_000), "failed logins of one username before lockout")
     max_failures_per_address: int = _field(20, _int_range(1, 100_000), "failed logins from one address before lockout")
@@ -316,7 +319,8 @@ def known_keys() -> list[str]:
 # session network, ...) needs a restart; a reload names the ones that changed and leaves them.
 LIVE_KEYS = frozenset({
     "web.tls_cert", "web.tls_key",
-    "auth.allowed_groups", "auth.max_failures", "auth.max_failures_per_address", "auth.failure_window",
+    "auth.allowed_groups", "auth.admin_groups", "auth.max_failures", "auth.max_failures_per_address",
+    "auth.failure_window",
     "auth.lockout",
     "session.image", "session.cpus", "session.memory", "session.pids", "session.idle_timeout",
     "session.max_lifetime", "session.reconnect_grace", "session.max_per_user", "session.max_total",

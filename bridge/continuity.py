@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import asyncssh
 
-from .backend import Container
+from .backends.base import Container
 from .config import SessionConfig
 from .errors import BridgeError
 from .session import Session

@@ -10,7 +10,7 @@ import time
 from datetime import datetime
 from typing import Protocol
 
-from .backend import LABEL_GATEWAY, LABEL_STARTED, Backend, ContainerInfo
+from .backends.base import LABEL_GATEWAY, LABEL_STARTED, Backend, ContainerInfo
 from .config import Config
 from .errors import StoreUnavailable
 from .observers import Observers

@@ -19,7 +19,7 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
 from .auth import AuthenticatedUser
-from .backend import Backend, Container, ContainerInfo, ContainerSpec, ContainerState
+from .backends.base import Backend, Container, ContainerInfo, ContainerSpec, ContainerState
 from .errors import BackendUnavailable, BridgeError, ImageMissing, SessionStartError
 from .observers import SessionObserver
 from .session import Session

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
-from .backend import Backend, Container, ContainerSpec
+from .backends.base import Backend, Container, ContainerSpec
 from .config import SessionConfig
 from .errors import BridgeError, LimitReached, SessionStartError, StoreUnavailable
 from .store import Store

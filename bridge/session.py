@@ -14,7 +14,7 @@ from datetime import datetime, timezone
 from typing import Any, Protocol
 
 from .auth import AuthenticatedUser
-from .backend import Container
+from .backends.base import Container
 from .stream import Stream, StreamSink
 from .upstream import SessionKeys, Upstream
 from .vocab import Door, EndReason

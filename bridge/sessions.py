@@ -25,7 +25,7 @@ from functools import partial
 from typing import Any, cast
 
 from .auth import AuthenticatedUser
-from .backend import Backend, Container, ContainerSpec
+from .backends.base import Backend, Container, ContainerSpec
 from .config import Config
 from .continuity import (
     ACTIVITY_WRITE_INTERVAL, LEASE_CHECK_INTERVAL, Adoptable, Continuity, monotonic_from_wall, wall_from_monotonic,

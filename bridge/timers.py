@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import enum
 
-from .backend import ContainerState
+from .backends.base import ContainerState
 
 
 class IdleAction(enum.Enum):

@@ -22,7 +22,7 @@ from typing import Protocol, TypeVar
 
 import asyncssh
 
-from .backend import Container
+from .backends.base import Container
 from .errors import SessionStartError
 
 log = logging.getLogger("termbridge.upstream")

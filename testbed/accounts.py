@@ -38,5 +38,15 @@ def create_user(
     return HostUser(name, password)
 
 
+def create_group() -> str:
+    name = "tbg" + secrets.token_hex(3)
+    run("groupadd", name)
+    return name
+
+
+def delete_group(name: str) -> None:
+    subprocess.run(["groupdel", name], capture_output=True)
+
+
 def delete_user(user: HostUser) -> None:
     subprocess.run(["userdel", "-r", "-f", user.name], capture_output=True)

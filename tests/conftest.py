@@ -21,6 +21,7 @@ from helpers import (
     CHROMIUM, CHROMIUM_FLAGS, PASSWORDS, ROOT, TEST_IMAGE, Gateway, GatewayProcess, HostUser, create_user,
     delete_user, find_secrets, free_port, private_key_fragments, session_containers, write_config,
 )
+from testbed.accounts import create_group, delete_group
 from testbed.redis_server import RedisServer
 
 PAM_SERVICE = f"termbridge-test-{os.getpid()}"
@@ -147,6 +148,20 @@ def make_user() -> Iterator[Callable[..., HostUser]]:
     yield make
     for user in made:
         delete_user(user)
+
+
+@pytest.fixture
+def make_group() -> Iterator[Callable[[], str]]:
+    """Real host groups (`groupadd`), removed after the test."""
+    made: list[str] = []
+
+    def make() -> str:
+        made.append(create_group())
+        return made[-1]
+
+    yield make
+    for name in made:
+        delete_group(name)
 
 
 @pytest.fixture

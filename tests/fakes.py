@@ -1,5 +1,5 @@
 """Fakes at the session core's two seams, for fast unit tests without Docker or SSH: a backend
-that keeps its containers in a dict (the `bridge.backend.Backend` contract), an upstream whose
+that keeps its containers in a dict (the `bridge.backends.base.Backend` contract), an upstream whose
 shell is a pair of queues, and a front door that records what it was told.
 
 Every feature these stand in for also has a test through the real thing (tests/test_web_session.py,
@@ -14,7 +14,7 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
-from bridge.backend import Container, ContainerInfo, ContainerSpec, ContainerState
+from bridge.backends.base import Container, ContainerInfo, ContainerSpec, ContainerState
 from bridge.errors import SessionStartError
 
 

@@ -22,7 +22,7 @@ from bridge.audit import AsciicastRecorder, AuditLog
 from bridge import logsafe
 from bridge.auth import AuthenticatedUser
 from bridge.config import SessionConfig, load_config
-from bridge.docker_backend import DockerBackend
+from bridge.backends.docker import DockerBackend
 from bridge.errors import ConfigError
 from bridge.logsafe import SafeFormatter
 from bridge.session import Session

@@ -11,7 +11,7 @@ import aiohttp
 import pytest
 from yarl import URL
 
-from bridge.auth import Outcome, PamAuthenticator
+from bridge.auth import Outcome, PamAuthenticator, member_of
 from bridge.web.login import COOKIE_NAME, LOGIN_FAILED
 from helpers import assert_same_timing, csrf_token, refusal_times
 
@@ -170,3 +170,16 @@ async def test_refusal_timing_does_not_tell_which_accounts_exist(start_gateway, 
     unknown = ["tbnobody" + secrets.token_hex(3) for _ in range(4)]
     wrong, refused = await refusal_times(attempt, known, [*unknown, nologin.name, nologin.name])
     assert_same_timing(wrong, refused)
+
+
+async def test_member_of_reads_groups_afresh(make_user, make_group):
+    """Admin and profile entitlements are asked at each request: `gpasswd -d` counts at once."""
+    group, other = make_group(), make_group()
+    member = make_user(groups=(group,))
+    assert await member_of(member.name, (group,))
+    assert await member_of(member.name, (other, group))
+    assert not await member_of(member.name, (other,))
+    assert not await member_of(member.name, ())
+    assert not await member_of("tbnosuchuser", (group,))
+    subprocess.run(["gpasswd", "-d", member.name, group], check=True, capture_output=True)
+    assert not await member_of(member.name, (group,))

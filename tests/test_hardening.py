@@ -7,8 +7,8 @@ import re
 
 import pytest
 
-import bridge.docker_backend
-from bridge.docker_backend import LOG_FILE_BYTES, LOG_FILES, SESSION_CAPS, DockerBackend
+import bridge.backends.docker
+from bridge.backends.docker import LOG_FILE_BYTES, LOG_FILES, SESSION_CAPS, DockerBackend
 from helpers import PROMPT, TEST_IMAGE, containers_gone, session_containers
 
 # Linux capability numbers (linux/capability.h) of the set the session image needs.
@@ -154,7 +154,7 @@ async def test_every_capability_in_the_set_is_needed(start_gateway, user, monkey
     """The set is minimal: without any one capability a shell cannot come up (at the door that
     shows it), and with all of them, everything else alike (the control), it does on both."""
     caps = tuple(c for c in SESSION_CAPS if c != missing)
-    monkeypatch.setattr(bridge.docker_backend, "SESSION_CAPS", caps)
+    monkeypatch.setattr(bridge.backends.docker, "SESSION_CAPS", caps)
     granted: list[list[str]] = []  # observed, not replaced: the real calls run
     running: list[str] = []
     host_config, start = DockerBackend._host_config, DockerBackend.start

@@ -13,9 +13,9 @@ from dataclasses import dataclass, replace
 import asyncssh
 import pytest
 
-from bridge.backend import Container, ContainerSpec
+from bridge.backends.base import Container, ContainerSpec
 from bridge.config import SessionConfig
-from bridge.docker_backend import DockerBackend
+from bridge.backends.docker import DockerBackend
 from bridge.upstream import HOLDER_HEADER, HeldShell, SessionKeys, Upstream
 from helpers import PROMPT, TEST_IMAGE
 

@@ -14,7 +14,7 @@ import uuid
 import docker
 import pytest
 
-from bridge.docker_images import BuildProgress, build_image
+from bridge.backends.images import BuildProgress, build_image
 from helpers import ROOT
 
 BASE = "termbridge/test-base:bookworm"
@@ -98,7 +98,7 @@ def test_verbose_shows_the_engine_log_as_it_comes():
 def test_if_stale_keeps_an_image_built_from_the_same_context(tmp_path):
     """`make test` builds the session image with --if-stale: an image labelled with this context's
     digest is kept; a changed context is built again."""
-    from bridge.docker_images import CONTEXT_LABEL, context_digest
+    from bridge.backends.images import CONTEXT_LABEL, context_digest
 
     context = tmp_path / "ctx"
     context.mkdir()

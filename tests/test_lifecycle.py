@@ -11,7 +11,7 @@ import sys
 import aiohttp
 import pytest
 
-from bridge.docker_backend import DockerBackend
+from bridge.backends.docker import DockerBackend
 from helpers import PROMPT, ROOT, containers_gone, session_containers, wait_for, write_config
 
 

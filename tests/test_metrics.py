@@ -6,7 +6,7 @@ import aiohttp
 import docker
 
 from bridge.config import SessionConfig
-from bridge.docker_backend import DockerBackend
+from bridge.backends.docker import DockerBackend
 from bridge.web.http import address_in
 from bridge.web.keys import MANAGER
 from helpers import PROMPT, TEST_IMAGE, containers_gone, metric, scrape, wait_for

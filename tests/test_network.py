@@ -18,7 +18,7 @@ import docker
 import pytest
 
 from bridge import netguard
-from bridge.docker_backend import NETWORK_NAMES
+from bridge.backends.docker import NETWORK_NAMES
 from helpers import PROMPT, ROOT, TEST_IMAGE, session_containers, write_config
 from privatenet import ANSWER, PORT, PrivateNet
 

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from bridge.auth import AuthenticatedUser
-from bridge.backend import ContainerState
+from bridge.backends.base import ContainerState
 from bridge.config import load_config
 from bridge.errors import LimitReached, SessionStartError
 from bridge.session import Session, TerminalRequest

@@ -23,7 +23,7 @@ import pytest
 
 from bridge.app import SSH_DOOR
 from bridge.config import SessionConfig
-from bridge.docker_backend import DockerBackend
+from bridge.backends.docker import DockerBackend
 from bridge.errors import ConfigError
 from bridge.ssh_channels import MAX_ENV_VARS
 from bridge.ssh_keys import load_or_create_host_key, read_authorized_keys

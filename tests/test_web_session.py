@@ -151,7 +151,7 @@ async def test_the_host_key_is_pinned(gateway, user, docker_engine):
     """A session's sshd presenting any host key but the one generated for it is refused."""
     import asyncssh
 
-    from bridge.backend import Container
+    from bridge.backends.base import Container
     from bridge.errors import SessionStartError
     from bridge.upstream import SessionKeys, Upstream
 

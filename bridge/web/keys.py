@@ -8,7 +8,7 @@ from pathlib import Path
 from aiohttp import web
 
 from ..accounts import AccountGuard
-from ..backend import Backend
+from ..backends.base import Backend
 from ..config import Config
 from ..metrics import Metrics
 from ..sessions import SessionManager

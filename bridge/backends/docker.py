@@ -1,4 +1,4 @@
-"""The Docker backend: sessions as containers on one engine. With docker_images.py (the image build
+"""The Docker backend: sessions as containers on one engine. With images.py (the image build
 and engine facts for the command line), the only modules that import the docker SDK.
 
 Every SDK call runs in this backend's own thread pool. Containers carry the termbridge.* labels, the
@@ -22,8 +22,8 @@ import docker
 import docker.errors
 import requests.exceptions
 
-from . import netguard
-from .backend import (
+from .. import netguard
+from .base import (
     LABEL_DOOR,
     LABEL_FLEET,
     LABEL_GATEWAY,
@@ -35,8 +35,8 @@ from .backend import (
     ContainerSpec,
     ContainerState,
 )
-from .config import UID_SPAN, SessionConfig
-from .errors import BackendUnavailable, ImageMissing, SessionStartError
+from ..config import UID_SPAN, SessionConfig
+from ..errors import BackendUnavailable, ImageMissing, SessionStartError
 
 log = logging.getLogger("termbridge.docker")
 

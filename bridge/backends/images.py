@@ -18,8 +18,8 @@ import docker
 import docker.errors
 import requests.exceptions
 
-from . import resources
-from .errors import BackendUnavailable, SessionStartError
+from .. import resources
+from ..errors import BackendUnavailable, SessionStartError
 
 SESSION_IMAGE_DIR = resources.session_image_dir()
 
