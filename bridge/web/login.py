@@ -16,12 +16,12 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from ..auth import AuthenticatedUser, Outcome, printable_username
+from ..auth import AuthenticatedUser, Outcome, member_of, printable_username
 from ..errors import StoreUnavailable
 from ..store import LoginRecord, Store
 from ..vocab import Actor, Door
 from .http import client_address, origin_allowed, page, request_scheme
-from .keys import AUTHENTICATOR, LOGINS, MANAGER
+from .keys import AUTHENTICATOR, CONFIG, LOGINS, MANAGER
 
 log = logging.getLogger("termbridge.web")
 
@@ -177,6 +177,20 @@ async def current_login(request: web.Request) -> Login | None:
     except StoreUnavailable as exc:
         log.error("login lookup from %s failed: %s", client_address(request), exc.detail)
         raise web.HTTPServiceUnavailable(text=exc.user_message) from None
+
+
+async def current_admin(request: web.Request) -> Login:
+    """The request's login if its user is in `auth.admin_groups` at this moment: 401 without a
+    login, 403 (and a log line) for anyone else. Asked at every admin request and socket, so
+    that removing someone from the group takes effect at once."""
+    login = await current_login(request)
+    if login is None:
+        raise web.HTTPUnauthorized(text="Log in first.")
+    if not await member_of(login.user.name, request.app[CONFIG].auth.admin_groups):
+        log.warning("admin request %s refused for %s from %s: not in auth.admin_groups",
+                    request.rel_url.raw_path, login.user.name, client_address(request))
+        raise web.HTTPForbidden(text="This page is for members of the gateway's admin groups.")
+    return login
 
 
 def _login_page(request: web.Request, status: int = 200, error: str = "", username: str = "") -> web.Response:
