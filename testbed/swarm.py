@@ -39,6 +39,9 @@ NODE_ARGS = [
     "--security-opt", "systempaths=unconfined",
     "-v", "/sys/fs/cgroup:/sys/fs/cgroup:rw",
 ]
+# Managers see the host's /etc here, read-only: gateways deployed as a stack mount it for PAM, so
+# the accounts that testbed.accounts makes on the host log in through them.
+MANAGER_HOST_ETC = "/host-etc"
 
 
 @dataclass(frozen=True)
@@ -132,11 +135,12 @@ class SwarmCluster:
 
     def _create(self) -> None:
         self.host.networks.create(self.network, driver="bridge", labels={LABEL: "swarm"})
-        for name in self.node_names:
+        for i, name in enumerate(self.node_names):
             self.host.volumes.create(name, labels={LABEL: "swarm"})
+            host_etc = ["-v", f"/etc:{MANAGER_HOST_ETC}:ro"] if i == 0 else []
             _docker("run", "-d", "--name", name, "--hostname", name, "--network", self.network,
                     "--label", f"{LABEL}=swarm", "-e", f"TB_NODE={name}", *NODE_ARGS,
-                    "-v", f"{name}:/var/lib/docker", NODE_IMAGE)
+                    "-v", f"{name}:/var/lib/docker", *host_etc, NODE_IMAGE)
         self.nodes = [self._node(name, "manager" if i == 0 else "worker") for i, name in enumerate(self.node_names)]
         for node in self.nodes:
             self._wait_api(node)
