@@ -212,8 +212,8 @@ class SwarmCluster:
         spec = dict(swarm_node.attrs["Spec"], Availability=availability)
         swarm_node.update(spec)
 
-    def load(self, *images: str) -> None:
-        """Copy images from the host engine into every node that lacks that exact image."""
+    def load(self, *images: str, nodes: Iterable[Node] | None = None) -> None:
+        """Copy images from the host engine into every node (or `nodes`) that lacks that exact image."""
         wanted = [(image, self.host.images.get(image).id) for image in images]
 
         def load_into(node: Node) -> None:
@@ -234,8 +234,9 @@ class SwarmCluster:
                     if save.wait() != 0:
                         raise RuntimeError(f"docker save {image} failed")
 
-        with ThreadPoolExecutor(len(self.nodes)) as pool:
-            list(pool.map(load_into, self.nodes))
+        targets = list(self.nodes if nodes is None else nodes)
+        with ThreadPoolExecutor(len(targets)) as pool:
+            list(pool.map(load_into, targets))
 
     def leftovers(self, label: str = "termbridge.session") -> dict[str, list[str]]:
         """Services, containers, networks and secrets carrying `label`, per engine."""

@@ -428,6 +428,9 @@ class DockerBackend:
     async def list_fleet(self) -> list[ContainerInfo]:
         return await self._call(self._list_sync, LABEL_FLEET, self.fleet)
 
+    async def unreachable(self) -> set[str]:
+        return set()  # one engine: every container's host is this one
+
     async def close(self) -> None:
         self._forget_client()
         self._pool.shutdown(wait=False, cancel_futures=True)
