@@ -212,6 +212,13 @@ class SwarmCluster:
         spec = dict(swarm_node.attrs["Spec"], Availability=availability)
         swarm_node.update(spec)
 
+    def set_role(self, node: Node, role: str) -> None:
+        """`manager` or `worker`, as `docker node promote/demote` sets it (Node.role stays the
+        cluster's plan: tests put it back)."""
+        swarm_node = next(n for n in self.manager.client().nodes.list()
+                          if n.attrs["Description"]["Hostname"] == node.name)
+        swarm_node.update(dict(swarm_node.attrs["Spec"], Role=role))
+
     def load(self, *images: str, nodes: Iterable[Node] | None = None) -> None:
         """Copy images from the host engine into every node (or `nodes`) that lacks that exact image."""
         wanted = [(image, self.host.images.get(image).id) for image in images]
