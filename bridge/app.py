@@ -206,6 +206,7 @@ def build_app(
         tasks = [
             asyncio.create_task(reap_forever(app[MANAGER]), name="reaper"),
             asyncio.create_task(app[MANAGER].watch_fleet(), name="fleet-watch"),
+            asyncio.create_task(app[MANAGER].watch_hosts(), name="host-watch"),
         ]
         yield
         for task in tasks:

@@ -31,7 +31,7 @@ from .continuity import (
     ACTIVITY_WRITE_INTERVAL, LEASE_CHECK_INTERVAL, Adoptable, Continuity, monotonic_from_wall, wall_from_monotonic,
 )
 from .errors import BridgeError, LimitReached, SessionStartError, StoreUnavailable
-from .fleet import FLEET_INTERVAL, FleetKeeper
+from .fleet import FLEET_INTERVAL, HOST_INTERVAL, FleetKeeper
 from .observers import Observers
 from .pool import Pooled, WarmPool, pool_slot
 from .session import Session, Sink, TerminalRequest, TerminalSink
@@ -627,6 +627,9 @@ class SessionManager:
 
     async def watch_fleet(self, interval: float = FLEET_INTERVAL) -> None:
         await self.keeper.watch_fleet(interval)
+
+    async def watch_hosts(self, interval: float = HOST_INTERVAL) -> None:
+        await self.keeper.watch_hosts(interval)
 
     async def fleet(self) -> list[SessionRecord]:
         """Every session of every gateway sharing the store (none without a store)."""

@@ -39,6 +39,9 @@ NODE_ARGS = [
     "--security-opt", "systempaths=unconfined",
     "-v", "/sys/fs/cgroup:/sys/fs/cgroup:rw",
 ]
+# Managers see the host's /etc here, read-only: gateways deployed as a stack mount it for PAM, so
+# the accounts that testbed.accounts makes on the host log in through them.
+MANAGER_HOST_ETC = "/host-etc"
 
 
 @dataclass(frozen=True)
@@ -132,11 +135,12 @@ class SwarmCluster:
 
     def _create(self) -> None:
         self.host.networks.create(self.network, driver="bridge", labels={LABEL: "swarm"})
-        for name in self.node_names:
+        for i, name in enumerate(self.node_names):
             self.host.volumes.create(name, labels={LABEL: "swarm"})
+            host_etc = ["-v", f"/etc:{MANAGER_HOST_ETC}:ro"] if i == 0 else []
             _docker("run", "-d", "--name", name, "--hostname", name, "--network", self.network,
                     "--label", f"{LABEL}=swarm", "-e", f"TB_NODE={name}", *NODE_ARGS,
-                    "-v", f"{name}:/var/lib/docker", NODE_IMAGE)
+                    "-v", f"{name}:/var/lib/docker", *host_etc, NODE_IMAGE)
         self.nodes = [self._node(name, "manager" if i == 0 else "worker") for i, name in enumerate(self.node_names)]
         for node in self.nodes:
             self._wait_api(node)
@@ -208,8 +212,15 @@ class SwarmCluster:
         spec = dict(swarm_node.attrs["Spec"], Availability=availability)
         swarm_node.update(spec)
 
-    def load(self, *images: str) -> None:
-        """Copy images from the host engine into every node that lacks that exact image."""
+    def set_role(self, node: Node, role: str) -> None:
+        """`manager` or `worker`, as `docker node promote/demote` sets it (Node.role stays the
+        cluster's plan: tests put it back)."""
+        swarm_node = next(n for n in self.manager.client().nodes.list()
+                          if n.attrs["Description"]["Hostname"] == node.name)
+        swarm_node.update(dict(swarm_node.attrs["Spec"], Role=role))
+
+    def load(self, *images: str, nodes: Iterable[Node] | None = None) -> None:
+        """Copy images from the host engine into every node (or `nodes`) that lacks that exact image."""
         wanted = [(image, self.host.images.get(image).id) for image in images]
 
         def load_into(node: Node) -> None:
@@ -230,8 +241,9 @@ class SwarmCluster:
                     if save.wait() != 0:
                         raise RuntimeError(f"docker save {image} failed")
 
-        with ThreadPoolExecutor(len(self.nodes)) as pool:
-            list(pool.map(load_into, self.nodes))
+        targets = list(self.nodes if nodes is None else nodes)
+        with ThreadPoolExecutor(len(targets)) as pool:
+            list(pool.map(load_into, targets))
 
     def host_address(self) -> str:
         """The host's address on the cluster's network (its gateway)."""

@@ -18,7 +18,6 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
-import docker
 import pytest
 
 from bridge.backends.base import Container, ContainerSpec

@@ -278,3 +278,5 @@ class DockerBackend(EngineBackend):
     async def list_fleet(self) -> list[ContainerInfo]:
         return await self._call(self._list_sync, LABEL_FLEET, self.fleet)
 
+    async def unreachable(self) -> set[str]:
+        return set()  # one engine: every container's host is this one

@@ -284,5 +284,21 @@ class SwarmBackend(EngineBackend):
     async def list_own(self) -> list[ContainerInfo]:
         return await self._call(self._list_sync, LABEL_GATEWAY, self.instance_id)
 
+    def _unreachable_sync(self) -> set[str]:
+        api = self._api()
+        own = {s["ID"] for s in api.services(filters={"label": f"{LABEL_GATEWAY}={self.instance_id}"})}
+        if not own:
+            return set()
+        up = {n["ID"] for n in api.nodes() if (n.get("Status") or {}).get("State") == "ready"}
+        lost: set[str] = set()
+        for task in api.tasks(filters={"desired-state": "running"}):
+            if task.get("ServiceID") in own and task.get("NodeID") and task["NodeID"] not in up:
+                lost.add(task["ServiceID"])
+        return lost
+
+    async def unreachable(self) -> set[str]:
+        """Own services whose task's node is down or gone from the swarm."""
+        return await self._call(self._unreachable_sync)
+
     async def list_fleet(self) -> list[ContainerInfo]:
         return await self._call(self._list_sync, LABEL_FLEET, self.fleet)

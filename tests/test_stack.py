@@ -1,0 +1,252 @@
+"""The shipped Swarm stack (etc/swarm/termbridge.yml) on the test cluster (testbed/swarm.py), with
+real gateway containers built from etc/gateway/Dockerfile, the Redis and nginx services, real PAM
+accounts (made on the host after the stack is up: the gateways read the host's account files
+live) and real WebSocket clients reaching the gateways only through the front's port on the
+manager's address. Faults: a gateway replica killed, a worker node gone, the managers' quorum
+lost; every session's service and container is gone afterwards."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from bridge.fleet import HOST_LOST
+from helpers import PROMPT, TEST_IMAGE, Gateway, Terminal, wait_for
+from testbed.accounts import HostUser
+from testbed.stack import Stack
+from testbed.swarm import Node, SwarmCluster
+
+pytestmark = pytest.mark.swarm
+
+SESSION_LABEL = "termbridge.session"
+
+
+def stack_config(path: Path, **session: Any) -> Path:
+    """The shipped etc/swarm/termbridge.toml with the image under test (and `session` keys)."""
+    text = (Path(__file__).resolve().parent.parent / "etc" / "swarm" / "termbridge.toml").read_text()
+    text = text.replace('image = "termbridge/session:latest"', f'image = "{TEST_IMAGE}"')
+    text = text.replace('placement = ["node.labels.termbridge==yes"]\n', "")
+    extra = "".join(f"{key} = {value!r}\n".replace("'", '"') for key, value in session.items())
+    path.write_text(text.replace("[session]\n", "[session]\n" + extra))
+    return path
+
+
+@pytest.fixture(scope="module")
+def stack(swarm_cluster: SwarmCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """Two gateway replicas, Redis and the front, deployed as an admin does; removed after, and
+    then no session service, secret or container is left on any node."""
+    config = stack_config(tmp_path_factory.mktemp("stack") / "termbridge.toml", start_timeout="60s")
+    began = time.monotonic()
+    deployed = Stack(swarm_cluster, f"tbstack{int(time.time()) % 100000}", config, replicas=2)
+    try:
+        deployed.deploy()
+        swarm_cluster.deploy_seconds = time.monotonic() - began  # type: ignore[attr-defined]
+        yield deployed
+    finally:
+        deployed.remove()
+    assert not swarm_cluster.leftovers(), swarm_cluster.leftovers()
+
+
+@pytest.fixture
+def front(stack: Stack) -> Gateway:
+    return Gateway(url=stack.web_url, config=None, app=None)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+async def http_sessions() -> AsyncIterator[list[aiohttp.ClientSession]]:
+    made: list[aiohttp.ClientSession] = []
+    yield made
+    for http in made:
+        await http.close()
+
+
+async def open_terminal(front: Gateway, http: aiohttp.ClientSession) -> tuple[Terminal, str]:
+    term = await front.terminal(http)
+    session = await term.control("session", timeout=90)
+    await term.expect(PROMPT, timeout=60)
+    return term, session["id"]
+
+
+def session_services(stack: Stack) -> dict[str, dict[str, Any]]:
+    """Session id → its service's labels and the node its task runs on (hostname)."""
+    api = stack.manager.client().api
+    hostnames = {n["ID"]: n["Description"]["Hostname"] for n in api.nodes()}
+    found = {}
+    for service in api.services(filters={"label": SESSION_LABEL}):
+        labels = service["Spec"]["Labels"]
+        tasks = api.tasks(filters={"service": service["ID"], "desired-state": "running"})
+        node = hostnames.get(tasks[0].get("NodeID", ""), "") if tasks else ""
+        found[labels[SESSION_LABEL]] = {"labels": labels, "node": node, "service": service["ID"]}
+    return found
+
+
+async def test_logins_reach_every_replica_through_the_front_with_live_host_accounts(
+    stack: Stack, front: Gateway, make_user: Callable[..., HostUser]
+) -> None:
+    user = make_user()  # made after the stack started
+    assert await front.attempt_login(user.name, user.password + "x") == 401
+    http = await front.login(user)
+    await http.close()
+    # Every replica has its own state_dir, so its own instance id.
+    ids = set()
+    for container in stack.gateway_containers():
+        code, out = container.exec_run(["sh", "-c", "cat /var/lib/termbridge/gateway-*/instance-id"])
+        assert code == 0, out
+        ids.add(out.decode().strip())
+    assert len(ids) == stack.replicas == 2
+
+
+async def test_sessions_spread_over_nodes_and_survive_their_gateway_replica_being_killed(
+    stack: Stack, front: Gateway, make_user: Callable[..., HostUser], http_sessions: list[aiohttp.ClientSession]
+) -> None:
+    user = make_user()
+    http = await front.login(user)
+    http_sessions.append(http)
+    terms = []
+    for _ in range(3):
+        terms.append(await open_terminal(front, http))
+    services = session_services(stack)
+    assert {sid for _, sid in terms} <= set(services)
+    nodes = {services[sid]["node"] for _, sid in terms}
+    assert len(nodes) >= 2, f"sessions all on {nodes}"
+
+    term, sid = terms[0]
+    await term.send("echo before-$((6*7))\r")
+    await term.expect(b"before-42")
+    await term.expect(PROMPT)
+    serving = services[sid]["labels"]["termbridge.gateway"]
+    victim = next(c for c in stack.gateway_containers()
+                  if c.exec_run(["sh", "-c", "cat /var/lib/termbridge/gateway-*/instance-id"]).output.decode().strip() == serving)
+    offset = term.received
+    victim.kill()  # SIGKILL: no goodbye, no store update from that replica
+    await term.drain_until_closed(timeout=30)
+
+    began = time.monotonic()
+    resumed = None
+    while resumed is None and time.monotonic() - began < 60:
+        try:
+            ws = await http.ws_connect(f"/ws?session={sid}&offset={offset}", headers={"Origin": front.origin}, max_msg_size=0)
+        except aiohttp.ClientError:
+            await asyncio.sleep(0.3)
+            continue
+        candidate = Terminal(ws)
+        try:
+            message = await candidate.control("session", timeout=30)
+        except AssertionError:
+            await asyncio.sleep(0.3)
+            continue
+        resumed = candidate
+        assert message["id"] == sid and message["offset"] == offset
+    assert resumed is not None, "the session did not come back through another replica"
+    await resumed.send("echo after-$((6*7))\r")
+    await resumed.expect(b"after-42")
+    assert [c for c in resumed.controls if c.get("type") in ("exit", "gap")] == []
+    for t, _ in [(resumed, sid), *terms[1:]]:
+        await t.send("exit\r")
+        await t.control("exit", timeout=30)
+    await wait_for(lambda: not set(session_services(stack)) & {s for _, s in terms}, timeout=60,
+                   what="the session services to go")
+
+
+async def test_a_worker_gone_mid_session_ends_its_sessions_with_error_and_leaves_nothing(
+    stack: Stack, swarm_cluster: SwarmCluster, front: Gateway, make_user: Callable[..., HostUser],
+    http_sessions: list[aiohttp.ClientSession],
+) -> None:
+    user = make_user()
+    http = await front.login(user)
+    http_sessions.append(http)
+    opened = []
+    worker: Node | None = None
+    for _ in range(6):
+        term, sid = await open_terminal(front, http)
+        opened.append((term, sid))
+        node = session_services(stack)[sid]["node"]
+        if node != swarm_cluster.manager.name:
+            worker = swarm_cluster.node(node)
+            break
+    assert worker is not None, "no session landed on a worker"
+    on_worker = [(t, s) for t, s in opened if session_services(stack)[s]["node"] == worker.name]
+    elsewhere = [(t, s) for t, s in opened if (t, s) not in on_worker]
+    began = time.monotonic()
+    swarm_cluster.host.containers.get(worker.name).pause()  # the node dies: no heartbeat, no FIN
+    try:
+        for term, _ in on_worker:
+            end = await term.control("exit", timeout=90)
+            assert end["reason"] == "error" and end["message"] == HOST_LOST, end
+        ended_after = time.monotonic() - began
+        await wait_for(lambda: not set(session_services(stack)) & {s for _, s in on_worker}, timeout=60,
+                       what="the lost sessions' services to be removed")
+        for term, _ in elsewhere:  # sessions elsewhere go on
+            await term.send("echo still-$((6*7))\r")
+            await term.expect(b"still-42")
+    finally:
+        swarm_cluster.host.containers.get(worker.name).unpause()
+    await wait_for(lambda: swarm_cluster.node_states().get(worker.name) == "ready", timeout=90, what="the worker back")
+    # The node's agent removes the container of a service that no longer exists.
+    await wait_for(lambda: not worker.client().containers.list(all=True, filters={"label": SESSION_LABEL}),
+                   timeout=90, what="the worker's session containers to go")
+    for term, _ in elsewhere:
+        await term.send("exit\r")
+        await term.control("exit", timeout=30)
+    print(f"sessions on the lost worker ended {ended_after:.1f} s after it went away")
+
+
+async def test_without_quorum_new_sessions_get_a_clear_error_and_running_ones_go_on(
+    stack: Stack, swarm_cluster: SwarmCluster, front: Gateway, make_user: Callable[..., HostUser],
+    http_sessions: list[aiohttp.ClientSession],
+) -> None:
+    """Both workers promoted (three managers), then two of them paused: the remaining manager
+    (where the gateways run) has no quorum until they come back."""
+    user = make_user()
+    http = await front.login(user)
+    http_sessions.append(http)
+    running = None
+    for _ in range(6):  # a session on the manager: the paused nodes' sessions would freeze with them
+        term, sid = await open_terminal(front, http)
+        if session_services(stack)[sid]["node"] == swarm_cluster.manager.name:
+            running = term
+            break
+        await term.send("exit\r")
+        await term.control("exit", timeout=30)
+    assert running is not None, "no session landed on the manager"
+    api = swarm_cluster.manager.client().api
+    promoted = swarm_cluster.workers
+    for node in promoted:
+        swarm_cluster.set_role(node, "manager")
+    paused = []
+    try:
+        for node in promoted:
+            swarm_cluster.host.containers.get(node.name).pause()
+            paused.append(node)
+        await wait_for(lambda: not _has_leader(api), timeout=60, what="quorum lost")
+        refused = await front.terminal(http)
+        error = await refused.control("exit", timeout=120)
+        assert error["reason"] == "error" and "try again" in (error.get("message") or ""), error
+        await running.send("echo alive-$((6*7))\r")
+        await running.expect(b"alive-42", timeout=30)
+    finally:
+        for node in paused:
+            swarm_cluster.host.containers.get(node.name).unpause()
+    await wait_for(lambda: _has_leader(api), timeout=120, what="quorum back")
+    for node in promoted:
+        swarm_cluster.set_role(node, "worker")
+    await running.send("echo back-$((6*7))\r")
+    await running.expect(b"back-42", timeout=30)
+    again, _ = await open_terminal(front, http)
+    for term in (running, again):
+        await term.send("exit\r")
+        await term.control("exit", timeout=30)
+
+
+def _has_leader(api: Any) -> bool:
+    try:
+        api.nodes()
+        return True
+    except Exception:  # noqa: BLE001 (a manager without quorum answers 503 to every swarm call)
+        return False
