@@ -441,8 +441,6 @@ def _check(config: Config) -> None:
         raise ConfigError("'session.pool' must not exceed 'session.max_total'")
     if config.session.backend == "swarm" and config.session.network != "isolated":
         raise ConfigError("'session.backend' = swarm supports only 'session.network' = isolated")
-    if config.session.backend == "swarm" and config.session.pool:
-        raise ConfigError("'session.pool' is not available with 'session.backend' = swarm yet")
     loopback = [server for server in config.session.dns if ipaddress.ip_address(server).is_loopback]
     if loopback:
         raise ConfigError(f"'session.dns': {', '.join(loopback)} is this host's loopback, which no container reaches")

@@ -48,12 +48,13 @@ IMAGE_PROTOCOL = "5"
 SSHD_PORT = 22
 
 
-def keys_tar(spec: ContainerSpec) -> bytes:
-    """The session's keys as the entrypoint reads them: a tar of three files."""
+def keys_tar(spec: ContainerSpec, **more: bytes) -> bytes:
+    """The session's keys as the entrypoint reads them: a tar of three files (and `more`)."""
     files = {
         "ssh_host_ed25519_key": (spec.host_private_key, 0o600),
         "ssh_host_ed25519_key.pub": (spec.host_public_key, 0o644),
         "authorized_keys": (spec.authorized_keys, 0o644),
+        **{name: (data, 0o644) for name, data in more.items()},
     }
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:

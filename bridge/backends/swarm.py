@@ -11,6 +11,7 @@ internal overlay network: no default route, and every session only answers SSH f
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -23,6 +24,7 @@ from docker import types
 from ..config import SessionConfig
 from ..errors import ImageMissing, SessionStartError
 from ..netguard import NetworkGuardError
+from ..upstream import SessionKeys, Upstream
 from .base import LABEL_FLEET, LABEL_GATEWAY, LABEL_SESSION, LABEL_USER, Container, ContainerInfo, ContainerSpec, ContainerState
 from .engine import LOG_OPTIONS, SESSION_CAPS, EngineBackend, keys_tar, started, tmpfs_options
 
@@ -92,6 +94,7 @@ class SwarmBackend(EngineBackend):
         self.network_name = config.swarm_network
         self._network_ok = False
         self._prepare_lock = threading.Lock()
+        self._claims: dict[str, SessionKeys] = {}  # pooled service id → its claim key
 
     # -- network -------------------------------------------------------------------------------
 
@@ -151,8 +154,11 @@ class SwarmBackend(EngineBackend):
         labels = self._labels(spec)
         secret_id = ""
         service_id = ""
+        # A pooled login-mode container gets its account at claim, over SSH with a key of its own.
+        claim = SessionKeys.for_claim(spec.host_private_key) if not spec.user and not spec.root else None
+        more = {"claim_key.pub": claim.authorized_keys} if claim else {}
         try:
-            secret_id = api.create_secret(f"{name}-keys", keys_tar(spec), labels=labels)["ID"]
+            secret_id = api.create_secret(f"{name}-keys", keys_tar(spec, **more), labels=labels)["ID"]
             created = api.create_service(
                 **service_spec(self.config, name, f"tb-{short}", labels, self._environment(spec), secret_id, spec.root)
             )
@@ -167,6 +173,8 @@ class SwarmBackend(EngineBackend):
                     self._network_ok = False
                 raise SessionStartError(detail=f"service {name}: {exc}") from exc
             raise
+        if claim is not None:
+            self._claims[service_id] = claim
         return started(service_id, name, address, spec)
 
     def _wait_running(self, api: docker.APIClient, service_id: str) -> str:
@@ -211,9 +219,21 @@ class SwarmBackend(EngineBackend):
     # -- claim, stop, poll, list -------------------------------------------------------------------
 
     async def claim(self, container: Container, user: str, uid: int, root: bool) -> Container:
-        raise SessionStartError(
-            detail="session.pool is not available with session.backend = swarm: a pooled service cannot be claimed"
+        """No `docker exec` reaches a task on another node: the gateway logs in as root with the
+        claim key it made at start, whose forced command (termbridge-claim) makes the account
+        and then allows only that user."""
+        if root:
+            return dataclasses.replace(container, ssh_user="root")
+        keys = self._claims.pop(container.id, None)
+        if keys is None:
+            raise SessionStartError(detail=f"no claim key for pooled {container.name}: not started by this gateway")
+        command = f"{user} {self._session_uid(user, uid)}"
+        code, output = await Upstream.run_once(
+            dataclasses.replace(container, ssh_user="root"), keys, command, self.config.start_timeout
         )
+        if code != 0:
+            raise SessionStartError(detail=f"claiming {container.name} for {user} failed ({code}): {output!r}")
+        return dataclasses.replace(container, ssh_user=user)
 
     def _remove_sync(self, service_id: str, secrets: list[str] | None = None) -> None:
         """The service, then its secrets (in use until the service is gone). Idempotent."""
@@ -233,6 +253,7 @@ class SwarmBackend(EngineBackend):
                 pass
 
     async def stop(self, container_id: str) -> None:
+        self._claims.pop(container_id, None)
         await self._call(self._remove_sync, container_id)
 
     def _poll_sync(self, service_id: str) -> ContainerState:
