@@ -156,6 +156,11 @@ async def test_login_and_terminal_through_nginx_with_tls(start_gateway, nginx_in
         await term.expect(PROMPT)
         assert (await term.run("stty size")).strip() == "20 90"
         assert (await term.run("echo through-$((6*7))")).strip() == "through-42"
+        blob = bytes(range(256)) * 4096  # 1 MiB: far above the site's 64k body limit, which uploads are exempt from
+        resp = await http.put("/files/upload", params={"session": session["id"], "path": "big.bin"}, data=blob,
+                              headers={"Origin": front.https})
+        assert resp.status == 201, await resp.text()
+        assert (await term.run("sha256sum big.bin")).split()[0] == hashlib.sha256(blob).hexdigest()
         await term.send("exit\r")
         assert (await term.control("exit"))["reason"] == "exit"
         await term.drain_until_closed()
