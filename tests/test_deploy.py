@@ -191,7 +191,7 @@ async def test_the_terminal_under_a_sub_path_through_nginx_in_chromium(start_gat
     page.on("websocket", lambda ws: sockets.append(ws.url))
 
     await log_in(page, proxied, user)
-    assert page.url == f"{front.https}/terminal/"
+    await expect(page).to_have_url(f"{front.https}/terminal/", timeout=15_000)
     await expect(page.locator("body")).to_have_attribute("data-state", "running", timeout=30_000)
     await expect(page.locator(".xterm-rows")).to_contain_text("$", timeout=30_000)
     [cookie] = [c for c in await context.cookies() if c["name"] == COOKIE_NAME]
@@ -225,7 +225,7 @@ async def test_the_terminal_under_a_sub_path_through_nginx_in_chromium(start_gat
     await page.keyboard.press("Enter")
     await expect(page.locator("#ended")).to_be_visible(timeout=15_000)
     await page.get_by_role("button", name="Log out").click()
-    await expect(page).to_have_url(f"{front.https}/terminal/login")
+    await expect(page).to_have_url(f"{front.https}/terminal/login", timeout=15_000)
     assert not [c for c in await context.cookies() if c["name"] == COOKIE_NAME]
     await context.close()
     await containers_gone(**{"termbridge.session": session_id})
