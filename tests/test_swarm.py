@@ -455,3 +455,17 @@ async def test_warm_pool_in_swarm_mode_claims_over_ssh(
     assert out["claimed"] == [0, ["carol", str(CONFIG.uid_base + HOST_UID)]], out
     assert out["root_after"].startswith("refused"), out
     assert out["claim_again"].startswith("refused"), out
+
+
+@pytestmark_swarm
+def test_check_reports_the_manager_and_its_nodes(swarm_cluster: SwarmCluster, tmp_path: Any, pam_service: str) -> None:
+    from test_check import run_check
+
+    from helpers import free_port, write_config
+
+    config = write_config(tmp_path / "swarm.toml", tmp_path / "state", pam_service,
+                          web={"listen": f"127.0.0.1:{free_port()}"}, ssh={"listen": f"127.0.0.1:{free_port()}"},
+                          session={"backend": "swarm"})
+    _, checks, output = run_check(config, DOCKER_HOST=swarm_cluster.manager.url)
+    assert checks["swarm"] == ("ok", "a manager: 3 of 3 nodes ready; every node needs the session image"), output
+    assert checks["image"][0] == "ok", output
