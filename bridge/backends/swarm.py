@@ -120,7 +120,7 @@ class SwarmBackend(EngineBackend):
                 except docker.errors.APIError as exc:
                     if exc.status_code != 409:
                         raise
-            info = api.inspect_network(self.network_name)
+            info = self._inspect_network(api)
             wrong = []
             if info.get("Driver") != "overlay":
                 wrong.append(f"driver {info.get('Driver')}")
@@ -135,6 +135,16 @@ class SwarmBackend(EngineBackend):
                 )
             log.info("session overlay %s (%s)", self.network_name, info.get("Id", "")[:12])
             self._network_ok = True
+
+    def _inspect_network(self, api: docker.APIClient) -> dict[str, Any]:
+        """Right after its creation a manager may report the overlay without its driver for a
+        moment: asked again until it has one (or 10 s passed, and the caller names what is wrong)."""
+        deadline = time.monotonic() + 10
+        while True:
+            info = api.inspect_network(self.network_name, scope="swarm")
+            if info.get("Driver") or time.monotonic() > deadline:
+                return info
+            time.sleep(TASK_POLL)
 
     async def prepare(self) -> None:
         await self._call(self._prepare_sync)
