@@ -105,6 +105,7 @@ class AdminServer:
                 "id": record.id,
                 "user": record.user,
                 "door": record.door,
+                "profile": record.profile,
                 "container": record.container_name or None,
                 "started": datetime.fromtimestamp(record.started, timezone.utc).isoformat(timespec="seconds"),
                 "idle_for": None,  # the serving gateway's to know

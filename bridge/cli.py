@@ -34,7 +34,9 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--if-stale", action="store_true", help="keep an image already built from this context and base")
     sessions = sub.add_parser("sessions", parents=[common], help="live sessions of every gateway sharing the store")
     sessions_sub = sessions.add_subparsers(dest="sessions_command", required=True)
-    sessions_sub.add_parser("list", parents=[common], help="id, user, door, container, started, idle for, gateway")
+    sessions_sub.add_parser(
+        "list", parents=[common], help="id, user, door, profile, container, started, idle for, gateway"
+    )
     kill = sessions_sub.add_parser("kill", parents=[common], help="end sessions (the person sees why)")
     target = kill.add_mutually_exclusive_group(required=True)
     target.add_argument("id", nargs="?", help="session id (a unique prefix will do)")
@@ -76,11 +78,12 @@ def sessions_command(config: Config, args: argparse.Namespace) -> int:
         for session_id in answer["killed"]:
             print(f"killed {session_id}")
         return 0
-    rows = [("ID", "USER", "DOOR", "CONTAINER", "STARTED", "IDLE", "GATEWAY")]
+    rows = [("ID", "USER", "DOOR", "PROFILE", "CONTAINER", "STARTED", "IDLE", "GATEWAY")]
     for s in answer["sessions"]:
-        rows.append(
-            (s["id"], s["user"], s["door"], s["container"] or "-", s["started"], _fmt_idle(s["idle_for"]), s["gateway"])
-        )
+        rows.append((
+            s["id"], s["user"], s["door"], s.get("profile", "default"), s["container"] or "-", s["started"],
+            _fmt_idle(s["idle_for"]), s["gateway"],
+        ))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
