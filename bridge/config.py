@@ -295,6 +295,7 @@ class ProfileConfig:
     groups: tuple[str, ...]
     session: SessionConfig
     overrides: tuple[tuple[str, Any], ...] = ()  # the keys this profile sets itself, parsed
+    description: str = ""  # what the web chooser says of it
 
     def over(self, base: SessionConfig) -> ProfileConfig:
         """This profile on top of another [session] (a reload changed an inherited key)."""
@@ -383,7 +384,9 @@ def changed_keys(old: Config, new: Config) -> list[str]:
     """The keys whose value differs, in declaration order; `profiles` when any [profiles.NAME]
     section changed (they need a restart: each profile may have its own warm pool)."""
     changed = [key for key in known_keys() if _value(old, key) != _value(new, key)]
-    if [(p.name, p.groups, p.overrides) for p in old.profiles] != [(p.name, p.groups, p.overrides) for p in new.profiles]:
+    if [dataclasses.replace(p, session=SessionConfig()) for p in old.profiles] != [
+        dataclasses.replace(p, session=SessionConfig()) for p in new.profiles
+    ]:
         changed.append("profiles")
     return changed
 
@@ -470,8 +473,8 @@ def load_config(path: str | os.PathLike | None = None, env: Mapping[str, str] | 
 
 
 def _parse_profiles(data: Any, base: SessionConfig) -> tuple[ProfileConfig, ...]:
-    """`[profiles.NAME]` sections: `groups` (existing host groups, at least one) and any key of
-    `profile_keys()`, each parsed like its [session] twin."""
+    """`[profiles.NAME]` sections: `groups` (existing host groups, at least one), an optional
+    `description`, and any key of `profile_keys()`, each parsed like its [session] twin."""
     if not isinstance(data, dict):
         raise ConfigError("configuration key 'profiles' must be a table of [profiles.NAME] sections")
     allowed = set(profile_keys())
@@ -495,6 +498,10 @@ def _parse_profiles(data: Any, base: SessionConfig) -> tuple[ProfileConfig, ...]
             raise ConfigError(f"bad value for '{prefix}.groups': {exc}") from None
         if not groups:
             raise ConfigError(f"'{prefix}.groups' is empty: nobody could use this profile")
+        try:
+            description = _str(values.pop("description", ""))
+        except ValueError as exc:
+            raise ConfigError(f"bad value for '{prefix}.description': {exc}") from None
         for group in groups:
             try:
                 grp.getgrnam(group)
@@ -509,7 +516,7 @@ def _parse_profiles(data: Any, base: SessionConfig) -> tuple[ProfileConfig, ...]
                 overrides.append((key, fields[key].metadata["parser"](value)))
             except (ValueError, TypeError, json.JSONDecodeError) as exc:
                 raise ConfigError(f"bad value for '{prefix}.{key}': {exc}") from None
-        profile = ProfileConfig(name, groups, base, tuple(overrides))
+        profile = ProfileConfig(name, groups, base, tuple(overrides), description)
         try:
             profiles.append(profile.over(base))
         except TypeError as exc:

@@ -63,6 +63,7 @@ class Metrics(SessionObserver):
     def __init__(self, profiles: Iterable[str] = (DEFAULT_PROFILE,)) -> None:
         """`profiles`: the configured profile names, a label of the session series (bounded:
         only names from the config are ever used)."""
+        profiles = tuple(profiles)
         # No `*_created` twin for every counter: it doubles the series and dashboards use rate().
         # (A process-wide switch of the library; this process exposes only our registries.)
         disable_created_metrics()

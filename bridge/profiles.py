@@ -37,7 +37,7 @@ def pick(
 ) -> ProfileConfig:
     """The profile a session of `username` gets among `mine` (see the module's rule). Raises
     ProfileRefused for a requested name that is unknown or not among `mine`."""
-    if requested:
+    if requested is not None:
         for profile in mine:
             if profile.name == requested:
                 return profile

@@ -1,7 +1,7 @@
 """The web door: one module per concern, wired here.
 
 keys (the typed app keys), http (hardening: headers, CSP, client address, origin), login (the
-login cookie, login and logout), terminal (the page and its /ws socket), files (home directory
+login cookie, login and logout), chooser (the profile chooser), terminal (the page and its /ws socket), files (home directory
 transfers) and ops (/healthz, /metrics). Static assets come from the web root (bridge._web when
 installed), never from a CDN.
 """
@@ -13,7 +13,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from . import files, login, ops, terminal
+from . import chooser, files, login, ops, terminal
 from .http import security_headers
 from .keys import WEB_ROOT, WEBSOCKETS
 
@@ -27,6 +27,7 @@ def setup_routes(app: web.Application, web_root: Path) -> None:
     app.on_response_prepare.append(security_headers)
     terminal.setup_routes(app)
     login.setup_routes(app)
+    chooser.setup_routes(app)
     ops.setup_routes(app)
     files.setup_routes(app)
     modules = web_root / "node_modules"

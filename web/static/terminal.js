@@ -176,6 +176,8 @@ function onControl(msg) {
       setState("running");
       body.dataset.session = msg.id;
       status.setSession(msg.id);
+      status.setProfile(msg.profile);
+      body.dataset.sessionProfile = msg.profile || "";
       showBanner("");
       input.pump();
       if (!searchBox.isOpen && !files.isOpen) term.focus();
@@ -205,8 +207,14 @@ function onControl(msg) {
 function socketUrl() {
   const proto = location.protocol === "https:" ? "wss:" : "ws:";
   let url = `${proto}//${location.host}/ws`;
-  if (sessionId) url += `?session=${encodeURIComponent(sessionId)}&offset=${repaint ? 0 : received}`;
-  return url;
+  const query = new URLSearchParams();
+  if (body.dataset.profile) query.set("profile", body.dataset.profile); // checked again by the gateway
+  if (sessionId) {
+    query.set("session", sessionId);
+    query.set("offset", String(repaint ? 0 : received));
+  }
+  const text = query.toString();
+  return text ? `${url}?${text}` : url;
 }
 
 function connect() {
