@@ -60,9 +60,11 @@ def split_login(name: str) -> tuple[str, str | None]:
 
 
 def _printable_login(name: str) -> str:
+    """`printable_username` of the account; of a profile suffix only its length (a password typed
+    into the name field could follow a real account name and a "+")."""
     account, profile = split_login(name)
     shown = printable_username(account)
-    return shown if profile is None or shown.startswith("<") else f"{shown}{PROFILE_SEPARATOR}{profile[:40]}"
+    return shown if profile is None else f"{shown}{PROFILE_SEPARATOR}<{len(profile)} chars>"
 
 
 class _HideTypedNames(logging.Filter):

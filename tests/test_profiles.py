@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import secrets
 import subprocess
 import sys
@@ -427,3 +428,117 @@ async def test_metrics_and_sessions_list_show_the_profile(start_gateway, make_us
         await term.send("exit\r")
         await term.control("exit")
     await containers_gone(**{"termbridge.session": started["id"]})
+
+
+# -- the chooser ------------------------------------------------------------------------------------
+
+CHOOSER_CSRF = re.compile(r'name="csrf" value="([^"]+)"')
+
+
+async def test_chooser_checks_the_choice_and_remembers_it(start_gateway, make_user, groups, course_image):
+    gateway = await start_gateway(**profiles_config(groups, course_image))
+    carol, bob = make_user(groups=groups), make_user(groups=(groups[1],))
+    async with await gateway.login(carol) as http:
+        first = await http.get("/", allow_redirects=False)
+        assert (first.status, first.headers["Location"]) == (303, "profile")  # two profiles, none chosen
+        page_ = await (await http.get("/profile")).text()
+        assert 'value="big" checked' in page_ and 'value="small"' in page_
+        assert "for the long labs (1.5 CPUs, 400 MiB memory, image " + course_image in page_
+        token = CHOOSER_CSRF.search(page_).group(1)
+        headers = {"Origin": gateway.origin}
+        wrong = await http.post("/profile", data={"profile": "small", "csrf": "x" + token}, headers=headers)
+        assert wrong.status == 403
+        refused = await http.post("/profile", data={"profile": "root", "csrf": token}, headers=headers)
+        assert refused.status == 403 and "There is no profile &#x27;root&#x27; here" in await refused.text()
+        assert await gateway.app[STORE].get_profile_choice(carol.name) is None
+        chosen = await http.post("/profile", data={"profile": "small", "csrf": token}, headers=headers,
+                                 allow_redirects=False)
+        assert (chosen.status, chosen.headers["Location"]) == (303, "./")
+        assert await gateway.app[STORE].get_profile_choice(carol.name) == "small"
+        terminal = await (await http.get("/", allow_redirects=False)).text()
+        assert 'data-profile="small"' in terminal and 'id="profile-change" href="profile" aria-label' in terminal
+    async with await gateway.login(bob) as http:  # one profile: no chooser, no "change"
+        assert (await http.get("/profile", allow_redirects=False)).headers["Location"] == "./"
+        terminal = await (await http.get("/")).text()
+        assert 'data-profile="small"' in terminal and "hidden>change</a>" in terminal
+
+
+@pytest.mark.browser
+async def test_chooser_in_chromium_by_keyboard_then_remembered(browser, start_gateway, make_user, groups, course_image):
+    from playwright.async_api import expect
+
+    from helpers import axe_check, goto, log_in
+
+    gateway = await start_gateway(**profiles_config(groups, course_image))
+    carol = make_user(groups=groups)
+    context = await browser.new_context(color_scheme="light", viewport={"width": 1000, "height": 600})
+    page = await context.new_page()
+    await log_in(page, gateway, carol)
+    await expect(page).to_have_url(re.compile(r"/profile$"))
+    big, small = page.get_by_role("radio", name="big"), page.get_by_role("radio", name="small")
+    await expect(big).to_be_checked()
+    await axe_check(page, "profile-chooser-light")
+    await page.emulate_media(color_scheme="dark")
+    await axe_check(page, "profile-chooser-dark")
+
+    # keyboard only: into the group, arrow to "small", tab to the button, Enter
+    await big.focus()
+    await page.keyboard.press("ArrowDown")
+    await expect(small).to_be_checked()
+    await page.keyboard.press("Tab")
+    await expect(page.get_by_role("button", name="Continue")).to_be_focused()
+    await page.keyboard.press("Enter")
+
+    body = page.locator("body")
+    await expect(body).to_have_attribute("data-state", "running", timeout=30_000)
+    await expect(page.locator("#status-profile")).to_have_text("small")
+    await expect(page.get_by_role("link", name="Change profile")).to_be_visible()
+    await axe_check(page, "profile-terminal-dark")
+    session_id = await body.get_attribute("data-session")
+    [container] = session_containers(**{"termbridge.session": session_id})
+    assert_limits(inspect(container.id), "small", SMALL, TEST_IMAGE)
+    await page.locator(".xterm-helper-textarea").focus()
+    await page.keyboard.type("exit")
+    await page.keyboard.press("Enter")
+    await expect(body).to_have_attribute("data-state", "ended", timeout=15_000)
+    await context.close()
+    await containers_gone(**{"termbridge.session": session_id})
+
+    # another browser, another day: straight to the terminal with the remembered profile
+    context = await browser.new_context()
+    page = await context.new_page()
+    await log_in(page, gateway, carol)
+    body = page.locator("body")
+    await expect(body).to_have_attribute("data-state", "running", timeout=30_000)
+    await expect(page.locator("#status-profile")).to_have_text("small")
+    second = await body.get_attribute("data-session")
+    assert session_containers(**{"termbridge.session": second})[0].labels["termbridge.profile"] == "small"
+    # and changeable from the status bar
+    await page.get_by_role("link", name="Change profile").click()
+    await expect(page).to_have_url(re.compile(r"/profile$"))
+    await expect(page.get_by_role("radio", name="small")).to_be_checked()
+    await goto(page, gateway.url + "/")
+    await expect(body).to_have_attribute("data-state", "running", timeout=30_000)
+    await page.get_by_role("button", name="End session").click()
+    await page.get_by_role("dialog").get_by_role("button", name="End session").click()
+    await expect(body).to_have_attribute("data-state", "ended", timeout=15_000)
+    await context.close()
+    await containers_gone(**{"termbridge.session": second})
+
+
+def test_check_names_each_profiles_missing_image(tmp_path, groups, course_image, docker_engine):
+    from bridge.check import check_docker
+
+    config = load_config(write(tmp_path, f"""
+[session]
+image = "{TEST_IMAGE}"
+[profiles.lab]
+groups = ["{groups[0]}"]
+image = "{course_image}"
+[profiles.gone]
+groups = ["{groups[1]}"]
+image = "termbridge/no-such-image:{secrets.token_hex(3)}"
+"""), env={})
+    found = [(c.status, c.message) for c in check_docker(config, "") if c.name == "image"]
+    assert found[0][0] == "ok" and found[1] == ("ok", f"profile lab: image {course_image} present")
+    assert found[2][0] == "FAIL" and found[2][1].startswith("profile gone: image termbridge/no-such-image:")
