@@ -13,7 +13,7 @@ import asyncio
 import logging
 
 from .auth import groups_of
-from .config import DEFAULT_PROFILE, Config, ProfileConfig
+from .config import Config, ProfileConfig
 from .errors import ProfileRefused
 
 log = logging.getLogger("termbridge.profiles")
@@ -62,7 +62,3 @@ def pick(
 async def choose(config: Config, username: str, requested: str | None, remembered: str | None = None) -> ProfileConfig:
     """`pick` among `username`'s profiles as they are now."""
     return pick(config, username, await entitled(config, username), requested, remembered)
-
-
-def is_default(profile: ProfileConfig) -> bool:
-    return profile.name == DEFAULT_PROFILE

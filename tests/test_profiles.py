@@ -542,3 +542,22 @@ image = "termbridge/no-such-image:{secrets.token_hex(3)}"
     found = [(c.status, c.message) for c in check_docker(config, "") if c.name == "image"]
     assert found[0][0] == "ok" and found[1] == ("ok", f"profile lab: image {course_image} present")
     assert found[2][0] == "FAIL" and found[2][1].startswith("profile gone: image termbridge/no-such-image:")
+
+
+def test_a_reload_reaches_inherited_keys_and_names_changed_profiles(tmp_path, groups):
+    from bridge.config import apply_live, changed_keys
+
+    text = f"""
+[session]
+cpus = 0.5
+[profiles.lab]
+groups = ["{groups[0]}"]
+memory = "1g"
+"""
+    old = load_config(write(tmp_path, text), env={})
+    new = load_config(write(tmp_path, text.replace("cpus = 0.5", "cpus = 0.75").replace('"1g"', '"2g"')), env={})
+    assert changed_keys(old, new) == ["session.cpus", "profiles"]
+    merged = apply_live(old, new)
+    lab = merged.profile("lab")
+    assert (lab.session.cpus, lab.session.memory) == (0.75, 2**30)  # inherited: new; its own: kept until a restart
+    assert changed_keys(old, load_config(write(tmp_path, text), env={})) == []
