@@ -440,7 +440,7 @@ async def test_chooser_checks_the_choice_and_remembers_it(start_gateway, make_us
     carol, bob = make_user(groups=groups), make_user(groups=(groups[1],))
     async with await gateway.login(carol) as http:
         first = await http.get("/", allow_redirects=False)
-        assert (first.status, first.headers["Location"]) == (303, "profile")  # two profiles, none chosen
+        assert (first.status, first.headers["Location"]) == (303, "/profile")  # two profiles, none chosen
         page_ = await (await http.get("/profile")).text()
         assert 'value="big" checked' in page_ and 'value="small"' in page_
         assert "for the long labs (1.5 CPUs, 400 MiB memory, image " + course_image in page_
@@ -453,12 +453,12 @@ async def test_chooser_checks_the_choice_and_remembers_it(start_gateway, make_us
         assert await gateway.app[STORE].get_profile_choice(carol.name) is None
         chosen = await http.post("/profile", data={"profile": "small", "csrf": token}, headers=headers,
                                  allow_redirects=False)
-        assert (chosen.status, chosen.headers["Location"]) == (303, "./")
+        assert (chosen.status, chosen.headers["Location"]) == (303, "/")
         assert await gateway.app[STORE].get_profile_choice(carol.name) == "small"
         terminal = await (await http.get("/", allow_redirects=False)).text()
-        assert 'data-profile="small"' in terminal and 'id="profile-change" href="profile" aria-label' in terminal
+        assert 'data-profile="small"' in terminal and 'id="profile-change" href="/profile" aria-label' in terminal
     async with await gateway.login(bob) as http:  # one profile: no chooser, no "change"
-        assert (await http.get("/profile", allow_redirects=False)).headers["Location"] == "./"
+        assert (await http.get("/profile", allow_redirects=False)).headers["Location"] == "/"
         terminal = await (await http.get("/")).text()
         assert 'data-profile="small"' in terminal and "hidden>change</a>" in terminal
 

@@ -20,6 +20,7 @@ from ..profiles import entitled, pick
 from .http import client_address, origin_allowed, page
 from .keys import LOGINS, MANAGER, STORE
 from .login import Login, current_login
+from .paths import redirect, under
 
 log = logging.getLogger("termbridge.web")
 
@@ -86,10 +87,10 @@ def _chooser(request: web.Request, login: Login, mine: list[ProfileConfig], chec
 async def chooser_page(request: web.Request) -> web.StreamResponse:
     login = await current_login(request)
     if login is None:
-        raise web.HTTPSeeOther("login")
+        raise redirect(request.app, "login")
     mine, remembered = await profiles_of(request, login)
     if len(mine) < 2:
-        raise web.HTTPSeeOther("./")  # nothing to choose
+        raise redirect(request.app)  # nothing to choose
     return _chooser(request, login, mine, remembered or mine[0].name)
 
 
@@ -99,7 +100,7 @@ async def choose_profile(request: web.Request) -> web.StreamResponse:
         raise web.HTTPForbidden(text="cross-origin request refused")
     login = await current_login(request)
     if login is None:
-        raise web.HTTPSeeOther("login")
+        raise redirect(request.app, "login")
     form = await request.post()
     if not request.app[LOGINS].form_token_ok("profile", login.id, str(form.get("csrf", ""))):
         log.warning("profile choice of %s refused: missing or wrong CSRF token", login.user.name)
@@ -117,9 +118,9 @@ async def choose_profile(request: web.Request) -> web.StreamResponse:
         log.error("profile choice of %s not kept: %s", login.user.name, exc.detail)
         raise web.HTTPServiceUnavailable(text=exc.user_message) from None
     log.info("profile %s chosen by %s from %s", chosen.name, login.user.name, client_address(request))
-    raise web.HTTPSeeOther("./")
+    raise redirect(request.app)
 
 
 def setup_routes(app: web.Application) -> None:
-    app.router.add_get("/profile", chooser_page)
-    app.router.add_post("/profile", choose_profile)
+    app.router.add_get(under(app, "profile"), chooser_page)
+    app.router.add_post(under(app, "profile"), choose_profile)
