@@ -561,3 +561,37 @@ memory = "1g"
     lab = merged.profile("lab")
     assert (lab.session.cpus, lab.session.memory) == (0.75, 2**30)  # inherited: new; its own: kept until a restart
     assert changed_keys(old, load_config(write(tmp_path, text), env={})) == []
+
+
+async def test_the_chooser_lives_under_the_base_path(start_gateway, make_user, groups, course_image):
+    import aiohttp
+
+    from helpers import Terminal
+
+    base = "/terminal/"
+    gateway = await start_gateway(**profiles_config(groups, course_image), web={"base_path": base})
+    carol = make_user(groups=groups)
+    origin = {"Origin": gateway.url}
+    async with aiohttp.ClientSession(base_url=gateway.url, cookie_jar=aiohttp.CookieJar(unsafe=True)) as http:
+        assert (await http.get("/profile", allow_redirects=False)).status == 404
+        form = await (await http.get(base + "login")).text()
+        await http.post(base + "login", headers=origin, allow_redirects=False, data={
+            "username": carol.name, "password": carol.password, "csrf": CHOOSER_CSRF.search(form).group(1)})
+        first = await http.get(base, allow_redirects=False)
+        assert (first.status, first.headers["Location"]) == (303, base + "profile")
+        chooser = await (await http.get(base + "profile")).text()
+        links = re.findall(r'(?:href|src|action)="([^"]+)"', chooser)
+        assert links and all(link.startswith(base) for link in links), links
+        chosen = await http.post(base + "profile", headers=origin, allow_redirects=False,
+                                 data={"profile": "small", "csrf": CHOOSER_CSRF.search(chooser).group(1)})
+        assert (chosen.status, chosen.headers["Location"]) == (303, base)
+        terminal = await (await http.get(base)).text()
+        assert f'id="profile-change" href="{base}profile"' in terminal
+        term = Terminal(await http.ws_connect(base + "ws?profile=small", headers=origin))
+        await term.resize(80, 24)
+        started = await term.control("session")
+        assert started["profile"] == "small"
+        await term.expect(PROMPT)
+        await term.send("exit\r")
+        await term.control("exit")
+    await containers_gone(**{"termbridge.session": started["id"]})
