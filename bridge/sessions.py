@@ -26,7 +26,7 @@ from typing import Any, cast
 
 from .auth import AuthenticatedUser
 from .backends.base import Backend, Container, ContainerSpec
-from .config import Config, ProfileConfig, SessionConfig
+from .config import DEFAULT_PROFILE, Config, ProfileConfig, SessionConfig
 from .continuity import (
     ACTIVITY_WRITE_INTERVAL, LEASE_CHECK_INTERVAL, Adoptable, Continuity, monotonic_from_wall, wall_from_monotonic,
 )
@@ -45,16 +45,18 @@ log = logging.getLogger("termbridge.sessions")
 
 
 
-def limit_reached(cap: Refusal, max_per_user: int, max_total: int) -> LimitReached:
-    """The refusal of a cap, in words for the person and for the log."""
+def limit_reached(cap: Refusal, max_per_user: int, max_total: int, profile: str = DEFAULT_PROFILE) -> LimitReached:
+    """The refusal of a cap, in words for the person and for the log (max_per_user is the
+    session's profile's: named as its key)."""
     if cap == "max_total":
         return LimitReached(
             f"this server is at its limit of {max_total} sessions (session.max_total); try again later",
             detail=f"refused: session.max_total={max_total} reached",
         )
+    key = "session.max_per_user" if profile == DEFAULT_PROFILE else f"profiles.{profile}.max_per_user"
     return LimitReached(
-        f"you already have {max_per_user} sessions, the most allowed (session.max_per_user); end one first",
-        detail=f"refused: session.max_per_user={max_per_user} reached",
+        f"you already have {max_per_user} sessions, the most allowed ({key}); end one first",
+        detail=f"refused: {key}={max_per_user} reached",
     )
 
 
@@ -144,13 +146,14 @@ class SessionManager:
         if self._room() + takes_pooled <= 0:
             raise limit_reached("max_total", cfg.max_per_user, cfg.max_total)
         if self.count_for(user.name) >= cfg.max_per_user:
-            raise limit_reached("max_per_user", cfg.max_per_user, cfg.max_total)
+            raise limit_reached("max_per_user", cfg.max_per_user, cfg.max_total, profile.name)
 
-    async def _reserve(self, session_id: str, user: str, pooled: Pooled | None, cfg: SessionConfig) -> None:
+    async def _reserve(self, session_id: str, user: str, pooled: Pooled | None, profile: ProfileConfig) -> None:
         """Take the session's slot in the store, so the caps hold across the fleet. Raises
         LimitReached (a cap refused) or StoreUnavailable."""
         if self.store is None:
             return
+        cfg = profile.session
         if pooled is not None:
             refusal = await self.store.claim_slot(
                 pool_slot(pooled.session_id), session_id, user, cfg.max_per_user, cfg.max_total
@@ -158,7 +161,7 @@ class SessionManager:
         else:
             refusal = await self.store.reserve_slot(session_id, user, cfg.max_per_user, cfg.max_total)
         if refusal is not None:
-            raise limit_reached(refusal, cfg.max_per_user, cfg.max_total)
+            raise limit_reached(refusal, cfg.max_per_user, cfg.max_total, profile.name)
 
     # -- life cycle ---------------------------------------------------------------------------
 
@@ -189,7 +192,7 @@ class SessionManager:
         self.sessions[session.id] = session
         self._hold(session)
         try:
-            await self._reserve(session.id, user.name, pooled, profile.session)
+            await self._reserve(session.id, user.name, pooled, profile)
         except (LimitReached, StoreUnavailable, asyncio.CancelledError) as exc:
             self.sessions.pop(session.id, None)
             self._release(session.id)

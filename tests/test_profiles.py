@@ -595,3 +595,30 @@ async def test_the_chooser_lives_under_the_base_path(start_gateway, make_user, g
         await term.send("exit\r")
         await term.control("exit")
     await containers_gone(**{"termbridge.session": started["id"]})
+
+
+async def test_network_user_mode_and_max_per_user_come_from_the_profile(start_gateway, make_user, groups, course_image):
+    gateway = await start_gateway(**profiles_config(groups, course_image, **{
+        "profiles.small": {"groups": [groups[1]], **SMALL, "network": "internet", "user": "root", "max_per_user": 1},
+    }))
+    bob = make_user(groups=(groups[1],))
+    async with await gateway.login(bob) as http:
+        term = await gateway.terminal(http)
+        started = await term.control("session")
+        await term.expect(PROMPT)
+        assert (await term.run("id -u")).strip() == "0"  # user = "root"
+        [container] = session_containers(**{"termbridge.session": started["id"]})
+        info = inspect(container.id)
+        assert list(info["NetworkSettings"]["Networks"]) == ["termbridge-internet"]
+        assert info["HostConfig"]["ReadonlyRootfs"] is False
+        second = await gateway.terminal(http)
+        refused = await second.control("error")
+        assert refused["message"] == (
+            "you already have 1 sessions, the most allowed (profiles.small.max_per_user); end one first")
+        await term.send("exit\r")
+        await term.control("exit")
+    await containers_gone(**{"termbridge.session": started["id"]})
+    alice = make_user(groups=(groups[0],))  # big: [session]'s network and user mode
+    _, info = await web_session(gateway, alice)
+    assert list(info["NetworkSettings"]["Networks"]) == ["termbridge-isolated"]
+    assert info["HostConfig"]["ReadonlyRootfs"] is True
