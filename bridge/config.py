@@ -533,11 +533,7 @@ def _parse_profiles(data: Any, base: SessionConfig) -> tuple[ProfileConfig, ...]
                 overrides.append((key, fields[key].metadata["parser"](value)))
             except (ValueError, TypeError, json.JSONDecodeError) as exc:
                 raise ConfigError(f"bad value for '{prefix}.{key}': {exc}") from None
-        profile = ProfileConfig(name, groups, base, tuple(overrides), description)
-        try:
-            profiles.append(profile.over(base))
-        except TypeError as exc:
-            raise ConfigError(f"bad value in {prefix!r}: {exc}") from None
+        profiles.append(ProfileConfig(name, groups, base, tuple(overrides), description).over(base))
     return tuple(profiles)
 
 
