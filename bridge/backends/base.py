@@ -30,6 +30,7 @@ class ContainerSpec:
     host_public_key: bytes
     root: bool = False  # `session.user = root`
     uid: int | None = None  # the login's uid on the host; None for a pooled container
+    home: str = ""  # a persistent home: the host directory mounted at the user's home; "" for none
 
 
 @dataclass(frozen=True)
