@@ -7,6 +7,7 @@ TB_TEST_IMAGE names it."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import pwd
 import signal
@@ -327,3 +328,19 @@ async def test_homes_list_du_rm(start_gateway, make_user):
     http, term, _ = await _web(gateway, alice)
     assert "three-mb" not in await term.run("command ls -A ~")
     await _exit(term, http)
+
+
+async def test_the_benchmark_measures_both_kinds_of_home(tmp_path):
+    """benchmarks/bench_homes.py in its smallest run: both columns measured, nothing left."""
+    out = tmp_path / "homes.json"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "benchmarks.bench_homes", "--runs", "1", "--home-size", "32m", "--json", str(out),
+        cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await asyncio.wait_for(proc.communicate(), 240)
+    assert proc.returncode == 0, err.decode()[-3000:]
+    results = json.loads(out.read_text())
+    assert results["first_login_making_the_home_ms"] > 0
+    for kind in ("ephemeral", "persistent"):
+        assert results[f"ws_login_to_prompt_{kind}"]["n"] == 1
+    assert not [line for line in _loops_under(Path("/tmp")) if "tb-bench-" in line]

@@ -1,0 +1,53 @@
+"""Login-to-prompt with a persistent home against without one, in the same run: two gateways
+side by side (session.home = "ephemeral" and "persistent"), one throwaway account, the runs
+interleaved so that both see the same load. The first persistent login also makes the home
+(fallocate + mkfs): it is reported on its own.
+
+    .venv/bin/python -m benchmarks.bench_homes [--runs N] [--home-size SIZE] [--json FILE]
+
+Needs what the tests need (root, Docker, a session image with the persistent-home feature, e2fsprogs).
+It talks only to loopback and its own containers; its homes go with its work directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from pathlib import Path
+
+from benchmarks.bench_core import bench_gateways, report, ws_login_to_prompt
+from benchmarks.harness import machine, summary
+
+
+async def run(runs: int, home_size: str) -> dict[str, object]:
+    configs = {
+        "ephemeral": {},
+        "persistent": {"session": {"home": "persistent", "home_size": home_size}},
+    }
+    samples: dict[str, list[float]] = {"ephemeral": [], "persistent": []}
+    async with bench_gateways(configs) as (gateways, user):
+        first = await ws_login_to_prompt(gateways["persistent"], user, 1)
+        for _ in range(runs):
+            for name, gateway in gateways.items():
+                samples[name] += await ws_login_to_prompt(gateway, user, 1)
+    return {
+        "machine": machine(),
+        "home_size": home_size,
+        "first_login_making_the_home_ms": round(first[0] * 1000, 1),
+        "ws_login_to_prompt_ephemeral": summary(samples["ephemeral"]),
+        "ws_login_to_prompt_persistent": summary(samples["persistent"]),
+    }
+
+
+async def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--home-size", default="1g")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    report(await run(args.runs, args.home_size), args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(asyncio.run(main()))
