@@ -116,6 +116,29 @@ def test_config_refuses_what_a_persistent_home_cannot_do(tmp_path, session, need
     assert needle in info.value.detail
 
 
+# Unit options that give a service a mount namespace (or a device policy) of its own: a home the
+# gateway mounts there would never reach dockerd.
+NAMESPACE_OPTIONS = {
+    "ProtectSystem", "ProtectHome", "PrivateTmp", "PrivateDevices", "PrivateMounts", "ProtectKernelTunables",
+    "ProtectKernelModules", "ProtectKernelLogs", "ProtectControlGroups", "ProtectProc", "ProtectHostname",
+    "ProtectClock", "ReadWritePaths", "ReadOnlyPaths", "InaccessiblePaths", "TemporaryFileSystem", "BindPaths",
+    "BindReadOnlyPaths", "DeviceAllow", "PrivateNetwork", "MountFlags",
+}
+
+
+def _unit_options(path: Path) -> dict[str, str]:
+    lines = [line.strip() for line in path.read_text().splitlines()]
+    return dict(line.split("=", 1) for line in lines if "=" in line and not line.startswith("#"))
+
+
+def test_the_systemd_drop_in_undoes_every_private_mount_namespace_of_the_unit():
+    unit = _unit_options(ROOT / "etc" / "systemd" / "termbridge.service")
+    drop_in = _unit_options(ROOT / "etc" / "systemd" / "persistent-homes.conf")
+    for option in NAMESPACE_OPTIONS & set(unit):
+        assert drop_in.get(option) in ("no", "default", ""), f"{option}={unit[option]} is not undone by the drop-in"
+    assert "@mount" in drop_in["SystemCallFilter"] and "CAP_CHOWN" in drop_in["CapabilityBoundingSet"]
+
+
 def test_homes_dir_defaults_under_state_dir_and_can_be_set(tmp_path):
     path = tmp_path / "c.toml"
     path.write_text(f'state_dir = "{tmp_path}/state"\n')
@@ -344,3 +367,23 @@ async def test_the_benchmark_measures_both_kinds_of_home(tmp_path):
     for kind in ("ephemeral", "persistent"):
         assert results[f"ws_login_to_prompt_{kind}"]["n"] == 1
     assert not [line for line in _loops_under(Path("/tmp")) if "tb-bench-" in line]
+
+
+async def test_check_fails_when_the_gateway_has_a_mount_namespace_of_its_own(tmp_path):
+    """`termbridge check` on the host: homes fine; the same check in a private mount namespace
+    (what systemd's sandboxing makes) fails and names the drop-in."""
+    config = tmp_path / "c.toml"
+    config.write_text(f'state_dir = "{tmp_path}/state"\n[session]\nhome = "persistent"\n')
+
+    async def check(*prefix: str) -> str:
+        proc = await asyncio.create_subprocess_exec(
+            *prefix, sys.executable, "-m", "bridge", "check", "--config", str(config), cwd=ROOT,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        )
+        out, _ = await asyncio.wait_for(proc.communicate(), 120)
+        return next(line for line in out.decode().splitlines() if line.split()[1:2] == ["homes:"])
+
+    assert (await check()).startswith("ok   homes: tools present, host mount namespace")
+    private = await check("unshare", "--mount", "--propagation", "slave")
+    assert private.startswith("FAIL homes: the gateway runs in a mount namespace of its own")
+    assert "persistent-homes.conf" in private
