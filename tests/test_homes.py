@@ -7,6 +7,7 @@ TB_TEST_IMAGE names it."""
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import os
 import pwd
@@ -387,3 +388,22 @@ async def test_check_fails_when_the_gateway_has_a_mount_namespace_of_its_own(tmp
     private = await check("unshare", "--mount", "--propagation", "slave")
     assert private.startswith("FAIL homes: the gateway runs in a mount namespace of its own")
     assert "persistent-homes.conf" in private
+
+
+async def test_an_image_without_the_feature_is_a_clear_refusal(start_gateway, user, docker_engine):
+    """A session image built before persistent homes (no `persistent-home` in its
+    termbridge.features label) would fail deep in its setup: the person is told, nothing is left."""
+    old = "termbridge/session:homes-test-old"
+    dockerfile = f'FROM {TEST_IMAGE}\nLABEL termbridge.features=""\n'.encode()
+    built, _ = docker_engine.images.build(fileobj=io.BytesIO(dockerfile), tag=old, rm=True)
+    try:
+        gateway = await start_gateway(session={**HOME, "image": old})
+        http = await gateway.login(user)
+        term = await gateway.terminal(http)
+        await term.drain_until_closed()
+        messages = [c.get("message", "") for c in term.controls]
+        assert any("cannot keep your home directory" in m for m in messages), term.controls
+        await http.close()
+        await containers_gone(**{"termbridge.user": user.name})
+    finally:
+        docker_engine.images.remove(built.id, force=True)
