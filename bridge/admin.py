@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import StoreUnavailable
-from .homes import HomeError
+from .homes import HomeError, account_name
 from .sessions import SessionManager
 from .store import SessionRecord
 
@@ -167,7 +167,7 @@ class AdminServer:
             return {"error": f"{name[:64]} has no home"}
         if action != "rm":
             return {"homes": [(await asyncio.to_thread(homes.info, uid)).as_json()]}
-        user = name if not name.isdigit() else await asyncio.to_thread(_name_of, uid)
+        user = name if not name.isdigit() else await asyncio.to_thread(account_name, uid)
         live = [s for s in (await self._fleet()).values() if s["user"] == user]
         slots = [slot for slot in (await self.manager.store.list_slots()).values() if slot.user == user] \
             if self.manager.store is not None else []
@@ -187,13 +187,6 @@ def _uid_of(name: str) -> int | None:
         return pwd.getpwnam(name).pw_uid
     except KeyError:
         return None
-
-
-def _name_of(uid: int) -> str:
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return ""
 
 
 def request(path: Path, payload: dict[str, Any], timeout: float = 15.0) -> dict[str, Any]:

@@ -76,6 +76,12 @@ def _unescape(field: str) -> str:
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
 
+def mount_points() -> list[str]:
+    """Every mount point in /proc/self/mountinfo."""
+    with open("/proc/self/mountinfo") as info:
+        return [_unescape(line.split()[4]) for line in info if len(line.split()) >= 5]
+
+
 def mounted_at(path: Path) -> tuple[str, str] | None:
     """(file system type, source device) of what is mounted at `path`, from /proc/self/mountinfo;
     None when nothing is. The last entry wins (a mount stacked on another hides it)."""
@@ -100,6 +106,14 @@ def loop_backing_file(device: str) -> str | None:
         return Path(f"/sys/block/{name}/loop/backing_file").read_text().strip()
     except OSError:
         return None
+
+
+def account_name(uid: int) -> str:
+    """The host account of `uid` now; "" when it has none (deleted)."""
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return ""
 
 
 def loops_of(image: Path) -> list[str]:
@@ -256,6 +270,12 @@ class HomeStore:
         log.info("home of uid %d unmounted", uid)
         return True
 
+    def mounted_uids(self) -> list[int]:
+        """The uids whose home is mounted on this host now."""
+        mnt = self.root / "mnt"
+        found = {Path(point) for point in mount_points()}
+        return sorted(int(p.name) for p in found if p.parent == mnt and p.name.isdigit())
+
     # -- for the admin ---------------------------------------------------------------------------
 
     def uids(self) -> list[int]:
@@ -268,10 +288,7 @@ class HomeStore:
         image = self.image(uid)
         if not image.exists():
             raise HomeError(f"uid {uid} has no home", detail=f"{image} does not exist")
-        try:
-            user = pwd.getpwuid(uid).pw_name
-        except KeyError:
-            user = ""
+        user = account_name(uid)
         point = self.mount_point(uid)
         if self._check_mounted(image, point):
             st = os.statvfs(point)

@@ -32,7 +32,7 @@ from .continuity import (
 )
 from .errors import BridgeError, LimitReached, SessionStartError, StoreUnavailable
 from .fleet import FLEET_INTERVAL, FleetKeeper
-from .homes import HomeError, HomeStore
+from .homes import HomeError, HomeStore, account_name
 from .observers import Observers
 from .pool import Pooled, WarmPool, pool_slot
 from .session import Session, Sink, TerminalRequest, TerminalSink
@@ -136,21 +136,33 @@ class SessionManager:
         """Whether a session of this gateway counts on `uid`'s home (safe to call from a thread)."""
         return uid in list(self._homes.values())
 
-    async def _unmount_home(self, username: str, uid: int) -> None:
+    async def _unmount_home(self, username: str, uid: int) -> bool:
         """`username`'s last session here is gone: unmount their home, unless the store says
-        another gateway (a rolling restart on this host) holds a session of theirs."""
+        another gateway (a rolling restart on this host) holds a session of theirs. True when
+        unmounted now."""
         if self.store is not None:
             try:
                 slots = await self.store.list_slots()
             except StoreUnavailable as exc:
                 log.warning("home of %s stays mounted: the store did not answer: %s", username, exc.detail)
-                return
+                return False
             if any(slot.user == username for slot in slots.values()):
-                return
+                return False
         try:
-            await asyncio.to_thread(self.homes.unmount, uid, partial(self.home_in_use, uid))
+            return await asyncio.to_thread(self.homes.unmount, uid, partial(self.home_in_use, uid))
         except HomeError as exc:
             log.warning("home of %s not unmounted: %s", username, exc.detail)
+            return False
+
+    async def sweep_homes(self) -> int:
+        """Unmount the homes on this host that no session uses: what a killed gateway left
+        mounted, or the home of a session whose leftover container the reaper removed. (A home
+        left mounted costs a loop device, never data: a container keeps its own mount.)"""
+        swept = 0
+        for uid in await asyncio.to_thread(self.homes.mounted_uids):
+            if not self.home_in_use(uid):
+                swept += await self._unmount_home(await asyncio.to_thread(account_name, uid), uid)
+        return swept
 
     def _unhold(self, session_id: str) -> bool:
         """This gateway no longer counts the session (it ended, or runs on without this

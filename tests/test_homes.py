@@ -407,3 +407,22 @@ async def test_an_image_without_the_feature_is_a_clear_refusal(start_gateway, us
         await containers_gone(**{"termbridge.user": user.name})
     finally:
         docker_engine.images.remove(built.id, force=True)
+
+
+async def test_the_reaper_unmounts_homes_no_session_uses(start_gateway, make_user):
+    """A home a killed gateway left mounted is unmounted by the reaper's next round; the home of
+    a person with a live session stays."""
+    from bridge.app import reap_once
+    from bridge.web.keys import MANAGER
+
+    alice, bob = make_user(), make_user()
+    gateway = await start_gateway(session=HOME)
+    manager = gateway.app[MANAGER]
+    http, term, _ = await _web(gateway, alice)
+    left = await asyncio.to_thread(manager.homes.mount, bob.name, _uid(bob), 32 * MiB)  # as a killed run leaves it
+    assert mounted_at(left) is not None
+    await reap_once(manager)
+    assert mounted_at(left) is None
+    assert mounted_at(manager.homes.mount_point(_uid(alice))) is not None  # alice's session uses hers
+    assert await term.run("echo still here > ~/x; cat ~/x") == "still here\n"
+    await _exit(term, http)
