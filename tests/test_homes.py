@@ -303,8 +303,8 @@ async def test_no_one_else_sees_a_home(start_gateway, make_user):
 
 async def test_two_sessions_of_one_person_share_the_home(start_gateway, user):
     gateway = await start_gateway(session=HOME)
-    http1, term1, _ = await _web(gateway, user)
-    http2, term2, _ = await _web(gateway, user)
+    # both at once, for a person with no home yet: one makes and mounts it, the other waits and uses it
+    (http1, term1, _), (http2, term2, _) = await asyncio.gather(_web(gateway, user), _web(gateway, user))
     homes = gateway.config.homes_path.resolve()
     assert len(_loops_under(homes)) == 1  # one image, one loop device for both containers
     await term1.run("echo from-one > ~/shared")
