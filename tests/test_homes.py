@@ -364,7 +364,8 @@ async def test_the_benchmark_measures_both_kinds_of_home(tmp_path):
     _, err = await asyncio.wait_for(proc.communicate(), 240)
     assert proc.returncode == 0, err.decode()[-3000:]
     results = json.loads(out.read_text())
-    assert results["first_login_making_the_home_ms"] > 0
+    assert results["first_login_making_the_home_ms"] > 0 and results["home_store_make_ms"] > 0
+    assert results["home_store_mount"]["n"] == results["home_store_unmount"]["n"] == 1
     for kind in ("ephemeral", "persistent"):
         assert results[f"ws_login_to_prompt_{kind}"]["n"] == 1
     assert not [line for line in _loops_under(Path("/tmp")) if "tb-bench-" in line]
