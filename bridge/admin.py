@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import StoreUnavailable
-from .homes import HomeError, account_name
+from .homes import HomeError
 from .sessions import SessionManager
 from .store import SessionRecord
 
@@ -190,7 +190,7 @@ class AdminServer:
             return {"error": f"{name[:64]} has no home"}
         if action != "rm":
             return {"homes": [(await asyncio.to_thread(homes.info, uid)).as_json()]}
-        user = name if not name.isdigit() else await asyncio.to_thread(account_name, uid)
+        user = name if not name.isdigit() else await asyncio.to_thread(homes.owner, uid)
         live = [s for s in (await self._fleet()).values() if s["user"] == user]
         slots = [slot for slot in (await self.manager.store.list_slots()).values() if slot.user == user] \
             if self.manager.store is not None else []

@@ -137,6 +137,16 @@ def _preallocate(image: Path, size: int) -> None:
         os.close(fd)
 
 
+def _hand_over(root: Path, old: int, new: int) -> None:
+    """Everything of uid (and gid) `old` under `root` to `new`, links themselves not followed."""
+    for directory, dirs, files in os.walk(root):
+        for name in [directory, *(os.path.join(directory, n) for n in dirs + files)]:
+            st = os.lstat(name)
+            if st.st_uid == old or st.st_gid == old:
+                os.lchown(name, new if st.st_uid == old else -1, new if st.st_gid == old else -1)
+    log.info("home %s handed over from uid %d to %d", root, old, new)
+
+
 def _drop_lost_found(point: Path) -> None:
     """mkfs and e2fsck make an empty root-owned lost+found; it has no place in a person's home
     (a file system check makes it again if it ever needs one). The person's own is left alone."""
@@ -194,6 +204,9 @@ class HomeStore:
             fresh = not image.exists()
             if fresh:
                 self._create(image, size, user)
+                self._record_owner(uid, user)
+            else:
+                self._check_owner(uid, user)
             point = self.mount_point(uid)
             point.mkdir(mode=0o700, exist_ok=True)
             if self._check_mounted(image, point):
@@ -207,10 +220,42 @@ class HomeStore:
                 log.info("home of %s (uid %d) mounted at %s", user, uid, point)
             _drop_lost_found(point)
             st = point.stat()
+            if st.st_uid not in (0, session_uid):
+                _hand_over(point, st.st_uid, session_uid)  # session.uid_base changed since
             if (st.st_uid, st.st_gid, st.st_mode & 0o7777) != (session_uid, session_uid, 0o700):
                 os.chmod(point, 0o700)
                 os.chown(point, session_uid, session_uid)
             return point
+
+    def owner_file(self, uid: int) -> Path:
+        return self.root / "images" / f"{uid}.owner"
+
+    def _record_owner(self, uid: int, user: str) -> None:
+        fd = os.open(self.owner_file(uid), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(user + "\n")
+
+    def _check_owner(self, uid: int, user: str) -> None:
+        """A uid can be given to a new account after the old one was deleted: the new one must
+        not get the old one's files."""
+        try:
+            owner = self.owner_file(uid).read_text().strip()
+        except FileNotFoundError:
+            self._record_owner(uid, user)
+            return
+        if owner != user:
+            raise HomeError(
+                "your home directory is still that of an earlier account with your uid; ask the admin",
+                detail=f"{self.image(uid)} belongs to {owner!r}, not {user!r} (both uid {uid}): keep what is "
+                f"needed, then `termbridge homes rm {uid}`",
+            )
+
+    def owner(self, uid: int) -> str:
+        """The account the home was made for ("" if unknown)."""
+        try:
+            return self.owner_file(uid).read_text().strip()
+        except FileNotFoundError:
+            return account_name(uid)
 
     def _create(self, image: Path, size: int, user: str) -> None:
         """A new image: preallocated, then ext4 with no blocks reserved for root (the person
@@ -288,7 +333,7 @@ class HomeStore:
         image = self.image(uid)
         if not image.exists():
             raise HomeError(f"uid {uid} has no home", detail=f"{image} does not exist")
-        user = account_name(uid)
+        user = self.owner(uid)
         point = self.mount_point(uid)
         if self._check_mounted(image, point):
             st = os.statvfs(point)
@@ -320,6 +365,7 @@ class HomeStore:
                     detail=f"{image} is attached to {', '.join(held)}",
                 )
             image.unlink()
+            self.owner_file(uid).unlink(missing_ok=True)
             with contextlib.suppress(FileNotFoundError, OSError):
                 self.mount_point(uid).rmdir()
             log.info("home of uid %d removed", uid)

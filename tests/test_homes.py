@@ -20,7 +20,7 @@ import pytest
 
 from bridge.config import load_config
 from bridge.errors import ConfigError
-from bridge.homes import HomeInUse, HomeStore, loops_of, mounted_at
+from bridge.homes import HomeError, HomeInUse, HomeStore, loops_of, mounted_at
 from helpers import ROOT, containers_gone, session_containers, wait_for
 from testbed.gateway import PROMPT, TEST_IMAGE
 
@@ -178,12 +178,25 @@ def test_store_creates_mounts_once_grows_and_removes(tmp_path):
     # a larger home_size grows it at the next mount; the data stays
     homes.mount("someone", uid, 32 * MiB)
     (point / "keep.txt").write_text("kept")
+    os.chown(point / "keep.txt", 1_000_004_242, 1_000_004_242)
     homes.unmount(uid, lambda: False)
     homes.mount("someone", uid, 48 * MiB)
     assert (point / "keep.txt").read_text() == "kept"
     assert homes.info(uid).size > 36 * MiB
-    homes.remove(uid, lambda: False)
+    # the uid of a deleted account given to a new one: the new one does not get the old files
+    with pytest.raises(HomeError) as info:
+        homes.mount("newcomer", uid, 48 * MiB)
+    assert "earlier account" in info.value.user_message and "'someone'" in info.value.detail
+    assert homes.info(uid).user == "someone"
+    homes.unmount(uid, lambda: False)
+    # session.uid_base changed: the files go to the new session uid
+    moved = HomeStore(tmp_path / "homes", uid_base=2_000_000_000)
+    point_again = moved.mount("someone", uid, 48 * MiB)
+    for path in (point_again, point_again / "keep.txt"):
+        assert os.lstat(path).st_uid == 2_000_004_242
+    moved.remove(uid, lambda: False)
     assert not image.exists() and mounted_at(point) is None and homes.uids() == []
+    assert not homes.owner_file(uid).exists()
 
 
 def test_store_refuses_a_foreign_mount_at_the_mount_point(tmp_path):
