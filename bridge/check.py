@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from . import resources
+from . import homes, resources
 from .config import DEFAULT_CONFIG_PATH, Config, load_config
 from .errors import BackendUnavailable, ConfigError, StoreUnavailable
 
@@ -197,20 +197,6 @@ def _audit_log(path: Path) -> Check:
 HOME_TOOLS = ("mkfs.ext4", "e2fsck", "resize2fs", "dumpe2fs", "losetup", "mount", "umount")
 
 
-DOCKER_PID_FILES = (Path("/run/docker.pid"), Path("/var/run/docker.pid"))
-
-
-def _docker_mount_namespace() -> str:
-    """dockerd's mount namespace (where it resolves bind mounts), else PID 1's."""
-    for pid_file in DOCKER_PID_FILES:
-        try:
-            pid = int(pid_file.read_text().strip())
-            return os.readlink(f"/proc/{pid}/ns/mnt")
-        except (OSError, ValueError):
-            continue
-    return os.readlink("/proc/1/ns/mnt")
-
-
 def check_homes(config: Config) -> Iterator[Check]:
     """Persistent homes: the tools, their directory, and the host's mount namespace (a mount the
     gateway makes in a namespace of its own never reaches dockerd, which binds it into containers)."""
@@ -219,12 +205,12 @@ def check_homes(config: Config) -> Iterator[Check]:
     if missing:
         yield fail("homes", f"{', '.join(missing)} not found", "install e2fsprogs, util-linux and mount")
     try:
-        own, host = os.readlink("/proc/self/ns/mnt"), _docker_mount_namespace()
+        shared = homes.shares_docker_mount_namespace()
     except OSError as exc:
         yield warn("homes", f"cannot compare the mount namespaces of the gateway and dockerd: {exc.strerror}",
                    "run the gateway in the host's mount namespace (README, Persistent homes)")
         return
-    if own != host:
+    if not shared:
         yield fail("homes", "the gateway runs in a mount namespace of its own: its home mounts would not reach Docker",
                    "use etc/systemd/persistent-homes.conf as a drop-in (README, Persistent homes)")
     elif not missing:

@@ -108,6 +108,22 @@ def loop_backing_file(device: str) -> str | None:
         return None
 
 
+DOCKER_PID_FILES = (Path("/run/docker.pid"), Path("/var/run/docker.pid"))
+
+
+def shares_docker_mount_namespace() -> bool:
+    """Whether this process mounts where dockerd (which resolves bind mounts) sees it: a mount
+    made in a namespace of its own (systemd's sandboxing makes one) never reaches a container.
+    Compared with dockerd's namespace, else PID 1's; OSError when neither can be read."""
+    own = os.readlink("/proc/self/ns/mnt")
+    for pid_file in DOCKER_PID_FILES:
+        try:
+            return own == os.readlink(f"/proc/{int(pid_file.read_text().strip())}/ns/mnt")
+        except (OSError, ValueError):
+            continue
+    return own == os.readlink("/proc/1/ns/mnt")
+
+
 def account_name(uid: int) -> str:
     """The host account of `uid` now; "" when it has none (deleted)."""
     try:
@@ -166,6 +182,7 @@ class HomeStore:
         self.uid_base = uid_base
         self._locks: dict[int, threading.Lock] = {}
         self._locks_guard = threading.Lock()
+        self._namespace_ok = False
 
     def image(self, uid: int) -> Path:
         return self.root / "images" / f"{uid}{IMAGE_SUFFIX}"
@@ -198,6 +215,7 @@ class HomeStore:
     def mount(self, user: str, uid: int, size: int) -> Path:
         """`user`'s home (host uid `uid`) mounted on the host, created at `size` on first use and
         grown to `size` when it is smaller and not mounted; the directory to bind into a container."""
+        self._check_namespace()
         session_uid = self.uid_base + uid
         with self.locked(uid):
             image = self.image(uid)
@@ -226,6 +244,21 @@ class HomeStore:
                 os.chmod(point, 0o700)
                 os.chown(point, session_uid, session_uid)
             return point
+
+    def _check_namespace(self) -> None:
+        if self._namespace_ok:
+            return
+        try:
+            shared = shares_docker_mount_namespace()
+        except OSError:
+            # cannot tell (no access to dockerd's /proc): the image's setup still refuses a bare mount point
+            shared = True
+        if not shared:
+            raise HomeError(
+                detail="the gateway runs in a mount namespace of its own: a home it mounts never reaches dockerd "
+                "(under systemd: install etc/systemd/persistent-homes.conf, see README, Persistent homes)"
+            )
+        self._namespace_ok = True
 
     def owner_file(self, uid: int) -> Path:
         return self.root / "images" / f"{uid}.owner"

@@ -222,7 +222,8 @@ async def test_a_file_survives_exit_and_comes_back_through_the_ssh_door(start_ga
     from bridge.app import SSH_DOOR
 
     http, term, _ = await _web(gateway, user)
-    assert (await term.run("stat -c '%U %a' ~; command ls -A ~")).split() == [user.name, "700", ".bash_logout", ".bashrc", ".profile"]
+    home = (await term.run("stat -c '%U %a' ~; command ls -A ~")).split()
+    assert home == [user.name, "700", ".bash_logout", ".bashrc", ".profile"]  # /etc/skel, no lost+found
     await term.run("echo 'homework 1' > ~/notes.txt; echo '# tb-mine' >> ~/.bashrc")
     await _exit(term, http)
     await containers_gone(**{"termbridge.user": user.name})
@@ -298,7 +299,8 @@ async def test_no_one_else_sees_a_home(start_gateway, make_user):
     await term_a.run("echo secret > ~/diary")
     http_b, term_b, _ = await _web(gateway, bob)
     assert (await term_b.run("command ls -A /home")).split() == [bob.name]
-    assert (await term_b.run(f"cat /home/{alice.name}/diary 2>&1; grep -c {alice.name} /proc/self/mountinfo")).split()[-1] == "0"
+    seen = await term_b.run(f"cat /home/{alice.name}/diary 2>&1; grep -c {alice.name} /proc/self/mountinfo")
+    assert seen.split()[-1] == "0"  # not in bob's mount table
     assert "No such file" in await term_b.run(f"cat /home/{alice.name}/diary 2>&1")
     assert (await term_b.run("cat ~/diary 2>&1")).startswith("cat:")  # bob's home is his own, and empty of hers
     # bob's container has his home and nothing else from the host; named by uid, not by name
@@ -440,3 +442,25 @@ async def test_the_reaper_unmounts_homes_no_session_uses(start_gateway, make_use
     assert mounted_at(manager.homes.mount_point(_uid(alice))) is not None  # alice's session uses hers
     assert await term.run("echo still here > ~/x; cat ~/x") == "still here\n"
     await _exit(term, http)
+
+
+async def test_a_home_mounted_where_docker_cannot_see_it_is_refused(gateway_process, user):
+    """The trap `termbridge check` and the systemd drop-in are about: a gateway in a mount
+    namespace of its own would mount the home where dockerd never sees it (a container would get
+    the bare mount point). It refuses to, and says why in its log: no shell, no container, nothing
+    mounted."""
+    process = gateway_process(session={**HOME, "image": TEST_IMAGE})
+    process.prefix = ("unshare", "--mount", "--propagation", "slave")
+    await process.start()
+    gateway = process.gateway
+    http = await gateway.login(user)
+    term = await gateway.terminal(http)
+    await term.drain_until_closed(timeout=60)
+    assert not [c for c in term.controls if c.get("type") == "session"], term.controls
+    assert any(c.get("type") in ("error", "exit") for c in term.controls), term.controls
+    assert "the gateway runs in a mount namespace of its own" in process.log()
+    await http.close()
+    await containers_gone(**{"termbridge.user": user.name})
+    homes = load_config(process.config_path, env={}).homes_path
+    assert not (homes / "mnt" / str(_uid(user))).exists() or os.listdir(homes / "mnt" / str(_uid(user))) == []
+    process.stop()
