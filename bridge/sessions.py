@@ -32,7 +32,7 @@ from .continuity import (
 )
 from .errors import BridgeError, LimitReached, SessionStartError, StoreUnavailable
 from .fleet import FLEET_INTERVAL, FleetKeeper
-from .homes import HomeError, HomeStore, account_name
+from .homes import HomeError, HomeStore
 from .observers import Observers
 from .pool import Pooled, WarmPool, pool_slot
 from .session import Session, Sink, TerminalRequest, TerminalSink
@@ -161,7 +161,7 @@ class SessionManager:
         swept = 0
         for uid in await asyncio.to_thread(self.homes.mounted_uids):
             if not self.home_in_use(uid):
-                swept += await self._unmount_home(await asyncio.to_thread(account_name, uid), uid)
+                swept += await self._unmount_home(await asyncio.to_thread(self.homes.owner, uid), uid)
         return swept
 
     def _unhold(self, session_id: str) -> bool:
