@@ -38,6 +38,8 @@ _TOOL_TIMEOUT = 300
 
 
 class HomeError(BridgeError):
+    """A home that cannot be made, mounted, read or removed; the detail says why, for the admin."""
+
     user_message = "your home directory could not be prepared; ask the admin"
 
 
@@ -50,7 +52,7 @@ class HomeInfo:
     """One home as `termbridge homes list` shows it."""
 
     uid: int
-    user: str  # the host account of that uid now, or "" when it has none
+    user: str  # the account it was made for ("" when unknown)
     size: int  # bytes the person may use (the file system's size)
     used: int  # bytes in use
     mounted: bool
