@@ -234,6 +234,12 @@ async def test_a_file_survives_exit_and_comes_back_through_the_ssh_door(start_ga
                                   tmp_path / "kh")
     assert status == 0, err
     assert out.split("\n")[:2] == ["homework 1", "1"]  # the person's .bashrc was not replaced by /etc/skel's
+    # and back: written through the SSH door, read on the web
+    status, _, err = await _ssh(gateway.app[SSH_DOOR].port, user, "echo from ssh > ~/answer.txt", tmp_path / "kh")
+    assert status == 0, err
+    http, term, _ = await _web(gateway, user)
+    assert await term.run("cat ~/answer.txt") == "from ssh\n"
+    await _exit(term, http)
 
 
 async def test_a_file_survives_a_gateway_restart(gateway_process, user):
