@@ -39,6 +39,14 @@ def _mounts_under(path: Path) -> list[str]:
         return [line for line in info if f" {path}/" in line or f" {path} " in line]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def image_keeps_homes(docker_engine) -> None:
+    """The session image under test must be built from this tree's session-image/."""
+    labels = docker_engine.images.get(TEST_IMAGE).labels or {}
+    if "persistent-home" not in (labels.get("termbridge.features") or "").split(","):
+        pytest.fail(f"{TEST_IMAGE} has no persistent-home feature: build session-image/ and set TB_TEST_IMAGE")
+
+
 @pytest.fixture(autouse=True)
 async def no_leftover_mounts(tmp_path: Path):
     """Whatever a test mounted under its directory is gone once its gateways stopped."""
