@@ -32,6 +32,7 @@ from .continuity import (
 )
 from .errors import BridgeError, LimitReached, SessionStartError, StoreUnavailable
 from .fleet import FLEET_INTERVAL, FleetKeeper
+from .homes import HomeError, HomeStore
 from .observers import Observers
 from .pool import Pooled, WarmPools, pool_slot
 from .session import Session, Sink, TerminalRequest, TerminalSink
@@ -93,6 +94,10 @@ class SessionManager:
         self.observers = Observers()
         self.keeper = FleetKeeper(self)
         self.pool = WarmPools(config.all_profiles(), backend, self._room, store) or None
+        self.homes = HomeStore(config.homes_path, config.session.uid_base)
+        # Sessions that (may) have a persistent home mounted, by session id: the host uid. Set
+        # before the mount, dropped once the container is gone; a home is unmounted when none is left.
+        self._homes: dict[str, int] = {}
 
     def _room(self) -> int:
         """How many more containers this gateway may hold (sessions and pooled ones alike)."""
@@ -114,9 +119,50 @@ class SessionManager:
         self._holders[session.id] = session.user.name
 
     def _release(self, session_id: str) -> None:
-        """The session's container is gone (or never came): its slot is free. Idempotent."""
-        if self._unhold(session_id) and self.store is not None:
-            self._track(self.forget(session_id))
+        """The session's container is gone (or never came): its slot is free, and its home may
+        be unmounted. Idempotent."""
+        username = self._holders.get(session_id, "")
+        if self._unhold(session_id):
+            self._track(self._released(session_id, username))
+
+    async def _released(self, session_id: str, username: str) -> None:
+        if self.store is not None:
+            await self.forget(session_id)
+        uid = self._homes.pop(session_id, None)
+        if uid is not None:
+            await self._unmount_home(username, uid)
+
+    def home_in_use(self, uid: int) -> bool:
+        """Whether a session of this gateway counts on `uid`'s home (safe to call from a thread)."""
+        return uid in list(self._homes.values())
+
+    async def _unmount_home(self, username: str, uid: int) -> bool:
+        """`username`'s last session here is gone: unmount their home, unless the store says
+        another gateway (a rolling restart on this host) holds a session of theirs. True when
+        unmounted now."""
+        if self.store is not None:
+            try:
+                slots = await self.store.list_slots()
+            except StoreUnavailable as exc:
+                log.warning("home of %s stays mounted: the store did not answer: %s", username, exc.detail)
+                return False
+            if any(slot.user == username for slot in slots.values()):
+                return False
+        try:
+            return await asyncio.to_thread(self.homes.unmount, uid, partial(self.home_in_use, uid))
+        except HomeError as exc:
+            log.warning("home of %s not unmounted: %s", username, exc.detail)
+            return False
+
+    async def sweep_homes(self) -> int:
+        """Unmount the homes on this host that no session uses: what a killed gateway left
+        mounted, or the home of a session whose leftover container the reaper removed. (A home
+        left mounted costs a loop device, never data: a container keeps its own mount.)"""
+        swept = 0
+        for uid in await asyncio.to_thread(self.homes.mounted_uids):
+            if not self.home_in_use(uid):
+                swept += await self._unmount_home(await asyncio.to_thread(self.homes.owner, uid), uid)
+        return swept
 
     def _unhold(self, session_id: str) -> bool:
         """This gateway no longer counts the session (it ended, or runs on without this
@@ -302,7 +348,18 @@ class SessionManager:
         if session.ending:
             raise SessionStartError(detail=f"ended ({session.end_reason or 'let go'}) while starting")
 
+    async def _mount_home(self, session: Session) -> str:
+        """The person's persistent home, mounted on the host (made on first use): the directory
+        the container gets; "" when homes are ephemeral."""
+        cfg = self.settings(session)
+        if cfg.home != "persistent":
+            return ""
+        self._homes[session.id] = session.user.uid
+        path = await asyncio.to_thread(self.homes.mount, session.user.name, session.user.uid, cfg.home_size)
+        return str(path)
+
     async def _start_container(self, session: Session, keys: SessionKeys) -> Container:
+        home = await self._mount_home(session)  # on failure, _finish releases the slot and the home
         spec = ContainerSpec(
             session_id=session.id,
             user=session.user.name,
@@ -315,6 +372,7 @@ class SessionManager:
             uid=session.user.uid,
             profile=session.profile,
             settings=self.settings(session),
+            home=home,
         )
         start = asyncio.ensure_future(self.backend.start(spec))
         self._starting[session.id] = start
@@ -418,6 +476,8 @@ class SessionManager:
                         rec.id, rec.profile)
         session = Session(user, door, sink, rec.id, profile=rec.profile, settings=profile.session if profile else None)
         session.adopted = True
+        if self.settings(session).home == "persistent":
+            self._homes[session.id] = user.uid  # its container may have the home: unmount after it
         session.log.info("adopting (started by gateway %s, attached to %s)", rec.gateway, rec.attached_by or "none")
         self.sessions[session.id] = session
         self._hold(session)  # it counts against this gateway's caps while served here
@@ -429,6 +489,7 @@ class SessionManager:
             session.log.warning("adoption failed: %s", detail)
             self.sessions.pop(session.id, None)
             self._unhold(session.id)
+            self._homes.pop(session.id, None)
             if session.upstream is not None:
                 session.upstream.close()
             if session.released:  # the gateway stops: the page was told to come back
@@ -684,6 +745,7 @@ class SessionManager:
             session.upstream.close()
         self.sessions.pop(session.id, None)
         self._unhold(session.id)
+        self._homes.pop(session.id, None)  # its container keeps the home; whoever serves it next unmounts
         if restarting and self.continuity is not None:
             await self.continuity.release(session.id)
         session.log.info("let go (%s); it runs on in container %s",
