@@ -34,12 +34,12 @@ from .errors import BridgeError, LimitReached, SessionStartError, StoreUnavailab
 from .fleet import FLEET_INTERVAL, FleetKeeper
 from .observers import Observers
 from .pool import Pooled, WarmPool, pool_slot
-from .session import Session, Sink, TerminalRequest, TerminalSink
+from .session import Session, Sink, TerminalRequest, TerminalSink, Viewer
 from .store import Refusal, SessionRecord, Store
-from .stream import Stream
+from .stream import Stream, Watcher, WatchSink
 from .timers import IdleAction, describe_end, idle_step
 from .upstream import SessionKeys, Upstream
-from .vocab import Actor, Door, EndReason, LoginResult
+from .vocab import Actor, Door, EndReason, LoginResult, WatchMode
 
 log = logging.getLogger("termbridge.sessions")
 
@@ -357,7 +357,101 @@ class SessionManager:
             raise SessionStartError("this session cannot be attached", detail="ended before it was attached")
         session.sink = sink
         await stream.attach(sink, offset)
+        if session.viewers:
+            await self._tell_owner(session)
         return session
+
+    async def attach_own(
+        self, user: AuthenticatedUser, session_id: str, sink: TerminalSink, terminal: TerminalRequest
+    ) -> Session:
+        """Attach `sink` (another door of the owner: `ssh ... attach ID`) to `user`'s own live
+        terminal session, here or (through the store) on another gateway. The existing takeover
+        rule holds: the window attached so far is told and let go; the session's size becomes
+        `terminal`'s (the last attached is the active client). The whole buffer is replayed,
+        and a full-screen program asked to repaint. Raises SessionStartError when there is no such session."""
+        session = self._resumable(user, Door.WEB, session_id, 0)
+        if session is not None:
+            await sink.started(session)
+        elif self.continuity is not None:
+            session = await self._adopt(user, Door.WEB, sink, terminal, session_id, 0)
+        if session is None or session.stream is None or session.ending:
+            raise SessionStartError(
+                "you have no live session with that id", detail=f"attach to {session_id[:12]}: no such live session"
+            )
+        session.sink = sink
+        await session.stream.attach(sink, 0)
+        session.resize(terminal.cols, terminal.rows)
+        self._repaint(session)
+        if session.viewers:
+            await self._tell_owner(session)
+        return session
+
+    async def own_terminals(self, user: AuthenticatedUser) -> list[SessionRecord | Session]:
+        """`user`'s live terminal sessions: this gateway's, and those the store lists elsewhere."""
+        here: list[SessionRecord | Session] = [
+            s for s in self.sessions.values() if s.user.name == user.name and s.ready and s.door == Door.WEB
+        ]
+        seen = {s.id for s in here}
+        if self.store is not None:
+            try:
+                records = await self.fleet()
+            except StoreUnavailable as exc:
+                log.warning("listing the sessions of %s: %s", user.name, exc.detail)
+                records = []
+            here += [r for r in records if r.user == user.name and r.door == Door.WEB and r.id not in seen]
+        return here
+
+    # -- admins watching or joined ------------------------------------------------------------
+
+    async def add_viewer(self, session: Session, admin: str, mode: WatchMode, sink: WatchSink) -> tuple[Viewer, Watcher]:
+        """`admin` watches (or joins) `session`: its whole buffer is replayed to `sink` (a
+        full-screen program asked to repaint if the buffer no longer starts at the beginning),
+        then it follows live. The owner is told, the audit trail and the recording say so."""
+        stream = session.stream
+        if stream is None or not session.ready:
+            raise SessionStartError("this session has no terminal to watch", detail="watch: no stream")
+        viewer = Viewer(admin, WatchMode(mode))
+        session.viewers.append(viewer)
+        watcher = stream.watch(sink)
+        if stream.output.start > 0:
+            self._repaint(session)
+        session.log.info("%s %s", admin, "joined" if mode == WatchMode.JOIN else "watches")
+        session.mark(f"{admin} {'joined (may type)' if mode == WatchMode.JOIN else 'started watching'}")
+        self.observers.viewer_started(session, viewer)
+        await self._tell_owner(session)
+        return viewer, watcher
+
+    async def remove_viewer(self, session: Session, viewer: Viewer, watcher: Watcher) -> None:
+        """The admin's view closed (or the session ended under it). Idempotent."""
+        if viewer not in session.viewers:
+            return
+        session.viewers.remove(viewer)
+        if session.stream is not None:
+            session.stream.unwatch(watcher)
+        session.log.info("%s stopped %s", viewer.admin, "the join" if viewer.mode == WatchMode.JOIN else "watching")
+        if not session.ending:
+            session.mark(f"{viewer.admin} {'left' if viewer.mode == WatchMode.JOIN else 'stopped watching'}")
+        self.observers.viewer_ended(session, viewer)
+        await self._tell_owner(session)
+
+    async def _tell_owner(self, session: Session) -> None:
+        sink = session.sink
+        if sink is None or session.ending:
+            return
+        try:
+            await cast(TerminalSink, sink).viewers(list(session.viewers))
+        except (ConnectionError, RuntimeError) as exc:
+            session.log.info("could not tell the owner who watches: %r", exc)
+
+    @staticmethod
+    def _repaint(session: Session) -> None:
+        """Ask a full-screen program to draw its screen again (a size change and back), for a
+        view whose replay does not start at the session's beginning."""
+        if session.stream is None or session.term_size is None or not session.ready:
+            return
+        cols, rows = session.term_size
+        session.stream.shell.resize(cols - 1 if cols > 1 else cols + 1, rows)
+        session.stream.shell.resize(cols, rows)
 
     def find_own(self, session_id: str, user: AuthenticatedUser, purpose: str, rhost: str = "-") -> Session | None:
         """The session `session_id` if it belongs to `user`. Anyone else's is reported as unknown

@@ -1,9 +1,9 @@
 """The web door: one module per concern, wired here.
 
 keys (the typed app keys), http (hardening: headers, CSP, client address, origin), login (the
-login cookie, login and logout), terminal (the page and its /ws socket), files (home directory
-transfers) and ops (/healthz, /metrics). Static assets come from the web root (bridge._web when
-installed), never from a CDN.
+login cookie, login and logout), terminal (the page and its /ws socket), watch (admins watching
+or joining someone's session), files (home directory transfers) and ops (/healthz, /metrics).
+Static assets come from the web root (bridge._web when installed), never from a CDN.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from . import files, login, ops, terminal
+from . import files, login, ops, terminal, watch
 from .http import security_headers
 from .keys import WEB_ROOT, WEBSOCKETS
 
@@ -29,6 +29,7 @@ def setup_routes(app: web.Application, web_root: Path) -> None:
     login.setup_routes(app)
     ops.setup_routes(app)
     files.setup_routes(app)
+    watch.setup_routes(app)
     modules = web_root / "node_modules"
     for package in VENDOR_PACKAGES:
         app.router.add_static(f"/static/vendor/{package}/", modules / "@xterm" / package, follow_symlinks=False)

@@ -15,7 +15,7 @@ from aiohttp import WSCloseCode, WSMsgType, web
 from .. import wsproto
 from ..config import Config
 from ..errors import BackendUnavailable, BridgeError, ProtocolError, SessionStartError
-from ..session import Session, TerminalRequest
+from ..session import Session, TerminalRequest, Viewer
 from ..sessions import SessionManager
 from ..vocab import Door, EndReason
 from .http import client_address, expected_origin, origin_allowed, page
@@ -75,6 +75,10 @@ class WebSocketSink:
 
     async def idle_warning(self, seconds: float) -> None:
         await self.ws.send_str(wsproto.idle_warning(seconds))
+
+    async def viewers(self, viewers: list[Viewer]) -> None:
+        if not self.ws.closed:
+            await self.ws.send_str(wsproto.viewers_message([viewer.describe() for viewer in viewers]))
 
     async def superseded(self) -> None:
         if not self.ws.closed:

@@ -199,7 +199,26 @@ function onControl(msg) {
     case "restarting":
       restarting = true;
       break;
+    case "viewers":
+      showViewers(msg.viewers || []);
+      break;
   }
+}
+
+// Admins watching or joined: always in the status bar, and a one-line banner while there are any.
+const viewersStatus = document.getElementById("status-viewers");
+function showViewers(viewers) {
+  const names = (kind) => viewers.filter((v) => v.mode === kind).map((v) => v.user).join(", ");
+  const watching = names("watch");
+  const joined = names("join");
+  const parts = [];
+  if (watching) parts.push(`${watching} watching`);
+  if (joined) parts.push(`${joined} joined (can type)`);
+  viewersStatus.textContent = parts.join("; ");
+  viewersStatus.hidden = parts.length === 0;
+  body.dataset.viewers = String(viewers.length);
+  if (parts.length) showBanner(`This session is being seen by an administrator: ${parts.join("; ")}.`, "viewers");
+  else if (bannerKind === "viewers") showBanner("");
 }
 
 function socketUrl() {
