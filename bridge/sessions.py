@@ -357,9 +357,17 @@ class SessionManager:
             raise SessionStartError("this session cannot be attached", detail="ended before it was attached")
         session.sink = sink
         await stream.attach(sink, offset)
+        self._follow_size(session, terminal)
         if session.viewers:
             await self._tell_owner(session)
         return session
+
+    @staticmethod
+    def _follow_size(session: Session, terminal: TerminalRequest) -> None:
+        """The window attached last is the active client: the shell takes its size (a page that
+        takes its session back from `ssh ... attach`, or from another window)."""
+        if session.term_size != (terminal.cols, terminal.rows):
+            session.resize(terminal.cols, terminal.rows)
 
     async def attach_own(
         self, user: AuthenticatedUser, session_id: str, sink: TerminalSink, terminal: TerminalRequest
@@ -380,7 +388,7 @@ class SessionManager:
             )
         session.sink = sink
         await session.stream.attach(sink, 0)
-        session.resize(terminal.cols, terminal.rows)
+        self._follow_size(session, terminal)
         self._repaint(session)
         if session.viewers:
             await self._tell_owner(session)

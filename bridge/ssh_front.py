@@ -24,6 +24,7 @@ from .config import Config
 from .errors import AuthUnavailable, BridgeError, ConfigError
 from .session import Session
 from .sessions import SessionManager
+from .ssh_attach import parse_attach, serve_attach
 from .ssh_channels import ChannelProcess, EnvBudget, EnvCappedChannel, env_passes, refuse, say
 from .ssh_keys import authorized_keys_of, load_or_create_host_key
 from .throttle import ThrottledAuthenticator
@@ -79,6 +80,7 @@ class SshConnection(asyncssh.SSHServer):
         self._channels: set[asyncssh.SSHServerProcess] = set()
         self._linger: asyncio.TimerHandle | None = None
         self._last_command: dict[str, Any] | None = None  # the shell or exec channel that ended last
+        self._attached = False  # an `attach` channel: the connection runs no session of its own
 
     # -- connection -----------------------------------------------------------------------------
 
@@ -243,8 +245,12 @@ class SshConnection(asyncssh.SSHServer):
         self._channels.add(process)
         session: Session | None = None
         try:
-            if self._starting is None:
+            if self._starting is None or self.user is None:
                 raise RuntimeError("a channel before authentication completed")
+            attach = parse_attach(process.command) if process.subsystem is None else None
+            if attach is not None or self._attached:
+                await self._attach(process, attach)
+                return
             try:
                 session = await asyncio.shield(self._starting)
             except BridgeError as exc:
@@ -259,6 +265,23 @@ class SshConnection(asyncssh.SSHServer):
             refuse(process, "internal error; the gateway's log has the details", status=255)
         finally:
             self._channels.discard(process)
+
+    async def _attach(self, process: asyncssh.SSHServerProcess, args: list[str] | None) -> None:
+        """`attach [ID]` as the connection's first channel: the connection's own session is not
+        needed (its start is cancelled, leaving nothing behind) and this channel attaches to
+        one of the person's live sessions. Any other channel of such a connection is refused."""
+        if args is None or (self._attached or len(self._channels) > 1):
+            refuse(process, "an attach connection runs nothing else; open another connection")
+            return
+        self._attached = True
+        starting = self._starting
+        if starting is not None and not starting.done():
+            starting.cancel()
+            await asyncio.gather(starting, return_exceptions=True)
+        elif self.session is not None and not self.session.ending:
+            await self._door.manager.end(self.session, EndReason.EXIT, message="not needed: attached elsewhere")
+        if self.user is not None:
+            await serve_attach(self._door.manager, self.user, process, args)
 
     async def _bridge(self, session: Session, process: asyncssh.SSHServerProcess) -> None:
         """Open the same request in the container and join the two channels until one closes."""

@@ -147,18 +147,22 @@ function forgetSession() {
   sessionStorage.removeItem(STORE);
 }
 
-function showEnded(reason, message) {
+const takeBack = document.getElementById("take-back");
+
+// `resumable`: the session runs on elsewhere (another window, or `ssh ... attach`): it can be taken back.
+function showEnded(reason, message, resumable = false) {
   if (ended) return;
   ended = true;
   clearTimeout(retryTimer);
   input.clear();
-  forgetSession();
+  if (!resumable) forgetSession();
+  takeBack.hidden = !resumable;
   setState("ended");
   body.dataset.reason = reason;
   showBanner("");
   endedReason.textContent = message || `The session ended: ${REASONS[reason] || reason}.`;
   endedBox.hidden = false;
-  document.getElementById("restart").focus();
+  (resumable ? takeBack : document.getElementById("restart")).focus();
 }
 
 function onControl(msg) {
@@ -255,7 +259,7 @@ function connect() {
     if (ended) return;
     if (ev.code === 1012) restarting = true; // service restart: the session runs on
     if (ev.code === 4001) {
-      showEnded("error", "This session was opened in another window.");
+      showEnded("superseded", "This session was opened in another window or attached from ssh.", true);
       return;
     }
     if (!sessionId || ev.code === 1013) {
@@ -359,7 +363,15 @@ confirmEnd.addEventListener("close", () => {
 document.getElementById("settings").addEventListener("toggle", (ev) => {
   if (!ev.target.open) term.focus();
 });
+takeBack.addEventListener("click", () => {
+  term.reset();
+  received = 0;
+  repaint = true;
+  droppedAt = null;
+  connect();
+});
 document.getElementById("restart").addEventListener("click", () => {
+  forgetSession();
   term.reset();
   received = 0;
   droppedAt = null;
