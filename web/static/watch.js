@@ -24,7 +24,22 @@ followColorScheme((name, theme) => {
   term.options.theme = theme;
   body.dataset.theme = name;
 });
+const workspace = document.querySelector(".workspace");
 term.open(document.getElementById("terminal"));
+
+// The view has the session's size in cells: the font shrinks (down to FONT_MIN) until it fits.
+const FONT_MAX = 14;
+const FONT_MIN = 7;
+function resizeTo(cols, rows) {
+  term.resize(cols, rows);
+  term.options.fontSize = FONT_MAX;
+  const screen = term.element.querySelector(".xterm-screen");
+  while (term.options.fontSize > FONT_MIN
+    && (screen.offsetWidth > workspace.clientWidth - 8 || screen.offsetHeight > workspace.clientHeight - 8)) {
+    term.options.fontSize -= 1;
+  }
+}
+window.addEventListener("resize", () => resizeTo(term.cols, term.rows));
 
 const HEADLINE = {
   watch: `Watching ${owner}'s session, read-only. ${owner} sees that you are watching.`,
@@ -63,12 +78,12 @@ ws.onmessage = (ev) => {
   }
   switch (msg.type) {
     case "watch":
-      term.resize(msg.cols, msg.rows);
+      resizeTo(msg.cols, msg.rows);
       setState("running", mode === "join" ? "joined" : "watching");
       if (mode === "join") term.focus();
       break;
     case "size":
-      term.resize(msg.cols, msg.rows);
+      resizeTo(msg.cols, msg.rows);
       break;
     case "gap":
       term.write(`\r\n[termbridge: this view skipped ${msg.lost} bytes it could not keep up with]\r\n`);
