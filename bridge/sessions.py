@@ -342,7 +342,7 @@ class SessionManager:
         named by `resume` = (session id, output offset), replaying from that offset, or start a new
         one (also when `resume` names no such session). `sink.started` and then `sink.attached`
         are called before this returns. Raises what `create` raises."""
-        session = self._resumable(user, door, *resume) if resume is not None else None
+        session = self._resumable(user, resume[0]) if resume is not None else None
         offset = 0
         if session is None and resume is not None and self.continuity is not None:
             session = await self._adopt(user, door, sink, terminal, *resume)
@@ -369,6 +369,20 @@ class SessionManager:
         if session.term_size != (terminal.cols, terminal.rows):
             session.resize(terminal.cols, terminal.rows)
 
+    async def open_shell(self, session: Session, sink: TerminalSink, terminal: TerminalRequest) -> None:
+        """The interactive shell of a session started without one (the SSH door's first pty
+        shell), through the holder like a web terminal's, so that the other door can attach to
+        it and admins can watch it; `sink` is attached to it. The session's own sink (the SSH
+        connection) still hears idle warnings and the end. Raises SessionStartError."""
+        if session.upstream is None or session.stream is not None or session.ending:
+            raise SessionStartError("this session cannot open a shell", detail="open_shell: no upstream, or a stream")
+        async with asyncio.timeout(self.config.session.start_timeout):
+            await self._open_stream(session, session.upstream, terminal)
+        if session.stream is None:
+            raise RuntimeError("a stream that did not open")
+        session._tasks.append(asyncio.create_task(self._pump(session), name=f"pump-{session.id[:8]}"))
+        await session.stream.attach(sink, 0)
+
     async def attach_own(
         self, user: AuthenticatedUser, session_id: str, sink: TerminalSink, terminal: TerminalRequest
     ) -> Session:
@@ -377,7 +391,7 @@ class SessionManager:
         rule holds: the window attached so far is told and let go; the session's size becomes
         `terminal`'s (the last attached is the active client). The whole buffer is replayed,
         and a full-screen program asked to repaint. Raises SessionStartError when there is no such session."""
-        session = self._resumable(user, Door.WEB, session_id, 0)
+        session = self._resumable(user, session_id)
         if session is not None:
             await sink.started(session)
         elif self.continuity is not None:
@@ -395,10 +409,9 @@ class SessionManager:
         return session
 
     async def own_terminals(self, user: AuthenticatedUser) -> list[SessionRecord | Session]:
-        """`user`'s live terminal sessions: this gateway's, and those the store lists elsewhere."""
-        here: list[SessionRecord | Session] = [
-            s for s in self.sessions.values() if s.user.name == user.name and s.ready and s.door == Door.WEB
-        ]
+        """`user`'s live terminal sessions: this gateway's (either door: an SSH-door session once
+        its shell runs), and the web sessions the store lists on other gateways."""
+        here: list[SessionRecord | Session] = [s for s in self.sessions.values() if s.user.name == user.name and s.ready]
         seen = {s.id for s in here}
         if self.store is not None:
             try:
@@ -541,9 +554,10 @@ class SessionManager:
         if not state.running:
             await continuity.forget(rec.id)
 
-    def _resumable(self, user: AuthenticatedUser, door: Door, session_id: str, offset: int) -> Session | None:
+    def _resumable(self, user: AuthenticatedUser, session_id: str) -> Session | None:
+        """`user`'s own live terminal session `session_id`, from either door (one session, both doors)."""
         session = self.find_own(session_id, user, "reattach")
-        if session is None or not session.ready or session.door != door:
+        if session is None or not session.ready:
             log.info("reattach of %s to %.12s: no such live session; starting a new one", user.name, session_id)
             return None
         return session

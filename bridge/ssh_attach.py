@@ -49,7 +49,7 @@ def _describe(entry: Session | SessionRecord) -> str:
 
 
 class AttachSink:
-    """The attached ssh channel as the session's terminal sink."""
+    """An ssh channel as a terminal's attachment: `attach`'s, or the SSH door's own shell."""
 
     def __init__(self, process: asyncssh.SSHServerProcess) -> None:
         self.process = process
@@ -135,7 +135,7 @@ async def serve_attach(
         return
     session.log.info("attached from the SSH door")
     try:
-        await _pump_input(session, sink, process)
+        await pump_input(session, sink, process)
     finally:
         manager.detach(session, sink)
         if not sink.done and not session.ending:
@@ -143,7 +143,7 @@ async def serve_attach(
             process.exit(0)
 
 
-async def _pump_input(session: Session, sink: AttachSink, process: asyncssh.SSHServerProcess) -> None:
+async def pump_input(session: Session, sink: AttachSink, process: asyncssh.SSHServerProcess) -> None:
     """Keystrokes and window changes to the session while this channel is its attachment."""
     stream = session.stream
     while not sink.done and not session.ending and stream is not None:
