@@ -58,6 +58,13 @@ def limit_reached(cap: Refusal, max_per_user: int, max_total: int) -> LimitReach
     )
 
 
+def started_and_idle(entry: Session | SessionRecord) -> tuple[datetime, float]:
+    """When a live session (here, or as the store lists it) started, and how long it has been idle."""
+    if isinstance(entry, Session):
+        return entry.started_at, time.monotonic() - entry.last_activity
+    return datetime.fromtimestamp(entry.started, timezone.utc), time.time() - entry.last_activity
+
+
 # How the manager reaches a started container's sshd: `Upstream.connect`; unit tests pass a fake.
 Connect = Callable[[Container, SessionKeys, float], Awaitable[Upstream]]
 

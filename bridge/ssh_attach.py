@@ -12,15 +12,13 @@ it attaches at once, with several it asks which one.
 from __future__ import annotations
 
 import asyncio
-import time
-from datetime import datetime, timezone
 
 import asyncssh
 
 from .auth import AuthenticatedUser
 from .errors import BridgeError
 from .session import Session, TerminalRequest, Viewer
-from .sessions import SessionManager
+from .sessions import SessionManager, started_and_idle
 from .ssh_channels import refuse, say
 from .store import SessionRecord
 from .vocab import EndReason, WatchMode
@@ -40,12 +38,9 @@ def parse_attach(command: str | bytes | None) -> list[str] | None:
 
 
 def _describe(entry: Session | SessionRecord) -> str:
-    """One line of the list: id, when it started, how long it has been idle."""
-    if isinstance(entry, Session):
-        started, idle = entry.started_at, time.monotonic() - entry.last_activity
-    else:
-        started, idle = datetime.fromtimestamp(entry.started, timezone.utc), time.time() - entry.last_activity
-    return f"{entry.id}  started {started:%Y-%m-%d %H:%M} UTC  idle {int(idle // 60)} min"
+    """One line of the list: id, door, when it started, how long it has been idle."""
+    started, idle = started_and_idle(entry)
+    return f"{entry.id}  {entry.door} door  started {started:%Y-%m-%d %H:%M} UTC  idle {int(idle // 60)} min"
 
 
 class AttachSink:

@@ -7,6 +7,7 @@ admins watching."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import secrets
@@ -33,9 +34,10 @@ class SshClient:
                          asyncio.create_task(self._read(proc.stderr, self.err))]
 
     @classmethod
-    async def start(cls, port: int, user, *args: str, known_hosts: Path) -> SshClient:
+    async def start(cls, port: int, user, *args: str, known_hosts: Path, command: tuple[str, ...] = ("attach",)) -> SshClient:
+        """`ssh -tt user@host attach ARGS` (`command=()`: a plain interactive shell)."""
         argv = ["sshpass", "-e", "ssh", "-tt", "-F", "/dev/null", "-o", f"UserKnownHostsFile={known_hosts}",
-                "-o", "StrictHostKeyChecking=no", "-p", str(port), f"{user.name}@127.0.0.1", "attach", *args]
+                "-o", "StrictHostKeyChecking=no", "-p", str(port), f"{user.name}@127.0.0.1", *command, *args]
         proc = await asyncio.create_subprocess_exec(
             *argv, env={**os.environ, "SSHPASS": user.password}, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             stderr=subprocess.PIPE, start_new_session=True,
@@ -71,7 +73,8 @@ class SshClient:
 @pytest.fixture
 async def door(start_gateway, tmp_path, make_group):
     group = make_group()
-    gateway = await start_gateway(ssh=SSH_ON, auth={"admin_groups": [group]})
+    gateway = await start_gateway(ssh=SSH_ON, auth={"admin_groups": [group]}, audit={"log": str(tmp_path / "audit.log")})
+    gateway.audit_log = tmp_path / "audit.log"
     gateway.admin_group = group
     gateway.ssh_port = gateway.app[SSH_DOOR].port
     gateway.known_hosts = tmp_path / f"known_hosts{secrets.token_hex(3)}"
@@ -168,3 +171,65 @@ async def test_attach_asks_which_and_refuses_others_sessions(door, make_user):
         await http.close()
         await stranger_http.close()
     await containers_gone(**{"termbridge.user": owner.name})
+
+
+async def test_the_page_takes_over_an_ssh_door_session_that_an_admin_watches(door, make_user):
+    """An SSH-door shell runs under the holder: an admin can watch it (the ssh owner hears of
+    it), and the page can attach to it; the session then outlives the ssh connection."""
+    owner = make_user()
+    admin = make_user(groups=(door.admin_group,))
+    http, admin_http = await door.login(owner), await door.login(admin)
+    ssh = await SshClient.start(door.ssh_port, owner, known_hosts=door.known_hosts, command=())
+    try:
+        await ssh.expect(PROMPT.pattern)
+        ssh.type("echo from-ssh-door-$((2*21))\r")
+        await ssh.expect(rb"from-ssh-door-42")
+        async with http.get("/sessions") as resp:
+            [listed] = (await resp.json())["sessions"]
+        assert listed["door"] == "ssh"
+        sid = listed["id"]
+
+        watch = Terminal(await admin_http.ws_connect(f"/admin/watch/{sid}/ws", headers={"Origin": door.origin}))
+        assert (await watch.control("watch"))["user"] == owner.name
+        await watch.expect(b"from-ssh-door-42")
+        await ssh.expect(rf"administrator {admin.name} is watching this session".encode(), where="err")
+        await watch.ws.close()
+        await ssh.expect(rf"administrator {admin.name} stopped watching".encode(), where="err")
+
+        page = await door.terminal(http, path=f"/ws?session={sid}&offset=0", cols=100, rows=30)
+        assert (await page.control("session"))["id"] == sid
+        await page.expect(b"from-ssh-door-42")
+        assert await ssh.wait() == 0
+        assert b"this session was opened in another window" in ssh.err
+        await asyncio.sleep(1)  # the ssh connection is gone: the session runs on in the page
+        assert (await page.run("echo page-$((2*3)); stty size")).split() == ["page-6", "30", "100"]
+        await page.send("exit 4\r")
+        assert (await page.control("exit"))["code"] == 4
+        await containers_gone(**{"termbridge.session": sid})
+    finally:
+        ssh.kill()
+        await http.close()
+        await admin_http.close()
+
+
+async def test_ssh_door_shell_exit_status_and_audit(door, make_user, tmp_path):
+    """The held shell's exit status reaches the ssh client and the audit trail's channel record."""
+    owner = make_user()
+    ssh = await SshClient.start(door.ssh_port, owner, known_hosts=door.known_hosts, command=())
+    try:
+        await ssh.expect(PROMPT.pattern)
+        ssh.type("exit 7\r")
+        assert await ssh.wait() == 7
+        assert b"termbridge:" not in ssh.err
+    finally:
+        ssh.kill()
+    await containers_gone(**{"termbridge.user": owner.name})
+
+    def ended() -> list[dict]:
+        lines = door.audit_log.read_text().splitlines() if door.audit_log.exists() else []
+        return [e for e in map(json.loads, lines) if e["event"] == "session_end" and e["user"] == owner.name]
+
+    await wait_for(ended, what="session_end")
+    [end] = ended()
+    assert (end["door"], end["reason"], end["code"]) == ("ssh", "exit", 7)
+    assert end["channels"] == [{"kind": "shell", "ended": "exit", "code": 7, "signal": None}]

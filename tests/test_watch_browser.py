@@ -109,6 +109,9 @@ async def test_watch_page_passes_axe(lab, scheme):
         await axe_check(admin_page, f"{mode}-{scheme}")
     await expect(owner_page.locator("#banner")).to_be_visible()
     await axe_check(owner_page, f"watched-owner-{scheme}")
+    await owner_page.locator("#sessions summary").click()
+    await expect(owner_page.locator("#sessions-list")).to_contain_text("(this page)")
+    await axe_check(owner_page, f"sessions-menu-{scheme}")
 
 
 async def test_ssh_attach_and_the_page_on_one_session(lab, tmp_path):
@@ -132,3 +135,29 @@ async def test_ssh_attach_and_the_page_on_one_session(lab, tmp_path):
         ssh.kill()
     await type_in(owner_page, "exit")
     await containers_gone(**{"termbridge.session": sid})
+
+
+async def test_the_page_attaches_an_ssh_door_session(lab, tmp_path):
+    """The Sessions menu lists the person's SSH-door session; "Attach here" takes it over."""
+    gateway, student, _, owner_page, _ = lab
+    web_sid = await owner_page.locator("body").get_attribute("data-session")
+    ssh = await SshClient.start(gateway.app[SSH_DOOR].port, student, known_hosts=tmp_path / "known_hosts", command=())
+    try:
+        await ssh.expect(rb"[$#] ")
+        ssh.type("echo over-ssh-$((6*6))\r")
+        await ssh.expect(rb"over-ssh-36")
+        await owner_page.locator("#sessions summary").click()
+        attach = owner_page.get_by_role("button", name=re.compile(r"Attach session \w+ \(ssh\) here"))
+        await attach.click()
+        rows = owner_page.locator(".xterm-rows")
+        await expect(rows).to_contain_text("over-ssh-36", timeout=15_000)
+        ssh_sid = await owner_page.locator("body").get_attribute("data-session")
+        assert ssh_sid != web_sid
+        assert await ssh.wait() == 0
+        await type_in(owner_page, "echo in-page-$((7*6))")
+        await expect(rows).to_contain_text("in-page-42")
+        await owner_page.screenshot(path=str(ARTIFACTS / "ssh-session-in-page.png"))
+        await type_in(owner_page, "exit")
+        await containers_gone(**{"termbridge.session": ssh_sid})
+    finally:
+        ssh.kill()

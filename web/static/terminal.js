@@ -360,6 +360,66 @@ confirmEnd.addEventListener("close", () => {
   else term.focus();
   confirmEnd.returnValue = "";
 });
+// -- sessions: attach another of the person's live sessions (browser or ssh) to this page --------
+
+const sessionsMenu = document.getElementById("sessions");
+const sessionsList = document.getElementById("sessions-list");
+
+function attachHere(id) {
+  if (ws) {
+    ws.onclose = null;
+    ws.onmessage = null;
+    ws.close();
+  }
+  sessionsMenu.open = false;
+  sessionId = id;
+  sessionStorage.setItem(STORE, id);
+  term.reset();
+  received = 0;
+  repaint = true;
+  droppedAt = null;
+  connect();
+}
+
+async function listSessions() {
+  sessionsList.replaceChildren();
+  let found = [];
+  try {
+    const resp = await fetch("/sessions", { credentials: "same-origin" });
+    if (resp.ok) found = (await resp.json()).sessions;
+  } catch {
+    found = [];
+  }
+  for (const entry of found) {
+    const item = document.createElement("li");
+    const label = document.createElement("span");
+    const minutes = Math.floor(entry.idle_for / 60);
+    label.textContent = `${entry.id.slice(0, 8)} · ${entry.door} · idle ${minutes} min`;
+    item.append(label);
+    if (entry.id === sessionId && body.dataset.state === "running") {
+      item.append(" (this page)");
+    } else {
+      const button = document.createElement("button");
+      button.type = "button";
+      button.className = "bar";
+      button.textContent = "Attach here";
+      button.setAttribute("aria-label", `Attach session ${entry.id.slice(0, 8)} (${entry.door}) here`);
+      button.addEventListener("click", () => attachHere(entry.id));
+      item.append(" ", button);
+    }
+    sessionsList.append(item);
+  }
+  if (!found.length) {
+    const none = document.createElement("li");
+    none.textContent = "No live sessions.";
+    sessionsList.append(none);
+  }
+}
+sessionsMenu.addEventListener("toggle", () => {
+  if (sessionsMenu.open) listSessions();
+  else term.focus();
+});
+
 document.getElementById("settings").addEventListener("toggle", (ev) => {
   if (!ev.target.open) term.focus();
 });
