@@ -70,6 +70,18 @@ class SshClient:
             pass
 
 
+async def watched_over_ssh(door, admin_http, admin, sid: str, ssh: SshClient, shown: bytes) -> dict:
+    """An admin watches `sid` (seeing `shown` replayed) and stops; the ssh owner hears both on
+    stderr. Returns the view's `watch` message."""
+    watch = Terminal(await admin_http.ws_connect(f"/admin/watch/{sid}/ws", headers={"Origin": door.origin}))
+    hello = await watch.control("watch")
+    await watch.expect(shown)
+    await ssh.expect(rf"administrator {admin.name} is watching this session".encode(), where="err")
+    await watch.ws.close()
+    await ssh.expect(rf"administrator {admin.name} stopped watching".encode(), where="err")
+    return hello
+
+
 @pytest.fixture
 async def door(start_gateway, tmp_path, make_group):
     group = make_group()
@@ -105,11 +117,7 @@ async def test_ssh_attach_takes_over_the_web_session_and_the_page_takes_it_back(
                        what="only the web session's container")
 
         # an admin watching: the ssh owner hears of it, on the channel's stderr
-        watch = Terminal(await admin_http.ws_connect(f"/admin/watch/{sid}/ws", headers={"Origin": door.origin}))
-        await watch.expect(b"from-ssh-16")
-        await ssh.expect(rf"administrator {admin.name} is watching this session".encode(), where="err")
-        await watch.ws.close()
-        await ssh.expect(rf"administrator {admin.name} stopped watching".encode(), where="err")
+        await watched_over_ssh(door, admin_http, admin, sid, ssh, b"from-ssh-16")
 
         # the page takes it back, and sees what was typed over ssh
         back = await door.terminal(http, path=f"/ws?session={sid}&offset=0", cols=100, rows=30)
@@ -189,12 +197,7 @@ async def test_the_page_takes_over_an_ssh_door_session_that_an_admin_watches(doo
         assert listed["door"] == "ssh"
         sid = listed["id"]
 
-        watch = Terminal(await admin_http.ws_connect(f"/admin/watch/{sid}/ws", headers={"Origin": door.origin}))
-        assert (await watch.control("watch"))["user"] == owner.name
-        await watch.expect(b"from-ssh-door-42")
-        await ssh.expect(rf"administrator {admin.name} is watching this session".encode(), where="err")
-        await watch.ws.close()
-        await ssh.expect(rf"administrator {admin.name} stopped watching".encode(), where="err")
+        assert (await watched_over_ssh(door, admin_http, admin, sid, ssh, b"from-ssh-door-42"))["user"] == owner.name
 
         page = await door.terminal(http, path=f"/ws?session={sid}&offset=0", cols=100, rows=30)
         assert (await page.control("session"))["id"] == sid
