@@ -19,6 +19,7 @@ from ..vocab import EndReason, WatchMode
 from .http import client_address, expected_origin, origin_allowed, page
 from .keys import CONFIG, MANAGER, WEBSOCKETS
 from .login import current_admin
+from .paths import under
 
 log = logging.getLogger("termbridge.web")
 
@@ -131,5 +132,5 @@ async def _follow(request: web.Request, ws: web.WebSocketResponse, session: Sess
 
 
 def setup_routes(app: web.Application) -> None:
-    app.router.add_get(r"/admin/{mode:watch|join}/{id:[0-9a-f]{1,64}}", watch_page)
-    app.router.add_get(r"/admin/{mode:watch|join}/{id:[0-9a-f]{1,64}}/ws", watch_socket)
+    app.router.add_get(under(app, r"admin/{mode:watch|join}/{id:[0-9a-f]{1,64}}"), watch_page)
+    app.router.add_get(under(app, r"admin/{mode:watch|join}/{id:[0-9a-f]{1,64}}/ws"), watch_socket)
