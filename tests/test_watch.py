@@ -126,3 +126,37 @@ async def test_watch_and_join_over_sockets(start_gateway, admin_setup):
     assert all(e[3] == {"by": admin.name} for e in lines if e[1] == "i")
     markers = [e[2] for e in lines if e[1] == "m"]
     assert f"{admin.name} started watching" in markers and f"{admin.name} joined (may type)" in markers
+
+
+async def test_watch_under_a_base_path(start_gateway, admin_setup):
+    """Under `web.base_path` the watch page, its assets (relative URLs) and its socket answer."""
+    import re
+    from urllib.parse import urljoin
+
+    group, admin, student, _, _ = admin_setup
+    gw = await start_gateway(auth={"admin_groups": [group]}, web={"base_path": "/lab/"})
+    owner_http, admin_http = await gw.login(student), await gw.login(admin)
+    try:
+        term = await gw.terminal(owner_http)
+        sid = (await term.control("session"))["id"]
+        await term.expect(PROMPT)
+        page_url = f"/lab/admin/watch/{sid}"
+        async with admin_http.get(page_url) as resp:
+            assert resp.status == 200
+            html = await resp.text()
+        links = re.findall(r'(?:src|href)="(\.\./[^"]+)"', html)
+        assets = [link for link in links if "static/" in link]
+        assert len(assets) == 3 and urljoin(page_url, "../../admin") in {urljoin(page_url, link) for link in links}
+        assert urljoin(page_url, "../../admin") == "/lab/admin"  # the console (its own module)
+        for asset in assets:
+            async with admin_http.get(urljoin(page_url, asset)) as resp:
+                assert resp.status == 200, asset
+        view = Terminal(await admin_http.ws_connect(page_url + "/ws", headers={"Origin": gw.origin}))
+        await view.control("watch")
+        await term.send("echo based-$((3*5))\r")
+        await view.expect(b"based-15")
+        async with admin_http.get(f"/admin/watch/{sid}") as resp:
+            assert resp.status == 404  # nothing outside the base path
+    finally:
+        await owner_http.close()
+        await admin_http.close()
