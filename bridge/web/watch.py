@@ -13,6 +13,7 @@ import logging
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from .. import wsproto
+from ..errors import BridgeError
 from ..session import Session
 from ..sessions import SessionManager
 from ..vocab import EndReason, WatchMode
@@ -81,7 +82,12 @@ async def watch_socket(request: web.Request) -> web.StreamResponse:
     request.app[WEBSOCKETS].add(ws)
     cols, rows = session.term_size or (80, 24)
     await ws.send_str(wsproto.watch_message(session.id, session.user.name, str(mode), cols, rows))
-    viewer, watcher = await manager.add_viewer(session, admin, mode, WatchSocketSink(ws))
+    try:
+        viewer, watcher = await manager.add_viewer(session, admin, mode, WatchSocketSink(ws))
+    except BridgeError as exc:  # it ended meanwhile
+        await ws.send_str(wsproto.error_message(exc.user_message))
+        await ws.close(code=WSCloseCode.OK, message=b"session ended")
+        return ws
     log.info("%s %s session %.12s of %s from %s", admin, mode, session.id, session.user.name, client_address(request))
     follow = asyncio.create_task(_follow(request, ws, session, (cols, rows)))
     told_read_only = False
@@ -89,8 +95,7 @@ async def watch_socket(request: web.Request) -> web.StreamResponse:
         async for msg in ws:
             if msg.type == WSMsgType.BINARY:
                 if mode == WatchMode.JOIN:
-                    if session.feed(msg.data, by=admin):
-                        await session.drain()
+                    await _type(session, msg.data, admin)
                 elif not told_read_only:
                     told_read_only = True
                     await ws.send_str(wsproto.error_message(READ_ONLY))
@@ -103,6 +108,16 @@ async def watch_socket(request: web.Request) -> web.StreamResponse:
         await asyncio.gather(follow, return_exceptions=True)
         await manager.remove_viewer(session, viewer, watcher)
     return ws
+
+
+async def _type(session: Session, data: bytes, admin: str) -> None:
+    """A joined admin's keystrokes to the shell, recorded as theirs; an ending session drops them."""
+    try:
+        if session.feed(data, by=admin):
+            await session.drain()
+    except ConnectionError:
+        if not session.ending:
+            raise
 
 
 async def _follow(request: web.Request, ws: web.WebSocketResponse, session: Session, size: tuple[int, int]) -> None:
