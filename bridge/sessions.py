@@ -417,7 +417,8 @@ class SessionManager:
 
     async def own_terminals(self, user: AuthenticatedUser) -> list[SessionRecord | Session]:
         """`user`'s live terminal sessions: this gateway's (either door: an SSH-door session once
-        its shell runs), and the web sessions the store lists on other gateways."""
+        its shell runs), and the web sessions the store lists that no process serves here (on
+        other gateways, or waiting for this one after a restart)."""
         here: list[SessionRecord | Session] = [s for s in self.sessions.values() if s.user.name == user.name and s.ready]
         seen = {s.id for s in here}
         if self.store is not None:
@@ -426,7 +427,9 @@ class SessionManager:
             except StoreUnavailable as exc:
                 log.warning("listing the sessions of %s: %s", user.name, exc.detail)
                 records = []
-            here += [r for r in records if r.user == user.name and r.door == Door.WEB and r.id not in seen]
+            # not one this gateway holds (starting here, or ending)
+            here += [r for r in records
+                     if r.user == user.name and r.door == Door.WEB and r.id not in seen and r.id not in self._holders]
         return here
 
     # -- admins watching or joined ------------------------------------------------------------

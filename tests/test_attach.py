@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from bridge.app import SSH_DOOR
-from helpers import PROMPT, Terminal, containers_gone, session_containers, wait_for
+from helpers import PROMPT, Terminal, containers_gone, free_port, session_containers, wait_for
 
 SSH_ON = {"listen": "127.0.0.1:0"}
 
@@ -236,3 +236,34 @@ async def test_ssh_door_shell_exit_status_and_audit(door, make_user, tmp_path):
     [end] = ended()
     assert (end["door"], end["reason"], end["code"]) == ("ssh", "exit", 7)
     assert end["channels"] == [{"kind": "shell", "ended": "exit", "code": 7, "signal": None}]
+
+
+async def test_attach_through_another_gateway_of_the_fleet(gateway_process, make_user, redis_url, tmp_path):
+    """Two gateway processes sharing one Redis store: `attach` on the second's SSH door finds the
+    web session the first serves, takes it over (the first's page is told) and shows its screen."""
+    owner = make_user()
+    store = {"url": redis_url, "secret_file": str(tmp_path / "store-key")}
+    first = gateway_process(store=store)
+    await first.start()
+    ssh_port = free_port()
+    second = gateway_process(store=store, ssh={"listen": f"127.0.0.1:{ssh_port}"})
+    await second.start()
+    async with await first.gateway.login(owner) as http:
+        page = await first.gateway.terminal(http)
+        sid = (await page.control("session"))["id"]
+        await page.expect(PROMPT)
+        await page.send("echo on-first-$((9*9))\r")
+        await page.expect(b"on-first-81")
+        ssh = await SshClient.start(ssh_port, owner, known_hosts=tmp_path / "known_hosts")
+        try:
+            await ssh.expect(rb"on-first-81")
+            await page.drain_until_closed(timeout=15)
+            assert page.close_code == 4001
+            ssh.type("echo on-second-$((8*8))\r")
+            await ssh.expect(rb"on-second-64")
+            ssh.type("exit\r")
+            assert await ssh.wait() == 0
+        finally:
+            ssh.kill()
+    await containers_gone(**{"termbridge.session": sid})
+    assert "another gateway took this session over" in first.log()
