@@ -7,10 +7,12 @@ call `open_terminal`, which also adopts a session another gateway process starte
 clocks live in `timers.py`, the reaper and fleet-wide view in `fleet.py`, records and reconnect
 secrets in `continuity.py`.
 
-Why this module is longer than the others (about 700 lines): start, adoption, the timers, every
+Why this module is longer than the others (about 850 lines): start, adoption, the timers, every
 end and every removal change the same registry and the same per-user holds against the caps,
 and each must leave both exact on every path (exit, error, cancel, shutdown, let go at a
 restart). Kept together, that invariant is read and tested in one place (tests/test_session_core.py).
+Who is attached (the takeover across doors, admins watching or joined) changes the same sessions
+and is kept beside it.
 """
 
 from __future__ import annotations
@@ -383,8 +385,11 @@ class SessionManager:
         connection) still hears idle warnings and the end. Raises SessionStartError."""
         if session.upstream is None or session.stream is not None or session.ending:
             raise SessionStartError("this session cannot open a shell", detail="open_shell: no upstream, or a stream")
-        async with asyncio.timeout(self.config.session.start_timeout):
-            await self._open_stream(session, session.upstream, terminal)
+        try:
+            async with asyncio.timeout(self.config.session.start_timeout):
+                await self._open_stream(session, session.upstream, terminal)
+        except TimeoutError:
+            raise SessionStartError(detail="the holder did not answer within session.start_timeout") from None
         if session.stream is None:
             raise RuntimeError("a stream that did not open")
         session._tasks.append(asyncio.create_task(self._pump(session), name=f"pump-{session.id[:8]}"))
