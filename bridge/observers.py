@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 
 from .auth import AuthenticatedUser
 from .config import DEFAULT_PROFILE
-from .session import Session
+from .session import Session, Viewer
 from .vocab import Actor, Door, LoginResult
 
 log = logging.getLogger("termbridge.sessions")
@@ -41,6 +41,12 @@ class SessionObserver:
 
     def containers_reaped(self, count: int) -> None:
         """The reaper removed `count` containers that no live session owned."""
+
+    def viewer_started(self, session: Session, viewer: Viewer) -> None:
+        """An admin began to watch or joined someone's session (`viewer.mode`)."""
+
+    def viewer_ended(self, session: Session, viewer: Viewer) -> None:
+        """That admin stopped watching or left."""
 
 
 class Observers(SessionObserver):
@@ -83,3 +89,9 @@ class Observers(SessionObserver):
 
     def containers_reaped(self, count: int) -> None:
         self._each("containers_reaped", lambda o: o.containers_reaped(count))
+
+    def viewer_started(self, session: Session, viewer: Viewer) -> None:
+        self._each("viewer_started", lambda o: o.viewer_started(session, viewer))
+
+    def viewer_ended(self, session: Session, viewer: Viewer) -> None:
+        self._each("viewer_ended", lambda o: o.viewer_ended(session, viewer))
