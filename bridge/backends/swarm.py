@@ -26,7 +26,7 @@ from ..errors import ImageMissing, SessionStartError
 from ..netguard import NetworkGuardError
 from ..upstream import SessionKeys, Upstream
 from .base import LABEL_FLEET, LABEL_GATEWAY, LABEL_SESSION, LABEL_USER, Container, ContainerInfo, ContainerSpec, ContainerState
-from .engine import LOG_OPTIONS, SESSION_CAPS, EngineBackend, keys_tar, started, tmpfs_options
+from .engine import FEATURE_SWARM, LOG_OPTIONS, SESSION_CAPS, EngineBackend, keys_tar, started, tmpfs_options
 
 log = logging.getLogger("termbridge.swarm")
 
@@ -35,8 +35,6 @@ log = logging.getLogger("termbridge.swarm")
 ENTRYPOINT_CAPS = ("NET_ADMIN", "SETPCAP")
 SWARM_CAPS = (*SESSION_CAPS, *ENTRYPOINT_CAPS)
 KEYS_FILE = "termbridge-keys"
-# What the image must say it can do (session-image/Dockerfile).
-IMAGE_NEEDS = {"termbridge.swarm": "1"}
 # Task states after which the container no longer runs (Docker's swarm/api TaskState).
 ENDED = {"complete", "failed", "shutdown", "rejected", "orphaned", "remove"}
 TASK_POLL = 0.2
@@ -158,7 +156,8 @@ class SwarmBackend(EngineBackend):
     def _start_sync(self, spec: ContainerSpec) -> Container:
         api = self._api()
         self._prepare_sync(api)
-        self._check_image(api, IMAGE_NEEDS)
+        cfg = self._settings(spec)
+        self._check_image(api, cfg.image, (FEATURE_SWARM,))
         short = spec.session_id[:8]
         name = f"termbridge-{short}"
         labels = self._labels(spec)
@@ -170,7 +169,7 @@ class SwarmBackend(EngineBackend):
         try:
             secret_id = api.create_secret(f"{name}-keys", keys_tar(spec, **more), labels=labels)["ID"]
             created = api.create_service(
-                **service_spec(self.config, name, f"tb-{short}", labels, self._environment(spec), secret_id, spec.root)
+                **service_spec(cfg, name, f"tb-{short}", labels, self._environment(spec), secret_id, spec.root)
             )
             service_id = created["ID"]
             address = self._wait_running(api, service_id)
@@ -178,7 +177,7 @@ class SwarmBackend(EngineBackend):
             self._remove_sync(service_id, [secret_id] if secret_id else [])
             if isinstance(exc, docker.errors.APIError):
                 if exc.status_code == 404 and "network" not in str(exc).lower():
-                    raise ImageMissing(detail=f"session image {self.config.image!r}: {exc}") from exc
+                    raise ImageMissing(detail=f"session image {cfg.image!r}: {exc}") from exc
                 if exc.status_code == 404:
                     self._network_ok = False
                 raise SessionStartError(detail=f"service {name}: {exc}") from exc
