@@ -14,13 +14,11 @@ import logging
 import os
 import socket
 import struct
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from .errors import StoreUnavailable
 from .sessions import SessionManager
-from .store import SessionRecord
 
 log = logging.getLogger("termbridge.admin")
 
@@ -97,21 +95,8 @@ class AdminServer:
         return {"error": f"unknown command {str(command)[:40]!r}"}
 
     async def _fleet(self) -> dict[str, dict[str, Any]]:
-        """Every session of every gateway sharing the store, this gateway's from its memory."""
-        gateway = self.manager.gateway
-        found = {s.id: s.describe() | {"gateway": gateway} for s in self.manager.list()}
-        for record in await self.manager.fleet():
-            found.setdefault(record.id, {
-                "id": record.id,
-                "user": record.user,
-                "door": record.door,
-                "container": record.container_name or None,
-                "started": datetime.fromtimestamp(record.started, timezone.utc).isoformat(timespec="seconds"),
-                "idle_for": None,  # the serving gateway's to know
-                "attached": record.attached_by is not None,
-                "gateway": record.gateway,
-            })
-        return dict(sorted(found.items(), key=lambda item: item[1]["started"]))
+        """Every session of every gateway sharing the store, by id, oldest first."""
+        return {row["id"]: row for row in await self.manager.fleet_view()}
 
     async def _kill(self, request: dict[str, Any]) -> dict[str, Any]:
         """`kill` one session by id prefix, or every one with `all`: this gateway's directly,
@@ -126,18 +111,9 @@ class AdminServer:
                 return {"error": f"no live session {prefix!r}"}
             if len(targets) > 1:
                 return {"error": f"{prefix!r} matches {len(targets)} sessions; give more of the id"}
-        records = {r.id: r for r in await self.manager.fleet()}
-        await asyncio.gather(*(self._kill_one(session_id, records.get(session_id)) for session_id in targets))
+        await asyncio.gather(*(self.manager.end_session(session_id, "an administrator (termbridge sessions kill)")
+                               for session_id in targets))
         return {"killed": targets}
-
-    async def _kill_one(self, session_id: str, record: SessionRecord | None) -> None:
-        session = self.manager.get(session_id)
-        if session is not None:
-            session.log.info("killed by an administrator")
-            await self.manager.kill(session)
-        elif record is not None:
-            log.info("session %.12s of %s on gateway %s: kill requested", session_id, record.user, record.gateway)
-            await self.manager.request_kill(record)
 
 
 def request(path: Path, payload: dict[str, Any], timeout: float = 15.0) -> dict[str, Any]:

@@ -42,19 +42,9 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _fmt_idle(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    seconds = int(seconds)
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-
-
 def sessions_command(config: Config, args: argparse.Namespace) -> int:
     from .admin import request, socket_path
+    from .fleet import format_sessions
 
     path = socket_path(config.state_dir)
     if args.sessions_command == "list":
@@ -76,14 +66,8 @@ def sessions_command(config: Config, args: argparse.Namespace) -> int:
         for session_id in answer["killed"]:
             print(f"killed {session_id}")
         return 0
-    rows = [("ID", "USER", "DOOR", "CONTAINER", "STARTED", "IDLE", "GATEWAY")]
-    for s in answer["sessions"]:
-        rows.append(
-            (s["id"], s["user"], s["door"], s["container"] or "-", s["started"], _fmt_idle(s["idle_for"]), s["gateway"])
-        )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    for line in format_sessions(answer["sessions"]):
+        print(line)
     return 0
 
 

@@ -34,6 +34,7 @@ from .base import (
     ContainerInfo,
     ContainerSpec,
     ContainerState,
+    ContainerStats,
 )
 from ..config import UID_SPAN, SessionConfig
 from ..errors import BackendUnavailable, ImageMissing, SessionStartError
@@ -75,6 +76,20 @@ def _tar(files: dict[str, tuple[bytes, int]]) -> bytes:
             info.uid = info.gid = 0
             tar.addfile(info, io.BytesIO(data))
     return buf.getvalue()
+
+
+def _stats_from(raw: dict[str, Any], at: float) -> ContainerStats | None:
+    """The engine's stats document as a reading; None for a container that does not run (its
+    document has no CPU or memory figures)."""
+    cpu = (raw.get("cpu_stats") or {}).get("cpu_usage") or {}
+    memory = raw.get("memory_stats") or {}
+    if "total_usage" not in cpu or "usage" not in memory:
+        return None
+    extra = memory.get("stats") or {}
+    # What `docker stats` shows: page cache the kernel may reclaim is not the session's use.
+    cache = extra.get("inactive_file", extra.get("total_inactive_file", 0))
+    used = max(0, int(memory["usage"]) - int(cache))
+    return ContainerStats(int(cpu["total_usage"]) / 1e9, used, int(memory.get("limit") or 0), at)
 
 
 class DockerBackend:
@@ -408,6 +423,20 @@ class DockerBackend:
 
     async def poll(self, container_id: str) -> ContainerState:
         return await self._call(self._poll_sync, container_id)
+
+    def _stats_sync(self, container_id: str) -> ContainerStats | None:
+        try:
+            raw = self._api().stats(container_id, stream=False, one_shot=True)
+        except docker.errors.NotFound:
+            return None
+        except docker.errors.APIError as exc:
+            if exc.status_code == 409:  # not running
+                return None
+            raise
+        return _stats_from(raw, time.monotonic())
+
+    async def stats(self, container_id: str) -> ContainerStats | None:
+        return await self._call(self._stats_sync, container_id)
 
     def _list_sync(self, label: str, value: str) -> list[ContainerInfo]:
         found = self._api().containers(all=True, filters={"label": [f"{label}={value}"]})

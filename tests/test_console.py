@@ -1,0 +1,251 @@
+"""The admin console (/admin) for members of `auth.admin_groups`, against a real gateway, real PAM
+accounts and groups, real containers and Docker's own stats: who may use it (asked again at every
+request and every refresh), ending sessions (CSRF, Origin, audit), the recordings, the SSH door's
+`sessions` command with the real `ssh` client, and the whole thing in Chromium."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import subprocess
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from bridge.app import INSTANCE
+from bridge.backends.base import ContainerStats, cpu_percent
+from bridge.web.console import ADMIN_GONE
+from helpers import Terminal, containers_gone, wait_for
+
+CONSOLE_URLS = ["/admin", "/admin/recording?session=" + "0" * 32, "/admin/play?session=" + "0" * 32]
+
+
+def audit_events(path: Path, name: str) -> list[dict]:
+    return [e for e in map(json.loads, path.read_text().splitlines()) if e["event"] == name]
+
+
+async def open_terminal(gateway, http: aiohttp.ClientSession) -> Terminal:
+    ws = await http.ws_connect("/ws", headers={"Origin": gateway.origin})
+    term = Terminal(ws)
+    await term.control("session")
+    await term.expect(b"$ ")
+    return term
+
+
+async def console_socket(gateway, http: aiohttp.ClientSession) -> aiohttp.ClientWebSocketResponse:
+    return await http.ws_connect("/admin/ws", headers={"Origin": gateway.origin})
+
+
+async def next_snapshot(ws: aiohttp.ClientWebSocketResponse, timeout: float = 15) -> dict:
+    while True:
+        msg = await asyncio.wait_for(ws.receive(), timeout)
+        assert msg.type == aiohttp.WSMsgType.TEXT, msg
+        data = json.loads(msg.data)
+        if data["type"] == "snapshot":
+            return data
+
+
+def csrf_of(page: str) -> str:
+    match = re.search(r'data-csrf="([^"]+)"', page)
+    assert match, page[:500]
+    return match.group(1)
+
+
+@pytest.fixture
+async def console(start_gateway, make_user, make_group, tmp_path):
+    """A gateway whose admins are one real group, with an audit file and recordings; an admin
+    (in the group) and a student (not)."""
+    group = make_group()
+    admin = make_user(groups=(group,))
+    student = make_user()
+    audit_log = tmp_path / "audit.jsonl"
+    records = tmp_path / "records"
+    gateway = await start_gateway(
+        auth={"admin_groups": [group]}, audit={"log": str(audit_log), "record_dir": str(records)},
+    )
+    return gateway, admin, student, group, audit_log, records
+
+
+def test_cpu_percent_is_the_rate_between_two_readings():
+    first = ContainerStats(cpu_seconds=10.0, memory_bytes=1, memory_limit=0, at=100.0)
+    assert cpu_percent(None, first) is None
+    assert cpu_percent(first, ContainerStats(10.5, 1, 0, 102.0)) == 25.0
+    assert cpu_percent(first, ContainerStats(9.0, 1, 0, 102.0)) is None  # a new container under the same id
+    assert cpu_percent(first, first) is None
+
+
+async def test_non_admins_get_403_everywhere_and_401_without_login(console):
+    gateway, admin, student, group, audit_log, records = console
+    async with aiohttp.ClientSession(base_url=gateway.url) as anonymous:
+        for url in CONSOLE_URLS + ["/admin/ws"]:
+            async with anonymous.get(url) as resp:
+                assert resp.status == 401, url
+    http = await gateway.login(student)
+    try:
+        for url in CONSOLE_URLS:
+            async with http.get(url) as resp:
+                assert resp.status == 403, url
+                assert "admin groups" in await resp.text()
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await console_socket(gateway, http)
+        assert refused.value.status == 403
+        async with http.post("/admin/end", data={"user": admin.name, "csrf": "x"},
+                             headers={"Origin": gateway.origin}) as resp:
+            assert resp.status == 403
+    finally:
+        await http.close()
+    assert not audit_events(audit_log, "admin_view")
+
+
+async def test_admin_sees_sessions_with_docker_stats_and_ends_them(console):
+    """The student's live session appears on the admin's socket with Docker's CPU and memory
+    figures and its bytes; ending it needs the page's CSRF token and a same-origin Origin; the
+    student is told `killed`; the audit trail has who and whom."""
+    gateway, admin, student, group, audit_log, records = console
+    student_http, admin_http = await gateway.login(student), await gateway.login(admin)
+    try:
+        term = await open_terminal(gateway, student_http)
+        session_id = (await term.control("session"))["id"]
+        await term.send("yes > /dev/null &\r")  # something for the CPU figure to show
+
+        async with admin_http.get("/admin") as resp:
+            assert resp.status == 200
+            page = await resp.text()
+        csrf = csrf_of(page)
+        ws = await console_socket(gateway, admin_http)
+        rows: dict = {}
+
+        async def busy() -> bool:
+            snapshot = await next_snapshot(ws)
+            rows.update({r["id"]: r for r in snapshot["sessions"]})
+            row = rows.get(session_id)
+            return row is not None and (row["cpu_percent"] or 0) > 5
+
+        await wait_for(busy, timeout=30, what="the student's session with a CPU figure")
+        row = rows[session_id]
+        assert row["user"] == student.name and row["door"] == "web" and row["profile"] == "default"
+        assert 0 < row["memory"] < row["memory_limit"] == 200 * 1024**2
+        assert row["bytes_in"] > 0 and row["bytes_out"] > 0 and row["recording"] is True
+        assert row["container"].startswith("termbridge-") and row["gateway"] == gateway.app[INSTANCE]
+
+        async with admin_http.post("/admin/end", data={"session": session_id, "csrf": "wrong"},
+                                   headers={"Origin": gateway.origin}) as resp:
+            assert resp.status == 403
+        async with admin_http.post("/admin/end", data={"session": session_id, "csrf": csrf},
+                                   headers={"Origin": "http://evil.example"}) as resp:
+            assert resp.status == 403
+        assert not term.closed
+        async with admin_http.post("/admin/end", data={"session": session_id, "csrf": csrf},
+                                   headers={"Origin": gateway.origin}) as resp:
+            assert resp.status == 200, await resp.text()
+            assert (await resp.json()) == {"killed": [session_id]}
+        ended = await term.control("exit")
+        assert ended["reason"] == "killed" and "administrator" in ended["message"]
+        await containers_gone(**{"termbridge.session": session_id})
+
+        async def gone() -> bool:
+            return session_id not in {r["id"] for r in (await next_snapshot(ws))["sessions"]}
+
+        await wait_for(gone, what="the ended session to leave the console")
+        await ws.close()
+    finally:
+        await student_http.close()
+        await admin_http.close()
+    [view] = audit_events(audit_log, "admin_view")
+    assert view["admin"] == admin.name and view["what"] == "console" and view["door"] == "web"
+    [kill] = audit_events(audit_log, "admin_kill")
+    assert kill["admin"] == admin.name and kill["user"] == student.name and kill["session"] == session_id
+    [session_kill] = audit_events(audit_log, "session_kill")
+    assert session_kill["by"] == "admin" and session_kill["session"] == session_id
+
+
+async def test_removed_from_the_group_mid_session(console):
+    """`gpasswd -d`: the open console socket is closed at its next refresh with ADMIN_GONE, and
+    every console URL is 403 from then on, with the same login cookie."""
+    gateway, admin, student, group, audit_log, records = console
+    http = await gateway.login(admin)
+    try:
+        ws = await console_socket(gateway, http)
+        await next_snapshot(ws)
+        subprocess.run(["gpasswd", "-d", admin.name, group], check=True, capture_output=True)
+        while True:
+            msg = await asyncio.wait_for(ws.receive(), 10)
+            if msg.type == aiohttp.WSMsgType.TEXT and json.loads(msg.data)["type"] == "denied":
+                continue
+            break
+        assert msg.type == aiohttp.WSMsgType.CLOSE and msg.data == ADMIN_GONE, msg
+        for url in CONSOLE_URLS:
+            async with http.get(url) as resp:
+                assert resp.status == 403, url
+        with pytest.raises(aiohttp.WSServerHandshakeError):
+            await console_socket(gateway, http)
+    finally:
+        await http.close()
+
+
+async def test_end_every_session_of_a_user(console):
+    gateway, admin, student, group, audit_log, records = console
+    student_http, admin_http = await gateway.login(student), await gateway.login(admin)
+    try:
+        terms = [await open_terminal(gateway, student_http) for _ in range(2)]
+        ids = [(await t.control("session"))["id"] for t in terms]
+        async with admin_http.get("/admin") as resp:
+            csrf = csrf_of(await resp.text())
+        async with admin_http.post("/admin/end", data={"user": student.name, "csrf": csrf},
+                                   headers={"Origin": gateway.origin}) as resp:
+            assert sorted((await resp.json())["killed"]) == sorted(ids)
+        for term in terms:
+            assert (await term.control("exit"))["reason"] == "killed"
+        async with admin_http.post("/admin/end", data={"user": student.name, "csrf": csrf},
+                                   headers={"Origin": gateway.origin}) as resp:
+            assert resp.status == 404
+        for session_id in ids:
+            await containers_gone(**{"termbridge.session": session_id})
+    finally:
+        await student_http.close()
+        await admin_http.close()
+    assert sorted(e["session"] for e in audit_events(audit_log, "admin_kill")) == sorted(ids)
+
+
+async def test_recordings_for_admins_only_and_no_path_but_an_id(console):
+    gateway, admin, student, group, audit_log, records = console
+    student_http, admin_http = await gateway.login(student), await gateway.login(admin)
+    try:
+        term = await open_terminal(gateway, student_http)
+        session_id = (await term.control("session"))["id"]
+        await term.send("echo recorded-$((6*7))\r")
+        await term.expect(b"recorded-42")
+        await asyncio.sleep(1.5)  # recordings are flushed within a second
+        async with admin_http.get(f"/admin/recording?session={session_id}") as resp:
+            assert resp.status == 200
+            cast = await resp.text()
+        assert json.loads(cast.splitlines()[0])["version"] == 2 and "recorded-42" in cast
+        # the owner may not fetch it (nor anyone else's): recordings are for admins
+        async with student_http.get(f"/admin/recording?session={session_id}") as resp:
+            assert resp.status == 403
+        async with student_http.get(f"/admin/play?session={session_id}") as resp:
+            assert resp.status == 403
+        (records / "notes.cast").write_text("{}")
+        for wrong in ["../audit.jsonl", "..%2Faudit.jsonl", "notes", session_id.upper(), session_id + "/../x", ""]:
+            async with admin_http.get(f"/admin/recording?session={wrong}") as resp:
+                assert resp.status == 404, wrong
+        async with admin_http.get(f"/admin/play?session={session_id}") as resp:
+            assert resp.status == 200
+            assert "'wasm-unsafe-eval'" in resp.headers["Content-Security-Policy"]
+        async with admin_http.get("/admin") as resp:
+            assert "'wasm-unsafe-eval'" not in resp.headers["Content-Security-Policy"]
+        ws = await console_socket(gateway, admin_http)
+        snapshot = await next_snapshot(ws)
+        listed = {r["session"]: r for r in snapshot["recordings"]}
+        assert listed[session_id]["user"] == student.name and listed[session_id]["door"] == "web"
+        assert "notes" not in listed
+        assert any(e.get("event") == "admin_view" for e in snapshot["audit"])
+        await ws.close()
+        await term.send("exit\r")
+        await term.control("exit")
+    finally:
+        await student_http.close()
+        await admin_http.close()
+    assert [e["what"] for e in audit_events(audit_log, "admin_view")] == [f"recording {session_id}", "console"]
