@@ -249,3 +249,80 @@ async def test_recordings_for_admins_only_and_no_path_but_an_id(console):
         await student_http.close()
         await admin_http.close()
     assert [e["what"] for e in audit_events(audit_log, "admin_view")] == [f"recording {session_id}", "console"]
+
+
+# -- in the browser --------------------------------------------------------------------------------
+
+BROWSER = pytest.mark.browser
+
+
+@BROWSER
+@pytest.mark.parametrize("scheme", ["light", "dark"])
+async def test_console_in_chromium(browser, console, scheme):
+    """An admin and a student in two browser contexts: the student's session appears in the
+    admin's console live (no reload) with Docker's CPU and memory figures, the filter stays put
+    across refreshes, the admin ends it and the student's page shows the ended dialog with reason
+    `killed`; the console and the player pass axe in light and dark; the player renders text from
+    the recording. Screenshots: test-artifacts/console-<scheme>.png and player-<scheme>.png."""
+    from playwright.async_api import expect
+
+    from helpers import ARTIFACTS, axe_check, goto, log_in
+
+    gateway, admin, student, group, audit_log, records = console
+    admin_context = await browser.new_context(color_scheme=scheme, viewport={"width": 1280, "height": 800})
+    student_context = await browser.new_context(color_scheme=scheme)
+    console_page = await admin_context.new_page()
+    await log_in(console_page, gateway, admin)
+    await goto(console_page, gateway.url + "/admin")
+    await expect(console_page.locator("body")).to_have_attribute("data-live", "live", timeout=15_000)
+    await expect(console_page.locator("#sessions-empty")).to_be_visible()
+
+    student_page = await student_context.new_page()
+    await log_in(student_page, gateway, student)
+    student_body = student_page.locator("body")
+    await expect(student_body).to_have_attribute("data-state", "running", timeout=30_000)
+    session_id = await student_body.get_attribute("data-session")
+    await student_page.locator(".xterm-helper-textarea").focus()
+    await student_page.keyboard.type("echo played-$((6*7))")
+    await student_page.keyboard.press("Enter")
+
+    row = console_page.locator(f'#sessions tr[data-session="{session_id}"]')
+    await expect(row.locator('[data-col="user"]')).to_have_text(student.name, timeout=15_000)
+    await expect(row.locator('[data-col="cpu"]')).to_have_text(re.compile(r"^\d+\.\d %$"), timeout=15_000)
+    await expect(row.locator('[data-col="memory"]')).to_have_text(re.compile(r"^[\d.]+ (KiB|MiB) / 200\.0 MiB$"))
+    await expect(row.locator('[data-col="door"]')).to_have_text("web")
+    await expect(row.locator("a.action-watch")).to_have_attribute("href", f"admin/watch/{session_id}")
+    await expect(row.locator("a.action-join")).to_have_attribute("href", f"admin/join/{session_id}")
+    await console_page.get_by_label("Filter by user").fill(student.name[:5])
+    first_seen = await console_page.locator("#console-live").text_content()
+    await expect(console_page.locator("#console-live")).not_to_have_text(first_seen or "", timeout=10_000)
+    await expect(console_page.get_by_label("Filter by user")).to_have_value(student.name[:5])
+    await expect(row).to_be_visible()
+    await expect(console_page.locator("#recordings").get_by_role("link", name=re.compile(session_id[:12]))).to_be_visible()
+    await axe_check(console_page, f"console-{scheme}")
+    ARTIFACTS.mkdir(exist_ok=True)
+    await console_page.screenshot(path=str(ARTIFACTS / f"console-{scheme}.png"), full_page=True)
+
+    # the recording, played in the page while the session is live
+    await asyncio.sleep(1.5)  # flushed within a second
+    player_page = await admin_context.new_page()
+    await goto(player_page, f"{gateway.url}/admin/play?session={session_id}")
+    await expect(player_page.locator(".ap-term, .ap-terminal").first).to_contain_text("played-42", timeout=20_000)
+    await axe_check(player_page, f"player-{scheme}")
+    await player_page.screenshot(path=str(ARTIFACTS / f"player-{scheme}.png"))
+    await player_page.close()
+
+    await row.get_by_role("button", name=re.compile("^End ")).click()
+    dialog = console_page.get_by_role("dialog")
+    await expect(dialog).to_be_visible()
+    await axe_check(console_page, f"console-confirm-{scheme}")
+    await dialog.get_by_role("button", name="End").click()
+    await expect(console_page.locator("#action-result")).to_have_text("Ended 1 session.")
+    await expect(student_body).to_have_attribute("data-state", "ended", timeout=15_000)
+    await expect(student_body).to_have_attribute("data-reason", "killed")
+    await expect(student_page.locator("#ended-reason")).to_contain_text("An administrator ended this session")
+    await expect(row).to_have_count(0, timeout=10_000)
+    await containers_gone(**{"termbridge.session": session_id})
+    await admin_context.close()
+    await student_context.close()
+    assert [e["user"] for e in audit_events(audit_log, "admin_kill")] == [student.name]
