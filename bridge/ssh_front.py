@@ -19,9 +19,10 @@ from typing import Any, TypeVar
 
 import asyncssh
 
-from .auth import AuthenticatedUser, AuthResult, Outcome, printable_username, valid_username
+from .auth import AuthenticatedUser, AuthResult, Outcome, member_of, printable_username, valid_username
 from .config import Config
-from .errors import AuthUnavailable, BridgeError, ConfigError
+from .errors import AuthUnavailable, BridgeError, ConfigError, StoreUnavailable
+from .fleet import format_sessions
 from .session import Session
 from .sessions import SessionManager
 from .ssh_channels import ChannelProcess, EnvBudget, EnvCappedChannel, env_passes, refuse, say
@@ -43,6 +44,10 @@ CLOSE_GRACE = 2.0
 # The audit trail keeps how the last this many channels of a connection ended.
 MAX_CHANNEL_RECORDS = 64
 COMMAND_KINDS = ("shell", "exec")
+# `ssh admin@host sessions`: the fleet's session list for members of auth.admin_groups, answered
+# by the gateway itself (an admin's connection starts no container for it).
+SESSIONS_COMMAND = "sessions"
+NOT_AN_ADMIN = "`sessions` lists every session for members of the gateway's admin groups (auth.admin_groups) only"
 
 
 class _HideTypedNames(logging.Filter):
@@ -79,6 +84,8 @@ class SshConnection(asyncssh.SSHServer):
         self._channels: set[asyncssh.SSHServerProcess] = set()
         self._linger: asyncio.TimerHandle | None = None
         self._last_command: dict[str, Any] | None = None  # the shell or exec channel that ended last
+        # An admin's container starts with the first channel that needs one (not `sessions`).
+        self._container_wanted = asyncio.Event()
 
     # -- connection -----------------------------------------------------------------------------
 
@@ -187,6 +194,8 @@ class SshConnection(asyncssh.SSHServer):
 
     async def _start(self, user: AuthenticatedUser) -> Session:
         try:
+            if await member_of(user.name, self._door.config.auth.admin_groups):
+                await self._container_wanted.wait()
             return await self._door.manager.create(user, Door.SSH, self)
         except BridgeError as exc:
             log.warning("ssh session of %s from %s not started: %s", user.name, self.rhost, exc.detail)
@@ -243,8 +252,12 @@ class SshConnection(asyncssh.SSHServer):
         self._channels.add(process)
         session: Session | None = None
         try:
-            if self._starting is None:
+            if self._starting is None or self.user is None:
                 raise RuntimeError("a channel before authentication completed")
+            if process.command is not None and process.command.strip() == SESSIONS_COMMAND:
+                await self._list_sessions(process, self.user)
+                return
+            self._container_wanted.set()
             try:
                 session = await asyncio.shield(self._starting)
             except BridgeError as exc:
@@ -259,6 +272,25 @@ class SshConnection(asyncssh.SSHServer):
             refuse(process, "internal error; the gateway's log has the details", status=255)
         finally:
             self._channels.discard(process)
+
+    async def _list_sessions(self, process: asyncssh.SSHServerProcess, user: AuthenticatedUser) -> None:
+        """`sessions`: what `termbridge sessions list` prints, for admins (asked at this moment);
+        a one-line refusal for anyone else."""
+        manager = self._door.manager
+        if not await member_of(user.name, self._door.config.auth.admin_groups):
+            log.warning("ssh `sessions` of %s from %s refused: not in auth.admin_groups", user.name, self.rhost)
+            refuse(process, NOT_AN_ADMIN)
+            return
+        try:
+            rows = await manager.fleet_view()
+        except StoreUnavailable as exc:
+            log.error("ssh `sessions` of %s: %s", user.name, exc.detail)
+            refuse(process, exc.user_message)
+            return
+        manager.observers.admin_viewed(user.name, self.rhost, Door.SSH, "sessions")
+        end = "\r\n" if process.term_type else "\n"
+        process.stdout.write(end.join(format_sessions(rows)).encode() + end.encode())
+        process.exit(0)
 
     async def _bridge(self, session: Session, process: asyncssh.SSHServerProcess) -> None:
         """Open the same request in the container and join the two channels until one closes."""

@@ -17,7 +17,8 @@ import pytest
 from bridge.app import INSTANCE
 from bridge.backends.base import ContainerStats, cpu_percent
 from bridge.web.console import ADMIN_GONE
-from helpers import Terminal, containers_gone, wait_for
+from bridge.web.keys import MANAGER
+from helpers import Terminal, containers_gone, session_containers, wait_for
 
 CONSOLE_URLS = ["/admin", "/admin/recording?session=" + "0" * 32, "/admin/play?session=" + "0" * 32]
 
@@ -249,6 +250,59 @@ async def test_recordings_for_admins_only_and_no_path_but_an_id(console):
         await student_http.close()
         await admin_http.close()
     assert [e["what"] for e in audit_events(audit_log, "admin_view")] == [f"recording {session_id}", "console"]
+
+
+# -- over SSH --------------------------------------------------------------------------------------
+
+
+async def test_ssh_sessions_lists_for_admins_and_starts_no_container(console, start_gateway, tmp_path):
+    """`ssh admin@host sessions` with the real ssh client prints what `termbridge sessions list`
+    prints (idle times aside), starts no container for the admin, and is audited; a student gets
+    a one-line refusal, and a student's `sessions` never reaches their container."""
+    import os
+    import sys
+
+    from bridge.app import SSH_DOOR
+    from test_ssh_front import SSH_ON, Door
+
+    gateway, admin, student, group, audit_log, records = console
+    web = await start_gateway(
+        ssh=SSH_ON, auth={"admin_groups": [group]}, audit={"log": str(audit_log), "record_dir": str(records)},
+    )
+    door = Door(web, web.app[SSH_DOOR].port, tmp_path / "known_hosts")
+    student_http = await web.login(student)
+    try:
+        term = await open_terminal(web, student_http)
+        session_id = (await term.control("session"))["id"]
+        rc, out, err = await door.run(door.ssh(admin, "sessions"), password=admin.password)
+        assert rc == 0, err
+        listed = out.decode().splitlines()
+        cli = await asyncio.to_thread(
+            subprocess.run, [sys.executable, "-m", "bridge", "sessions", "list", "--config", str(web.config_path)],
+            capture_output=True, text=True, timeout=30, env={**os.environ},
+        )
+        assert cli.returncode == 0, cli.stderr
+
+        def without_idle(lines: list[str]) -> list[list[str]]:
+            return [line.split()[:5] + line.split()[6:] for line in lines]
+
+        assert without_idle(listed) == without_idle(cli.stdout.splitlines())
+        assert listed[0].split() == ["ID", "USER", "DOOR", "CONTAINER", "STARTED", "IDLE", "GATEWAY"]
+        assert [line.split()[:3] for line in listed[1:]] == [[session_id, student.name, "web"]]
+        assert not [s for s in web.app[MANAGER].list() if s.user.name == admin.name]
+        assert not session_containers(**{"termbridge.user": admin.name})
+
+        rc, out, err = await door.run(door.ssh(student, "sessions"), password=student.password)
+        assert rc == 1 and out == b""
+        assert err.strip() == "termbridge: `sessions` lists every session for members of the gateway's admin groups (auth.admin_groups) only"
+        await term.send("exit\r")
+        await term.control("exit")
+    finally:
+        await student_http.close()
+    [view] = [e for e in audit_events(audit_log, "admin_view") if e["door"] == "ssh"]
+    assert view["admin"] == admin.name and view["what"] == "sessions"
+    assert not [e for e in audit_events(audit_log, "session_start") if e["user"] == admin.name]
+    await containers_gone(**{"termbridge.user": student.name})
 
 
 # -- in the browser --------------------------------------------------------------------------------
