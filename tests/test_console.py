@@ -252,6 +252,42 @@ async def test_recordings_for_admins_only_and_no_path_but_an_id(console):
     assert [e["what"] for e in audit_events(audit_log, "admin_view")] == [f"recording {session_id}", "console"]
 
 
+async def test_the_console_shows_and_ends_another_gateways_sessions(start_gateway, make_user, make_group, redis_url,
+                                                                   tmp_path):
+    """Two gateways sharing a Redis store: the console of one lists a session the other serves,
+    with Docker's figures for its container, and ends it through the store."""
+    group = make_group()
+    admin, student = make_user(groups=(group,)), make_user()
+    shared = {"store": {"url": redis_url, "secret_file": str(tmp_path / "store-key")}, "auth": {"admin_groups": [group]}}
+    here, there = await start_gateway(**shared), await start_gateway(**shared)
+    student_http, admin_http = await there.login(student), await here.login(admin)
+    try:
+        term = await open_terminal(there, student_http)
+        session_id = (await term.control("session"))["id"]
+        async with admin_http.get("/admin") as resp:
+            csrf = csrf_of(await resp.text())
+        ws = await console_socket(here, admin_http)
+        found: dict = {}
+
+        async def measured() -> bool:
+            rows = {r["id"]: r for r in (await next_snapshot(ws))["sessions"]}
+            found.update(rows.get(session_id) or {})
+            return found.get("cpu_percent") is not None
+
+        await wait_for(measured, timeout=20, what="the other gateway's session, measured")
+        assert found["gateway"] == there.app[INSTANCE] != here.app[INSTANCE]
+        assert found["user"] == student.name and found["memory"] > 0 and found["bytes_in"] is None
+        async with admin_http.post("/admin/end", data={"session": session_id, "csrf": csrf},
+                                   headers={"Origin": here.origin}) as resp:
+            assert (await resp.json()) == {"killed": [session_id]}
+        assert (await term.control("exit"))["reason"] == "killed"
+        await ws.close()
+    finally:
+        await student_http.close()
+        await admin_http.close()
+    await containers_gone(**{"termbridge.session": session_id})
+
+
 # -- over SSH --------------------------------------------------------------------------------------
 
 
