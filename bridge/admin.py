@@ -1,5 +1,9 @@
 """The admin socket: `termbridge sessions list|kill` talk to the running gateway through it.
 
+Requests: `{"command": "list"}`; `{"command": "kill"}` with `"id"` (a unique prefix), `"user"`
+(every session of that name) or `"all": true`. Answers: `{"sessions": [...]}` (the keys of
+`SESSION_KEYS`), `{"killed": [ids]}`, or `{"error": text}`.
+
 A unix socket in `state_dir` (itself 0700), mode 0600, and the peer's uid checked with
 SO_PEERCRED: only root (or the gateway's own user) gets in. One JSON request line, one JSON
 answer line.
@@ -12,6 +16,7 @@ import contextlib
 import json
 import logging
 import os
+import pwd
 import socket
 import struct
 from pathlib import Path
@@ -24,6 +29,8 @@ log = logging.getLogger("termbridge.admin")
 
 SOCKET_NAME = "admin.sock"
 MAX_REQUEST = 4096
+# Every row of a listing has these keys, in this order (`termbridge sessions list --json`).
+SESSION_KEYS = ("id", "user", "door", "profile", "gateway", "started", "idle_seconds", "container", "attached")
 
 
 def socket_path(state_dir: Path) -> Path:
@@ -95,8 +102,9 @@ class AdminServer:
         return {"error": f"unknown command {str(command)[:40]!r}"}
 
     async def _fleet(self) -> dict[str, dict[str, Any]]:
-        """Every session of every gateway sharing the store, by id, oldest first."""
-        return {row["id"]: row for row in await self.manager.fleet_view()}
+        """Every session of every gateway sharing the store, by id, oldest first (another
+        gateway's idle time is as of its last write to the store)."""
+        return {row["id"]: {key: row[key] for key in SESSION_KEYS} for row in await self.manager.fleet_view()}
 
     async def _kill(self, request: dict[str, Any]) -> dict[str, Any]:
         """`kill` one session by id prefix, or every one with `all`: this gateway's directly,
@@ -104,6 +112,11 @@ class AdminServer:
         fleet = await self._fleet()
         if request.get("all") is True:
             targets = list(fleet)
+        elif "user" in request:
+            name = str(request["user"])[:256]
+            targets = [session_id for session_id, row in fleet.items() if row["user"] == name]
+            if not targets:
+                return {"error": await _no_sessions_of(name)}
         else:
             prefix = str(request.get("id", ""))
             targets = [session_id for session_id in fleet if prefix and session_id.startswith(prefix)]
@@ -114,6 +127,15 @@ class AdminServer:
         await asyncio.gather(*(self.manager.end_session(session_id, "an administrator (termbridge sessions kill)")
                                for session_id in targets))
         return {"killed": targets}
+
+
+async def _no_sessions_of(name: str) -> str:
+    """Why a kill by user name ended nothing: a name with no account here is likely a typo."""
+    try:
+        await asyncio.to_thread(pwd.getpwnam, name)
+    except KeyError:
+        return f"no such user {name!r}, and no live session of that name"
+    return f"no live session of {name!r}"
 
 
 def request(path: Path, payload: dict[str, Any], timeout: float = 15.0) -> dict[str, Any]:

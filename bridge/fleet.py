@@ -50,7 +50,7 @@ def format_sessions(sessions: list[dict[str, Any]]) -> list[str]:
     rows = [("ID", "USER", "DOOR", "CONTAINER", "STARTED", "IDLE", "GATEWAY")]
     for s in sessions:
         rows.append(
-            (s["id"], s["user"], s["door"], s["container"] or "-", s["started"], format_idle(s["idle_for"]), s["gateway"])
+            (s["id"], s["user"], s["door"], s["container"] or "-", s["started"], format_idle(s["idle_seconds"]), s["gateway"])
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
@@ -65,7 +65,7 @@ def _from_record(record: SessionRecord, now: float) -> dict[str, Any]:
         "container": record.container_name or None,
         "container_id": record.container_id or None,
         "started": datetime.fromtimestamp(record.started, timezone.utc).isoformat(timespec="seconds"),
-        "idle_for": round(max(0.0, now - record.last_activity), 1),  # as last written (every few seconds)
+        "idle_seconds": round(max(0.0, now - record.last_activity), 1),  # as last written (every few seconds)
         "attached": record.attached_by is not None,
         "gateway": record.gateway,
         "profile": record.profile,
@@ -184,9 +184,9 @@ class FleetKeeper:
         found: dict[str, dict[str, Any]] = {}
         for session in self.manager.sessions.values():
             record = records.get(session.id)
-            found[session.id] = session.describe() | {
-                "gateway": self.manager.gateway, "profile": record.profile if record else "default",
-            }
+            row = session.describe()
+            row["idle_seconds"] = row.pop("idle_for")
+            found[session.id] = row | {"gateway": self.manager.gateway, "profile": record.profile if record else "default"}
         for record in records.values():
             if record.id not in found and not record.ended and not self.manager.removing(record.id):
                 found[record.id] = _from_record(record, now)

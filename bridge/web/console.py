@@ -26,6 +26,7 @@ from ..vocab import Door
 from .http import client_address, origin_allowed, page
 from .keys import BACKEND, CONFIG, LOGINS, MANAGER, WEBSOCKETS
 from .login import Login, current_admin
+from .paths import under
 
 log = logging.getLogger("termbridge.web")
 
@@ -211,9 +212,9 @@ async def player_page(request: web.Request) -> web.StreamResponse:
 
 
 def setup_routes(app: web.Application) -> None:
-    app.router.add_get("/admin", console_page)
-    app.router.add_get("/admin/ws", console_socket)
-    app.router.add_post("/admin/end", end_sessions)
-    app.router.add_get("/admin/recording", recording)
-    app.router.add_get("/admin/play", player_page)
+    app.router.add_get(under(app, "admin"), console_page)
+    app.router.add_get(under(app, "admin/ws"), console_socket)
+    app.router.add_post(under(app, "admin/end"), end_sessions)
+    app.router.add_get(under(app, "admin/recording"), recording)
+    app.router.add_get(under(app, "admin/play"), player_page)
 

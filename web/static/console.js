@@ -1,6 +1,9 @@
 // The admin console: a snapshot of the fleet arrives every 2 s on admin/ws; rows are updated in
 // place (keyed by session id), so nothing flickers and the filter, focus and selection stay.
-// Every text from the server goes in through textContent: nothing is parsed as HTML.
+// Every text from the server goes in through textContent: nothing is parsed as HTML. Every URL
+// is under the gateway's base path (base.js).
+import { url } from "./base.js";
+
 const body = document.body;
 const csrf = body.dataset.csrf;
 const live = document.getElementById("console-live");
@@ -51,8 +54,8 @@ function cpu(row) {
 
 // Where the watch and join views live (relative to the console, like every URL here).
 const ACTIONS = [
-  ["watch", "Watch", (id) => `admin/watch/${encodeURIComponent(id)}`],
-  ["join", "Join", (id) => `admin/join/${encodeURIComponent(id)}`],
+  ["watch", "Watch", (id) => url(`admin/watch/${encodeURIComponent(id)}`)],
+  ["join", "Join", (id) => url(`admin/join/${encodeURIComponent(id)}`)],
 ];
 
 function setText(cell, text) {
@@ -89,7 +92,7 @@ function makeRow(row) {
   const play = document.createElement("a");
   play.className = "action-play";
   play.textContent = "Recording";
-  play.href = `admin/play?session=${encodeURIComponent(row.id)}`;
+  play.href = url(`admin/play?session=${encodeURIComponent(row.id)}`);
   play.setAttribute("aria-label", `Play the recording of ${row.user}'s session ${row.id.slice(0, 8)}`);
   actions.append(" ", play);
   tr.append(actions);
@@ -104,7 +107,7 @@ function updateRow(tr, row) {
   setText(cells.host, row.container || "-");
   setText(cells.gateway, row.gateway);
   setText(cells.started, started(row.started));
-  setText(cells.idle, idle(row.idle_for));
+  setText(cells.idle, idle(row.idle_seconds));
   setText(cells.in, size(row.bytes_in));
   setText(cells.out, size(row.bytes_out));
   setText(cells.cpu, cpu(row));
@@ -171,7 +174,7 @@ function renderRecordings(recordings, sessions) {
     tr.children[4].className = "num";
     const td = document.createElement("td");
     const link = document.createElement("a");
-    link.href = `admin/play?session=${encodeURIComponent(rec.session)}`;
+    link.href = url(`admin/play?session=${encodeURIComponent(rec.session)}`);
     link.textContent = "Play";
     link.setAttribute("aria-label", `Play the recording of session ${rec.session.slice(0, 12)}`);
     td.append(link);
@@ -238,9 +241,9 @@ function stop(message) {
 }
 
 function connect() {
-  const url = new URL("admin/ws", document.baseURI);
-  url.protocol = url.protocol === "https:" ? "wss:" : "ws:";
-  const socket = new WebSocket(url);
+  const address = new URL(url("admin/ws"), location.href);
+  address.protocol = address.protocol === "https:" ? "wss:" : "ws:";
+  const socket = new WebSocket(address);
   socket.addEventListener("message", (msg) => {
     let data;
     try { data = JSON.parse(msg.data); } catch { return; }
@@ -263,7 +266,7 @@ async function end(target) {
   const form = new URLSearchParams({ csrf, ...target });
   let response;
   try {
-    response = await fetch("admin/end", { method: "POST", body: form, credentials: "same-origin" });
+    response = await fetch(url("admin/end"), { method: "POST", body: form, credentials: "same-origin" });
   } catch {
     setText(result, "The gateway did not answer; nothing was ended.");
     return;
