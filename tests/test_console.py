@@ -18,7 +18,7 @@ from bridge.app import INSTANCE
 from bridge.backends.base import ContainerStats, cpu_percent
 from bridge.web.console import ADMIN_GONE
 from bridge.web.keys import MANAGER
-from helpers import Terminal, containers_gone, session_containers, wait_for
+from helpers import Terminal, containers_gone, csrf_token, session_containers, wait_for
 
 CONSOLE_URLS = ["/admin", "/admin/recording?session=" + "0" * 32, "/admin/play?session=" + "0" * 32]
 
@@ -286,6 +286,29 @@ async def test_the_console_shows_and_ends_another_gateways_sessions(start_gatewa
         await student_http.close()
         await admin_http.close()
     await containers_gone(**{"termbridge.session": session_id})
+
+
+async def test_the_console_lives_under_the_base_path(start_gateway, make_user, make_group):
+    group = make_group()
+    admin = make_user(groups=(group,))
+    gateway = await start_gateway(web={"base_path": "/tb/"}, auth={"admin_groups": [group]})
+    http = aiohttp.ClientSession(base_url=gateway.url, cookie_jar=aiohttp.CookieJar(unsafe=True))
+    try:
+        async with http.post("/tb/login", data={"username": admin.name, "password": admin.password,
+                                                "csrf": await csrf_token(http, "/tb/login")},
+                             headers={"Origin": gateway.origin}, allow_redirects=False) as resp:
+            assert resp.status == 303
+        async with http.get("/admin") as resp:
+            assert resp.status == 404
+        async with http.get("/tb/admin") as resp:
+            assert resp.status == 200
+            page = await resp.text()
+        assert 'href="/tb/static/termbridge.css"' in page and 'src="/tb/static/console.js"' in page
+        ws = await http.ws_connect("/tb/admin/ws", headers={"Origin": gateway.origin})
+        assert (await next_snapshot(ws))["sessions"] == []
+        await ws.close()
+    finally:
+        await http.close()
 
 
 # -- over SSH --------------------------------------------------------------------------------------
