@@ -32,48 +32,83 @@ log = logging.getLogger("termbridge.web")
 
 REFRESH = 2.0  # seconds between two snapshots on the console's socket
 STATS_TIMEOUT = 5.0  # one snapshot's Docker readings, all together
+STATS_AT_ONCE = 4  # Docker stats calls in flight together, for all consoles
+FRESH = REFRESH * 0.75  # a reading younger than this is shown again rather than made again
 AUDIT_EVENTS = 30  # the audit trail's last events shown
 RECORDINGS = 50  # the newest recordings listed
 ADMIN_GONE = 4403  # close code: the login ended or is no longer in auth.admin_groups
 CSRF_PURPOSE = "admin"
 
 
-async def _reading(backend: Any, container_id: str | None) -> ContainerStats | None:
-    if not container_id:
-        return None
-    try:
-        return await backend.stats(container_id)
-    except BridgeError as exc:
-        log.debug("console: no stats for %s: %s", container_id[:12], exc.detail)
-        return None
+class StatsReader:
+    """Docker's readings of the fleet's containers, shared by every open console: each container
+    is read at most once per refresh, and at most STATS_AT_ONCE reads run together, so consoles
+    never take the backend threads that session starts need. Keeps each container's reading
+    before the latest, since a CPU share is the difference between two."""
+
+    def __init__(self) -> None:
+        self._latest: dict[str, ContainerStats] = {}
+        self._before: dict[str, ContainerStats] = {}
+        self._at_once = asyncio.Semaphore(STATS_AT_ONCE)
+
+    async def _read(self, backend: Any, container_id: str) -> ContainerStats | None:
+        async with self._at_once:
+            try:
+                return await backend.stats(container_id)
+            except BridgeError as exc:
+                log.debug("console: no stats for %s: %s", container_id[:12], exc.detail)
+                return None
+
+    async def read(self, backend: Any, container_ids: list[str]) -> dict[str, tuple[ContainerStats, float | None]]:
+        """The latest reading of each container that runs, and its CPU share (None at first)."""
+        now = time.monotonic()
+        stale = [cid for cid in container_ids if cid not in self._latest or now - self._latest[cid].at > FRESH]
+        try:
+            async with asyncio.timeout(STATS_TIMEOUT):
+                readings = await asyncio.gather(*(self._read(backend, cid) for cid in stale))
+        except TimeoutError:
+            log.warning("console: Docker's stats took over %.0f s; shown without", STATS_TIMEOUT)
+            readings = [None] * len(stale)
+        for cid, reading in zip(stale, readings):
+            if reading is None:
+                self._latest.pop(cid, None)
+            else:
+                if cid in self._latest:
+                    self._before[cid] = self._latest[cid]
+                self._latest[cid] = reading
+        wanted = set(container_ids)
+        for table in (self._latest, self._before):
+            for gone in table.keys() - wanted:
+                del table[gone]
+        return {cid: (r, cpu_percent(self._before.get(cid), r)) for cid, r in self._latest.items()}
+
+
+STATS = web.AppKey("console_stats", StatsReader)
+
+
+def _recorded(record_dir: Path, session_ids: list[str]) -> set[str]:
+    """Which of these sessions have a recording (blocking: in a thread)."""
+    return {session_id for session_id in session_ids if recording_file(record_dir, session_id) is not None}
 
 
 class Snapshots:
-    """One console's view of the fleet, made again at each refresh; it keeps each container's
-    previous reading, since a CPU share is the difference between two."""
+    """What one console shows, made again at each refresh."""
 
     def __init__(self, app: web.Application) -> None:
         self.app = app
-        self._previous: dict[str, ContainerStats] = {}
 
     async def sessions(self) -> list[dict[str, Any]]:
         rows = await self.app[MANAGER].fleet_view()
         ids = [row.pop("container_id", None) for row in rows]
-        try:
-            async with asyncio.timeout(STATS_TIMEOUT):
-                readings = await asyncio.gather(*(_reading(self.app[BACKEND], cid) for cid in ids))
-        except TimeoutError:
-            log.warning("console: Docker's stats took over %.0f s; shown without", STATS_TIMEOUT)
-            readings = [None] * len(rows)
+        stats = await self.app[STATS].read(self.app[BACKEND], [cid for cid in ids if cid])
         record_dir = self.app[CONFIG].audit.record_dir
-        previous, self._previous = self._previous, {}
-        for row, cid, reading in zip(rows, ids, readings):
+        recorded = await asyncio.to_thread(_recorded, record_dir, [r["id"] for r in rows]) if record_dir else set()
+        for row, cid in zip(rows, ids):
             row["cpu_percent"] = row["memory"] = row["memory_limit"] = None
-            if cid and reading is not None:
-                self._previous[cid] = reading
-                row.update(cpu_percent=cpu_percent(previous.get(cid), reading), memory=reading.memory_bytes,
-                           memory_limit=reading.memory_limit or None)
-            row["recording"] = record_dir is not None and recording_file(record_dir, row["id"]) is not None
+            if cid in stats:
+                reading, share = stats[cid]
+                row.update(cpu_percent=share, memory=reading.memory_bytes, memory_limit=reading.memory_limit or None)
+            row["recording"] = row["id"] in recorded
         return rows
 
     def pool(self) -> dict[str, int] | None:
@@ -212,6 +247,7 @@ async def player_page(request: web.Request) -> web.StreamResponse:
 
 
 def setup_routes(app: web.Application) -> None:
+    app[STATS] = StatsReader()
     app.router.add_get(under(app, "admin"), console_page)
     app.router.add_get(under(app, "admin/ws"), console_socket)
     app.router.add_post(under(app, "admin/end"), end_sessions)
