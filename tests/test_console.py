@@ -243,13 +243,23 @@ async def test_recordings_for_admins_only_and_no_path_but_an_id(console):
         assert listed[session_id]["user"] == student.name and listed[session_id]["door"] == "web"
         assert "notes" not in listed
         assert any(e.get("event") == "admin_view" for e in snapshot["audit"])
-        await ws.close()
         await term.send("exit\r")
         await term.control("exit")
+        # ended: still listed, and still played
+        async def ended() -> bool:
+            snapshot = await next_snapshot(ws)
+            assert session_id in {r["session"] for r in snapshot["recordings"]}
+            return session_id not in {r["id"] for r in snapshot["sessions"]}
+
+        await wait_for(ended, what="the session to end, its recording still listed")
+        async with admin_http.get(f"/admin/recording?session={session_id}") as resp:
+            assert resp.status == 200 and "recorded-42" in await resp.text()
+        await ws.close()
     finally:
         await student_http.close()
         await admin_http.close()
-    assert [e["what"] for e in audit_events(audit_log, "admin_view")] == [f"recording {session_id}", "console"]
+    assert [e["what"] for e in audit_events(audit_log, "admin_view")] == [
+        f"recording {session_id}", "console", f"recording {session_id}"]
 
 
 async def test_the_console_shows_and_ends_another_gateways_sessions(start_gateway, make_user, make_group, redis_url,
