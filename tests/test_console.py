@@ -446,6 +446,13 @@ async def test_console_in_chromium(browser, console, scheme):
     await expect(student_page.locator("#ended-reason")).to_contain_text("An administrator ended this session")
     await expect(row).to_have_count(0, timeout=10_000)
     await containers_gone(**{"termbridge.session": session_id})
+
+    # removed from the group: the open console stops by itself and says why
+    subprocess.run(["gpasswd", "-d", admin.name, group], check=True, capture_output=True)
+    await expect(console_page.locator("body")).to_have_attribute("data-live", "denied", timeout=10_000)
+    await expect(console_page.get_by_role("alert")).to_contain_text("admin groups")
+    await expect(console_page.get_by_label("Filter by user")).to_be_enabled()
+    await axe_check(console_page, f"console-denied-{scheme}")
     await admin_context.close()
     await student_context.close()
     assert [e["user"] for e in audit_events(audit_log, "admin_kill")] == [student.name]
