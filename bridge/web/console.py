@@ -5,8 +5,7 @@ over a WebSocket; ending sessions; playing a recording in the page.
 Every request and every refresh of the socket asks `current_admin` again, so that someone
 removed from the group loses the console at once (an open socket is closed with ADMIN_GONE).
 Actions are POSTs with the page's CSRF token and a same-origin Origin, and are audited
-(`admin_view`, `admin_kill`). URLs in the pages are relative, so the console works under a
-path prefix too.
+(`admin_view`, `admin_kill`). Routes and page links are under `web.base_path` (paths.py).
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ from typing import Any
 from aiohttp import WSMsgType, web
 
 from ..audit import audit_tail, list_recordings, recording_file
-from ..backends.base import ContainerStats, cpu_percent
+from ..backends.base import Backend, ContainerStats, cpu_percent
 from ..errors import BridgeError, StoreUnavailable
 from ..vocab import Door
 from .http import client_address, origin_allowed, page
@@ -51,7 +50,7 @@ class StatsReader:
         self._before: dict[str, ContainerStats] = {}
         self._at_once = asyncio.Semaphore(STATS_AT_ONCE)
 
-    async def _read(self, backend: Any, container_id: str) -> ContainerStats | None:
+    async def _read(self, backend: Backend, container_id: str) -> ContainerStats | None:
         async with self._at_once:
             try:
                 return await backend.stats(container_id)
@@ -59,7 +58,7 @@ class StatsReader:
                 log.debug("console: no stats for %s: %s", container_id[:12], exc.detail)
                 return None
 
-    async def read(self, backend: Any, container_ids: list[str]) -> dict[str, tuple[ContainerStats, float | None]]:
+    async def read(self, backend: Backend, container_ids: list[str]) -> dict[str, tuple[ContainerStats, float | None]]:
         """The latest reading of each container that runs, and its CPU share (None at first)."""
         now = time.monotonic()
         stale = [cid for cid in container_ids if cid not in self._latest or now - self._latest[cid].at > FRESH]
