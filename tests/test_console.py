@@ -17,7 +17,7 @@ import pytest
 from bridge.app import INSTANCE
 from bridge.backends.base import ContainerStats, cpu_percent
 from bridge.web.console import ADMIN_GONE
-from bridge.web.keys import MANAGER
+from bridge.web.keys import BACKEND, MANAGER
 from helpers import Terminal, containers_gone, csrf_token, session_containers, wait_for
 
 CONSOLE_URLS = ["/admin", "/admin/recording?session=" + "0" * 32, "/admin/play?session=" + "0" * 32]
@@ -67,6 +67,11 @@ async def console(start_gateway, make_user, make_group, tmp_path):
         auth={"admin_groups": [group]}, audit={"log": str(audit_log), "record_dir": str(records)},
     )
     return gateway, admin, student, group, audit_log, records
+
+
+async def test_stats_of_a_container_that_is_not_there_is_none(gateway):
+    """The contract: None, not an error, for a gone container (the real Docker backend)."""
+    assert await gateway.app[BACKEND].stats("0" * 64) is None
 
 
 def test_cpu_percent_is_the_rate_between_two_readings():

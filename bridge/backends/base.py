@@ -106,9 +106,10 @@ class Backend(Protocol):
         """Running, stopped (exit code, OOM-killed) or gone."""
 
     async def stats(self, container_id: str) -> ContainerStats | None:
-        """One reading of the container's CPU and memory use, at once (no waiting for a second
-        sample). None when the container is gone or not running; raises BackendUnavailable when
-        the engine cannot be reached. For the admin console: never on a session's own path."""
+        """One reading of the container's CPU and memory use (one sample: Docker may take up to
+        a second to give it). None when the container is gone or not running; raises
+        BackendUnavailable when the engine cannot be reached. For the admin console, never on a
+        session's own path: an implementation must not let these reads delay `start`."""
 
     async def list_own(self) -> list[ContainerInfo]:
         """Every container labelled with this gateway instance, running or not."""

@@ -64,6 +64,9 @@ LOG_CONFIG = {"type": "json-file", "config": {"max-size": str(LOG_FILE_BYTES), "
 IMAGE_PROTOCOL = "5"
 NETWORK_NAMES = {"isolated": "termbridge-isolated", "internet": "termbridge-internet"}
 SSHD_PORT = 22
+# Docker (20.10) answers a one-shot stats request at its next sampling, up to a second later: the
+# admin console's reads wait in a pool of their own, so they never delay a session's start.
+STATS_WORKERS = 16
 
 
 def _tar(files: dict[str, tuple[bytes, int]]) -> bytes:
@@ -109,6 +112,7 @@ class DockerBackend:
         self._base_url = base_url
         self._workers = workers
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="docker")
+        self._stats_pool = ThreadPoolExecutor(max_workers=STATS_WORKERS, thread_name_prefix="docker-stats")
         self._client: docker.APIClient | None = None
         self._client_lock = threading.Lock()
         self._bridge: str | None = None
@@ -123,7 +127,7 @@ class DockerBackend:
                 if self._base_url:
                     kwargs["base_url"] = self._base_url
                 self._client = docker.APIClient(
-                    version="auto", timeout=60, max_pool_size=self._workers, **kwargs
+                    version="auto", timeout=60, max_pool_size=self._workers + STATS_WORKERS, **kwargs
                 )
             return self._client
 
@@ -136,7 +140,9 @@ class DockerBackend:
 
     async def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run a blocking SDK call in the pool; turn "engine unreachable" into BackendUnavailable."""
+        return await self._call_in(self._pool, fn, *args, **kwargs)
 
+    async def _call_in(self, pool: ThreadPoolExecutor, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         def run() -> T:
             try:
                 return fn(*args, **kwargs)
@@ -146,7 +152,7 @@ class DockerBackend:
                 self._forget_client()
                 raise BackendUnavailable(detail=f"Docker engine unreachable: {exc}") from exc
 
-        return await asyncio.get_running_loop().run_in_executor(self._pool, run)
+        return await asyncio.get_running_loop().run_in_executor(pool, run)
 
     # -- contract -----------------------------------------------------------------------------
 
@@ -436,7 +442,7 @@ class DockerBackend:
         return _stats_from(raw, time.monotonic())
 
     async def stats(self, container_id: str) -> ContainerStats | None:
-        return await self._call(self._stats_sync, container_id)
+        return await self._call_in(self._stats_pool, self._stats_sync, container_id)
 
     def _list_sync(self, label: str, value: str) -> list[ContainerInfo]:
         found = self._api().containers(all=True, filters={"label": [f"{label}={value}"]})
@@ -460,3 +466,4 @@ class DockerBackend:
     async def close(self) -> None:
         self._forget_client()
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._stats_pool.shutdown(wait=False, cancel_futures=True)

@@ -30,9 +30,9 @@ from .paths import under
 log = logging.getLogger("termbridge.web")
 
 REFRESH = 2.0  # seconds between two snapshots on the console's socket
-STATS_TIMEOUT = 5.0  # one snapshot's Docker readings, all together
-STATS_AT_ONCE = 4  # Docker stats calls in flight together, for all consoles
-FRESH = REFRESH * 0.75  # a reading younger than this is shown again rather than made again
+STATS_TIMEOUT = 5.0  # one Docker reading
+SWEEP_EVERY = 1.0  # at most one reading of each container per this many seconds
+SWEEP_IDLE = 10.0  # the sweep stops when no console asked for this long
 AUDIT_EVENTS = 30  # the audit trail's last events shown
 RECORDINGS = 50  # the newest recordings listed
 ADMIN_GONE = 4403  # close code: the login ended or is no longer in auth.admin_groups
@@ -40,46 +40,57 @@ CSRF_PURPOSE = "admin"
 
 
 class StatsReader:
-    """Docker's readings of the fleet's containers, shared by every open console: each container
-    is read at most once per refresh, and at most STATS_AT_ONCE reads run together, so consoles
-    never take the backend threads that session starts need. Keeps each container's reading
+    """Docker's readings of the fleet's containers, shared by every open console. A sweep in the
+    background reads every container a console asked about, at most once a second, while a
+    console asked within SWEEP_IDLE; a snapshot takes the latest readings without waiting for
+    Docker (which answers a reading only at its next sampling). Keeps each container's reading
     before the latest, since a CPU share is the difference between two."""
 
     def __init__(self) -> None:
         self._latest: dict[str, ContainerStats] = {}
         self._before: dict[str, ContainerStats] = {}
-        self._at_once = asyncio.Semaphore(STATS_AT_ONCE)
+        self._wanted: list[str] = []
+        self._asked = 0.0
+        self._sweeper: asyncio.Task[None] | None = None
 
-    async def _read(self, backend: Backend, container_id: str) -> ContainerStats | None:
-        async with self._at_once:
-            try:
-                return await backend.stats(container_id)
-            except BridgeError as exc:
-                log.debug("console: no stats for %s: %s", container_id[:12], exc.detail)
-                return None
-
-    async def read(self, backend: Backend, container_ids: list[str]) -> dict[str, tuple[ContainerStats, float | None]]:
-        """The latest reading of each container that runs, and its CPU share (None at first)."""
-        now = time.monotonic()
-        stale = [cid for cid in container_ids if cid not in self._latest or now - self._latest[cid].at > FRESH]
-        try:
-            async with asyncio.timeout(STATS_TIMEOUT):
-                readings = await asyncio.gather(*(self._read(backend, cid) for cid in stale))
-        except TimeoutError:
-            log.warning("console: Docker's stats took over %.0f s; shown without", STATS_TIMEOUT)
-            readings = [None] * len(stale)
-        for cid, reading in zip(stale, readings):
-            if reading is None:
-                self._latest.pop(cid, None)
-            else:
-                if cid in self._latest:
-                    self._before[cid] = self._latest[cid]
-                self._latest[cid] = reading
+    def read(self, backend: Backend, container_ids: list[str]) -> dict[str, tuple[ContainerStats, float | None]]:
+        """The latest reading of each of these containers that runs, and its CPU share (None
+        until two readings exist); starts the sweep when none runs."""
+        self._wanted, self._asked = list(container_ids), time.monotonic()
         wanted = set(container_ids)
         for table in (self._latest, self._before):
             for gone in table.keys() - wanted:
                 del table[gone]
+        if self._sweeper is None or self._sweeper.done():
+            self._sweeper = asyncio.create_task(self._sweep(backend), name="console-stats")
         return {cid: (r, cpu_percent(self._before.get(cid), r)) for cid, r in self._latest.items()}
+
+    async def _sweep(self, backend: Backend) -> None:
+        while time.monotonic() - self._asked < SWEEP_IDLE:
+            started, ids = time.monotonic(), self._wanted
+            readings = await asyncio.gather(*(self._read_one(backend, cid) for cid in ids))
+            for cid, reading in zip(ids, readings):
+                if reading is None:
+                    self._latest.pop(cid, None)
+                    continue
+                if cid in self._latest:
+                    self._before[cid] = self._latest[cid]
+                self._latest[cid] = reading
+            await asyncio.sleep(max(0.0, SWEEP_EVERY - (time.monotonic() - started)))
+
+    @staticmethod
+    async def _read_one(backend: Backend, container_id: str) -> ContainerStats | None:
+        try:
+            async with asyncio.timeout(STATS_TIMEOUT):
+                return await backend.stats(container_id)
+        except (BridgeError, TimeoutError) as exc:
+            log.debug("console: no stats for %s: %s", container_id[:12], getattr(exc, "detail", "timed out"))
+            return None
+
+    async def stop(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            await asyncio.gather(self._sweeper, return_exceptions=True)
 
 
 STATS = web.AppKey("console_stats", StatsReader)
@@ -99,7 +110,7 @@ class Snapshots:
     async def sessions(self) -> list[dict[str, Any]]:
         rows = await self.app[MANAGER].fleet_view()
         ids = [row.pop("container_id", None) for row in rows]
-        stats = await self.app[STATS].read(self.app[BACKEND], [cid for cid in ids if cid])
+        stats = self.app[STATS].read(self.app[BACKEND], [cid for cid in ids if cid])
         record_dir = self.app[CONFIG].audit.record_dir
         recorded = await asyncio.to_thread(_recorded, record_dir, [r["id"] for r in rows]) if record_dir else set()
         for row, cid in zip(rows, ids):
@@ -245,8 +256,13 @@ async def player_page(request: web.Request) -> web.StreamResponse:
     return page(request, "player.html", wasm=True, user=login.user.name, session=session_id)
 
 
+async def _stop_stats(app: web.Application) -> None:
+    await app[STATS].stop()
+
+
 def setup_routes(app: web.Application) -> None:
     app[STATS] = StatsReader()
+    app.on_shutdown.append(_stop_stats)
     app.router.add_get(under(app, "admin"), console_page)
     app.router.add_get(under(app, "admin/ws"), console_socket)
     app.router.add_post(under(app, "admin/end"), end_sessions)
