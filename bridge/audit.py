@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from .auth import AuthenticatedUser
+from .config import DEFAULT_PROFILE
 from .errors import ConfigError
 from .logsafe import SafeFormatter
 from .observers import SessionObserver
@@ -89,6 +90,7 @@ def _session_fields(session: Session) -> dict[str, Any]:
         "session": session.id,
         "user": session.user.name,
         "door": session.door,
+        "profile": session.profile,
         "container": session.container.id if session.container else None,
     }
 
@@ -97,32 +99,36 @@ class AuditObserver(SessionObserver):
     """Turns the session manager's events into audit lines."""
 
     def __init__(self, audit: AuditLog, image: str) -> None:
+        """`image`: [session]'s, for sessions that carry no profile settings of their own."""
         self.audit = audit
         self.image = image
+
+    def _image(self, session: Session) -> str:
+        return session.settings.image if session.settings is not None else self.image
 
     def login(self, user: str, rhost: str | None, door: Door, result: LoginResult, reason: str) -> None:
         self.audit.login(user, rhost, door, result, reason)
 
     def session_started(self, session: Session, seconds: float) -> None:
         self.audit.emit(
-            "session_start", **_session_fields(session), image=self.image,
+            "session_start", **_session_fields(session), image=self._image(session),
             container_name=session.container.name if session.container else None,
             started=session.started_at.isoformat(timespec="seconds"), startup_ms=round(seconds * 1000),
         )
 
     def session_failed(self, session: Session, detail: str) -> None:
-        self.audit.emit("session_failed", **_session_fields(session), image=self.image,
+        self.audit.emit("session_failed", **_session_fields(session), image=self._image(session),
                         reason=session.end_reason, detail=detail)
 
     def session_ended(self, session: Session) -> None:
         lived = time.monotonic() - session.ready_at if session.ready_at is not None else 0.0
         self.audit.emit(
-            "session_end", **_session_fields(session), image=self.image, reason=session.end_reason,
+            "session_end", **_session_fields(session), image=self._image(session), reason=session.end_reason,
             code=session.exit_code, signal=session.exit_signal, channels=session.channels, duration=round(lived, 3), bytes_in=session.bytes_in, bytes_out=session.bytes_out,
         )
 
-    def session_refused(self, user: AuthenticatedUser, door: Door, detail: str) -> None:
-        self.audit.emit("session_refused", user=user.name, door=door, reason=detail)
+    def session_refused(self, user: AuthenticatedUser, door: Door, detail: str, profile: str = DEFAULT_PROFILE) -> None:
+        self.audit.emit("session_refused", user=user.name, door=door, profile=profile, reason=detail)
 
     def session_killed(self, session: Session, actor: Actor) -> None:
         self.audit.emit("session_kill", **_session_fields(session), by=actor)

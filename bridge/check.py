@@ -85,6 +85,14 @@ def check_docker(config: Config, config_arg: str, pre_start: bool = False) -> It
                    f"termbridge image build{config_arg} (add --base IMAGE without a registry)")
     else:
         yield ok("image", f"{image} present ({facts.image_id.removeprefix('sha256:')[:12]}, built {facts.image_created})")
+    for profile in config.profiles:  # a profile with an image of its own
+        own = profile.session.image
+        if own != image:
+            if engine_facts(own).image_id is not None:
+                yield ok("image", f"profile {profile.name}: image {own} present")
+            else:
+                yield fail("image", f"profile {profile.name}: image {own} is not present",
+                           f"build or load {own}, or change 'profiles.{profile.name}.image'")
     options = " ".join(facts.security_options)
     if "name=userns" in options or "name=rootless" in options:
         yield ok("userns-remap", "on: root in a session container is not root on the host")

@@ -35,7 +35,9 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--if-stale", action="store_true", help="keep an image already built from this context and base")
     sessions = sub.add_parser("sessions", parents=[common], help="live sessions of every gateway sharing the store")
     sessions_sub = sessions.add_subparsers(dest="sessions_command", required=True)
-    listing = sessions_sub.add_parser("list", parents=[common], help="id, user, door, container, started, idle for, gateway")
+    listing = sessions_sub.add_parser(
+        "list", parents=[common], help="id, user, door, profile, container, started, idle for, gateway"
+    )
     listing.add_argument("--json", action="store_true", help="one JSON array of objects, for scripts")
     kill = sessions_sub.add_parser("kill", parents=[common], help="end sessions (the person sees why)")
     target = kill.add_mutually_exclusive_group(required=True)

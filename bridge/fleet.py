@@ -14,7 +14,7 @@ from .backends.base import LABEL_GATEWAY, LABEL_STARTED, Backend, ContainerInfo
 from .config import Config
 from .errors import StoreUnavailable
 from .observers import Observers
-from .pool import WarmPool, pool_slot
+from .pool import WarmPools, pool_slot
 from .session import Session
 from .store import SessionRecord, Store
 
@@ -47,11 +47,12 @@ def format_idle(seconds: float | None) -> str:
 
 def format_sessions(sessions: list[dict[str, Any]]) -> list[str]:
     """The session table of `termbridge sessions list` (and of the SSH door's `sessions`)."""
-    rows = [("ID", "USER", "DOOR", "CONTAINER", "STARTED", "IDLE", "GATEWAY")]
+    rows = [("ID", "USER", "DOOR", "PROFILE", "CONTAINER", "STARTED", "IDLE", "GATEWAY")]
     for s in sessions:
-        rows.append(
-            (s["id"], s["user"], s["door"], s["container"] or "-", s["started"], format_idle(s["idle_seconds"]), s["gateway"])
-        )
+        rows.append((
+            s["id"], s["user"], s["door"], s["profile"], s["container"] or "-", s["started"],
+            format_idle(s["idle_seconds"]), s["gateway"],
+        ))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
 
@@ -82,7 +83,7 @@ class Manager(Protocol):
     store: Store | None
     gateway: str
     sessions: dict[str, Session]
-    pool: WarmPool | None
+    pool: WarmPools | None
     observers: Observers
 
     async def forget(self, session_id: str) -> None: ...
@@ -178,15 +179,14 @@ class FleetKeeper:
     async def view(self) -> list[dict[str, Any]]:
         """Every live session of every gateway sharing the store, oldest first, as the admin
         socket, the console and the SSH door's `sessions` show them: this gateway's from its
-        memory (with their profile from the store), the others' from their records."""
+        memory, the others' from their records."""
         records = {r.id: r for r in await self.fleet()}
         now = time.time()
         found: dict[str, dict[str, Any]] = {}
         for session in self.manager.sessions.values():
-            record = records.get(session.id)
-            row = session.describe()
+            row = session.describe()  # its profile included
             row["idle_seconds"] = row.pop("idle_for")
-            found[session.id] = row | {"gateway": self.manager.gateway, "profile": record.profile if record else "default"}
+            found[session.id] = row | {"gateway": self.manager.gateway}
         for record in records.values():
             if record.id not in found and not record.ended and not self.manager.removing(record.id):
                 found[record.id] = _from_record(record, now)

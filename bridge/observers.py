@@ -9,6 +9,7 @@ import logging
 from collections.abc import Callable, Iterator
 
 from .auth import AuthenticatedUser
+from .config import DEFAULT_PROFILE
 from .session import Session
 from .vocab import Actor, Door, LoginResult
 
@@ -32,8 +33,8 @@ class SessionObserver:
     def session_ended(self, session: Session) -> None:
         """A session that was ready has ended; its container's removal is under way."""
 
-    def session_refused(self, user: AuthenticatedUser, door: Door, detail: str) -> None:
-        """A limit (or shutdown) refused a new session before anything was started."""
+    def session_refused(self, user: AuthenticatedUser, door: Door, detail: str, profile: str = DEFAULT_PROFILE) -> None:
+        """A limit (or shutdown) refused a new session of `profile` before anything was started."""
 
     def session_killed(self, session: Session, actor: Actor) -> None:
         """Someone ended a session from outside."""
@@ -80,8 +81,8 @@ class Observers(SessionObserver):
     def session_ended(self, session: Session) -> None:
         self._each("session_ended", lambda o: o.session_ended(session))
 
-    def session_refused(self, user: AuthenticatedUser, door: Door, detail: str) -> None:
-        self._each("session_refused", lambda o: o.session_refused(user, door, detail))
+    def session_refused(self, user: AuthenticatedUser, door: Door, detail: str, profile: str = DEFAULT_PROFILE) -> None:
+        self._each("session_refused", lambda o: o.session_refused(user, door, detail, profile))
 
     def session_killed(self, session: Session, actor: Actor) -> None:
         self._each("session_killed", lambda o: o.session_killed(session, actor))

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 from .auth import AuthenticatedUser
 from .backends.base import Container
+from .config import DEFAULT_PROFILE, SessionConfig
 from .stream import Stream, StreamSink
 from .upstream import SessionKeys, Upstream
 from .vocab import Door, EndReason
@@ -75,11 +76,13 @@ class SessionLog(logging.LoggerAdapter):
 class Session:
     def __init__(
         self, user: AuthenticatedUser, door: Door, sink: Sink, session_id: str | None = None,
-        max_lifetime: float = float("inf"),
+        max_lifetime: float = float("inf"), profile: str = DEFAULT_PROFILE, settings: SessionConfig | None = None,
     ) -> None:
         self.id = session_id or secrets.token_hex(16)
         self.user = user
         self.door = door
+        self.profile = profile
+        self.settings = settings  # the profile's session settings; None: the manager's [session]
         self.sink: Sink | None = sink
         self.started_at = datetime.now(timezone.utc)
         self.created = time.monotonic()
@@ -186,6 +189,7 @@ class Session:
             "id": self.id,
             "user": self.user.name,
             "door": self.door,
+            "profile": self.profile,
             "container": self.container.name if self.container else None,
             "container_id": self.container.id if self.container else None,
             "started": self.started_at.isoformat(timespec="seconds"),

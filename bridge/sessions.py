@@ -26,14 +26,14 @@ from typing import Any, cast
 
 from .auth import AuthenticatedUser
 from .backends.base import Backend, Container, ContainerSpec
-from .config import Config
+from .config import DEFAULT_PROFILE, Config, ProfileConfig, SessionConfig
 from .continuity import (
     ACTIVITY_WRITE_INTERVAL, LEASE_CHECK_INTERVAL, Adoptable, Continuity, monotonic_from_wall, wall_from_monotonic,
 )
 from .errors import BridgeError, LimitReached, SessionStartError, StoreUnavailable
 from .fleet import FLEET_INTERVAL, FleetKeeper
 from .observers import Observers
-from .pool import Pooled, WarmPool, pool_slot
+from .pool import Pooled, WarmPools, pool_slot
 from .session import Session, Sink, TerminalRequest, TerminalSink
 from .store import Refusal, SessionRecord, Store
 from .stream import Stream
@@ -45,16 +45,18 @@ log = logging.getLogger("termbridge.sessions")
 
 
 
-def limit_reached(cap: Refusal, max_per_user: int, max_total: int) -> LimitReached:
-    """The refusal of a cap, in words for the person and for the log."""
+def limit_reached(cap: Refusal, max_per_user: int, max_total: int, profile: str = DEFAULT_PROFILE) -> LimitReached:
+    """The refusal of a cap, in words for the person and for the log (max_per_user is the
+    session's profile's: named as its key)."""
     if cap == "max_total":
         return LimitReached(
             f"this server is at its limit of {max_total} sessions (session.max_total); try again later",
             detail=f"refused: session.max_total={max_total} reached",
         )
+    key = "session.max_per_user" if profile == DEFAULT_PROFILE else f"profiles.{profile}.max_per_user"
     return LimitReached(
-        f"you already have {max_per_user} sessions, the most allowed (session.max_per_user); end one first",
-        detail=f"refused: session.max_per_user={max_per_user} reached",
+        f"you already have {max_per_user} sessions, the most allowed ({key}); end one first",
+        detail=f"refused: {key}={max_per_user} reached",
     )
 
 
@@ -90,9 +92,7 @@ class SessionManager:
         self._closing = False
         self.observers = Observers()
         self.keeper = FleetKeeper(self)
-        self.pool = (
-            WarmPool(config.session.pool, backend, config.session, self._room, store) if config.session.pool else None
-        )
+        self.pool = WarmPools(config.all_profiles(), backend, self._room, store) or None
 
     def _room(self) -> int:
         """How many more containers this gateway may hold (sessions and pooled ones alike)."""
@@ -131,23 +131,29 @@ class SessionManager:
             self.pool.kick()  # a slot is free: the pool may refill up to max_total
         return True
 
-    def _check_limits(self, user: AuthenticatedUser) -> None:
-        cfg = self.config.session
+    def settings(self, session: Session) -> SessionConfig:
+        """The session settings a session runs with: its profile's (else [session])."""
+        return session.settings or self.config.session
+
+    def _check_limits(self, user: AuthenticatedUser, profile: ProfileConfig) -> None:
+        """max_per_user is the profile's (counting every session of the user, whatever its
+        profile); max_total is the gateway's."""
+        cfg = profile.session
         if self._closing:
             raise LimitReached("the gateway is shutting down", detail="refused: shutting down")
         # A login that takes a pooled container adds nothing to what the gateway holds.
-        takes_pooled = self.pool is not None and bool(self.pool.ready)
+        takes_pooled = self.pool is not None and self.pool.ready_for(profile.name)
         if self._room() + takes_pooled <= 0:
             raise limit_reached("max_total", cfg.max_per_user, cfg.max_total)
         if self.count_for(user.name) >= cfg.max_per_user:
-            raise limit_reached("max_per_user", cfg.max_per_user, cfg.max_total)
+            raise limit_reached("max_per_user", cfg.max_per_user, cfg.max_total, profile.name)
 
-    async def _reserve(self, session_id: str, user: str, pooled: Pooled | None) -> None:
+    async def _reserve(self, session_id: str, user: str, pooled: Pooled | None, profile: ProfileConfig) -> None:
         """Take the session's slot in the store, so the caps hold across the fleet. Raises
         LimitReached (a cap refused) or StoreUnavailable."""
         if self.store is None:
             return
-        cfg = self.config.session
+        cfg = profile.session
         if pooled is not None:
             refusal = await self.store.claim_slot(
                 pool_slot(pooled.session_id), session_id, user, cfg.max_per_user, cfg.max_total
@@ -155,14 +161,16 @@ class SessionManager:
         else:
             refusal = await self.store.reserve_slot(session_id, user, cfg.max_per_user, cfg.max_total)
         if refusal is not None:
-            raise limit_reached(refusal, cfg.max_per_user, cfg.max_total)
+            raise limit_reached(refusal, cfg.max_per_user, cfg.max_total, profile.name)
 
     # -- life cycle ---------------------------------------------------------------------------
 
     async def create(
-        self, user: AuthenticatedUser, door: Door, sink: Sink, terminal: TerminalRequest | None = None
+        self, user: AuthenticatedUser, door: Door, sink: Sink, terminal: TerminalRequest | None = None,
+        profile: ProfileConfig | None = None,
     ) -> Session:
-        """Start a session and attach `sink`. With `terminal`, a login shell on a pty is opened and
+        """Start a session of `profile` (the door checked that it is the person's; default: the
+        default profile) and attach `sink`. With `terminal`, a login shell on a pty is opened and
         its output pumped to the sink; without, the session is the container and its upstream
         connection only, and the door opens its own channels on `session.upstream`.
 
@@ -170,28 +178,34 @@ class SessionManager:
         down, image missing, start failure) with nothing left behind. Cancelling the caller also
         leaves nothing behind."""
         door = Door(door)
+        profile = profile or self.config.default_profile
         try:
-            self._check_limits(user)
+            self._check_limits(user, profile)
         except LimitReached as exc:
-            self.observers.session_refused(user, door, exc.detail)
+            self.observers.session_refused(user, door, exc.detail, profile.name)
             raise
-        pooled = self.pool.take() if self.pool is not None else None
-        session = Session(user, door, sink, pooled.session_id if pooled else None, self.config.session.max_lifetime)
+        pooled = self.pool.take(profile.name) if self.pool is not None else None
+        session = Session(
+            user, door, sink, pooled.session_id if pooled else None, profile.session.max_lifetime,
+            profile=profile.name, settings=profile.session,
+        )
         self.sessions[session.id] = session
         self._hold(session)
         try:
-            await self._reserve(session.id, user.name, pooled)
+            await self._reserve(session.id, user.name, pooled, profile)
         except (LimitReached, StoreUnavailable, asyncio.CancelledError) as exc:
             self.sessions.pop(session.id, None)
             self._release(session.id)
             if pooled is not None and self.pool is not None:
                 self.pool.give_back(pooled)
             if isinstance(exc, LimitReached):
-                self.observers.session_refused(user, door, exc.detail)
+                self.observers.session_refused(user, door, exc.detail, profile.name)
             elif isinstance(exc, StoreUnavailable):
                 session.log.error("refused: the state store did not answer: %s", exc.detail)
             raise
-        session.log.info("starting (%s door%s)", door, f", pooled {pooled.container.name}" if pooled else "")
+        session.log.info(
+            "starting (%s door, profile %s%s)", door, profile.name, f", pooled {pooled.container.name}" if pooled else ""
+        )
         try:
             await self._provision(session, terminal, pooled)
         except asyncio.CancelledError:
@@ -215,7 +229,7 @@ class SessionManager:
         return session
 
     async def _provision(self, session: Session, terminal: TerminalRequest | None, pooled: Pooled | None) -> None:
-        cfg = self.config.session
+        cfg = self.settings(session)
         if pooled is not None:
             keys = pooled.keys
             session.container = pooled.container  # removed with the session, whatever happens next
@@ -276,7 +290,7 @@ class SessionManager:
         await self.store.put_session(
             SessionRecord(
                 id=session.id, user=session.user.name, door=str(session.door), gateway=self.gateway, started=now,
-                last_activity=now, lifetime_deadline=wall_from_monotonic(session.lifetime_end), profile="default",
+                last_activity=now, lifetime_deadline=wall_from_monotonic(session.lifetime_end), profile=session.profile,
                 container_id=container.id, container_name=container.name, address=container.address,
                 port=container.port, ssh_user=container.ssh_user, attached_by=self.gateway, attached_at=now,
             )
@@ -297,8 +311,10 @@ class SessionManager:
             authorized_keys=keys.authorized_keys,
             host_private_key=keys.host_private_key,
             host_public_key=keys.host_public_key,
-            root=self.config.session.user == "root",
+            root=self.settings(session).user == "root",
             uid=session.user.uid,
+            profile=session.profile,
+            settings=self.settings(session),
         )
         start = asyncio.ensure_future(self.backend.start(spec))
         self._starting[session.id] = start
@@ -337,11 +353,13 @@ class SessionManager:
         sink: TerminalSink,
         terminal: TerminalRequest,
         resume: tuple[str, int] | None = None,
+        profile: ProfileConfig | None = None,
     ) -> Session:
         """Open a terminal for `user` and attach `sink` to it: resume `user`'s own live session
-        named by `resume` = (session id, output offset), replaying from that offset, or start a new
-        one (also when `resume` names no such session). `sink.started` and then `sink.attached`
-        are called before this returns. Raises what `create` raises."""
+        named by `resume` = (session id, output offset), replaying from that offset (it keeps its
+        own profile), or start a new one of `profile` (also when `resume` names no such session).
+        `sink.started` and then `sink.attached` are called before this returns. Raises what
+        `create` raises."""
         session = self._resumable(user, door, *resume) if resume is not None else None
         offset = 0
         if session is None and resume is not None and self.continuity is not None:
@@ -351,7 +369,7 @@ class SessionManager:
             offset = resume[1] if resume is not None else 0
             await sink.started(session)
         if session is None:
-            session = await self.create(user, door, sink, terminal)
+            session = await self.create(user, door, sink, terminal, profile)
         stream = session.stream
         if stream is None or session.ending:
             raise SessionStartError("this session cannot be attached", detail="ended before it was attached")
@@ -394,7 +412,11 @@ class SessionManager:
             log.info("reattach of %s to %.12s: not in the store; starting a new one", user.name, session_id)
             return None
         rec = found.record
-        session = Session(user, door, sink, rec.id)
+        profile = self.config.profile(rec.profile)
+        if profile is None:
+            log.warning("session %.12s: its profile %r is no longer configured; [session]'s clocks apply",
+                        rec.id, rec.profile)
+        session = Session(user, door, sink, rec.id, profile=rec.profile, settings=profile.session if profile else None)
         session.adopted = True
         session.log.info("adopting (started by gateway %s, attached to %s)", rec.gateway, rec.attached_by or "none")
         self.sessions[session.id] = session
@@ -422,7 +444,7 @@ class SessionManager:
         rec = found.record
         session.started_at = datetime.fromtimestamp(rec.started, timezone.utc)
         session.container, session.keys = found.container, found.keys
-        timeout = self.config.session.start_timeout
+        timeout = self.settings(session).start_timeout
         async with asyncio.timeout(timeout):
             session.upstream = upstream = await self._connect(found.container, found.keys, timeout)
             await self._open_stream(session, upstream, terminal, offset)
@@ -491,7 +513,7 @@ class SessionManager:
                 except BridgeError as exc:
                     detail += f"; Docker: {exc.detail}"
                     break
-                described = describe_end(state, self.config.session.memory)
+                described = describe_end(state, self.settings(session).memory)
                 if described:
                     message = described
                     break
@@ -500,7 +522,7 @@ class SessionManager:
         await self.end(session, EndReason.ERROR, message=message)
 
     async def _watchdog(self, session: Session) -> None:
-        cfg = self.config.session
+        cfg = self.settings(session)
         lifetime_end = session.lifetime_end
         while not session.ending:
             now = time.monotonic()

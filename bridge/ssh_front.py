@@ -7,6 +7,10 @@ subsystem) is opened again on that upstream connection and joined to it with
 `SSHServerProcess.redirect()`, which carries data, EOF, window-change, break and signals; the exit
 status or exit signal goes back to the client. Only sessions are served: TCP, agent and X11
 forwarding are refused.
+
+`ssh alice+NAME@host` asks for the profile NAME: everything about the login (PAM, keys, the
+throttle, the audit trail) uses the account name `alice`; the profile is checked against her
+groups once she is in, and a bad or forbidden name ends the connection with one line saying why.
 """
 
 from __future__ import annotations
@@ -20,9 +24,10 @@ from typing import Any, TypeVar
 import asyncssh
 
 from .auth import AuthenticatedUser, AuthResult, Outcome, member_of, printable_username, valid_username
-from .config import Config
+from .config import Config, ProfileConfig
 from .errors import AuthUnavailable, BridgeError, ConfigError, StoreUnavailable
 from .fleet import format_sessions
+from .profiles import choose
 from .session import Session
 from .sessions import SessionManager
 from .ssh_channels import ChannelProcess, EnvBudget, EnvCappedChannel, env_passes, refuse, say
@@ -50,13 +55,30 @@ SESSIONS_COMMAND = "sessions"
 NOT_AN_ADMIN = "`sessions` lists every session for members of the gateway's admin groups (auth.admin_groups) only"
 
 
+PROFILE_SEPARATOR = "+"  # `alice+NAME`: no account name has one (auth.valid_username)
+
+
+def split_login(name: str) -> tuple[str, str | None]:
+    """The name an SSH client sent, as (account name, profile asked for or None)."""
+    account, separator, profile = name.partition(PROFILE_SEPARATOR)
+    return account, (profile if separator else None)
+
+
+def _printable_login(name: str) -> str:
+    """`printable_username` of the account; of a profile suffix only its length (a password typed
+    into the name field could follow a real account name and a "+")."""
+    account, profile = split_login(name)
+    shown = printable_username(account)
+    return shown if profile is None else f"{shown}{PROFILE_SEPARATOR}<{len(profile)} chars>"
+
+
 class _HideTypedNames(logging.Filter):
     """asyncssh logs the user name a client sent ("Beginning auth for user %s"), and people type
     their password there: such a name is logged as `printable_username` shows it."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if "user %s" in str(record.msg) and isinstance(record.args, tuple):
-            record.args = tuple(printable_username(a) if isinstance(a, str) else a for a in record.args)
+            record.args = tuple(_printable_login(a) if isinstance(a, str) else a for a in record.args)
         return True
 
 
@@ -77,6 +99,7 @@ class SshConnection(asyncssh.SSHServer):
         self.user: AuthenticatedUser | None = None
         self.session: Session | None = None
         self._key_user: AuthenticatedUser | None = None
+        self._profile: str | None = None  # asked for with `alice+NAME`
         self._failures = 0
         self._password_check: asyncio.Task[AuthResult] | None = None
         self._env_budget = EnvBudget()
@@ -132,6 +155,7 @@ class SshConnection(asyncssh.SSHServer):
     async def begin_auth(self, username: str) -> bool:  # type: ignore[override]
         """Load the keys this user may log in with, if the account may log in at all."""
         self._key_user = None
+        username, self._profile = split_login(username)
         keys = await self._door.authorized_keys(username, self.rhost)
         if self._conn is None:
             raise RuntimeError("authentication before the connection was made")
@@ -157,6 +181,7 @@ class SshConnection(asyncssh.SSHServer):
             await asyncio.wait({self._password_check})
         if self._failures >= MAX_PASSWORD_TRIES:
             raise asyncssh.PermissionDenied("too many authentication failures")
+        username = split_login(username)[0]
         check = self._password_check = self._door.check_password(username, password, self.rhost)
         check.add_done_callback(self._count_failure)
         result = await asyncio.shield(check)
@@ -181,7 +206,7 @@ class SshConnection(asyncssh.SSHServer):
         the client logged in with, gets a session (an explicit check: `python -O` drops asserts)."""
         user = self.user or self._key_user
         name = self._conn.get_extra_info("username") if self._conn is not None else None
-        if user is None or user.name != name:
+        if user is None or name is None or user.name != split_login(name)[0]:
             log.error("ssh connection from %s authenticated without the gateway's check; closed", self.rhost)
             self.close("authentication failed")
             return
@@ -196,7 +221,8 @@ class SshConnection(asyncssh.SSHServer):
         try:
             if await member_of(user.name, self._door.config.auth.admin_groups):
                 await self._container_wanted.wait()
-            return await self._door.manager.create(user, Door.SSH, self)
+            profile = await self._door.profile_for(user, self._profile)
+            return await self._door.manager.create(user, Door.SSH, self, profile=profile)
         except BridgeError as exc:
             log.warning("ssh session of %s from %s not started: %s", user.name, self.rhost, exc.detail)
             if not self._channels:
@@ -402,6 +428,18 @@ class SshDoor:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
+
+    async def profile_for(self, user: AuthenticatedUser, requested: str | None) -> ProfileConfig:
+        """The profile of `user`'s connection: `requested` (`alice+NAME`) if it is theirs, else
+        their remembered, only or first one (profiles.py). Raises ProfileRefused."""
+        config = self.manager.config
+        remembered = None
+        if requested is None and len(config.profiles) > 1 and self.manager.store is not None:
+            try:
+                remembered = await self.manager.store.get_profile_choice(user.name)
+            except StoreUnavailable as exc:
+                log.warning("profile choice of %s not read: %s", user.name, exc.detail)
+        return await choose(config, user.name, requested, remembered)
 
     def check_password(self, username: str, password: str, rhost: str) -> asyncio.Task[AuthResult]:
         """One password check as a task of the door, not of the connection: a client that gives

@@ -60,11 +60,17 @@ def _encode(**fields: Any) -> str:
     return json.dumps(fields, separators=(",", ":"))
 
 
-def session_message(session_id: str, idle_timeout: float, offset: int = 0, reconnect_grace: float | None = None) -> str:
-    """`reconnect_grace` tells the page how long it may try to reattach."""
+def session_message(
+    session_id: str, idle_timeout: float, offset: int = 0, reconnect_grace: float | None = None,
+    profile: str | None = None,
+) -> str:
+    """`reconnect_grace` tells the page how long it may try to reattach; `profile`, the
+    session's profile, is shown in its status bar."""
     fields: dict[str, Any] = {"type": "session", "id": session_id, "idle_timeout": round(idle_timeout), "offset": offset}
     if reconnect_grace is not None:
         fields["reconnect_grace"] = round(reconnect_grace)
+    if profile is not None:
+        fields["profile"] = profile
     return _encode(**fields)
 
 

@@ -88,7 +88,13 @@ async def scrape(url: str, headers: dict[str, str] | None = None) -> dict[tuple[
 
 
 def metric(samples, name: str, **labels: str) -> float:
-    return samples[(name, tuple(sorted(labels.items())))]
+    """The sum of `name`'s samples that carry `labels` (other labels, e.g. profile, summed over).
+    A name with no such sample at all is an error, not 0."""
+    wanted = set(labels.items())
+    found = [value for (sample, sample_labels), value in samples.items() if sample == name and wanted <= set(sample_labels)]
+    if not found:
+        raise KeyError((name, tuple(sorted(labels.items()))))
+    return sum(found)
 
 
 def self_signed_cert(directory: Path, host: str = "127.0.0.1") -> tuple[Path, Path]:

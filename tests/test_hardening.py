@@ -159,8 +159,8 @@ async def test_every_capability_in_the_set_is_needed(start_gateway, user, monkey
     running: list[str] = []
     host_config, start = DockerBackend._host_config, DockerBackend.start
 
-    def observed_host_config(self, api, root):
-        config = host_config(self, api, root)
+    def observed_host_config(self, api, *args):
+        config = host_config(self, api, *args)
         granted.append(sorted(config["CapAdd"]))
         return config
 

@@ -177,6 +177,8 @@ function onControl(msg) {
       setState("running");
       body.dataset.session = msg.id;
       status.setSession(msg.id);
+      status.setProfile(msg.profile);
+      body.dataset.sessionProfile = msg.profile || "";
       showBanner("");
       input.pump();
       if (!searchBox.isOpen && !files.isOpen) term.focus();
@@ -205,9 +207,15 @@ function onControl(msg) {
 
 function socketUrl() {
   const proto = location.protocol === "https:" ? "wss:" : "ws:";
-  let address = `${proto}//${location.host}${url("ws")}`;
-  if (sessionId) address += `?session=${encodeURIComponent(sessionId)}&offset=${repaint ? 0 : received}`;
-  return address;
+  const address = `${proto}//${location.host}${url("ws")}`;
+  const query = new URLSearchParams();
+  if (body.dataset.profile) query.set("profile", body.dataset.profile); // checked again by the gateway
+  if (sessionId) {
+    query.set("session", sessionId);
+    query.set("offset", String(repaint ? 0 : received));
+  }
+  const text = query.toString();
+  return text ? `${address}?${text}` : address;
 }
 
 function connect() {
