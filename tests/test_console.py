@@ -358,11 +358,11 @@ async def test_ssh_sessions_lists_for_admins_and_starts_no_container(console, st
         assert cli.returncode == 0, cli.stderr
 
         def without_idle(lines: list[str]) -> list[list[str]]:
-            return [line.split()[:5] + line.split()[6:] for line in lines]
+            return [line.split()[:6] + line.split()[7:] for line in lines]
 
         assert without_idle(listed) == without_idle(cli.stdout.splitlines())
-        assert listed[0].split() == ["ID", "USER", "DOOR", "CONTAINER", "STARTED", "IDLE", "GATEWAY"]
-        assert [line.split()[:3] for line in listed[1:]] == [[session_id, student.name, "web"]]
+        assert listed[0].split() == ["ID", "USER", "DOOR", "PROFILE", "CONTAINER", "STARTED", "IDLE", "GATEWAY"]
+        assert [line.split()[:4] for line in listed[1:]] == [[session_id, student.name, "web", "default"]]
         assert not [s for s in web.app[MANAGER].list() if s.user.name == admin.name]
         assert not session_containers(**{"termbridge.user": admin.name})
 
