@@ -268,6 +268,9 @@ async def reap_once(manager: SessionManager) -> None:
         return
     if reaped:
         log.info("reaper removed %d container(s) no live session owns", reaped)
+    swept = await manager.sweep_homes()
+    if swept:
+        log.info("reaper unmounted %d home(s) no session uses", swept)
 
 
 async def reap_forever(manager: SessionManager, interval: float = REAP_INTERVAL) -> None:

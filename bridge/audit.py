@@ -26,7 +26,7 @@ from .config import DEFAULT_PROFILE
 from .errors import ConfigError
 from .logsafe import SafeFormatter
 from .observers import SessionObserver
-from .session import Session
+from .session import Session, Viewer
 from .vocab import Actor, AdminEvent, Door, LoginResult
 
 log = logging.getLogger("termbridge.audit")
@@ -132,6 +132,13 @@ class AuditObserver(SessionObserver):
 
     def session_killed(self, session: Session, actor: Actor) -> None:
         self.audit.emit("session_kill", **_session_fields(session), by=actor)
+
+    def viewer_started(self, session: Session, viewer: Viewer) -> None:
+        self.audit.emit(f"{viewer.mode}_start", **_session_fields(session), admin=viewer.admin)
+
+    def viewer_ended(self, session: Session, viewer: Viewer) -> None:
+        self.audit.emit(f"{viewer.mode}_end", **_session_fields(session), admin=viewer.admin,
+                        duration=round(time.monotonic() - viewer.since, 3))
 
     def containers_reaped(self, count: int) -> None:
         self.audit.emit("containers_reaped", count=count)
@@ -328,9 +335,18 @@ class AsciicastRecorder:
     def output(self, data: bytes) -> None:
         self._event("o", self._out.decode(data))
 
-    def input(self, data: bytes) -> None:
-        if self.record_input:
+    def input(self, data: bytes, by: str | None = None) -> None:
+        """The owner's keystrokes when `record_input` is on; a joined admin's always, as an input
+        event with a fourth element `{"by": ADMIN}` (players read the first three)."""
+        if by is not None:
+            text = codecs.decode(data, "utf-8", errors="replace")
+            if text and self._file is not None:
+                self._line([self._elapsed(), "i", text, {"by": by}])
+        elif self.record_input:
             self._event("i", self._in.decode(data))
+
+    def mark(self, text: str) -> None:
+        self._event("m", text)
 
     def resize(self, cols: int, rows: int) -> None:
         if not self._header_written:

@@ -44,14 +44,66 @@ def _parser() -> argparse.ArgumentParser:
     target.add_argument("id", nargs="?", help="session id (a unique prefix will do)")
     target.add_argument("--user", metavar="NAME", help="every session of this user, on every gateway")
     target.add_argument("--all", action="store_true", help="every session of every gateway")
+    homes = sub.add_parser("homes", parents=[common], help="persistent home directories on this host")
+    homes_sub = homes.add_subparsers(dest="homes_command", required=True)
+    homes_sub.add_parser("list", parents=[common], help="every home: user, uid, size limit, used")
+    du = homes_sub.add_parser("du", parents=[common], help="how much of their home one person (or everyone) uses")
+    du.add_argument("user", nargs="?", help="login name (or the uid of a deleted account)")
+    rm = homes_sub.add_parser("rm", parents=[common], help="delete one person's home (refused while they have a session)")
+    rm.add_argument("user", help="login name (or the uid of a deleted account)")
     return parser
 
 
-def sessions_command(config: Config, args: argparse.Namespace) -> int:
+def _ask_gateway(config: Config, payload: dict[str, object]) -> dict | None:
+    """One admin-socket request; None (after saying why on stderr) when it failed."""
     from .admin import request, socket_path
-    from .fleet import format_sessions
 
     path = socket_path(config.state_dir)
+    try:
+        answer = request(path, payload, timeout=600 if payload.get("command") == "homes" else 15)
+    except (FileNotFoundError, ConnectionRefusedError):
+        print(f"termbridge: the gateway is not running (no admin socket at {path})", file=sys.stderr)
+        return None
+    except PermissionError:
+        print(f"termbridge: permission denied on {path} (run as root)", file=sys.stderr)
+        return None
+    if "error" in answer:
+        print(f"termbridge: {answer['error']}", file=sys.stderr)
+        return None
+    return answer
+
+
+def _print_table(rows: list[tuple[str, ...]]) -> None:
+    from .fleet import format_table
+
+    for line in format_table(rows):
+        print(line)
+
+
+def homes_command(config: Config, args: argparse.Namespace) -> int:
+    from .homefiles import human_size
+
+    action = args.homes_command
+    payload: dict[str, object] = {"command": "homes", "action": action}
+    if getattr(args, "user", None):
+        payload["user"] = args.user
+    answer = _ask_gateway(config, payload)
+    if answer is None:
+        return 1
+    if action == "rm":
+        print(f"removed the home of {args.user} (uid {answer['removed']})")
+        return 0
+    rows = [("USER", "UID", "SIZE", "USED", "USE%", "MOUNTED")]
+    for home in answer["homes"]:
+        rows.append((
+            home["user"] or "-", str(home["uid"]), human_size(home["size"]), human_size(home["used"]),
+            f"{100 * home['used'] // max(1, home['size'])}%", "yes" if home["mounted"] else "no",
+        ))
+    _print_table(rows)
+    return 0
+
+
+def sessions_command(config: Config, args: argparse.Namespace) -> int:
     if args.sessions_command == "list":
         payload: dict[str, object] = {"command": "list"}
     elif args.all:
@@ -60,16 +112,8 @@ def sessions_command(config: Config, args: argparse.Namespace) -> int:
         payload = {"command": "kill", "user": args.user}
     else:
         payload = {"command": "kill", "id": args.id}
-    try:
-        answer = request(path, payload)
-    except (FileNotFoundError, ConnectionRefusedError):
-        print(f"termbridge: the gateway is not running (no admin socket at {path})", file=sys.stderr)
-        return 1
-    except PermissionError:
-        print(f"termbridge: permission denied on {path} (run as root)", file=sys.stderr)
-        return 1
-    if "error" in answer:
-        print(f"termbridge: {answer['error']}", file=sys.stderr)
+    answer = _ask_gateway(config, payload)
+    if answer is None:
         return 1
     if args.sessions_command == "kill":
         for session_id in answer["killed"]:
@@ -82,6 +126,8 @@ def sessions_command(config: Config, args: argparse.Namespace) -> int:
         json.dump(answer["sessions"], sys.stdout, indent=1)
         print()
         return 0
+    from .fleet import format_sessions
+
     for line in format_sessions(answer["sessions"]):
         print(line)
     return 0
@@ -112,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
             return build_image(config.session.image, base=args.base, verbose=args.verbose, if_stale=args.if_stale)
         if args.command == "sessions":
             return sessions_command(config, args)
+        if args.command == "homes":
+            return homes_command(config, args)
     except ConfigError as exc:
         print(f"termbridge: configuration error: {exc.detail}", file=sys.stderr)
         return EXIT_CONFIG

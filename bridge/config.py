@@ -251,6 +251,13 @@ class SessionConfig:
     uid_base: int = _field(
         1_000_000_000, _int_range(UID_SPAN, 2**31 - 1 - UID_SPAN), "a login's session uid is uid_base + its host uid"
     )
+    home: str = _field(
+        "ephemeral", _choice("ephemeral", "persistent"),
+        "ephemeral: the home directory is gone with the session; persistent: it comes back in the next one",
+    )
+    home_size: int = _field(
+        1024**3, parse_size, "size of each persistent home (a file system of its own, preallocated on the host)"
+    )
 
 
 @dataclass(frozen=True)
@@ -333,6 +340,7 @@ _SECTIONS: dict[str, type] = {
 @dataclass(frozen=True)
 class Config:
     state_dir: Path = _field(Path("/var/lib/termbridge"), lambda v: Path(_str(v)), "the gateway's own files")
+    homes_dir: Path | None = _field(None, _opt_path, "where persistent homes live; default <state_dir>/homes")
     web: WebConfig = field(default_factory=WebConfig)
     ssh: SshConfig = field(default_factory=SshConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
@@ -365,6 +373,10 @@ class Config:
     def store_secret_file(self) -> Path:
         return self.store.secret_file or self.state_dir / "store-key"
 
+    @property
+    def homes_path(self) -> Path:
+        return self.homes_dir or self.state_dir / "homes"
+
 
 def _scalar_fields(cls: type) -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(cls) if "parser" in f.metadata}
@@ -388,7 +400,7 @@ LIVE_KEYS = frozenset({
     "auth.lockout",
     "session.image", "session.cpus", "session.memory", "session.pids", "session.idle_timeout",
     "session.max_lifetime", "session.reconnect_grace", "session.max_per_user", "session.max_total",
-    "session.start_timeout", "session.tmpfs_size", "session.on_shutdown",
+    "session.start_timeout", "session.tmpfs_size", "session.on_shutdown", "session.home", "session.home_size",
 })
 
 
@@ -550,6 +562,7 @@ def _check(config: Config) -> None:
         section, session = _section_of(profile), profile.session
         if session.max_per_user > max_total:
             raise ConfigError(f"'{section}.max_per_user' must not exceed 'session.max_total'")
+        check_home(session, f"{section}.")
         if session.pool > max_total:
             raise ConfigError(f"'{section}.pool' must not exceed 'session.max_total'")
         loopback = [server for server in session.dns if ipaddress.ip_address(server).is_loopback]
@@ -576,6 +589,31 @@ def _check_pools(config: Config) -> None:
         raise ConfigError(
             f"warm pools conflict: {parts} keep {total} containers, more than 'session.max_total' = "
             f"{config.session.max_total} (a profile that does not set pool inherits [session]'s: set pool = 0 there)"
+        )
+
+
+# ext4 needs room for its own metadata: below this, a home holds next to nothing.
+MIN_HOME_SIZE = 16 * 1024**2
+
+
+def check_home(session: SessionConfig, prefix: str) -> None:
+    """What a persistent home needs of the other session keys (`prefix` names the section or
+    profile in the message)."""
+    if session.home_size < MIN_HOME_SIZE:
+        raise ConfigError(f"'{prefix}home_size' must be at least {MIN_HOME_SIZE // 1024**2}m")
+    if session.home != "persistent":
+        return
+    if session.user == "root":
+        raise ConfigError(f"'{prefix}home' = \"persistent\" needs '{prefix}user' = \"login\" (a root shell has no home of its own)")
+    if session.pool:
+        raise ConfigError(
+            f"'{prefix}home' = \"persistent\" cannot use '{prefix}pool': a pooled container is already running and "
+            f"cannot be given the home's mount; set '{prefix}pool' = 0 (each start is a cold start)"
+        )
+    if getattr(session, "backend", "docker") == "swarm":
+        raise ConfigError(
+            f"'{prefix}home' = \"persistent\" needs '{prefix}backend' = \"docker\": homes are files on one host, "
+            "and a Swarm service may run on any node"
         )
 
 

@@ -45,6 +45,12 @@ def format_idle(seconds: float | None) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
+def format_table(rows: list[tuple[str, ...]]) -> list[str]:
+    """Rows (the first one the header) as lines of left-aligned columns."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
+
+
 def format_sessions(sessions: list[dict[str, Any]]) -> list[str]:
     """The session table of `termbridge sessions list` (and of the SSH door's `sessions`)."""
     rows = [("ID", "USER", "DOOR", "PROFILE", "CONTAINER", "STARTED", "IDLE", "GATEWAY")]
@@ -53,8 +59,7 @@ def format_sessions(sessions: list[dict[str, Any]]) -> list[str]:
             s["id"], s["user"], s["door"], s["profile"], s["container"] or "-", s["started"],
             format_idle(s["idle_seconds"]), s["gateway"],
         ))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
+    return format_table(rows)
 
 
 def _from_record(record: SessionRecord, now: float) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 
 from .auth import AuthenticatedUser
 from .config import DEFAULT_PROFILE
-from .session import Session
+from .session import Session, Viewer
 from .vocab import Actor, Door, LoginResult
 
 log = logging.getLogger("termbridge.sessions")
@@ -47,6 +47,12 @@ class SessionObserver:
 
     def admin_killed(self, admin: str, rhost: str, session_id: str, owner: str) -> None:
         """An admin ended `owner`'s session `session_id` from the console."""
+
+    def viewer_started(self, session: Session, viewer: Viewer) -> None:
+        """An admin began to watch or joined someone's session (`viewer.mode`)."""
+
+    def viewer_ended(self, session: Session, viewer: Viewer) -> None:
+        """That admin stopped watching or left."""
 
 
 class Observers(SessionObserver):
@@ -95,3 +101,9 @@ class Observers(SessionObserver):
 
     def admin_killed(self, admin: str, rhost: str, session_id: str, owner: str) -> None:
         self._each("admin_killed", lambda o: o.admin_killed(admin, rhost, session_id, owner))
+
+    def viewer_started(self, session: Session, viewer: Viewer) -> None:
+        self._each("viewer_started", lambda o: o.viewer_started(session, viewer))
+
+    def viewer_ended(self, session: Session, viewer: Viewer) -> None:
+        self._each("viewer_ended", lambda o: o.viewer_ended(session, viewer))

@@ -28,8 +28,9 @@ from .config import Config, ProfileConfig
 from .errors import AuthUnavailable, BridgeError, ConfigError, StoreUnavailable
 from .fleet import format_sessions
 from .profiles import choose
-from .session import Session
+from .session import Session, TerminalRequest, Viewer
 from .sessions import SessionManager
+from .ssh_attach import AttachSink, parse_attach, pump_input, serve_attach
 from .ssh_channels import ChannelProcess, EnvBudget, EnvCappedChannel, env_passes, refuse, say
 from .ssh_keys import authorized_keys_of, load_or_create_host_key
 from .throttle import ThrottledAuthenticator
@@ -109,6 +110,9 @@ class SshConnection(asyncssh.SSHServer):
         self._last_command: dict[str, Any] | None = None  # the shell or exec channel that ended last
         # An admin's container starts with the first channel that needs one (not `sessions`).
         self._container_wanted = asyncio.Event()
+        self._attached = False  # an `attach` channel: the connection runs no session of its own
+        self._shell: AttachSink | None = None  # the interactive shell, through the session holder
+        self._shell_record: dict[str, Any] = {}  # and how it ended, for the audit trail
 
     # -- connection -----------------------------------------------------------------------------
 
@@ -132,6 +136,9 @@ class SshConnection(asyncssh.SSHServer):
         if self._starting is not None:
             await asyncio.gather(self._starting, return_exceptions=True)
         session = self.session
+        if session is not None and not session.ending and session.sink is not self:
+            session.log.info("ssh connection from %s closed; the session runs on, attached elsewhere", self.rhost)
+            return
         if session is not None and not session.ending:
             session.log.info("ssh connection from %s closed%s", self.rhost, f": {exc}" if exc else "")
             last = self._last_command
@@ -247,12 +254,27 @@ class SshConnection(asyncssh.SSHServer):
 
     async def ended(self, code: int | None, reason: EndReason, message: str | None) -> None:
         """Each channel hears why and exits with 255 (what ssh reports for a lost connection), so
-        that clients print the line before they go; the connection closes once they did."""
+        that clients print the line before they go; the connection closes once they did. The
+        interactive shell that exited passes on its exit status (or signal) instead."""
         text = message or f"the session ended ({reason})"
         channels = list(self._channels)
+        shell = self._shell.process if self._shell is not None else None
         for process in channels:
-            refuse(process, text, status=255)
+            if process is shell and reason == EndReason.EXIT and self._shell is not None:
+                self._shell.done = True
+                signal = self.session.exit_signal if self.session is not None else None
+                self._shell_record.update(ended="exit", code=code, signal=signal)
+                if signal:
+                    process.exit_with_signal(signal)
+                else:
+                    process.exit(code if code is not None else 255)
+            else:
+                refuse(process, text, status=255)
         self._door.spawn(self._close_after(channels, text))
+
+    async def viewers(self, viewers: list[Viewer]) -> None:
+        if self._shell is not None and not self._shell.done:
+            await self._shell.viewers(viewers)
 
     async def _close_after(self, channels: list[asyncssh.SSHServerProcess], reason: str) -> None:
         try:
@@ -282,6 +304,10 @@ class SshConnection(asyncssh.SSHServer):
                 raise RuntimeError("a channel before authentication completed")
             if process.command is not None and process.command.strip() == SESSIONS_COMMAND:
                 await self._list_sessions(process, self.user)
+                return
+            attach = parse_attach(process.command) if process.subsystem is None else None
+            if attach is not None or self._attached:
+                await self._attach(process, attach)
                 return
             self._container_wanted.set()
             try:
@@ -318,10 +344,60 @@ class SshConnection(asyncssh.SSHServer):
         process.stdout.write(end.join(format_sessions(rows)).encode() + end.encode())
         process.exit(0)
 
+    async def _attach(self, process: asyncssh.SSHServerProcess, args: list[str] | None) -> None:
+        """`attach [ID]` as the connection's first channel: the connection's own session is not
+        needed (its start is cancelled, leaving nothing behind) and this channel attaches to
+        one of the person's live sessions. Any other channel of such a connection is refused."""
+        if args is None or (self._attached or len(self._channels) > 1):
+            refuse(process, "an attach connection runs nothing else; open another connection")
+            return
+        self._attached = True
+        starting = self._starting
+        if starting is not None and not starting.done():
+            starting.cancel()
+            await asyncio.gather(starting, return_exceptions=True)
+        elif self.session is not None and not self.session.ending:
+            await self._door.manager.end(self.session, EndReason.EXIT, message="not needed: attached elsewhere")
+        if self.user is not None:
+            await serve_attach(self._door.manager, self.user, process, args)
+
+    async def _held_shell(self, session: Session, process: asyncssh.SSHServerProcess) -> None:
+        """The connection's first interactive shell runs under the session holder, as a web
+        terminal's does: the page (`/ws?session=ID`) or `ssh ... attach` may take it over, admins
+        may watch it. The session's id is in the audit trail and `termbridge sessions list`."""
+        cols, rows = process.term_size[:2] if process.term_size else (80, 24)
+        env = {name: value for name, value in process.env.items() if env_passes(name)}
+        terminal = TerminalRequest(process.term_type or "xterm", cols or 80, rows or 24, env)
+        sink = self._shell = AttachSink(process)
+        await sink.started(session)
+        record = self._shell_record = {"kind": "shell", "ended": "open", "code": None, "signal": None}
+        session.channels.append(record)
+        try:
+            await self._door.manager.open_shell(session, sink, terminal)
+        except BridgeError as exc:
+            session.log.warning("the held shell did not open: %s", exc.detail)
+            record["ended"] = "lost"
+            refuse(process, "the container could not start a shell", status=255)
+            return
+        session.log.info("channel opened: shell with pty, through the session holder")
+        try:
+            await pump_input(session, sink, process)
+        finally:
+            self._door.manager.detach(session, sink)
+            if record["ended"] == "open":
+                record["ended"] = "closed"
+            self._last_command = record
+            if not sink.done and not session.ending:
+                sink.done = True
+                process.exit(0)
+
     async def _bridge(self, session: Session, process: asyncssh.SSHServerProcess) -> None:
         """Open the same request in the container and join the two channels until one closes."""
         if session.upstream is None:
             raise RuntimeError("a started session without an upstream connection")
+        if process.term_type and process.command is None and process.subsystem is None and session.stream is None:
+            await self._held_shell(session, process)
+            return
         env = {name: value for name, value in process.env.items() if env_passes(name)}
         try:
             upstream = await session.upstream.open_channel(

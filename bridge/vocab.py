@@ -81,3 +81,10 @@ class BackendOp(enum.StrEnum):
     POLL = "poll"
     LIST = "list"
     STATS = "stats"
+
+
+class WatchMode(enum.StrEnum):
+    """How an admin looks at someone else's session: `watch` (read-only) or `join` (may type)."""
+
+    WATCH = "watch"
+    JOIN = "join"

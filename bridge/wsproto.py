@@ -99,3 +99,18 @@ def restarting_message() -> str:
 
 def gap_message(lost: int) -> str:
     return _encode(type="gap", lost=lost)
+
+
+def viewers_message(viewers: list[dict[str, str]]) -> str:
+    """To a session's owner: who watches (`mode` "watch") or joined ("join") it now; [] when nobody."""
+    return _encode(type="viewers", viewers=viewers)
+
+
+def watch_message(session_id: str, user: str, mode: str, cols: int, rows: int) -> str:
+    """To an admin's view, first: whose session, how (watch or join), and its terminal size."""
+    return _encode(type="watch", id=session_id, user=user, mode=mode, cols=cols, rows=rows)
+
+
+def size_message(cols: int, rows: int) -> str:
+    """To an admin's view: the session's terminal size changed (its owner's window)."""
+    return _encode(type="size", cols=cols, rows=rows)

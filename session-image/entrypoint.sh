@@ -5,7 +5,8 @@
 # TERMBRIDGE_IDLE_TIMEOUT seconds with nobody attached, or at TERMBRIDGE_MAX_LIFETIME.
 # TERMBRIDGE_USER: login name (validated by the gateway); empty for a pooled container, whose
 # account `termbridge-adduser` makes when a login claims it. TERMBRIDGE_UID: its uid (login mode).
-# TERMBRIDGE_MODE: login | root.
+# TERMBRIDGE_MODE: login | root. TERMBRIDGE_HOME: ephemeral | persistent (the gateway bound the
+# person's own file system at /home/USER).
 # stdin: a tar with ssh_host_ed25519_key, ssh_host_ed25519_key.pub and authorized_keys, written
 # by the gateway right after start (never on disk, never in `docker inspect`), then EOF.
 set -eu
@@ -39,7 +40,7 @@ if [ "$mode" = root ]; then
     done
     printf 'AllowUsers root\nPermitRootLogin prohibit-password\n' > "$state/sshd_config.d/10-mode.conf"
 elif [ -n "$user" ]; then
-    termbridge-adduser "$user" "${TERMBRIDGE_UID:-}"
+    termbridge-adduser "$user" "${TERMBRIDGE_UID:-}" "${TERMBRIDGE_HOME:-ephemeral}"
 else
     # Pooled: sshd is ready now; the account and AllowUsers come at claim (termbridge-adduser).
     printf 'PermitRootLogin no\nDenyUsers root\n' > "$state/sshd_config.d/10-mode.conf"

@@ -147,13 +147,14 @@ class GatewayProcess:
         self.config_path, self.port = config_path, port
         self.gateway = Gateway(f"http://127.0.0.1:{port}", None, None, config_path)  # type: ignore[arg-type]
         self.proc: subprocess.Popen | None = None
+        self.prefix: tuple[str, ...] = ()  # a command the gateway runs under (e.g. unshare)
 
     async def start(self, env: dict[str, str] | None = None) -> None:
         # stderr to a file, never an unread pipe: a full pipe would block the gateway's logging.
         self.log_path = Path(str(self.config_path) + ".log")
         with open(self.log_path, "ab") as log:
             proc = self.proc = subprocess.Popen(
-                [sys.executable, "-m", "bridge", "serve", "--config", str(self.config_path)],
+                [*self.prefix, sys.executable, "-m", "bridge", "serve", "--config", str(self.config_path)],
                 cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log, env=env,
             )
 

@@ -16,7 +16,7 @@ import pytest
 
 from bridge.app import INSTANCE
 from bridge.backends.base import ContainerStats, cpu_percent
-from bridge.web.console import ADMIN_GONE
+from bridge.web.watch import NOT_ADMIN
 from bridge.web.keys import BACKEND, MANAGER
 from helpers import Terminal, containers_gone, csrf_token, session_containers, wait_for
 
@@ -168,7 +168,7 @@ async def test_admin_sees_sessions_with_docker_stats_and_ends_them(console):
 
 
 async def test_removed_from_the_group_mid_session(console):
-    """`gpasswd -d`: the open console socket is closed at its next refresh with ADMIN_GONE, and
+    """`gpasswd -d`: the open console socket is closed at its next refresh with NOT_ADMIN, and
     every console URL is 403 from then on, with the same login cookie."""
     gateway, admin, student, group, audit_log, records = console
     http = await gateway.login(admin)
@@ -181,7 +181,7 @@ async def test_removed_from_the_group_mid_session(console):
             if msg.type == aiohttp.WSMsgType.TEXT and json.loads(msg.data)["type"] == "denied":
                 continue
             break
-        assert msg.type == aiohttp.WSMsgType.CLOSE and msg.data == ADMIN_GONE, msg
+        assert msg.type == aiohttp.WSMsgType.CLOSE and msg.data == NOT_ADMIN, msg
         for url in CONSOLE_URLS:
             async with http.get(url) as resp:
                 assert resp.status == 403, url

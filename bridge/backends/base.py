@@ -36,6 +36,7 @@ class ContainerSpec:
     profile: str = "default"  # label termbridge.profile
     # The profile's session settings (image, limits, network, clocks); None: the backend's own.
     settings: SessionConfig | None = None
+    home: str = ""  # a persistent home: the host directory mounted at the user's home; "" for none
 
 
 @dataclass(frozen=True)

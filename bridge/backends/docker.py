@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 import docker
 import docker.errors
+import docker.types
 import requests.exceptions
 
 from .. import netguard
@@ -63,6 +64,10 @@ LOG_CONFIG = {"type": "json-file", "config": {"max-size": str(LOG_FILE_BYTES), "
 # from the gateway (TERMBRIDGE_UID; `termbridge-adduser USER UID` at claim). 5: the session holder
 # (tb-holder) is the main process and enforces TERMBRIDGE_IDLE_TIMEOUT and TERMBRIDGE_MAX_LIFETIME.
 IMAGE_PROTOCOL = "5"
+# Optional abilities an image states in the label `termbridge.features` (comma-separated), asked
+# for only by the sessions that need them. persistent-home: termbridge-adduser takes a home that
+# is already there (bound by the gateway, the person's own) instead of making one.
+FEATURE_PERSISTENT_HOME = "persistent-home"
 NETWORK_NAMES = {"isolated": "termbridge-isolated", "internet": "termbridge-internet"}
 SSHD_PORT = 22
 # Docker (20.10) answers a one-shot stats request at its next sampling, up to a second later: the
@@ -94,6 +99,14 @@ def _stats_from(raw: dict[str, Any], at: float) -> ContainerStats | None:
     cache = extra.get("inactive_file", extra.get("total_inactive_file", 0))
     used = max(0, int(memory["usage"]) - int(cache))
     return ContainerStats(int(cpu["total_usage"]) / 1e9, used, int(memory.get("limit") or 0), at)
+
+
+def _home_mount(spec: ContainerSpec) -> docker.types.Mount:
+    if spec.root or not spec.user:
+        raise SessionStartError(detail="a persistent home needs a login-mode session with its user")
+    return docker.types.Mount(
+        target=f"/home/{spec.user}", source=spec.home, type="bind", read_only=False, propagation="rprivate"
+    )
 
 
 class DockerBackend:
@@ -248,7 +261,10 @@ class DockerBackend:
         blocked = (*netguard.PRIVATE_NETWORKS, *netguard.host_networks())
         return netguard.Egress(blocked=blocked, allowed=cfg.internet_allow, resolvers=resolvers)
 
-    def _host_config(self, api: docker.APIClient, cfg: SessionConfig, root: bool) -> dict[str, Any]:
+    def _host_config(self, api: docker.APIClient, cfg: SessionConfig, spec: ContainerSpec) -> dict[str, Any]:
+        """Limits and hardening; a persistent home is the one host directory a container gets
+        (its own file system, the person's alone: homes.py), bound over the tmpfs /home."""
+        root = spec.root
         tmp = f"rw,exec,nosuid,nodev,size={cfg.tmpfs_size}"
         tmpfs = {"/run": f"rw,noexec,nosuid,nodev,size={RUN_TMPFS_SIZE},mode=0755", "/tmp": f"{tmp},mode=1777"}
         if not root:
@@ -267,6 +283,7 @@ class DockerBackend:
             read_only=not root,
             tmpfs=tmpfs,
             log_config=LOG_CONFIG,
+            mounts=[_home_mount(spec)] if spec.home else None,
         )
 
     def _boot(self, api: docker.APIClient, cid: str, spec: ContainerSpec) -> None:
@@ -311,7 +328,7 @@ class DockerBackend:
         except OSError as exc:
             raise SessionStartError(detail=f"writing the container's resolv.conf ({path}) failed: {exc}") from exc
 
-    def _check_image(self, api: docker.APIClient, image: str) -> None:
+    def _check_image(self, api: docker.APIClient, image: str, spec: ContainerSpec) -> None:
         try:
             labels = api.inspect_image(image)["Config"].get("Labels") or {}
         except docker.errors.NotFound as exc:
@@ -322,6 +339,13 @@ class DockerBackend:
                 "the session image on this server is out of date; ask the admin to rebuild it",
                 detail=f"session image {image!r} has termbridge.protocol={found!r}, this gateway needs "
                 f"{IMAGE_PROTOCOL!r}: rebuild it with `termbridge image build`",
+            )
+        features = (labels.get("termbridge.features") or "").split(",")
+        if spec.home and FEATURE_PERSISTENT_HOME not in features:
+            raise ImageMissing(
+                "the session image on this server cannot keep your home directory; ask the admin to rebuild it",
+                detail=f"session image {image!r} lacks {FEATURE_PERSISTENT_HOME!r} in termbridge.features "
+                "(session.home = persistent): rebuild it with `termbridge image build`",
             )
 
     def _environment(self, spec: ContainerSpec) -> dict[str, str]:
@@ -334,6 +358,7 @@ class DockerBackend:
             "TERMBRIDGE_MODE": "root" if spec.root else "login",
             "TERMBRIDGE_IDLE_TIMEOUT": str(max(1, round(cfg.idle_timeout))),
             "TERMBRIDGE_MAX_LIFETIME": str(max(1, round(cfg.max_lifetime))),
+            "TERMBRIDGE_HOME": "persistent" if spec.home else "ephemeral",
         }
 
     def _start_sync(self, spec: ContainerSpec) -> Container:
@@ -341,7 +366,7 @@ class DockerBackend:
         cfg = self._settings(spec)
         network_name = NETWORK_NAMES[cfg.network]
         self._prepare_sync(api, (cfg.network,))
-        self._check_image(api, cfg.image)
+        self._check_image(api, cfg.image, spec)
         short = spec.session_id[:8]
         # Not the login: names are what Docker's DNS and `docker ps` show; the user is in a label.
         name = f"termbridge-{short}"
@@ -361,7 +386,7 @@ class DockerBackend:
                 hostname=f"tb-{short}",
                 labels=labels,
                 environment=self._environment(spec),
-                host_config=self._host_config(api, cfg, spec.root),
+                host_config=self._host_config(api, cfg, spec),
                 stdin_open=True,  # the keys come this way; with detach=False, Docker closes it after them
                 detach=False,
             )

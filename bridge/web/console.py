@@ -3,7 +3,7 @@ its CPU and memory, the warm pool, the audit trail's last events and the recordi
 over a WebSocket; ending sessions; playing a recording in the page.
 
 Every request and every refresh of the socket asks `current_admin` again, so that someone
-removed from the group loses the console at once (an open socket is closed with ADMIN_GONE).
+removed from the group loses the console at once (an open socket is closed with NOT_ADMIN).
 Actions are POSTs with the page's CSRF token and a same-origin Origin, and are audited
 (`admin_view`, `admin_kill`). Routes and page links are under `web.base_path` (paths.py).
 """
@@ -26,6 +26,7 @@ from .http import client_address, origin_allowed, page
 from .keys import BACKEND, CONFIG, LOGINS, MANAGER, WEBSOCKETS
 from .login import Login, current_admin
 from .paths import under
+from .watch import NOT_ADMIN
 
 log = logging.getLogger("termbridge.web")
 
@@ -35,7 +36,6 @@ SWEEP_EVERY = 1.0  # at most one reading of each container per this many seconds
 SWEEP_IDLE = 10.0  # the sweep stops when no console asked for this long
 AUDIT_EVENTS = 30  # the audit trail's last events shown
 RECORDINGS = 50  # the newest recordings listed
-ADMIN_GONE = 4403  # close code: the login ended or is no longer in auth.admin_groups
 CSRF_PURPOSE = "admin"
 
 
@@ -192,7 +192,7 @@ async def _refresh(request: web.Request, ws: web.WebSocketResponse, snapshots: S
         if refused is not None:
             log.info("console socket of %s closed: %s", login.user.name, refused)
             await ws.send_json({"type": "denied", "message": refused})
-            await ws.close(code=ADMIN_GONE, message=b"not an admin")
+            await ws.close(code=NOT_ADMIN, message=b"not an admin")
             return
         try:
             await ws.send_json(await snapshots.make())

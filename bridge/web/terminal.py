@@ -16,8 +16,8 @@ from .. import wsproto
 from ..config import Config
 from ..errors import BackendUnavailable, BridgeError, ProtocolError, SessionStartError
 from ..profiles import pick
-from ..session import Session, TerminalRequest
-from ..sessions import SessionManager
+from ..session import Session, TerminalRequest, Viewer
+from ..sessions import SessionManager, started_and_idle
 from ..vocab import Door, EndReason
 from .http import client_address, expected_origin, origin_allowed, page
 from .chooser import profiles_of
@@ -83,6 +83,10 @@ class WebSocketSink:
 
     async def idle_warning(self, seconds: float) -> None:
         await self.ws.send_str(wsproto.idle_warning(seconds))
+
+    async def viewers(self, viewers: list[Viewer]) -> None:
+        if not self.ws.closed:
+            await self.ws.send_str(wsproto.viewers_message([viewer.describe() for viewer in viewers]))
 
     async def superseded(self) -> None:
         if not self.ws.closed:
@@ -265,9 +269,23 @@ async def _refuse_on_failure(ws: web.WebSocketResponse, starting: asyncio.Task) 
         await _refuse(ws, exc)
 
 
+async def own_sessions(request: web.Request) -> web.StreamResponse:
+    """The caller's live terminal sessions, of either door (the page offers to attach to one)."""
+    login = await current_login(request)
+    if login is None:
+        raise web.HTTPUnauthorized(text="log in first")
+    entries = []
+    for entry in await request.app[MANAGER].own_terminals(login.user):
+        started, idle = started_and_idle(entry)
+        entries.append({"id": entry.id, "door": str(entry.door), "started": started.isoformat(timespec="seconds"),
+                        "idle_for": round(idle)})
+    return web.json_response({"sessions": entries})
+
+
 def setup_routes(app: web.Application) -> None:
     app.router.add_get(under(app), index)
     app.router.add_get(under(app, "ws"), terminal_socket)
+    app.router.add_get(under(app, "sessions"), own_sessions)
 
 
 CLOSE_ALL_TIMEOUT = 3.0  # a close waits for the peer's answer; a gone peer must not hold the stop

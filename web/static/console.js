@@ -252,7 +252,7 @@ function connect() {
     else if (data.type === "error") setText(live, `not updated: ${data.message}`);
   });
   socket.addEventListener("close", (event) => {
-    if (stopped || event.code === 4403) {
+    if (stopped || event.code === 4003) {
       if (!stopped) stop("The console stopped: you are no longer allowed to use it.");
       return;
     }
