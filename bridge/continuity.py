@@ -55,6 +55,11 @@ def monotonic_from_wall(wall: float) -> float:
     return time.monotonic() - (time.time() - wall)
 
 
+def _progress(session: Session) -> tuple[float, int, int]:
+    """What `write_activity` keeps the store's record of: the idle clock and the byte counts."""
+    return session.last_activity, session.bytes_in, session.bytes_out
+
+
 class Continuity:
     """The store side of one gateway's sessions. Store trouble never breaks a running session:
     it is logged, and the session only loses its chance to outlive this process."""
@@ -63,7 +68,7 @@ class Continuity:
         self.store = store
         self.instance = instance
         self.config = config
-        self._written_activity: dict[str, float] = {}
+        self._written_activity: dict[str, tuple[float, int, int]] = {}
 
     async def _safely(self, what: str, session_id: str, call: Awaitable[object]) -> object | None:
         try:
@@ -77,7 +82,7 @@ class Continuity:
     async def started(self, session: Session) -> None:
         """A session became ready (the manager wrote its record): for a web session, which can
         come back, the secret to reconnect to its container; its idle clock is written from now on."""
-        self._written_activity[session.id] = session.last_activity
+        self._written_activity[session.id] = _progress(session)
         if session.keys is not None and session.door == "web":
             secret = SessionSecret(
                 client_key=session.keys.client_key.export_private_key("openssh"),
@@ -87,7 +92,7 @@ class Continuity:
 
     def note_adopted(self, session: Session) -> None:
         """`session` is served here now (its record was taken with `take`)."""
-        self._written_activity[session.id] = session.last_activity
+        self._written_activity[session.id] = _progress(session)
 
     async def forget(self, session_id: str) -> None:
         """The session ended and its container is gone."""
@@ -168,16 +173,19 @@ class Continuity:
         return won is True
 
     async def write_activity(self, sessions: Iterable[Session]) -> None:
-        """The idle clocks that moved since last written (wall clock, for the next gateway)."""
+        """The idle clocks (wall clock, for the next gateway) and byte counts (for every
+        gateway's console) that moved since last written."""
         for session in sessions:
             written = self._written_activity.get(session.id)
-            if written is None or session.last_activity <= written or session.ending:
+            now = _progress(session)
+            if written is None or now == written or session.ending:
                 continue
-            self._written_activity[session.id] = session.last_activity
+            self._written_activity[session.id] = now
             await self._safely(
                 "writing activity",
                 session.id,
-                self.store.update_session(session.id, last_activity=wall_from_monotonic(session.last_activity)),
+                self.store.update_session(session.id, last_activity=wall_from_monotonic(session.last_activity),
+                                          bytes_in=session.bytes_in, bytes_out=session.bytes_out),
             )
 
     async def taken_from_us(self, sessions: Iterable[Session]) -> list[Session]:

@@ -80,8 +80,8 @@ def _from_record(record: SessionRecord, now: float) -> dict[str, Any]:
         "attached": record.attached_by is not None,
         "gateway": record.gateway,
         "profile": record.profile,
-        "bytes_in": None,  # the serving gateway's to know
-        "bytes_out": None,
+        "bytes_in": record.bytes_in,  # as last written (every few seconds)
+        "bytes_out": record.bytes_out,
     }
 
 

@@ -270,7 +270,8 @@ async def test_recordings_for_admins_only_and_no_path_but_an_id(console):
 async def test_the_console_shows_and_ends_another_gateways_sessions(start_gateway, make_user, make_group, redis_url,
                                                                    tmp_path):
     """Two gateways sharing a Redis store: the console of one lists a session the other serves,
-    with Docker's figures for its container, and ends it through the store."""
+    with Docker's figures for its container and the bytes its gateway wrote to the store, and ends
+    it through the store."""
     group = make_group()
     admin, student = make_user(groups=(group,)), make_user()
     shared = {"store": {"url": redis_url, "secret_file": str(tmp_path / "store-key")}, "auth": {"admin_groups": [group]}}
@@ -279,6 +280,8 @@ async def test_the_console_shows_and_ends_another_gateways_sessions(start_gatewa
     try:
         term = await open_terminal(there, student_http)
         session_id = (await term.control("session"))["id"]
+        await term.send("echo typed-$((6*7))\r")
+        await term.expect(b"typed-42")
         async with admin_http.get("/admin") as resp:
             csrf = csrf_of(await resp.text())
         ws = await console_socket(here, admin_http)
@@ -287,11 +290,14 @@ async def test_the_console_shows_and_ends_another_gateways_sessions(start_gatewa
         async def measured() -> bool:
             rows = {r["id"]: r for r in (await next_snapshot(ws))["sessions"]}
             found.update(rows.get(session_id) or {})
-            return found.get("cpu_percent") is not None
+            return found.get("cpu_percent") is not None and bool(found.get("bytes_in"))
 
         await wait_for(measured, timeout=20, what="the other gateway's session, measured")
         assert found["gateway"] == there.app[INSTANCE] != here.app[INSTANCE]
-        assert found["user"] == student.name and found["memory"] > 0 and found["bytes_in"] is None
+        assert found["user"] == student.name and found["memory"] > 0
+        served = there.app[MANAGER].get(session_id)
+        assert len("echo typed-$((6*7))\r") <= found["bytes_in"] <= served.bytes_in
+        assert 0 < found["bytes_out"] <= served.bytes_out
         async with admin_http.post("/admin/end", data={"session": session_id, "csrf": csrf},
                                    headers={"Origin": here.origin}) as resp:
             assert (await resp.json()) == {"killed": [session_id]}

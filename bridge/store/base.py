@@ -56,6 +56,8 @@ class SessionRecord:
     attached_by: str | None = None  # instance id of the gateway holding its attachment
     attached_at: float | None = None
     ended: bool = False
+    bytes_in: int = 0  # as the serving gateway last wrote them (with the idle clock)
+    bytes_out: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
