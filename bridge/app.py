@@ -38,12 +38,13 @@ from .backends.engine import EngineBackend
 from .backends.swarm import SwarmBackend
 from .errors import BackendUnavailable, BridgeError, ConfigError
 from .metrics import MeteredBackend, Metrics
+from .relay import Relay
 from .sdnotify import sd_notify
 from .sessions import SessionManager
 from .ssh_front import SshDoor
 from .throttle import LoginThrottle, ThrottledAuthenticator
 from .store import open_store
-from .web.keys import ACCOUNTS, AUTHENTICATOR, BACKEND, CONFIG, LOGINS, MANAGER, METRICS, STORE
+from .web.keys import ACCOUNTS, AUTHENTICATOR, BACKEND, CONFIG, LOGINS, MANAGER, METRICS, RELAY, STORE
 from .web.access import ACCESS_LOG, AccessLog
 from .web.login import Login, LoginRegistry, end_terminals
 from .web.terminal import close_websockets
@@ -206,6 +207,16 @@ def build_app(
             task.cancel()
         await asyncio.gather(watch, *graces, return_exceptions=True)
 
+    async def relay(app: web.Application) -> AsyncIterator[None]:
+        """Admins here watching sessions other gateways serve, and the reverse (a shared Redis)."""
+        if not app[STORE].relays:
+            yield
+            return
+        app[RELAY] = Relay(app[MANAGER], app[STORE], app[INSTANCE])
+        await app[RELAY].start()
+        yield
+        await app[RELAY].close()
+
     async def reaper(app: web.Application) -> AsyncIterator[None]:
         await reap_once(app[MANAGER])
         tasks = [
@@ -238,7 +249,7 @@ def build_app(
         await door.close()
 
     app.cleanup_ctx.extend([state_dir, state_store, audit_log, docker_backend, pam_pool, sessions, account_guard,
-                            admin_socket, adoption, reaper, warm_pool, ssh_door])
+                            admin_socket, adoption, relay, reaper, warm_pool, ssh_door])
     app.on_shutdown.append(tell_clients)
     return app
 

@@ -546,6 +546,16 @@ class SessionManager:
         self.observers.viewer_ended(session, viewer)
         await self._tell_owner(session)
 
+    @staticmethod
+    async def type_as(session: Session, data: bytes, admin: str) -> None:
+        """A joined admin's keystrokes to the shell, recorded as theirs; an ending session drops them."""
+        try:
+            if session.feed(data, by=admin):
+                await session.drain()
+        except ConnectionError:
+            if not session.ending:
+                raise
+
     async def _tell_owner(self, session: Session) -> None:
         sink = session.sink
         if sink is None or session.ending:

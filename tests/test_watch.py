@@ -11,6 +11,7 @@ import subprocess
 import aiohttp
 import pytest
 
+from bridge.web.keys import MANAGER, RELAY
 from helpers import PROMPT, Terminal, containers_gone, wait_for
 
 
@@ -160,3 +161,80 @@ async def test_watch_under_a_base_path(start_gateway, admin_setup):
     finally:
         await owner_http.close()
         await admin_http.close()
+
+
+async def test_watch_and_join_a_session_another_gateway_serves(start_gateway, admin_setup, redis_url, tmp_path):
+    """Two gateways sharing a Redis store: an admin on one watches and joins a session the other
+    serves, through the store's relay. The view starts with the current screen and follows live
+    (size included); watching cannot type; a join's keystrokes run in the owner's shell. The
+    owner is told, and the audit trail and the recording are written where the session runs."""
+    group, admin, student, audit_log, record_dir = admin_setup
+    store = {"url": redis_url, "secret_file": str(tmp_path / "store-key")}
+    serving = await start_gateway(store=store, auth={"admin_groups": [group]},
+                                  audit={"log": str(audit_log), "record_dir": str(record_dir)})
+    other_log = tmp_path / "other-audit.log"
+    viewing = await start_gateway(store=store, auth={"admin_groups": [group]},
+                                  audit={"log": str(other_log), "record_dir": str(tmp_path / "other-rec")})
+    owner_http, admin_http = await serving.login(student), await viewing.login(admin)
+    try:
+        term = await serving.terminal(owner_http, cols=100, rows=30)
+        sid = (await term.control("session"))["id"]
+        await term.expect(PROMPT)
+        await term.send("echo before-$((6*7))\r")
+        await term.expect(b"before-42")
+        assert viewing.app[MANAGER].get(sid) is None  # served there only
+
+        async with admin_http.get(f"/admin/watch/{sid}") as resp:
+            assert resp.status == 200 and student.name in await resp.text()
+        async with owner_http.get(f"/admin/watch/{sid}") as resp:
+            assert resp.status == 403
+        async with admin_http.get("/admin/watch/" + "0" * 32) as resp:
+            assert resp.status == 404
+
+        view = Terminal(await admin_http.ws_connect(f"/admin/watch/{sid}/ws", headers={"Origin": viewing.origin}))
+        hello = await view.control("watch")
+        assert (hello["user"], hello["mode"], hello["cols"], hello["rows"]) == (student.name, "watch", 100, 30)
+        await view.expect(b"before-42")
+        await viewers_now(term, [{"user": admin.name, "mode": "watch"}])
+        await term.send("echo live-$((7*7))\r")
+        await view.expect(b"live-49")
+        await view.send("echo sneaky-$((2*2))\r")
+        assert "read-only" in (await view.control("error"))["message"]
+        await term.resize(90, 25)
+        assert (await view.control("size"))["cols"] == 90
+        assert "sneaky-4" not in await term.run("echo still-mine")
+        await view.ws.close()
+        await viewers_now(term, [])
+
+        joined = Terminal(await admin_http.ws_connect(f"/admin/join/{sid}/ws", headers={"Origin": viewing.origin}))
+        await joined.control("watch")
+        await viewers_now(term, [{"user": admin.name, "mode": "join"}])
+        await joined.send("echo helped-$((5*5))\r")
+        await term.expect(b"helped-25")
+        await joined.expect(b"helped-25")
+
+        # the owner ends the session: the joined view hears it and closes
+        await term.send("exit\r")
+        await term.control("exit")
+        assert (await joined.control("exit"))["reason"] == "exit"
+        await joined.drain_until_closed(timeout=10)
+        await containers_gone(**{"termbridge.session": sid})
+        assert not serving.app[RELAY].served and not viewing.app[RELAY].views
+    finally:
+        await owner_http.close()
+        await admin_http.close()
+
+    def audit(path, kind: str) -> list[dict]:
+        return [e for e in events(path) if e["event"] == kind and e.get("session") == sid]
+
+    await wait_for(lambda: audit(audit_log, "session_end"), what="session_end")
+    for kind in ("watch_start", "watch_end", "join_start", "join_end"):
+        [event] = audit(audit_log, kind)
+        assert (event["admin"], event["user"]) == (admin.name, student.name), event
+        assert audit(other_log, kind) == []
+    lines = [json.loads(line) for line in (record_dir / f"{sid}.cast").read_text().splitlines()[1:]]
+    typed = "".join(e[2] for e in lines if e[1] == "i")
+    assert "echo helped-$((5*5))" in typed and "sneaky" not in typed
+    assert all(e[3] == {"by": admin.name} for e in lines if e[1] == "i")
+    markers = [e[2] for e in lines if e[1] == "m"]
+    assert f"{admin.name} started watching" in markers and f"{admin.name} joined (may type)" in markers

@@ -5,9 +5,9 @@ and reconnect secrets. `store.url` picks the backend: empty for SQLite in state_
 from __future__ import annotations
 
 from ..config import Config
-from .base import LoginRecord, Refusal, SecretBox, SessionRecord, SessionSecret, Slot, Store
+from .base import LoginRecord, Refusal, SecretBox, SessionRecord, SessionSecret, Slot, Store, Subscription
 
-__all__ = ["LoginRecord", "Refusal", "SessionRecord", "SessionSecret", "Slot", "Store", "open_store", "probe"]
+__all__ = ["LoginRecord", "Refusal", "SessionRecord", "SessionSecret", "Slot", "Store", "Subscription", "open_store", "probe"]
 
 
 async def probe(config: Config) -> str:

@@ -18,7 +18,7 @@ import stat
 from dataclasses import dataclass
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -171,6 +171,15 @@ def _create_key_file(path: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
+class Subscription(Protocol):
+    """One channel listened to (`Store.subscribe`)."""
+
+    async def next(self) -> bytes:
+        """The next message; raises StoreUnavailable while the store cannot be reached."""
+
+    async def close(self) -> None: ...
+
+
 class Store(abc.ABC):
     """Sessions, slots (the caps), logins, throttle counters and reconnect secrets.
 
@@ -317,6 +326,20 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def _get_secret(self, session_id: str) -> tuple[bytes, bytes] | None: ...
+
+    # -- messages between gateways -------------------------------------------------------------
+
+    # Whether gateways sharing this store can reach each other through it (`publish`/`subscribe`).
+    # A store one host's single gateway uses alone has nobody to relay to.
+    relays = False
+
+    async def publish(self, channel: str, message: bytes) -> None:
+        """Send `message` to whoever listens on `channel` now (nothing is kept for later)."""
+        raise StoreUnavailable(detail="this state store does not relay between gateways")
+
+    async def subscribe(self, channel: str) -> Subscription:
+        """Listen on `channel`: the messages published to it from the moment this returns."""
+        raise StoreUnavailable(detail="this state store does not relay between gateways")
 
     # -- the rest ------------------------------------------------------------------------------
 

@@ -18,12 +18,13 @@ from typing import Any, Concatenate, ParamSpec, TypeVar, cast
 from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
+from redis.asyncio.client import PubSub
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisError
 
 from ..errors import StoreUnavailable
-from .base import LoginRecord, Refusal, SecretBox, SessionRecord, Slot, Store, check_update
+from .base import LoginRecord, Refusal, SecretBox, SessionRecord, Slot, Store, Subscription, check_update
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -36,6 +37,7 @@ SLOT_SINCE = PREFIX + "slot-since"  # hash: slot id -> when it was taken
 SLOT_KEYS = [SLOTS, SLOT_USERS, SLOT_SINCE]
 META = PREFIX + "meta"
 PROFILE_CHOICES = PREFIX + "profile-choices"  # hash: user -> the profile last chosen on the web
+RELAY = PREFIX + "relay:"  # pub/sub channels between gateways (bridge.relay)
 CONNECT_TIMEOUT = 3.0
 COMMAND_TIMEOUT = 5.0
 # Connections per gateway: a burst waits for a free one (up to COMMAND_TIMEOUT) instead of
@@ -143,6 +145,26 @@ def _guarded(method: Method[P, T]) -> Method[P, T]:
             raise StoreUnavailable(detail=f"redis at {store.where}: {exc}") from None
 
     return wrapper
+
+
+class _RedisSubscription:
+    """A Redis pub/sub connection on one channel (redis-py subscribes again after a reconnect)."""
+
+    def __init__(self, pubsub: PubSub, where: str) -> None:
+        self.pubsub = pubsub
+        self.where = where
+
+    async def next(self) -> bytes:
+        while True:
+            try:
+                message = await self.pubsub.get_message(ignore_subscribe_messages=True, timeout=None)
+            except (RedisError, OSError) as exc:
+                raise StoreUnavailable(detail=f"redis at {self.where}: {exc}") from None
+            if message is not None and message["type"] == "message":
+                return cast(bytes, message["data"])
+
+    async def close(self) -> None:
+        await self.pubsub.aclose()
 
 
 def where(url: str) -> str:
@@ -385,6 +407,27 @@ class RedisStore(Store):
     @_guarded
     async def ping(self) -> None:
         await self.redis.ping()
+
+    # -- messages between gateways -------------------------------------------------------------
+
+    relays = True
+
+    @_guarded
+    async def publish(self, channel: str, message: bytes) -> None:
+        await self.redis.publish(RELAY + channel, message)
+
+    @_guarded
+    async def subscribe(self, channel: str) -> Subscription:
+        pubsub = self.redis.pubsub()
+        try:
+            await pubsub.subscribe(RELAY + channel)
+            # the confirmation: from here on, what is published to the channel reaches us
+            while (await pubsub.get_message(timeout=COMMAND_TIMEOUT)) is None:
+                pass
+        except BaseException:
+            await pubsub.aclose()
+            raise
+        return _RedisSubscription(pubsub, self.where)
 
     async def close(self) -> None:
         client, self._redis = self._redis, None

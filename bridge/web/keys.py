@@ -11,6 +11,7 @@ from ..accounts import AccountGuard
 from ..backends.base import Backend
 from ..config import Config
 from ..metrics import Metrics
+from ..relay import Relay
 from ..sessions import SessionManager
 from ..store import Store
 from ..throttle import ThrottledAuthenticator
@@ -22,6 +23,7 @@ AUTHENTICATOR = web.AppKey("authenticator", ThrottledAuthenticator)
 BACKEND = web.AppKey("backend", Backend)
 LOGINS = web.AppKey("logins", "LoginRegistry")  # bridge.web.login.LoginRegistry
 METRICS = web.AppKey("metrics", Metrics)
+RELAY = web.AppKey("relay", Relay)  # views of sessions other gateways serve (a store that relays only)
 STORE = web.AppKey("store", Store)  # sessions, logins, counters shared across restarts and replicas
 WEBSOCKETS = web.AppKey("websockets", weakref.WeakSet)  # live terminal sockets, closed on shutdown
 WEB_ROOT = web.AppKey("web_root", Path)
