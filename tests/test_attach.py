@@ -267,3 +267,55 @@ async def test_attach_through_another_gateway_of_the_fleet(gateway_process, make
             ssh.kill()
     await containers_gone(**{"termbridge.session": sid})
     assert "another gateway took this session over" in first.log()
+
+
+async def test_an_admin_on_another_gateway_watches_and_joins_an_ssh_door_session(
+    gateway_process, make_user, make_group, redis_url, tmp_path
+):
+    """Two gateway processes sharing one Redis store: an admin on the second watches, then
+    joins, an SSH-door session the first serves (through the relay). The ssh owner hears of
+    each on stderr; the joined admin's command runs in the owner's shell; the audit trail is the
+    first gateway's."""
+    group = make_group()
+    owner, admin = make_user(), make_user(groups=(group,))
+    store = {"url": redis_url, "secret_file": str(tmp_path / "store-key")}
+    ssh_port, audit_log = free_port(), tmp_path / "serving-audit.log"
+    serving = gateway_process(store=store, ssh={"listen": f"127.0.0.1:{ssh_port}"}, auth={"admin_groups": [group]},
+                              audit={"log": str(audit_log)})
+    await serving.start()
+    viewing = gateway_process(store=store, auth={"admin_groups": [group]})
+    await viewing.start()
+    ssh = await SshClient.start(ssh_port, owner, known_hosts=tmp_path / "known_hosts", command=())
+    try:
+        async with await viewing.gateway.login(admin) as admin_http:
+            await ssh.expect(PROMPT.pattern)
+            ssh.type("echo from-ssh-door-$((2*21))\r")
+            await ssh.expect(rb"from-ssh-door-42")
+            [container] = session_containers(**{"termbridge.user": owner.name})
+            sid = container.labels["termbridge.session"]
+            hello = await watched_over_ssh(viewing.gateway, admin_http, admin, sid, ssh, b"from-ssh-door-42")
+            assert hello["user"] == owner.name
+
+            joined = Terminal(await admin_http.ws_connect(f"/admin/join/{sid}/ws",
+                                                          headers={"Origin": viewing.gateway.origin}))
+            await joined.control("watch")
+            await ssh.expect(rf"administrator {admin.name} joined this session and can type".encode(), where="err")
+            await joined.send("echo joined-$((3*11))\r")
+            await ssh.expect(rb"joined-33")
+            await joined.expect(b"joined-33")
+            ssh.type("exit\r")
+            assert await ssh.wait() == 0
+            await joined.drain_until_closed(timeout=15)
+    finally:
+        ssh.kill()
+    await containers_gone(**{"termbridge.user": owner.name})
+
+    def audited(kind: str) -> list[dict]:
+        lines = audit_log.read_text().splitlines() if audit_log.exists() else []
+        return [e for e in map(json.loads, lines) if e["event"] == kind and e.get("session") == sid]
+
+    await wait_for(lambda: audited("join_end"), what="join_end")
+    for kind in ("watch_start", "watch_end", "join_start", "join_end"):
+        [event] = audited(kind)
+        assert (event["admin"], event["user"], event["door"]) == (admin.name, owner.name, "ssh"), event
+

@@ -44,6 +44,53 @@ async def refused(http: aiohttp.ClientSession, path: str, origin: str) -> int:
     return 101
 
 
+async def watch_then_join(term: Terminal, admin_http: aiohttp.ClientSession, origin: str, sid: str, admin,
+                          student) -> Terminal:
+    """The admin watches `sid` (the owner's `before-42` replayed, then live, size included;
+    typing refused and never run), stops, then joins and types: returns the joined view."""
+    view = Terminal(await admin_http.ws_connect(f"/admin/watch/{sid}/ws", headers={"Origin": origin}))
+    hello = await view.control("watch")
+    assert (hello["user"], hello["mode"], hello["cols"], hello["rows"]) == (student.name, "watch", 100, 30)
+    await view.expect(b"before-42")
+    await viewers_now(term, [{"user": admin.name, "mode": "watch"}])
+    await term.send("echo live-$((7*7))\r")
+    await view.expect(b"live-49")
+    await view.send("echo sneaky-$((2*2))\r")
+    assert "read-only" in (await view.control("error"))["message"]
+    await term.resize(90, 25)
+    assert (await view.control("size"))["cols"] == 90
+    assert "sneaky-4" not in await term.run("echo still-mine")
+    await view.ws.close()
+    await viewers_now(term, [])
+
+    joined = Terminal(await admin_http.ws_connect(f"/admin/join/{sid}/ws", headers={"Origin": origin}))
+    await joined.control("watch")
+    await viewers_now(term, [{"user": admin.name, "mode": "join"}])
+    await joined.send("echo helped-$((5*5))\r")
+    await term.expect(b"helped-25")
+    await joined.expect(b"helped-25")
+    return joined
+
+
+async def check_audit_and_recording(audit_log, record_dir, sid: str, admin, student) -> None:
+    """Each view's start and end audited with who and whom; the recording has the admin's input
+    as theirs (the owner's is not recorded: record_input is off) and the markers."""
+
+    def audit(kind: str) -> list[dict]:
+        return [e for e in events(audit_log) if e["event"] == kind and e.get("session") == sid]
+
+    await wait_for(lambda: audit("session_end"), what="session_end")
+    for kind in ("watch_start", "watch_end", "join_start", "join_end"):
+        [event] = audit(kind)
+        assert (event["admin"], event["user"]) == (admin.name, student.name), event
+    lines = [json.loads(line) for line in (record_dir / f"{sid}.cast").read_text().splitlines()[1:]]
+    typed = "".join(e[2] for e in lines if e[1] == "i")
+    assert "echo helped-$((5*5))" in typed and "before" not in typed and "sneaky" not in typed
+    assert all(e[3] == {"by": admin.name} for e in lines if e[1] == "i")
+    markers = [e[2] for e in lines if e[1] == "m"]
+    assert f"{admin.name} started watching" in markers and f"{admin.name} joined (may type)" in markers
+
+
 @pytest.fixture
 def admin_setup(make_user, make_group, tmp_path):
     group = make_group()
@@ -74,29 +121,8 @@ async def test_watch_and_join_over_sockets(start_gateway, admin_setup):
             assert resp.status == 404
         assert await refused(admin_http, f"/admin/watch/{sid}/ws", "http://evil.example") == 403
 
-        # watch: the current screen first, then live; typing does nothing
-        view = Terminal(await admin_http.ws_connect(f"/admin/watch/{sid}/ws", headers={"Origin": gw.origin}))
-        hello = await view.control("watch")
-        assert (hello["user"], hello["mode"], hello["cols"], hello["rows"]) == (student.name, "watch", 100, 30)
-        await view.expect(b"before-42")
-        await viewers_now(term, [{"user": admin.name, "mode": "watch"}])
-        await term.send("echo live-$((7*7))\r")
-        await view.expect(b"live-49")
-        await view.send("echo sneaky-$((2*2))\r")
-        assert "read-only" in (await view.control("error"))["message"]
-        await term.resize(90, 25)
-        assert (await view.control("size"))["cols"] == 90
-        assert "sneaky-4" not in await term.run("echo still-mine")
-        await view.ws.close()
-        await viewers_now(term, [])
-
-        # join: the admin's keystrokes run in the owner's shell
-        joined = Terminal(await admin_http.ws_connect(f"/admin/join/{sid}/ws", headers={"Origin": gw.origin}))
-        await joined.control("watch")
-        await viewers_now(term, [{"user": admin.name, "mode": "join"}])
-        await joined.send("echo helped-$((5*5))\r")
-        await term.expect(b"helped-25")
-        await joined.expect(b"helped-25")
+        # watch: the current screen first, then live; typing does nothing; then join and type
+        joined = await watch_then_join(term, admin_http, gw.origin, sid, admin, student)
 
         # removed from the admin group mid-join: the view ends within seconds
         subprocess.run(["gpasswd", "-d", admin.name, group], check=True, capture_output=True)
@@ -113,20 +139,7 @@ async def test_watch_and_join_over_sockets(start_gateway, admin_setup):
         await owner_http.close()
         await admin_http.close()
 
-    def audit(kind: str) -> list[dict]:
-        return [e for e in events(audit_log) if e["event"] == kind and e.get("session") == sid]
-
-    await wait_for(lambda: audit("session_end"), what="session_end")
-    for kind in ("watch_start", "watch_end", "join_start", "join_end"):
-        [event] = audit(kind)
-        assert (event["admin"], event["user"]) == (admin.name, student.name), event
-    # the recording: the admin's input as theirs (the owner's is not recorded: record_input is off)
-    lines = [json.loads(line) for line in (record_dir / f"{sid}.cast").read_text().splitlines()[1:]]
-    typed = "".join(e[2] for e in lines if e[1] == "i")
-    assert "echo helped-$((5*5))" in typed and "before" not in typed
-    assert all(e[3] == {"by": admin.name} for e in lines if e[1] == "i")
-    markers = [e[2] for e in lines if e[1] == "m"]
-    assert f"{admin.name} started watching" in markers and f"{admin.name} joined (may type)" in markers
+    await check_audit_and_recording(audit_log, record_dir, sid, admin, student)
 
 
 async def test_watch_under_a_base_path(start_gateway, admin_setup):
@@ -191,27 +204,7 @@ async def test_watch_and_join_a_session_another_gateway_serves(start_gateway, ad
         async with admin_http.get("/admin/watch/" + "0" * 32) as resp:
             assert resp.status == 404
 
-        view = Terminal(await admin_http.ws_connect(f"/admin/watch/{sid}/ws", headers={"Origin": viewing.origin}))
-        hello = await view.control("watch")
-        assert (hello["user"], hello["mode"], hello["cols"], hello["rows"]) == (student.name, "watch", 100, 30)
-        await view.expect(b"before-42")
-        await viewers_now(term, [{"user": admin.name, "mode": "watch"}])
-        await term.send("echo live-$((7*7))\r")
-        await view.expect(b"live-49")
-        await view.send("echo sneaky-$((2*2))\r")
-        assert "read-only" in (await view.control("error"))["message"]
-        await term.resize(90, 25)
-        assert (await view.control("size"))["cols"] == 90
-        assert "sneaky-4" not in await term.run("echo still-mine")
-        await view.ws.close()
-        await viewers_now(term, [])
-
-        joined = Terminal(await admin_http.ws_connect(f"/admin/join/{sid}/ws", headers={"Origin": viewing.origin}))
-        await joined.control("watch")
-        await viewers_now(term, [{"user": admin.name, "mode": "join"}])
-        await joined.send("echo helped-$((5*5))\r")
-        await term.expect(b"helped-25")
-        await joined.expect(b"helped-25")
+        joined = await watch_then_join(term, admin_http, viewing.origin, sid, admin, student)
 
         # the owner ends the session: the joined view hears it and closes
         await term.send("exit\r")
@@ -224,17 +217,5 @@ async def test_watch_and_join_a_session_another_gateway_serves(start_gateway, ad
         await owner_http.close()
         await admin_http.close()
 
-    def audit(path, kind: str) -> list[dict]:
-        return [e for e in events(path) if e["event"] == kind and e.get("session") == sid]
-
-    await wait_for(lambda: audit(audit_log, "session_end"), what="session_end")
-    for kind in ("watch_start", "watch_end", "join_start", "join_end"):
-        [event] = audit(audit_log, kind)
-        assert (event["admin"], event["user"]) == (admin.name, student.name), event
-        assert audit(other_log, kind) == []
-    lines = [json.loads(line) for line in (record_dir / f"{sid}.cast").read_text().splitlines()[1:]]
-    typed = "".join(e[2] for e in lines if e[1] == "i")
-    assert "echo helped-$((5*5))" in typed and "sneaky" not in typed
-    assert all(e[3] == {"by": admin.name} for e in lines if e[1] == "i")
-    markers = [e[2] for e in lines if e[1] == "m"]
-    assert f"{admin.name} started watching" in markers and f"{admin.name} joined (may type)" in markers
+    await check_audit_and_recording(audit_log, record_dir, sid, admin, student)
+    assert not [e for e in events(other_log) if e.get("session") == sid]  # all of it where the session runs
