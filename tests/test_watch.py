@@ -5,12 +5,15 @@ the admin's, the owner being told, and the audit trail."""
 
 from __future__ import annotations
 
+import base64
 import json
 import subprocess
 
 import aiohttp
 import pytest
+import redis.asyncio as aioredis
 
+from bridge.app import INSTANCE
 from bridge.web.keys import MANAGER, RELAY
 from helpers import PROMPT, Terminal, containers_gone, wait_for
 
@@ -180,7 +183,8 @@ async def test_watch_and_join_a_session_another_gateway_serves(start_gateway, ad
     """Two gateways sharing a Redis store: an admin on one watches and joins a session the other
     serves, through the store's relay. The view starts with the current screen and follows live
     (size included); watching cannot type; a join's keystrokes run in the owner's shell. The
-    owner is told, and the audit trail and the recording are written where the session runs."""
+    owner is told, and the audit trail and the recording are written where the session runs.
+    What goes through Redis is sealed with the store key: unreadable and unforgeable there."""
     group, admin, student, audit_log, record_dir = admin_setup
     store = {"url": redis_url, "secret_file": str(tmp_path / "store-key")}
     serving = await start_gateway(store=store, auth={"admin_groups": [group]},
@@ -204,7 +208,24 @@ async def test_watch_and_join_a_session_another_gateway_serves(start_gateway, ad
         async with admin_http.get("/admin/watch/" + "0" * 32) as resp:
             assert resp.status == 404
 
+        eavesdropper = aioredis.from_url(redis_url)
+        overheard = eavesdropper.pubsub()
+        await overheard.psubscribe("termbridge:relay:*")
+        assert (await overheard.get_message(timeout=5))["type"] == "psubscribe"
         joined = await watch_then_join(term, admin_http, viewing.origin, sid, admin, student)
+
+        # Redis without the store key: the relayed output is sealed, and a forged keystroke
+        # message to the serving gateway is dropped
+        seen = []
+        while (message := await overheard.get_message(ignore_subscribe_messages=True, timeout=0.5)) is not None:
+            seen.append(message["data"])
+        assert seen and not any(b"helped" in m or m.startswith(b"{") for m in seen)
+        [view_id] = serving.app[RELAY].served
+        forged = {"view": view_id, "op": "input", "data": base64.b64encode(b"echo forged-$((4*4))\r").decode()}
+        await eavesdropper.publish(f"termbridge:relay:{serving.app[INSTANCE]}", json.dumps(forged))
+        assert "forged-16" not in await term.run("echo after-forgery")
+        await overheard.aclose()
+        await eavesdropper.aclose()
 
         # the owner ends the session: the joined view hears it and closes
         await term.send("exit\r")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -45,6 +46,8 @@ COMMAND_TIMEOUT = 5.0
 MAX_CONNECTIONS = 16
 # A flood on one key keeps at most this many failures (the largest max_failures_per_address).
 MAX_FAILURES_KEPT = 100_000
+
+log = logging.getLogger("termbridge.store")
 
 _SLOT_HELPERS = """
 local function release(id)
@@ -150,9 +153,11 @@ def _guarded(method: Method[P, T]) -> Method[P, T]:
 class _RedisSubscription:
     """A Redis pub/sub connection on one channel (redis-py subscribes again after a reconnect)."""
 
-    def __init__(self, pubsub: PubSub, where: str) -> None:
+    def __init__(self, pubsub: PubSub, where: str, channel: str, box: SecretBox) -> None:
         self.pubsub = pubsub
         self.where = where
+        self.channel = channel
+        self.box = box
 
     async def next(self) -> bytes:
         while True:
@@ -160,8 +165,13 @@ class _RedisSubscription:
                 message = await self.pubsub.get_message(ignore_subscribe_messages=True, timeout=None)
             except (RedisError, OSError) as exc:
                 raise StoreUnavailable(detail=f"redis at {self.where}: {exc}") from None
-            if message is not None and message["type"] == "message":
-                return cast(bytes, message["data"])
+            if message is None or message["type"] != "message":
+                continue
+            try:
+                return self.box.open(self.channel, cast(bytes, message["data"]))
+            except StoreUnavailable:
+                log.warning("redis at %s: a message on %s not sealed with this store's key: dropped",
+                            self.where, self.channel)
 
     async def close(self) -> None:
         await self.pubsub.aclose()
@@ -414,7 +424,9 @@ class RedisStore(Store):
 
     @_guarded
     async def publish(self, channel: str, message: bytes) -> None:
-        await self.redis.publish(RELAY + channel, message)
+        # sealed with the store key, the channel bound in: whoever reads or writes Redis without
+        # the key file neither sees a session's output nor types into one
+        await self.redis.publish(RELAY + channel, self._box.seal(RELAY + channel, message))
 
     @_guarded
     async def subscribe(self, channel: str) -> Subscription:
@@ -427,7 +439,7 @@ class RedisStore(Store):
         except BaseException:
             await pubsub.aclose()
             raise
-        return _RedisSubscription(pubsub, self.where)
+        return _RedisSubscription(pubsub, self.where, RELAY + channel, self._box)
 
     async def close(self) -> None:
         client, self._redis = self._redis, None
