@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import json
+import signal
 import subprocess
 
 import aiohttp
@@ -14,6 +15,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from bridge.app import INSTANCE
+from bridge.relay import DEAD_AFTER
 from bridge.web.keys import MANAGER, RELAY
 from helpers import PROMPT, Terminal, containers_gone, wait_for
 
@@ -240,3 +242,32 @@ async def test_watch_and_join_a_session_another_gateway_serves(start_gateway, ad
 
     await check_audit_and_recording(audit_log, record_dir, sid, admin, student)
     assert not [e for e in events(other_log) if e.get("session") == sid]  # all of it where the session runs
+
+
+async def test_a_relayed_view_whose_gateway_dies_is_let_go(start_gateway, gateway_process, admin_setup, redis_url,
+                                                           tmp_path):
+    """The gateway an admin watches from is killed (SIGKILL: no goodbye): the serving gateway
+    lets the view go within its silence limit, and the owner is told nobody watches any more."""
+    group, admin, student, audit_log, _ = admin_setup
+    store = {"url": redis_url, "secret_file": str(tmp_path / "store-key")}
+    serving = await start_gateway(store=store, auth={"admin_groups": [group]}, audit={"log": str(audit_log)})
+    viewing = gateway_process(store=store, auth={"admin_groups": [group]})
+    await viewing.start()
+    owner_http, admin_http = await serving.login(student), await viewing.gateway.login(admin)
+    try:
+        term = await serving.terminal(owner_http)
+        sid = (await term.control("session"))["id"]
+        await term.expect(PROMPT)
+        view = Terminal(await admin_http.ws_connect(f"/admin/watch/{sid}/ws",
+                                                    headers={"Origin": viewing.gateway.origin}))
+        await view.control("watch")
+        await viewers_now(term, [{"user": admin.name, "mode": "watch"}])
+        viewing.signal(signal.SIGKILL)
+        await viewers_now(term, [], timeout=DEAD_AFTER + 10)
+        assert not serving.app[RELAY].served
+        assert "still-2" in await term.run("echo still-$((1+1))")
+    finally:
+        await owner_http.close()
+        await admin_http.close()
+    [ended] = [e for e in events(audit_log) if e["event"] == "watch_end" and e.get("session") == sid]
+    assert ended["admin"] == admin.name
