@@ -35,7 +35,7 @@ ALIVE_INTERVAL = 2.0  # how often each side says it still holds a view
 DEAD_AFTER = 10.0  # silence after which a view's other side is taken for gone
 OPEN_TIMEOUT = 5.0  # how long the viewing gateway waits for the serving one's `hello`
 FOLLOW_INTERVAL = 0.25  # how soon the serving side passes on a size change or the session's end
-BACKLOG = 256  # output messages a slow view may be behind before more are dropped (as a gap)
+BACKLOG = 256  # messages a slow view may be behind before output is dropped (and told as a gap)
 
 
 def _encode(**fields: Any) -> bytes:
@@ -268,7 +268,7 @@ class RemoteView:
         """A message from the serving gateway (called by the relay's listener, never blocks)."""
         self._heard_at = time.monotonic()
         op = message["op"]
-        if op == "out" and sum(1 for m in self._inbox if m["op"] == "out") >= BACKLOG:
+        if op == "out" and len(self._inbox) >= BACKLOG:
             self._lost_bytes += len(message["data"])
             return
         if op == "size":
