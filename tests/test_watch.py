@@ -271,3 +271,33 @@ async def test_a_relayed_view_whose_gateway_dies_is_let_go(start_gateway, gatewa
         await admin_http.close()
     [ended] = [e for e in events(audit_log) if e["event"] == "watch_end" and e.get("session") == sid]
     assert ended["admin"] == admin.name
+
+
+async def test_a_relayed_view_of_a_killed_gateways_session_ends(start_gateway, gateway_process, admin_setup,
+                                                                redis_url, tmp_path):
+    """The gateway serving a watched session is killed (SIGKILL): the admin's view on the other
+    gateway ends within the silence limit, saying so. (The restarted gateway keeps the session
+    for its reconnect grace, then ends it: no container is left.)"""
+    group, admin, student, _, _ = admin_setup
+    store = {"url": redis_url, "secret_file": str(tmp_path / "store-key")}
+    serving = gateway_process(store=store, auth={"admin_groups": [group]}, session={"reconnect_grace": "3s"})
+    await serving.start()
+    viewing = await start_gateway(store=store, auth={"admin_groups": [group]})
+    owner_http, admin_http = await serving.gateway.login(student), await viewing.login(admin)
+    try:
+        term = await serving.gateway.terminal(owner_http)
+        sid = (await term.control("session"))["id"]
+        await term.expect(PROMPT)
+        view = Terminal(await admin_http.ws_connect(f"/admin/watch/{sid}/ws", headers={"Origin": viewing.origin}))
+        await view.control("watch")
+        await viewers_now(term, [{"user": admin.name, "mode": "watch"}])
+        serving.signal(signal.SIGKILL)
+        ended = await view.control("exit", timeout=DEAD_AFTER + 10)
+        assert "does not answer" in ended["message"]
+        await view.drain_until_closed(timeout=5)
+        assert not viewing.app[RELAY].views
+    finally:
+        await owner_http.close()
+        await admin_http.close()
+    await serving.start()
+    await containers_gone(**{"termbridge.session": sid})
