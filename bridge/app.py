@@ -34,6 +34,8 @@ from .backends.base import Backend
 from .config import LIVE_KEYS, Config, apply_live, changed_keys
 from .continuity import recover
 from .backends.docker import DockerBackend
+from .backends.engine import EngineBackend
+from .backends.swarm import SwarmBackend
 from .errors import BackendUnavailable, BridgeError, ConfigError
 from .metrics import MeteredBackend, Metrics
 from .sdnotify import sd_notify
@@ -120,7 +122,8 @@ def build_app(
         app[AUDIT].close()
 
     async def docker_backend(app: web.Application) -> AsyncIterator[None]:
-        metered = MeteredBackend(backend or DockerBackend(config.session, app[INSTANCE], fleet=app[STORE].fleet), app[METRICS])
+        engine = SwarmBackend if config.session.backend == "swarm" else DockerBackend
+        metered = MeteredBackend(backend or engine(config.session, app[INSTANCE], fleet=app[STORE].fleet), app[METRICS])
         try:
             await metered.prepare()
         except BackendUnavailable as exc:
@@ -332,7 +335,7 @@ def reload_config(app: web.Application, load: Callable[[], Config]) -> None:
     if manager.pool is not None:
         manager.pool.config = merged.session
     inner = getattr(app[BACKEND], "inner", None)
-    if isinstance(inner, DockerBackend):
+    if isinstance(inner, EngineBackend):
         inner.config = merged.session
     app[AUTHENTICATOR].inner.allowed_groups = frozenset(merged.auth.allowed_groups)
     app[AUTHENTICATOR].throttle.config = merged.auth

@@ -113,6 +113,16 @@ def _str_list(value: Any) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _constraints(value: Any) -> tuple[str, ...]:
+    """Swarm placement constraints: `ATTRIBUTE==VALUE` or `ATTRIBUTE!=VALUE` each."""
+    items = _str_list(value)
+    for item in items:
+        left, op, right = item.partition("==") if "==" in item else item.partition("!=")
+        if not op or not left.strip() or not right.strip():
+            raise ValueError(f"{item!r} is no constraint; expected e.g. 'node.labels.termbridge==yes'")
+    return items
+
+
 def _addr_list(value: Any) -> tuple[str, ...]:
     items = _str_list(value)
     for item in items:
@@ -231,6 +241,11 @@ class SessionConfig:
     tmpfs_size: int = _field(64 * 1024**2, parse_size, "size of each writable tmpfs (/tmp, the home directory)")
     internet_allow: tuple[str, ...] = _field((), _addr_list, "private networks internet-mode sessions may reach")
     dns: tuple[str, ...] = _field((), _ip_list, "name servers of internet-mode sessions; empty: the host's")
+    backend: str = _field("docker", _choice("docker", "swarm"), "docker: one engine; swarm: each session a Swarm service")
+    placement: tuple[str, ...] = _field((), _constraints, "Swarm placement constraints of session services")
+    swarm_network: str = _field(
+        "termbridge-sessions", _str, "the overlay network sessions and gateways share (backend = swarm)"
+    )
     uid_base: int = _field(
         1_000_000_000, _int_range(UID_SPAN, 2**31 - 1 - UID_SPAN), "a login's session uid is uid_base + its host uid"
     )
@@ -424,6 +439,10 @@ def _check(config: Config) -> None:
         raise ConfigError("'session.max_per_user' must not exceed 'session.max_total'")
     if config.session.pool > config.session.max_total:
         raise ConfigError("'session.pool' must not exceed 'session.max_total'")
+    if config.session.backend == "swarm" and config.session.network != "isolated":
+        raise ConfigError("'session.backend' = swarm supports only 'session.network' = isolated")
+    if config.session.backend == "swarm" and config.session.pool:
+        raise ConfigError("'session.pool' is not available with 'session.backend' = swarm yet")
     loopback = [server for server in config.session.dns if ipaddress.ip_address(server).is_loopback]
     if loopback:
         raise ConfigError(f"'session.dns': {', '.join(loopback)} is this host's loopback, which no container reaches")

@@ -7,7 +7,12 @@
 # account `termbridge-adduser` makes when a login claims it. TERMBRIDGE_UID: its uid (login mode).
 # TERMBRIDGE_MODE: login | root.
 # stdin: a tar with ssh_host_ed25519_key, ssh_host_ed25519_key.pub and authorized_keys, written
-# by the gateway right after start (never on disk, never in `docker inspect`), then EOF.
+# by the gateway right after start (never on disk, never in `docker inspect`), then EOF; or
+# TERMBRIDGE_KEYS_FILE: the same tar as a Swarm secret (services have no stdin).
+# TERMBRIDGE_NETGUARD=self (Swarm, where no gateway can enter the container's network namespace
+# from the host): the entrypoint shuts the network itself with NET_ADMIN, then drops it (and
+# SETPCAP, which dropping takes) from every set before anything else runs.
+# Always: no_new_privs for everything after the entrypoint (Swarm services cannot ask Docker).
 set -eu
 
 user="${TERMBRIDGE_USER:-}"
@@ -18,7 +23,11 @@ base=/etc/termbridge/base
 umask 022
 mkdir -p "$state/etc" "$state/sshd_config.d" /run/sshd
 chmod 0755 "$state" /run/sshd
-(umask 077 && tar -x -o -C "$state" -f -)
+if [ -n "${TERMBRIDGE_KEYS_FILE:-}" ]; then
+    (umask 077 && tar -x -o -C "$state" -f "$TERMBRIDGE_KEYS_FILE")
+else
+    (umask 077 && tar -x -o -C "$state" -f -)
+fi
 exec </dev/null
 test -s "$state/ssh_host_ed25519_key" || { echo "termbridge: no host key received" >&2; exit 1; }
 test -s "$state/authorized_keys" || { echo "termbridge: no client key received" >&2; exit 1; }
@@ -45,4 +54,11 @@ else
     printf 'PermitRootLogin no\nDenyUsers root\n' > "$state/sshd_config.d/10-mode.conf"
 fi
 
-exec /usr/local/bin/tb-holder serve -- /usr/sbin/sshd -D -e
+drop=""
+if [ "${TERMBRIDGE_NETGUARD:-}" = self ]; then
+    nft -f /etc/termbridge/netguard.nft
+    # Dropping from the bounding set takes SETPCAP, which goes too.
+    drop="--bounding-set -net_admin,-setpcap --inh-caps -net_admin,-setpcap"
+fi
+# shellcheck disable=SC2086
+exec setpriv --no-new-privs $drop -- /usr/local/bin/tb-holder serve -- /usr/sbin/sshd -D -e

@@ -245,12 +245,25 @@ class SwarmCluster:
         with ThreadPoolExecutor(len(targets)) as pool:
             list(pool.map(load_into, targets))
 
+    def host_address(self) -> str:
+        """The host's address on the cluster's network (its gateway)."""
+        return self.host.networks.get(self.network).attrs["IPAM"]["Config"][0]["Gateway"]
+
     def leftovers(self, label: str = "termbridge.session") -> dict[str, list[str]]:
-        """Services, containers, networks and secrets carrying `label`, per engine."""
+        """Services and secrets carrying `label`, and per node the containers carrying it and the
+        volumes no container uses. (The host engine's containers: conftest's leak check.)"""
         found: dict[str, list[str]] = {}
         mgr = self.manager.client()
         found["services"] = [s.name for s in mgr.services.list(filters={"label": label})]
         found["secrets"] = [s.name for s in mgr.secrets.list(filters={"label": label})]
         for node in self.nodes:
-            found[node.name] = [c.name for c in node.client().containers.list(all=True, filters={"label": label})]
+            client = node.client()
+            found[node.name] = [c.name for c in client.containers.list(all=True, filters={"label": label}, ignore_removed=True)]
+            found[f"{node.name} volumes"] = [v.name for v in client.volumes.list(filters={"dangling": True})]
         return {k: v for k, v in found.items() if v}
+
+    def wait_gone(self, timeout: float = 60) -> None:
+        """Until the nodes removed what removed services left (vfs removal takes seconds)."""
+        deadline = time.monotonic() + timeout
+        while self.leftovers() and time.monotonic() < deadline:
+            time.sleep(0.5)

@@ -275,6 +275,7 @@ def swarm_cluster(docker_engine: docker.DockerClient) -> Iterator[SwarmCluster]:
     logging.getLogger("testbed.swarm").warning("swarm cluster start took %.1f s", cluster.start_seconds)
     try:
         yield cluster
+        cluster.wait_gone()
         leftovers = cluster.leftovers()
     finally:
         cluster.close()

@@ -7,139 +7,43 @@ session limits and a hardened host config; removal is idempotent (404 and 409 ar
 
 from __future__ import annotations
 
-import asyncio
-import io
 import logging
 import socket
-import tarfile
 import threading
-import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import Any
 
 import docker
 import docker.errors
-import requests.exceptions
 
 from .. import netguard
-from .base import (
-    LABEL_DOOR,
-    LABEL_FLEET,
-    LABEL_GATEWAY,
-    LABEL_SESSION,
-    LABEL_STARTED,
-    LABEL_USER,
-    Container,
-    ContainerInfo,
-    ContainerSpec,
-    ContainerState,
+from ..config import SessionConfig
+from ..errors import ImageMissing, SessionStartError
+from .base import LABEL_FLEET, LABEL_GATEWAY, LABEL_SESSION, LABEL_USER, Container, ContainerInfo, ContainerSpec, ContainerState
+from .engine import (
+    IMAGE_PROTOCOL, LOG_CONFIG, LOG_FILE_BYTES, LOG_FILES, SESSION_CAPS, EngineBackend, keys_tar, started,
+    tmpfs_mount_options, tmpfs_options,
 )
-from ..config import UID_SPAN, SessionConfig
-from ..errors import BackendUnavailable, ImageMissing, SessionStartError
+
+__all__ = ["IMAGE_PROTOCOL", "LOG_FILE_BYTES", "LOG_FILES", "NETWORK_NAMES", "SESSION_CAPS", "DockerBackend"]
 
 log = logging.getLogger("termbridge.docker")
 
-T = TypeVar("T")
-
-# What sshd and the entrypoint need, and nothing else (verified one by one against the session
-# image: without SETUID, SETGID or SYS_CHROOT sshd's privilege separation fails; without CHOWN the
-# entrypoint cannot hand the home directory to the user and sshd cannot chown the pty; without
-# AUDIT_WRITE Debian's and Ubuntu's sshd close the connection after login).
-SESSION_CAPS = ("CHOWN", "SETUID", "SETGID", "SYS_CHROOT", "AUDIT_WRITE")
-RUN_TMPFS_SIZE = 16 * 1024**2
-# The container's stdout/stderr is sshd's (-e) debugging output, which a person can make grow
-# (junk connections to the container's own sshd: ~150 bytes each). json-file keeps `docker logs`
-# working for the admin (its last lines tell why a session died); two files of 512 KiB, rotated,
-# bound the host's disk per session (Docker 20.10 keeps a rotated file even with max-file=1).
-LOG_FILE_BYTES = 512 * 1024
-LOG_FILES = 2
-LOG_CONFIG = {"type": "json-file", "config": {"max-size": str(LOG_FILE_BYTES), "max-file": str(LOG_FILES)}}
-# How the session image expects to be set up (label `termbridge.protocol`); 2: keys on stdin,
-# accounts on tmpfs, read-only root. An image built from an older session-image/ would wait for
-# keys that never come, so it is refused with a clear message instead. 4: the account's uid comes
-# from the gateway (TERMBRIDGE_UID; `termbridge-adduser USER UID` at claim). 5: the session holder
-# (tb-holder) is the main process and enforces TERMBRIDGE_IDLE_TIMEOUT and TERMBRIDGE_MAX_LIFETIME.
-IMAGE_PROTOCOL = "5"
 NETWORK_NAMES = {"isolated": "termbridge-isolated", "internet": "termbridge-internet"}
-SSHD_PORT = 22
 
 
-def _tar(files: dict[str, tuple[bytes, int]]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        now = time.time()
-        for path, (data, mode) in files.items():
-            info = tarfile.TarInfo(path)
-            info.size, info.mode, info.mtime = len(data), mode, now
-            info.uid = info.gid = 0
-            tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
-
-
-class DockerBackend:
-    def __init__(
-        self,
-        config: SessionConfig,
-        instance_id: str,
-        *,
-        fleet: str = "",
-        base_url: str | None = None,
-        workers: int = 16,
-    ) -> None:
-        self.config = config
-        self.instance_id = instance_id
-        self.fleet = fleet or instance_id
+class DockerBackend(EngineBackend):
+    def __init__(self, config: SessionConfig, instance_id: str, **engine: Any) -> None:
+        """`engine`: EngineBackend's fleet, base_url and workers."""
+        super().__init__(config, instance_id, **engine)
         self.network_name = NETWORK_NAMES[config.network]
-        self._base_url = base_url
-        self._workers = workers
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="docker")
-        self._client: docker.APIClient | None = None
-        self._client_lock = threading.Lock()
         self._bridge: str | None = None
         self._prepare_lock = threading.Lock()
 
-    # -- plumbing ---------------------------------------------------------------------------
-
-    def _api(self) -> docker.APIClient:
-        with self._client_lock:
-            if self._client is None:
-                kwargs: dict[str, Any] = docker.utils.kwargs_from_env()
-                if self._base_url:
-                    kwargs["base_url"] = self._base_url
-                self._client = docker.APIClient(
-                    version="auto", timeout=60, max_pool_size=self._workers, **kwargs
-                )
-            return self._client
-
     def _forget_client(self) -> None:
-        with self._client_lock:
-            client, self._client = self._client, None
-            self._bridge = None
-        if client is not None:
-            client.close()
-
-    async def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """Run a blocking SDK call in the pool; turn "engine unreachable" into BackendUnavailable."""
-
-        def run() -> T:
-            try:
-                return fn(*args, **kwargs)
-            except (requests.exceptions.ConnectionError, docker.errors.DockerException) as exc:
-                if isinstance(exc, docker.errors.APIError):
-                    raise
-                self._forget_client()
-                raise BackendUnavailable(detail=f"Docker engine unreachable: {exc}") from exc
-
-        return await asyncio.get_running_loop().run_in_executor(self._pool, run)
+        super()._forget_client()
+        self._bridge = None
 
     # -- contract -----------------------------------------------------------------------------
-
-    async def ping(self) -> str:
-        def version() -> str:
-            return str(self._api().version().get("Version", "unknown"))
-
-        return await self._call(version)
 
     def _network_info(self, api: docker.APIClient) -> dict[str, Any]:
         """The session network, created on first use; an existing one must have our settings."""
@@ -217,10 +121,7 @@ class DockerBackend:
 
     def _host_config(self, api: docker.APIClient, root: bool) -> dict[str, Any]:
         cfg = self.config
-        tmp = f"rw,exec,nosuid,nodev,size={cfg.tmpfs_size}"
-        tmpfs = {"/run": f"rw,noexec,nosuid,nodev,size={RUN_TMPFS_SIZE},mode=0755", "/tmp": f"{tmp},mode=1777"}
-        if not root:
-            tmpfs["/home"] = f"{tmp},mode=0755"
+        tmpfs = {path: f"rw,{tmpfs_mount_options(*options)}" for path, options in tmpfs_options(cfg, root).items()}
         return api.create_host_config(
             nano_cpus=int(cfg.cpus * 1e9),
             mem_limit=cfg.memory,
@@ -241,13 +142,7 @@ class DockerBackend:
         """Start the container, cut its default route, then hand the entrypoint its keys on stdin.
         sshd cannot start before the keys arrive, so no shell ever runs with the route in place;
         the keys never touch a disk or `docker inspect`."""
-        keys = _tar(
-            {
-                "ssh_host_ed25519_key": (spec.host_private_key, 0o600),
-                "ssh_host_ed25519_key.pub": (spec.host_public_key, 0o644),
-                "authorized_keys": (spec.authorized_keys, 0o644),
-            }
-        )
+        keys = keys_tar(spec)
         attached = api.attach_socket(cid, params={"stdin": 1, "stream": 1})
         raw = getattr(attached, "_sock", attached)
         try:
@@ -278,30 +173,6 @@ class DockerBackend:
         except OSError as exc:
             raise SessionStartError(detail=f"writing the container's resolv.conf ({path}) failed: {exc}") from exc
 
-    def _check_image(self, api: docker.APIClient) -> None:
-        try:
-            labels = api.inspect_image(self.config.image)["Config"].get("Labels") or {}
-        except docker.errors.NotFound as exc:
-            raise ImageMissing(detail=f"session image {self.config.image!r} not found: {exc}") from exc
-        found = labels.get("termbridge.protocol")
-        if found != IMAGE_PROTOCOL:
-            raise ImageMissing(
-                "the session image on this server is out of date; ask the admin to rebuild it",
-                detail=f"session image {self.config.image!r} has termbridge.protocol={found!r}, this gateway needs "
-                f"{IMAGE_PROTOCOL!r}: rebuild it with `termbridge image build`",
-            )
-
-    def _environment(self, spec: ContainerSpec) -> dict[str, str]:
-        """The entrypoint's settings; the holder inside ends the session on its own after the idle
-        timeout with no gateway attached, and at the maximum lifetime, if no gateway is left to."""
-        return {
-            "TERMBRIDGE_USER": spec.user,
-            "TERMBRIDGE_UID": "" if spec.root or not spec.user else str(self._session_uid(spec.user, spec.uid)),
-            "TERMBRIDGE_MODE": "root" if spec.root else "login",
-            "TERMBRIDGE_IDLE_TIMEOUT": str(max(1, round(self.config.idle_timeout))),
-            "TERMBRIDGE_MAX_LIFETIME": str(max(1, round(self.config.max_lifetime))),
-        }
-
     def _start_sync(self, spec: ContainerSpec) -> Container:
         api = self._api()
         self._prepare_sync(api)
@@ -310,14 +181,7 @@ class DockerBackend:
         # Not the login: names are what Docker's DNS and `docker ps` show; the user is in a label.
         name = f"termbridge-{short}"
         cfg = self.config
-        labels = {
-            LABEL_SESSION: spec.session_id,
-            LABEL_USER: spec.user,
-            LABEL_DOOR: spec.door,
-            LABEL_GATEWAY: self.instance_id,
-            LABEL_FLEET: self.fleet,
-            LABEL_STARTED: spec.started,
-        }
+        labels = self._labels(spec)
         try:
             created = api.create_container(
                 cfg.image,
@@ -351,21 +215,7 @@ class DockerBackend:
             if isinstance(exc, OSError):
                 raise SessionStartError(detail=f"handing the keys to {cid[:12]} failed: {exc!r}") from exc
             raise
-        ssh_user = "root" if spec.root else spec.user
-        return Container(id=cid, name=name, address=address, port=SSHD_PORT, ssh_user=ssh_user)
-
-    async def start(self, spec: ContainerSpec) -> Container:
-        return await self._call(self._start_sync, spec)
-
-    def _session_uid(self, user: str, host_uid: int | None) -> int:
-        """The uid of `user`'s shell: uid_base + their host uid, theirs alone (config.py checks
-        that no host account, group or subordinate range has one in that range)."""
-        if host_uid is None or not 0 <= host_uid < UID_SPAN:
-            raise SessionStartError(
-                "your account cannot have a session on this server; ask the admin",
-                detail=f"{user}'s host uid {host_uid} is outside 0..{UID_SPAN - 1}, which session uids map",
-            )
-        return self.config.uid_base + host_uid
+        return started(cid, name, address, spec)
 
     def _claim_sync(self, container: Container, user: str, uid: int, root: bool) -> Container:
         api = self._api()
@@ -430,7 +280,3 @@ class DockerBackend:
 
     async def unreachable(self) -> set[str]:
         return set()  # one engine: every container's host is this one
-
-    async def close(self) -> None:
-        self._forget_client()
-        self._pool.shutdown(wait=False, cancel_futures=True)
