@@ -14,14 +14,15 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import docker
 import docker.errors
 from docker import types
 
 from ..config import SessionConfig
-from ..errors import ImageMissing, SessionStartError
+from ..errors import BackendUnavailable, ImageMissing, SessionStartError
 from ..netguard import NetworkGuardError
 from .base import LABEL_FLEET, LABEL_GATEWAY, LABEL_SESSION, LABEL_USER, Container, ContainerInfo, ContainerSpec, ContainerState
 from .engine import LOG_OPTIONS, SESSION_CAPS, EngineBackend, keys_tar, started, tmpfs_options
@@ -38,6 +39,16 @@ IMAGE_NEEDS = {"termbridge.swarm": "1"}
 # Task states after which the container no longer runs (Docker's swarm/api TaskState).
 ENDED = {"complete", "failed", "shutdown", "rejected", "orphaned", "remove"}
 TASK_POLL = 0.2
+# Node states in which a node runs nothing we can reach (Docker's swarm/api NodeStatus).
+NODE_GONE = {"down", "disconnected", "unknown"}
+T = TypeVar("T")
+
+
+class SwarmUnavailable(BackendUnavailable):
+    """The managers cannot act (no leader: quorum lost, or an election under way). Running
+    sessions need no manager and go on; only changes to the swarm wait."""
+
+    user_message = "new sessions cannot start right now while the cluster recovers; try again in a few minutes"
 
 
 def service_spec(
@@ -160,7 +171,7 @@ class SwarmBackend(EngineBackend):
             address = self._wait_running(api, service_id)
         except BaseException as exc:
             self._remove_sync(service_id, [secret_id] if secret_id else [])
-            if isinstance(exc, docker.errors.APIError):
+            if isinstance(exc, docker.errors.APIError) and exc.status_code != 503:
                 if exc.status_code == 404 and "network" not in str(exc).lower():
                     raise ImageMissing(detail=f"session image {self.config.image!r}: {exc}") from exc
                 if exc.status_code == 404:
@@ -283,6 +294,33 @@ class SwarmBackend(EngineBackend):
 
     async def list_own(self) -> list[ContainerInfo]:
         return await self._call(self._list_sync, LABEL_GATEWAY, self.instance_id)
+
+    def _unreachable_sync(self) -> set[str]:
+        """This instance's services whose task runs on a node that is down or no longer in the
+        swarm (it left, or was removed): three list calls, however many sessions there are."""
+        api = self._api()
+        nodes = {n["ID"]: (n.get("Status") or {}).get("State", "unknown") for n in api.nodes()}
+        mine = {s["ID"] for s in api.services(filters={"label": f"{LABEL_GATEWAY}={self.instance_id}"})}
+        if not mine:
+            return set()
+        return {
+            task["ServiceID"]
+            for task in api.tasks(filters={"desired-state": "running"})
+            if task.get("ServiceID") in mine and task.get("NodeID")
+            and nodes.get(task["NodeID"], "unknown") in NODE_GONE
+        }
+
+    async def unreachable(self) -> set[str]:
+        return await self._call(self._unreachable_sync)
+
+    async def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """As the engine's, and a manager that answers 503 (no leader) is SwarmUnavailable."""
+        try:
+            return await super()._call(fn, *args, **kwargs)
+        except docker.errors.APIError as exc:
+            if exc.status_code == 503:
+                raise SwarmUnavailable(detail=f"Swarm managers cannot act: {exc.explanation}") from exc
+            raise
 
     async def list_fleet(self) -> list[ContainerInfo]:
         return await self._call(self._list_sync, LABEL_FLEET, self.fleet)
