@@ -142,7 +142,7 @@ class Stack:
         return done.stdout + done.stderr
 
     def remove(self) -> None:
-        """The stack, its secrets and networks; waits until no task container is left."""
+        """The stack, its volumes, secrets and networks; waits until no task container is left."""
         subprocess.run(["docker", "-H", self.manager.url, "stack", "rm", self.name], capture_output=True, timeout=120)
         mgr = self.manager.client()
         deadline = time.monotonic() + 60
@@ -150,6 +150,11 @@ class Stack:
             if time.monotonic() > deadline:
                 break
             time.sleep(0.5)
+        for volume in mgr.volumes.list(filters={"label": f"com.docker.stack.namespace={self.name}"}):
+            try:
+                volume.remove(force=True)
+            except docker.errors.APIError:
+                pass
         for name in SECRETS:
             try:
                 mgr.secrets.get(name).remove()

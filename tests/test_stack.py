@@ -73,6 +73,13 @@ async def open_terminal(front: Gateway, http: aiohttp.ClientSession) -> tuple[Te
     return term, session["id"]
 
 
+def instance_id(gateway: Any) -> str:
+    """A gateway container's instance id, from its own state_dir (the stack sets it per slot)."""
+    code, out = gateway.exec_run(["sh", "-c", 'cat "$TERMBRIDGE_STATE_DIR/instance-id"'])
+    assert code == 0, out
+    return out.decode().strip()
+
+
 def session_services(stack: Stack) -> dict[str, dict[str, Any]]:
     """Session id → its service's labels and the node its task runs on (hostname)."""
     api = stack.manager.client().api
@@ -94,11 +101,7 @@ async def test_logins_reach_every_replica_through_the_front_with_live_host_accou
     http = await front.login(user)
     await http.close()
     # Every replica has its own state_dir, so its own instance id.
-    ids = set()
-    for container in stack.gateway_containers():
-        code, out = container.exec_run(["sh", "-c", "cat /var/lib/termbridge/gateway-*/instance-id"])
-        assert code == 0, out
-        ids.add(out.decode().strip())
+    ids = {instance_id(container) for container in stack.gateway_containers()}
     assert len(ids) == stack.replicas == 2
 
 
@@ -121,8 +124,7 @@ async def test_sessions_spread_over_nodes_and_survive_their_gateway_replica_bein
     await term.expect(b"before-42")
     await term.expect(PROMPT)
     serving = services[sid]["labels"]["termbridge.gateway"]
-    victim = next(c for c in stack.gateway_containers()
-                  if c.exec_run(["sh", "-c", "cat /var/lib/termbridge/gateway-*/instance-id"]).output.decode().strip() == serving)
+    victim = next(c for c in stack.gateway_containers() if instance_id(c) == serving)
     offset = term.received
     victim.kill()  # SIGKILL: no goodbye, no store update from that replica
     await term.drain_until_closed(timeout=30)
