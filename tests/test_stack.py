@@ -179,7 +179,10 @@ async def test_a_worker_gone_mid_session_ends_its_sessions_with_error_and_leaves
     swarm_cluster.host.containers.get(worker.name).pause()  # the node dies: no heartbeat, no FIN
     try:
         for term, _ in on_worker:
-            end = await term.control("exit", timeout=90)
+            try:
+                end = await term.control("exit", timeout=90)
+            except (AssertionError, TimeoutError):
+                raise AssertionError(f"no end; gateways said:\n{stack.logs()[-4000:]}") from None
             assert end["reason"] == "error" and end["message"] == HOST_LOST, end
         ended_after = time.monotonic() - began
         await wait_for(lambda: not set(session_services(stack)) & {s for _, s in on_worker}, timeout=60,

@@ -296,18 +296,22 @@ class SwarmBackend(EngineBackend):
         return await self._call(self._list_sync, LABEL_GATEWAY, self.instance_id)
 
     def _unreachable_sync(self) -> set[str]:
-        """This instance's services whose task runs on a node that is down or no longer in the
+        """This instance's services whose task is on a node that is down or no longer in the
         swarm (it left, or was removed): three list calls, however many sessions there are."""
         api = self._api()
         nodes = {n["ID"]: (n.get("Status") or {}).get("State", "unknown") for n in api.nodes()}
         mine = {s["ID"] for s in api.services(filters={"label": f"{LABEL_GATEWAY}={self.instance_id}"})}
         if not mine:
             return set()
+        newest: dict[str, dict[str, Any]] = {}
+        for task in api.tasks(filters={"service": sorted(mine)}):
+            held = newest.get(task.get("ServiceID", ""))
+            if held is None or task.get("CreatedAt", "") > held.get("CreatedAt", ""):
+                newest[task.get("ServiceID", "")] = task
+        # Swarm may already have set a lost task's desired state to shutdown: its node decides.
         return {
-            task["ServiceID"]
-            for task in api.tasks(filters={"desired-state": "running"})
-            if task.get("ServiceID") in mine and task.get("NodeID")
-            and nodes.get(task["NodeID"], "unknown") in NODE_GONE
+            service for service, task in newest.items()
+            if service in mine and task.get("NodeID") and nodes.get(task["NodeID"], "unknown") in NODE_GONE
         }
 
     async def unreachable(self) -> set[str]:
