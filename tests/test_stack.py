@@ -211,36 +211,38 @@ async def test_without_quorum_new_sessions_get_a_clear_error_and_running_ones_go
     user = make_user()
     http = await front.login(user)
     http_sessions.append(http)
-    running = None
-    for _ in range(6):  # a session on the manager: the paused nodes' sessions would freeze with them
-        term, sid = await open_terminal(front, http)
-        if session_services(stack)[sid]["node"] == swarm_cluster.manager.name:
-            running = term
-            break
-        await term.send("exit\r")
-        await term.control("exit", timeout=30)
-    assert running is not None, "no session landed on the manager"
+    # The session on the manager (the paused nodes' sessions would freeze with them): the workers
+    # take no new task meanwhile.
+    for node in swarm_cluster.workers:
+        swarm_cluster.set_availability(node, "pause")
+    try:
+        running, sid = await open_terminal(front, http)
+    finally:
+        for node in swarm_cluster.workers:
+            swarm_cluster.set_availability(node, "active")
+    assert session_services(stack)[sid]["node"] == swarm_cluster.manager.name
     api = swarm_cluster.manager.client().api
     promoted = swarm_cluster.workers
-    for node in promoted:
-        swarm_cluster.set_role(node, "manager")
-    paused = []
+    paused: list[Node] = []
     try:
+        for node in promoted:
+            swarm_cluster.set_role(node, "manager")
+        await wait_for(lambda: _reachable_managers(api) == 3, timeout=60, what="three reachable managers")
         for node in promoted:
             swarm_cluster.host.containers.get(node.name).pause()
             paused.append(node)
-        await wait_for(lambda: not _has_leader(api), timeout=60, what="quorum lost")
+        await wait_for(lambda: not _can_write(api), timeout=90, interval=1, what="quorum lost")
         refused = await front.terminal(http)
-        error = await refused.control("exit", timeout=120)
+        error = await refused.control("exit", timeout=150)
         assert error["reason"] == "error" and "try again" in (error.get("message") or ""), error
         await running.send("echo alive-$((6*7))\r")
         await running.expect(b"alive-42", timeout=30)
     finally:
         for node in paused:
             swarm_cluster.host.containers.get(node.name).unpause()
-    await wait_for(lambda: _has_leader(api), timeout=120, what="quorum back")
-    for node in promoted:
-        swarm_cluster.set_role(node, "worker")
+        await wait_for(lambda: _can_write(api), timeout=150, interval=1, what="quorum back")
+        for node in promoted:
+            swarm_cluster.set_role(node, "worker")
     await running.send("echo back-$((6*7))\r")
     await running.expect(b"back-42", timeout=30)
     again, _ = await open_terminal(front, http)
@@ -249,9 +251,16 @@ async def test_without_quorum_new_sessions_get_a_clear_error_and_running_ones_go
         await term.control("exit", timeout=30)
 
 
-def _has_leader(api: Any) -> bool:
+def _reachable_managers(api: Any) -> int:
+    return sum(1 for n in api.nodes() if (n.get("ManagerStatus") or {}).get("Reachability") == "reachable")
+
+
+def _can_write(api: Any) -> bool:
+    """A manager without quorum may still answer reads from its own copy; a write needs a
+    majority of managers."""
     try:
-        api.nodes()
-        return True
-    except Exception:  # noqa: BLE001 (a manager without quorum answers 503 to every swarm call)
+        probe = api.create_secret(f"tb-quorum-probe-{time.monotonic_ns()}", b"x", labels={"termbridge.testbed": "probe"})
+    except Exception:  # noqa: BLE001 (no quorum: an error or a time-out, whichever the manager gives)
         return False
+    api.remove_secret(probe["ID"])
+    return True

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 import docker
 import docker.errors
+import requests
 from docker import types
 
 from ..config import SessionConfig
@@ -318,13 +319,16 @@ class SwarmBackend(EngineBackend):
         return await self._call(self._unreachable_sync)
 
     async def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """As the engine's, and a manager that answers 503 (no leader) is SwarmUnavailable."""
+        """As the engine's, and a manager that answers 503 (no leader) or not at all (a write
+        that a majority of managers must commit) is SwarmUnavailable."""
         try:
             return await super()._call(fn, *args, **kwargs)
         except docker.errors.APIError as exc:
             if exc.status_code == 503:
                 raise SwarmUnavailable(detail=f"Swarm managers cannot act: {exc.explanation}") from exc
             raise
+        except requests.exceptions.Timeout as exc:  # a change the managers cannot commit
+            raise SwarmUnavailable(detail=f"Swarm managers did not answer: {exc}") from exc
 
     async def list_fleet(self) -> list[ContainerInfo]:
         return await self._call(self._list_sync, LABEL_FLEET, self.fleet)
