@@ -1,4 +1,9 @@
-"""The admin socket: `termbridge sessions list|kill` talk to the running gateway through it.
+"""The admin socket: `termbridge sessions list|kill` and `termbridge homes list|du|rm` talk to the
+running gateway through it (homes too: the gateway holds the per-person locks its logins take).
+
+Requests: `{"command": "list"}`; `{"command": "kill"}` with `"id"` (a unique prefix), `"user"`
+(every session of that name) or `"all": true`. Answers: `{"sessions": [...]}` (the keys of
+`SESSION_KEYS`), `{"killed": [ids]}`, or `{"error": text}`.
 
 A unix socket in `state_dir` (itself 0700), mode 0600, and the peer's uid checked with
 SO_PEERCRED: only root (or the gateway's own user) gets in. One JSON request line, one JSON
@@ -12,13 +17,16 @@ import contextlib
 import json
 import logging
 import os
+import pwd
 import socket
+import time
 import struct
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from .errors import StoreUnavailable
+from .homes import HomeError
 from .sessions import SessionManager
 from .store import SessionRecord
 
@@ -26,6 +34,8 @@ log = logging.getLogger("termbridge.admin")
 
 SOCKET_NAME = "admin.sock"
 MAX_REQUEST = 4096
+# Every row of a listing has these keys, in this order (`termbridge sessions list --json`).
+SESSION_KEYS = ("id", "user", "door", "profile", "gateway", "started", "idle_seconds", "container", "attached")
 
 
 def socket_path(state_dir: Path) -> Path:
@@ -91,27 +101,39 @@ class AdminServer:
                 return {"sessions": list((await self._fleet()).values())}
             if command == "kill":
                 return await self._kill(request)
+            if command == "homes":
+                return await self._homes(request)
+        except HomeError as exc:
+            log.error("admin %s: %s", str(command)[:40], exc.detail)
+            return {"error": exc.user_message}
         except StoreUnavailable as exc:
             log.error("admin %s: %s", str(command)[:40], exc.detail)
             return {"error": exc.user_message}
         return {"error": f"unknown command {str(command)[:40]!r}"}
 
     async def _fleet(self) -> dict[str, dict[str, Any]]:
-        """Every session of every gateway sharing the store, this gateway's from its memory."""
-        gateway = self.manager.gateway
-        found = {s.id: s.describe() | {"gateway": gateway} for s in self.manager.list()}
-        for record in await self.manager.fleet():
+        """Every session of every gateway sharing the store, this gateway's from its memory
+        (another gateway's idle time is as of its last write to the store)."""
+        records = {record.id: record for record in await self.manager.fleet()}
+        found: dict[str, dict[str, Any]] = {}
+        for session in self.manager.list():
+            row = session.describe()  # its profile included
+            found[session.id] = {**row, "gateway": self.manager.gateway, "idle_seconds": row["idle_for"]}
+        now = time.time()
+        for record in records.values():
             found.setdefault(record.id, {
                 "id": record.id,
                 "user": record.user,
                 "door": record.door,
+                "profile": record.profile,
                 "container": record.container_name or None,
                 "started": datetime.fromtimestamp(record.started, timezone.utc).isoformat(timespec="seconds"),
-                "idle_for": None,  # the serving gateway's to know
+                "idle_seconds": round(max(0.0, now - record.last_activity), 1),
                 "attached": record.attached_by is not None,
                 "gateway": record.gateway,
             })
-        return dict(sorted(found.items(), key=lambda item: item[1]["started"]))
+        rows = sorted(found.values(), key=lambda row: row["started"])
+        return {row["id"]: {key: row[key] for key in SESSION_KEYS} for row in rows}
 
     async def _kill(self, request: dict[str, Any]) -> dict[str, Any]:
         """`kill` one session by id prefix, or every one with `all`: this gateway's directly,
@@ -119,6 +141,11 @@ class AdminServer:
         fleet = await self._fleet()
         if request.get("all") is True:
             targets = list(fleet)
+        elif "user" in request:
+            name = str(request["user"])[:256]
+            targets = [session_id for session_id, row in fleet.items() if row["user"] == name]
+            if not targets:
+                return {"error": await _no_sessions_of(name)}
         else:
             prefix = str(request.get("id", ""))
             targets = [session_id for session_id in fleet if prefix and session_id.startswith(prefix)]
@@ -138,6 +165,58 @@ class AdminServer:
         elif record is not None:
             log.info("session %.12s of %s on gateway %s: kill requested", session_id, record.user, record.gateway)
             await self.manager.request_kill(record)
+
+
+    async def _homes(self, request: dict[str, Any]) -> dict[str, Any]:
+        """`list` (every home) or `du` (one person's with `user`, else every one): size and use;
+        `rm`: remove one person's home, refused while they have a session on any gateway."""
+        homes = self.manager.homes
+        action, name = request.get("action"), request.get("user")
+        if action not in ("list", "du", "rm"):
+            return {"error": f"unknown homes action {str(action)[:40]!r}"}
+        if name is None and action != "rm":
+            infos = [await asyncio.to_thread(homes.info, uid) for uid in await asyncio.to_thread(homes.uids)]
+            return {"homes": [info.as_json() for info in infos]}
+        if not isinstance(name, str) or not name:
+            return {"error": "name the user"}
+        uid = await asyncio.to_thread(_uid_of, name)
+        if uid is None:
+            return {"error": f"no such user {name[:64]!r} (a number is taken as a uid)"}
+        if not homes.image(uid).exists():
+            return {"error": f"{name[:64]} has no home"}
+        if action != "rm":
+            return {"homes": [(await asyncio.to_thread(homes.info, uid)).as_json()]}
+        user = name if not name.isdigit() else await asyncio.to_thread(homes.owner, uid)
+        live = [s for s in (await self._fleet()).values() if s["user"] == user]
+        slots = [slot for slot in (await self.manager.store.list_slots()).values() if slot.user == user] \
+            if self.manager.store is not None else []
+        if live or slots or self.manager.count_for(user):
+            count = max(len(live), len(slots), self.manager.count_for(user))
+            return {
+                "error": f"{user} has {count} live session(s); end them first (termbridge sessions kill --user {user})"
+            }
+        await asyncio.to_thread(homes.remove, uid, lambda: self.manager.home_in_use(uid))
+        log.info("home of %s (uid %d) removed by an administrator", user, uid)
+        return {"removed": uid}
+
+
+def _uid_of(name: str) -> int | None:
+    """A login name's host uid; a number is a uid already (the home of a deleted account)."""
+    if name.isdigit():
+        return int(name)
+    try:
+        return pwd.getpwnam(name).pw_uid
+    except KeyError:
+        return None
+
+
+async def _no_sessions_of(name: str) -> str:
+    """Why a kill by user name ended nothing: a name with no account here is likely a typo."""
+    try:
+        await asyncio.to_thread(pwd.getpwnam, name)
+    except KeyError:
+        return f"no such user {name!r}, and no live session of that name"
+    return f"no live session of {name!r}"
 
 
 def request(path: Path, payload: dict[str, Any], timeout: float = 15.0) -> dict[str, Any]:

@@ -98,7 +98,7 @@ def build_app(
     web_response.SERVER_SOFTWARE = "termbridge"  # type: ignore[attr-defined]
     app = web.Application(client_max_size=64 * 1024)
     app[CONFIG] = config
-    app[METRICS] = Metrics()
+    app[METRICS] = Metrics(p.name for p in config.all_profiles())
     web_door.setup_routes(app, web_root)
 
     async def state_dir(app: web.Application) -> AsyncIterator[None]:
@@ -122,8 +122,13 @@ def build_app(
         app[AUDIT].close()
 
     async def docker_backend(app: web.Application) -> AsyncIterator[None]:
-        engine = SwarmBackend if config.session.backend == "swarm" else DockerBackend
-        metered = MeteredBackend(backend or engine(config.session, app[INSTANCE], fleet=app[STORE].fleet), app[METRICS])
+        networks = tuple(p.session.network for p in config.all_profiles())
+        engine: Backend = (
+            SwarmBackend(config.session, app[INSTANCE], fleet=app[STORE].fleet)
+            if config.session.backend == "swarm"
+            else DockerBackend(config.session, app[INSTANCE], fleet=app[STORE].fleet, networks=networks)
+        )
+        metered = MeteredBackend(backend or engine, app[METRICS])
         try:
             await metered.prepare()
         except BackendUnavailable as exc:
@@ -268,6 +273,9 @@ async def reap_once(manager: SessionManager) -> None:
         return
     if reaped:
         log.info("reaper removed %d container(s) no live session owns", reaped)
+    swept = await manager.sweep_homes()
+    if swept:
+        log.info("reaper unmounted %d home(s) no session uses", swept)
 
 
 async def reap_forever(manager: SessionManager, interval: float = REAP_INTERVAL) -> None:
@@ -333,7 +341,7 @@ def reload_config(app: web.Application, load: Callable[[], Config]) -> None:
             return
     manager.config = merged
     if manager.pool is not None:
-        manager.pool.config = merged.session
+        manager.pool.reconfigure(merged.all_profiles())
     inner = getattr(app[BACKEND], "inner", None)
     if isinstance(inner, EngineBackend):
         inner.config = merged.session

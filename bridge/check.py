@@ -7,8 +7,11 @@ probed by binding and closing, directories by creating and removing a probe file
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
+import shutil
+import stat
 import socket
 import ssl
 import sys
@@ -17,9 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from . import resources
+from . import homes, resources
 from .config import DEFAULT_CONFIG_PATH, Config, load_config
-from .errors import BackendUnavailable, ConfigError
+from .errors import BackendUnavailable, ConfigError, StoreUnavailable
 
 PAM_DIRS = (Path("/etc/pam.d"), Path("/usr/lib/pam.d"))
 
@@ -78,11 +81,26 @@ def check_docker(config: Config, config_arg: str, pre_start: bool = False) -> It
         yield down("image", f"{image} not checked: Docker is unreachable", "fix docker first")
         return
     yield ok("docker", f"Docker {facts.version} (API {facts.api_version}) at {facts.host}")
+    if config.session.backend == "swarm":
+        ready, known = facts.swarm_nodes
+        if not facts.swarm_manager:
+            yield fail("swarm", f"session.backend = swarm, but the engine at {facts.host} is not a Swarm manager",
+                       "point DOCKER_HOST at a manager (or mount a manager's socket), or `docker swarm init`")
+        else:
+            yield ok("swarm", f"a manager: {ready} of {known} nodes ready; every node needs the session image")
     if facts.image_id is None:
         yield fail("image", f"session image {image} is not present",
                    f"termbridge image build{config_arg} (add --base IMAGE without a registry)")
     else:
         yield ok("image", f"{image} present ({facts.image_id.removeprefix('sha256:')[:12]}, built {facts.image_created})")
+    for profile in config.profiles:  # a profile with an image of its own
+        own = profile.session.image
+        if own != image:
+            if engine_facts(own).image_id is not None:
+                yield ok("image", f"profile {profile.name}: image {own} present")
+            else:
+                yield fail("image", f"profile {profile.name}: image {own} is not present",
+                           f"build or load {own}, or change 'profiles.{profile.name}.image'")
     options = " ".join(facts.security_options)
     if "name=userns" in options or "name=rootless" in options:
         yield ok("userns-remap", "on: root in a session container is not root on the host")
@@ -191,6 +209,29 @@ def _audit_log(path: Path) -> Check:
     return parent if parent.failed else ok("audit.log", f"{path} will be created")
 
 
+HOME_TOOLS = ("mkfs.ext4", "e2fsck", "resize2fs", "dumpe2fs", "losetup", "mount", "umount")
+
+
+def check_homes(config: Config) -> Iterator[Check]:
+    """Persistent homes: the tools, their directory, and the host's mount namespace (a mount the
+    gateway makes in a namespace of its own never reaches dockerd, which binds it into containers)."""
+    yield _writable_dir("homes_dir", config.homes_path, "create it (0700, root's) or change homes_dir")
+    missing = [tool for tool in HOME_TOOLS if shutil.which(tool) is None]
+    if missing:
+        yield fail("homes", f"{', '.join(missing)} not found", "install e2fsprogs, util-linux and mount")
+    try:
+        shared = homes.shares_docker_mount_namespace()
+    except OSError as exc:
+        yield warn("homes", f"cannot compare the mount namespaces of the gateway and dockerd: {exc.strerror}",
+                   "run the gateway in the host's mount namespace (README, Persistent homes)")
+        return
+    if not shared:
+        yield fail("homes", "the gateway runs in a mount namespace of its own: its home mounts would not reach Docker",
+                   "use etc/systemd/persistent-homes.conf as a drop-in (README, Persistent homes)")
+    elif not missing:
+        yield ok("homes", f"tools present, host mount namespace; homes in {config.homes_path}")
+
+
 def check_files(config: Config) -> Iterator[Check]:
     yield _writable_dir("state_dir", config.state_dir, "create it (0700, owned by the gateway's user) or change state_dir")
     yield _tls(config)
@@ -198,11 +239,39 @@ def check_files(config: Config) -> Iterator[Check]:
         yield _audit_log(Path(config.audit.log))
     if config.audit.record_dir is not None:
         yield _writable_dir("audit.record_dir", config.audit.record_dir, "create it or change audit.record_dir")
+    if config.session.home == "persistent":
+        yield from check_homes(config)
     xterm = resources.web_root() / "node_modules" / "@xterm" / "xterm" / "lib" / "xterm.mjs"
     if xterm.is_file():
         yield ok("assets", f"{resources.web_root()}")
     else:
         yield fail("assets", f"{xterm} is missing", "run `npm ci` in web/ (make assets), or reinstall termbridge")
+
+
+def check_store(config: Config) -> Iterator[Check]:
+    """The store answers, and its key file (which encrypts session keys at rest) is private."""
+    from .store import SecretBox, probe
+
+    try:
+        yield ok("store.url", asyncio.run(probe(config)))
+    except StoreUnavailable as exc:
+        yield fail("store.url", f"the store cannot be reached: {exc.detail}",
+                   "start the Redis server, or correct store.url (redis://HOST:PORT/DB; empty: SQLite on this host)")
+    path = config.store_secret_file
+    shared = " (every gateway sharing store.url needs the same file)" if config.store.url else ""
+    if not path.exists():
+        if config.store.url:
+            yield warn("store.secret_file", f"{path} does not exist: created 0600 on first start{shared}",
+                       "copy the file from the other gateways (mode 0600) before starting this one")
+        else:
+            yield ok("store.secret_file", f"{path} does not exist: created 0600 on first start")
+        return
+    try:
+        SecretBox.from_file(path)
+    except ConfigError as exc:
+        yield fail("store.secret_file", exc.detail, f"chmod 600 {path}, owned by the gateway's user; or restore the file the store was written with")
+        return
+    yield ok("store.secret_file", f"{path} is readable, mode {stat.S_IMODE(path.stat().st_mode):04o}{shared}")
 
 
 def run_checks(config_path: str | None, pre_start: bool = False) -> list[Check]:
@@ -222,6 +291,7 @@ def run_checks(config_path: str | None, pre_start: bool = False) -> list[Check]:
     checks.append(_port_free("web.listen", config.web.listen))
     checks.append(_port_free("ssh.listen", config.ssh.listen))
     checks += check_files(config)
+    checks += check_store(config)
     return checks
 
 

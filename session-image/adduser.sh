@@ -1,12 +1,16 @@
 #!/bin/sh
-# termbridge-adduser USER UID: the session's account, on tmpfs (session.user = login). Run by the
-# entrypoint before sshd starts, or through `docker exec` when a login claims a pooled container
-# (then sshd is told to reread AllowUsers). UID (also the gid) comes from the gateway: uid_base +
-# the login's host uid, no host account's. A container gets one account, once.
+# termbridge-adduser USER UID [persistent]: the session's account, on tmpfs (session.user = login).
+# Run by the entrypoint before sshd starts, or through `docker exec` when a login claims a pooled
+# container (then sshd is told to reread AllowUsers). UID (also the gid) comes from the gateway:
+# uid_base + the login's host uid, no host account's. A container gets one account, once.
+# persistent: the gateway bound the person's own file system at /home/USER, owned by UID, 0700;
+# it is checked and kept as it is (/etc/skel only goes into an empty one). Root here has no
+# CAP_DAC_OVERRIDE, so whatever reads or writes in it runs as UID.
 set -eu
 
-user="${1:?usage: termbridge-adduser USER UID}"
-uid="${2:?usage: termbridge-adduser USER UID}"
+user="${1:?usage: termbridge-adduser USER UID [persistent]}"
+uid="${2:?usage: termbridge-adduser USER UID [persistent]}"
+home_mode="${3:-ephemeral}"
 state=/run/termbridge
 case "$uid" in
     ''|*[!0-9]*) echo "termbridge: bad uid '$uid'" >&2; exit 2 ;;
@@ -26,10 +30,23 @@ printf '%s:x:%s:%s::%s:/bin/bash\n' "$user" "$uid" "$uid" "$home" >> "$state/etc
 printf '%s:x:%s:\n' "$user" "$uid" >> "$state/etc/group"
 printf '%s:*:%s:0:99999:7:::\n' "$user" "$today" >> "$state/etc/shadow"
 printf '%s:!::\n' "$user" >> "$state/etc/gshadow"
-mkdir -p "$home"
-chmod 0750 "$home"
-cp -R /etc/skel/. "$home/"
-chown -R "$uid:$uid" "$home"
+if [ "$home_mode" = persistent ]; then
+    if [ ! -d "$home" ] || [ "$(stat -c %d "$home")" = "$(stat -c %d /home)" ]; then
+        echo "termbridge: the persistent home is not mounted at $home" >&2
+        exit 1
+    fi
+    if [ "$(stat -c %u:%g "$home")" != "$uid:$uid" ]; then
+        echo "termbridge: the persistent home belongs to $(stat -c %u:%g "$home"), not $uid" >&2
+        exit 1
+    fi
+    setpriv --reuid="$uid" --regid="$uid" --clear-groups \
+        sh -c '[ -n "$(ls -A "$1")" ] || cp -R /etc/skel/. "$1/"' sh "$home"
+else
+    mkdir -p "$home"
+    chmod 0750 "$home"
+    cp -R /etc/skel/. "$home/"
+    chown -R "$uid:$uid" "$home"
+fi
 printf 'AllowUsers %s\nPermitRootLogin no\n' "$user" > "$state/sshd_config.d/10-mode.conf"
 # Last: the session holder (tb-holder) lets this uid attach once it reads it here (told at once
 # when it already runs, in a pooled container).

@@ -5,7 +5,9 @@
 # TERMBRIDGE_IDLE_TIMEOUT seconds with nobody attached, or at TERMBRIDGE_MAX_LIFETIME.
 # TERMBRIDGE_USER: login name (validated by the gateway); empty for a pooled container, whose
 # account `termbridge-adduser` makes when a login claims it. TERMBRIDGE_UID: its uid (login mode).
-# TERMBRIDGE_MODE: login | root.
+# TERMBRIDGE_MODE: login | root. TERMBRIDGE_HOME: ephemeral | persistent (the gateway bound the
+# person's own file system at /home/USER). A pooled container under Swarm also gets claim_key.pub
+# in the tar.
 # stdin: a tar with ssh_host_ed25519_key, ssh_host_ed25519_key.pub and authorized_keys, written
 # by the gateway right after start (never on disk, never in `docker inspect`), then EOF; or
 # TERMBRIDGE_KEYS_FILE: the same tar as a Swarm secret (services have no stdin).
@@ -48,7 +50,15 @@ if [ "$mode" = root ]; then
     done
     printf 'AllowUsers root\nPermitRootLogin prohibit-password\n' > "$state/sshd_config.d/10-mode.conf"
 elif [ -n "$user" ]; then
-    termbridge-adduser "$user" "${TERMBRIDGE_UID:-}"
+    termbridge-adduser "$user" "${TERMBRIDGE_UID:-}" "${TERMBRIDGE_HOME:-ephemeral}"
+elif [ -s "$state/claim_key.pub" ]; then
+    # Pooled under Swarm (no `docker exec` from the gateway): the gateway claims it over SSH as
+    # root with its claim key, whose only command is termbridge-claim USER UID.
+    mkdir -p "$state/claim_keys"
+    printf 'restrict,command="/usr/local/sbin/termbridge-claim" %s\n' "$(cat "$state/claim_key.pub")" \
+        > "$state/claim_keys/root"
+    chmod 0644 "$state/claim_keys/root"
+    printf 'PermitRootLogin forced-commands-only\n' > "$state/sshd_config.d/10-mode.conf"
 else
     # Pooled: sshd is ready now; the account and AllowUsers come at claim (termbridge-adduser).
     printf 'PermitRootLogin no\nDenyUsers root\n' > "$state/sshd_config.d/10-mode.conf"

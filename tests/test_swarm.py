@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import io
+import json
 import re
 import secrets
 import tarfile
@@ -18,7 +19,6 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
-import docker
 import pytest
 
 from bridge.backends.base import Container, ContainerSpec
@@ -27,6 +27,7 @@ from bridge.backends.swarm import SWARM_CAPS, SwarmBackend, service_spec
 from bridge.config import SessionConfig
 from bridge.upstream import SessionKeys
 from helpers import TEST_IMAGE
+from testbed.gateway_image import ensure_gateway_image
 from testbed.swarm import SwarmCluster
 
 HOST_UID = 4242
@@ -365,3 +366,106 @@ async def test_poll_and_stop_follow_the_task(
     assert (await backend.poll(session.container.id)).gone
     await asyncio.to_thread(swarm_cluster.wait_gone)
     assert swarm_cluster.leftovers() == {}
+
+
+# Runs inside a gateway-image container on the session overlay (the host cannot reach it): the
+# real WarmPool fills itself through the SwarmBackend, then its container is claimed over SSH.
+POOL_DRIVER = r"""
+import asyncio, dataclasses, json, sys
+import asyncssh
+from bridge.config import SessionConfig
+from bridge.backends.swarm import SwarmBackend
+from bridge.errors import SessionStartError
+from bridge.pool import WarmPool
+from bridge.upstream import Upstream
+
+
+async def refused(container, keys, command):
+    # sshd refuses at login, or (root with a key that has no forced command, under
+    # forced-commands-only) closes the connection before any command runs.
+    try:
+        code, text = await Upstream.run_once(container, keys, command, 20)
+    except SessionStartError as exc:
+        return f"refused: {exc.detail}" if "PermissionDenied" in exc.detail else f"failed: {exc.detail}"
+    except asyncssh.ChannelOpenError as exc:
+        return f"refused: {exc.reason}"
+    return f"ran ({code}): {text.strip()}"
+
+
+async def main():
+    image, instance, host_uid = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    cfg = dataclasses.replace(SessionConfig(), image=image, backend="swarm", pool=1, start_timeout=90)
+    backend = SwarmBackend(cfg, instance)
+    pool = WarmPool(1, backend, cfg, lambda: 10)
+    out = {}
+    try:
+        pool.kick()
+        for _ in range(900):
+            pooled = pool.take() if pool.ready else None
+            if pooled:
+                break
+            await asyncio.sleep(0.2)
+        out["waited_for_pool"] = pooled is not None
+        claim_keys = backend._claims[pooled.container.id]
+        root = dataclasses.replace(pooled.container, ssh_user="root")
+        out["root_before"] = await refused(root, pooled.keys, "id -u")
+        container = await backend.claim(pooled.container, "carol", host_uid, False)
+        code, text = await Upstream.run_once(container, pooled.keys, "id -un; id -u", 20)
+        out["claimed"] = [code, text.split()]
+        out["root_after"] = await refused(root, pooled.keys, "id -u")
+        out["claim_again"] = await refused(root, claim_keys, "mallory 4243")
+        await backend.stop(container.id)
+    finally:
+        await pool.close()
+        await backend.close()
+    print(json.dumps(out))
+
+
+asyncio.run(main())
+"""
+
+
+@pytestmark_swarm
+async def test_warm_pool_in_swarm_mode_claims_over_ssh(
+    swarm_cluster: SwarmCluster, swarm_backend: Callable[..., SwarmBackend]
+) -> None:
+    """A pooled service has no account; the claim makes it through the forced command of a key
+    only the gateway holds, and afterwards neither root nor a second claim gets in."""
+    gateway_image = await asyncio.to_thread(ensure_gateway_image)
+    await asyncio.to_thread(swarm_cluster.load, gateway_image, nodes=[swarm_cluster.manager])
+    backend = swarm_backend()  # the driver's services carry this instance id: cleaned up after
+    backend._prepare_sync()
+    client = swarm_cluster.manager.client()
+    driver = await asyncio.to_thread(
+        client.containers.run, gateway_image, entrypoint=["/opt/termbridge/bin/python", "-c", POOL_DRIVER],
+        command=[TEST_IMAGE, backend.instance_id, str(HOST_UID)], network=CONFIG.swarm_network, detach=True,
+        volumes={"/var/run/docker.sock": {"bind": "/var/run/docker.sock", "mode": "rw"}},
+        labels={"termbridge.testbed": "driver"}, environment={"USER": "termbridge"},
+    )
+    try:
+        result = await asyncio.to_thread(driver.wait, timeout=300)
+        logs = driver.logs().decode(errors="replace")
+    finally:
+        driver.remove(force=True)
+    assert result["StatusCode"] == 0, logs
+    out = json.loads(logs.strip().splitlines()[-1])
+    print("pool in swarm mode:", out)
+    assert out["waited_for_pool"], out
+    assert out["root_before"].startswith("refused"), out
+    assert out["claimed"] == [0, ["carol", str(CONFIG.uid_base + HOST_UID)]], out
+    assert out["root_after"].startswith("refused"), out
+    assert out["claim_again"].startswith("refused"), out
+
+
+@pytestmark_swarm
+def test_check_reports_the_manager_and_its_nodes(swarm_cluster: SwarmCluster, tmp_path: Any, pam_service: str) -> None:
+    from test_check import run_check
+
+    from helpers import free_port, write_config
+
+    config = write_config(tmp_path / "swarm.toml", tmp_path / "state", pam_service,
+                          web={"listen": f"127.0.0.1:{free_port()}"}, ssh={"listen": f"127.0.0.1:{free_port()}"},
+                          session={"backend": "swarm"})
+    _, checks, output = run_check(config, DOCKER_HOST=swarm_cluster.manager.url)
+    assert checks["swarm"] == ("ok", "a manager: 3 of 3 nodes ready; every node needs the session image"), output
+    assert checks["image"][0] == "ok", output

@@ -14,56 +14,71 @@ from typing import Any
 
 import docker
 import docker.errors
+import docker.types
 
 from .. import netguard
 from ..config import SessionConfig
 from ..errors import ImageMissing, SessionStartError
 from .base import LABEL_FLEET, LABEL_GATEWAY, LABEL_SESSION, LABEL_USER, Container, ContainerInfo, ContainerSpec, ContainerState
 from .engine import (
-    IMAGE_PROTOCOL, LOG_CONFIG, LOG_FILE_BYTES, LOG_FILES, SESSION_CAPS, EngineBackend, keys_tar, started,
-    tmpfs_mount_options, tmpfs_options,
+    FEATURE_PERSISTENT_HOME, IMAGE_PROTOCOL, LOG_CONFIG, LOG_FILE_BYTES, LOG_FILES, SESSION_CAPS, EngineBackend,
+    keys_tar, started, tmpfs_mount_options, tmpfs_options,
 )
 
-__all__ = ["IMAGE_PROTOCOL", "LOG_FILE_BYTES", "LOG_FILES", "NETWORK_NAMES", "SESSION_CAPS", "DockerBackend"]
+__all__ = [
+    "FEATURE_PERSISTENT_HOME", "IMAGE_PROTOCOL", "LOG_FILE_BYTES", "LOG_FILES", "NETWORK_NAMES", "SESSION_CAPS",
+    "DockerBackend",
+]
 
 log = logging.getLogger("termbridge.docker")
 
 NETWORK_NAMES = {"isolated": "termbridge-isolated", "internet": "termbridge-internet"}
 
 
+def _home_mount(spec: ContainerSpec) -> docker.types.Mount:
+    if spec.root or not spec.user:
+        raise SessionStartError(detail="a persistent home needs a login-mode session with its user")
+    return docker.types.Mount(
+        target=f"/home/{spec.user}", source=spec.home, type="bind", read_only=False, propagation="rprivate"
+    )
+
+
 class DockerBackend(EngineBackend):
-    def __init__(self, config: SessionConfig, instance_id: str, **engine: Any) -> None:
-        """`engine`: EngineBackend's fleet, base_url and workers."""
+    def __init__(self, config: SessionConfig, instance_id: str, *, networks: tuple[str, ...] = (), **engine: Any) -> None:
+        """`networks`: the session.network modes of every profile, prepared by `prepare`
+        (default: `config.network`'s); a spec's settings may ask for any of them. `engine`:
+        EngineBackend's fleet, base_url and workers."""
         super().__init__(config, instance_id, **engine)
-        self.network_name = NETWORK_NAMES[config.network]
-        self._bridge: str | None = None
+        self.networks = tuple(dict.fromkeys(networks or (config.network,)))
+        self._bridges: dict[str, str] = {}  # network mode -> its host bridge, once prepared
         self._prepare_lock = threading.Lock()
 
     def _forget_client(self) -> None:
         super()._forget_client()
-        self._bridge = None
+        self._bridges.clear()
 
     # -- contract -----------------------------------------------------------------------------
 
-    def _network_info(self, api: docker.APIClient) -> dict[str, Any]:
+    def _network_info(self, api: docker.APIClient, network: str) -> dict[str, Any]:
         """The session network, created on first use; an existing one must have our settings."""
-        isolated = self.config.network == "isolated"
-        found = [n for n in api.networks(names=[self.network_name]) if n["Name"] == self.network_name]
+        isolated = network == "isolated"
+        name = NETWORK_NAMES[network]
+        found = [n for n in api.networks(names=[name]) if n["Name"] == name]
         if not found:
-            log.info("creating network %s", self.network_name)
+            log.info("creating network %s", name)
             try:
                 api.create_network(
-                    self.network_name,
+                    name,
                     driver="bridge",
                     internal=isolated,
                     options={"com.docker.network.bridge.enable_icc": "false"},
-                    labels={"termbridge.network": self.config.network},
+                    labels={"termbridge.network": network},
                     check_duplicate=True,
                 )
             except docker.errors.APIError as exc:
                 if exc.status_code != 409:
                     raise
-        info = api.inspect_network(self.network_name)
+        info = api.inspect_network(name)
         options = info.get("Options") or {}
         wrong = []
         if bool(info.get("Internal")) != isolated:
@@ -76,51 +91,57 @@ class DockerBackend(EngineBackend):
             wrong.append(f"driver {info.get('Driver')}")
         if wrong:
             raise netguard.NetworkGuardError(
-                detail=f"network {self.network_name} exists with settings that break session.network="
-                f"{self.config.network} ({', '.join(wrong)}); remove it (docker network rm {self.network_name})"
+                detail=f"network {name} exists with settings that break session.network="
+                f"{network} ({', '.join(wrong)}); remove it (docker network rm {name})"
             )
         return info
 
-    def _prepare_sync(self, api: docker.APIClient | None = None) -> None:
-        """Network, route tools and firewall. Cached; the firewall is re-checked on every call,
-        so rules flushed behind the gateway's back come back before the next session starts."""
+    def _prepare_sync(self, api: docker.APIClient | None = None, networks: tuple[str, ...] = ()) -> None:
+        """Networks (`networks`, default every profile's), route tools and firewall. Cached; the
+        firewall is re-checked on every call, so rules flushed behind the gateway's back come
+        back before the next session starts."""
         api = api or self._api()
         with self._prepare_lock:
-            self._prepare_locked(api)
+            for network in networks or self.networks:
+                self._prepare_locked(api, network)
 
-    def _prepare_locked(self, api: docker.APIClient) -> None:
-        if self._bridge is None:
-            info = self._network_info(api)
+    def _prepare_locked(self, api: docker.APIClient, network: str) -> None:
+        name = NETWORK_NAMES[network]
+        bridge = self._bridges.get(network)
+        if bridge is None:
+            info = self._network_info(api, network)
             bridge = (info.get("Options") or {}).get("com.docker.network.bridge.name") or f"br-{info['Id'][:12]}"
-            if self.config.network == "isolated":
+            if network == "isolated":
                 netguard.require_tools("nsenter", "ip")
             if self.config.firewall:
                 netguard.require_tools("iptables", "iptables-restore", "ip6tables-restore", "nsenter", "ip")
                 netguard.guard_bridge(bridge)
             else:
                 log.warning("session.firewall is off: session containers can reach host ports on %s", bridge)
-            log.info("session network %s on %s: %s, firewall %s", self.network_name, bridge,
-                     self.config.network, "on" if self.config.firewall else "OFF")
-            self._bridge = bridge
-        elif self.config.firewall and not netguard.bridge_guarded(self._bridge):
-            log.warning("firewall rules for %s were missing; installing them again", self._bridge)
-            netguard.guard_bridge(self._bridge)
+            log.info("session network %s on %s: %s, firewall %s", name, bridge,
+                     network, "on" if self.config.firewall else "OFF")
+            self._bridges[network] = bridge
+        elif self.config.firewall and not netguard.bridge_guarded(bridge):
+            log.warning("firewall rules for %s were missing; installing them again", bridge)
+            netguard.guard_bridge(bridge)
 
     async def prepare(self) -> None:
         await self._call(self._prepare_sync)
 
-    def _egress(self) -> netguard.Egress:
+    def _egress(self, cfg: SessionConfig) -> netguard.Egress:
         """What this container may reach, read afresh (the host's networks and resolvers change)."""
-        if self.config.network == "isolated":
+        if cfg.network == "isolated":
             return netguard.Egress()
-        resolvers = self.config.dns or netguard.upstream_resolvers()
+        resolvers = cfg.dns or netguard.upstream_resolvers()
         if not resolvers:
             log.warning("no name server for internet-mode sessions (set session.dns): they get no DNS")
         blocked = (*netguard.PRIVATE_NETWORKS, *netguard.host_networks())
-        return netguard.Egress(blocked=blocked, allowed=self.config.internet_allow, resolvers=resolvers)
+        return netguard.Egress(blocked=blocked, allowed=cfg.internet_allow, resolvers=resolvers)
 
-    def _host_config(self, api: docker.APIClient, root: bool) -> dict[str, Any]:
-        cfg = self.config
+    def _host_config(self, api: docker.APIClient, cfg: SessionConfig, spec: ContainerSpec) -> dict[str, Any]:
+        """Limits and hardening; a persistent home is the one host directory a container gets
+        (its own file system, the person's alone: homes.py), bound over the tmpfs /home."""
+        root = spec.root
         tmpfs = {path: f"rw,{tmpfs_mount_options(*options)}" for path, options in tmpfs_options(cfg, root).items()}
         return api.create_host_config(
             nano_cpus=int(cfg.cpus * 1e9),
@@ -130,12 +151,13 @@ class DockerBackend(EngineBackend):
             cap_drop=["ALL"],
             cap_add=list(SESSION_CAPS),
             security_opt=["no-new-privileges"],
-            network_mode=self.network_name,
+            network_mode=NETWORK_NAMES[cfg.network],
             init=True,
             privileged=False,
             read_only=not root,
             tmpfs=tmpfs,
             log_config=LOG_CONFIG,
+            mounts=[_home_mount(spec)] if spec.home else None,
         )
 
     def _boot(self, api: docker.APIClient, cid: str, spec: ContainerSpec) -> None:
@@ -149,12 +171,13 @@ class DockerBackend(EngineBackend):
             api.start(cid)
             info = api.inspect_container(cid)
             pid = int(info["State"].get("Pid") or 0)
-            if self.config.network == "isolated":
+            cfg = self._settings(spec)
+            if cfg.network == "isolated":
                 netguard.drop_default_routes(pid)
             if self.config.firewall:
-                egress = self._egress()
+                egress = self._egress(cfg)
                 netguard.guard_container(pid, egress)
-                if self.config.network == "internet":
+                if cfg.network == "internet":
                     self._write_resolv_conf(info["ResolvConfPath"], egress)
             raw.settimeout(10)
             raw.sendall(keys)
@@ -175,12 +198,13 @@ class DockerBackend(EngineBackend):
 
     def _start_sync(self, spec: ContainerSpec) -> Container:
         api = self._api()
-        self._prepare_sync(api)
-        self._check_image(api)
+        cfg = self._settings(spec)
+        network_name = NETWORK_NAMES[cfg.network]
+        self._prepare_sync(api, (cfg.network,))
+        self._check_image(api, cfg.image, (FEATURE_PERSISTENT_HOME,) if spec.home else ())
         short = spec.session_id[:8]
         # Not the login: names are what Docker's DNS and `docker ps` show; the user is in a label.
         name = f"termbridge-{short}"
-        cfg = self.config
         labels = self._labels(spec)
         try:
             created = api.create_container(
@@ -189,7 +213,7 @@ class DockerBackend(EngineBackend):
                 hostname=f"tb-{short}",
                 labels=labels,
                 environment=self._environment(spec),
-                host_config=self._host_config(api, spec.root),
+                host_config=self._host_config(api, cfg, spec),
                 stdin_open=True,  # the keys come this way; with detach=False, Docker closes it after them
                 detach=False,
             )
@@ -197,7 +221,7 @@ class DockerBackend(EngineBackend):
             raise ImageMissing(detail=f"session image {cfg.image!r} not found: {exc}") from exc
         except docker.errors.APIError as exc:
             if exc.status_code == 404 and "network" in str(exc).lower():
-                self._bridge = None
+                self._bridges.pop(cfg.network, None)
             elif exc.status_code == 404:
                 raise ImageMissing(detail=f"session image {cfg.image!r} not found: {exc}") from exc
             raise SessionStartError(detail=f"create failed: {exc}") from exc
@@ -205,9 +229,9 @@ class DockerBackend(EngineBackend):
         try:
             self._boot(api, cid, spec)
             info = api.inspect_container(cid)
-            address = info["NetworkSettings"]["Networks"][self.network_name]["IPAddress"]
+            address = info["NetworkSettings"]["Networks"][network_name]["IPAddress"]
             if not address:
-                raise SessionStartError(detail=f"container {cid[:12]} has no address on {self.network_name}")
+                raise SessionStartError(detail=f"container {cid[:12]} has no address on {network_name}")
         except BaseException as exc:
             self._remove_sync(cid)
             if isinstance(exc, docker.errors.APIError):

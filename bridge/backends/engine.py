@@ -20,7 +20,8 @@ import requests.exceptions
 from ..config import UID_SPAN, SessionConfig
 from ..errors import BackendUnavailable, ImageMissing, SessionStartError
 from .base import (
-    LABEL_DOOR, LABEL_FLEET, LABEL_GATEWAY, LABEL_SESSION, LABEL_STARTED, LABEL_USER, Container, ContainerSpec,
+    LABEL_DOOR, LABEL_FLEET, LABEL_GATEWAY, LABEL_PROFILE, LABEL_SESSION, LABEL_STARTED, LABEL_USER, Container,
+    ContainerSpec,
 )
 
 T = TypeVar("T")
@@ -45,15 +46,22 @@ LOG_CONFIG = {"type": "json-file", "config": LOG_OPTIONS}
 # from the gateway (TERMBRIDGE_UID; `termbridge-adduser USER UID` at claim). 5: the session holder
 # (tb-holder) is the main process and enforces TERMBRIDGE_IDLE_TIMEOUT and TERMBRIDGE_MAX_LIFETIME.
 IMAGE_PROTOCOL = "5"
+# Optional abilities an image states in the label `termbridge.features` (comma-separated), asked
+# for only by the sessions that need them. persistent-home: termbridge-adduser takes a home that
+# is already there (bound by the gateway, the person's own) instead of making one. swarm: the
+# entrypoint reads its keys from a file and guards its own network (the Swarm backend).
+FEATURE_PERSISTENT_HOME = "persistent-home"
+FEATURE_SWARM = "swarm"
 SSHD_PORT = 22
 
 
-def keys_tar(spec: ContainerSpec) -> bytes:
-    """The session's keys as the entrypoint reads them: a tar of three files."""
+def keys_tar(spec: ContainerSpec, **more: bytes) -> bytes:
+    """The session's keys as the entrypoint reads them: a tar of three files (and `more`)."""
     files = {
         "ssh_host_ed25519_key": (spec.host_private_key, 0o600),
         "ssh_host_ed25519_key.pub": (spec.host_public_key, 0o644),
         "authorized_keys": (spec.authorized_keys, 0o644),
+        **{name: (data, 0o644) for name, data in more.items()},
     }
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
@@ -155,7 +163,12 @@ class EngineBackend:
 
     # -- the session's settings, wherever it runs --------------------------------------------
 
+    def _settings(self, spec: ContainerSpec) -> SessionConfig:
+        """The session's profile's settings, or the [session] section's."""
+        return spec.settings or self.config
+
     def _labels(self, spec: ContainerSpec) -> dict[str, str]:
+        # Not the login in the name: names are what Docker's DNS and `docker ps` show.
         return {
             LABEL_SESSION: spec.session_id,
             LABEL_USER: spec.user,
@@ -163,32 +176,43 @@ class EngineBackend:
             LABEL_GATEWAY: self.instance_id,
             LABEL_FLEET: self.fleet,
             LABEL_STARTED: spec.started,
+            LABEL_PROFILE: spec.profile,
         }
 
-    def _check_image(self, api: docker.APIClient, needs: dict[str, str] | None = None) -> None:
-        """The image exists and speaks this gateway's protocol (and has the `needs` labels)."""
+    def _check_image(self, api: docker.APIClient, image: str, features: tuple[str, ...] = ()) -> None:
+        """The image exists, speaks this gateway's protocol and states the `features` asked for."""
         try:
-            labels = api.inspect_image(self.config.image)["Config"].get("Labels") or {}
+            labels = api.inspect_image(image)["Config"].get("Labels") or {}
         except docker.errors.NotFound as exc:
-            raise ImageMissing(detail=f"session image {self.config.image!r} not found: {exc}") from exc
-        wanted = {"termbridge.protocol": IMAGE_PROTOCOL, **(needs or {})}
-        wrong = {k: labels.get(k) for k, v in wanted.items() if labels.get(k) != v}
-        if wrong:
+            raise ImageMissing(detail=f"session image {image!r} not found: {exc}") from exc
+        found = labels.get("termbridge.protocol")
+        if found != IMAGE_PROTOCOL:
             raise ImageMissing(
                 "the session image on this server is out of date; ask the admin to rebuild it",
-                detail=f"session image {self.config.image!r} has {wrong}, this gateway needs {wanted}: "
+                detail=f"session image {image!r} has termbridge.protocol={found!r}, this gateway needs "
+                f"{IMAGE_PROTOCOL!r}: rebuild it with `termbridge image build`",
+            )
+        stated = (labels.get("termbridge.features") or "").split(",")
+        missing = [f for f in features if f not in stated]
+        if missing:
+            why = "keep your home directory" if FEATURE_PERSISTENT_HOME in missing else "run on this cluster"
+            raise ImageMissing(
+                f"the session image on this server cannot {why}; ask the admin to rebuild it",
+                detail=f"session image {image!r} lacks {', '.join(missing)} in termbridge.features: "
                 "rebuild it with `termbridge image build`",
             )
 
     def _environment(self, spec: ContainerSpec) -> dict[str, str]:
         """The entrypoint's settings; the holder inside ends the session on its own after the idle
         timeout with no gateway attached, and at the maximum lifetime, if no gateway is left to."""
+        cfg = self._settings(spec)
         return {
             "TERMBRIDGE_USER": spec.user,
             "TERMBRIDGE_UID": "" if spec.root or not spec.user else str(self._session_uid(spec.user, spec.uid)),
             "TERMBRIDGE_MODE": "root" if spec.root else "login",
-            "TERMBRIDGE_IDLE_TIMEOUT": str(max(1, round(self.config.idle_timeout))),
-            "TERMBRIDGE_MAX_LIFETIME": str(max(1, round(self.config.max_lifetime))),
+            "TERMBRIDGE_IDLE_TIMEOUT": str(max(1, round(cfg.idle_timeout))),
+            "TERMBRIDGE_MAX_LIFETIME": str(max(1, round(cfg.max_lifetime))),
+            "TERMBRIDGE_HOME": "persistent" if spec.home else "ephemeral",
         }
 
     def _session_uid(self, user: str, host_uid: int | None) -> int:

@@ -11,6 +11,7 @@ internal overlay network: no default route, and every session only answers SSH f
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -25,8 +26,9 @@ from docker import types
 from ..config import SessionConfig
 from ..errors import BackendUnavailable, ImageMissing, SessionStartError
 from ..netguard import NetworkGuardError
+from ..upstream import SessionKeys, Upstream
 from .base import LABEL_FLEET, LABEL_GATEWAY, LABEL_SESSION, LABEL_USER, Container, ContainerInfo, ContainerSpec, ContainerState
-from .engine import LOG_OPTIONS, SESSION_CAPS, EngineBackend, keys_tar, started, tmpfs_options
+from .engine import FEATURE_SWARM, LOG_OPTIONS, SESSION_CAPS, EngineBackend, keys_tar, started, tmpfs_options
 
 log = logging.getLogger("termbridge.swarm")
 
@@ -35,8 +37,6 @@ log = logging.getLogger("termbridge.swarm")
 ENTRYPOINT_CAPS = ("NET_ADMIN", "SETPCAP")
 SWARM_CAPS = (*SESSION_CAPS, *ENTRYPOINT_CAPS)
 KEYS_FILE = "termbridge-keys"
-# What the image must say it can do (session-image/Dockerfile).
-IMAGE_NEEDS = {"termbridge.swarm": "1"}
 # Task states after which the container no longer runs (Docker's swarm/api TaskState).
 ENDED = {"complete", "failed", "shutdown", "rejected", "orphaned", "remove"}
 TASK_POLL = 0.2
@@ -104,6 +104,7 @@ class SwarmBackend(EngineBackend):
         self.network_name = config.swarm_network
         self._network_ok = False
         self._prepare_lock = threading.Lock()
+        self._claims: dict[str, SessionKeys] = {}  # pooled service id → its claim key
 
     # -- network -------------------------------------------------------------------------------
 
@@ -129,7 +130,7 @@ class SwarmBackend(EngineBackend):
                 except docker.errors.APIError as exc:
                     if exc.status_code != 409:
                         raise
-            info = api.inspect_network(self.network_name)
+            info = self._inspect_network(api)
             wrong = []
             if info.get("Driver") != "overlay":
                 wrong.append(f"driver {info.get('Driver')}")
@@ -145,6 +146,16 @@ class SwarmBackend(EngineBackend):
             log.info("session overlay %s (%s)", self.network_name, info.get("Id", "")[:12])
             self._network_ok = True
 
+    def _inspect_network(self, api: docker.APIClient) -> dict[str, Any]:
+        """Right after its creation a manager may report the overlay without its driver for a
+        moment: asked again until it has one (or 10 s passed, and the caller names what is wrong)."""
+        deadline = time.monotonic() + 10
+        while True:
+            info = api.inspect_network(self.network_name, scope="swarm")
+            if info.get("Driver") or time.monotonic() > deadline:
+                return info
+            time.sleep(TASK_POLL)
+
     async def prepare(self) -> None:
         await self._call(self._prepare_sync)
 
@@ -157,16 +168,20 @@ class SwarmBackend(EngineBackend):
     def _start_sync(self, spec: ContainerSpec) -> Container:
         api = self._api()
         self._prepare_sync(api)
-        self._check_image(api, IMAGE_NEEDS)
+        cfg = self._settings(spec)
+        self._check_image(api, cfg.image, (FEATURE_SWARM,))
         short = spec.session_id[:8]
         name = f"termbridge-{short}"
         labels = self._labels(spec)
         secret_id = ""
         service_id = ""
+        # A pooled login-mode container gets its account at claim, over SSH with a key of its own.
+        claim = SessionKeys.for_claim(spec.host_private_key) if not spec.user and not spec.root else None
+        more = {"claim_key.pub": claim.authorized_keys} if claim else {}
         try:
-            secret_id = api.create_secret(f"{name}-keys", keys_tar(spec), labels=labels)["ID"]
+            secret_id = api.create_secret(f"{name}-keys", keys_tar(spec, **more), labels=labels)["ID"]
             created = api.create_service(
-                **service_spec(self.config, name, f"tb-{short}", labels, self._environment(spec), secret_id, spec.root)
+                **service_spec(cfg, name, f"tb-{short}", labels, self._environment(spec), secret_id, spec.root)
             )
             service_id = created["ID"]
             address = self._wait_running(api, service_id)
@@ -174,11 +189,13 @@ class SwarmBackend(EngineBackend):
             self._remove_sync(service_id, [secret_id] if secret_id else [])
             if isinstance(exc, docker.errors.APIError) and exc.status_code != 503:
                 if exc.status_code == 404 and "network" not in str(exc).lower():
-                    raise ImageMissing(detail=f"session image {self.config.image!r}: {exc}") from exc
+                    raise ImageMissing(detail=f"session image {cfg.image!r}: {exc}") from exc
                 if exc.status_code == 404:
                     self._network_ok = False
                 raise SessionStartError(detail=f"service {name}: {exc}") from exc
             raise
+        if claim is not None:
+            self._claims[service_id] = claim
         return started(service_id, name, address, spec)
 
     def _wait_running(self, api: docker.APIClient, service_id: str) -> str:
@@ -223,9 +240,21 @@ class SwarmBackend(EngineBackend):
     # -- claim, stop, poll, list -------------------------------------------------------------------
 
     async def claim(self, container: Container, user: str, uid: int, root: bool) -> Container:
-        raise SessionStartError(
-            detail="session.pool is not available with session.backend = swarm: a pooled service cannot be claimed"
+        """No `docker exec` reaches a task on another node: the gateway logs in as root with the
+        claim key it made at start, whose forced command (termbridge-claim) makes the account
+        and then allows only that user."""
+        if root:
+            return dataclasses.replace(container, ssh_user="root")
+        keys = self._claims.pop(container.id, None)
+        if keys is None:
+            raise SessionStartError(detail=f"no claim key for pooled {container.name}: not started by this gateway")
+        command = f"{user} {self._session_uid(user, uid)}"
+        code, output = await Upstream.run_once(
+            dataclasses.replace(container, ssh_user="root"), keys, command, self.config.start_timeout
         )
+        if code != 0:
+            raise SessionStartError(detail=f"claiming {container.name} for {user} failed ({code}): {output!r}")
+        return dataclasses.replace(container, ssh_user=user)
 
     def _remove_sync(self, service_id: str, secrets: list[str] | None = None) -> None:
         """The service, then its secrets (in use until the service is gone). Idempotent."""
@@ -245,6 +274,7 @@ class SwarmBackend(EngineBackend):
                 pass
 
     async def stop(self, container_id: str) -> None:
+        self._claims.pop(container_id, None)
         await self._call(self._remove_sync, container_id)
 
     def _poll_sync(self, service_id: str) -> ContainerState:
