@@ -234,7 +234,8 @@ async def test_without_quorum_new_sessions_get_a_clear_error_and_running_ones_go
         await wait_for(lambda: not _can_write(api), timeout=90, interval=1, what="quorum lost")
         refused = await front.terminal(http)
         error = await refused.control("exit", timeout=150)
-        assert error["reason"] == "error" and "try again" in (error.get("message") or ""), error
+        assert error["reason"] == "error" and "try again" in (error.get("message") or ""), (
+            error, stack.logs()[-3000:])
         await running.send("echo alive-$((6*7))\r")
         await running.expect(b"alive-42", timeout=30)
     finally:

@@ -18,17 +18,17 @@ def _raise(exc: Exception) -> None:
     raise exc
 
 
+def _api_error(status: int, explanation: str) -> docker.errors.APIError:
+    response = requests.Response()
+    response.status_code = status
+    return docker.errors.APIError("swarm", response=response, explanation=explanation)
+
+
 @pytest.fixture
 async def backend():
     made = SwarmBackend(SessionConfig(backend="swarm"), "test-instance")
     yield made
     await made.close()
-
-
-def _api_error(status: int, explanation: str) -> docker.errors.APIError:
-    response = requests.Response()
-    response.status_code = status
-    return docker.errors.APIError("swarm", response=response, explanation=explanation)
 
 
 async def test_no_leader_is_swarm_unavailable_with_a_try_again_message(backend: SwarmBackend) -> None:
@@ -39,9 +39,14 @@ async def test_no_leader_is_swarm_unavailable_with_a_try_again_message(backend: 
     assert "does not have a leader" in caught.value.detail
 
 
-async def test_a_change_the_managers_cannot_commit_is_swarm_unavailable(backend: SwarmBackend) -> None:
+@pytest.mark.parametrize("error", [
+    requests.exceptions.ReadTimeout("read timed out"),
+    _api_error(500, "rpc error: code = DeadlineExceeded desc = context deadline exceeded"),
+    _api_error(500, "rpc error: code = Unknown desc = raft: lost leadership"),
+], ids=["time-out", "deadline", "leadership"])
+async def test_a_change_the_managers_cannot_commit_is_swarm_unavailable(backend: SwarmBackend, error: Exception) -> None:
     with pytest.raises(SwarmUnavailable):
-        await backend._call(_raise, requests.exceptions.ReadTimeout("read timed out"))
+        await backend._call(_raise, error)
 
 
 async def test_other_engine_errors_stay_what_they_are(backend: SwarmBackend) -> None:

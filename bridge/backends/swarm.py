@@ -45,6 +45,16 @@ NODE_GONE = {"down", "disconnected", "unknown"}
 T = TypeVar("T")
 
 
+# How managers that cannot act answer: no leader (503), or a change no majority commits (the
+# raft proposal's deadline passes, or the leader steps down under it).
+NO_QUORUM = ("does not have a leader", "deadline exceeded", "lost leadership", "no elected cluster leader")
+
+
+def no_quorum(exc: docker.errors.APIError) -> bool:
+    text = f"{exc.explanation or ''} {exc}".lower()
+    return exc.status_code == 503 or any(words in text for words in NO_QUORUM)
+
+
 class SwarmUnavailable(BackendUnavailable):
     """The managers cannot act (no leader: quorum lost, or an election under way). Running
     sessions need no manager and go on; only changes to the swarm wait."""
@@ -187,7 +197,7 @@ class SwarmBackend(EngineBackend):
             address = self._wait_running(api, service_id)
         except BaseException as exc:
             self._remove_sync(service_id, [secret_id] if secret_id else [])
-            if isinstance(exc, docker.errors.APIError) and exc.status_code != 503:
+            if isinstance(exc, docker.errors.APIError) and not no_quorum(exc):
                 if exc.status_code == 404 and "network" not in str(exc).lower():
                     raise ImageMissing(detail=f"session image {cfg.image!r}: {exc}") from exc
                 if exc.status_code == 404:
@@ -354,7 +364,7 @@ class SwarmBackend(EngineBackend):
         try:
             return await super()._call(fn, *args, **kwargs)
         except docker.errors.APIError as exc:
-            if exc.status_code == 503:
+            if no_quorum(exc):
                 raise SwarmUnavailable(detail=f"Swarm managers cannot act: {exc.explanation}") from exc
             raise
         except requests.exceptions.Timeout as exc:  # a change the managers cannot commit
