@@ -236,20 +236,36 @@ async def test_without_quorum_new_sessions_get_a_clear_error_and_running_ones_go
         error = await refused.control("exit", timeout=150)
         assert error["reason"] == "error" and "try again" in (error.get("message") or ""), (
             error, stack.logs()[-3000:])
-        await running.send("echo alive-$((6*7))\r")
-        await running.expect(b"alive-42", timeout=30)
+        running = await still_running(front, http, running, sid, "alive")
     finally:
         for node in paused:
             swarm_cluster.host.containers.get(node.name).unpause()
         await wait_for(lambda: _can_write(api), timeout=150, interval=1, what="quorum back")
         for node in promoted:
             swarm_cluster.set_role(node, "worker")
-    await running.send("echo back-$((6*7))\r")
-    await running.expect(b"back-42", timeout=30)
+    running = await still_running(front, http, running, sid, "back")
     again, _ = await open_terminal(front, http)
     for term in (running, again):
         await term.send("exit\r")
         await term.control("exit", timeout=30)
+
+
+async def still_running(front: Gateway, http: aiohttp.ClientSession, term: Terminal, sid: str, word: str) -> Terminal:
+    """The session's shell answers, through `term` or, if its socket dropped (its gateway went
+    away), through a new one to the same session, as the page reconnects."""
+    if not term.closed:
+        try:
+            await term.send(f"echo {word}-$((6*7))\r")
+            await term.expect(f"{word}-42".encode(), timeout=30)
+            return term
+        except (ConnectionError, AssertionError):
+            pass
+    ws = await http.ws_connect(f"/ws?session={sid}&offset={term.received}", headers={"Origin": front.origin}, max_msg_size=0)
+    again = Terminal(ws)
+    assert (await again.control("session", timeout=60))["id"] == sid, again.controls
+    await again.send(f"echo {word}-$((6*7))\r")
+    await again.expect(f"{word}-42".encode(), timeout=30)
+    return again
 
 
 def _reachable_managers(api: Any) -> int:
