@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+import time
 from typing import Any
 
 import docker
@@ -19,7 +20,10 @@ import docker.types
 from .. import netguard
 from ..config import SessionConfig
 from ..errors import ImageMissing, SessionStartError
-from .base import LABEL_FLEET, LABEL_GATEWAY, LABEL_SESSION, LABEL_USER, Container, ContainerInfo, ContainerSpec, ContainerState
+from .base import (
+    LABEL_FLEET, LABEL_GATEWAY, LABEL_SESSION, LABEL_USER, Container, ContainerInfo, ContainerSpec, ContainerState,
+    ContainerStats,
+)
 from .engine import (
     FEATURE_PERSISTENT_HOME, IMAGE_PROTOCOL, LOG_CONFIG, LOG_FILE_BYTES, LOG_FILES, SESSION_CAPS, EngineBackend,
     keys_tar, started, tmpfs_mount_options, tmpfs_options,
@@ -33,6 +37,20 @@ __all__ = [
 log = logging.getLogger("termbridge.docker")
 
 NETWORK_NAMES = {"isolated": "termbridge-isolated", "internet": "termbridge-internet"}
+
+
+def _stats_from(raw: dict[str, Any], at: float) -> ContainerStats | None:
+    """The engine's stats document as a reading; None for a container that does not run (its
+    document has no CPU or memory figures)."""
+    cpu = (raw.get("cpu_stats") or {}).get("cpu_usage") or {}
+    memory = raw.get("memory_stats") or {}
+    if "total_usage" not in cpu or "usage" not in memory:
+        return None
+    extra = memory.get("stats") or {}
+    # What `docker stats` shows: page cache the kernel may reclaim is not the session's use.
+    cache = extra.get("inactive_file", extra.get("total_inactive_file", 0))
+    used = max(0, int(memory["usage"]) - int(cache))
+    return ContainerStats(int(cpu["total_usage"]) / 1e9, used, int(memory.get("limit") or 0), at)
 
 
 def _home_mount(spec: ContainerSpec) -> docker.types.Mount:
@@ -282,6 +300,20 @@ class DockerBackend(EngineBackend):
 
     async def poll(self, container_id: str) -> ContainerState:
         return await self._call(self._poll_sync, container_id)
+
+    def _stats_sync(self, container_id: str) -> ContainerStats | None:
+        try:
+            raw = self._api().stats(container_id, stream=False, one_shot=True)
+        except docker.errors.NotFound:
+            return None
+        except docker.errors.APIError as exc:
+            if exc.status_code == 409:  # not running
+                return None
+            raise
+        return _stats_from(raw, time.monotonic())
+
+    async def stats(self, container_id: str) -> ContainerStats | None:
+        return await self._call_in(self._stats_pool, self._stats_sync, container_id)
 
     def _list_sync(self, label: str, value: str) -> list[ContainerInfo]:
         found = self._api().containers(all=True, filters={"label": [f"{label}={value}"]})

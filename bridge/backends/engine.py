@@ -53,6 +53,9 @@ IMAGE_PROTOCOL = "5"
 FEATURE_PERSISTENT_HOME = "persistent-home"
 FEATURE_SWARM = "swarm"
 SSHD_PORT = 22
+# Docker (20.10) answers a one-shot stats request at its next sampling, up to a second later: the
+# admin console's reads wait in a pool of their own, so they never delay a session's start.
+STATS_WORKERS = 16
 
 
 def keys_tar(spec: ContainerSpec, **more: bytes) -> bytes:
@@ -111,6 +114,7 @@ class EngineBackend:
         self._base_url = base_url
         self._workers = workers
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="docker")
+        self._stats_pool = ThreadPoolExecutor(max_workers=STATS_WORKERS, thread_name_prefix="docker-stats")
         self._client: docker.APIClient | None = None
         self._client_lock = threading.Lock()
 
@@ -121,7 +125,7 @@ class EngineBackend:
                 if self._base_url:
                     kwargs["base_url"] = self._base_url
                 self._client = docker.APIClient(
-                    version="auto", timeout=60, max_pool_size=self._workers, **kwargs
+                    version="auto", timeout=60, max_pool_size=self._workers + STATS_WORKERS, **kwargs
                 )
             return self._client
 
@@ -133,7 +137,9 @@ class EngineBackend:
 
     async def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run a blocking SDK call in the pool; turn "engine unreachable" into BackendUnavailable."""
+        return await self._call_in(self._pool, fn, *args, **kwargs)
 
+    async def _call_in(self, pool: ThreadPoolExecutor, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         def run() -> T:
             try:
                 return fn(*args, **kwargs)
@@ -143,7 +149,7 @@ class EngineBackend:
                 self._forget_client()
                 raise BackendUnavailable(detail=f"Docker engine unreachable: {exc}") from exc
 
-        return await asyncio.get_running_loop().run_in_executor(self._pool, run)
+        return await asyncio.get_running_loop().run_in_executor(pool, run)
 
     def _start_sync(self, spec: ContainerSpec) -> Container:
         raise NotImplementedError
@@ -160,6 +166,7 @@ class EngineBackend:
     async def close(self) -> None:
         self._forget_client()
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._stats_pool.shutdown(wait=False, cancel_futures=True)
 
     # -- the session's settings, wherever it runs --------------------------------------------
 

@@ -27,7 +27,10 @@ from ..config import SessionConfig
 from ..errors import BackendUnavailable, ImageMissing, SessionStartError
 from ..netguard import NetworkGuardError
 from ..upstream import SessionKeys, Upstream
-from .base import LABEL_FLEET, LABEL_GATEWAY, LABEL_SESSION, LABEL_USER, Container, ContainerInfo, ContainerSpec, ContainerState
+from .base import (
+    LABEL_FLEET, LABEL_GATEWAY, LABEL_SESSION, LABEL_USER, Container, ContainerInfo, ContainerSpec, ContainerState,
+    ContainerStats,
+)
 from .engine import FEATURE_SWARM, LOG_OPTIONS, SESSION_CAPS, EngineBackend, keys_tar, started, tmpfs_options
 
 log = logging.getLogger("termbridge.swarm")
@@ -311,6 +314,11 @@ class SwarmBackend(EngineBackend):
 
     async def poll(self, container_id: str) -> ContainerState:
         return await self._call(self._poll_sync, container_id)
+
+    async def stats(self, container_id: str) -> ContainerStats | None:
+        """None: a manager's API has no stats of a task's container on another node (the
+        console shows no figures for Swarm sessions)."""
+        return None
 
     def _list_sync(self, label: str, value: str) -> list[ContainerInfo]:
         api = self._api()
