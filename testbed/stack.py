@@ -165,11 +165,16 @@ class Stack:
             if time.monotonic() > deadline:
                 break
             time.sleep(0.5)
-        for volume in mgr.volumes.list(filters={"label": f"com.docker.stack.namespace={self.name}"}):
-            try:
-                volume.remove(force=True)
-            except docker.errors.APIError:
-                pass
+        deadline = time.monotonic() + 90  # a volume stays in use until its container is gone (vfs: slow)
+        while volumes := mgr.volumes.list(filters={"label": f"com.docker.stack.namespace={self.name}"}):
+            for volume in volumes:
+                try:
+                    volume.remove(force=True)
+                except docker.errors.APIError:
+                    pass
+            if time.monotonic() > deadline:
+                break
+            time.sleep(1)
         for name in SECRETS:
             try:
                 mgr.secrets.get(name).remove()

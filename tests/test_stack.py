@@ -149,9 +149,8 @@ async def test_sessions_spread_over_nodes_and_survive_their_gateway_replica_bein
     await resumed.send("echo after-$((6*7))\r")
     await resumed.expect(b"after-42")
     assert [c for c in resumed.controls if c.get("type") in ("exit", "gap")] == []
-    for t, _ in [(resumed, sid), *terms[1:]]:
-        await t.send("exit\r")
-        await t.control("exit", timeout=30)
+    for t, s in [(resumed, sid), *terms[1:]]:  # the others may have been on the killed replica too
+        await end_session(front, http, t, s)
     await wait_for(lambda: not set(session_services(stack)) & {s for _, s in terms}, timeout=60,
                    what="the session services to go")
 
@@ -196,9 +195,8 @@ async def test_a_worker_gone_mid_session_ends_its_sessions_with_error_and_leaves
     # The node's agent removes the container of a service that no longer exists.
     await wait_for(lambda: not worker.client().containers.list(all=True, filters={"label": SESSION_LABEL}),
                    timeout=90, what="the worker's session containers to go")
-    for term, _ in elsewhere:
-        await term.send("exit\r")
-        await term.control("exit", timeout=30)
+    for term, session_id in elsewhere:
+        await end_session(front, http, term, session_id)
     print(f"sessions on the lost worker ended {ended_after:.1f} s after it went away")
 
 
@@ -244,10 +242,9 @@ async def test_without_quorum_new_sessions_get_a_clear_error_and_running_ones_go
         for node in promoted:
             swarm_cluster.set_role(node, "worker")
     running = await still_running(front, http, running, sid, "back")
-    again, _ = await open_terminal(front, http)
-    for term in (running, again):
-        await term.send("exit\r")
-        await term.control("exit", timeout=30)
+    again, again_id = await open_terminal(front, http)
+    for term, session_id in ((running, sid), (again, again_id)):
+        await end_session(front, http, term, session_id)
 
 
 async def still_running(front: Gateway, http: aiohttp.ClientSession, term: Terminal, sid: str, word: str) -> Terminal:
@@ -260,12 +257,30 @@ async def still_running(front: Gateway, http: aiohttp.ClientSession, term: Termi
             return term
         except (ConnectionError, AssertionError):
             pass
-    ws = await http.ws_connect(f"/ws?session={sid}&offset={term.received}", headers={"Origin": front.origin}, max_msg_size=0)
-    again = Terminal(ws)
-    assert (await again.control("session", timeout=60))["id"] == sid, again.controls
+    again = await reattach(front, http, sid, term.received)
     await again.send(f"echo {word}-$((6*7))\r")
     await again.expect(f"{word}-42".encode(), timeout=30)
     return again
+
+
+async def end_session(front: Gateway, http: aiohttp.ClientSession, term: Terminal, sid: str) -> None:
+    """`exit` in the session's shell, through its socket or, if that dropped (its gateway was
+    killed or replaced), reattached to the session as the page does."""
+    if term.closed:
+        term = await reattach(front, http, sid, term.received)
+    try:
+        await term.send("exit\r")
+    except ConnectionError:
+        term = await reattach(front, http, sid, term.received)
+        await term.send("exit\r")
+    await term.control("exit", timeout=30)
+
+
+async def reattach(front: Gateway, http: aiohttp.ClientSession, sid: str, offset: int) -> Terminal:
+    ws = await http.ws_connect(f"/ws?session={sid}&offset={offset}", headers={"Origin": front.origin}, max_msg_size=0)
+    term = Terminal(ws)
+    assert (await term.control("session", timeout=60))["id"] == sid, term.controls
+    return term
 
 
 def _reachable_managers(api: Any) -> int:
