@@ -71,10 +71,11 @@ async def measure(url: str, user: HostUser, runs: int, echoes: int) -> dict[str,
     return {"login_to_prompt": summary(times), "echo": summary(echo)}
 
 
-def stack_config(path: Path, image: str, placement: list[str]) -> Path:
+def stack_config(path: Path, image: str, placement: list[str], per_user: int = 3) -> Path:
     text = SWARM_TOML.read_text().replace('image = "termbridge/session:latest"', f'image = "{image}"')
     text = text.replace('placement = ["node.labels.termbridge==yes"]', f"placement = {json.dumps(placement)}")
-    path.write_text(text.replace("[session]\n", '[session]\nstart_timeout = "120s"\n'))
+    extra = f'start_timeout = "120s"\nmax_per_user = {per_user}\nmax_total = {max(per_user, 50)}\n'
+    path.write_text(text.replace("[session]\n", "[session]\n" + extra))
     return path
 
 
@@ -116,6 +117,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         try:
             say("docker backend: gateway process on this host")
             out["systems"]["docker"] = await measure(gateway.url, user, args.runs, args.echo_samples)
+            say(json.dumps(out["systems"]["docker"]))
         finally:
             gateway.stop()
         cluster = SwarmCluster()
@@ -130,12 +132,14 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             try:
                 say("swarm backend, session on the gateway's node")
                 out["systems"]["swarm_same_node"] = await measure(stack.web_url, user, args.runs, args.echo_samples)
+                say(json.dumps(out["systems"]["swarm_same_node"]))
                 stack_config(config, args.image, [f"node.hostname!={manager}"])
                 stack.config_version += 1
                 stack.deploy()
                 say("swarm backend, session on another node")
                 out["systems"]["swarm_other_node"] = await measure(stack.web_url, user, args.runs, args.echo_samples)
-                stack_config(config, args.image, [])
+                say(json.dumps(out["systems"]["swarm_other_node"]))
+                stack_config(config, args.image, [], per_user=args.sessions)
                 stack.config_version += 1
                 stack.deploy()
                 say(f"swarm backend, {args.sessions} sessions over {len(cluster.nodes)} nodes")

@@ -89,9 +89,12 @@ class Stack:
     def deploy(self) -> Stack:
         """Create the secrets (as an admin does), deploy, and wait for every replica's /healthz.
         Again (after `config_version` was raised): Swarm rolls the gateways to the new config."""
+        began = time.monotonic()
         self.gateway_image = self.gateway_image or ensure_gateway_image()
         ensure_services_image(self.cluster.host)
+        built = time.monotonic()
         self.cluster.load(self.gateway_image, SERVICES_IMAGE, nodes=[self.manager])
+        loaded = time.monotonic()
         mgr = self.manager.client()
         if not mgr.networks.list(names=[SESSION_NETWORK]):
             mgr.networks.create(SESSION_NETWORK, driver="overlay", internal=True, attachable=True)
@@ -102,6 +105,8 @@ class Stack:
         subprocess.run(["docker", "stack", "deploy", "--resolve-image", "never", "-c", str(STACK_FILE), self.name],
                        env=self._env(), check=True, capture_output=True, text=True, timeout=120)
         self.wait_healthy()
+        log.info("stack %s: images built in %.1f s, loaded in %.1f s, healthy %.1f s after deploy", self.name,
+                 built - began, loaded - built, time.monotonic() - loaded)
         return self
 
     def service(self, role: str) -> docker.models.services.Service:
@@ -142,14 +147,34 @@ class Stack:
         return done.stdout + done.stderr
 
     def remove(self) -> None:
-        """The stack, its secrets and networks; waits until no task container is left."""
+        """The stack, session services left behind, its volumes, secrets and networks; waits until
+        no task container is left."""
         subprocess.run(["docker", "-H", self.manager.url, "stack", "rm", self.name], capture_output=True, timeout=120)
         mgr = self.manager.client()
+        # Sessions a failed test left running (gateways keep them when they stop): the cluster is
+        # the tests' own, so every session service on it belongs to this stack.
+        for service in mgr.services.list(filters={"label": "termbridge.session"}):
+            service.remove()
+        for secret in mgr.secrets.list(filters={"label": "termbridge.session"}):
+            try:
+                secret.remove()
+            except docker.errors.APIError:
+                pass
         deadline = time.monotonic() + 60
         while mgr.containers.list(all=True, filters={"label": f"com.docker.stack.namespace={self.name}"}):
             if time.monotonic() > deadline:
                 break
             time.sleep(0.5)
+        deadline = time.monotonic() + 90  # a volume stays in use until its container is gone (vfs: slow)
+        while volumes := mgr.volumes.list(filters={"label": f"com.docker.stack.namespace={self.name}"}):
+            for volume in volumes:
+                try:
+                    volume.remove(force=True)
+                except docker.errors.APIError:
+                    pass
+            if time.monotonic() > deadline:
+                break
+            time.sleep(1)
         for name in SECRETS:
             try:
                 mgr.secrets.get(name).remove()

@@ -7,7 +7,7 @@ What works on this machine: no --privileged (CAP_SYS_RESOURCE is outside the bou
 every other capability, no seccomp/AppArmor profile, writable /sys and the host's cgroup tree;
 dockerd inside uses the vfs driver and puts its containers under the cgroup /<node name>.
 
-`TB_SWARM_KEEP=1` keeps the cluster (named `tb-swarm`) between runs and reuses it when it is
+`TB_SWARM_KEEP=1` keeps the cluster (named `tb-swarm`, or `$TB_SWARM_NAME`) between runs and reuses it when it is
 healthy; otherwise every node, its volume and the network go when the run ends.
 """
 
@@ -69,7 +69,7 @@ class SwarmCluster:
     """Start, reuse, load images into, and remove the test cluster."""
 
     def __init__(self, name: str | None = None, workers: int = 2) -> None:
-        self.name = name or ("tb-swarm" if KEEP else f"tb-swarm-{os.getpid()}")
+        self.name = name or os.environ.get("TB_SWARM_NAME") or ("tb-swarm" if KEEP else f"tb-swarm-{os.getpid()}")
         self.node_names = [f"{self.name}-m1", *(f"{self.name}-w{i}" for i in range(1, workers + 1))]
         self.network = self.name
         self.host = docker.from_env(timeout=120)

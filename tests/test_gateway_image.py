@@ -32,11 +32,12 @@ def container(image: str) -> Iterator[Callable[..., str]]:
     """Start idle gateway containers (entrypoint as in production, then a sleep), removed after."""
     made: list[str] = []
 
-    def start(*mounts: str) -> str:
+    def start(*mounts: str, env: tuple[str, ...] = ()) -> str:
         name = f"tb-gwimage-{secrets.token_hex(4)}"
         volumes = [arg for mount in mounts for arg in ("-v", mount)]
+        variables = [arg for var in env for arg in ("-e", var)]
         subprocess.run(
-            ["docker", "run", "-d", "--name", name, "--label", LABEL, *volumes,
+            ["docker", "run", "-d", "--name", name, "--label", LABEL, *volumes, *variables,
              "--entrypoint", "sh", image, "-c", "/usr/local/sbin/termbridge-gateway --version && exec sleep 300"],
             check=True, capture_output=True, text=True,
         )
@@ -77,11 +78,13 @@ def test_pam_reads_the_mounted_host_accounts_live(
     assert not pam_login(gateway, user.name, user.password)
 
 
-def test_without_the_mount_only_the_images_own_accounts(
-    container: Callable[..., str], make_user: Callable[..., HostUser]
+@pytest.mark.parametrize("mounted", [False, True], ids=["no-mount", "GATEWAY_ACCOUNTS=image"])
+def test_without_the_mount_or_when_asked_only_the_images_own_accounts(
+    container: Callable[..., str], make_user: Callable[..., HostUser], mounted: bool
 ) -> None:
+    """The directory-service path (etc/swarm/sssd.yml) starts from the image's own files."""
     user = make_user()
-    gateway = container()
+    gateway = container(f"/etc:{HOST_ETC}:ro", env=("GATEWAY_ACCOUNTS=image",)) if mounted else container()
     assert not pam_login(gateway, user.name, user.password)
     done = subprocess.run(["docker", "exec", gateway, "getent", "passwd", "root"], capture_output=True, text=True)
     assert done.stdout.startswith("root:")

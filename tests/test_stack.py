@@ -73,6 +73,13 @@ async def open_terminal(front: Gateway, http: aiohttp.ClientSession) -> tuple[Te
     return term, session["id"]
 
 
+def instance_id(gateway: Any) -> str:
+    """A gateway container's instance id, from its own state_dir (the stack sets it per slot)."""
+    code, out = gateway.exec_run(["sh", "-c", 'cat "$TERMBRIDGE_STATE_DIR/instance-id"'])
+    assert code == 0, out
+    return out.decode().strip()
+
+
 def session_services(stack: Stack) -> dict[str, dict[str, Any]]:
     """Session id → its service's labels and the node its task runs on (hostname)."""
     api = stack.manager.client().api
@@ -94,11 +101,7 @@ async def test_logins_reach_every_replica_through_the_front_with_live_host_accou
     http = await front.login(user)
     await http.close()
     # Every replica has its own state_dir, so its own instance id.
-    ids = set()
-    for container in stack.gateway_containers():
-        code, out = container.exec_run(["sh", "-c", "cat /var/lib/termbridge/gateway-*/instance-id"])
-        assert code == 0, out
-        ids.add(out.decode().strip())
+    ids = {instance_id(container) for container in stack.gateway_containers()}
     assert len(ids) == stack.replicas == 2
 
 
@@ -121,8 +124,7 @@ async def test_sessions_spread_over_nodes_and_survive_their_gateway_replica_bein
     await term.expect(b"before-42")
     await term.expect(PROMPT)
     serving = services[sid]["labels"]["termbridge.gateway"]
-    victim = next(c for c in stack.gateway_containers()
-                  if c.exec_run(["sh", "-c", "cat /var/lib/termbridge/gateway-*/instance-id"]).output.decode().strip() == serving)
+    victim = next(c for c in stack.gateway_containers() if instance_id(c) == serving)
     offset = term.received
     victim.kill()  # SIGKILL: no goodbye, no store update from that replica
     await term.drain_until_closed(timeout=30)
@@ -147,9 +149,8 @@ async def test_sessions_spread_over_nodes_and_survive_their_gateway_replica_bein
     await resumed.send("echo after-$((6*7))\r")
     await resumed.expect(b"after-42")
     assert [c for c in resumed.controls if c.get("type") in ("exit", "gap")] == []
-    for t, _ in [(resumed, sid), *terms[1:]]:
-        await t.send("exit\r")
-        await t.control("exit", timeout=30)
+    for t, s in [(resumed, sid), *terms[1:]]:  # the others may have been on the killed replica too
+        await end_session(front, http, t, s)
     await wait_for(lambda: not set(session_services(stack)) & {s for _, s in terms}, timeout=60,
                    what="the session services to go")
 
@@ -177,7 +178,10 @@ async def test_a_worker_gone_mid_session_ends_its_sessions_with_error_and_leaves
     swarm_cluster.host.containers.get(worker.name).pause()  # the node dies: no heartbeat, no FIN
     try:
         for term, _ in on_worker:
-            end = await term.control("exit", timeout=90)
+            try:
+                end = await term.control("exit", timeout=90)
+            except (AssertionError, TimeoutError):
+                raise AssertionError(f"no end; gateways said:\n{stack.logs()[-4000:]}") from None
             assert end["reason"] == "error" and end["message"] == HOST_LOST, end
         ended_after = time.monotonic() - began
         await wait_for(lambda: not set(session_services(stack)) & {s for _, s in on_worker}, timeout=60,
@@ -191,9 +195,8 @@ async def test_a_worker_gone_mid_session_ends_its_sessions_with_error_and_leaves
     # The node's agent removes the container of a service that no longer exists.
     await wait_for(lambda: not worker.client().containers.list(all=True, filters={"label": SESSION_LABEL}),
                    timeout=90, what="the worker's session containers to go")
-    for term, _ in elsewhere:
-        await term.send("exit\r")
-        await term.control("exit", timeout=30)
+    for term, session_id in elsewhere:
+        await end_session(front, http, term, session_id)
     print(f"sessions on the lost worker ended {ended_after:.1f} s after it went away")
 
 
@@ -206,47 +209,90 @@ async def test_without_quorum_new_sessions_get_a_clear_error_and_running_ones_go
     user = make_user()
     http = await front.login(user)
     http_sessions.append(http)
-    running = None
-    for _ in range(6):  # a session on the manager: the paused nodes' sessions would freeze with them
-        term, sid = await open_terminal(front, http)
-        if session_services(stack)[sid]["node"] == swarm_cluster.manager.name:
-            running = term
-            break
-        await term.send("exit\r")
-        await term.control("exit", timeout=30)
-    assert running is not None, "no session landed on the manager"
+    # The session on the manager (the paused nodes' sessions would freeze with them): the workers
+    # take no new task meanwhile.
+    for node in swarm_cluster.workers:
+        swarm_cluster.set_availability(node, "pause")
+    try:
+        running, sid = await open_terminal(front, http)
+    finally:
+        for node in swarm_cluster.workers:
+            swarm_cluster.set_availability(node, "active")
+    assert session_services(stack)[sid]["node"] == swarm_cluster.manager.name
     api = swarm_cluster.manager.client().api
     promoted = swarm_cluster.workers
-    for node in promoted:
-        swarm_cluster.set_role(node, "manager")
-    paused = []
+    paused: list[Node] = []
     try:
+        for node in promoted:
+            swarm_cluster.set_role(node, "manager")
+        await wait_for(lambda: _reachable_managers(api) == 3, timeout=60, what="three reachable managers")
         for node in promoted:
             swarm_cluster.host.containers.get(node.name).pause()
             paused.append(node)
-        await wait_for(lambda: not _has_leader(api), timeout=60, what="quorum lost")
+        await wait_for(lambda: not _can_write(api), timeout=90, interval=1, what="quorum lost")
         refused = await front.terminal(http)
-        error = await refused.control("exit", timeout=120)
-        assert error["reason"] == "error" and "try again" in (error.get("message") or ""), error
-        await running.send("echo alive-$((6*7))\r")
-        await running.expect(b"alive-42", timeout=30)
+        error = await refused.control("exit", timeout=150)
+        assert error["reason"] == "error" and "try again" in (error.get("message") or ""), (
+            error, stack.logs()[-3000:])
+        running = await still_running(front, http, running, sid, "alive")
     finally:
         for node in paused:
             swarm_cluster.host.containers.get(node.name).unpause()
-    await wait_for(lambda: _has_leader(api), timeout=120, what="quorum back")
-    for node in promoted:
-        swarm_cluster.set_role(node, "worker")
-    await running.send("echo back-$((6*7))\r")
-    await running.expect(b"back-42", timeout=30)
-    again, _ = await open_terminal(front, http)
-    for term in (running, again):
-        await term.send("exit\r")
-        await term.control("exit", timeout=30)
+        await wait_for(lambda: _can_write(api), timeout=150, interval=1, what="quorum back")
+        for node in promoted:
+            swarm_cluster.set_role(node, "worker")
+    running = await still_running(front, http, running, sid, "back")
+    again, again_id = await open_terminal(front, http)
+    for term, session_id in ((running, sid), (again, again_id)):
+        await end_session(front, http, term, session_id)
 
 
-def _has_leader(api: Any) -> bool:
+async def still_running(front: Gateway, http: aiohttp.ClientSession, term: Terminal, sid: str, word: str) -> Terminal:
+    """The session's shell answers, through `term` or, if its socket dropped (its gateway went
+    away), through a new one to the same session, as the page reconnects."""
+    if not term.closed:
+        try:
+            await term.send(f"echo {word}-$((6*7))\r")
+            await term.expect(f"{word}-42".encode(), timeout=30)
+            return term
+        except (ConnectionError, AssertionError):
+            pass
+    again = await reattach(front, http, sid, term.received)
+    await again.send(f"echo {word}-$((6*7))\r")
+    await again.expect(f"{word}-42".encode(), timeout=30)
+    return again
+
+
+async def end_session(front: Gateway, http: aiohttp.ClientSession, term: Terminal, sid: str) -> None:
+    """`exit` in the session's shell, through its socket or, if that dropped (its gateway was
+    killed or replaced), reattached to the session as the page does."""
+    if term.closed:
+        term = await reattach(front, http, sid, term.received)
     try:
-        api.nodes()
-        return True
-    except Exception:  # noqa: BLE001 (a manager without quorum answers 503 to every swarm call)
+        await term.send("exit\r")
+    except ConnectionError:
+        term = await reattach(front, http, sid, term.received)
+        await term.send("exit\r")
+    await term.control("exit", timeout=30)
+
+
+async def reattach(front: Gateway, http: aiohttp.ClientSession, sid: str, offset: int) -> Terminal:
+    ws = await http.ws_connect(f"/ws?session={sid}&offset={offset}", headers={"Origin": front.origin}, max_msg_size=0)
+    term = Terminal(ws)
+    assert (await term.control("session", timeout=60))["id"] == sid, term.controls
+    return term
+
+
+def _reachable_managers(api: Any) -> int:
+    return sum(1 for n in api.nodes() if (n.get("ManagerStatus") or {}).get("Reachability") == "reachable")
+
+
+def _can_write(api: Any) -> bool:
+    """A manager without quorum may still answer reads from its own copy; a write needs a
+    majority of managers."""
+    try:
+        probe = api.create_secret(f"tb-quorum-probe-{time.monotonic_ns()}", b"x", labels={"termbridge.testbed": "probe"})
+    except Exception:  # noqa: BLE001 (no quorum: an error or a time-out, whichever the manager gives)
         return False
+    api.remove_secret(probe["ID"])
+    return True

@@ -336,4 +336,3 @@ class DockerBackend(EngineBackend):
 
     async def unreachable(self) -> set[str]:
         return set()  # one engine: every container's host is this one
-

@@ -15,14 +15,16 @@ import dataclasses
 import logging
 import threading
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import docker
 import docker.errors
+import requests
 from docker import types
 
 from ..config import SessionConfig
-from ..errors import ImageMissing, SessionStartError
+from ..errors import BackendUnavailable, ImageMissing, SessionStartError
 from ..netguard import NetworkGuardError
 from ..upstream import SessionKeys, Upstream
 from .base import (
@@ -41,6 +43,26 @@ KEYS_FILE = "termbridge-keys"
 # Task states after which the container no longer runs (Docker's swarm/api TaskState).
 ENDED = {"complete", "failed", "shutdown", "rejected", "orphaned", "remove"}
 TASK_POLL = 0.2
+# Node states in which a node runs nothing we can reach (Docker's swarm/api NodeStatus).
+NODE_GONE = {"down", "disconnected", "unknown"}
+T = TypeVar("T")
+
+
+# How managers that cannot act answer: no leader (503), or a change no majority commits (the
+# raft proposal's deadline passes, or the leader steps down under it).
+NO_QUORUM = ("does not have a leader", "deadline exceeded", "lost leadership", "no elected cluster leader")
+
+
+def no_quorum(exc: docker.errors.APIError) -> bool:
+    text = f"{exc.explanation or ''} {exc}".lower()
+    return exc.status_code == 503 or any(words in text for words in NO_QUORUM)
+
+
+class SwarmUnavailable(BackendUnavailable):
+    """The managers cannot act (no leader: quorum lost, or an election under way). Running
+    sessions need no manager and go on; only changes to the swarm wait."""
+
+    user_message = "new sessions cannot start right now while the cluster recovers; try again in a few minutes"
 
 
 def service_spec(
@@ -178,7 +200,7 @@ class SwarmBackend(EngineBackend):
             address = self._wait_running(api, service_id)
         except BaseException as exc:
             self._remove_sync(service_id, [secret_id] if secret_id else [])
-            if isinstance(exc, docker.errors.APIError):
+            if isinstance(exc, docker.errors.APIError) and not no_quorum(exc):
                 if exc.status_code == 404 and "network" not in str(exc).lower():
                     raise ImageMissing(detail=f"session image {cfg.image!r}: {exc}") from exc
                 if exc.status_code == 404:
@@ -323,20 +345,38 @@ class SwarmBackend(EngineBackend):
         return await self._call(self._list_sync, LABEL_GATEWAY, self.instance_id)
 
     def _unreachable_sync(self) -> set[str]:
+        """This instance's services whose task is on a node that is down or no longer in the
+        swarm (it left, or was removed): three list calls, however many sessions there are."""
         api = self._api()
-        own = {s["ID"] for s in api.services(filters={"label": f"{LABEL_GATEWAY}={self.instance_id}"})}
-        if not own:
+        nodes = {n["ID"]: (n.get("Status") or {}).get("State", "unknown") for n in api.nodes()}
+        mine = {s["ID"] for s in api.services(filters={"label": f"{LABEL_GATEWAY}={self.instance_id}"})}
+        if not mine:
             return set()
-        up = {n["ID"] for n in api.nodes() if (n.get("Status") or {}).get("State") == "ready"}
-        lost: set[str] = set()
-        for task in api.tasks(filters={"desired-state": "running"}):
-            if task.get("ServiceID") in own and task.get("NodeID") and task["NodeID"] not in up:
-                lost.add(task["ServiceID"])
-        return lost
+        newest: dict[str, dict[str, Any]] = {}
+        for task in api.tasks(filters={"service": sorted(mine)}):
+            held = newest.get(task.get("ServiceID", ""))
+            if held is None or task.get("CreatedAt", "") > held.get("CreatedAt", ""):
+                newest[task.get("ServiceID", "")] = task
+        # Swarm may already have set a lost task's desired state to shutdown: its node decides.
+        return {
+            service for service, task in newest.items()
+            if service in mine and task.get("NodeID") and nodes.get(task["NodeID"], "unknown") in NODE_GONE
+        }
 
     async def unreachable(self) -> set[str]:
-        """Own services whose task's node is down or gone from the swarm."""
         return await self._call(self._unreachable_sync)
+
+    async def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """As the engine's, and a manager that answers 503 (no leader) or not at all (a write
+        that a majority of managers must commit) is SwarmUnavailable."""
+        try:
+            return await super()._call(fn, *args, **kwargs)
+        except docker.errors.APIError as exc:
+            if no_quorum(exc):
+                raise SwarmUnavailable(detail=f"Swarm managers cannot act: {exc.explanation}") from exc
+            raise
+        except requests.exceptions.Timeout as exc:  # a change the managers cannot commit
+            raise SwarmUnavailable(detail=f"Swarm managers did not answer: {exc}") from exc
 
     async def list_fleet(self) -> list[ContainerInfo]:
         return await self._call(self._list_sync, LABEL_FLEET, self.fleet)
