@@ -164,7 +164,9 @@ class Relay:
             await self.send(peer, op="error", view=view_id, message=exc.user_message)
             return
         session.log.info("%s views this session from gateway %s", admin, peer)
-        served.task = asyncio.create_task(served.follow(), name=f"relay-{session.id[:8]}")
+        served.tasks = [asyncio.create_task(served.follow(), name=f"relay-{session.id[:8]}")]
+        if mode == WatchMode.JOIN:
+            served.tasks.append(asyncio.create_task(served.type_in(), name=f"relay-typing-{session.id[:8]}"))
 
 
 class _Served:
@@ -179,9 +181,12 @@ class _Served:
         self.admin = admin
         self.mode = mode
         self.added: tuple[Viewer, Watcher] | None = None
-        self.task: asyncio.Task | None = None
+        self.tasks: list[asyncio.Task] = []
         self.heard_at = time.monotonic()
         self.broken = False
+        # a join's keystrokes, typed by a task of the view's own: a shell that does not read
+        # holds back only this view, never the relay's other messages
+        self.typed: asyncio.Queue[bytes] = asyncio.Queue(maxsize=BACKLOG)
 
     async def _send(self, **fields: Any) -> bool:
         sent = await self.relay.send(self.peer, view=self.view_id, **fields)
@@ -199,10 +204,23 @@ class _Served:
     async def heard(self, message: dict[str, Any]) -> None:
         self.heard_at = time.monotonic()
         op = message["op"]
-        if op == "input" and self.mode == WatchMode.JOIN and not self.session.ending:
-            await self.relay.manager.type_as(self.session, message["data"], self.admin)
+        if op == "input" and self.mode == WatchMode.JOIN:
+            try:
+                self.typed.put_nowait(message["data"])
+            except asyncio.QueueFull:
+                self.session.log.warning("%s types faster than the shell reads: %d bytes dropped",
+                                         self.admin, len(message["data"]))
         elif op == "close":
             await self.finish(None)
+
+    async def type_in(self) -> None:
+        while not self.session.ending:
+            data = await self.typed.get()
+            try:
+                await self.relay.manager.type_as(self.session, data, self.admin)
+            except (ConnectionError, RuntimeError) as exc:
+                self.session.log.warning("typing of %s from gateway %s failed: %r", self.admin, self.peer, exc)
+                return
 
     async def follow(self) -> None:
         """Pass on size changes and the session's end; say we are alive; let go of a view whose
@@ -233,8 +251,9 @@ class _Served:
             return
         if why is not None:
             await self._send(op="error", message=why)
-        if self.task is not None and self.task is not asyncio.current_task():
-            self.task.cancel()
+        for task in self.tasks:
+            if task is not asyncio.current_task():
+                task.cancel()
         if self.added is not None:
             await self.relay.manager.remove_viewer(self.session, *self.added)
 
