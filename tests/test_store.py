@@ -572,3 +572,29 @@ def test_the_store_benchmark_runs(tmp_path: Path):
     assert set(results) == {"sqlite", "redis"}
     assert all(rate > 0 for backend in results.values() for rate in backend.values())
     assert len(results["redis"]) == 6
+
+
+async def test_relay_messages_reach_a_replica_sealed_and_bound_to_their_channel(backend: tuple[str, str],
+                                                                               replica: Replica):
+    """Redis relays between gateways: a message reaches the replica listening on its channel,
+    sealed with the shared key (one sealed for another channel, or not sealed, is dropped).
+    SQLite has one gateway: it says it does not relay."""
+    first, second = await replica(), await replica()
+    if backend[0] == "sqlite":
+        assert not first.relays
+        with pytest.raises(StoreUnavailable):
+            await first.publish("gw-b", b"x")
+        return
+    assert first.relays
+    listening = await second.subscribe("gw-b")
+    try:
+        await first.publish("gw-c", b"for someone else")
+        await first.publish("gw-b", b"hello b")
+        assert await asyncio.wait_for(listening.next(), 5) == b"hello b"
+        # the right channel's name on the wire, but sealed for another channel: dropped
+        await second.redis.publish("termbridge:relay:gw-b", first._box.seal("termbridge:relay:gw-c", b"moved"))
+        await second.redis.publish("termbridge:relay:gw-b", b"not sealed at all")
+        await first.publish("gw-b", b"after")
+        assert await asyncio.wait_for(listening.next(), 5) == b"after"
+    finally:
+        await listening.close()
