@@ -1,13 +1,30 @@
 #!/bin/sh
 # termbridge-adduser USER UID: the session's account, on tmpfs (session.user = login). Run by the
-# entrypoint before sshd starts, or through `docker exec` when a login claims a pooled container
-# (then sshd is told to reread AllowUsers). UID (also the gid) comes from the gateway: uid_base +
-# the login's host uid, no host account's. A container gets one account, once.
+# entrypoint before sshd starts, or when a login claims a pooled container:
+# `termbridge-adduser --claim` waits in a pooled container for one line "USER UID" on its stdin
+# (the gateway's attach, kept open since it handed over the keys) and answers on stdout with
+# "termbridge-claim ok" or "termbridge-claim failed: ...". In a pooled container sshd already
+# runs and lets in the group termbridge-session only, which the account joins: no reload.
+# UID (also the gid) comes from the gateway: uid_base + the login's host uid, no host account's.
+# A container gets one account, once.
 set -eu
 
-user="${1:?usage: termbridge-adduser USER UID}"
-uid="${2:?usage: termbridge-adduser USER UID}"
 state=/run/termbridge
+if [ "${1:-}" = --claim ]; then
+    # No line (the gateway let go of the container): never claimed, nothing to do.
+    IFS=' ' read -r user uid || exit 0
+    exec 3>&1
+    if out=$(termbridge-adduser "$user" "$uid" 2>&1 >&3); then
+        echo "termbridge-claim ok"
+    else
+        echo "termbridge-claim failed: $out" | tr -d '\r' | head -c 300
+        echo
+    fi
+    exit 0
+fi
+
+user="${1:?usage: termbridge-adduser USER UID | --claim}"
+uid="${2:?usage: termbridge-adduser USER UID | --claim}"
 case "$uid" in
     ''|*[!0-9]*) echo "termbridge: bad uid '$uid'" >&2; exit 2 ;;
 esac
@@ -26,6 +43,10 @@ printf '%s:x:%s:%s::%s:/bin/bash\n' "$user" "$uid" "$uid" "$home" >> "$state/etc
 printf '%s:x:%s:\n' "$user" "$uid" >> "$state/etc/group"
 printf '%s:*:%s:0:99999:7:::\n' "$user" "$today" >> "$state/etc/shadow"
 printf '%s:!::\n' "$user" >> "$state/etc/gshadow"
+if [ -s /run/sshd.pid ]; then
+    # pooled: the running sshd lets in the members of termbridge-session (AllowGroups)
+    sed -i "s/^termbridge-session:\([^:]*\):\([0-9]*\):\$/termbridge-session:\1:\2:$user/" "$state/etc/group"
+fi
 mkdir -p "$home"
 chmod 0750 "$home"
 cp -R /etc/skel/. "$home/"
@@ -36,7 +57,4 @@ printf 'AllowUsers %s\nPermitRootLogin no\n' "$user" > "$state/sshd_config.d/10-
 printf '%s\n' "$uid" > "$state/account"
 if [ -s "$state/holder.pid" ]; then
     kill -USR1 "$(cat "$state/holder.pid")"
-fi
-if [ -s /run/sshd.pid ]; then
-    kill -HUP "$(cat /run/sshd.pid)"
 fi

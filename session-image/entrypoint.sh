@@ -7,7 +7,9 @@
 # account `termbridge-adduser` makes when a login claims it. TERMBRIDGE_UID: its uid (login mode).
 # TERMBRIDGE_MODE: login | root.
 # stdin: a tar with ssh_host_ed25519_key, ssh_host_ed25519_key.pub and authorized_keys, written
-# by the gateway right after start (never on disk, never in `docker inspect`), then EOF.
+# by the gateway right after start (never on disk, never in `docker inspect`), then EOF; in a
+# pooled container the gateway keeps it open after the tar for the claim (termbridge-adduser
+# --claim). tar stops at the archive's end: the gateway pads it to tar's 10 KiB record.
 set -eu
 
 user="${TERMBRIDGE_USER:-}"
@@ -19,7 +21,7 @@ umask 022
 mkdir -p "$state/etc" "$state/sshd_config.d" /run/sshd
 chmod 0755 "$state" /run/sshd
 (umask 077 && tar -x -o -C "$state" -f -)
-exec </dev/null
+exec 3<&0 </dev/null
 test -s "$state/ssh_host_ed25519_key" || { echo "termbridge: no host key received" >&2; exit 1; }
 test -s "$state/authorized_keys" || { echo "termbridge: no client key received" >&2; exit 1; }
 chmod 0600 "$state/ssh_host_ed25519_key"
@@ -41,8 +43,11 @@ if [ "$mode" = root ]; then
 elif [ -n "$user" ]; then
     termbridge-adduser "$user" "${TERMBRIDGE_UID:-}"
 else
-    # Pooled: sshd is ready now; the account and AllowUsers come at claim (termbridge-adduser).
-    printf 'PermitRootLogin no\nDenyUsers root\n' > "$state/sshd_config.d/10-mode.conf"
+    # Pooled: sshd is ready now and lets in the members of termbridge-session, a group with no
+    # member until the claim's account joins it; no reload between the claim and the login.
+    printf 'AllowGroups termbridge-session\nPermitRootLogin no\nDenyUsers root\n' > "$state/sshd_config.d/10-mode.conf"
+    (termbridge-adduser --claim <&3 3<&- &)
 fi
+exec 3<&-
 
 exec /usr/local/bin/tb-holder serve -- /usr/sbin/sshd -D -e

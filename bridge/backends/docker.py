@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import re
 import socket
 import tarfile
 import threading
@@ -60,7 +61,11 @@ LOG_CONFIG = {"type": "json-file", "config": {"max-size": str(LOG_FILE_BYTES), "
 # keys that never come, so it is refused with a clear message instead. 4: the account's uid comes
 # from the gateway (TERMBRIDGE_UID; `termbridge-adduser USER UID` at claim). 5: the session holder
 # (tb-holder) is the main process and enforces TERMBRIDGE_IDLE_TIMEOUT and TERMBRIDGE_MAX_LIFETIME.
-IMAGE_PROTOCOL = "5"
+# 6: a pooled container is claimed over its stdin, kept open after the keys ("USER UID" in,
+# "termbridge-claim ok" out), and its sshd lets the account in without a reload.
+IMAGE_PROTOCOL = "6"
+CLAIM_TIMEOUT = 10.0
+CLAIM_ANSWER = re.compile(rb"^termbridge-claim (ok|failed: .*)$", re.M)
 NETWORK_NAMES = {"isolated": "termbridge-isolated", "internet": "termbridge-internet"}
 SSHD_PORT = 22
 
@@ -75,6 +80,39 @@ def _tar(files: dict[str, tuple[bytes, int]]) -> bytes:
             info.uid = info.gid = 0
             tar.addfile(info, io.BytesIO(data))
     return buf.getvalue()
+
+
+class ClaimChannel:
+    """A pooled container's stdin and stdout, attached before its start and kept after the keys:
+    the login that claims it sends "USER UID" here and reads the account's answer. No `docker
+    exec` (three API calls and a process Docker sets up) on the way to a login's prompt."""
+
+    def __init__(self, attached: Any, raw: socket.socket) -> None:
+        self._attached = attached
+        self._raw = raw
+
+    async def claim(self, user: str, uid: int) -> str:
+        """Send the claim; the answer line (`ok` or `failed: why`). Raises OSError when the
+        container's end goes away first. Docker frames the output: 8-byte headers, stdout is 1."""
+        loop = asyncio.get_running_loop()
+        self._raw.setblocking(False)
+        await loop.sock_sendall(self._raw, f"{user} {uid}\n".encode())
+        buf, out = b"", b""
+        while True:
+            data = await loop.sock_recv(self._raw, 4096)
+            if not data:
+                raise OSError(f"the container's stdout closed before it answered: {out[-300:]!r}")
+            buf += data
+            while len(buf) >= 8 and len(buf) >= 8 + int.from_bytes(buf[4:8], "big"):
+                size = int.from_bytes(buf[4:8], "big")
+                if buf[0] == 1:
+                    out += buf[8 : 8 + size]
+                buf = buf[8 + size :]
+            if found := CLAIM_ANSWER.search(out):
+                return found[1].decode(errors="replace")
+
+    def close(self) -> None:
+        self._attached.close()
 
 
 class DockerBackend:
@@ -98,6 +136,7 @@ class DockerBackend:
         self._client_lock = threading.Lock()
         self._bridge: str | None = None
         self._prepare_lock = threading.Lock()
+        self._claims: dict[str, ClaimChannel] = {}  # pooled containers' open stdin, by container id
 
     # -- plumbing ---------------------------------------------------------------------------
 
@@ -240,7 +279,8 @@ class DockerBackend:
     def _boot(self, api: docker.APIClient, cid: str, spec: ContainerSpec) -> None:
         """Start the container, cut its default route, then hand the entrypoint its keys on stdin.
         sshd cannot start before the keys arrive, so no shell ever runs with the route in place;
-        the keys never touch a disk or `docker inspect`."""
+        the keys never touch a disk or `docker inspect`. A pooled container's stdin (and stdout)
+        stays open for its claim."""
         keys = _tar(
             {
                 "ssh_host_ed25519_key": (spec.host_private_key, 0o600),
@@ -248,7 +288,8 @@ class DockerBackend:
                 "authorized_keys": (spec.authorized_keys, 0o644),
             }
         )
-        attached = api.attach_socket(cid, params={"stdin": 1, "stream": 1})
+        pooled = not spec.user and not spec.root
+        attached = api.attach_socket(cid, params={"stdin": 1, "stdout": int(pooled), "stream": 1})
         raw = getattr(attached, "_sock", attached)
         try:
             api.start(cid)
@@ -263,9 +304,16 @@ class DockerBackend:
                     self._write_resolv_conf(info["ResolvConfPath"], egress)
             raw.settimeout(10)
             raw.sendall(keys)
+            if pooled:
+                self._claims[cid] = ClaimChannel(attached, raw)
+                return
             raw.shutdown(socket.SHUT_WR)
+        except BaseException:
+            self._claims.pop(cid, None)
+            raise
         finally:
-            attached.close()
+            if cid not in self._claims:
+                attached.close()
 
     @staticmethod
     def _write_resolv_conf(path: str, egress: netguard.Egress) -> None:
@@ -367,22 +415,32 @@ class DockerBackend:
             )
         return self.config.uid_base + host_uid
 
-    def _claim_sync(self, container: Container, user: str, uid: int, root: bool) -> Container:
-        api = self._api()
-        if not root:
-            # uid 0, not "root": Docker would look the name up in an /etc/passwd that lives on tmpfs
-            argv = ["/usr/local/sbin/termbridge-adduser", user, str(self._session_uid(user, uid))]
-            run = api.exec_create(container.id, argv, user="0")
-            output = api.exec_start(run["Id"])
-            code = api.exec_inspect(run["Id"]).get("ExitCode")
-            if code != 0:
-                raise SessionStartError(detail=f"claiming {container.name} for {user} failed ({code}): {output!r}")
-        return Container(container.id, container.name, container.address, container.port, "root" if root else user)
-
     async def claim(self, container: Container, user: str, uid: int, root: bool) -> Container:
-        return await self._call(self._claim_sync, container, user, uid, root)
+        """The account is made by the container itself, told over the stdin this backend kept
+        open (`ClaimChannel`); its sshd already lets the account in."""
+        claimed = Container(container.id, container.name, container.address, container.port, "root" if root else user)
+        channel = self._claims.pop(container.id, None)
+        if root:
+            if channel is not None:
+                channel.close()
+            return claimed
+        if channel is None:
+            raise SessionStartError(detail=f"claiming {container.name}: no claim channel (not pooled by this gateway)")
+        try:
+            async with asyncio.timeout(CLAIM_TIMEOUT):
+                answer = await channel.claim(user, self._session_uid(user, uid))
+        except (OSError, TimeoutError) as exc:
+            raise SessionStartError(detail=f"claiming {container.name} for {user} failed: {exc!r}") from exc
+        finally:
+            channel.close()
+        if answer != "ok":
+            raise SessionStartError(detail=f"claiming {container.name} for {user} {answer}")
+        return claimed
 
     def _remove_sync(self, container_id: str) -> None:
+        channel = self._claims.pop(container_id, None)
+        if channel is not None:
+            channel.close()
         try:
             self._api().remove_container(container_id, force=True, v=True)
         except docker.errors.NotFound:
@@ -429,5 +487,8 @@ class DockerBackend:
         return await self._call(self._list_sync, LABEL_FLEET, self.fleet)
 
     async def close(self) -> None:
+        for channel in self._claims.values():
+            channel.close()
+        self._claims.clear()
         self._forget_client()
         self._pool.shutdown(wait=False, cancel_futures=True)
