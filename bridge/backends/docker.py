@@ -136,6 +136,7 @@ class DockerBackend:
         self._client_lock = threading.Lock()
         self._bridge: str | None = None
         self._prepare_lock = threading.Lock()
+        self._checked_from: float | None = None  # when the last check that passed began (monotonic)
         self._claims: dict[str, ClaimChannel] = {}  # pooled containers' open stdin, by container id
 
     # -- plumbing ---------------------------------------------------------------------------
@@ -155,6 +156,7 @@ class DockerBackend:
         with self._client_lock:
             client, self._client = self._client, None
             self._bridge = None
+            self._checked_from = None
         if client is not None:
             client.close()
 
@@ -217,11 +219,18 @@ class DockerBackend:
         return info
 
     def _prepare_sync(self, api: docker.APIClient | None = None) -> None:
-        """Network, route tools and firewall. Cached; the firewall is re-checked on every call,
-        so rules flushed behind the gateway's back come back before the next session starts."""
+        """Network, route tools and firewall. Cached; the firewall is re-checked for every call,
+        so rules flushed behind the gateway's back come back before the next session starts.
+        Starts that ask at once share one check: a check begun after a call asked answers for
+        it too (a class starting together waits for two checks, not one after another each)."""
         api = api or self._api()
+        asked = time.monotonic()
         with self._prepare_lock:
+            if self._checked_from is not None and self._checked_from > asked:
+                return
+            began = time.monotonic()
             self._prepare_locked(api)
+            self._checked_from = began
 
     def _prepare_locked(self, api: docker.APIClient) -> None:
         if self._bridge is None:
@@ -381,7 +390,7 @@ class DockerBackend:
             raise ImageMissing(detail=f"session image {cfg.image!r} not found: {exc}") from exc
         except docker.errors.APIError as exc:
             if exc.status_code == 404 and "network" in str(exc).lower():
-                self._bridge = None
+                self._bridge = self._checked_from = None
             elif exc.status_code == 404:
                 raise ImageMissing(detail=f"session image {cfg.image!r} not found: {exc}") from exc
             raise SessionStartError(detail=f"create failed: {exc}") from exc
