@@ -1,5 +1,9 @@
 """The admin socket: `termbridge sessions list|kill` talk to the running gateway through it.
 
+Requests: `{"command": "list"}`; `{"command": "kill"}` with `"id"` (a unique prefix), `"user"`
+(every session of that name) or `"all": true`. Answers: `{"sessions": [...]}` (the keys of
+`SESSION_KEYS`), `{"killed": [ids]}`, or `{"error": text}`.
+
 A unix socket in `state_dir` (itself 0700), mode 0600, and the peer's uid checked with
 SO_PEERCRED: only root (or the gateway's own user) gets in. One JSON request line, one JSON
 answer line.
@@ -12,7 +16,9 @@ import contextlib
 import json
 import logging
 import os
+import pwd
 import socket
+import time
 import struct
 from datetime import datetime, timezone
 from pathlib import Path
@@ -26,6 +32,8 @@ log = logging.getLogger("termbridge.admin")
 
 SOCKET_NAME = "admin.sock"
 MAX_REQUEST = 4096
+# Every row of a listing has these keys, in this order (`termbridge sessions list --json`).
+SESSION_KEYS = ("id", "user", "door", "profile", "gateway", "started", "idle_seconds", "container", "attached")
 
 
 def socket_path(state_dir: Path) -> Path:
@@ -97,21 +105,32 @@ class AdminServer:
         return {"error": f"unknown command {str(command)[:40]!r}"}
 
     async def _fleet(self) -> dict[str, dict[str, Any]]:
-        """Every session of every gateway sharing the store, this gateway's from its memory."""
-        gateway = self.manager.gateway
-        found = {s.id: s.describe() | {"gateway": gateway} for s in self.manager.list()}
-        for record in await self.manager.fleet():
+        """Every session of every gateway sharing the store, this gateway's from its memory
+        (another gateway's idle time is as of its last write to the store)."""
+        records = {record.id: record for record in await self.manager.fleet()}
+        found: dict[str, dict[str, Any]] = {}
+        for session in self.manager.list():
+            row = session.describe()
+            record = records.get(session.id)
+            found[session.id] = {
+                **row, "gateway": self.manager.gateway, "idle_seconds": row["idle_for"],
+                "profile": record.profile if record is not None else "default",
+            }
+        now = time.time()
+        for record in records.values():
             found.setdefault(record.id, {
                 "id": record.id,
                 "user": record.user,
                 "door": record.door,
+                "profile": record.profile,
                 "container": record.container_name or None,
                 "started": datetime.fromtimestamp(record.started, timezone.utc).isoformat(timespec="seconds"),
-                "idle_for": None,  # the serving gateway's to know
+                "idle_seconds": round(max(0.0, now - record.last_activity), 1),
                 "attached": record.attached_by is not None,
                 "gateway": record.gateway,
             })
-        return dict(sorted(found.items(), key=lambda item: item[1]["started"]))
+        rows = sorted(found.values(), key=lambda row: row["started"])
+        return {row["id"]: {key: row[key] for key in SESSION_KEYS} for row in rows}
 
     async def _kill(self, request: dict[str, Any]) -> dict[str, Any]:
         """`kill` one session by id prefix, or every one with `all`: this gateway's directly,
@@ -119,6 +138,11 @@ class AdminServer:
         fleet = await self._fleet()
         if request.get("all") is True:
             targets = list(fleet)
+        elif "user" in request:
+            name = str(request["user"])[:256]
+            targets = [session_id for session_id, row in fleet.items() if row["user"] == name]
+            if not targets:
+                return {"error": await _no_sessions_of(name)}
         else:
             prefix = str(request.get("id", ""))
             targets = [session_id for session_id in fleet if prefix and session_id.startswith(prefix)]
@@ -138,6 +162,15 @@ class AdminServer:
         elif record is not None:
             log.info("session %.12s of %s on gateway %s: kill requested", session_id, record.user, record.gateway)
             await self.manager.request_kill(record)
+
+
+async def _no_sessions_of(name: str) -> str:
+    """Why a kill by user name ended nothing: a name with no account here is likely a typo."""
+    try:
+        await asyncio.to_thread(pwd.getpwnam, name)
+    except KeyError:
+        return f"no such user {name!r}, and no live session of that name"
+    return f"no live session of {name!r}"
 
 
 def request(path: Path, payload: dict[str, Any], timeout: float = 15.0) -> dict[str, Any]:

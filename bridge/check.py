@@ -7,8 +7,10 @@ probed by binding and closing, directories by creating and removing a probe file
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
+import stat
 import socket
 import ssl
 import sys
@@ -19,7 +21,7 @@ from typing import TextIO
 
 from . import resources
 from .config import DEFAULT_CONFIG_PATH, Config, load_config
-from .errors import BackendUnavailable, ConfigError
+from .errors import BackendUnavailable, ConfigError, StoreUnavailable
 
 PAM_DIRS = (Path("/etc/pam.d"), Path("/usr/lib/pam.d"))
 
@@ -205,6 +207,32 @@ def check_files(config: Config) -> Iterator[Check]:
         yield fail("assets", f"{xterm} is missing", "run `npm ci` in web/ (make assets), or reinstall termbridge")
 
 
+def check_store(config: Config) -> Iterator[Check]:
+    """The store answers, and its key file (which encrypts session keys at rest) is private."""
+    from .store import SecretBox, probe
+
+    try:
+        yield ok("store.url", asyncio.run(probe(config)))
+    except StoreUnavailable as exc:
+        yield fail("store.url", f"the store cannot be reached: {exc.detail}",
+                   "start the Redis server, or correct store.url (redis://HOST:PORT/DB; empty: SQLite on this host)")
+    path = config.store_secret_file
+    shared = " (every gateway sharing store.url needs the same file)" if config.store.url else ""
+    if not path.exists():
+        if config.store.url:
+            yield warn("store.secret_file", f"{path} does not exist: created 0600 on first start{shared}",
+                       "copy the file from the other gateways (mode 0600) before starting this one")
+        else:
+            yield ok("store.secret_file", f"{path} does not exist: created 0600 on first start")
+        return
+    try:
+        SecretBox.from_file(path)
+    except ConfigError as exc:
+        yield fail("store.secret_file", exc.detail, f"chmod 600 {path}, owned by the gateway's user; or restore the file the store was written with")
+        return
+    yield ok("store.secret_file", f"{path} is readable, mode {stat.S_IMODE(path.stat().st_mode):04o}{shared}")
+
+
 def run_checks(config_path: str | None, pre_start: bool = False) -> list[Check]:
     shown = config_path or str(DEFAULT_CONFIG_PATH)
     try:
@@ -222,6 +250,7 @@ def run_checks(config_path: str | None, pre_start: bool = False) -> list[Check]:
     checks.append(_port_free("web.listen", config.web.listen))
     checks.append(_port_free("ssh.listen", config.ssh.listen))
     checks += check_files(config)
+    checks += check_store(config)
     return checks
 
 

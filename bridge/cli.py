@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 
@@ -34,10 +35,12 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--if-stale", action="store_true", help="keep an image already built from this context and base")
     sessions = sub.add_parser("sessions", parents=[common], help="live sessions of every gateway sharing the store")
     sessions_sub = sessions.add_subparsers(dest="sessions_command", required=True)
-    sessions_sub.add_parser("list", parents=[common], help="id, user, door, container, started, idle for, gateway")
+    listing = sessions_sub.add_parser("list", parents=[common], help="id, user, door, container, started, idle for, gateway")
+    listing.add_argument("--json", action="store_true", help="one JSON array of objects, for scripts")
     kill = sessions_sub.add_parser("kill", parents=[common], help="end sessions (the person sees why)")
     target = kill.add_mutually_exclusive_group(required=True)
     target.add_argument("id", nargs="?", help="session id (a unique prefix will do)")
+    target.add_argument("--user", metavar="NAME", help="every session of this user, on every gateway")
     target.add_argument("--all", action="store_true", help="every session of every gateway")
     return parser
 
@@ -59,8 +62,12 @@ def sessions_command(config: Config, args: argparse.Namespace) -> int:
     path = socket_path(config.state_dir)
     if args.sessions_command == "list":
         payload: dict[str, object] = {"command": "list"}
+    elif args.all:
+        payload = {"command": "kill", "all": True}
+    elif args.user is not None:
+        payload = {"command": "kill", "user": args.user}
     else:
-        payload = {"command": "kill", "all": True} if args.all else {"command": "kill", "id": args.id}
+        payload = {"command": "kill", "id": args.id}
     try:
         answer = request(path, payload)
     except (FileNotFoundError, ConnectionRefusedError):
@@ -75,11 +82,18 @@ def sessions_command(config: Config, args: argparse.Namespace) -> int:
     if args.sessions_command == "kill":
         for session_id in answer["killed"]:
             print(f"killed {session_id}")
+        if args.user is not None:
+            count = len(answer["killed"])
+            print(f"{count} session{'s' if count != 1 else ''} of {args.user} ended")
+        return 0
+    if args.json:
+        json.dump(answer["sessions"], sys.stdout, indent=1)
+        print()
         return 0
     rows = [("ID", "USER", "DOOR", "CONTAINER", "STARTED", "IDLE", "GATEWAY")]
     for s in answer["sessions"]:
         rows.append(
-            (s["id"], s["user"], s["door"], s["container"] or "-", s["started"], _fmt_idle(s["idle_for"]), s["gateway"])
+            (s["id"], s["user"], s["door"], s["container"] or "-", s["started"], _fmt_idle(s["idle_seconds"]), s["gateway"])
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:

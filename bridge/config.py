@@ -164,6 +164,22 @@ def _origin(value: Any) -> str | None:
     return text
 
 
+_BASE_PATH_RE = re.compile(r"^/(?:[A-Za-z0-9._~-]+/)*$")
+
+
+def _base_path(value: Any) -> str:
+    """A URL path prefix like `/terminal/`: absolute, a directory, and plain enough that browsers,
+    proxies and cookies all read it the same way (no `..`, query, escapes or doubled slashes)."""
+    text = _str(value).strip()
+    if not (text.startswith("/") and text.endswith("/")):
+        raise ValueError(f"{text!r} must start and end with '/', like \"/terminal/\"")
+    if any(part in (".", "..") for part in text.split("/")):
+        raise ValueError(f"{text!r} must not contain '.' or '..' segments")
+    if not _BASE_PATH_RE.match(text):
+        raise ValueError(f"{text!r} must be a plain path of letters, digits and . _ ~ - (no query, '%' or '//')")
+    return text
+
+
 def _key(parser: Callable[[Any], Any], doc: str) -> dict[str, Any]:
     return {"parser": parser, "doc": doc}
 
@@ -182,6 +198,7 @@ class WebConfig:
     public_origin: str | None = _field(None, _origin, "the origin browsers use")
     max_message_size: int = _field(1024**2, parse_size, "largest WebSocket message a client may send")
     max_upload_size: int = _field(100 * 1024**2, parse_size, "largest file the Files panel accepts for upload")
+    base_path: str = _field("/", _base_path, "serve every page, socket and endpoint under this URL prefix")
 
 
 @dataclass(frozen=True)

@@ -183,13 +183,23 @@ class Gateway:
     def origin(self) -> str:
         return self.url
 
+    @property
+    def base(self) -> str:
+        """`web.base_path` ("/" for a gateway in a child process): every path starts with it."""
+        return self.config.web.base_path if self.config is not None else "/"
+
+    def path(self, path: str) -> str:
+        """`path` ("/login", "/ws") under the gateway's base path."""
+        return self.base + path.lstrip("/")
+
     async def login(self, user: HostUser, password: str | None = None, **client: Any) -> aiohttp.ClientSession:
         """A client session holding the login cookie (raises if the login fails); `client` goes to
         aiohttp.ClientSession (e.g. a connector for TLS)."""
         http = aiohttp.ClientSession(base_url=self.url, cookie_jar=aiohttp.CookieJar(unsafe=True), **client)
         resp = await http.post(
-            "/login",
-            data={"username": user.name, "password": password or user.password, "csrf": await csrf_token(http)},
+            self.path("/login"),
+            data={"username": user.name, "password": password or user.password,
+                  "csrf": await csrf_token(http, self.path("/login"))},
             headers={"Origin": self.origin},
             allow_redirects=False,
         )
@@ -202,15 +212,15 @@ class Gateway:
         """One login attempt through the form (CSRF token included); the HTTP status."""
         async with aiohttp.ClientSession(base_url=self.url, cookie_jar=aiohttp.CookieJar(unsafe=True)) as http:
             resp = await http.post(
-                "/login",
-                data={"username": username, "password": password, "csrf": await csrf_token(http)},
+                self.path("/login"),
+                data={"username": username, "password": password, "csrf": await csrf_token(http, self.path("/login"))},
                 headers={"Origin": self.origin},
                 allow_redirects=False,
             )
             return resp.status
 
     async def terminal(self, http: aiohttp.ClientSession, path: str = "/ws", cols: int = 80, rows: int = 24) -> Terminal:
-        ws = await http.ws_connect(path, headers={"Origin": self.origin}, max_msg_size=0)
+        ws = await http.ws_connect(self.path(path), headers={"Origin": self.origin}, max_msg_size=0)
         term = Terminal(ws)
         await term.resize(cols, rows)
         return term

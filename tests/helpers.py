@@ -218,7 +218,7 @@ async def log_in(page: Any, gateway: Any, user: HostUser, password: str | None =
     from playwright.async_api import expect
 
     for attempt in range(3):
-        await goto(page, gateway.url + "/")
+        await goto(page, gateway.url + gateway.base)
         await expect(page).to_have_url(re.compile(r"/login$"))
         await page.get_by_label("Username").fill(user.name)
         await page.get_by_label("Password").fill(password or user.password)

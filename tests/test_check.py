@@ -44,7 +44,10 @@ def test_check_passes_on_this_machine(tmp_path, pam_service):
     status, checks, output = run_check(config)
     assert status == 0, output
     assert set(checks) == {"config", "docker", "image", "userns-remap", "pam", "shadow", "web.listen", "ssh.listen",
-                           "state_dir", "tls", "audit.log", "audit.record_dir", "assets"}
+                           "state_dir", "tls", "audit.log", "audit.record_dir", "assets", "store.url",
+                           "store.secret_file"}
+    assert checks["store.url"] == ("ok", f"SQLite at {tmp_path / 'state' / 'state.db'} (one host)")
+    assert checks["store.secret_file"][0] == "ok" and "created 0600 on first start" in checks["store.secret_file"][1]
     assert all(state in ("ok", "warn") for state, _ in checks.values()), output
     assert re.match(r"Docker \d+\.\d+", checks["docker"][1])
     assert checks["image"][1].startswith(f"{TEST_IMAGE} present")
@@ -129,3 +132,36 @@ def test_check_names_root_modes_shared_limits_without_userns_remap(tmp_path, pam
         assert "session.user = root" in line and "per-uid kernel limits" in line, out
     else:
         assert status == "ok", out
+
+
+def test_check_reaches_the_store_and_finds_its_key_file_private(tmp_path, pam_service, redis_url):
+    """store.url: a Redis that answers, then one that does not; store.secret_file: missing (a
+    fleet's gateways must share it: a warning), open to others (FAIL), unreadable bytes, 0600."""
+    key = tmp_path / "store-key"
+
+    def config(url: str):
+        return write_config(tmp_path / "c.toml", tmp_path / "state", pam_service, web={"listen": "127.0.0.1:0"},
+                            store={"url": url, "secret_file": str(key)})
+
+    _, checks, output = run_check(config(redis_url))
+    assert checks["store.url"][0] == "ok" and "answers" in checks["store.url"][1], output
+    assert checks["store.secret_file"][0] == "warn" and "needs the same file" in checks["store.secret_file"][1]
+    assert not key.exists()  # check creates nothing
+
+    key.write_bytes(os.urandom(32))
+    key.chmod(0o644)
+    status, checks, output = run_check(config(redis_url))
+    assert status == 1 and checks["store.secret_file"][0] == "FAIL", output
+    assert "open to group or others" in checks["store.secret_file"][1] and f"fix: chmod 600 {key}" in checks["store.secret_file"][1]
+
+    key.chmod(0o600)
+    _, checks, output = run_check(config(redis_url))
+    assert checks["store.secret_file"] == ("ok", f"{key} is readable, mode 0600 (every gateway sharing store.url needs the same file)")
+
+    key.write_bytes(b"short")
+    _, checks, _ = run_check(config(redis_url))
+    assert checks["store.secret_file"][0] == "FAIL" and "exactly 32 bytes" in checks["store.secret_file"][1]
+
+    status, checks, output = run_check(config(f"redis://127.0.0.1:{free_port()}/0"))
+    assert status == 1 and checks["store.url"][0] == "FAIL", output
+    assert "cannot be reached" in checks["store.url"][1] and "fix: start the Redis server" in checks["store.url"][1]

@@ -5,6 +5,7 @@ self-signed certificate in front of a gateway, the systemd unit checked by syste
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import re
 import resource
@@ -32,6 +33,7 @@ from helpers import (
 NGINX = Path("/usr/sbin/nginx")
 SITE = ROOT / "etc" / "nginx" / "termbridge.conf"
 REPLICAS = ROOT / "etc" / "nginx" / "replicas.conf"
+SUBPATH = ROOT / "etc" / "nginx" / "subpath.conf"
 UNIT = ROOT / "etc" / "systemd" / "termbridge.service"
 CLIENT_ADDRESS = "127.0.0.2"  # the loopback range is all ours: a client address that is not nginx's own
 
@@ -66,8 +68,10 @@ async def nginx_in_front(tmp_path: Path) -> AsyncIterator:
         pytest.fail(f"{NGINX} missing: apt-get install nginx (`make test` does)")
     procs: list[subprocess.Popen] = []
 
-    async def start(*gateway_urls: str) -> Nginx:
-        """One gateway: the shipped site as is; several: with the upstream of etc/nginx/replicas.conf."""
+    async def start(*gateway_urls: str, subpath: bool = False) -> Nginx:
+        """One gateway: the shipped site as is; several: with the upstream of etc/nginx/replicas.conf.
+        `subpath`: the site's locations replaced by etc/nginx/subpath.conf (the terminal under
+        /terminal/ of a site whose other paths are not termbridge's), included as it ships."""
         prefix = tmp_path / "nginx"
         prefix.mkdir()
         cert, key = self_signed_cert(prefix)
@@ -91,6 +95,10 @@ async def nginx_in_front(tmp_path: Path) -> AsyncIterator:
         site = replace_once(site, "listen [::]:80;\n", "")
         site = replace_once(site, "/etc/letsencrypt/live/term.example.org/fullchain.pem", str(cert))
         site = replace_once(site, "/etc/letsencrypt/live/term.example.org/privkey.pem", str(key))
+        if subpath:
+            first, last = site.index("    # Metrics are for the monitoring host"), site.rindex("}")
+            shutil.copy(SUBPATH, prefix / "subpath.conf")
+            site = site[:first] + f"    include {prefix}/subpath.conf;\n    location / {{\n        return 404;\n    }}\n" + site[last:]
         (prefix / "termbridge.conf").write_text(site)
         temp = " ".join(f"{kind}_temp_path {prefix}/{kind};" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
         (prefix / "nginx.conf").write_text(
@@ -148,6 +156,11 @@ async def test_login_and_terminal_through_nginx_with_tls(start_gateway, nginx_in
         await term.expect(PROMPT)
         assert (await term.run("stty size")).strip() == "20 90"
         assert (await term.run("echo through-$((6*7))")).strip() == "through-42"
+        blob = bytes(range(256)) * 4096  # 1 MiB: far above the site's 64k body limit, which uploads are exempt from
+        resp = await http.put("/files/upload", params={"session": session["id"], "path": "big.bin"}, data=blob,
+                              headers={"Origin": front.https})
+        assert resp.status == 201, await resp.text()
+        assert (await term.run("sha256sum big.bin")).split()[0] == hashlib.sha256(blob).hexdigest()
         await term.send("exit\r")
         assert (await term.control("exit"))["reason"] == "exit"
         await term.drain_until_closed()
@@ -155,6 +168,73 @@ async def test_login_and_terminal_through_nginx_with_tls(start_gateway, nginx_in
 
     logins = [json.loads(line) for line in audit.read_text().splitlines() if '"login"' in line]
     assert [(e["user"], e["rhost"], e["ok"]) for e in logins] == [(user.name, CLIENT_ADDRESS, True)]
+
+
+@pytest.mark.browser
+async def test_the_terminal_under_a_sub_path_through_nginx_in_chromium(start_gateway, nginx_in_front, user, browser,
+                                                                       tmp_path):
+    """web.base_path = "/terminal/" behind etc/nginx/subpath.conf with TLS: log in, type, upload,
+    download and log out in Chromium, every request under /terminal/ (nginx answers 404 for
+    anything else, so a URL the page built without the base would fail)."""
+    from playwright.async_api import expect
+
+    from helpers import log_in, screen_line
+
+    gateway = await start_gateway(web={"trusted_proxies": ["127.0.0.1"], "base_path": "/terminal/"})
+    front = await nginx_in_front(gateway.url, subpath=True)
+    proxied = Gateway(front.https, gateway.config, gateway.app)
+    context = await browser.new_context(ignore_https_errors=True, accept_downloads=True)
+    page = await context.new_page()
+    requests: list[str] = []
+    page.on("request", lambda request: requests.append(request.url))
+    sockets: list[str] = []
+    page.on("websocket", lambda ws: sockets.append(ws.url))
+
+    await log_in(page, proxied, user)
+    await expect(page).to_have_url(f"{front.https}/terminal/", timeout=15_000)
+    await expect(page.locator("body")).to_have_attribute("data-state", "running", timeout=30_000)
+    await expect(page.locator(".xterm-rows")).to_contain_text("$", timeout=30_000)
+    [cookie] = [c for c in await context.cookies() if c["name"] == COOKIE_NAME]
+    assert cookie["path"] == "/terminal/" and cookie["secure"] and cookie["httpOnly"]
+    session_id = await page.locator("body").get_attribute("data-session")
+    await page.locator(".xterm-helper-textarea").focus()
+    await page.keyboard.type("echo sub-$((6*7)) > made.txt; cat made.txt")
+    await page.keyboard.press("Enter")
+    await expect(screen_line(page, "sub-42")).to_have_count(1, timeout=15_000)
+
+    data = bytes(range(256)) * 4096  # 1 MiB: more than nginx's default body size
+    async with page.expect_file_chooser() as chooser:
+        await page.get_by_role("button", name="Upload").click()
+    await (await chooser.value).set_files([{"name": "up.bin", "mimeType": "application/octet-stream", "buffer": data}])
+    row = page.locator('#uploads li[data-name="up.bin"]')
+    await expect(row).to_have_attribute("data-status", "done", timeout=60_000)
+    await page.locator(".xterm-helper-textarea").focus()
+    await page.keyboard.type("clear; sha256sum up.bin")
+    await page.keyboard.press("Enter")
+    await expect(screen_line(page, f"{hashlib.sha256(data).hexdigest()}  up.bin")).to_have_count(1, timeout=30_000)
+
+    await page.get_by_role("button", name="Files").click()
+    async with page.expect_download() as download_info:
+        await page.locator("#files").get_by_role("link", name="made.txt").click()
+    await (await download_info.value).save_as(tmp_path / "made.txt")
+    assert (tmp_path / "made.txt").read_text() == "sub-42\n"
+    await page.locator("#files").get_by_role("button", name="Close files").click()
+
+    await page.locator(".xterm-helper-textarea").focus()
+    await page.keyboard.type("exit")
+    await page.keyboard.press("Enter")
+    await expect(page.locator("#ended")).to_be_visible(timeout=15_000)
+    await page.get_by_role("button", name="Log out").click()
+    await expect(page).to_have_url(f"{front.https}/terminal/login", timeout=15_000)
+    assert not [c for c in await context.cookies() if c["name"] == COOKIE_NAME]
+    await context.close()
+    await containers_gone(**{"termbridge.session": session_id})
+
+    assert sockets and all(url.startswith(f"wss://127.0.0.1:{front.https.rsplit(':', 1)[1]}/terminal/ws") for url in sockets)
+    outside = [url for url in requests if not url.startswith(f"{front.https}/terminal/")]
+    assert not outside, outside
+    assert any("/terminal/files/upload" in url for url in requests)
+    assert any("/terminal/static/vendor/xterm/" in url for url in requests)
 
 
 # -- systemd --------------------------------------------------------------------------------------
@@ -316,7 +396,7 @@ def test_installed_package_carries_its_files(installed):
     assert (image_dir / "Dockerfile").is_file() and (image_dir / "entrypoint.sh").is_file()
     assert (image_dir / "holder" / "tb-holder.c").is_file()
     for shipped in ("termbridge.toml", "pam.d/termbridge", "systemd/termbridge.service", "nginx/termbridge.conf",
-                    "nginx/replicas.conf"):
+                    "nginx/replicas.conf", "nginx/subpath.conf"):
         assert (etc_dir / shipped).read_text() == (ROOT / "etc" / shipped).read_text()
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import signal
 import ssl
 import subprocess
@@ -413,3 +414,61 @@ def test_a_reload_takes_the_live_keys_only():
     pooled = dataclasses.replace(old, session=dataclasses.replace(old.session, pool=10))
     with pytest.raises(ConfigError, match="session.pool"):
         apply_live(pooled, dataclasses.replace(pooled, session=dataclasses.replace(pooled.session, max_total=5, max_per_user=1)))
+
+
+async def test_sessions_list_json_and_kill_by_user_across_the_fleet(gateway_process, redis_url, make_user, tmp_path):
+    """`sessions list --json` is one array of objects with the same keys each, covering both
+    gateways; `sessions kill --user` ends that user's sessions on every gateway and nobody
+    else's, and says so in its exit status when it ended nothing."""
+    from datetime import datetime
+
+    from bridge.admin import SESSION_KEYS
+
+    alice, bob = make_user(), make_user()
+    replicas = await start_fleet(gateway_process, redis_url, tmp_path, count=2)
+    clients = [await replicas[0].gateway.login(alice), await replicas[1].gateway.login(alice),
+               await replicas[0].gateway.login(bob)]
+    try:
+        gateways = [replicas[0].gateway, replicas[1].gateway, replicas[0].gateway]
+        terms = [await gateway.terminal(http) for gateway, http in zip(gateways, clients)]
+        ids = [(await term.control("session"))["id"] for term in terms]
+        for term in terms:
+            await term.expect(PROMPT)
+
+        code, out, err = await run_cli("sessions", "list", "--json", "--config", str(replicas[1].config_path))
+        assert code == 0, err
+        listing = json.loads(out)
+        assert isinstance(listing, list)
+        rows = {row["id"]: row for row in listing}
+        assert set(ids) <= set(rows)
+        for session_id, owner in zip(ids, (alice, alice, bob)):
+            row = rows[session_id]
+            assert tuple(row) == SESSION_KEYS
+            assert (row["user"], row["door"], row["profile"]) == (owner.name, "web", "default")
+            assert row["container"] == f"termbridge-{session_id[:8]}"
+            assert datetime.fromisoformat(row["started"]).utcoffset() is not None  # RFC 3339, with its offset
+            assert isinstance(row["idle_seconds"], (int, float)) and 0 <= row["idle_seconds"] < 120
+        assert rows[ids[0]]["gateway"] == rows[ids[2]]["gateway"] != rows[ids[1]]["gateway"]
+
+        code, out, err = await run_cli("sessions", "kill", "--user", alice.name, "--config", str(replicas[1].config_path))
+        assert code == 0, err
+        assert out.splitlines()[-1] == f"2 sessions of {alice.name} ended" and ids[0] in out and ids[1] in out
+        for term in terms[:2]:
+            exit_msg = await term.control("exit", timeout=10)
+            assert exit_msg["reason"] == "killed" and "administrator" in exit_msg["message"]
+        assert (await terms[2].run("echo bob-$((6*7))")).strip() == "bob-42"  # untouched
+        for session_id in ids[:2]:
+            await containers_gone(**{"termbridge.session": session_id})
+
+        code, out, err = await run_cli("sessions", "kill", "--user", alice.name, "--config", str(replicas[0].config_path))
+        assert code == 1 and f"no live session of {alice.name!r}" in err and not out
+        code, out, err = await run_cli("sessions", "kill", "--user", "no-such-user-x", "--config", str(replicas[0].config_path))
+        assert code == 1 and "no such user 'no-such-user-x'" in err
+        code, out, _ = await run_cli("sessions", "list", "--json", "--config", str(replicas[0].config_path))
+        assert code == 0 and [row["id"] for row in json.loads(out) if row["user"] in (alice.name, bob.name)] == [ids[2]]
+        await terms[2].send("exit\r")
+        await terms[2].control("exit")
+    finally:
+        for http in clients:
+            await http.close()
+    await containers_gone(**{"termbridge.session": ids[2]})

@@ -7,7 +7,18 @@ from __future__ import annotations
 from ..config import Config
 from .base import LoginRecord, Refusal, SecretBox, SessionRecord, SessionSecret, Slot, Store
 
-__all__ = ["LoginRecord", "Refusal", "SessionRecord", "SessionSecret", "Slot", "Store", "open_store"]
+__all__ = ["LoginRecord", "Refusal", "SessionRecord", "SessionSecret", "Slot", "Store", "open_store", "probe"]
+
+
+async def probe(config: Config) -> str:
+    """Where the configured store is, once it answers (raises StoreUnavailable); writes nothing."""
+    if config.store.url:
+        from .redis import probe as probe_redis
+        from .redis import where
+
+        await probe_redis(config.store.url)
+        return f"redis at {where(config.store.url)} answers"
+    return f"SQLite at {config.state_dir / 'state.db'} (one host)"
 
 
 async def open_store(config: Config) -> Store:

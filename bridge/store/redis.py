@@ -150,6 +150,18 @@ def where(url: str) -> str:
     return f"{parts.scheme}://{parts.hostname or ''}{f':{parts.port}' if parts.port else ''}{parts.path}"
 
 
+async def probe(url: str) -> None:
+    """Raise StoreUnavailable unless a Redis answers PING at `url`; writes nothing (for
+    `termbridge check`, which must not change the store)."""
+    client = aioredis.Redis.from_url(url, socket_connect_timeout=CONNECT_TIMEOUT, socket_timeout=COMMAND_TIMEOUT)
+    try:
+        await client.ping()
+    except (RedisError, OSError) as exc:
+        raise StoreUnavailable(detail=f"redis at {where(url)}: {exc}") from None
+    finally:
+        await client.aclose()
+
+
 def _session_key(session_id: str) -> str:
     return f"{PREFIX}session:{session_id}"
 

@@ -2,7 +2,7 @@
 
 keys (the typed app keys), http (hardening: headers, CSP, client address, origin), login (the
 login cookie, login and logout), terminal (the page and its /ws socket), files (home directory
-transfers) and ops (/healthz, /metrics). Static assets come from the web root (bridge._web when
+transfers) and ops (/healthz, /metrics), all under `web.base_path` (paths). Static assets come from the web root (bridge._web when
 installed), never from a CDN.
 """
 
@@ -13,9 +13,10 @@ from pathlib import Path
 
 from aiohttp import web
 
-from . import files, login, ops, terminal
+from . import files, login, ops, paths, terminal
 from .http import security_headers
 from .keys import WEB_ROOT, WEBSOCKETS
+from .paths import under
 
 # npm packages under web/node_modules/@xterm/ served as /static/vendor/<name>/ (never a CDN).
 VENDOR_PACKAGES = ("xterm", "addon-fit", "addon-search", "addon-unicode11", "addon-web-links", "addon-webgl")
@@ -29,7 +30,8 @@ def setup_routes(app: web.Application, web_root: Path) -> None:
     login.setup_routes(app)
     ops.setup_routes(app)
     files.setup_routes(app)
+    paths.setup_routes(app)
     modules = web_root / "node_modules"
     for package in VENDOR_PACKAGES:
-        app.router.add_static(f"/static/vendor/{package}/", modules / "@xterm" / package, follow_symlinks=False)
-    app.router.add_static("/static/", web_root / "static", follow_symlinks=False)
+        app.router.add_static(under(app, f"static/vendor/{package}/"), modules / "@xterm" / package, follow_symlinks=False)
+    app.router.add_static(under(app, "static/"), web_root / "static", follow_symlinks=False)

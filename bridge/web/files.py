@@ -22,6 +22,7 @@ from ..session import Session
 from .http import client_address, origin_allowed
 from .keys import CONFIG, MANAGER
 from .login import current_login
+from .paths import under
 
 log = logging.getLogger("termbridge.web")
 
@@ -166,6 +167,6 @@ async def upload(request: web.Request) -> web.StreamResponse:
 
 
 def setup_routes(app: web.Application) -> None:
-    app.router.add_get("/files", list_files)
-    app.router.add_get("/files/download", download)
-    app.router.add_put("/files/upload", upload)
+    app.router.add_get(under(app, "files"), list_files)
+    app.router.add_get(under(app, "files/download"), download)
+    app.router.add_put(under(app, "files/upload"), upload)

@@ -77,10 +77,12 @@ def origin_allowed(request: web.Request, *, required: bool) -> bool:
 
 
 def page(request: web.Request, name: str, status: int = 200, **values: str) -> web.Response:
-    """A template from web/templates, its values escaped, under a CSP with a fresh nonce."""
+    """A template from web/templates, its values escaped, under a CSP with a fresh nonce; `$base`
+    is `web.base_path`, which every link in a template starts with."""
     nonce = secrets.token_urlsafe(16)
     template = string.Template((request.app[WEB_ROOT] / "templates" / name).read_text())
-    body = template.safe_substitute({k: html.escape(v) for k, v in {**values, "nonce": nonce}.items()})
+    values = {**values, "nonce": nonce, "base": request.app[CONFIG].web.base_path}
+    body = template.safe_substitute({k: html.escape(v) for k, v in values.items()})
     response = web.Response(text=body, status=status, content_type="text/html")
     response.headers["Content-Security-Policy"] = CSP.format(nonce=f" 'nonce-{nonce}'")
     return response

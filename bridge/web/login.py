@@ -22,6 +22,7 @@ from ..store import LoginRecord, Store
 from ..vocab import Actor, Door
 from .http import client_address, origin_allowed, page, request_scheme
 from .keys import AUTHENTICATOR, CONFIG, LOGINS, MANAGER
+from .paths import base_path, redirect, under
 
 log = logging.getLogger("termbridge.web")
 
@@ -204,7 +205,8 @@ def _login_page(request: web.Request, status: int = 200, error: str = "", userna
         invalid="true" if status == 401 else "false", username=username, csrf=token,
     )
     response.set_cookie(
-        CSRF_COOKIE, binding, httponly=True, samesite="Strict", secure=request_scheme(request) == "https", path="/login"
+        CSRF_COOKIE, binding, httponly=True, samesite="Strict", secure=request_scheme(request) == "https",
+        path=under(request.app, "login"),
     )
     return response
 
@@ -249,7 +251,7 @@ async def login_submit(request: web.Request) -> web.StreamResponse:
         return _login_page(request, status=503, error=exc.user_message.capitalize() + ".", username=username)
     if previous is not None and previous.user.name != login.user.name:
         await end_terminals(request.app, previous, "another account logged in from this browser")
-    response = web.HTTPSeeOther("/")
+    response = redirect(request.app)
     response.set_cookie(
         COOKIE_NAME,
         cookie,
@@ -257,7 +259,7 @@ async def login_submit(request: web.Request) -> web.StreamResponse:
         httponly=True,
         samesite="Lax",
         secure=request_scheme(request) == "https",
-        path="/",
+        path=base_path(request.app),
     )
     raise response
 
@@ -278,8 +280,8 @@ async def logout(request: web.Request) -> web.StreamResponse:
             raise web.HTTPServiceUnavailable(text=exc.user_message) from None
         await end_terminals(request.app, login, "you logged out", actor=Actor.LOGOUT)
         log.info("logout of %s", login.user.name)
-    response = web.HTTPSeeOther("/login")
-    response.del_cookie(COOKIE_NAME, path="/")
+    response = redirect(request.app, "login")
+    response.del_cookie(COOKIE_NAME, path=base_path(request.app))
     raise response
 
 
@@ -292,6 +294,6 @@ async def end_terminals(app: web.Application, login: Login, message: str, actor:
 
 
 def setup_routes(app: web.Application) -> None:
-    app.router.add_get("/login", login_form)
-    app.router.add_post("/login", login_submit)
-    app.router.add_post("/logout", logout)
+    app.router.add_get(under(app, "login"), login_form)
+    app.router.add_post(under(app, "login"), login_submit)
+    app.router.add_post(under(app, "logout"), logout)

@@ -10,6 +10,7 @@ from aiohttp import web
 from ..errors import BridgeError
 from .http import address_in, client_address
 from .keys import BACKEND, CONFIG, METRICS
+from .paths import under
 
 log = logging.getLogger("termbridge.web")
 
@@ -37,5 +38,5 @@ async def metrics_page(request: web.Request) -> web.StreamResponse:
 
 
 def setup_routes(app: web.Application) -> None:
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/metrics", metrics_page)
+    app.router.add_get(under(app, "healthz"), healthz)
+    app.router.add_get(under(app, "metrics"), metrics_page)

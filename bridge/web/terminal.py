@@ -21,6 +21,7 @@ from ..vocab import Door, EndReason
 from .http import client_address, expected_origin, origin_allowed, page
 from .keys import ACCOUNTS, CONFIG, LOGINS, MANAGER, WEBSOCKETS
 from .login import Login, current_login
+from .paths import redirect, under
 
 log = logging.getLogger("termbridge.web")
 
@@ -31,7 +32,7 @@ INPUT_WAIT_CHECK = 1.0  # how often input blocked on a slow shell checks that it
 async def index(request: web.Request) -> web.StreamResponse:
     login = await current_login(request)
     if login is None:
-        raise web.HTTPSeeOther("/login")
+        raise redirect(request.app, "login")
     logout_csrf = request.app[LOGINS].form_token("logout", login.id)
     return page(
         request, "terminal.html", user=login.user.name, logout_csrf=logout_csrf,
@@ -253,8 +254,8 @@ async def _refuse_on_failure(ws: web.WebSocketResponse, starting: asyncio.Task) 
 
 
 def setup_routes(app: web.Application) -> None:
-    app.router.add_get("/", index)
-    app.router.add_get("/ws", terminal_socket)
+    app.router.add_get(under(app), index)
+    app.router.add_get(under(app, "ws"), terminal_socket)
 
 
 CLOSE_ALL_TIMEOUT = 3.0  # a close waits for the peer's answer; a gone peer must not hold the stop

@@ -2,6 +2,8 @@
 // page) with a progress bar each, and a Files panel that lists a directory and downloads a file
 // with one click. The gateway streams both ways over SFTP into the session's container.
 
+import { url } from "./base.js";
+
 export function formatSize(bytes) {
   if (bytes < 1024) return `${bytes} B`;
   const units = ["KB", "MB", "GB", "TB"];
@@ -103,9 +105,9 @@ export class Files {
     this.error.textContent = "";
     this.panel.setAttribute("aria-busy", "true");
     try {
-      const url = `/files?${query({ session, path: dir })}`;
+      const address = url(`files?${query({ session, path: dir })}`);
       // one retry: a network change aborts requests in flight
-      const response = await fetch(url, { credentials: "same-origin" }).catch(() => fetch(url, { credentials: "same-origin" }));
+      const response = await fetch(address, { credentials: "same-origin" }).catch(() => fetch(address, { credentials: "same-origin" }));
       const text = await response.text();
       if (!response.ok) {
         this.error.textContent = errorText(text, `Listing failed (${response.status}).`);
@@ -144,7 +146,7 @@ export class Files {
       } else if (kind === "file") {
         const link = document.createElement("a");
         link.className = "entry-name";
-        link.href = `/files/download?${query({ session, path: joinPath(this.dir, entry.name) })}`;
+        link.href = url(`files/download?${query({ session, path: joinPath(this.dir, entry.name) })}`);
         link.download = entry.name;
         link.textContent = entry.name;
         link.title = `Download ${entry.name}`;
@@ -290,7 +292,7 @@ export class Files {
     row.message.textContent = `0 of ${formatSize(file.size)}`;
     return new Promise((resolve) => {
       const xhr = new XMLHttpRequest();
-      xhr.open("PUT", `/files/upload?${query({ session, path: joinPath(dir, file.name) })}`);
+      xhr.open("PUT", url(`files/upload?${query({ session, path: joinPath(dir, file.name) })}`));
       xhr.setRequestHeader("Content-Type", "application/octet-stream");
       xhr.upload.addEventListener("progress", (ev) => {
         if (!ev.lengthComputable) return;

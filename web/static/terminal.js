@@ -1,11 +1,12 @@
 // termbridge terminal page: xterm.js wired to /ws (binary frames: terminal bytes; text: JSON control).
-import "/static/csp.js";
-import { Terminal } from "/static/vendor/xterm/lib/xterm.mjs";
-import { FitAddon } from "/static/vendor/addon-fit/lib/addon-fit.mjs";
-import { SearchAddon } from "/static/vendor/addon-search/lib/addon-search.mjs";
-import { Unicode11Addon } from "/static/vendor/addon-unicode11/lib/addon-unicode11.mjs";
-import { WebLinksAddon } from "/static/vendor/addon-web-links/lib/addon-web-links.mjs";
-import { WebglAddon } from "/static/vendor/addon-webgl/lib/addon-webgl.mjs";
+import "./csp.js";
+import { Terminal } from "./vendor/xterm/lib/xterm.mjs";
+import { FitAddon } from "./vendor/addon-fit/lib/addon-fit.mjs";
+import { SearchAddon } from "./vendor/addon-search/lib/addon-search.mjs";
+import { Unicode11Addon } from "./vendor/addon-unicode11/lib/addon-unicode11.mjs";
+import { WebLinksAddon } from "./vendor/addon-web-links/lib/addon-web-links.mjs";
+import { WebglAddon } from "./vendor/addon-webgl/lib/addon-webgl.mjs";
+import { url } from "./base.js";
 import { Clipboard } from "./clipboard.js";
 import { ExtraKeys, isTouchDevice } from "./extrakeys.js";
 import { Files } from "./files.js";
@@ -204,9 +205,9 @@ function onControl(msg) {
 
 function socketUrl() {
   const proto = location.protocol === "https:" ? "wss:" : "ws:";
-  let url = `${proto}//${location.host}/ws`;
-  if (sessionId) url += `?session=${encodeURIComponent(sessionId)}&offset=${repaint ? 0 : received}`;
-  return url;
+  let address = `${proto}//${location.host}${url("ws")}`;
+  if (sessionId) address += `?session=${encodeURIComponent(sessionId)}&offset=${repaint ? 0 : received}`;
+  return address;
 }
 
 function connect() {
