@@ -47,8 +47,7 @@ if [ -s /run/sshd.pid ]; then
     # pooled: the running sshd lets in the members of termbridge-session (AllowGroups)
     sed -i "s/^termbridge-session:\([^:]*\):\([0-9]*\):\$/termbridge-session:\1:\2:$user/" "$state/etc/group"
 fi
-mkdir -p "$home"
-chmod 0750 "$home"
+mkdir -p -m 0750 "$home"
 cp -R /etc/skel/. "$home/"
 chown -R "$uid:$uid" "$home"
 printf 'AllowUsers %s\nPermitRootLogin no\n' "$user" > "$state/sshd_config.d/10-mode.conf"
@@ -56,5 +55,6 @@ printf 'AllowUsers %s\nPermitRootLogin no\n' "$user" > "$state/sshd_config.d/10-
 # when it already runs, in a pooled container).
 printf '%s\n' "$uid" > "$state/account"
 if [ -s "$state/holder.pid" ]; then
-    kill -USR1 "$(cat "$state/holder.pid")"
+    read -r holder < "$state/holder.pid"
+    kill -USR1 "$holder"
 fi
