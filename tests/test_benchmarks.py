@@ -199,6 +199,8 @@ def test_report_shows_the_change_against_the_previous_comparable_run(tmp_path: P
                               cwd=ROOT, capture_output=True, text=True, timeout=60).stdout
     assert markdown.startswith("Command: `python -m benchmarks` (commit ")
     assert "Machine: 2 × Test CPU, 1000 MB" in markdown and "| 500 ms |" in markdown and "⚠" not in markdown
+    assert "| 10 logins at once | p50 | p95 | max | failed | load before → after |" in markdown
+    assert "| web door, pool 10 | 0.75 s | 1.50 s | 1.50 s | 1 | 1.0 → 2.0 |" in markdown
 
 
 def test_report_without_history_says_so(tmp_path: Path) -> None:
