@@ -34,6 +34,23 @@ from testbed.gateway import PROMPT, TEST_IMAGE, write_config
 from benchmarks.harness import remove_labelled, run_label, summary, workdir
 
 STEPS = ("claim", "connect", "attach", "prompt", "total")
+CGROUP_CPU = (  # where a container's CPU time is counted: cgroup v1 (cgroupfs), v2 (cgroupfs, systemd)
+    ("/sys/fs/cgroup/cpuacct/docker/{id}/cpuacct.usage", 1e-6),
+    ("/sys/fs/cgroup/docker/{id}/cpu.stat", 1e-3),
+    ("/sys/fs/cgroup/system.slice/docker-{id}.scope/cpu.stat", 1e-3),
+)
+
+
+def container_cpu_ms(container_id: str) -> float | None:
+    """CPU time the container has used so far (its processes, in its cgroup), or None when its
+    cgroup is not where Docker usually puts it."""
+    for pattern, to_ms in CGROUP_CPU:
+        path = Path(pattern.format(id=container_id))
+        if path.exists():
+            text = path.read_text()
+            value = int(text.split()[1] if text.startswith("usage_usec") else text.split()[0])
+            return value * to_ms
+    return None
 
 
 async def pooled(backend: DockerBackend, timeout: float) -> tuple[Any, SessionKeys]:
@@ -52,23 +69,32 @@ async def pooled(backend: DockerBackend, timeout: float) -> tuple[Any, SessionKe
 
 async def claim_once(backend: DockerBackend, container: Any, keys: SessionKeys, user: str, uid: int) -> dict[str, float]:
     """One claim, as SessionManager does it after taking a pooled container; ms per step."""
-    marks = [time.perf_counter()]
+    marks, cpu = [time.perf_counter()], [container_cpu_ms(container.id)]
+
+    def mark() -> None:
+        marks.append(time.perf_counter())
+        cpu.append(container_cpu_ms(container.id))
+
     claimed = await backend.claim(container, user, uid, False)
-    marks.append(time.perf_counter())
+    mark()
     upstream = await Upstream.connect(claimed, keys, 30)
-    marks.append(time.perf_counter())
+    mark()
     try:
         shell = await upstream.attach_held("xterm-256color", 80, 24)
-        marks.append(time.perf_counter())
+        mark()
         seen = b""
         async with asyncio.timeout(30):
             while not PROMPT.search(seen):
                 seen += await shell.read(65536)
-        marks.append(time.perf_counter())
+        mark()
     finally:
         upstream.close()
     took = [round((b - a) * 1000, 2) for a, b in zip(marks, marks[1:])]
-    return dict(zip(STEPS, [*took, round((marks[-1] - marks[0]) * 1000, 2)]))
+    sample = dict(zip(STEPS, [*took, round((marks[-1] - marks[0]) * 1000, 2)]))
+    if None not in cpu:  # the container's own CPU in each step (its share of the wall time)
+        used = [round(b - a, 2) for a, b in zip(cpu, cpu[1:])]  # type: ignore[operator]
+        sample |= {f"{step}_cpu": ms for step, ms in zip(STEPS, [*used, round(sum(used), 2)])}
+    return sample
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -94,10 +120,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             remove_labelled(**{"termbridge.gateway": f"bench-claim-{run_id}"})
     finally:
         delete_user(user)
+    cpu = {step: summary([s[f"{step}_cpu"] / 1000 for s in samples if f"{step}_cpu" in s]) for step in STEPS}
     return {
         "image": args.image, "runs": args.runs,
         "steps_ms": {step: summary([s[step] / 1000 for s in samples]) for step in STEPS},
-        "samples": samples,
+        "container_cpu_ms": cpu, "samples": samples,
     }
 
 
@@ -111,8 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     results = asyncio.run(run(args))
     for step in STEPS:
-        s = results["steps_ms"][step]
-        print(f"{step:8} median {s.get('median_ms')} ms  p90 {s.get('p90_ms')} ms  max {s.get('max_ms')} ms")
+        s, c = results["steps_ms"][step], results["container_cpu_ms"][step]
+        print(f"{step:8} median {s.get('median_ms')} ms  p90 {s.get('p90_ms')} ms  max {s.get('max_ms')} ms"
+              f"  (container CPU median {c.get('median_ms', '?')} ms)")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
     return 0
