@@ -16,6 +16,7 @@ import json
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
@@ -26,9 +27,10 @@ from bridge.web.keys import MANAGER
 from testbed.gateway import CHROMIUM, CHROMIUM_FLAGS, PROMPT, Gateway, wait_for_js, write_config
 
 
-async def start_gateway(tmp: Path, pam_service: str):
-    """In this process (the measurements below read the session manager's buffers)."""
-    path = write_config(tmp / "bench.toml", tmp / "state", pam_service)
+async def start_gateway(tmp: Path, pam_service: str, name: str = "bench", **sections: dict[str, Any]):
+    """In this process (the measurements below read the session manager's buffers); `sections`
+    go into its config."""
+    path = write_config(tmp / f"{name}.toml", tmp / f"state-{name}", pam_service, **sections)
     config = load_config(path, env={})
     app = build_app(config, web_root=ROOT / "web")
     runner = web.AppRunner(app, access_log=None)
@@ -127,13 +129,26 @@ async def main() -> int:
 @contextlib.asynccontextmanager
 async def bench_gateway():
     """A gateway on loopback and a throwaway PAM account, both gone afterwards."""
+    async with bench_gateways({"bench": {}}) as (gateways, user):
+        yield gateways["bench"], user
+
+
+@contextlib.asynccontextmanager
+async def bench_gateways(configs: dict[str, dict[str, dict[str, Any]]]):
+    """Gateways on loopback, one per name (its config sections), and one throwaway PAM account
+    they share, all gone afterwards."""
     tmp = workdir()
+    runners = []
     with bench_account() as (pam_service, user):
-        runner, gateway = await start_gateway(tmp, pam_service)
         try:
-            yield gateway, user
+            gateways = {}
+            for name, sections in configs.items():
+                runner, gateways[name] = await start_gateway(tmp, pam_service, name, **sections)
+                runners.append(runner)
+            yield gateways, user
         finally:
-            await runner.cleanup()
+            for runner in reversed(runners):
+                await runner.cleanup()
             shutil.rmtree(tmp, ignore_errors=True)
 
 

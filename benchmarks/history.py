@@ -130,6 +130,19 @@ def burst_lines(latest: dict[str, Any], previous: dict[str, Any] | None) -> list
     return lines
 
 
+def watch_lines(entry: dict[str, Any], previous: dict[str, Any] | None = None) -> list[str]:
+    """The watch run: owner's keystroke → admin's screen, and the owner's own echo beside it."""
+    lines = []
+    for key, label in (("owner_keystroke_to_admin_screen", "owner's keystroke → admin's watch view"),
+                       ("owner_echo", "owner's own echo (same keystrokes)")):
+        t = entry.get(key) or {}
+        old = (previous or {}).get(key) or {}
+        delta = change(t.get("median_ms"), old.get("median_ms"), False)
+        lines.append(f"- {label}: median {t.get('median_ms')} ms, p95 {t.get('p95_ms')} ms, max {t.get('max_ms')} ms "
+                     f"(n={t.get('n')}){f' (median {delta})' if delta else ''}")
+    return lines
+
+
 def describe(entry: dict[str, Any]) -> str:
     m = entry.get("machine_before") or {}
     return (f"{entry.get('time')}, commit {entry.get('commit')}, `{entry.get('command')}`; "
@@ -150,6 +163,9 @@ def text(entries: list[dict[str, Any]]) -> str:
         parts += ["" if parts else "", f"Latest burst: {describe(burst)}",
                   f"Change against: {describe(burst_before)}" if burst_before else "No earlier comparable burst.",
                   *burst_lines(burst, burst_before)]
+    watch, watch_before = latest_pair(entries, "watch")
+    if watch is not None:
+        parts += ["", f"Latest watch latency: {describe(watch)}", *watch_lines(watch, watch_before)]
     return "\n".join(parts).strip() if parts else "No benchmark results yet: run `python -m benchmarks`."
 
 

@@ -31,7 +31,7 @@ from typing import Any
 from bridge.backends.base import LABEL_GATEWAY
 from bridge.config import load_config
 
-from . import burst, history, profile, report, ttyd
+from . import burst, history, profile, report, ttyd, watch
 from .clients import echo_round_trips, throughput
 from .compare import Comparison
 from .harness import (
@@ -298,6 +298,8 @@ def main(argv: list[str] | None = None) -> int:
         return report_main(argv[1:])
     if argv[:1] == ["burst"]:
         return burst.main(argv[1:])
+    if argv[:1] == ["watch"]:
+        return watch.main(argv[1:])
     args = parse_args(argv)
     args.command = shlex.join(["python", "-m", "benchmarks", *argv])
     results = asyncio.run(run(args))

@@ -1,4 +1,5 @@
-"""The admin socket: `termbridge sessions list|kill` talk to the running gateway through it.
+"""The admin socket: `termbridge sessions list|kill` and `termbridge homes list|du|rm` talk to the
+running gateway through it (homes too: the gateway holds the per-person locks its logins take).
 
 Requests: `{"command": "list"}`; `{"command": "kill"}` with `"id"` (a unique prefix), `"user"`
 (every session of that name) or `"all": true`. Answers: `{"sessions": [...]}` (the keys of
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import StoreUnavailable
+from .homes import HomeError
 from .sessions import SessionManager
 from .store import SessionRecord
 
@@ -99,6 +101,11 @@ class AdminServer:
                 return {"sessions": list((await self._fleet()).values())}
             if command == "kill":
                 return await self._kill(request)
+            if command == "homes":
+                return await self._homes(request)
+        except HomeError as exc:
+            log.error("admin %s: %s", str(command)[:40], exc.detail)
+            return {"error": exc.user_message}
         except StoreUnavailable as exc:
             log.error("admin %s: %s", str(command)[:40], exc.detail)
             return {"error": exc.user_message}
@@ -110,12 +117,8 @@ class AdminServer:
         records = {record.id: record for record in await self.manager.fleet()}
         found: dict[str, dict[str, Any]] = {}
         for session in self.manager.list():
-            row = session.describe()
-            record = records.get(session.id)
-            found[session.id] = {
-                **row, "gateway": self.manager.gateway, "idle_seconds": row["idle_for"],
-                "profile": record.profile if record is not None else "default",
-            }
+            row = session.describe()  # its profile included
+            found[session.id] = {**row, "gateway": self.manager.gateway, "idle_seconds": row["idle_for"]}
         now = time.time()
         for record in records.values():
             found.setdefault(record.id, {
@@ -162,6 +165,49 @@ class AdminServer:
         elif record is not None:
             log.info("session %.12s of %s on gateway %s: kill requested", session_id, record.user, record.gateway)
             await self.manager.request_kill(record)
+
+
+    async def _homes(self, request: dict[str, Any]) -> dict[str, Any]:
+        """`list` (every home) or `du` (one person's with `user`, else every one): size and use;
+        `rm`: remove one person's home, refused while they have a session on any gateway."""
+        homes = self.manager.homes
+        action, name = request.get("action"), request.get("user")
+        if action not in ("list", "du", "rm"):
+            return {"error": f"unknown homes action {str(action)[:40]!r}"}
+        if name is None and action != "rm":
+            infos = [await asyncio.to_thread(homes.info, uid) for uid in await asyncio.to_thread(homes.uids)]
+            return {"homes": [info.as_json() for info in infos]}
+        if not isinstance(name, str) or not name:
+            return {"error": "name the user"}
+        uid = await asyncio.to_thread(_uid_of, name)
+        if uid is None:
+            return {"error": f"no such user {name[:64]!r} (a number is taken as a uid)"}
+        if not homes.image(uid).exists():
+            return {"error": f"{name[:64]} has no home"}
+        if action != "rm":
+            return {"homes": [(await asyncio.to_thread(homes.info, uid)).as_json()]}
+        user = name if not name.isdigit() else await asyncio.to_thread(homes.owner, uid)
+        live = [s for s in (await self._fleet()).values() if s["user"] == user]
+        slots = [slot for slot in (await self.manager.store.list_slots()).values() if slot.user == user] \
+            if self.manager.store is not None else []
+        if live or slots or self.manager.count_for(user):
+            count = max(len(live), len(slots), self.manager.count_for(user))
+            return {
+                "error": f"{user} has {count} live session(s); end them first (termbridge sessions kill --user {user})"
+            }
+        await asyncio.to_thread(homes.remove, uid, lambda: self.manager.home_in_use(uid))
+        log.info("home of %s (uid %d) removed by an administrator", user, uid)
+        return {"removed": uid}
+
+
+def _uid_of(name: str) -> int | None:
+    """A login name's host uid; a number is a uid already (the home of a deleted account)."""
+    if name.isdigit():
+        return int(name)
+    try:
+        return pwd.getpwnam(name).pw_uid
+    except KeyError:
+        return None
 
 
 async def _no_sessions_of(name: str) -> str:

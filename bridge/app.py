@@ -97,7 +97,7 @@ def build_app(
     web_response.SERVER_SOFTWARE = "termbridge"  # type: ignore[attr-defined]
     app = web.Application(client_max_size=64 * 1024)
     app[CONFIG] = config
-    app[METRICS] = Metrics()
+    app[METRICS] = Metrics(p.name for p in config.all_profiles())
     web_door.setup_routes(app, web_root)
 
     async def state_dir(app: web.Application) -> AsyncIterator[None]:
@@ -121,7 +121,11 @@ def build_app(
         app[AUDIT].close()
 
     async def docker_backend(app: web.Application) -> AsyncIterator[None]:
-        metered = MeteredBackend(backend or DockerBackend(config.session, app[INSTANCE], fleet=app[STORE].fleet), app[METRICS])
+        networks = tuple(p.session.network for p in config.all_profiles())
+        metered = MeteredBackend(
+            backend or DockerBackend(config.session, app[INSTANCE], fleet=app[STORE].fleet, networks=networks),
+            app[METRICS],
+        )
         try:
             await metered.prepare()
         except BackendUnavailable as exc:
@@ -265,6 +269,9 @@ async def reap_once(manager: SessionManager) -> None:
         return
     if reaped:
         log.info("reaper removed %d container(s) no live session owns", reaped)
+    swept = await manager.sweep_homes()
+    if swept:
+        log.info("reaper unmounted %d home(s) no session uses", swept)
 
 
 async def reap_forever(manager: SessionManager, interval: float = REAP_INTERVAL) -> None:
@@ -330,7 +337,7 @@ def reload_config(app: web.Application, load: Callable[[], Config]) -> None:
             return
     manager.config = merged
     if manager.pool is not None:
-        manager.pool.config = merged.session
+        manager.pool.reconfigure(merged.all_profiles())
     inner = getattr(app[BACKEND], "inner", None)
     if isinstance(inner, DockerBackend):
         inner.config = merged.session

@@ -20,10 +20,11 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from .auth import AuthenticatedUser
+from .config import DEFAULT_PROFILE
 from .errors import ConfigError
 from .logsafe import SafeFormatter
 from .observers import SessionObserver
-from .session import Session
+from .session import Session, Viewer
 from .vocab import Actor, Door, LoginResult
 
 log = logging.getLogger("termbridge.audit")
@@ -87,6 +88,7 @@ def _session_fields(session: Session) -> dict[str, Any]:
         "session": session.id,
         "user": session.user.name,
         "door": session.door,
+        "profile": session.profile,
         "container": session.container.id if session.container else None,
     }
 
@@ -95,35 +97,46 @@ class AuditObserver(SessionObserver):
     """Turns the session manager's events into audit lines."""
 
     def __init__(self, audit: AuditLog, image: str) -> None:
+        """`image`: [session]'s, for sessions that carry no profile settings of their own."""
         self.audit = audit
         self.image = image
+
+    def _image(self, session: Session) -> str:
+        return session.settings.image if session.settings is not None else self.image
 
     def login(self, user: str, rhost: str | None, door: Door, result: LoginResult, reason: str) -> None:
         self.audit.login(user, rhost, door, result, reason)
 
     def session_started(self, session: Session, seconds: float) -> None:
         self.audit.emit(
-            "session_start", **_session_fields(session), image=self.image,
+            "session_start", **_session_fields(session), image=self._image(session),
             container_name=session.container.name if session.container else None,
             started=session.started_at.isoformat(timespec="seconds"), startup_ms=round(seconds * 1000),
         )
 
     def session_failed(self, session: Session, detail: str) -> None:
-        self.audit.emit("session_failed", **_session_fields(session), image=self.image,
+        self.audit.emit("session_failed", **_session_fields(session), image=self._image(session),
                         reason=session.end_reason, detail=detail)
 
     def session_ended(self, session: Session) -> None:
         lived = time.monotonic() - session.ready_at if session.ready_at is not None else 0.0
         self.audit.emit(
-            "session_end", **_session_fields(session), image=self.image, reason=session.end_reason,
+            "session_end", **_session_fields(session), image=self._image(session), reason=session.end_reason,
             code=session.exit_code, signal=session.exit_signal, channels=session.channels, duration=round(lived, 3), bytes_in=session.bytes_in, bytes_out=session.bytes_out,
         )
 
-    def session_refused(self, user: AuthenticatedUser, door: Door, detail: str) -> None:
-        self.audit.emit("session_refused", user=user.name, door=door, reason=detail)
+    def session_refused(self, user: AuthenticatedUser, door: Door, detail: str, profile: str = DEFAULT_PROFILE) -> None:
+        self.audit.emit("session_refused", user=user.name, door=door, profile=profile, reason=detail)
 
     def session_killed(self, session: Session, actor: Actor) -> None:
         self.audit.emit("session_kill", **_session_fields(session), by=actor)
+
+    def viewer_started(self, session: Session, viewer: Viewer) -> None:
+        self.audit.emit(f"{viewer.mode}_start", **_session_fields(session), admin=viewer.admin)
+
+    def viewer_ended(self, session: Session, viewer: Viewer) -> None:
+        self.audit.emit(f"{viewer.mode}_end", **_session_fields(session), admin=viewer.admin,
+                        duration=round(time.monotonic() - viewer.since, 3))
 
     def containers_reaped(self, count: int) -> None:
         self.audit.emit("containers_reaped", count=count)
@@ -314,9 +327,18 @@ class AsciicastRecorder:
     def output(self, data: bytes) -> None:
         self._event("o", self._out.decode(data))
 
-    def input(self, data: bytes) -> None:
-        if self.record_input:
+    def input(self, data: bytes, by: str | None = None) -> None:
+        """The owner's keystrokes when `record_input` is on; a joined admin's always, as an input
+        event with a fourth element `{"by": ADMIN}` (players read the first three)."""
+        if by is not None:
+            text = codecs.decode(data, "utf-8", errors="replace")
+            if text and self._file is not None:
+                self._line([self._elapsed(), "i", text, {"by": by}])
+        elif self.record_input:
             self._event("i", self._in.decode(data))
+
+    def mark(self, text: str) -> None:
+        self._event("m", text)
 
     def resize(self, cols: int, rows: int) -> None:
         if not self._header_written:

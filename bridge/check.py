@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import shutil
 import stat
 import socket
 import ssl
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from . import resources
+from . import homes, resources
 from .config import DEFAULT_CONFIG_PATH, Config, load_config
 from .errors import BackendUnavailable, ConfigError, StoreUnavailable
 
@@ -85,6 +86,14 @@ def check_docker(config: Config, config_arg: str, pre_start: bool = False) -> It
                    f"termbridge image build{config_arg} (add --base IMAGE without a registry)")
     else:
         yield ok("image", f"{image} present ({facts.image_id.removeprefix('sha256:')[:12]}, built {facts.image_created})")
+    for profile in config.profiles:  # a profile with an image of its own
+        own = profile.session.image
+        if own != image:
+            if engine_facts(own).image_id is not None:
+                yield ok("image", f"profile {profile.name}: image {own} present")
+            else:
+                yield fail("image", f"profile {profile.name}: image {own} is not present",
+                           f"build or load {own}, or change 'profiles.{profile.name}.image'")
     options = " ".join(facts.security_options)
     if "name=userns" in options or "name=rootless" in options:
         yield ok("userns-remap", "on: root in a session container is not root on the host")
@@ -193,6 +202,29 @@ def _audit_log(path: Path) -> Check:
     return parent if parent.failed else ok("audit.log", f"{path} will be created")
 
 
+HOME_TOOLS = ("mkfs.ext4", "e2fsck", "resize2fs", "dumpe2fs", "losetup", "mount", "umount")
+
+
+def check_homes(config: Config) -> Iterator[Check]:
+    """Persistent homes: the tools, their directory, and the host's mount namespace (a mount the
+    gateway makes in a namespace of its own never reaches dockerd, which binds it into containers)."""
+    yield _writable_dir("homes_dir", config.homes_path, "create it (0700, root's) or change homes_dir")
+    missing = [tool for tool in HOME_TOOLS if shutil.which(tool) is None]
+    if missing:
+        yield fail("homes", f"{', '.join(missing)} not found", "install e2fsprogs, util-linux and mount")
+    try:
+        shared = homes.shares_docker_mount_namespace()
+    except OSError as exc:
+        yield warn("homes", f"cannot compare the mount namespaces of the gateway and dockerd: {exc.strerror}",
+                   "run the gateway in the host's mount namespace (README, Persistent homes)")
+        return
+    if not shared:
+        yield fail("homes", "the gateway runs in a mount namespace of its own: its home mounts would not reach Docker",
+                   "use etc/systemd/persistent-homes.conf as a drop-in (README, Persistent homes)")
+    elif not missing:
+        yield ok("homes", f"tools present, host mount namespace; homes in {config.homes_path}")
+
+
 def check_files(config: Config) -> Iterator[Check]:
     yield _writable_dir("state_dir", config.state_dir, "create it (0700, owned by the gateway's user) or change state_dir")
     yield _tls(config)
@@ -200,6 +232,8 @@ def check_files(config: Config) -> Iterator[Check]:
         yield _audit_log(Path(config.audit.log))
     if config.audit.record_dir is not None:
         yield _writable_dir("audit.record_dir", config.audit.record_dir, "create it or change audit.record_dir")
+    if config.session.home == "persistent":
+        yield from check_homes(config)
     xterm = resources.web_root() / "node_modules" / "@xterm" / "xterm" / "lib" / "xterm.mjs"
     if xterm.is_file():
         yield ok("assets", f"{resources.web_root()}")

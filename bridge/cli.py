@@ -35,13 +35,22 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--if-stale", action="store_true", help="keep an image already built from this context and base")
     sessions = sub.add_parser("sessions", parents=[common], help="live sessions of every gateway sharing the store")
     sessions_sub = sessions.add_subparsers(dest="sessions_command", required=True)
-    listing = sessions_sub.add_parser("list", parents=[common], help="id, user, door, container, started, idle for, gateway")
+    listing = sessions_sub.add_parser(
+        "list", parents=[common], help="id, user, door, profile, container, started, idle for, gateway"
+    )
     listing.add_argument("--json", action="store_true", help="one JSON array of objects, for scripts")
     kill = sessions_sub.add_parser("kill", parents=[common], help="end sessions (the person sees why)")
     target = kill.add_mutually_exclusive_group(required=True)
     target.add_argument("id", nargs="?", help="session id (a unique prefix will do)")
     target.add_argument("--user", metavar="NAME", help="every session of this user, on every gateway")
     target.add_argument("--all", action="store_true", help="every session of every gateway")
+    homes = sub.add_parser("homes", parents=[common], help="persistent home directories on this host")
+    homes_sub = homes.add_subparsers(dest="homes_command", required=True)
+    homes_sub.add_parser("list", parents=[common], help="every home: user, uid, size limit, used")
+    du = homes_sub.add_parser("du", parents=[common], help="how much of their home one person (or everyone) uses")
+    du.add_argument("user", nargs="?", help="login name (or the uid of a deleted account)")
+    rm = homes_sub.add_parser("rm", parents=[common], help="delete one person's home (refused while they have a session)")
+    rm.add_argument("user", help="login name (or the uid of a deleted account)")
     return parser
 
 
@@ -56,10 +65,55 @@ def _fmt_idle(seconds: float | None) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
-def sessions_command(config: Config, args: argparse.Namespace) -> int:
+def _ask_gateway(config: Config, payload: dict[str, object]) -> dict | None:
+    """One admin-socket request; None (after saying why on stderr) when it failed."""
     from .admin import request, socket_path
 
     path = socket_path(config.state_dir)
+    try:
+        answer = request(path, payload, timeout=600 if payload.get("command") == "homes" else 15)
+    except (FileNotFoundError, ConnectionRefusedError):
+        print(f"termbridge: the gateway is not running (no admin socket at {path})", file=sys.stderr)
+        return None
+    except PermissionError:
+        print(f"termbridge: permission denied on {path} (run as root)", file=sys.stderr)
+        return None
+    if "error" in answer:
+        print(f"termbridge: {answer['error']}", file=sys.stderr)
+        return None
+    return answer
+
+
+def _print_table(rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+
+
+def homes_command(config: Config, args: argparse.Namespace) -> int:
+    from .homefiles import human_size
+
+    action = args.homes_command
+    payload: dict[str, object] = {"command": "homes", "action": action}
+    if getattr(args, "user", None):
+        payload["user"] = args.user
+    answer = _ask_gateway(config, payload)
+    if answer is None:
+        return 1
+    if action == "rm":
+        print(f"removed the home of {args.user} (uid {answer['removed']})")
+        return 0
+    rows = [("USER", "UID", "SIZE", "USED", "USE%", "MOUNTED")]
+    for home in answer["homes"]:
+        rows.append((
+            home["user"] or "-", str(home["uid"]), human_size(home["size"]), human_size(home["used"]),
+            f"{100 * home['used'] // max(1, home['size'])}%", "yes" if home["mounted"] else "no",
+        ))
+    _print_table(rows)
+    return 0
+
+
+def sessions_command(config: Config, args: argparse.Namespace) -> int:
     if args.sessions_command == "list":
         payload: dict[str, object] = {"command": "list"}
     elif args.all:
@@ -68,16 +122,8 @@ def sessions_command(config: Config, args: argparse.Namespace) -> int:
         payload = {"command": "kill", "user": args.user}
     else:
         payload = {"command": "kill", "id": args.id}
-    try:
-        answer = request(path, payload)
-    except (FileNotFoundError, ConnectionRefusedError):
-        print(f"termbridge: the gateway is not running (no admin socket at {path})", file=sys.stderr)
-        return 1
-    except PermissionError:
-        print(f"termbridge: permission denied on {path} (run as root)", file=sys.stderr)
-        return 1
-    if "error" in answer:
-        print(f"termbridge: {answer['error']}", file=sys.stderr)
+    answer = _ask_gateway(config, payload)
+    if answer is None:
         return 1
     if args.sessions_command == "kill":
         for session_id in answer["killed"]:
@@ -90,14 +136,13 @@ def sessions_command(config: Config, args: argparse.Namespace) -> int:
         json.dump(answer["sessions"], sys.stdout, indent=1)
         print()
         return 0
-    rows = [("ID", "USER", "DOOR", "CONTAINER", "STARTED", "IDLE", "GATEWAY")]
+    rows = [("ID", "USER", "DOOR", "PROFILE", "CONTAINER", "STARTED", "IDLE", "GATEWAY")]
     for s in answer["sessions"]:
-        rows.append(
-            (s["id"], s["user"], s["door"], s["container"] or "-", s["started"], _fmt_idle(s["idle_seconds"]), s["gateway"])
-        )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+        rows.append((
+            s["id"], s["user"], s["door"], s["profile"], s["container"] or "-", s["started"],
+            _fmt_idle(s["idle_seconds"]), s["gateway"],
+        ))
+    _print_table(rows)
     return 0
 
 
@@ -126,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
             return build_image(config.session.image, base=args.base, verbose=args.verbose, if_stale=args.if_stale)
         if args.command == "sessions":
             return sessions_command(config, args)
+        if args.command == "homes":
+            return homes_command(config, args)
     except ConfigError as exc:
         print(f"termbridge: configuration error: {exc.detail}", file=sys.stderr)
         return EXIT_CONFIG

@@ -251,6 +251,13 @@ class SessionConfig:
     uid_base: int = _field(
         1_000_000_000, _int_range(UID_SPAN, 2**31 - 1 - UID_SPAN), "a login's session uid is uid_base + its host uid"
     )
+    home: str = _field(
+        "ephemeral", _choice("ephemeral", "persistent"),
+        "ephemeral: the home directory is gone with the session; persistent: it comes back in the next one",
+    )
+    home_size: int = _field(
+        1024**3, parse_size, "size of each persistent home (a file system of its own, preallocated on the host)"
+    )
 
 
 @dataclass(frozen=True)
@@ -288,6 +295,37 @@ class LogConfig:
     access: bool = _field(False, _bool, "one line per HTTP request (logger termbridge.access)")
 
 
+# [session] keys that hold for the whole gateway, not per profile: every other SessionConfig key
+# (added ones too) may be set in a [profiles.NAME] section.
+NOT_PER_PROFILE = frozenset({
+    "reconnect_grace", "on_shutdown", "max_total", "firewall", "uid_base", "backend",
+})
+DEFAULT_PROFILE = "default"
+PROFILE_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
+
+
+def profile_keys() -> tuple[str, ...]:
+    """The keys a [profiles.NAME] section may set besides `groups`: derived from SessionConfig,
+    so that a new session key is a profile key unless it is named in NOT_PER_PROFILE."""
+    return tuple(name for name in _scalar_fields(SessionConfig) if name not in NOT_PER_PROFILE)
+
+
+@dataclass(frozen=True)
+class ProfileConfig:
+    """One `[profiles.NAME]` (or the default profile, `[session]`): who may use it, and the
+    session settings of its sessions, [session]'s with this profile's own keys over them."""
+
+    name: str
+    groups: tuple[str, ...]
+    session: SessionConfig
+    overrides: tuple[tuple[str, Any], ...] = ()  # the keys this profile sets itself, parsed
+    description: str = ""  # what the web chooser says of it
+
+    def over(self, base: SessionConfig) -> ProfileConfig:
+        """This profile on top of another [session] (a reload changed an inherited key)."""
+        return dataclasses.replace(self, session=dataclasses.replace(base, **dict(self.overrides)))
+
+
 _SECTIONS: dict[str, type] = {
     "web": WebConfig,
     "ssh": SshConfig,
@@ -302,6 +340,7 @@ _SECTIONS: dict[str, type] = {
 @dataclass(frozen=True)
 class Config:
     state_dir: Path = _field(Path("/var/lib/termbridge"), lambda v: Path(_str(v)), "the gateway's own files")
+    homes_dir: Path | None = _field(None, _opt_path, "where persistent homes live; default <state_dir>/homes")
     web: WebConfig = field(default_factory=WebConfig)
     ssh: SshConfig = field(default_factory=SshConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
@@ -309,6 +348,22 @@ class Config:
     audit: AuditConfig = field(default_factory=AuditConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    # [profiles.NAME] in file order; [session] is the default profile and not among them.
+    profiles: tuple[ProfileConfig, ...] = ()
+
+    @property
+    def default_profile(self) -> ProfileConfig:
+        return ProfileConfig(DEFAULT_PROFILE, (), self.session)
+
+    def profile(self, name: str) -> ProfileConfig | None:
+        """The profile called `name` (`default`: [session]), or None."""
+        if name == DEFAULT_PROFILE:
+            return self.default_profile
+        return next((p for p in self.profiles if p.name == name), None)
+
+    def all_profiles(self) -> tuple[ProfileConfig, ...]:
+        """The default profile, then every [profiles.NAME]."""
+        return (self.default_profile, *self.profiles)
 
     @property
     def ssh_host_key(self) -> Path:
@@ -317,6 +372,10 @@ class Config:
     @property
     def store_secret_file(self) -> Path:
         return self.store.secret_file or self.state_dir / "store-key"
+
+    @property
+    def homes_path(self) -> Path:
+        return self.homes_dir or self.state_dir / "homes"
 
 
 def _scalar_fields(cls: type) -> dict[str, dataclasses.Field]:
@@ -341,7 +400,7 @@ LIVE_KEYS = frozenset({
     "auth.lockout",
     "session.image", "session.cpus", "session.memory", "session.pids", "session.idle_timeout",
     "session.max_lifetime", "session.reconnect_grace", "session.max_per_user", "session.max_total",
-    "session.start_timeout", "session.tmpfs_size", "session.on_shutdown",
+    "session.start_timeout", "session.tmpfs_size", "session.on_shutdown", "session.home", "session.home_size",
 })
 
 
@@ -351,8 +410,14 @@ def _value(config: Config, key: str) -> Any:
 
 
 def changed_keys(old: Config, new: Config) -> list[str]:
-    """The keys whose value differs, in declaration order."""
-    return [key for key in known_keys() if _value(old, key) != _value(new, key)]
+    """The keys whose value differs, in declaration order; `profiles` when any [profiles.NAME]
+    section changed (they need a restart: each profile may have its own warm pool)."""
+    changed = [key for key in known_keys() if _value(old, key) != _value(new, key)]
+    if [dataclasses.replace(p, session=SessionConfig()) for p in old.profiles] != [
+        dataclasses.replace(p, session=SessionConfig()) for p in new.profiles
+    ]:
+        changed.append("profiles")
+    return changed
 
 
 def apply_live(old: Config, new: Config) -> Config:
@@ -365,6 +430,7 @@ def apply_live(old: Config, new: Config) -> Config:
     merged = dataclasses.replace(
         old, **{section: dataclasses.replace(getattr(old, section), **values) for section, values in sections.items()}
     )
+    merged = dataclasses.replace(merged, profiles=tuple(p.over(merged.session) for p in old.profiles))
     _check(merged)
     return merged
 
@@ -421,6 +487,7 @@ def load_config(path: str | os.PathLike | None = None, env: Mapping[str, str] | 
 
     top: dict[str, Any] = {}
     sections: dict[str, Any] = {}
+    profiles_data = data.pop("profiles", {})
     for name, value in data.items():
         if name in _SECTIONS:
             if not isinstance(value, dict):
@@ -429,27 +496,124 @@ def load_config(path: str | os.PathLike | None = None, env: Mapping[str, str] | 
         else:
             top[name] = value
     config = dataclasses.replace(_parse_section(Config, top, ""), **sections)
+    config = dataclasses.replace(config, profiles=_parse_profiles(profiles_data, config.session))
     _check(config)
     return config
+
+
+def _parse_profiles(data: Any, base: SessionConfig) -> tuple[ProfileConfig, ...]:
+    """`[profiles.NAME]` sections: `groups` (existing host groups, at least one), an optional
+    `description`, and any key of `profile_keys()`, each parsed like its [session] twin."""
+    if not isinstance(data, dict):
+        raise ConfigError("configuration key 'profiles' must be a table of [profiles.NAME] sections")
+    allowed = set(profile_keys())
+    fields = _scalar_fields(SessionConfig)
+    profiles = []
+    for name, values in data.items():
+        prefix = f"profiles.{name}"
+        if not PROFILE_NAME_RE.match(name) or name == DEFAULT_PROFILE:
+            raise ConfigError(
+                f"profile name {name!r}: use 1-32 lower-case letters, digits, '-' or '_' (and not "
+                f"{DEFAULT_PROFILE!r}, the name of [session])"
+            )
+        if not isinstance(values, dict):
+            raise ConfigError(f"configuration key {prefix!r} must be a table")
+        values = dict(values)
+        if "groups" not in values:
+            raise ConfigError(f"'{prefix}.groups' is missing: name the host groups whose members may use it")
+        try:
+            groups = _str_list(values.pop("groups"))
+        except (ValueError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"bad value for '{prefix}.groups': {exc}") from None
+        if not groups:
+            raise ConfigError(f"'{prefix}.groups' is empty: nobody could use this profile")
+        try:
+            description = _str(values.pop("description", ""))
+        except ValueError as exc:
+            raise ConfigError(f"bad value for '{prefix}.description': {exc}") from None
+        for group in groups:
+            try:
+                grp.getgrnam(group)
+            except KeyError:
+                raise ConfigError(f"'{prefix}.groups': there is no group {group!r} on this host") from None
+        overrides = []
+        for key, value in values.items():
+            if key not in allowed:
+                why = "holds for the whole gateway, set it in [session]" if key in fields else "is no profile key"
+                raise ConfigError(f"unknown configuration key '{prefix}.{key}': {key!r} {why}")
+            try:
+                overrides.append((key, fields[key].metadata["parser"](value)))
+            except (ValueError, TypeError, json.JSONDecodeError) as exc:
+                raise ConfigError(f"bad value for '{prefix}.{key}': {exc}") from None
+        profiles.append(ProfileConfig(name, groups, base, tuple(overrides), description).over(base))
+    return tuple(profiles)
+
+
+def _section_of(profile: ProfileConfig) -> str:
+    return "session" if profile.name == DEFAULT_PROFILE else f"profiles.{profile.name}"
 
 
 def _check(config: Config) -> None:
     web = config.web
     if (web.tls_cert is None) != (web.tls_key is None):
         raise ConfigError("'web.tls_cert' and 'web.tls_key' must be set together")
-    if config.session.max_per_user > config.session.max_total:
-        raise ConfigError("'session.max_per_user' must not exceed 'session.max_total'")
-    if config.session.pool > config.session.max_total:
-        raise ConfigError("'session.pool' must not exceed 'session.max_total'")
-    loopback = [server for server in config.session.dns if ipaddress.ip_address(server).is_loopback]
-    if loopback:
-        raise ConfigError(f"'session.dns': {', '.join(loopback)} is this host's loopback, which no container reaches")
+    max_total = config.session.max_total
+    for profile in config.all_profiles():
+        section, session = _section_of(profile), profile.session
+        if session.max_per_user > max_total:
+            raise ConfigError(f"'{section}.max_per_user' must not exceed 'session.max_total'")
+        check_home(session, f"{section}.")
+        if session.pool > max_total:
+            raise ConfigError(f"'{section}.pool' must not exceed 'session.max_total'")
+        loopback = [server for server in session.dns if ipaddress.ip_address(server).is_loopback]
+        if loopback:
+            raise ConfigError(f"'{section}.dns': {', '.join(loopback)} is this host's loopback, which no container reaches")
+    _check_pools(config)
     clashes = session_uid_clashes(config.session.uid_base)
     if clashes:
         raise ConfigError(
             f"'session.uid_base' = {config.session.uid_base}: session uids {config.session.uid_base}.."
             f"{config.session.uid_base + UID_SPAN - 1} must belong to nobody on this host, but "
             f"{', '.join(clashes[:5])}{' ...' if len(clashes) > 5 else ''} use some; choose another range"
+        )
+
+
+def _check_pools(config: Config) -> None:
+    """Each profile with `pool` > 0 keeps warm containers of its own, made with its image, limits
+    and label (a label cannot change after creation, so profiles never share pooled containers,
+    even of one image). Together they count against one `session.max_total`."""
+    pooled = [p for p in config.all_profiles() if p.session.pool > 0]
+    total = sum(p.session.pool for p in pooled)
+    if total > config.session.max_total:
+        parts = " + ".join(f"'{_section_of(p)}.pool' = {p.session.pool}" for p in pooled)
+        raise ConfigError(
+            f"warm pools conflict: {parts} keep {total} containers, more than 'session.max_total' = "
+            f"{config.session.max_total} (a profile that does not set pool inherits [session]'s: set pool = 0 there)"
+        )
+
+
+# ext4 needs room for its own metadata: below this, a home holds next to nothing.
+MIN_HOME_SIZE = 16 * 1024**2
+
+
+def check_home(session: SessionConfig, prefix: str) -> None:
+    """What a persistent home needs of the other session keys (`prefix` names the section or
+    profile in the message)."""
+    if session.home_size < MIN_HOME_SIZE:
+        raise ConfigError(f"'{prefix}home_size' must be at least {MIN_HOME_SIZE // 1024**2}m")
+    if session.home != "persistent":
+        return
+    if session.user == "root":
+        raise ConfigError(f"'{prefix}home' = \"persistent\" needs '{prefix}user' = \"login\" (a root shell has no home of its own)")
+    if session.pool:
+        raise ConfigError(
+            f"'{prefix}home' = \"persistent\" cannot use '{prefix}pool': a pooled container is already running and "
+            f"cannot be given the home's mount; set '{prefix}pool' = 0 (each start is a cold start)"
+        )
+    if getattr(session, "backend", "docker") == "swarm":
+        raise ConfigError(
+            f"'{prefix}home' = \"persistent\" needs '{prefix}backend' = \"docker\": homes are files on one host, "
+            "and a Swarm service may run on any node"
         )
 
 

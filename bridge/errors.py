@@ -53,3 +53,7 @@ class StoreUnavailable(BridgeError):
     """The shared state store (SQLite file or Redis) did not answer; the detail says why."""
 
     user_message = "the gateway's state store is unavailable right now, try again later"
+
+
+class ProfileRefused(BridgeError):
+    """The person asked for a profile that does not exist or is not open to them."""

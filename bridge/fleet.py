@@ -14,7 +14,7 @@ from .backends.base import LABEL_GATEWAY, LABEL_STARTED, Backend, ContainerInfo
 from .config import Config
 from .errors import StoreUnavailable
 from .observers import Observers
-from .pool import WarmPool, pool_slot
+from .pool import WarmPools, pool_slot
 from .session import Session
 from .store import SessionRecord, Store
 
@@ -41,7 +41,7 @@ class Manager(Protocol):
     store: Store | None
     gateway: str
     sessions: dict[str, Session]
-    pool: WarmPool | None
+    pool: WarmPools | None
     observers: Observers
 
     async def forget(self, session_id: str) -> None: ...

@@ -259,7 +259,7 @@ class HomeFiles:
             free = await self.free_space(parent)
             if free is not None and length > free:
                 raise DiskFull(
-                    f"not enough space for {rel.name}: it needs {_size(length)}, {_size(free)} are free",
+                    f"not enough space for {rel.name}: it needs {human_size(length)}, {human_size(free)} are free",
                     detail=f"{length} bytes announced, {free} free in {parent!r}",
                 )
         # Bounded in bytes whatever the final name is: a 255-byte name plus a suffix would not fit.
@@ -313,7 +313,7 @@ class HomeFiles:
         return _translate(exc)
 
 
-def _size(n: int) -> str:
+def human_size(n: int) -> str:
     for unit in ("bytes", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
             return f"{n} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
@@ -322,7 +322,7 @@ def _size(n: int) -> str:
 
 
 def _too_large(rel: PurePosixPath, limit: int) -> str:
-    return f"{rel.name} is larger than the upload limit of {_size(limit)}"
+    return f"{rel.name} is larger than the upload limit of {human_size(limit)}"
 
 
 def _translate(exc: SftpFailure) -> FileError:

@@ -9,7 +9,7 @@ the ContainerSSH way: one layer around another behind the same interface.
 from __future__ import annotations
 
 from collections import Counter as Tally
-from collections.abc import Awaitable, Iterator
+from collections.abc import Awaitable, Iterable, Iterator
 from typing import Any, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
@@ -20,6 +20,7 @@ from prometheus_client.registry import Collector
 
 from .auth import AuthenticatedUser
 from .backends.base import Backend, Container, ContainerInfo, ContainerSpec, ContainerState
+from .config import DEFAULT_PROFILE
 from .errors import BackendUnavailable, BridgeError, ImageMissing, SessionStartError
 from .observers import SessionObserver
 from .session import Session
@@ -35,29 +36,34 @@ START_BUCKETS = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 8.0, 13.0, 20.0, 30.0
 
 
 class _LiveSessions(Collector):
-    """Live sessions by door, read from the manager at scrape time, so the gauge cannot drift."""
+    """Live sessions by door and profile, read from the manager at scrape time, so the gauge
+    cannot drift. Profiles are the configured ones (bounded), every one shown from the start."""
 
     NAME = "termbridge_sessions_live"
-    HELP = "Sessions whose container is up and that have not begun to end, by front door."
+    HELP = "Sessions whose container is up and that have not begun to end, by front door and profile."
 
     def __init__(self, manager: SessionManager) -> None:
         self.manager = manager
 
     def describe(self) -> Iterator[GaugeMetricFamily]:
-        yield GaugeMetricFamily(self.NAME, self.HELP, labels=["door"])
+        yield GaugeMetricFamily(self.NAME, self.HELP, labels=["door", "profile"])
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        family = GaugeMetricFamily(self.NAME, self.HELP, labels=["door"])
-        live = Tally(s.door for s in self.manager.list() if s.ready_at is not None and not s.ending)
-        for door in sorted(set(Door) | set(live)):
-            family.add_metric([door], live[door])
+        family = GaugeMetricFamily(self.NAME, self.HELP, labels=["door", "profile"])
+        live = Tally((s.door, s.profile) for s in self.manager.list() if s.ready_at is not None and not s.ending)
+        profiles = [p.name for p in self.manager.config.all_profiles()]
+        for key in sorted({(door, profile) for door in Door for profile in profiles} | set(live)):
+            family.add_metric(list(key), live[key])
         yield family
 
 
 class Metrics(SessionObserver):
     """The gateway's metrics and their registry."""
 
-    def __init__(self) -> None:
+    def __init__(self, profiles: Iterable[str] = (DEFAULT_PROFILE,)) -> None:
+        """`profiles`: the configured profile names, a label of the session series (bounded:
+        only names from the config are ever used)."""
+        profiles = tuple(profiles)
         # No `*_created` twin for every counter: it doubles the series and dashboards use rate().
         # (A process-wide switch of the library; this process exposes only our registries.)
         disable_created_metrics()
@@ -68,16 +74,18 @@ class Metrics(SessionObserver):
             "termbridge_login_attempts", "Login attempts by front door and result.", ["door", "result"], registry=r
         )
         self.starts = Counter(
-            "termbridge_session_starts", "Session starts by front door and result (ok, error, cancelled, refused).",
-            ["door", "result"], registry=r,
+            "termbridge_session_starts",
+            "Session starts by front door, result (ok, error, cancelled, refused) and profile.",
+            ["door", "result", "profile"], registry=r,
         )
         self.ends = Counter(
-            "termbridge_session_ends", "Ends of sessions that were ready, by front door and reason.",
-            ["door", "reason"], registry=r,
+            "termbridge_session_ends", "Ends of sessions that were ready, by front door, reason and profile.",
+            ["door", "reason", "profile"], registry=r,
         )
         self.time_to_prompt = Histogram(
-            "termbridge_session_start_seconds", "Time from a session request to a ready session (time to prompt).",
-            ["door"], buckets=START_BUCKETS, registry=r,
+            "termbridge_session_start_seconds",
+            "Time from a session request to a ready session (time to prompt), by front door and profile.",
+            ["door", "profile"], buckets=START_BUCKETS, registry=r,
         )
         self.bytes = Counter(
             "termbridge_session_bytes", "Terminal bytes of ended sessions, in (from the person) and out.",
@@ -93,11 +101,12 @@ class Metrics(SessionObserver):
         for door in Door:  # every series exists from the start, at zero: rate() needs no gaps
             for result in LoginResult:
                 self.logins.labels(door, result)
-            for result in StartResult:
-                self.starts.labels(door, result)
-            for reason in READY_END_REASONS:
-                self.ends.labels(door, reason)
-            self.time_to_prompt.labels(door)
+            for profile in profiles:
+                for result in StartResult:
+                    self.starts.labels(door, result, profile)
+                for reason in READY_END_REASONS:
+                    self.ends.labels(door, reason, profile)
+                self.time_to_prompt.labels(door, profile)
             for direction in ("in", "out"):
                 self.bytes.labels(door, direction)
         for operation in PRESET_OPERATIONS:
@@ -118,20 +127,20 @@ class Metrics(SessionObserver):
         self.logins.labels(door, result).inc()
 
     def session_started(self, session: Session, seconds: float) -> None:
-        self.starts.labels(session.door, StartResult.OK).inc()
-        self.time_to_prompt.labels(session.door).observe(seconds)
+        self.starts.labels(session.door, StartResult.OK, session.profile).inc()
+        self.time_to_prompt.labels(session.door, session.profile).observe(seconds)
 
     def session_failed(self, session: Session, detail: str) -> None:
         cancelled = session.end_reason is EndReason.CANCELLED
-        self.starts.labels(session.door, StartResult.CANCELLED if cancelled else StartResult.ERROR).inc()
+        self.starts.labels(session.door, StartResult.CANCELLED if cancelled else StartResult.ERROR, session.profile).inc()
 
     def session_ended(self, session: Session) -> None:
-        self.ends.labels(session.door, session.end_reason or EndReason.ERROR).inc()
+        self.ends.labels(session.door, session.end_reason or EndReason.ERROR, session.profile).inc()
         self.bytes.labels(session.door, "in").inc(session.bytes_in)
         self.bytes.labels(session.door, "out").inc(session.bytes_out)
 
-    def session_refused(self, user: AuthenticatedUser, door: Door, detail: str) -> None:
-        self.starts.labels(door, StartResult.REFUSED).inc()
+    def session_refused(self, user: AuthenticatedUser, door: Door, detail: str, profile: str = DEFAULT_PROFILE) -> None:
+        self.starts.labels(door, StartResult.REFUSED, profile).inc()
 
     def containers_reaped(self, count: int) -> None:
         self.reaped.inc(count)

@@ -9,7 +9,8 @@ import logging
 from collections.abc import Callable, Iterator
 
 from .auth import AuthenticatedUser
-from .session import Session
+from .config import DEFAULT_PROFILE
+from .session import Session, Viewer
 from .vocab import Actor, Door, LoginResult
 
 log = logging.getLogger("termbridge.sessions")
@@ -32,14 +33,20 @@ class SessionObserver:
     def session_ended(self, session: Session) -> None:
         """A session that was ready has ended; its container's removal is under way."""
 
-    def session_refused(self, user: AuthenticatedUser, door: Door, detail: str) -> None:
-        """A limit (or shutdown) refused a new session before anything was started."""
+    def session_refused(self, user: AuthenticatedUser, door: Door, detail: str, profile: str = DEFAULT_PROFILE) -> None:
+        """A limit (or shutdown) refused a new session of `profile` before anything was started."""
 
     def session_killed(self, session: Session, actor: Actor) -> None:
         """Someone ended a session from outside."""
 
     def containers_reaped(self, count: int) -> None:
         """The reaper removed `count` containers that no live session owned."""
+
+    def viewer_started(self, session: Session, viewer: Viewer) -> None:
+        """An admin began to watch or joined someone's session (`viewer.mode`)."""
+
+    def viewer_ended(self, session: Session, viewer: Viewer) -> None:
+        """That admin stopped watching or left."""
 
 
 class Observers(SessionObserver):
@@ -74,11 +81,17 @@ class Observers(SessionObserver):
     def session_ended(self, session: Session) -> None:
         self._each("session_ended", lambda o: o.session_ended(session))
 
-    def session_refused(self, user: AuthenticatedUser, door: Door, detail: str) -> None:
-        self._each("session_refused", lambda o: o.session_refused(user, door, detail))
+    def session_refused(self, user: AuthenticatedUser, door: Door, detail: str, profile: str = DEFAULT_PROFILE) -> None:
+        self._each("session_refused", lambda o: o.session_refused(user, door, detail, profile))
 
     def session_killed(self, session: Session, actor: Actor) -> None:
         self._each("session_killed", lambda o: o.session_killed(session, actor))
 
     def containers_reaped(self, count: int) -> None:
         self._each("containers_reaped", lambda o: o.containers_reaped(count))
+
+    def viewer_started(self, session: Session, viewer: Viewer) -> None:
+        self._each("viewer_started", lambda o: o.viewer_started(session, viewer))
+
+    def viewer_ended(self, session: Session, viewer: Viewer) -> None:
+        self._each("viewer_ended", lambda o: o.viewer_ended(session, viewer))

@@ -3,6 +3,9 @@ has to claim one. Each is used once (never returned, never reused); a taken one 
 the background. Pooled containers carry the termbridge.* labels (door `pool`, no user yet),
 count toward `session.max_total` (with a store, fleet-wide: each holds a slot with no user,
 `pool_slot`, claimed by the login that takes it), and are reaped like the rest.
+
+Each profile with `pool` > 0 has its own `WarmPool`, made with its image, limits and
+termbridge.profile label; `WarmPools` holds them all behind one face for the manager.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 
 from .backends.base import Backend, Container, ContainerSpec
-from .config import SessionConfig
+from .config import ProfileConfig, SessionConfig
 from .errors import BridgeError, LimitReached, SessionStartError, StoreUnavailable
 from .store import Store
 from .upstream import SessionKeys
@@ -38,6 +41,7 @@ class Pooled:
     container: Container
     keys: SessionKeys
     ready_at: float
+    profile: str = "default"
 
 
 async def wait_for_sshd(container: Container, timeout: float) -> None:
@@ -65,10 +69,12 @@ async def wait_for_sshd(container: Container, timeout: float) -> None:
 
 class WarmPool:
     def __init__(
-        self, size: int, backend: Backend, config: SessionConfig, room: Callable[[], int], store: Store | None = None
+        self, size: int, backend: Backend, config: SessionConfig, room: Callable[[], int], store: Store | None = None,
+        profile: str = "default",
     ) -> None:
         """`room()` says how many more containers the gateway may hold (max_total less what
-        sessions and this pool hold already)."""
+        sessions and every pool hold already). `config`: the profile's session settings."""
+        self.profile = profile
         self.size = size
         self.backend = backend
         self.config = config
@@ -110,7 +116,8 @@ class WarmPool:
             try:
                 pooled = await self._make_one()
             except BridgeError as exc:
-                log.warning("pool: could not make a container: %s; retrying in %.0f s", exc.detail, RETRY_AFTER_FAILURE)
+                log.warning("pool %s: could not make a container: %s; retrying in %.0f s", self.profile, exc.detail,
+                        RETRY_AFTER_FAILURE)
                 try:
                     await asyncio.wait_for(self._closing.wait(), RETRY_AFTER_FAILURE)
                 except TimeoutError:
@@ -122,7 +129,7 @@ class WarmPool:
                 await self._remove(pooled)
                 return
             self.ready.append(pooled)
-            log.info("pool: %s ready (%d of %d)", pooled.container.name, len(self.ready), self.size)
+            log.info("pool %s: %s ready (%d of %d)", self.profile, pooled.container.name, len(self.ready), self.size)
 
     async def _make_one(self) -> Pooled:
         keys = SessionKeys.generate()
@@ -136,6 +143,8 @@ class WarmPool:
             host_private_key=keys.host_private_key,
             host_public_key=keys.host_public_key,
             root=self.config.user == "root",
+            profile=self.profile,
+            settings=self.config,
         )
         self._making.add(session_id)
         try:
@@ -150,7 +159,7 @@ class WarmPool:
             except BaseException:
                 await asyncio.shield(self._release(session_id))
                 raise
-            return Pooled(session_id, container, keys, time.monotonic())
+            return Pooled(session_id, container, keys, time.monotonic(), self.profile)
         finally:
             self._making.discard(session_id)
 
@@ -186,3 +195,56 @@ class WarmPool:
             await asyncio.gather(self._refill, return_exceptions=True)
         while self.ready:
             await self._remove(self.ready.popleft())
+
+
+class WarmPools:
+    """The warm pools of every profile that keeps one, as one: what they hold together counts
+    against max_total, the reaper leaves all their containers alone, a login takes from its
+    profile's pool only."""
+
+    def __init__(
+        self, profiles: tuple[ProfileConfig, ...], backend: Backend, room: Callable[[], int], store: Store | None = None
+    ) -> None:
+        self.pools = {
+            p.name: WarmPool(p.session.pool, backend, p.session, room, store, p.name) for p in profiles if p.session.pool
+        }
+
+    def __bool__(self) -> bool:
+        return bool(self.pools)
+
+    @property
+    def held(self) -> int:
+        return sum(pool.held for pool in self.pools.values())
+
+    @property
+    def ready(self) -> list[Pooled]:
+        """Every ready container, of every profile."""
+        return [pooled for pool in self.pools.values() for pooled in pool.ready]
+
+    def ready_for(self, profile: str) -> bool:
+        pool = self.pools.get(profile)
+        return pool is not None and bool(pool.ready)
+
+    def ids(self) -> set[str]:
+        return set().union(*(pool.ids() for pool in self.pools.values()))
+
+    def take(self, profile: str) -> Pooled | None:
+        pool = self.pools.get(profile)
+        return pool.take() if pool is not None else None
+
+    def give_back(self, pooled: Pooled) -> None:
+        self.pools[pooled.profile].give_back(pooled)
+
+    def kick(self) -> None:
+        """Let every pool refill (a slot was freed: the first to ask gets it)."""
+        for pool in self.pools.values():
+            pool.kick()
+
+    def reconfigure(self, profiles: tuple[ProfileConfig, ...]) -> None:
+        """A reload changed settings: new pooled containers are made with them."""
+        for profile in profiles:
+            if profile.name in self.pools:
+                self.pools[profile.name].config = profile.session
+
+    async def close(self) -> None:
+        await asyncio.gather(*(pool.close() for pool in self.pools.values()))

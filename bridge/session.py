@@ -15,9 +15,10 @@ from typing import Any, Protocol
 
 from .auth import AuthenticatedUser
 from .backends.base import Container
+from .config import DEFAULT_PROFILE, SessionConfig
 from .stream import Stream, StreamSink
 from .upstream import SessionKeys, Upstream
-from .vocab import Door, EndReason
+from .vocab import Door, EndReason, WatchMode
 
 log = logging.getLogger("termbridge.sessions")
 
@@ -40,6 +41,21 @@ class TerminalSink(Sink, StreamSink, Protocol):
     async def restarting(self) -> None:
         """The gateway stops but the session runs on: come back (to it, or another gateway)."""
 
+    async def viewers(self, viewers: list[Viewer]) -> None:
+        """Who watches or joined the session now (the owner always knows); also on attach."""
+
+
+@dataclass(eq=False)
+class Viewer:
+    """An admin watching (read-only) or joined (may type) a session they do not own."""
+
+    admin: str
+    mode: WatchMode
+    since: float = field(default_factory=time.monotonic)
+
+    def describe(self) -> dict[str, str]:
+        return {"user": self.admin, "mode": str(self.mode)}
+
 
 class StreamTap(Protocol):
     """Sees one session's terminal stream as the doors report it (e.g. a recorder). Called on the
@@ -47,7 +63,11 @@ class StreamTap(Protocol):
 
     def output(self, data: bytes) -> None: ...
 
-    def input(self, data: bytes) -> None: ...
+    def input(self, data: bytes, by: str | None = None) -> None:
+        """Keystrokes; `by` names a joined admin (None: the session's owner)."""
+
+    def mark(self, text: str) -> None:
+        """A note in the stream (someone started or stopped watching)."""
 
     def resize(self, cols: int, rows: int) -> None: ...
 
@@ -75,11 +95,13 @@ class SessionLog(logging.LoggerAdapter):
 class Session:
     def __init__(
         self, user: AuthenticatedUser, door: Door, sink: Sink, session_id: str | None = None,
-        max_lifetime: float = float("inf"),
+        max_lifetime: float = float("inf"), profile: str = DEFAULT_PROFILE, settings: SessionConfig | None = None,
     ) -> None:
         self.id = session_id or secrets.token_hex(16)
         self.user = user
         self.door = door
+        self.profile = profile
+        self.settings = settings  # the profile's session settings; None: the manager's [session]
         self.sink: Sink | None = sink
         self.started_at = datetime.now(timezone.utc)
         self.created = time.monotonic()
@@ -99,6 +121,7 @@ class Session:
         self.bytes_out = 0
         self.term_size: tuple[int, int] | None = None
         self.taps: list[StreamTap] = []
+        self.viewers: list[Viewer] = []  # admins watching or joined, in the order they came
         self.end_reason: EndReason | None = None
         self.exit_code: int | None = None
         self.exit_signal: str | None = None
@@ -131,12 +154,16 @@ class Session:
     # Every door reports the bytes it moves through these three, whatever its plumbing: they are
     # the one place for activity, accounting, and whatever else watches a session's stream.
 
-    def note_input(self, data: bytes) -> None:
-        """Bytes from the person reached the container: activity."""
+    def note_input(self, data: bytes, by: str | None = None) -> None:
+        """Bytes from the person (or from `by`, a joined admin) reached the container: activity."""
         self.touch()
         self.bytes_in += len(data)
         for tap in self.taps:
-            tap.input(data)
+            tap.input(data, by)
+
+    def mark(self, text: str) -> None:
+        for tap in self.taps:
+            tap.mark(text)
 
     def note_output(self, data: bytes) -> None:
         """Bytes from the container are on their way to the person (output is not activity)."""
@@ -151,14 +178,15 @@ class Session:
         for tap in self.taps:
             tap.resize(cols, rows)
 
-    def feed(self, data: bytes) -> bool:
-        """Hand the person's keystrokes to the shell's channel. True when input is left unsent
-        (the container is not reading): the caller then awaits `drain()` before taking more."""
+    def feed(self, data: bytes, by: str | None = None) -> bool:
+        """Hand the person's keystrokes (`by`: a joined admin's) to the shell's channel. True when
+        input is left unsent (the container is not reading): the caller then awaits `drain()`
+        before taking more."""
         if not self.ready or not data:
             return False
         if self.stream is None:
             raise RuntimeError("a ready session without a stream")
-        self.note_input(data)
+        self.note_input(data, by)
         return self.stream.shell.write(data)
 
     async def drain(self) -> None:
@@ -186,8 +214,10 @@ class Session:
             "id": self.id,
             "user": self.user.name,
             "door": self.door,
+            "profile": self.profile,
             "container": self.container.name if self.container else None,
             "started": self.started_at.isoformat(timespec="seconds"),
             "idle_for": round(time.monotonic() - self.last_activity, 1),
             "attached": self.stream is None or self.stream.attachment is not None,
+            "viewers": [viewer.describe() for viewer in self.viewers],
         }

@@ -7,10 +7,12 @@ call `open_terminal`, which also adopts a session another gateway process starte
 clocks live in `timers.py`, the reaper and fleet-wide view in `fleet.py`, records and reconnect
 secrets in `continuity.py`.
 
-Why this module is longer than the others (about 700 lines): start, adoption, the timers, every
+Why this module is longer than the others (about 850 lines): start, adoption, the timers, every
 end and every removal change the same registry and the same per-user holds against the caps,
 and each must leave both exact on every path (exit, error, cancel, shutdown, let go at a
 restart). Kept together, that invariant is read and tested in one place (tests/test_session_core.py).
+Who is attached (the takeover across doors, admins watching or joined) changes the same sessions
+and is kept beside it.
 """
 
 from __future__ import annotations
@@ -26,36 +28,46 @@ from typing import Any, cast
 
 from .auth import AuthenticatedUser
 from .backends.base import Backend, Container, ContainerSpec
-from .config import Config
+from .config import DEFAULT_PROFILE, Config, ProfileConfig, SessionConfig
 from .continuity import (
     ACTIVITY_WRITE_INTERVAL, LEASE_CHECK_INTERVAL, Adoptable, Continuity, monotonic_from_wall, wall_from_monotonic,
 )
 from .errors import BridgeError, LimitReached, SessionStartError, StoreUnavailable
 from .fleet import FLEET_INTERVAL, FleetKeeper
+from .homes import HomeError, HomeStore
 from .observers import Observers
-from .pool import Pooled, WarmPool, pool_slot
-from .session import Session, Sink, TerminalRequest, TerminalSink
+from .pool import Pooled, WarmPools, pool_slot
+from .session import Session, Sink, TerminalRequest, TerminalSink, Viewer
 from .store import Refusal, SessionRecord, Store
-from .stream import Stream
+from .stream import Stream, Watcher, WatchSink
 from .timers import IdleAction, describe_end, idle_step
 from .upstream import SessionKeys, Upstream
-from .vocab import Actor, Door, EndReason, LoginResult
+from .vocab import Actor, Door, EndReason, LoginResult, WatchMode
 
 log = logging.getLogger("termbridge.sessions")
 
 
 
-def limit_reached(cap: Refusal, max_per_user: int, max_total: int) -> LimitReached:
-    """The refusal of a cap, in words for the person and for the log."""
+def limit_reached(cap: Refusal, max_per_user: int, max_total: int, profile: str = DEFAULT_PROFILE) -> LimitReached:
+    """The refusal of a cap, in words for the person and for the log (max_per_user is the
+    session's profile's: named as its key)."""
     if cap == "max_total":
         return LimitReached(
             f"this server is at its limit of {max_total} sessions (session.max_total); try again later",
             detail=f"refused: session.max_total={max_total} reached",
         )
+    key = "session.max_per_user" if profile == DEFAULT_PROFILE else f"profiles.{profile}.max_per_user"
     return LimitReached(
-        f"you already have {max_per_user} sessions, the most allowed (session.max_per_user); end one first",
-        detail=f"refused: session.max_per_user={max_per_user} reached",
+        f"you already have {max_per_user} sessions, the most allowed ({key}); end one first",
+        detail=f"refused: {key}={max_per_user} reached",
     )
+
+
+def started_and_idle(entry: Session | SessionRecord) -> tuple[datetime, float]:
+    """When a live session (here, or as the store lists it) started, and how long it has been idle."""
+    if isinstance(entry, Session):
+        return entry.started_at, time.monotonic() - entry.last_activity
+    return datetime.fromtimestamp(entry.started, timezone.utc), time.time() - entry.last_activity
 
 
 # How the manager reaches a started container's sshd: `Upstream.connect`; unit tests pass a fake.
@@ -90,9 +102,11 @@ class SessionManager:
         self._closing = False
         self.observers = Observers()
         self.keeper = FleetKeeper(self)
-        self.pool = (
-            WarmPool(config.session.pool, backend, config.session, self._room, store) if config.session.pool else None
-        )
+        self.pool = WarmPools(config.all_profiles(), backend, self._room, store) or None
+        self.homes = HomeStore(config.homes_path, config.session.uid_base)
+        # Sessions that (may) have a persistent home mounted, by session id: the host uid. Set
+        # before the mount, dropped once the container is gone; a home is unmounted when none is left.
+        self._homes: dict[str, int] = {}
 
     def _room(self) -> int:
         """How many more containers this gateway may hold (sessions and pooled ones alike)."""
@@ -114,9 +128,50 @@ class SessionManager:
         self._holders[session.id] = session.user.name
 
     def _release(self, session_id: str) -> None:
-        """The session's container is gone (or never came): its slot is free. Idempotent."""
-        if self._unhold(session_id) and self.store is not None:
-            self._track(self.forget(session_id))
+        """The session's container is gone (or never came): its slot is free, and its home may
+        be unmounted. Idempotent."""
+        username = self._holders.get(session_id, "")
+        if self._unhold(session_id):
+            self._track(self._released(session_id, username))
+
+    async def _released(self, session_id: str, username: str) -> None:
+        if self.store is not None:
+            await self.forget(session_id)
+        uid = self._homes.pop(session_id, None)
+        if uid is not None:
+            await self._unmount_home(username, uid)
+
+    def home_in_use(self, uid: int) -> bool:
+        """Whether a session of this gateway counts on `uid`'s home (safe to call from a thread)."""
+        return uid in list(self._homes.values())
+
+    async def _unmount_home(self, username: str, uid: int) -> bool:
+        """`username`'s last session here is gone: unmount their home, unless the store says
+        another gateway (a rolling restart on this host) holds a session of theirs. True when
+        unmounted now."""
+        if self.store is not None:
+            try:
+                slots = await self.store.list_slots()
+            except StoreUnavailable as exc:
+                log.warning("home of %s stays mounted: the store did not answer: %s", username, exc.detail)
+                return False
+            if any(slot.user == username for slot in slots.values()):
+                return False
+        try:
+            return await asyncio.to_thread(self.homes.unmount, uid, partial(self.home_in_use, uid))
+        except HomeError as exc:
+            log.warning("home of %s not unmounted: %s", username, exc.detail)
+            return False
+
+    async def sweep_homes(self) -> int:
+        """Unmount the homes on this host that no session uses: what a killed gateway left
+        mounted, or the home of a session whose leftover container the reaper removed. (A home
+        left mounted costs a loop device, never data: a container keeps its own mount.)"""
+        swept = 0
+        for uid in await asyncio.to_thread(self.homes.mounted_uids):
+            if not self.home_in_use(uid):
+                swept += await self._unmount_home(await asyncio.to_thread(self.homes.owner, uid), uid)
+        return swept
 
     def _unhold(self, session_id: str) -> bool:
         """This gateway no longer counts the session (it ended, or runs on without this
@@ -131,23 +186,29 @@ class SessionManager:
             self.pool.kick()  # a slot is free: the pool may refill up to max_total
         return True
 
-    def _check_limits(self, user: AuthenticatedUser) -> None:
-        cfg = self.config.session
+    def settings(self, session: Session) -> SessionConfig:
+        """The session settings a session runs with: its profile's (else [session])."""
+        return session.settings or self.config.session
+
+    def _check_limits(self, user: AuthenticatedUser, profile: ProfileConfig) -> None:
+        """max_per_user is the profile's (counting every session of the user, whatever its
+        profile); max_total is the gateway's."""
+        cfg = profile.session
         if self._closing:
             raise LimitReached("the gateway is shutting down", detail="refused: shutting down")
         # A login that takes a pooled container adds nothing to what the gateway holds.
-        takes_pooled = self.pool is not None and bool(self.pool.ready)
+        takes_pooled = self.pool is not None and self.pool.ready_for(profile.name)
         if self._room() + takes_pooled <= 0:
             raise limit_reached("max_total", cfg.max_per_user, cfg.max_total)
         if self.count_for(user.name) >= cfg.max_per_user:
-            raise limit_reached("max_per_user", cfg.max_per_user, cfg.max_total)
+            raise limit_reached("max_per_user", cfg.max_per_user, cfg.max_total, profile.name)
 
-    async def _reserve(self, session_id: str, user: str, pooled: Pooled | None) -> None:
+    async def _reserve(self, session_id: str, user: str, pooled: Pooled | None, profile: ProfileConfig) -> None:
         """Take the session's slot in the store, so the caps hold across the fleet. Raises
         LimitReached (a cap refused) or StoreUnavailable."""
         if self.store is None:
             return
-        cfg = self.config.session
+        cfg = profile.session
         if pooled is not None:
             refusal = await self.store.claim_slot(
                 pool_slot(pooled.session_id), session_id, user, cfg.max_per_user, cfg.max_total
@@ -155,14 +216,16 @@ class SessionManager:
         else:
             refusal = await self.store.reserve_slot(session_id, user, cfg.max_per_user, cfg.max_total)
         if refusal is not None:
-            raise limit_reached(refusal, cfg.max_per_user, cfg.max_total)
+            raise limit_reached(refusal, cfg.max_per_user, cfg.max_total, profile.name)
 
     # -- life cycle ---------------------------------------------------------------------------
 
     async def create(
-        self, user: AuthenticatedUser, door: Door, sink: Sink, terminal: TerminalRequest | None = None
+        self, user: AuthenticatedUser, door: Door, sink: Sink, terminal: TerminalRequest | None = None,
+        profile: ProfileConfig | None = None,
     ) -> Session:
-        """Start a session and attach `sink`. With `terminal`, a login shell on a pty is opened and
+        """Start a session of `profile` (the door checked that it is the person's; default: the
+        default profile) and attach `sink`. With `terminal`, a login shell on a pty is opened and
         its output pumped to the sink; without, the session is the container and its upstream
         connection only, and the door opens its own channels on `session.upstream`.
 
@@ -170,28 +233,34 @@ class SessionManager:
         down, image missing, start failure) with nothing left behind. Cancelling the caller also
         leaves nothing behind."""
         door = Door(door)
+        profile = profile or self.config.default_profile
         try:
-            self._check_limits(user)
+            self._check_limits(user, profile)
         except LimitReached as exc:
-            self.observers.session_refused(user, door, exc.detail)
+            self.observers.session_refused(user, door, exc.detail, profile.name)
             raise
-        pooled = self.pool.take() if self.pool is not None else None
-        session = Session(user, door, sink, pooled.session_id if pooled else None, self.config.session.max_lifetime)
+        pooled = self.pool.take(profile.name) if self.pool is not None else None
+        session = Session(
+            user, door, sink, pooled.session_id if pooled else None, profile.session.max_lifetime,
+            profile=profile.name, settings=profile.session,
+        )
         self.sessions[session.id] = session
         self._hold(session)
         try:
-            await self._reserve(session.id, user.name, pooled)
+            await self._reserve(session.id, user.name, pooled, profile)
         except (LimitReached, StoreUnavailable, asyncio.CancelledError) as exc:
             self.sessions.pop(session.id, None)
             self._release(session.id)
             if pooled is not None and self.pool is not None:
                 self.pool.give_back(pooled)
             if isinstance(exc, LimitReached):
-                self.observers.session_refused(user, door, exc.detail)
+                self.observers.session_refused(user, door, exc.detail, profile.name)
             elif isinstance(exc, StoreUnavailable):
                 session.log.error("refused: the state store did not answer: %s", exc.detail)
             raise
-        session.log.info("starting (%s door%s)", door, f", pooled {pooled.container.name}" if pooled else "")
+        session.log.info(
+            "starting (%s door, profile %s%s)", door, profile.name, f", pooled {pooled.container.name}" if pooled else ""
+        )
         try:
             await self._provision(session, terminal, pooled)
         except asyncio.CancelledError:
@@ -215,7 +284,7 @@ class SessionManager:
         return session
 
     async def _provision(self, session: Session, terminal: TerminalRequest | None, pooled: Pooled | None) -> None:
-        cfg = self.config.session
+        cfg = self.settings(session)
         if pooled is not None:
             keys = pooled.keys
             session.container = pooled.container  # removed with the session, whatever happens next
@@ -276,7 +345,7 @@ class SessionManager:
         await self.store.put_session(
             SessionRecord(
                 id=session.id, user=session.user.name, door=str(session.door), gateway=self.gateway, started=now,
-                last_activity=now, lifetime_deadline=wall_from_monotonic(session.lifetime_end), profile="default",
+                last_activity=now, lifetime_deadline=wall_from_monotonic(session.lifetime_end), profile=session.profile,
                 container_id=container.id, container_name=container.name, address=container.address,
                 port=container.port, ssh_user=container.ssh_user, attached_by=self.gateway, attached_at=now,
             )
@@ -288,7 +357,18 @@ class SessionManager:
         if session.ending:
             raise SessionStartError(detail=f"ended ({session.end_reason or 'let go'}) while starting")
 
+    async def _mount_home(self, session: Session) -> str:
+        """The person's persistent home, mounted on the host (made on first use): the directory
+        the container gets; "" when homes are ephemeral."""
+        cfg = self.settings(session)
+        if cfg.home != "persistent":
+            return ""
+        self._homes[session.id] = session.user.uid
+        path = await asyncio.to_thread(self.homes.mount, session.user.name, session.user.uid, cfg.home_size)
+        return str(path)
+
     async def _start_container(self, session: Session, keys: SessionKeys) -> Container:
+        home = await self._mount_home(session)  # on failure, _finish releases the slot and the home
         spec = ContainerSpec(
             session_id=session.id,
             user=session.user.name,
@@ -297,8 +377,11 @@ class SessionManager:
             authorized_keys=keys.authorized_keys,
             host_private_key=keys.host_private_key,
             host_public_key=keys.host_public_key,
-            root=self.config.session.user == "root",
+            root=self.settings(session).user == "root",
             uid=session.user.uid,
+            profile=session.profile,
+            settings=self.settings(session),
+            home=home,
         )
         start = asyncio.ensure_future(self.backend.start(spec))
         self._starting[session.id] = start
@@ -337,12 +420,14 @@ class SessionManager:
         sink: TerminalSink,
         terminal: TerminalRequest,
         resume: tuple[str, int] | None = None,
+        profile: ProfileConfig | None = None,
     ) -> Session:
         """Open a terminal for `user` and attach `sink` to it: resume `user`'s own live session
-        named by `resume` = (session id, output offset), replaying from that offset, or start a new
-        one (also when `resume` names no such session). `sink.started` and then `sink.attached`
-        are called before this returns. Raises what `create` raises."""
-        session = self._resumable(user, door, *resume) if resume is not None else None
+        named by `resume` = (session id, output offset), replaying from that offset (it keeps its
+        own profile), or start a new one of `profile` (also when `resume` names no such session).
+        `sink.started` and then `sink.attached` are called before this returns. Raises what
+        `create` raises."""
+        session = self._resumable(user, resume[0]) if resume is not None else None
         offset = 0
         if session is None and resume is not None and self.continuity is not None:
             session = await self._adopt(user, door, sink, terminal, *resume)
@@ -351,13 +436,134 @@ class SessionManager:
             offset = resume[1] if resume is not None else 0
             await sink.started(session)
         if session is None:
-            session = await self.create(user, door, sink, terminal)
+            session = await self.create(user, door, sink, terminal, profile)
         stream = session.stream
         if stream is None or session.ending:
             raise SessionStartError("this session cannot be attached", detail="ended before it was attached")
         session.sink = sink
         await stream.attach(sink, offset)
+        self._follow_size(session, terminal)
+        if session.viewers:
+            await self._tell_owner(session)
         return session
+
+    @staticmethod
+    def _follow_size(session: Session, terminal: TerminalRequest) -> None:
+        """The window attached last is the active client: the shell takes its size (a page that
+        takes its session back from `ssh ... attach`, or from another window)."""
+        if session.term_size != (terminal.cols, terminal.rows):
+            session.resize(terminal.cols, terminal.rows)
+
+    async def open_shell(self, session: Session, sink: TerminalSink, terminal: TerminalRequest) -> None:
+        """The interactive shell of a session started without one (the SSH door's first pty
+        shell), through the holder like a web terminal's, so that the other door can attach to
+        it and admins can watch it; `sink` is attached to it. The session's own sink (the SSH
+        connection) still hears idle warnings and the end. Raises SessionStartError."""
+        if session.upstream is None or session.stream is not None or session.ending:
+            raise SessionStartError("this session cannot open a shell", detail="open_shell: no upstream, or a stream")
+        try:
+            async with asyncio.timeout(self.config.session.start_timeout):
+                await self._open_stream(session, session.upstream, terminal)
+        except TimeoutError:
+            raise SessionStartError(detail="the holder did not answer within session.start_timeout") from None
+        if session.stream is None:
+            raise RuntimeError("a stream that did not open")
+        session._tasks.append(asyncio.create_task(self._pump(session), name=f"pump-{session.id[:8]}"))
+        await session.stream.attach(sink, 0)
+
+    async def attach_own(
+        self, user: AuthenticatedUser, session_id: str, sink: TerminalSink, terminal: TerminalRequest
+    ) -> Session:
+        """Attach `sink` (another door of the owner: `ssh ... attach ID`) to `user`'s own live
+        terminal session, here or (through the store) on another gateway. The existing takeover
+        rule holds: the window attached so far is told and let go; the session's size becomes
+        `terminal`'s (the last attached is the active client). The whole buffer is replayed,
+        and a full-screen program asked to repaint. Raises SessionStartError when there is no such session."""
+        session = self._resumable(user, session_id)
+        if session is not None:
+            await sink.started(session)
+        elif self.continuity is not None:
+            session = await self._adopt(user, Door.WEB, sink, terminal, session_id, 0)
+        if session is None or session.stream is None or session.ending:
+            raise SessionStartError(
+                "you have no live session with that id", detail=f"attach to {session_id[:12]}: no such live session"
+            )
+        session.sink = sink
+        await session.stream.attach(sink, 0)
+        self._follow_size(session, terminal)
+        self._repaint(session)
+        if session.viewers:
+            await self._tell_owner(session)
+        return session
+
+    async def own_terminals(self, user: AuthenticatedUser) -> list[SessionRecord | Session]:
+        """`user`'s live terminal sessions: this gateway's (either door: an SSH-door session once
+        its shell runs), and the web sessions the store lists that no process serves here (on
+        other gateways, or waiting for this one after a restart)."""
+        here: list[SessionRecord | Session] = [s for s in self.sessions.values() if s.user.name == user.name and s.ready]
+        seen = {s.id for s in here}
+        if self.store is not None:
+            try:
+                records = await self.fleet()
+            except StoreUnavailable as exc:
+                log.warning("listing the sessions of %s: %s", user.name, exc.detail)
+                records = []
+            # not one this gateway holds (starting here, or ending)
+            here += [r for r in records
+                     if r.user == user.name and r.door == Door.WEB and r.id not in seen and r.id not in self._holders]
+        return here
+
+    # -- admins watching or joined ------------------------------------------------------------
+
+    async def add_viewer(self, session: Session, admin: str, mode: WatchMode, sink: WatchSink) -> tuple[Viewer, Watcher]:
+        """`admin` watches (or joins) `session`: its whole buffer is replayed to `sink` (a
+        full-screen program asked to repaint if the buffer no longer starts at the beginning),
+        then it follows live. The owner is told, the audit trail and the recording say so."""
+        stream = session.stream
+        if stream is None or not session.ready:
+            raise SessionStartError("this session has no terminal to watch", detail="watch: no stream")
+        viewer = Viewer(admin, WatchMode(mode))
+        session.viewers.append(viewer)
+        watcher = stream.watch(sink)
+        if stream.output.start > 0:
+            self._repaint(session)
+        session.log.info("%s %s", admin, "joined" if mode == WatchMode.JOIN else "watches")
+        session.mark(f"{admin} {'joined (may type)' if mode == WatchMode.JOIN else 'started watching'}")
+        self.observers.viewer_started(session, viewer)
+        await self._tell_owner(session)
+        return viewer, watcher
+
+    async def remove_viewer(self, session: Session, viewer: Viewer, watcher: Watcher) -> None:
+        """The admin's view closed (or the session ended under it). Idempotent."""
+        if viewer not in session.viewers:
+            return
+        session.viewers.remove(viewer)
+        if session.stream is not None:
+            session.stream.unwatch(watcher)
+        session.log.info("%s stopped %s", viewer.admin, "the join" if viewer.mode == WatchMode.JOIN else "watching")
+        if not session.ending:
+            session.mark(f"{viewer.admin} {'left' if viewer.mode == WatchMode.JOIN else 'stopped watching'}")
+        self.observers.viewer_ended(session, viewer)
+        await self._tell_owner(session)
+
+    async def _tell_owner(self, session: Session) -> None:
+        sink = session.sink
+        if sink is None or session.ending:
+            return
+        try:
+            await cast(TerminalSink, sink).viewers(list(session.viewers))
+        except (ConnectionError, RuntimeError) as exc:
+            session.log.info("could not tell the owner who watches: %r", exc)
+
+    @staticmethod
+    def _repaint(session: Session) -> None:
+        """Ask a full-screen program to draw its screen again (a size change and back), for a
+        view whose replay does not start at the session's beginning."""
+        if session.stream is None or session.term_size is None or not session.ready:
+            return
+        cols, rows = session.term_size
+        session.stream.shell.resize(cols - 1 if cols > 1 else cols + 1, rows)
+        session.stream.shell.resize(cols, rows)
 
     def find_own(self, session_id: str, user: AuthenticatedUser, purpose: str, rhost: str = "-") -> Session | None:
         """The session `session_id` if it belongs to `user`. Anyone else's is reported as unknown
@@ -394,8 +600,14 @@ class SessionManager:
             log.info("reattach of %s to %.12s: not in the store; starting a new one", user.name, session_id)
             return None
         rec = found.record
-        session = Session(user, door, sink, rec.id)
+        profile = self.config.profile(rec.profile)
+        if profile is None:
+            log.warning("session %.12s: its profile %r is no longer configured; [session]'s clocks apply",
+                        rec.id, rec.profile)
+        session = Session(user, door, sink, rec.id, profile=rec.profile, settings=profile.session if profile else None)
         session.adopted = True
+        if self.settings(session).home == "persistent":
+            self._homes[session.id] = user.uid  # its container may have the home: unmount after it
         session.log.info("adopting (started by gateway %s, attached to %s)", rec.gateway, rec.attached_by or "none")
         self.sessions[session.id] = session
         self._hold(session)  # it counts against this gateway's caps while served here
@@ -407,6 +619,7 @@ class SessionManager:
             session.log.warning("adoption failed: %s", detail)
             self.sessions.pop(session.id, None)
             self._unhold(session.id)
+            self._homes.pop(session.id, None)
             if session.upstream is not None:
                 session.upstream.close()
             if session.released:  # the gateway stops: the page was told to come back
@@ -422,7 +635,7 @@ class SessionManager:
         rec = found.record
         session.started_at = datetime.fromtimestamp(rec.started, timezone.utc)
         session.container, session.keys = found.container, found.keys
-        timeout = self.config.session.start_timeout
+        timeout = self.settings(session).start_timeout
         async with asyncio.timeout(timeout):
             session.upstream = upstream = await self._connect(found.container, found.keys, timeout)
             await self._open_stream(session, upstream, terminal, offset)
@@ -439,9 +652,10 @@ class SessionManager:
         if not state.running:
             await continuity.forget(rec.id)
 
-    def _resumable(self, user: AuthenticatedUser, door: Door, session_id: str, offset: int) -> Session | None:
+    def _resumable(self, user: AuthenticatedUser, session_id: str) -> Session | None:
+        """`user`'s own live terminal session `session_id`, from either door (one session, both doors)."""
         session = self.find_own(session_id, user, "reattach")
-        if session is None or not session.ready or session.door != door:
+        if session is None or not session.ready:
             log.info("reattach of %s to %.12s: no such live session; starting a new one", user.name, session_id)
             return None
         return session
@@ -491,7 +705,7 @@ class SessionManager:
                 except BridgeError as exc:
                     detail += f"; Docker: {exc.detail}"
                     break
-                described = describe_end(state, self.config.session.memory)
+                described = describe_end(state, self.settings(session).memory)
                 if described:
                     message = described
                     break
@@ -500,7 +714,7 @@ class SessionManager:
         await self.end(session, EndReason.ERROR, message=message)
 
     async def _watchdog(self, session: Session) -> None:
-        cfg = self.config.session
+        cfg = self.settings(session)
         lifetime_end = session.lifetime_end
         while not session.ending:
             now = time.monotonic()
@@ -662,6 +876,7 @@ class SessionManager:
             session.upstream.close()
         self.sessions.pop(session.id, None)
         self._unhold(session.id)
+        self._homes.pop(session.id, None)  # its container keeps the home; whoever serves it next unmounts
         if restarting and self.continuity is not None:
             await self.continuity.release(session.id)
         session.log.info("let go (%s); it runs on in container %s",

@@ -7,6 +7,10 @@ subsystem) is opened again on that upstream connection and joined to it with
 `SSHServerProcess.redirect()`, which carries data, EOF, window-change, break and signals; the exit
 status or exit signal goes back to the client. Only sessions are served: TCP, agent and X11
 forwarding are refused.
+
+`ssh alice+NAME@host` asks for the profile NAME: everything about the login (PAM, keys, the
+throttle, the audit trail) uses the account name `alice`; the profile is checked against her
+groups once she is in, and a bad or forbidden name ends the connection with one line saying why.
 """
 
 from __future__ import annotations
@@ -20,10 +24,12 @@ from typing import Any, TypeVar
 import asyncssh
 
 from .auth import AuthenticatedUser, AuthResult, Outcome, printable_username, valid_username
-from .config import Config
-from .errors import AuthUnavailable, BridgeError, ConfigError
-from .session import Session
+from .config import Config, ProfileConfig
+from .errors import AuthUnavailable, BridgeError, ConfigError, StoreUnavailable
+from .profiles import choose
+from .session import Session, TerminalRequest, Viewer
 from .sessions import SessionManager
+from .ssh_attach import AttachSink, parse_attach, pump_input, serve_attach
 from .ssh_channels import ChannelProcess, EnvBudget, EnvCappedChannel, env_passes, refuse, say
 from .ssh_keys import authorized_keys_of, load_or_create_host_key
 from .throttle import ThrottledAuthenticator
@@ -45,13 +51,30 @@ MAX_CHANNEL_RECORDS = 64
 COMMAND_KINDS = ("shell", "exec")
 
 
+PROFILE_SEPARATOR = "+"  # `alice+NAME`: no account name has one (auth.valid_username)
+
+
+def split_login(name: str) -> tuple[str, str | None]:
+    """The name an SSH client sent, as (account name, profile asked for or None)."""
+    account, separator, profile = name.partition(PROFILE_SEPARATOR)
+    return account, (profile if separator else None)
+
+
+def _printable_login(name: str) -> str:
+    """`printable_username` of the account; of a profile suffix only its length (a password typed
+    into the name field could follow a real account name and a "+")."""
+    account, profile = split_login(name)
+    shown = printable_username(account)
+    return shown if profile is None else f"{shown}{PROFILE_SEPARATOR}<{len(profile)} chars>"
+
+
 class _HideTypedNames(logging.Filter):
     """asyncssh logs the user name a client sent ("Beginning auth for user %s"), and people type
     their password there: such a name is logged as `printable_username` shows it."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if "user %s" in str(record.msg) and isinstance(record.args, tuple):
-            record.args = tuple(printable_username(a) if isinstance(a, str) else a for a in record.args)
+            record.args = tuple(_printable_login(a) if isinstance(a, str) else a for a in record.args)
         return True
 
 
@@ -72,6 +95,7 @@ class SshConnection(asyncssh.SSHServer):
         self.user: AuthenticatedUser | None = None
         self.session: Session | None = None
         self._key_user: AuthenticatedUser | None = None
+        self._profile: str | None = None  # asked for with `alice+NAME`
         self._failures = 0
         self._password_check: asyncio.Task[AuthResult] | None = None
         self._env_budget = EnvBudget()
@@ -79,6 +103,9 @@ class SshConnection(asyncssh.SSHServer):
         self._channels: set[asyncssh.SSHServerProcess] = set()
         self._linger: asyncio.TimerHandle | None = None
         self._last_command: dict[str, Any] | None = None  # the shell or exec channel that ended last
+        self._attached = False  # an `attach` channel: the connection runs no session of its own
+        self._shell: AttachSink | None = None  # the interactive shell, through the session holder
+        self._shell_record: dict[str, Any] = {}  # and how it ended, for the audit trail
 
     # -- connection -----------------------------------------------------------------------------
 
@@ -102,6 +129,9 @@ class SshConnection(asyncssh.SSHServer):
         if self._starting is not None:
             await asyncio.gather(self._starting, return_exceptions=True)
         session = self.session
+        if session is not None and not session.ending and session.sink is not self:
+            session.log.info("ssh connection from %s closed; the session runs on, attached elsewhere", self.rhost)
+            return
         if session is not None and not session.ending:
             session.log.info("ssh connection from %s closed%s", self.rhost, f": {exc}" if exc else "")
             last = self._last_command
@@ -125,6 +155,7 @@ class SshConnection(asyncssh.SSHServer):
     async def begin_auth(self, username: str) -> bool:  # type: ignore[override]
         """Load the keys this user may log in with, if the account may log in at all."""
         self._key_user = None
+        username, self._profile = split_login(username)
         keys = await self._door.authorized_keys(username, self.rhost)
         if self._conn is None:
             raise RuntimeError("authentication before the connection was made")
@@ -150,6 +181,7 @@ class SshConnection(asyncssh.SSHServer):
             await asyncio.wait({self._password_check})
         if self._failures >= MAX_PASSWORD_TRIES:
             raise asyncssh.PermissionDenied("too many authentication failures")
+        username = split_login(username)[0]
         check = self._password_check = self._door.check_password(username, password, self.rhost)
         check.add_done_callback(self._count_failure)
         result = await asyncio.shield(check)
@@ -174,7 +206,7 @@ class SshConnection(asyncssh.SSHServer):
         the client logged in with, gets a session (an explicit check: `python -O` drops asserts)."""
         user = self.user or self._key_user
         name = self._conn.get_extra_info("username") if self._conn is not None else None
-        if user is None or user.name != name:
+        if user is None or name is None or user.name != split_login(name)[0]:
             log.error("ssh connection from %s authenticated without the gateway's check; closed", self.rhost)
             self.close("authentication failed")
             return
@@ -187,7 +219,8 @@ class SshConnection(asyncssh.SSHServer):
 
     async def _start(self, user: AuthenticatedUser) -> Session:
         try:
-            return await self._door.manager.create(user, Door.SSH, self)
+            profile = await self._door.profile_for(user, self._profile)
+            return await self._door.manager.create(user, Door.SSH, self, profile=profile)
         except BridgeError as exc:
             log.warning("ssh session of %s from %s not started: %s", user.name, self.rhost, exc.detail)
             if not self._channels:
@@ -212,12 +245,27 @@ class SshConnection(asyncssh.SSHServer):
 
     async def ended(self, code: int | None, reason: EndReason, message: str | None) -> None:
         """Each channel hears why and exits with 255 (what ssh reports for a lost connection), so
-        that clients print the line before they go; the connection closes once they did."""
+        that clients print the line before they go; the connection closes once they did. The
+        interactive shell that exited passes on its exit status (or signal) instead."""
         text = message or f"the session ended ({reason})"
         channels = list(self._channels)
+        shell = self._shell.process if self._shell is not None else None
         for process in channels:
-            refuse(process, text, status=255)
+            if process is shell and reason == EndReason.EXIT and self._shell is not None:
+                self._shell.done = True
+                signal = self.session.exit_signal if self.session is not None else None
+                self._shell_record.update(ended="exit", code=code, signal=signal)
+                if signal:
+                    process.exit_with_signal(signal)
+                else:
+                    process.exit(code if code is not None else 255)
+            else:
+                refuse(process, text, status=255)
         self._door.spawn(self._close_after(channels, text))
+
+    async def viewers(self, viewers: list[Viewer]) -> None:
+        if self._shell is not None and not self._shell.done:
+            await self._shell.viewers(viewers)
 
     async def _close_after(self, channels: list[asyncssh.SSHServerProcess], reason: str) -> None:
         try:
@@ -243,8 +291,12 @@ class SshConnection(asyncssh.SSHServer):
         self._channels.add(process)
         session: Session | None = None
         try:
-            if self._starting is None:
+            if self._starting is None or self.user is None:
                 raise RuntimeError("a channel before authentication completed")
+            attach = parse_attach(process.command) if process.subsystem is None else None
+            if attach is not None or self._attached:
+                await self._attach(process, attach)
+                return
             try:
                 session = await asyncio.shield(self._starting)
             except BridgeError as exc:
@@ -260,10 +312,60 @@ class SshConnection(asyncssh.SSHServer):
         finally:
             self._channels.discard(process)
 
+    async def _attach(self, process: asyncssh.SSHServerProcess, args: list[str] | None) -> None:
+        """`attach [ID]` as the connection's first channel: the connection's own session is not
+        needed (its start is cancelled, leaving nothing behind) and this channel attaches to
+        one of the person's live sessions. Any other channel of such a connection is refused."""
+        if args is None or (self._attached or len(self._channels) > 1):
+            refuse(process, "an attach connection runs nothing else; open another connection")
+            return
+        self._attached = True
+        starting = self._starting
+        if starting is not None and not starting.done():
+            starting.cancel()
+            await asyncio.gather(starting, return_exceptions=True)
+        elif self.session is not None and not self.session.ending:
+            await self._door.manager.end(self.session, EndReason.EXIT, message="not needed: attached elsewhere")
+        if self.user is not None:
+            await serve_attach(self._door.manager, self.user, process, args)
+
+    async def _held_shell(self, session: Session, process: asyncssh.SSHServerProcess) -> None:
+        """The connection's first interactive shell runs under the session holder, as a web
+        terminal's does: the page (`/ws?session=ID`) or `ssh ... attach` may take it over, admins
+        may watch it. The session's id is in the audit trail and `termbridge sessions list`."""
+        cols, rows = process.term_size[:2] if process.term_size else (80, 24)
+        env = {name: value for name, value in process.env.items() if env_passes(name)}
+        terminal = TerminalRequest(process.term_type or "xterm", cols or 80, rows or 24, env)
+        sink = self._shell = AttachSink(process)
+        await sink.started(session)
+        record = self._shell_record = {"kind": "shell", "ended": "open", "code": None, "signal": None}
+        session.channels.append(record)
+        try:
+            await self._door.manager.open_shell(session, sink, terminal)
+        except BridgeError as exc:
+            session.log.warning("the held shell did not open: %s", exc.detail)
+            record["ended"] = "lost"
+            refuse(process, "the container could not start a shell", status=255)
+            return
+        session.log.info("channel opened: shell with pty, through the session holder")
+        try:
+            await pump_input(session, sink, process)
+        finally:
+            self._door.manager.detach(session, sink)
+            if record["ended"] == "open":
+                record["ended"] = "closed"
+            self._last_command = record
+            if not sink.done and not session.ending:
+                sink.done = True
+                process.exit(0)
+
     async def _bridge(self, session: Session, process: asyncssh.SSHServerProcess) -> None:
         """Open the same request in the container and join the two channels until one closes."""
         if session.upstream is None:
             raise RuntimeError("a started session without an upstream connection")
+        if process.term_type and process.command is None and process.subsystem is None and session.stream is None:
+            await self._held_shell(session, process)
+            return
         env = {name: value for name, value in process.env.items() if env_passes(name)}
         try:
             upstream = await session.upstream.open_channel(
@@ -370,6 +472,18 @@ class SshDoor:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
+
+    async def profile_for(self, user: AuthenticatedUser, requested: str | None) -> ProfileConfig:
+        """The profile of `user`'s connection: `requested` (`alice+NAME`) if it is theirs, else
+        their remembered, only or first one (profiles.py). Raises ProfileRefused."""
+        config = self.manager.config
+        remembered = None
+        if requested is None and len(config.profiles) > 1 and self.manager.store is not None:
+            try:
+                remembered = await self.manager.store.get_profile_choice(user.name)
+            except StoreUnavailable as exc:
+                log.warning("profile choice of %s not read: %s", user.name, exc.detail)
+        return await choose(config, user.name, requested, remembered)
 
     def check_password(self, username: str, password: str, rhost: str) -> asyncio.Task[AuthResult]:
         """One password check as a task of the door, not of the connection: a client that gives

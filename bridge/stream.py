@@ -39,6 +39,15 @@ class StreamSink(Protocol):
         """Another attach took this stream over; this sink gets nothing more."""
 
 
+class WatchSink(Protocol):
+    """An admin's view of a stream (watch or join): output only, and told when it skipped."""
+
+    async def output(self, data: bytes) -> None: ...
+
+    async def gap(self, lost: int) -> None:
+        """`lost` bytes went by while this view was too slow to take them."""
+
+
 class Attachment:
     """One front door reading the output from `cursor` on, in its own sender task."""
 
@@ -75,6 +84,36 @@ class Attachment:
             self.task.cancel()
 
 
+class Watcher:
+    """An extra reader of a stream (an admin watching or joined): it never holds the pump back.
+    One that falls more than the buffer behind skips ahead (and its sink hears of the gap), so a
+    slow admin's browser cannot slow the owner's shell."""
+
+    def __init__(self, stream: Stream, sink: WatchSink) -> None:
+        self.stream = stream
+        self.sink = sink
+        self.cursor = stream.output.start  # the whole buffer: the current screen, replayed
+        self.task: asyncio.Task | None = None
+
+    async def send(self) -> None:
+        output = self.stream.output
+        while True:
+            if self.cursor < output.start:
+                lost, self.cursor = output.start - self.cursor, output.start
+                await self.sink.gap(lost)
+            elif self.cursor < output.total:
+                data = output.read(self.cursor, READ_CHUNK)
+                self.cursor += len(data)
+                await self.sink.output(data)
+            else:
+                self.stream.more.clear()
+                await self.stream.more.wait()
+
+    def stop(self) -> None:
+        if self.task is not None and self.task is not asyncio.current_task():
+            self.task.cancel()
+
+
 class Stream:
     """One shell's output: the buffer, the pump that fills it, the attachment that drains it, and
     the grace timer that runs while nobody is attached."""
@@ -96,6 +135,7 @@ class Stream:
         self.name = name
         self.output = OutputBuffer(start=start)  # the holder's numbering: `start` is its offset
         self.attachment: Attachment | None = None
+        self.watchers: list[Watcher] = []
         self.detached_cursor = start  # what the last attachment had taken when it went
         self.attached_once = False
         self.more = asyncio.Event()  # more output, or the stream closes
@@ -150,6 +190,25 @@ class Stream:
         self.space.set()
         return attachment
 
+    def watch(self, sink: WatchSink) -> Watcher:
+        """Add a reader that starts at the oldest byte kept and follows live, beside the
+        attachment (never instead of it). The caller stops it with `unwatch`."""
+        watcher = Watcher(self, sink)
+        self.watchers.append(watcher)
+        watcher.task = asyncio.create_task(self._run_watcher(watcher), name=f"watch-{self.name}")
+        return watcher
+
+    async def _run_watcher(self, watcher: Watcher) -> None:
+        try:
+            await watcher.send()
+        except (ConnectionError, RuntimeError) as exc:
+            self.log.info("a watcher went away while sending: %r", exc)
+
+    def unwatch(self, watcher: Watcher) -> None:
+        watcher.stop()
+        if watcher in self.watchers:
+            self.watchers.remove(watcher)
+
     async def _run(self, attachment: Attachment) -> None:
         try:
             await attachment.send()
@@ -184,6 +243,8 @@ class Stream:
         """The session ends: the grace stops, the attached sink gets what was read (briefly)."""
         if self._grace is not None and self._grace is not asyncio.current_task():
             self._grace.cancel()
+        for watcher in list(self.watchers):
+            self.unwatch(watcher)
         attachment = self.attachment
         if attachment is not None:
             await attachment.flush(timeout=2)

@@ -73,3 +73,10 @@ class BackendOp(enum.StrEnum):
     STOP = "stop"
     POLL = "poll"
     LIST = "list"
+
+
+class WatchMode(enum.StrEnum):
+    """How an admin looks at someone else's session: `watch` (read-only) or `join` (may type)."""
+
+    WATCH = "watch"
+    JOIN = "join"

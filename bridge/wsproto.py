@@ -60,11 +60,17 @@ def _encode(**fields: Any) -> str:
     return json.dumps(fields, separators=(",", ":"))
 
 
-def session_message(session_id: str, idle_timeout: float, offset: int = 0, reconnect_grace: float | None = None) -> str:
-    """`reconnect_grace` tells the page how long it may try to reattach."""
+def session_message(
+    session_id: str, idle_timeout: float, offset: int = 0, reconnect_grace: float | None = None,
+    profile: str | None = None,
+) -> str:
+    """`reconnect_grace` tells the page how long it may try to reattach; `profile`, the
+    session's profile, is shown in its status bar."""
     fields: dict[str, Any] = {"type": "session", "id": session_id, "idle_timeout": round(idle_timeout), "offset": offset}
     if reconnect_grace is not None:
         fields["reconnect_grace"] = round(reconnect_grace)
+    if profile is not None:
+        fields["profile"] = profile
     return _encode(**fields)
 
 
@@ -93,3 +99,18 @@ def restarting_message() -> str:
 
 def gap_message(lost: int) -> str:
     return _encode(type="gap", lost=lost)
+
+
+def viewers_message(viewers: list[dict[str, str]]) -> str:
+    """To a session's owner: who watches (`mode` "watch") or joined ("join") it now; [] when nobody."""
+    return _encode(type="viewers", viewers=viewers)
+
+
+def watch_message(session_id: str, user: str, mode: str, cols: int, rows: int) -> str:
+    """To an admin's view, first: whose session, how (watch or join), and its terminal size."""
+    return _encode(type="watch", id=session_id, user=user, mode=mode, cols=cols, rows=rows)
+
+
+def size_message(cols: int, rows: int) -> str:
+    """To an admin's view: the session's terminal size changed (its owner's window)."""
+    return _encode(type="size", cols=cols, rows=rows)

@@ -22,7 +22,7 @@ say() { echo "setup-host: $*" >&2; }
 # command -> Debian/Ubuntu package that provides it
 RUN_NEEDS=(
     "docker docker.io" "dockerd docker.io" "npm npm" "iptables iptables" "ip iproute2"
-    "nsenter util-linux"
+    "nsenter util-linux" "losetup mount" "mkfs.ext4 e2fsprogs" "resize2fs e2fsprogs"
 )
 TEST_NEEDS=(
     "chromium chromium" "ssh openssh-client" "scp openssh-client" "sftp openssh-client"

@@ -5,7 +5,8 @@
 # TERMBRIDGE_IDLE_TIMEOUT seconds with nobody attached, or at TERMBRIDGE_MAX_LIFETIME.
 # TERMBRIDGE_USER: login name (validated by the gateway); empty for a pooled container, whose
 # account `termbridge-adduser` makes when a login claims it. TERMBRIDGE_UID: its uid (login mode).
-# TERMBRIDGE_MODE: login | root.
+# TERMBRIDGE_MODE: login | root. TERMBRIDGE_HOME: ephemeral | persistent (the gateway bound the
+# person's own file system at /home/USER).
 # stdin: a tar with ssh_host_ed25519_key, ssh_host_ed25519_key.pub and authorized_keys, written
 # by the gateway right after start (never on disk, never in `docker inspect`), then EOF; in a
 # pooled container the gateway keeps it open after the tar for the claim (termbridge-adduser
@@ -41,7 +42,7 @@ if [ "$mode" = root ]; then
     done
     printf 'AllowUsers root\nPermitRootLogin prohibit-password\n' > "$state/sshd_config.d/10-mode.conf"
 elif [ -n "$user" ]; then
-    termbridge-adduser "$user" "${TERMBRIDGE_UID:-}"
+    termbridge-adduser "$user" "${TERMBRIDGE_UID:-}" "${TERMBRIDGE_HOME:-ephemeral}"
 else
     # Pooled: sshd is ready now and lets in the members of termbridge-session, a group with no
     # member until the claim's account joins it; no reload between the claim and the login.

@@ -167,6 +167,9 @@ class RecordingSink:
     async def superseded(self) -> None:
         self.events.append(("superseded", None))
 
+    async def viewers(self, viewers: list[Any]) -> None:
+        self.events.append(("viewers", [v.describe() for v in viewers]))
+
     async def idle_warning(self, seconds: float) -> None:
         self.events.append(("idle-warning", round(seconds, 1)))
 

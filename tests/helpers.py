@@ -88,7 +88,13 @@ async def scrape(url: str, headers: dict[str, str] | None = None) -> dict[tuple[
 
 
 def metric(samples, name: str, **labels: str) -> float:
-    return samples[(name, tuple(sorted(labels.items())))]
+    """The sum of `name`'s samples that carry `labels` (other labels, e.g. profile, summed over).
+    A name with no such sample at all is an error, not 0."""
+    wanted = set(labels.items())
+    found = [value for (sample, sample_labels), value in samples.items() if sample == name and wanted <= set(sample_labels)]
+    if not found:
+        raise KeyError((name, tuple(sorted(labels.items()))))
+    return sum(found)
 
 
 def self_signed_cert(directory: Path, host: str = "127.0.0.1") -> tuple[Path, Path]:
@@ -141,13 +147,14 @@ class GatewayProcess:
         self.config_path, self.port = config_path, port
         self.gateway = Gateway(f"http://127.0.0.1:{port}", None, None, config_path)  # type: ignore[arg-type]
         self.proc: subprocess.Popen | None = None
+        self.prefix: tuple[str, ...] = ()  # a command the gateway runs under (e.g. unshare)
 
     async def start(self, env: dict[str, str] | None = None) -> None:
         # stderr to a file, never an unread pipe: a full pipe would block the gateway's logging.
         self.log_path = Path(str(self.config_path) + ".log")
         with open(self.log_path, "ab") as log:
             proc = self.proc = subprocess.Popen(
-                [sys.executable, "-m", "bridge", "serve", "--config", str(self.config_path)],
+                [*self.prefix, sys.executable, "-m", "bridge", "serve", "--config", str(self.config_path)],
                 cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log, env=env,
             )
 

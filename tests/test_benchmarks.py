@@ -146,6 +146,22 @@ def test_holder_benchmark_measures_both_paths() -> None:
     assert set(out["holder_cost"]) == {"echo_median_pct", "echo_p99_pct", "throughput_pct"}
 
 
+def test_watch_benchmark_times_the_admins_view(tmp_path) -> None:
+    """`python -m benchmarks watch`: each keystroke timed to the admin's view and to the owner,
+    printed and appended to the history, which `report` then shows."""
+    path = tmp_path / "h.jsonl"
+    done = subprocess.run([sys.executable, "-m", "benchmarks", "watch", "--samples", "5", "--history", str(path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "owner's keystroke → admin's watch view: median" in done.stdout
+    [entry] = history.load(path)
+    assert entry["kind"] == "watch"
+    assert entry["owner_keystroke_to_admin_screen"]["n"] == entry["owner_echo"]["n"] == 5
+    shown = subprocess.run([sys.executable, "-m", "benchmarks", "report", "--history", str(path)],
+                           cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert "Latest watch latency" in shown.stdout
+
+
 def _entry(load: float, web_connect: float, ttyd_connect: float | None, cpu: str = "Test CPU") -> dict:
     systems = {"web": {"title": "web door", "connect": {"median_ms": web_connect}, "echo": {"median_ms": 0.5},
                        "throughput": {"mb_per_s": 20.0}}}

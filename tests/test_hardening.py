@@ -110,8 +110,9 @@ SSHD_FAILURE = re.compile(
 )
 
 
-# Which door shows a capability is needed: web shells come from the session holder, SSH-door
-# shells from sshd's own pty login, which alone needs AUDIT_WRITE (it writes the login record).
+# Which door shows a capability is needed: interactive shells (web, and the SSH door's first)
+# come from the session holder; a command on a pty through the SSH door (`ssh -t host CMD`) from
+# sshd's own pty login, which alone needs AUDIT_WRITE (it writes the login record).
 SSH_DOOR_CAPS = ("AUDIT_WRITE",)
 CAP_CASES = [
     *((None, door) for door in ("web", "ssh")),
@@ -120,7 +121,8 @@ CAP_CASES = [
 
 
 async def _ssh_door_shell(gateway, user) -> tuple[bool, str]:
-    """A pty shell through the SSH door: (whether a prompt came up, what the client saw)."""
+    """A shell run as a command on a pty through the SSH door (sshd's pty login, not the
+    holder): (whether a prompt came up, what the client saw)."""
     import asyncio
 
     import asyncssh
@@ -132,7 +134,7 @@ async def _ssh_door_shell(gateway, user) -> tuple[bool, str]:
         "127.0.0.1", gateway.app[SSH_DOOR].port, username=user.name, password=user.password, known_hosts=None,
         client_keys=None, agent_path=None, config=[], preferred_auth="password",
     ) as conn:
-        process = await conn.create_process(term_type="xterm", encoding=None, stderr=asyncssh.STDOUT)
+        process = await conn.create_process("exec bash -i", term_type="xterm", encoding=None, stderr=asyncssh.STDOUT)
         try:
             async with asyncio.timeout(30):
                 while not PROMPT.search(seen):
@@ -159,8 +161,8 @@ async def test_every_capability_in_the_set_is_needed(start_gateway, user, monkey
     running: list[str] = []
     host_config, start = DockerBackend._host_config, DockerBackend.start
 
-    def observed_host_config(self, api, root):
-        config = host_config(self, api, root)
+    def observed_host_config(self, api, *args):
+        config = host_config(self, api, *args)
         granted.append(sorted(config["CapAdd"]))
         return config
 

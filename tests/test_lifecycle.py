@@ -118,9 +118,9 @@ async def test_sessions_list_and_kill(gateway, user):
         code, out, err = await run_cli("sessions", "list", "--config", cfg)
         assert code == 0, err
         header, *rows = out.splitlines()
-        assert header.split() == ["ID", "USER", "DOOR", "CONTAINER", "STARTED", "IDLE", "GATEWAY"]
+        assert header.split() == ["ID", "USER", "DOOR", "PROFILE", "CONTAINER", "STARTED", "IDLE", "GATEWAY"]
         [row] = [r.split() for r in rows if r.startswith(session["id"])]
-        assert row[1:4] == [user.name, "web", f"termbridge-{session['id'][:8]}"]
+        assert row[1:5] == [user.name, "web", "default", f"termbridge-{session['id'][:8]}"]
 
         code, _, err = await run_cli("sessions", "kill", "nosuchid", "--config", cfg)
         assert code == 1 and "no live session" in err

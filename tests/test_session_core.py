@@ -18,7 +18,7 @@ from bridge.config import load_config
 from bridge.errors import LimitReached, SessionStartError
 from bridge.session import Session, TerminalRequest
 from bridge.sessions import SessionManager
-from bridge.vocab import Door
+from bridge.vocab import Door, WatchMode
 from fakes import FakeBackend, FakeConnect, FakeShell, RecordingSink, banner_server
 from helpers import wait_for, write_config
 
@@ -276,3 +276,68 @@ async def test_a_detached_session_ends_after_the_grace_and_is_removed(core_with)
     await wait_for(lambda: session.end_reason == "disconnected", timeout=2, interval=0.01)
     assert "ended" not in sink.kinds()  # nobody is there to tell
     await core.removed(session)
+
+
+class SlowView:
+    """An admin's view (a stream watcher) that takes nothing until released."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.gaps: list[int] = []
+        self.release = asyncio.Event()
+
+    async def output(self, data: bytes) -> None:
+        await self.release.wait()
+        self.data.extend(data)
+
+    async def gap(self, lost: int) -> None:
+        self.gaps.append(lost)
+
+
+async def test_a_slow_watcher_never_holds_the_owner_back_and_skips_ahead(core_with):
+    core = core_with()
+    session, sink, shell = await core.open()
+    shell.print(b"screen so far\r\n")
+    await wait_for(lambda: b"screen so far" in sink.output_bytes, timeout=2, interval=0.01)
+    view = SlowView()
+    viewer, watcher = await core.manager.add_viewer(session, "bob", WatchMode.WATCH, view)
+    chunk = b"x" * 65536
+    for _ in range(40):  # 2.5 MiB: more than the buffer keeps
+        shell.print(chunk)
+    await wait_for(lambda: len(sink.output_bytes) >= 40 * 65536, timeout=5, interval=0.01, what="the owner's output")
+    view.release.set()
+    shell.print(b"THE-END")
+    await wait_for(lambda: view.data.endswith(b"THE-END"), timeout=5, interval=0.01, what="the view to catch up")
+    assert view.data.startswith(b"screen so far") and view.gaps and sum(view.gaps) + len(view.data) == session.stream.output.total
+    await core.manager.remove_viewer(session, viewer, watcher)
+    assert session.stream.watchers == [] and session.viewers == []
+
+
+async def test_viewers_are_told_to_the_owner_and_a_joined_admins_input_is_theirs(core_with):
+    core = core_with()
+    session, sink, shell = await core.open()
+    typed: list[tuple[bytes, str | None]] = []
+
+    class Tap:
+        def input(self, data: bytes, by: str | None = None) -> None:
+            typed.append((data, by))
+
+        def output(self, data: bytes) -> None: ...
+        def resize(self, cols: int, rows: int) -> None: ...
+        def mark(self, text: str) -> None: ...
+        def close(self) -> None: ...
+
+    session.taps.append(Tap())
+    view = SlowView()
+    view.release.set()
+    viewer, watcher = await core.manager.add_viewer(session, "bob", WatchMode.JOIN, view)
+    assert ("viewers", [{"user": "bob", "mode": "join"}]) in sink.events
+    await session.write(b"mine\r")
+    if session.feed(b"bobs\r", by="bob"):
+        await session.drain()
+    assert bytes(shell.typed) == b"mine\rbobs\r"
+    assert typed == [(b"mine\r", None), (b"bobs\r", "bob")]
+    await core.manager.remove_viewer(session, viewer, watcher)
+    await core.manager.remove_viewer(session, viewer, watcher)  # idempotent
+    assert [e for e in sink.events if e[0] == "viewers"][-1] == ("viewers", [])
+    assert len([e for e in sink.events if e[0] == "viewers"]) == 2

@@ -292,6 +292,16 @@ async def test_logins_are_valid_on_every_replica_until_logout(replica: Replica):
         assert (await store.get_login("L3", now)).user == "bob"
 
 
+async def test_profile_choices_are_per_user_shared_and_replaced(replica: Replica):
+    a, b = await replica(), await replica()
+    assert await b.get_profile_choice("alice") is None
+    await a.put_profile_choice("alice", "gpu")
+    await a.put_profile_choice("bob", "course")
+    assert await b.get_profile_choice("alice") == "gpu"
+    await b.put_profile_choice("alice", "small")
+    assert (await a.get_profile_choice("alice"), await a.get_profile_choice("bob")) == ("small", "course")
+
+
 # -- throttle counters ---------------------------------------------------------------------------
 
 

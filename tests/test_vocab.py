@@ -37,7 +37,7 @@ class _Recorder(SessionObserver):
     def login(self, user, rhost, door, result, reason):  # type: ignore[no-untyped-def]
         self.seen.append(("login", user, door, result))
 
-    def session_refused(self, user: AuthenticatedUser, door: Door, detail: str) -> None:
+    def session_refused(self, user: AuthenticatedUser, door: Door, detail: str, profile: str = "default") -> None:
         self.seen.append(("refused", user.name, door, detail))
 
     def containers_reaped(self, count: int) -> None:

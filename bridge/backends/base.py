@@ -9,12 +9,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from ..config import SessionConfig
+
 LABEL_SESSION = "termbridge.session"
 LABEL_USER = "termbridge.user"
 LABEL_DOOR = "termbridge.door"
 LABEL_GATEWAY = "termbridge.gateway"
 LABEL_FLEET = "termbridge.fleet"  # the gateways sharing one store (see Store.fleet)
 LABEL_STARTED = "termbridge.started"
+LABEL_PROFILE = "termbridge.profile"
 
 
 @dataclass(frozen=True)
@@ -30,6 +33,10 @@ class ContainerSpec:
     host_public_key: bytes
     root: bool = False  # `session.user = root`
     uid: int | None = None  # the login's uid on the host; None for a pooled container
+    profile: str = "default"  # label termbridge.profile
+    # The profile's session settings (image, limits, network, clocks); None: the backend's own.
+    settings: SessionConfig | None = None
+    home: str = ""  # a persistent home: the host directory mounted at the user's home; "" for none
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 import docker
 import docker.errors
+import docker.types
 import requests.exceptions
 
 from .. import netguard
@@ -28,6 +29,7 @@ from .base import (
     LABEL_DOOR,
     LABEL_FLEET,
     LABEL_GATEWAY,
+    LABEL_PROFILE,
     LABEL_SESSION,
     LABEL_STARTED,
     LABEL_USER,
@@ -66,6 +68,10 @@ LOG_CONFIG = {"type": "json-file", "config": {"max-size": str(LOG_FILE_BYTES), "
 IMAGE_PROTOCOL = "6"
 CLAIM_TIMEOUT = 10.0
 CLAIM_ANSWER = re.compile(rb"^termbridge-claim (ok|failed: .*)$", re.M)
+# Optional abilities an image states in the label `termbridge.features` (comma-separated), asked
+# for only by the sessions that need them. persistent-home: termbridge-adduser takes a home that
+# is already there (bound by the gateway, the person's own) instead of making one.
+FEATURE_PERSISTENT_HOME = "persistent-home"
 NETWORK_NAMES = {"isolated": "termbridge-isolated", "internet": "termbridge-internet"}
 SSHD_PORT = 22
 
@@ -80,6 +86,14 @@ def _tar(files: dict[str, tuple[bytes, int]]) -> bytes:
             info.uid = info.gid = 0
             tar.addfile(info, io.BytesIO(data))
     return buf.getvalue()
+
+
+def _home_mount(spec: ContainerSpec) -> docker.types.Mount:
+    if spec.root or not spec.user:
+        raise SessionStartError(detail="a persistent home needs a login-mode session with its user")
+    return docker.types.Mount(
+        target=f"/home/{spec.user}", source=spec.home, type="bind", read_only=False, propagation="rprivate"
+    )
 
 
 class ClaimChannel:
@@ -124,19 +138,22 @@ class DockerBackend:
         fleet: str = "",
         base_url: str | None = None,
         workers: int = 16,
+        networks: tuple[str, ...] = (),
     ) -> None:
+        """`networks`: the session.network modes of every profile, prepared by `prepare`
+        (default: `config.network`'s); a spec's settings may ask for any of them."""
         self.config = config
         self.instance_id = instance_id
         self.fleet = fleet or instance_id
-        self.network_name = NETWORK_NAMES[config.network]
+        self.networks = tuple(dict.fromkeys(networks or (config.network,)))
         self._base_url = base_url
         self._workers = workers
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="docker")
         self._client: docker.APIClient | None = None
         self._client_lock = threading.Lock()
-        self._bridge: str | None = None
+        self._bridges: dict[str, str] = {}  # network mode -> its host bridge, once prepared
         self._prepare_lock = threading.Lock()
-        self._checked_from: float | None = None  # when the last check that passed began (monotonic)
+        self._checked_from: dict[str, float] = {}  # network mode -> when its last passed check began
         self._claims: dict[str, ClaimChannel] = {}  # pooled containers' open stdin, by container id
 
     # -- plumbing ---------------------------------------------------------------------------
@@ -155,8 +172,8 @@ class DockerBackend:
     def _forget_client(self) -> None:
         with self._client_lock:
             client, self._client = self._client, None
-            self._bridge = None
-            self._checked_from = None
+            self._bridges.clear()
+            self._checked_from.clear()
         if client is not None:
             client.close()
 
@@ -182,25 +199,29 @@ class DockerBackend:
 
         return await self._call(version)
 
-    def _network_info(self, api: docker.APIClient) -> dict[str, Any]:
+    def _settings(self, spec: ContainerSpec) -> SessionConfig:
+        return spec.settings or self.config
+
+    def _network_info(self, api: docker.APIClient, network: str) -> dict[str, Any]:
         """The session network, created on first use; an existing one must have our settings."""
-        isolated = self.config.network == "isolated"
-        found = [n for n in api.networks(names=[self.network_name]) if n["Name"] == self.network_name]
+        isolated = network == "isolated"
+        name = NETWORK_NAMES[network]
+        found = [n for n in api.networks(names=[name]) if n["Name"] == name]
         if not found:
-            log.info("creating network %s", self.network_name)
+            log.info("creating network %s", name)
             try:
                 api.create_network(
-                    self.network_name,
+                    name,
                     driver="bridge",
                     internal=isolated,
                     options={"com.docker.network.bridge.enable_icc": "false"},
-                    labels={"termbridge.network": self.config.network},
+                    labels={"termbridge.network": network},
                     check_duplicate=True,
                 )
             except docker.errors.APIError as exc:
                 if exc.status_code != 409:
                     raise
-        info = api.inspect_network(self.network_name)
+        info = api.inspect_network(name)
         options = info.get("Options") or {}
         wrong = []
         if bool(info.get("Internal")) != isolated:
@@ -213,58 +234,64 @@ class DockerBackend:
             wrong.append(f"driver {info.get('Driver')}")
         if wrong:
             raise netguard.NetworkGuardError(
-                detail=f"network {self.network_name} exists with settings that break session.network="
-                f"{self.config.network} ({', '.join(wrong)}); remove it (docker network rm {self.network_name})"
+                detail=f"network {name} exists with settings that break session.network="
+                f"{network} ({', '.join(wrong)}); remove it (docker network rm {name})"
             )
         return info
 
-    def _prepare_sync(self, api: docker.APIClient | None = None) -> None:
-        """Network, route tools and firewall. Cached; the firewall is re-checked for every call,
-        so rules flushed behind the gateway's back come back before the next session starts.
-        Starts that ask at once share one check: a check begun after a call asked answers for
-        it too (a class starting together waits for two checks, not one after another each)."""
+    def _prepare_sync(self, api: docker.APIClient | None = None, networks: tuple[str, ...] = ()) -> None:
+        """Networks (`networks`, default every profile's), route tools and firewall. Cached; the
+        firewall is re-checked for every call, so rules flushed behind the gateway's back come
+        back before the next session starts. Starts that ask at once share one check: a check
+        of a network begun after a call asked answers for it too (a class starting together
+        waits for two checks, not for one after another each)."""
         api = api or self._api()
         asked = time.monotonic()
         with self._prepare_lock:
-            if self._checked_from is not None and self._checked_from > asked:
-                return
-            began = time.monotonic()
-            self._prepare_locked(api)
-            self._checked_from = began
+            for network in networks or self.networks:
+                if self._checked_from.get(network, asked) > asked:
+                    continue
+                began = time.monotonic()
+                self._prepare_locked(api, network)
+                self._checked_from[network] = began
 
-    def _prepare_locked(self, api: docker.APIClient) -> None:
-        if self._bridge is None:
-            info = self._network_info(api)
+    def _prepare_locked(self, api: docker.APIClient, network: str) -> None:
+        name = NETWORK_NAMES[network]
+        bridge = self._bridges.get(network)
+        if bridge is None:
+            info = self._network_info(api, network)
             bridge = (info.get("Options") or {}).get("com.docker.network.bridge.name") or f"br-{info['Id'][:12]}"
-            if self.config.network == "isolated":
+            if network == "isolated":
                 netguard.require_tools("nsenter", "ip")
             if self.config.firewall:
                 netguard.require_tools("iptables", "iptables-restore", "ip6tables-restore", "nsenter", "ip")
                 netguard.guard_bridge(bridge)
             else:
                 log.warning("session.firewall is off: session containers can reach host ports on %s", bridge)
-            log.info("session network %s on %s: %s, firewall %s", self.network_name, bridge,
-                     self.config.network, "on" if self.config.firewall else "OFF")
-            self._bridge = bridge
-        elif self.config.firewall and not netguard.bridge_guarded(self._bridge):
-            log.warning("firewall rules for %s were missing; installing them again", self._bridge)
-            netguard.guard_bridge(self._bridge)
+            log.info("session network %s on %s: %s, firewall %s", name, bridge,
+                     network, "on" if self.config.firewall else "OFF")
+            self._bridges[network] = bridge
+        elif self.config.firewall and not netguard.bridge_guarded(bridge):
+            log.warning("firewall rules for %s were missing; installing them again", bridge)
+            netguard.guard_bridge(bridge)
 
     async def prepare(self) -> None:
         await self._call(self._prepare_sync)
 
-    def _egress(self) -> netguard.Egress:
+    def _egress(self, cfg: SessionConfig) -> netguard.Egress:
         """What this container may reach, read afresh (the host's networks and resolvers change)."""
-        if self.config.network == "isolated":
+        if cfg.network == "isolated":
             return netguard.Egress()
-        resolvers = self.config.dns or netguard.upstream_resolvers()
+        resolvers = cfg.dns or netguard.upstream_resolvers()
         if not resolvers:
             log.warning("no name server for internet-mode sessions (set session.dns): they get no DNS")
         blocked = (*netguard.PRIVATE_NETWORKS, *netguard.host_networks())
-        return netguard.Egress(blocked=blocked, allowed=self.config.internet_allow, resolvers=resolvers)
+        return netguard.Egress(blocked=blocked, allowed=cfg.internet_allow, resolvers=resolvers)
 
-    def _host_config(self, api: docker.APIClient, root: bool) -> dict[str, Any]:
-        cfg = self.config
+    def _host_config(self, api: docker.APIClient, cfg: SessionConfig, spec: ContainerSpec) -> dict[str, Any]:
+        """Limits and hardening; a persistent home is the one host directory a container gets
+        (its own file system, the person's alone: homes.py), bound over the tmpfs /home."""
+        root = spec.root
         tmp = f"rw,exec,nosuid,nodev,size={cfg.tmpfs_size}"
         tmpfs = {"/run": f"rw,noexec,nosuid,nodev,size={RUN_TMPFS_SIZE},mode=0755", "/tmp": f"{tmp},mode=1777"}
         if not root:
@@ -277,12 +304,13 @@ class DockerBackend:
             cap_drop=["ALL"],
             cap_add=list(SESSION_CAPS),
             security_opt=["no-new-privileges"],
-            network_mode=self.network_name,
+            network_mode=NETWORK_NAMES[cfg.network],
             init=True,
             privileged=False,
             read_only=not root,
             tmpfs=tmpfs,
             log_config=LOG_CONFIG,
+            mounts=[_home_mount(spec)] if spec.home else None,
         )
 
     def _boot(self, api: docker.APIClient, cid: str, spec: ContainerSpec) -> None:
@@ -304,12 +332,13 @@ class DockerBackend:
             api.start(cid)
             info = api.inspect_container(cid)
             pid = int(info["State"].get("Pid") or 0)
-            if self.config.network == "isolated":
+            cfg = self._settings(spec)
+            if cfg.network == "isolated":
                 netguard.drop_default_routes(pid)
             if self.config.firewall:
-                egress = self._egress()
+                egress = self._egress(cfg)
                 netguard.guard_container(pid, egress)
-                if self.config.network == "internet":
+                if cfg.network == "internet":
                     self._write_resolv_conf(info["ResolvConfPath"], egress)
             raw.settimeout(10)
             raw.sendall(keys)
@@ -335,38 +364,48 @@ class DockerBackend:
         except OSError as exc:
             raise SessionStartError(detail=f"writing the container's resolv.conf ({path}) failed: {exc}") from exc
 
-    def _check_image(self, api: docker.APIClient) -> None:
+    def _check_image(self, api: docker.APIClient, image: str, spec: ContainerSpec) -> None:
         try:
-            labels = api.inspect_image(self.config.image)["Config"].get("Labels") or {}
+            labels = api.inspect_image(image)["Config"].get("Labels") or {}
         except docker.errors.NotFound as exc:
-            raise ImageMissing(detail=f"session image {self.config.image!r} not found: {exc}") from exc
+            raise ImageMissing(detail=f"session image {image!r} not found: {exc}") from exc
         found = labels.get("termbridge.protocol")
         if found != IMAGE_PROTOCOL:
             raise ImageMissing(
                 "the session image on this server is out of date; ask the admin to rebuild it",
-                detail=f"session image {self.config.image!r} has termbridge.protocol={found!r}, this gateway needs "
+                detail=f"session image {image!r} has termbridge.protocol={found!r}, this gateway needs "
                 f"{IMAGE_PROTOCOL!r}: rebuild it with `termbridge image build`",
+            )
+        features = (labels.get("termbridge.features") or "").split(",")
+        if spec.home and FEATURE_PERSISTENT_HOME not in features:
+            raise ImageMissing(
+                "the session image on this server cannot keep your home directory; ask the admin to rebuild it",
+                detail=f"session image {image!r} lacks {FEATURE_PERSISTENT_HOME!r} in termbridge.features "
+                "(session.home = persistent): rebuild it with `termbridge image build`",
             )
 
     def _environment(self, spec: ContainerSpec) -> dict[str, str]:
         """The entrypoint's settings; the holder inside ends the session on its own after the idle
         timeout with no gateway attached, and at the maximum lifetime, if no gateway is left to."""
+        cfg = self._settings(spec)
         return {
             "TERMBRIDGE_USER": spec.user,
             "TERMBRIDGE_UID": "" if spec.root or not spec.user else str(self._session_uid(spec.user, spec.uid)),
             "TERMBRIDGE_MODE": "root" if spec.root else "login",
-            "TERMBRIDGE_IDLE_TIMEOUT": str(max(1, round(self.config.idle_timeout))),
-            "TERMBRIDGE_MAX_LIFETIME": str(max(1, round(self.config.max_lifetime))),
+            "TERMBRIDGE_IDLE_TIMEOUT": str(max(1, round(cfg.idle_timeout))),
+            "TERMBRIDGE_MAX_LIFETIME": str(max(1, round(cfg.max_lifetime))),
+            "TERMBRIDGE_HOME": "persistent" if spec.home else "ephemeral",
         }
 
     def _start_sync(self, spec: ContainerSpec) -> Container:
         api = self._api()
-        self._prepare_sync(api)
-        self._check_image(api)
+        cfg = self._settings(spec)
+        network_name = NETWORK_NAMES[cfg.network]
+        self._prepare_sync(api, (cfg.network,))
+        self._check_image(api, cfg.image, spec)
         short = spec.session_id[:8]
         # Not the login: names are what Docker's DNS and `docker ps` show; the user is in a label.
         name = f"termbridge-{short}"
-        cfg = self.config
         labels = {
             LABEL_SESSION: spec.session_id,
             LABEL_USER: spec.user,
@@ -374,6 +413,7 @@ class DockerBackend:
             LABEL_GATEWAY: self.instance_id,
             LABEL_FLEET: self.fleet,
             LABEL_STARTED: spec.started,
+            LABEL_PROFILE: spec.profile,
         }
         try:
             created = api.create_container(
@@ -382,7 +422,7 @@ class DockerBackend:
                 hostname=f"tb-{short}",
                 labels=labels,
                 environment=self._environment(spec),
-                host_config=self._host_config(api, spec.root),
+                host_config=self._host_config(api, cfg, spec),
                 stdin_open=True,  # the keys come this way; with detach=False, Docker closes it after them
                 detach=False,
             )
@@ -390,7 +430,8 @@ class DockerBackend:
             raise ImageMissing(detail=f"session image {cfg.image!r} not found: {exc}") from exc
         except docker.errors.APIError as exc:
             if exc.status_code == 404 and "network" in str(exc).lower():
-                self._bridge = self._checked_from = None
+                self._bridges.pop(cfg.network, None)
+                self._checked_from.pop(cfg.network, None)
             elif exc.status_code == 404:
                 raise ImageMissing(detail=f"session image {cfg.image!r} not found: {exc}") from exc
             raise SessionStartError(detail=f"create failed: {exc}") from exc
@@ -398,9 +439,9 @@ class DockerBackend:
         try:
             self._boot(api, cid, spec)
             info = api.inspect_container(cid)
-            address = info["NetworkSettings"]["Networks"][self.network_name]["IPAddress"]
+            address = info["NetworkSettings"]["Networks"][network_name]["IPAddress"]
             if not address:
-                raise SessionStartError(detail=f"container {cid[:12]} has no address on {self.network_name}")
+                raise SessionStartError(detail=f"container {cid[:12]} has no address on {network_name}")
         except BaseException as exc:
             self._remove_sync(cid)
             if isinstance(exc, docker.errors.APIError):

@@ -288,6 +288,16 @@ class Store(abc.ABC):
     async def clear(self, key: str) -> None:
         """Forget `key`'s failures and lock (a successful login)."""
 
+    # -- profile choices -----------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def get_profile_choice(self, user: str) -> str | None:
+        """The profile `user` last chose on the web chooser, or None."""
+
+    @abc.abstractmethod
+    async def put_profile_choice(self, user: str, profile: str) -> None:
+        """Remember `user`'s choice (the caller checked that the profile is theirs)."""
+
     # -- reconnect secrets ---------------------------------------------------------------------
 
     async def put_secret(self, session_id: str, secret: SessionSecret) -> None:

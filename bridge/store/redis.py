@@ -35,6 +35,7 @@ SLOT_USERS = PREFIX + "slot-users"  # hash: user -> slots held
 SLOT_SINCE = PREFIX + "slot-since"  # hash: slot id -> when it was taken
 SLOT_KEYS = [SLOTS, SLOT_USERS, SLOT_SINCE]
 META = PREFIX + "meta"
+PROFILE_CHOICES = PREFIX + "profile-choices"  # hash: user -> the profile last chosen on the web
 CONNECT_TIMEOUT = 3.0
 COMMAND_TIMEOUT = 5.0
 # Connections per gateway: a burst waits for a free one (up to COMMAND_TIMEOUT) instead of
@@ -371,6 +372,15 @@ class RedisStore(Store):
     async def _meta_setdefault(self, name: str, value: str) -> str:
         await self.redis.hsetnx(META, name, value)
         return (await self.redis.hget(META, name)).decode()
+
+    @_guarded
+    async def get_profile_choice(self, user: str) -> str | None:
+        found = await self.redis.hget(PROFILE_CHOICES, user)
+        return found.decode() if found is not None else None
+
+    @_guarded
+    async def put_profile_choice(self, user: str, profile: str) -> None:
+        await self.redis.hset(PROFILE_CHOICES, user, profile)
 
     @_guarded
     async def ping(self) -> None:

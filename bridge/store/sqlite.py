@@ -44,6 +44,7 @@ CREATE TABLE IF NOT EXISTS failures (key TEXT NOT NULL, at REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS failures_key_at ON failures (key, at);
 CREATE INDEX IF NOT EXISTS failures_at ON failures (at);
 CREATE TABLE IF NOT EXISTS locks (key TEXT PRIMARY KEY, until REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS profile_choices (user TEXT PRIMARY KEY, profile TEXT NOT NULL);
 """
 
 
@@ -276,6 +277,21 @@ class SqliteStore(Store):
             c.execute("DELETE FROM locks WHERE key = ?", (key,))
 
         await self._tx(clear)
+
+    # -- profile choices -----------------------------------------------------------------------
+
+    async def get_profile_choice(self, user: str) -> str | None:
+        row = await self._run(
+            lambda c: c.execute("SELECT profile FROM profile_choices WHERE user = ?", (user,)).fetchone()
+        )
+        return row[0] if row else None
+
+    async def put_profile_choice(self, user: str, profile: str) -> None:
+        await self._run(
+            lambda c: c.execute(
+                "INSERT OR REPLACE INTO profile_choices (user, profile) VALUES (?, ?)", (user, profile)
+            )
+        )
 
     # -- secrets, meta, lifecycle --------------------------------------------------------------
 

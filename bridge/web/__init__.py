@@ -1,8 +1,9 @@
 """The web door: one module per concern, wired here.
 
 keys (the typed app keys), http (hardening: headers, CSP, client address, origin), login (the
-login cookie, login and logout), terminal (the page and its /ws socket), files (home directory
-transfers) and ops (/healthz, /metrics), all under `web.base_path` (paths). Static assets come from the web root (bridge._web when
+login cookie, login and logout), chooser (the profile chooser), terminal (the page and its /ws
+socket), watch (admins watching or joining someone's session), files (home directory transfers)
+and ops (/healthz, /metrics), all under `web.base_path` (paths). Static assets come from the web root (bridge._web when
 installed), never from a CDN.
 """
 
@@ -13,7 +14,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from . import files, login, ops, paths, terminal
+from . import chooser, files, login, ops, paths, terminal, watch
 from .http import security_headers
 from .keys import WEB_ROOT, WEBSOCKETS
 from .paths import under
@@ -28,8 +29,10 @@ def setup_routes(app: web.Application, web_root: Path) -> None:
     app.on_response_prepare.append(security_headers)
     terminal.setup_routes(app)
     login.setup_routes(app)
+    chooser.setup_routes(app)
     ops.setup_routes(app)
     files.setup_routes(app)
+    watch.setup_routes(app)
     paths.setup_routes(app)
     modules = web_root / "node_modules"
     for package in VENDOR_PACKAGES:

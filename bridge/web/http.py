@@ -76,13 +76,17 @@ def origin_allowed(request: web.Request, *, required: bool) -> bool:
     return origin.rstrip("/") == expected_origin(request)
 
 
-def page(request: web.Request, name: str, status: int = 200, **values: str) -> web.Response:
+def page(
+    request: web.Request, name: str, status: int = 200, markup: dict[str, str] | None = None, **values: str
+) -> web.Response:
     """A template from web/templates, its values escaped, under a CSP with a fresh nonce; `$base`
-    is `web.base_path`, which every link in a template starts with."""
+    is `web.base_path`, which every link in a template starts with. `markup`: HTML fragments the
+    caller built (and escaped the parts of), put in as they are."""
     nonce = secrets.token_urlsafe(16)
     template = string.Template((request.app[WEB_ROOT] / "templates" / name).read_text())
     values = {**values, "nonce": nonce, "base": request.app[CONFIG].web.base_path}
-    body = template.safe_substitute({k: html.escape(v) for k, v in values.items()})
+    escaped = {k: html.escape(v) for k, v in values.items()}
+    body = template.safe_substitute({**escaped, **(markup or {})})
     response = web.Response(text=body, status=status, content_type="text/html")
     response.headers["Content-Security-Policy"] = CSP.format(nonce=f" 'nonce-{nonce}'")
     return response

@@ -15,10 +15,12 @@ from aiohttp import WSCloseCode, WSMsgType, web
 from .. import wsproto
 from ..config import Config
 from ..errors import BackendUnavailable, BridgeError, ProtocolError, SessionStartError
-from ..session import Session, TerminalRequest
-from ..sessions import SessionManager
+from ..profiles import pick
+from ..session import Session, TerminalRequest, Viewer
+from ..sessions import SessionManager, started_and_idle
 from ..vocab import Door, EndReason
 from .http import client_address, expected_origin, origin_allowed, page
+from .chooser import profiles_of
 from .keys import ACCOUNTS, CONFIG, LOGINS, MANAGER, WEBSOCKETS
 from .login import Login, current_login
 from .paths import redirect, under
@@ -33,10 +35,14 @@ async def index(request: web.Request) -> web.StreamResponse:
     login = await current_login(request)
     if login is None:
         raise redirect(request.app, "login")
+    mine, remembered = await profiles_of(request, login)
+    if len(mine) > 1 and remembered is None:
+        raise redirect(request.app, "profile")  # several profiles, none chosen yet
     logout_csrf = request.app[LOGINS].form_token("logout", login.id)
     return page(
         request, "terminal.html", user=login.user.name, logout_csrf=logout_csrf,
-        max_upload=str(request.app[CONFIG].web.max_upload_size),
+        max_upload=str(request.app[CONFIG].web.max_upload_size), profile=remembered or mine[0].name,
+        markup={"profile_change_hidden": "" if len(mine) > 1 else "hidden"},
     )
 
 
@@ -65,9 +71,10 @@ class WebSocketSink:
         if session is None:
             raise RuntimeError("attached() before started()")
         cfg = self.config.session
-        await self.ws.send_str(
-            wsproto.session_message(session.id, cfg.idle_timeout, offset=offset, reconnect_grace=cfg.reconnect_grace)
-        )
+        idle_timeout = (session.settings or cfg).idle_timeout
+        await self.ws.send_str(wsproto.session_message(
+            session.id, idle_timeout, offset=offset, reconnect_grace=cfg.reconnect_grace, profile=session.profile
+        ))
         if lost:
             await self.ws.send_str(wsproto.gap_message(lost))
 
@@ -76,6 +83,10 @@ class WebSocketSink:
 
     async def idle_warning(self, seconds: float) -> None:
         await self.ws.send_str(wsproto.idle_warning(seconds))
+
+    async def viewers(self, viewers: list[Viewer]) -> None:
+        if not self.ws.closed:
+            await self.ws.send_str(wsproto.viewers_message([viewer.describe() for viewer in viewers]))
 
     async def superseded(self) -> None:
         if not self.ws.closed:
@@ -117,10 +128,15 @@ def _resume_request(request: web.Request) -> tuple[str, int] | None:
 
 async def _open(request: web.Request, login: Login, terminal: TerminalRequest, sink: WebSocketSink,
                 resume: tuple[str, int] | None, early: bytearray) -> Session:
-    """This socket's terminal, new or resumed, if the login's account may still log in; then what
-    the person typed meanwhile."""
+    """This socket's terminal, new or resumed, if the login's account may still log in and the
+    profile the page asks for (`?profile=NAME`) is theirs now; then what the person typed meanwhile."""
     await request.app[ACCOUNTS].check(login.user, client_address(request))
-    session = await request.app[MANAGER].open_terminal(login.user, Door.WEB, sink, terminal, resume=resume)
+    mine, remembered = await profiles_of(request, login)
+    requested = request.query.get("profile", "")[:64] or None
+    profile = pick(request.app[MANAGER].config, login.user.name, mine, requested, remembered)
+    session = await request.app[MANAGER].open_terminal(
+        login.user, Door.WEB, sink, terminal, resume=resume, profile=profile
+    )
     await _flush(early, session)
     return session
 
@@ -253,9 +269,23 @@ async def _refuse_on_failure(ws: web.WebSocketResponse, starting: asyncio.Task) 
         await _refuse(ws, exc)
 
 
+async def own_sessions(request: web.Request) -> web.StreamResponse:
+    """The caller's live terminal sessions, of either door (the page offers to attach to one)."""
+    login = await current_login(request)
+    if login is None:
+        raise web.HTTPUnauthorized(text="log in first")
+    entries = []
+    for entry in await request.app[MANAGER].own_terminals(login.user):
+        started, idle = started_and_idle(entry)
+        entries.append({"id": entry.id, "door": str(entry.door), "started": started.isoformat(timespec="seconds"),
+                        "idle_for": round(idle)})
+    return web.json_response({"sessions": entries})
+
+
 def setup_routes(app: web.Application) -> None:
     app.router.add_get(under(app), index)
     app.router.add_get(under(app, "ws"), terminal_socket)
+    app.router.add_get(under(app, "sessions"), own_sessions)
 
 
 CLOSE_ALL_TIMEOUT = 3.0  # a close waits for the peer's answer; a gone peer must not hold the stop

@@ -11,6 +11,7 @@ export class StatusBar {
   constructor() {
     this.conn = document.getElementById("status-conn");
     this.sid = document.getElementById("status-session");
+    this.profile = document.getElementById("status-profile");
     this.idle = document.getElementById("status-idle");
     this.endButton = document.getElementById("btn-end");
     this.idleTimer = null;
@@ -27,6 +28,11 @@ export class StatusBar {
   setSession(id) {
     this.sid.textContent = id ? id.slice(0, 8) : "";
     this.sid.title = id ? `session ${id}` : "";
+  }
+
+  // The running session's profile (a resumed session keeps the one it started with).
+  setProfile(name) {
+    if (name) this.profile.textContent = name;
   }
 
   idleWarning(seconds) {

@@ -148,18 +148,22 @@ function forgetSession() {
   sessionStorage.removeItem(STORE);
 }
 
-function showEnded(reason, message) {
+const takeBack = document.getElementById("take-back");
+
+// `resumable`: the session runs on elsewhere (another window, or `ssh ... attach`): it can be taken back.
+function showEnded(reason, message, resumable = false) {
   if (ended) return;
   ended = true;
   clearTimeout(retryTimer);
   input.clear();
-  forgetSession();
+  if (!resumable) forgetSession();
+  takeBack.hidden = !resumable;
   setState("ended");
   body.dataset.reason = reason;
   showBanner("");
   endedReason.textContent = message || `The session ended: ${REASONS[reason] || reason}.`;
   endedBox.hidden = false;
-  document.getElementById("restart").focus();
+  (resumable ? takeBack : document.getElementById("restart")).focus();
 }
 
 function onControl(msg) {
@@ -177,6 +181,8 @@ function onControl(msg) {
       setState("running");
       body.dataset.session = msg.id;
       status.setSession(msg.id);
+      status.setProfile(msg.profile);
+      body.dataset.sessionProfile = msg.profile || "";
       showBanner("");
       input.pump();
       if (!searchBox.isOpen && !files.isOpen) term.focus();
@@ -200,14 +206,39 @@ function onControl(msg) {
     case "restarting":
       restarting = true;
       break;
+    case "viewers":
+      showViewers(msg.viewers || []);
+      break;
   }
+}
+
+// Admins watching or joined: always in the status bar, and a one-line banner while there are any.
+const viewersStatus = document.getElementById("status-viewers");
+function showViewers(viewers) {
+  const names = (kind) => viewers.filter((v) => v.mode === kind).map((v) => v.user).join(", ");
+  const watching = names("watch");
+  const joined = names("join");
+  const parts = [];
+  if (watching) parts.push(`${watching} watching`);
+  if (joined) parts.push(`${joined} joined (can type)`);
+  viewersStatus.textContent = parts.join("; ");
+  viewersStatus.hidden = parts.length === 0;
+  body.dataset.viewers = String(viewers.length);
+  if (parts.length) showBanner(`This session is being seen by an administrator: ${parts.join("; ")}.`, "viewers");
+  else if (bannerKind === "viewers") showBanner("");
 }
 
 function socketUrl() {
   const proto = location.protocol === "https:" ? "wss:" : "ws:";
-  let address = `${proto}//${location.host}${url("ws")}`;
-  if (sessionId) address += `?session=${encodeURIComponent(sessionId)}&offset=${repaint ? 0 : received}`;
-  return address;
+  const address = `${proto}//${location.host}${url("ws")}`;
+  const query = new URLSearchParams();
+  if (body.dataset.profile) query.set("profile", body.dataset.profile); // checked again by the gateway
+  if (sessionId) {
+    query.set("session", sessionId);
+    query.set("offset", String(repaint ? 0 : received));
+  }
+  const text = query.toString();
+  return text ? `${address}?${text}` : address;
 }
 
 function connect() {
@@ -237,7 +268,7 @@ function connect() {
     if (ended) return;
     if (ev.code === 1012) restarting = true; // service restart: the session runs on
     if (ev.code === 4001) {
-      showEnded("error", "This session was opened in another window.");
+      showEnded("superseded", "This session was opened in another window or attached from ssh.", true);
       return;
     }
     if (!sessionId || ev.code === 1013) {
@@ -338,10 +369,78 @@ confirmEnd.addEventListener("close", () => {
   else term.focus();
   confirmEnd.returnValue = "";
 });
+// -- sessions: attach another of the person's live sessions (browser or ssh) to this page --------
+
+const sessionsMenu = document.getElementById("sessions");
+const sessionsList = document.getElementById("sessions-list");
+
+function attachHere(id) {
+  if (ws) {
+    ws.onclose = null;
+    ws.onmessage = null;
+    ws.close();
+  }
+  sessionsMenu.open = false;
+  sessionId = id;
+  sessionStorage.setItem(STORE, id);
+  term.reset();
+  received = 0;
+  repaint = true;
+  droppedAt = null;
+  connect();
+}
+
+async function listSessions() {
+  sessionsList.replaceChildren();
+  let found = [];
+  try {
+    const resp = await fetch(url("sessions"), { credentials: "same-origin" });
+    if (resp.ok) found = (await resp.json()).sessions;
+  } catch {
+    found = [];
+  }
+  for (const entry of found) {
+    const item = document.createElement("li");
+    const label = document.createElement("span");
+    const minutes = Math.floor(entry.idle_for / 60);
+    label.textContent = `${entry.id.slice(0, 8)} · ${entry.door} · idle ${minutes} min`;
+    item.append(label);
+    if (entry.id === sessionId && body.dataset.state === "running") {
+      item.append(" (this page)");
+    } else {
+      const button = document.createElement("button");
+      button.type = "button";
+      button.className = "bar";
+      button.textContent = "Attach here";
+      button.setAttribute("aria-label", `Attach session ${entry.id.slice(0, 8)} (${entry.door}) here`);
+      button.addEventListener("click", () => attachHere(entry.id));
+      item.append(" ", button);
+    }
+    sessionsList.append(item);
+  }
+  if (!found.length) {
+    const none = document.createElement("li");
+    none.textContent = "No live sessions.";
+    sessionsList.append(none);
+  }
+}
+sessionsMenu.addEventListener("toggle", () => {
+  if (sessionsMenu.open) listSessions();
+  else term.focus();
+});
+
 document.getElementById("settings").addEventListener("toggle", (ev) => {
   if (!ev.target.open) term.focus();
 });
+takeBack.addEventListener("click", () => {
+  term.reset();
+  received = 0;
+  repaint = true;
+  droppedAt = null;
+  connect();
+});
 document.getElementById("restart").addEventListener("click", () => {
+  forgetSession();
   term.reset();
   received = 0;
   droppedAt = null;
