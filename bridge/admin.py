@@ -19,16 +19,13 @@ import logging
 import os
 import pwd
 import socket
-import time
 import struct
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from .errors import StoreUnavailable
 from .homes import HomeError
 from .sessions import SessionManager
-from .store import SessionRecord
 
 log = logging.getLogger("termbridge.admin")
 
@@ -112,28 +109,9 @@ class AdminServer:
         return {"error": f"unknown command {str(command)[:40]!r}"}
 
     async def _fleet(self) -> dict[str, dict[str, Any]]:
-        """Every session of every gateway sharing the store, this gateway's from its memory
-        (another gateway's idle time is as of its last write to the store)."""
-        records = {record.id: record for record in await self.manager.fleet()}
-        found: dict[str, dict[str, Any]] = {}
-        for session in self.manager.list():
-            row = session.describe()  # its profile included
-            found[session.id] = {**row, "gateway": self.manager.gateway, "idle_seconds": row["idle_for"]}
-        now = time.time()
-        for record in records.values():
-            found.setdefault(record.id, {
-                "id": record.id,
-                "user": record.user,
-                "door": record.door,
-                "profile": record.profile,
-                "container": record.container_name or None,
-                "started": datetime.fromtimestamp(record.started, timezone.utc).isoformat(timespec="seconds"),
-                "idle_seconds": round(max(0.0, now - record.last_activity), 1),
-                "attached": record.attached_by is not None,
-                "gateway": record.gateway,
-            })
-        rows = sorted(found.values(), key=lambda row: row["started"])
-        return {row["id"]: {key: row[key] for key in SESSION_KEYS} for row in rows}
+        """Every session of every gateway sharing the store, by id, oldest first (another
+        gateway's idle time is as of its last write to the store)."""
+        return {row["id"]: {key: row[key] for key in SESSION_KEYS} for row in await self.manager.fleet_view()}
 
     async def _kill(self, request: dict[str, Any]) -> dict[str, Any]:
         """`kill` one session by id prefix, or every one with `all`: this gateway's directly,
@@ -153,18 +131,9 @@ class AdminServer:
                 return {"error": f"no live session {prefix!r}"}
             if len(targets) > 1:
                 return {"error": f"{prefix!r} matches {len(targets)} sessions; give more of the id"}
-        records = {r.id: r for r in await self.manager.fleet()}
-        await asyncio.gather(*(self._kill_one(session_id, records.get(session_id)) for session_id in targets))
+        await asyncio.gather(*(self.manager.end_session(session_id, "an administrator (termbridge sessions kill)")
+                               for session_id in targets))
         return {"killed": targets}
-
-    async def _kill_one(self, session_id: str, record: SessionRecord | None) -> None:
-        session = self.manager.get(session_id)
-        if session is not None:
-            session.log.info("killed by an administrator")
-            await self.manager.kill(session)
-        elif record is not None:
-            log.info("session %.12s of %s on gateway %s: kill requested", session_id, record.user, record.gateway)
-            await self.manager.request_kill(record)
 
 
     async def _homes(self, request: dict[str, Any]) -> dict[str, Any]:

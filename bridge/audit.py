@@ -14,6 +14,8 @@ import json
 import logging
 import logging.handlers
 import os
+import re
+import stat
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -25,7 +27,7 @@ from .errors import ConfigError
 from .logsafe import SafeFormatter
 from .observers import SessionObserver
 from .session import Session, Viewer
-from .vocab import Actor, Door, LoginResult
+from .vocab import Actor, AdminEvent, Door, LoginResult
 
 log = logging.getLogger("termbridge.audit")
 
@@ -140,6 +142,12 @@ class AuditObserver(SessionObserver):
 
     def containers_reaped(self, count: int) -> None:
         self.audit.emit("containers_reaped", count=count)
+
+    def admin_viewed(self, admin: str, rhost: str, door: Door, what: str) -> None:
+        self.audit.emit(AdminEvent.VIEW, admin=admin, rhost=rhost, door=door, what=what)
+
+    def admin_killed(self, admin: str, rhost: str, session_id: str, owner: str) -> None:
+        self.audit.emit(AdminEvent.KILL, admin=admin, rhost=rhost, session=session_id, user=owner)
 
 
 # -- recording ------------------------------------------------------------------------------------
@@ -385,6 +393,78 @@ class AsciicastRecorder:
         if not self._header_written:
             self._line(None)
         self._close_file()
+
+
+# -- reading back, for the admin console ------------------------------------------------------------
+
+SESSION_ID = re.compile(r"[0-9a-f]{32}")  # what `Session` ids look like; nothing else names a file
+TAIL_BYTES = 64 * 1024
+HEADER_BYTES = 4096
+_TITLE = re.compile(r"termbridge session [0-9a-f]+ \((?P<user>[^,()]*), (?P<door>[a-z]+)\)$")
+
+
+def audit_tail(path: Path, count: int) -> list[dict[str, Any]]:
+    """The last `count` events of an audit file (read from its last 64 KiB: blocking, call it in
+    a thread). A line that does not parse is shown as its text."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(max(0, os.fstat(fh.fileno()).st_size - TAIL_BYTES))
+            lines = fh.read(TAIL_BYTES).decode("utf-8", "replace").splitlines()[-count:]
+    except FileNotFoundError:
+        return []
+    events = []
+    for line in lines:
+        try:
+            event = json.loads(line)
+        except ValueError:
+            event = None
+        events.append(event if isinstance(event, dict) else {"event": "?", "text": line[:500]})
+    return events
+
+
+def recording_file(record_dir: Path, session_id: str) -> Path | None:
+    """The recording of session `session_id`, if it has one: only a session id names a file,
+    so no other path can be asked for; a symlink is not followed."""
+    if not SESSION_ID.fullmatch(session_id):
+        return None
+    path = record_dir / f"{session_id}{CAST_SUFFIX}"
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return None
+    return path if stat.S_ISREG(st.st_mode) else None
+
+
+def list_recordings(record_dir: Path, count: int) -> list[dict[str, Any]]:
+    """The `count` newest recordings: session id, user and door (from the header), size and
+    when last written. Blocking: call it in a thread."""
+    found = []
+    with os.scandir(record_dir) as entries:
+        for entry in entries:
+            session_id = entry.name.removesuffix(CAST_SUFFIX)
+            if entry.name.endswith(CAST_SUFFIX) and SESSION_ID.fullmatch(session_id) and entry.is_file(follow_symlinks=False):
+                st = entry.stat(follow_symlinks=False)
+                found.append((st.st_mtime, session_id, st.st_size, entry.path))
+    found.sort(reverse=True)
+    listed = []
+    for mtime, session_id, size, path in found[:count]:
+        listed.append({
+            "session": session_id, "bytes": size,
+            "modified": datetime.fromtimestamp(mtime, timezone.utc).isoformat(timespec="seconds"),
+            **_header_of(Path(path)),
+        })
+    return listed
+
+
+def _header_of(path: Path) -> dict[str, str]:
+    """User and door from a recording's header line (empty when it has none yet)."""
+    try:
+        with open(path, "rb") as fh:
+            header = json.loads(fh.readline(HEADER_BYTES))
+        match = _TITLE.match(str(header.get("title", "")))
+    except (OSError, ValueError, AttributeError):
+        return {"user": "", "door": ""}
+    return {"user": match["user"], "door": match["door"]} if match else {"user": "", "door": ""}
 
 
 class SessionRecorder(SessionObserver):

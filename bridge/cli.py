@@ -54,17 +54,6 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _fmt_idle(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    seconds = int(seconds)
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-
-
 def _ask_gateway(config: Config, payload: dict[str, object]) -> dict | None:
     """One admin-socket request; None (after saying why on stderr) when it failed."""
     from .admin import request, socket_path
@@ -85,9 +74,10 @@ def _ask_gateway(config: Config, payload: dict[str, object]) -> dict | None:
 
 
 def _print_table(rows: list[tuple[str, ...]]) -> None:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    from .fleet import format_table
+
+    for line in format_table(rows):
+        print(line)
 
 
 def homes_command(config: Config, args: argparse.Namespace) -> int:
@@ -136,13 +126,10 @@ def sessions_command(config: Config, args: argparse.Namespace) -> int:
         json.dump(answer["sessions"], sys.stdout, indent=1)
         print()
         return 0
-    rows = [("ID", "USER", "DOOR", "PROFILE", "CONTAINER", "STARTED", "IDLE", "GATEWAY")]
-    for s in answer["sessions"]:
-        rows.append((
-            s["id"], s["user"], s["door"], s["profile"], s["container"] or "-", s["started"],
-            _fmt_idle(s["idle_seconds"]), s["gateway"],
-        ))
-    _print_table(rows)
+    from .fleet import format_sessions
+
+    for line in format_sessions(answer["sessions"]):
+        print(line)
     return 0
 
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from datetime import datetime
-from typing import Protocol
+from datetime import datetime, timezone
+from typing import Any, Protocol
 
 from .backends.base import LABEL_GATEWAY, LABEL_STARTED, Backend, ContainerInfo
 from .config import Config
@@ -33,6 +33,53 @@ def _age(info: ContainerInfo, now: float) -> float:
     return now - started.timestamp()
 
 
+def format_idle(seconds: float | None) -> str:
+    """`42s`, `3m05s`, `2h10m`; `-` when unknown."""
+    if seconds is None:
+        return "-"
+    seconds = int(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def format_table(rows: list[tuple[str, ...]]) -> list[str]:
+    """Rows (the first one the header) as lines of left-aligned columns."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
+
+
+def format_sessions(sessions: list[dict[str, Any]]) -> list[str]:
+    """The session table of `termbridge sessions list` (and of the SSH door's `sessions`)."""
+    rows = [("ID", "USER", "DOOR", "PROFILE", "CONTAINER", "STARTED", "IDLE", "GATEWAY")]
+    for s in sessions:
+        rows.append((
+            s["id"], s["user"], s["door"], s["profile"], s["container"] or "-", s["started"],
+            format_idle(s["idle_seconds"]), s["gateway"],
+        ))
+    return format_table(rows)
+
+
+def _from_record(record: SessionRecord, now: float) -> dict[str, Any]:
+    """A session another gateway serves, as its record in the store has it."""
+    return {
+        "id": record.id,
+        "user": record.user,
+        "door": record.door,
+        "container": record.container_name or None,
+        "container_id": record.container_id or None,
+        "started": datetime.fromtimestamp(record.started, timezone.utc).isoformat(timespec="seconds"),
+        "idle_seconds": round(max(0.0, now - record.last_activity), 1),  # as last written (every few seconds)
+        "attached": record.attached_by is not None,
+        "gateway": record.gateway,
+        "profile": record.profile,
+        "bytes_in": None,  # the serving gateway's to know
+        "bytes_out": None,
+    }
+
+
 class Manager(Protocol):
     """What the housekeeping needs of the session manager (which imports this module)."""
 
@@ -47,6 +94,8 @@ class Manager(Protocol):
     async def forget(self, session_id: str) -> None: ...
 
     async def kill(self, session: Session) -> None: ...
+
+    def removing(self, session_id: str) -> bool: ...
 
 
 class FleetKeeper:
@@ -132,11 +181,44 @@ class FleetKeeper:
                     session.log.info("killed by an administrator on another gateway")
                     await self.manager.kill(session)
 
+    async def view(self) -> list[dict[str, Any]]:
+        """Every live session of every gateway sharing the store, oldest first, as the admin
+        socket, the console and the SSH door's `sessions` show them: this gateway's from its
+        memory, the others' from their records."""
+        records = {r.id: r for r in await self.fleet()}
+        now = time.time()
+        found: dict[str, dict[str, Any]] = {}
+        for session in self.manager.sessions.values():
+            row = session.describe()  # its profile included
+            row["idle_seconds"] = row.pop("idle_for")
+            found[session.id] = row | {"gateway": self.manager.gateway}
+        for record in records.values():
+            if record.id not in found and not record.ended and not self.manager.removing(record.id):
+                found[record.id] = _from_record(record, now)
+        return sorted(found.values(), key=lambda row: row["started"])
+
     async def fleet(self) -> list[SessionRecord]:
         """Every session of every gateway sharing the store (this one's only, without a store)."""
         if self.manager.store is None:
             return []
         return await self.manager.store.list_sessions()
+
+    async def end_session(self, session_id: str, by: str = "an administrator") -> bool:
+        """End one live session of the fleet (reason `killed`; its person is told an administrator
+        ended it): this gateway's directly, another gateway's through the store. False when no
+        live session has that id."""
+        session = self.manager.sessions.get(session_id)
+        if session is not None:
+            session.log.info("killed by %s", by)
+            await self.manager.kill(session)
+            return True
+        store = self.manager.store
+        record = await store.get_session(session_id) if store is not None else None
+        if record is None or record.ended:
+            return False
+        log.info("session %.12s of %s on gateway %s: kill requested by %s", session_id, record.user, record.gateway, by)
+        await self.request_kill(record)
+        return True
 
     async def request_kill(self, record: SessionRecord, wait: float = 5.0) -> None:
         """End a session another gateway serves: ask it through the store; if it has not ended

@@ -19,7 +19,7 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
 from .auth import AuthenticatedUser
-from .backends.base import Backend, Container, ContainerInfo, ContainerSpec, ContainerState
+from .backends.base import Backend, Container, ContainerInfo, ContainerSpec, ContainerState, ContainerStats
 from .config import DEFAULT_PROFILE
 from .errors import BackendUnavailable, BridgeError, ImageMissing, SessionStartError
 from .observers import SessionObserver
@@ -184,6 +184,9 @@ class MeteredBackend:
 
     async def poll(self, container_id: str) -> ContainerState:
         return await self._count(BackendOp.POLL, self.inner.poll(container_id))
+
+    async def stats(self, container_id: str) -> ContainerStats | None:
+        return await self._count(BackendOp.STATS, self.inner.stats(container_id))
 
     async def list_own(self) -> list[ContainerInfo]:
         return await self._count(BackendOp.LIST, self.inner.list_own())

@@ -42,6 +42,12 @@ class SessionObserver:
     def containers_reaped(self, count: int) -> None:
         """The reaper removed `count` containers that no live session owned."""
 
+    def admin_viewed(self, admin: str, rhost: str, door: Door, what: str) -> None:
+        """An admin looked at `what` (the console, a recording, the session list)."""
+
+    def admin_killed(self, admin: str, rhost: str, session_id: str, owner: str) -> None:
+        """An admin ended `owner`'s session `session_id` from the console."""
+
     def viewer_started(self, session: Session, viewer: Viewer) -> None:
         """An admin began to watch or joined someone's session (`viewer.mode`)."""
 
@@ -89,6 +95,12 @@ class Observers(SessionObserver):
 
     def containers_reaped(self, count: int) -> None:
         self._each("containers_reaped", lambda o: o.containers_reaped(count))
+
+    def admin_viewed(self, admin: str, rhost: str, door: Door, what: str) -> None:
+        self._each("admin_viewed", lambda o: o.admin_viewed(admin, rhost, door, what))
+
+    def admin_killed(self, admin: str, rhost: str, session_id: str, owner: str) -> None:
+        self._each("admin_killed", lambda o: o.admin_killed(admin, rhost, session_id, owner))
 
     def viewer_started(self, session: Session, viewer: Viewer) -> None:
         self._each("viewer_started", lambda o: o.viewer_started(session, viewer))

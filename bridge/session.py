@@ -216,8 +216,11 @@ class Session:
             "door": self.door,
             "profile": self.profile,
             "container": self.container.name if self.container else None,
+            "container_id": self.container.id if self.container else None,
             "started": self.started_at.isoformat(timespec="seconds"),
             "idle_for": round(time.monotonic() - self.last_activity, 1),
             "attached": self.stream is None or self.stream.attachment is not None,
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
             "viewers": [viewer.describe() for viewer in self.viewers],
         }

@@ -846,8 +846,16 @@ class SessionManager:
         """Every session of every gateway sharing the store (none without a store)."""
         return await self.keeper.fleet()
 
+    async def fleet_view(self) -> list[dict[str, Any]]:
+        """Every live session of the fleet, described (`FleetKeeper.view`), oldest first."""
+        return await self.keeper.view()
+
     async def request_kill(self, record: SessionRecord, wait: float = 5.0) -> None:
         await self.keeper.request_kill(record, wait)
+
+    async def end_session(self, session_id: str, by: str = "an administrator") -> bool:
+        """End a live session of any gateway of the fleet (`FleetKeeper.end_session`)."""
+        return await self.keeper.end_session(session_id, by)
 
     async def release(self, session: Session, restarting: bool) -> None:
         """Let go of a web session without ending it: its shell runs on in its container (the
@@ -900,6 +908,11 @@ class SessionManager:
 
     def get(self, session_id: str) -> Session | None:
         return self.sessions.get(session_id)
+
+    def removing(self, session_id: str) -> bool:
+        """The session ended here and its container's removal is under way (its record, gone
+        after that, no longer names a live session)."""
+        return session_id in self._holders and session_id not in self.sessions
 
     def list(self) -> list[Session]:
         return list(self.sessions.values())

@@ -23,9 +23,10 @@ from typing import Any, TypeVar
 
 import asyncssh
 
-from .auth import AuthenticatedUser, AuthResult, Outcome, printable_username, valid_username
+from .auth import AuthenticatedUser, AuthResult, Outcome, member_of, printable_username, valid_username
 from .config import Config, ProfileConfig
 from .errors import AuthUnavailable, BridgeError, ConfigError, StoreUnavailable
+from .fleet import format_sessions
 from .profiles import choose
 from .session import Session, TerminalRequest, Viewer
 from .sessions import SessionManager
@@ -49,6 +50,10 @@ CLOSE_GRACE = 2.0
 # The audit trail keeps how the last this many channels of a connection ended.
 MAX_CHANNEL_RECORDS = 64
 COMMAND_KINDS = ("shell", "exec")
+# `ssh admin@host sessions`: the fleet's session list for members of auth.admin_groups, answered
+# by the gateway itself (an admin's connection starts no container for it).
+SESSIONS_COMMAND = "sessions"
+NOT_AN_ADMIN = "`sessions` lists every session for members of the gateway's admin groups (auth.admin_groups) only"
 
 
 PROFILE_SEPARATOR = "+"  # `alice+NAME`: no account name has one (auth.valid_username)
@@ -103,6 +108,8 @@ class SshConnection(asyncssh.SSHServer):
         self._channels: set[asyncssh.SSHServerProcess] = set()
         self._linger: asyncio.TimerHandle | None = None
         self._last_command: dict[str, Any] | None = None  # the shell or exec channel that ended last
+        # An admin's container starts with the first channel that needs one (not `sessions`).
+        self._container_wanted = asyncio.Event()
         self._attached = False  # an `attach` channel: the connection runs no session of its own
         self._shell: AttachSink | None = None  # the interactive shell, through the session holder
         self._shell_record: dict[str, Any] = {}  # and how it ended, for the audit trail
@@ -219,6 +226,8 @@ class SshConnection(asyncssh.SSHServer):
 
     async def _start(self, user: AuthenticatedUser) -> Session:
         try:
+            if await member_of(user.name, self._door.config.auth.admin_groups):
+                await self._container_wanted.wait()
             profile = await self._door.profile_for(user, self._profile)
             return await self._door.manager.create(user, Door.SSH, self, profile=profile)
         except BridgeError as exc:
@@ -293,10 +302,14 @@ class SshConnection(asyncssh.SSHServer):
         try:
             if self._starting is None or self.user is None:
                 raise RuntimeError("a channel before authentication completed")
+            if process.command is not None and process.command.strip() == SESSIONS_COMMAND:
+                await self._list_sessions(process, self.user)
+                return
             attach = parse_attach(process.command) if process.subsystem is None else None
             if attach is not None or self._attached:
                 await self._attach(process, attach)
                 return
+            self._container_wanted.set()
             try:
                 session = await asyncio.shield(self._starting)
             except BridgeError as exc:
@@ -311,6 +324,25 @@ class SshConnection(asyncssh.SSHServer):
             refuse(process, "internal error; the gateway's log has the details", status=255)
         finally:
             self._channels.discard(process)
+
+    async def _list_sessions(self, process: asyncssh.SSHServerProcess, user: AuthenticatedUser) -> None:
+        """`sessions`: what `termbridge sessions list` prints, for admins (asked at this moment);
+        a one-line refusal for anyone else."""
+        manager = self._door.manager
+        if not await member_of(user.name, self._door.config.auth.admin_groups):
+            log.warning("ssh `sessions` of %s from %s refused: not in auth.admin_groups", user.name, self.rhost)
+            refuse(process, NOT_AN_ADMIN)
+            return
+        try:
+            rows = await manager.fleet_view()
+        except StoreUnavailable as exc:
+            log.error("ssh `sessions` of %s: %s", user.name, exc.detail)
+            refuse(process, exc.user_message)
+            return
+        manager.observers.admin_viewed(user.name, self.rhost, Door.SSH, "sessions")
+        end = "\r\n" if process.term_type else "\n"
+        process.stdout.write(end.join(format_sessions(rows)).encode() + end.encode())
+        process.exit(0)
 
     async def _attach(self, process: asyncssh.SSHServerProcess, args: list[str] | None) -> None:
         """`attach [ID]` as the connection's first channel: the connection's own session is not

@@ -64,6 +64,13 @@ class Actor(enum.StrEnum):
     ACCOUNT = "account"  # the account may no longer log in (locked, expired, removed, ...)
 
 
+class AdminEvent(enum.StrEnum):
+    """What a member of `auth.admin_groups` did (the audit trail's event names)."""
+
+    VIEW = "admin_view"  # looked at the console, a recording, or the session list over SSH
+    KILL = "admin_kill"  # ended someone's session from the console
+
+
 class BackendOp(enum.StrEnum):
     """The backend calls counted by `termbridge_docker_errors`."""
 
@@ -73,6 +80,7 @@ class BackendOp(enum.StrEnum):
     STOP = "stop"
     POLL = "poll"
     LIST = "list"
+    STATS = "stats"
 
 
 class WatchMode(enum.StrEnum):

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from bridge.backends.base import Container, ContainerInfo, ContainerSpec, ContainerState
+from bridge.backends.base import Container, ContainerInfo, ContainerSpec, ContainerState, ContainerStats
 from bridge.errors import SessionStartError
 
 
@@ -63,6 +64,10 @@ class FakeBackend:
         if container_id in self.states:
             return self.states[container_id]
         return ContainerState(running=True) if container_id in self.live else ContainerState(running=False, gone=True)
+
+    async def stats(self, container_id: str) -> ContainerStats | None:
+        """A container that never uses anything (the real figures: tests/test_console.py)."""
+        return ContainerStats(0.0, 0, 0, time.monotonic()) if container_id in self.live else None
 
     async def list_own(self) -> list[ContainerInfo]:
         return [ContainerInfo(cid, cid, spec.session_id, spec.user) for cid, spec in self.live.items()]

@@ -359,7 +359,8 @@ def installed(tmp_path_factory) -> Iterator[Path]:
     src = tmp / "src"
     shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(
         ".venv", ".git", "__pycache__", "build", "*.egg-info", "test-artifacts", "node_modules", ".pytest_cache"))
-    shutil.copytree(ROOT / "web" / "node_modules" / "@xterm", src / "web" / "node_modules" / "@xterm")
+    for package in ("@xterm", "asciinema-player"):
+        shutil.copytree(ROOT / "web" / "node_modules" / package, src / "web" / "node_modules" / package)
     dist = tmp / "dist"
     build = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w", str(dist), str(src)],
@@ -393,6 +394,8 @@ def test_installed_package_carries_its_files(installed):
     for path in (module, web_root, image_dir, etc_dir):
         assert installed in path.parents, path
     assert (web_root / "node_modules" / "@xterm" / "xterm" / "css" / "xterm.css").is_file()
+    player = web_root / "node_modules" / "asciinema-player" / "dist" / "bundle"
+    assert (player / "asciinema-player.min.js").is_file() and (player / "asciinema-player.css").is_file()
     assert (image_dir / "Dockerfile").is_file() and (image_dir / "entrypoint.sh").is_file()
     assert (image_dir / "holder" / "tb-holder.c").is_file()
     for shipped in ("termbridge.toml", "pam.d/termbridge", "systemd/termbridge.service", "nginx/termbridge.conf",

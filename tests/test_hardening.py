@@ -259,16 +259,21 @@ async def test_a_noisy_container_cannot_fill_the_hosts_disk(gateway, user):
 
 
 def _host_pid(token: str) -> int:
-    """The host pid of the process whose command line is `sleep <token>`."""
+    """The host pid of the process whose command line is `sleep <token>`. The shell's prompt may
+    come back before its background job has exec'd `sleep` (a loaded host): look for 10 s."""
     import os
+    import time
 
-    for entry in os.listdir("/proc"):
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as fh:
-                if fh.read().split(b"\0")[:2] == [b"sleep", token.encode()]:
-                    return int(entry)
-        except (OSError, ValueError):
-            continue
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        for entry in os.listdir("/proc"):
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                    if fh.read().split(b"\0")[:2] == [b"sleep", token.encode()]:
+                        return int(entry)
+            except (OSError, ValueError):
+                continue
+        time.sleep(0.1)
     raise AssertionError(f"no process `sleep {token}` on the host")
 
 

@@ -17,7 +17,7 @@ def test_the_strings_on_the_wire_are_unchanged():
     assert sorted(EXIT_MESSAGE_REASONS) == ["error", "exit", "idle", "killed", "lifetime"]
     assert list(READY_END_REASONS) == ["exit", "idle", "lifetime", "killed", "error", "disconnected"]
     assert [a.value for a in Actor] == ["admin", "logout", "shutdown", "account"]
-    assert [o.value for o in BackendOp] == ["ping", "start", "claim", "stop", "poll", "list"]
+    assert [o.value for o in BackendOp] == ["ping", "start", "claim", "stop", "poll", "list", "stats"]
     assert json.dumps({"door": Door.SSH, "reason": EndReason.IDLE}) == '{"door": "ssh", "reason": "idle"}'
     assert f"{EndReason.CANCELLED}" == "cancelled" and "web" == Door.WEB
 

@@ -59,6 +59,24 @@ class ContainerState:
 
 
 @dataclass(frozen=True)
+class ContainerStats:
+    """One reading of a running container's resource use, as the engine reports it. CPU is the
+    container's total CPU time so far: a caller turns two readings into a rate (`cpu_percent`)."""
+
+    cpu_seconds: float
+    memory_bytes: int  # in use, page cache the kernel may drop not counted (as `docker stats` shows)
+    memory_limit: int  # 0 when the engine reports none
+    at: float  # time.monotonic() of the reading
+
+
+def cpu_percent(before: ContainerStats | None, after: ContainerStats) -> float | None:
+    """Percent of one core used between two readings (None without an earlier one)."""
+    if before is None or after.at <= before.at or after.cpu_seconds < before.cpu_seconds:
+        return None
+    return round(100 * (after.cpu_seconds - before.cpu_seconds) / (after.at - before.at), 1)
+
+
+@dataclass(frozen=True)
 class ContainerInfo:
     """One container this gateway instance owns, as the backend sees it."""
 
@@ -93,6 +111,12 @@ class Backend(Protocol):
 
     async def poll(self, container_id: str) -> ContainerState:
         """Running, stopped (exit code, OOM-killed) or gone."""
+
+    async def stats(self, container_id: str) -> ContainerStats | None:
+        """One reading of the container's CPU and memory use (one sample: Docker may take up to
+        a second to give it). None when the container is gone or not running; raises
+        BackendUnavailable when the engine cannot be reached. For the admin console, never on a
+        session's own path: an implementation must not let these reads delay `start`."""
 
     async def list_own(self) -> list[ContainerInfo]:
         """Every container labelled with this gateway instance, running or not."""

@@ -37,6 +37,7 @@ from .base import (
     ContainerInfo,
     ContainerSpec,
     ContainerState,
+    ContainerStats,
 )
 from ..config import UID_SPAN, SessionConfig
 from ..errors import BackendUnavailable, ImageMissing, SessionStartError
@@ -74,6 +75,9 @@ CLAIM_ANSWER = re.compile(rb"^termbridge-claim (ok|failed: .*)$", re.M)
 FEATURE_PERSISTENT_HOME = "persistent-home"
 NETWORK_NAMES = {"isolated": "termbridge-isolated", "internet": "termbridge-internet"}
 SSHD_PORT = 22
+# Docker (20.10) answers a one-shot stats request at its next sampling, up to a second later: the
+# admin console's reads wait in a pool of their own, so they never delay a session's start.
+STATS_WORKERS = 16
 
 
 def _tar(files: dict[str, tuple[bytes, int]]) -> bytes:
@@ -86,6 +90,20 @@ def _tar(files: dict[str, tuple[bytes, int]]) -> bytes:
             info.uid = info.gid = 0
             tar.addfile(info, io.BytesIO(data))
     return buf.getvalue()
+
+
+def _stats_from(raw: dict[str, Any], at: float) -> ContainerStats | None:
+    """The engine's stats document as a reading; None for a container that does not run (its
+    document has no CPU or memory figures)."""
+    cpu = (raw.get("cpu_stats") or {}).get("cpu_usage") or {}
+    memory = raw.get("memory_stats") or {}
+    if "total_usage" not in cpu or "usage" not in memory:
+        return None
+    extra = memory.get("stats") or {}
+    # What `docker stats` shows: page cache the kernel may reclaim is not the session's use.
+    cache = extra.get("inactive_file", extra.get("total_inactive_file", 0))
+    used = max(0, int(memory["usage"]) - int(cache))
+    return ContainerStats(int(cpu["total_usage"]) / 1e9, used, int(memory.get("limit") or 0), at)
 
 
 def _home_mount(spec: ContainerSpec) -> docker.types.Mount:
@@ -149,6 +167,7 @@ class DockerBackend:
         self._base_url = base_url
         self._workers = workers
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="docker")
+        self._stats_pool = ThreadPoolExecutor(max_workers=STATS_WORKERS, thread_name_prefix="docker-stats")
         self._client: docker.APIClient | None = None
         self._client_lock = threading.Lock()
         self._bridges: dict[str, str] = {}  # network mode -> its host bridge, once prepared
@@ -165,7 +184,7 @@ class DockerBackend:
                 if self._base_url:
                     kwargs["base_url"] = self._base_url
                 self._client = docker.APIClient(
-                    version="auto", timeout=60, max_pool_size=self._workers, **kwargs
+                    version="auto", timeout=60, max_pool_size=self._workers + STATS_WORKERS, **kwargs
                 )
             return self._client
 
@@ -179,7 +198,9 @@ class DockerBackend:
 
     async def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run a blocking SDK call in the pool; turn "engine unreachable" into BackendUnavailable."""
+        return await self._call_in(self._pool, fn, *args, **kwargs)
 
+    async def _call_in(self, pool: ThreadPoolExecutor, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         def run() -> T:
             try:
                 return fn(*args, **kwargs)
@@ -189,7 +210,7 @@ class DockerBackend:
                 self._forget_client()
                 raise BackendUnavailable(detail=f"Docker engine unreachable: {exc}") from exc
 
-        return await asyncio.get_running_loop().run_in_executor(self._pool, run)
+        return await asyncio.get_running_loop().run_in_executor(pool, run)
 
     # -- contract -----------------------------------------------------------------------------
 
@@ -517,6 +538,20 @@ class DockerBackend:
     async def poll(self, container_id: str) -> ContainerState:
         return await self._call(self._poll_sync, container_id)
 
+    def _stats_sync(self, container_id: str) -> ContainerStats | None:
+        try:
+            raw = self._api().stats(container_id, stream=False, one_shot=True)
+        except docker.errors.NotFound:
+            return None
+        except docker.errors.APIError as exc:
+            if exc.status_code == 409:  # not running
+                return None
+            raise
+        return _stats_from(raw, time.monotonic())
+
+    async def stats(self, container_id: str) -> ContainerStats | None:
+        return await self._call_in(self._stats_pool, self._stats_sync, container_id)
+
     def _list_sync(self, label: str, value: str) -> list[ContainerInfo]:
         found = self._api().containers(all=True, filters={"label": [f"{label}={value}"]})
         return [
@@ -542,3 +577,4 @@ class DockerBackend:
         self._claims.clear()
         self._forget_client()
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._stats_pool.shutdown(wait=False, cancel_futures=True)

@@ -16,8 +16,9 @@ from .keys import CONFIG, WEB_ROOT
 
 # Scripts and style sheets from this origin only. xterm.js builds <style> elements at run time:
 # the page's own nonce admits those (web/static/csp.js stamps it on them), nothing else inline.
+# The recording player's page alone may compile WebAssembly (asciinema-player's terminal is one).
 CSP = (
-    "default-src 'self'; script-src 'self'; style-src 'self'{nonce}; img-src 'self'; font-src 'self'; "
+    "default-src 'self'; script-src 'self'{script}; style-src 'self'{nonce}; img-src 'self'; font-src 'self'; "
     "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
 )
 
@@ -77,18 +78,20 @@ def origin_allowed(request: web.Request, *, required: bool) -> bool:
 
 
 def page(
-    request: web.Request, name: str, status: int = 200, markup: dict[str, str] | None = None, **values: str
+    request: web.Request, name: str, status: int = 200, markup: dict[str, str] | None = None, wasm: bool = False,
+    **values: str,
 ) -> web.Response:
-    """A template from web/templates, its values escaped, under a CSP with a fresh nonce; `$base`
-    is `web.base_path`, which every link in a template starts with. `markup`: HTML fragments the
-    caller built (and escaped the parts of), put in as they are."""
+    """A template from web/templates, its values escaped, under a CSP with a fresh nonce (and
+    WebAssembly allowed, with `wasm`); `$base` is `web.base_path`, which every link in a
+    template starts with. `markup`: HTML fragments the caller built (and escaped the parts of),
+    put in as they are."""
     nonce = secrets.token_urlsafe(16)
     template = string.Template((request.app[WEB_ROOT] / "templates" / name).read_text())
     values = {**values, "nonce": nonce, "base": request.app[CONFIG].web.base_path}
     escaped = {k: html.escape(v) for k, v in values.items()}
     body = template.safe_substitute({**escaped, **(markup or {})})
     response = web.Response(text=body, status=status, content_type="text/html")
-    response.headers["Content-Security-Policy"] = CSP.format(nonce=f" 'nonce-{nonce}'")
+    response.headers["Content-Security-Policy"] = CSP.format(nonce=f" 'nonce-{nonce}'", script=" 'wasm-unsafe-eval'" if wasm else "")
     return response
 
 
@@ -96,7 +99,7 @@ async def security_headers(request: web.Request, response: web.StreamResponse) -
     """On every response, errors and static files included."""
     headers = response.headers
     headers["Server"] = "termbridge"  # not aiohttp's default, which names Python's and its own versions
-    headers.setdefault("Content-Security-Policy", CSP.format(nonce=""))
+    headers.setdefault("Content-Security-Policy", CSP.format(nonce="", script=""))
     headers.setdefault("X-Content-Type-Options", "nosniff")
     headers.setdefault("Referrer-Policy", "no-referrer")
     headers.setdefault("X-Frame-Options", "DENY")
