@@ -1,6 +1,7 @@
 # Two commands on a fresh Debian 12 or Ubuntu 24.04 machine, as root:
 #   make run    host packages and dockerd, venv, web assets, session image, then serve on 127.0.0.1:8080
 #   make test   host packages and dockerd, venv, web assets, session image if stale, then the suite
+# and, to run gateways as a Swarm service (etc/swarm/), `make gateway-image`.
 # scripts/setup-host.sh installs only what is missing and says what it installs.
 PYTHON ?= python3
 VENV ?= .venv
@@ -17,7 +18,7 @@ SETUP := scripts/setup-host.sh
 HOST_MODE := run
 test image-if-stale: HOST_MODE := test
 
-.PHONY: run test host venv assets image image-if-stale pam clean
+.PHONY: run test host venv assets image image-if-stale gateway-image pam clean
 
 host:
 	$(SETUP) host $(HOST_MODE)
@@ -48,6 +49,11 @@ image: venv host
 image-if-stale: BUILD_FLAGS := --if-stale
 image-if-stale: venv host
 	@$(BUILD_IMAGE)
+
+# The gateway image for running gateways as a Swarm service (etc/swarm/): FROM debian:bookworm-slim,
+# or BASE_IMAGE when given.
+gateway-image: venv
+	PYTHON=$(BIN)/python scripts/gateway-image.sh $(if $(BASE_IMAGE),--base $(BASE_IMAGE))
 
 pam:
 	@test -e /etc/pam.d/termbridge || install -m 0644 etc/pam.d/termbridge /etc/pam.d/termbridge

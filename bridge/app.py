@@ -35,6 +35,8 @@ from .backends.base import Backend
 from .config import LIVE_KEYS, Config, apply_live, changed_keys
 from .continuity import recover
 from .backends.docker import DockerBackend
+from .backends.engine import EngineBackend
+from .backends.swarm import SwarmBackend
 from .errors import BackendUnavailable, BridgeError, ConfigError
 from .metrics import MeteredBackend, Metrics
 from .sdnotify import sd_notify
@@ -122,10 +124,12 @@ def build_app(
 
     async def docker_backend(app: web.Application) -> AsyncIterator[None]:
         networks = tuple(p.session.network for p in config.all_profiles())
-        metered = MeteredBackend(
-            backend or DockerBackend(config.session, app[INSTANCE], fleet=app[STORE].fleet, networks=networks),
-            app[METRICS],
+        engine: Backend = (
+            SwarmBackend(config.session, app[INSTANCE], fleet=app[STORE].fleet)
+            if config.session.backend == "swarm"
+            else DockerBackend(config.session, app[INSTANCE], fleet=app[STORE].fleet, networks=networks)
         )
+        metered = MeteredBackend(backend or engine, app[METRICS])
         try:
             await metered.prepare()
         except BackendUnavailable as exc:
@@ -208,6 +212,7 @@ def build_app(
         tasks = [
             asyncio.create_task(reap_forever(app[MANAGER]), name="reaper"),
             asyncio.create_task(app[MANAGER].watch_fleet(), name="fleet-watch"),
+            asyncio.create_task(app[MANAGER].watch_hosts(), name="host-watch"),
         ]
         yield
         for task in tasks:
@@ -339,7 +344,7 @@ def reload_config(app: web.Application, load: Callable[[], Config]) -> None:
     if manager.pool is not None:
         manager.pool.reconfigure(merged.all_profiles())
     inner = getattr(app[BACKEND], "inner", None)
-    if isinstance(inner, DockerBackend):
+    if isinstance(inner, EngineBackend):
         inner.config = merged.session
     app[AUTHENTICATOR].inner.allowed_groups = frozenset(merged.auth.allowed_groups)
     app[AUTHENTICATOR].throttle.config = merged.auth

@@ -81,6 +81,13 @@ def check_docker(config: Config, config_arg: str, pre_start: bool = False) -> It
         yield down("image", f"{image} not checked: Docker is unreachable", "fix docker first")
         return
     yield ok("docker", f"Docker {facts.version} (API {facts.api_version}) at {facts.host}")
+    if config.session.backend == "swarm":
+        ready, known = facts.swarm_nodes
+        if not facts.swarm_manager:
+            yield fail("swarm", f"session.backend = swarm, but the engine at {facts.host} is not a Swarm manager",
+                       "point DOCKER_HOST at a manager (or mount a manager's socket), or `docker swarm init`")
+        else:
+            yield ok("swarm", f"a manager: {ready} of {known} nodes ready; every node needs the session image")
     if facts.image_id is None:
         yield fail("image", f"session image {image} is not present",
                    f"termbridge image build{config_arg} (add --base IMAGE without a registry)")

@@ -113,6 +113,16 @@ def _str_list(value: Any) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _constraints(value: Any) -> tuple[str, ...]:
+    """Swarm placement constraints: `ATTRIBUTE==VALUE` or `ATTRIBUTE!=VALUE` each."""
+    items = _str_list(value)
+    for item in items:
+        left, op, right = item.partition("==") if "==" in item else item.partition("!=")
+        if not op or not left.strip() or not right.strip():
+            raise ValueError(f"{item!r} is no constraint; expected e.g. 'node.labels.termbridge==yes'")
+    return items
+
+
 def _addr_list(value: Any) -> tuple[str, ...]:
     items = _str_list(value)
     for item in items:
@@ -248,6 +258,11 @@ class SessionConfig:
     tmpfs_size: int = _field(64 * 1024**2, parse_size, "size of each writable tmpfs (/tmp, the home directory)")
     internet_allow: tuple[str, ...] = _field((), _addr_list, "private networks internet-mode sessions may reach")
     dns: tuple[str, ...] = _field((), _ip_list, "name servers of internet-mode sessions; empty: the host's")
+    backend: str = _field("docker", _choice("docker", "swarm"), "docker: one engine; swarm: each session a Swarm service")
+    placement: tuple[str, ...] = _field((), _constraints, "Swarm placement constraints of session services")
+    swarm_network: str = _field(
+        "termbridge-sessions", _str, "the overlay network sessions and gateways share (backend = swarm)"
+    )
     uid_base: int = _field(
         1_000_000_000, _int_range(UID_SPAN, 2**31 - 1 - UID_SPAN), "a login's session uid is uid_base + its host uid"
     )
@@ -558,6 +573,7 @@ def _check(config: Config) -> None:
     if (web.tls_cert is None) != (web.tls_key is None):
         raise ConfigError("'web.tls_cert' and 'web.tls_key' must be set together")
     max_total = config.session.max_total
+    swarm = config.session.backend == "swarm"
     for profile in config.all_profiles():
         section, session = _section_of(profile), profile.session
         if session.max_per_user > max_total:
@@ -568,6 +584,11 @@ def _check(config: Config) -> None:
         loopback = [server for server in session.dns if ipaddress.ip_address(server).is_loopback]
         if loopback:
             raise ConfigError(f"'{section}.dns': {', '.join(loopback)} is this host's loopback, which no container reaches")
+        if swarm and session.network != "isolated":
+            raise ConfigError(f"'session.backend' = swarm supports only '{section}.network' = isolated")
+        if swarm and session.home == "persistent":
+            raise ConfigError(f"'session.backend' = swarm cannot keep homes ('{section}.home' = persistent): "
+                              "a home lives on one host")
     _check_pools(config)
     clashes = session_uid_clashes(config.session.uid_base)
     if clashes:

@@ -1,6 +1,6 @@
 """The fleet's housekeeping: the reaper (containers nothing owns, on one gateway or across all
-that share a store), the fleet-wide view of sessions, and admin kills of sessions another
-gateway serves."""
+that share a store), sessions whose host went away, the fleet-wide view of sessions, and admin
+kills of sessions another gateway serves."""
 
 from __future__ import annotations
 
@@ -12,16 +12,21 @@ from typing import Any, Protocol
 
 from .backends.base import LABEL_GATEWAY, LABEL_STARTED, Backend, ContainerInfo
 from .config import Config
-from .errors import StoreUnavailable
+from .errors import BridgeError, StoreUnavailable
 from .observers import Observers
 from .pool import WarmPools, pool_slot
 from .session import Session
 from .store import SessionRecord, Store
+from .vocab import EndReason
 
 log = logging.getLogger("termbridge.sessions")
 
 FLEET_INTERVAL = 1.0  # how often a gateway looks for kill requests on its sessions in the store
 REAP_GRACE = 60.0  # a fleet container younger than this is left alone: its start may be in flight
+# How often a gateway asks the backend for containers whose host went away. A dead node's TCP
+# connections go silent rather than close: SSH keepalives alone would take minutes to notice.
+HOST_INTERVAL = 2.0
+HOST_LOST = "the server running your session went away; your session has ended"
 
 
 def _age(info: ContainerInfo, now: float) -> float:
@@ -95,6 +100,8 @@ class Manager(Protocol):
 
     async def kill(self, session: Session) -> None: ...
 
+    async def end(self, session: Session, reason: EndReason, code: int | None = None, message: str | None = None) -> None: ...
+
     def removing(self, session_id: str) -> bool: ...
 
 
@@ -161,6 +168,28 @@ class FleetKeeper:
                 log.info("forgetting session %.12s of %s: its container is gone", record.id, record.user)
                 await self.manager.forget(record.id)
         return unowned
+
+    async def end_lost_hosts(self) -> int:
+        """End this gateway's sessions whose host went away (reason `error`, the person told why);
+        ending removes their containers (a Swarm service goes at once, its task with the node)."""
+        lost = await self.manager.backend.unreachable()
+        ended = 0
+        for session in list(self.manager.sessions.values()):
+            if session.container is not None and session.container.id in lost and not session.ending:
+                session.log.warning("host of container %s went away", session.container.name)
+                await self.manager.end(session, EndReason.ERROR, message=HOST_LOST)
+                ended += 1
+        return ended
+
+    async def watch_hosts(self, interval: float = HOST_INTERVAL) -> None:
+        """Forever: `end_lost_hosts`. While the backend cannot answer (a Swarm without quorum),
+        running sessions go on and the next round asks again."""
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.end_lost_hosts()
+            except BridgeError as exc:
+                log.warning("host watch: %s", exc.detail)
 
     async def watch_fleet(self, interval: float = FLEET_INTERVAL) -> None:
         """Forever: end this gateway's sessions that another gateway's admin asked to end

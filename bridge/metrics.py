@@ -194,6 +194,9 @@ class MeteredBackend:
     async def list_fleet(self) -> list[ContainerInfo]:
         return await self._count(BackendOp.LIST, self.inner.list_fleet())
 
+    async def unreachable(self) -> set[str]:
+        return await self._count(BackendOp.LIST, self.inner.unreachable())
+
     async def close(self) -> None:
         await self.inner.close()
 

@@ -33,7 +33,7 @@ from .continuity import (
     ACTIVITY_WRITE_INTERVAL, LEASE_CHECK_INTERVAL, Adoptable, Continuity, monotonic_from_wall, wall_from_monotonic,
 )
 from .errors import BridgeError, LimitReached, SessionStartError, StoreUnavailable
-from .fleet import FLEET_INTERVAL, FleetKeeper
+from .fleet import FLEET_INTERVAL, HOST_INTERVAL, FleetKeeper
 from .homes import HomeError, HomeStore
 from .observers import Observers
 from .pool import Pooled, WarmPools, pool_slot
@@ -841,6 +841,9 @@ class SessionManager:
 
     async def watch_fleet(self, interval: float = FLEET_INTERVAL) -> None:
         await self.keeper.watch_fleet(interval)
+
+    async def watch_hosts(self, interval: float = HOST_INTERVAL) -> None:
+        await self.keeper.watch_hosts(interval)
 
     async def fleet(self) -> list[SessionRecord]:
         """Every session of every gateway sharing the store (none without a store)."""

@@ -55,6 +55,15 @@ class SessionKeys:
             host_key=asyncssh.generate_private_key("ssh-ed25519", comment="termbridge-session-host"),
         )
 
+    @classmethod
+    def for_claim(cls, host_private_key: bytes) -> SessionKeys:
+        """A client key of its own, with the session's host key pinned: what the Swarm backend
+        logs in with to claim a pooled container (root, forced command `termbridge-claim`)."""
+        return cls(
+            client_key=asyncssh.generate_private_key("ssh-ed25519", comment="termbridge-claim"),
+            host_key=asyncssh.import_private_key(host_private_key),
+        )
+
     @property
     def authorized_keys(self) -> bytes:
         return self.client_key.export_public_key("openssh")
@@ -132,6 +141,17 @@ class Upstream:
                 raise SessionStartError(detail=f"ssh to {container.address} failed: {exc!r}") from exc
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.1)
+
+    @classmethod
+    async def run_once(cls, container: Container, keys: SessionKeys, command: str, timeout: float) -> tuple[int | None, str]:
+        """One command on a connection of its own: its exit status and output."""
+        upstream = await cls.connect(container, keys, timeout)
+        try:
+            result = await upstream.conn.run(command, check=False)
+            return result.exit_status, f"{result.stdout or ''}{result.stderr or ''}"
+        finally:
+            upstream.close()
+            await upstream.wait_closed()
 
     async def open_terminal(self, term: str, cols: int, rows: int, env: Mapping[str, str] | None = None) -> Shell:
         """A login shell on a pty; bytes in, bytes out."""

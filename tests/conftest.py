@@ -23,6 +23,7 @@ from helpers import (
 )
 from testbed.accounts import create_group, delete_group
 from testbed.redis_server import RedisServer
+from testbed.swarm import SwarmCluster
 
 PAM_SERVICE = f"termbridge-test-{os.getpid()}"
 # State dirs of every gateway this run started: their instance ids scope the leak check, so that
@@ -248,3 +249,34 @@ def redis_url(redis_server: RedisServer) -> str:
     """The shared server's URL, emptied for this test."""
     assert redis_server.command("FLUSHALL") == "+OK"
     return redis_server.url
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """TB_SWARM=0 skips the tests that need the three-node Swarm (CI runs them)."""
+    if os.environ.get("TB_SWARM") != "0":
+        return
+    skip = pytest.mark.skip(reason="TB_SWARM=0: the Swarm cluster tests are skipped")
+    for item in items:
+        if "swarm" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def swarm_cluster(docker_engine: docker.DockerClient) -> Iterator[SwarmCluster]:
+    """One manager and two workers (docker-in-docker) with the session image loaded; at the end no
+    session service, secret or container may be left on any engine, and the cluster goes (unless
+    TB_SWARM_KEEP=1)."""
+    cluster = SwarmCluster()
+    try:
+        cluster.start(images=[TEST_IMAGE])
+    except BaseException:
+        cluster.close()
+        raise
+    logging.getLogger("testbed.swarm").warning("swarm cluster start took %.1f s", cluster.start_seconds)
+    try:
+        yield cluster
+        cluster.wait_gone()
+        leftovers = cluster.leftovers()
+    finally:
+        cluster.close()
+    assert not leftovers, f"left in the swarm: {leftovers}"

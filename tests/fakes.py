@@ -31,6 +31,8 @@ class FakeBackend:
         self.gate: asyncio.Event | None = None
         self.fail_start: Exception | None = None
         self.states: dict[str, ContainerState] = {}  # what poll() says, once set by a test
+        self.lost: set[str] = set()  # what unreachable() says: containers whose host went away
+        self.unreachable_error: Exception | None = None  # raised by unreachable() (no quorum)
         self._ids = itertools.count(1)
 
     async def ping(self) -> str:
@@ -71,6 +73,11 @@ class FakeBackend:
 
     async def list_own(self) -> list[ContainerInfo]:
         return [ContainerInfo(cid, cid, spec.session_id, spec.user) for cid, spec in self.live.items()]
+
+    async def unreachable(self) -> set[str]:
+        if self.unreachable_error is not None:
+            raise self.unreachable_error
+        return self.lost & set(self.live)
 
     async def close(self) -> None:
         return None

@@ -165,3 +165,14 @@ def test_check_reaches_the_store_and_finds_its_key_file_private(tmp_path, pam_se
     status, checks, output = run_check(config(f"redis://127.0.0.1:{free_port()}/0"))
     assert status == 1 and checks["store.url"][0] == "FAIL", output
     assert "cannot be reached" in checks["store.url"][1] and "fix: start the Redis server" in checks["store.url"][1]
+
+
+def test_check_wants_a_swarm_manager_for_the_swarm_backend(tmp_path, pam_service):
+    """This machine's engine is no Swarm member: with session.backend = swarm that is a failure
+    that says where to point the gateway (tests/test_swarm.py runs it against a manager)."""
+    config = write_config(tmp_path / "swarm.toml", tmp_path / "state", pam_service,
+                          web={"listen": f"127.0.0.1:{free_port()}"}, ssh={"listen": f"127.0.0.1:{free_port()}"},
+                          session={"backend": "swarm"})
+    status, checks, output = run_check(config)
+    assert status == 1, output
+    assert checks["swarm"][0] == "FAIL" and "not a Swarm manager" in checks["swarm"][1], output

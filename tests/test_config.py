@@ -33,6 +33,7 @@ def test_defaults_match_the_spec(tmp_path):
     assert (s.idle_timeout, s.max_lifetime, s.reconnect_grace) == (900, 8 * 3600, 60)
     assert (s.max_per_user, s.max_total, s.network, s.user, s.pool) == (3, 50, "isolated", "login", 0)
     assert config.audit.log == "" and config.audit.record_dir is None
+    assert (s.backend, s.placement, s.swarm_network) == ("docker", (), "termbridge-sessions")
 
 
 def test_file_values_and_env_overrides(tmp_path):
@@ -75,6 +76,9 @@ def test_file_values_and_env_overrides(tmp_path):
         ("[session]\ndns = ['10.1.2.0/24']\n", "session.dns"),
         ("[session]\ndns = ['127.0.0.53']\n", "session.dns"),
         ("[session]\nuid_base = 1000\n", "session.uid_base"),
+        ("[session]\nbackend = 'kubernetes'\n", "session.backend"),
+        ("[session]\nplacement = ['node.role=worker']\n", "session.placement"),
+        ("[session]\nbackend = 'swarm'\nnetwork = 'internet'\n", "session.backend"),
     ],
 )
 def test_errors_name_the_key(tmp_path, text, key):

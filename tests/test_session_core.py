@@ -15,7 +15,8 @@ import pytest
 from bridge.auth import AuthenticatedUser
 from bridge.backends.base import ContainerState
 from bridge.config import load_config
-from bridge.errors import LimitReached, SessionStartError
+from bridge.errors import BackendUnavailable, LimitReached, SessionStartError
+from bridge.fleet import HOST_LOST
 from bridge.session import Session, TerminalRequest
 from bridge.sessions import SessionManager
 from bridge.vocab import Door, WatchMode
@@ -113,6 +114,33 @@ async def test_a_lost_connection_ends_with_what_the_backend_says(core_with, stat
     await sink.ended_event.wait()
     assert sink.events[-1] == ("ended", (None, "error", message))
     await core.removed(session)
+
+
+async def test_a_session_whose_host_went_away_ends_with_error_and_its_container_goes(core_with):
+    core = core_with()
+    session, sink, _ = await core.open()
+    other, other_sink, _ = await core.open(BOB)
+    assert session.container is not None
+    core.backend.lost.add(session.container.id)
+    assert await core.manager.keeper.end_lost_hosts() == 1
+    assert sink.events[-1] == ("ended", (None, "error", HOST_LOST))
+    await core.removed(session)
+    assert other_sink.kinds() == ["started", "attached"] and not other.ending
+
+
+async def test_a_backend_that_cannot_answer_leaves_running_sessions_alone(core_with):
+    core = core_with()
+    session, sink, _ = await core.open()
+    core.backend.unreachable_error = BackendUnavailable(detail="the swarm does not have a leader")
+    watch = asyncio.create_task(core.manager.watch_hosts(interval=0.01))
+    await asyncio.sleep(0.1)
+    assert not watch.done() and not session.ending and sink.kinds() == ["started", "attached"]
+    core.backend.unreachable_error = None
+    assert session.container is not None
+    core.backend.lost.add(session.container.id)
+    await sink.ended_event.wait()
+    assert sink.events[-1] == ("ended", (None, "error", HOST_LOST))
+    watch.cancel()
 
 
 async def test_a_failed_container_start_leaves_nothing(core_with):

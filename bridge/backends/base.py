@@ -124,5 +124,10 @@ class Backend(Protocol):
     async def list_fleet(self) -> list[ContainerInfo]:
         """Every container of this gateway's fleet (every gateway sharing its store), running or not."""
 
+    async def unreachable(self) -> set[str]:
+        """Ids of this instance's containers whose host went away (a Swarm node down or gone):
+        their sessions cannot go on, though no connection may have noticed yet. Empty on one
+        engine (its loss is BackendUnavailable). Raises BackendUnavailable."""
+
     async def close(self) -> None:
         """Release the engine client."""

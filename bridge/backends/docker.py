@@ -8,88 +8,37 @@ session limits and a hardened host config; removal is idempotent (404 and 409 ar
 from __future__ import annotations
 
 import asyncio
-import io
 import logging
 import re
 import socket
-import tarfile
 import threading
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import Any
 
 import docker
 import docker.errors
 import docker.types
-import requests.exceptions
 
 from .. import netguard
+from ..config import SessionConfig
+from ..errors import ImageMissing, SessionStartError
 from .base import (
-    LABEL_DOOR,
-    LABEL_FLEET,
-    LABEL_GATEWAY,
-    LABEL_PROFILE,
-    LABEL_SESSION,
-    LABEL_STARTED,
-    LABEL_USER,
-    Container,
-    ContainerInfo,
-    ContainerSpec,
-    ContainerState,
+    LABEL_FLEET, LABEL_GATEWAY, LABEL_SESSION, LABEL_USER, Container, ContainerInfo, ContainerSpec, ContainerState,
     ContainerStats,
 )
-from ..config import UID_SPAN, SessionConfig
-from ..errors import BackendUnavailable, ImageMissing, SessionStartError
+from .engine import (
+    FEATURE_PERSISTENT_HOME, IMAGE_PROTOCOL, LOG_CONFIG, LOG_FILE_BYTES, LOG_FILES, SESSION_CAPS, EngineBackend,
+    keys_tar, started, tmpfs_mount_options, tmpfs_options,
+)
+
+__all__ = [
+    "FEATURE_PERSISTENT_HOME", "IMAGE_PROTOCOL", "LOG_FILE_BYTES", "LOG_FILES", "NETWORK_NAMES", "SESSION_CAPS",
+    "DockerBackend",
+]
 
 log = logging.getLogger("termbridge.docker")
 
-T = TypeVar("T")
-
-# What sshd and the entrypoint need, and nothing else (verified one by one against the session
-# image: without SETUID, SETGID or SYS_CHROOT sshd's privilege separation fails; without CHOWN the
-# entrypoint cannot hand the home directory to the user and sshd cannot chown the pty; without
-# AUDIT_WRITE Debian's and Ubuntu's sshd close the connection after login).
-SESSION_CAPS = ("CHOWN", "SETUID", "SETGID", "SYS_CHROOT", "AUDIT_WRITE")
-RUN_TMPFS_SIZE = 16 * 1024**2
-# The container's stdout/stderr is sshd's (-e) debugging output, which a person can make grow
-# (junk connections to the container's own sshd: ~150 bytes each). json-file keeps `docker logs`
-# working for the admin (its last lines tell why a session died); two files of 512 KiB, rotated,
-# bound the host's disk per session (Docker 20.10 keeps a rotated file even with max-file=1).
-LOG_FILE_BYTES = 512 * 1024
-LOG_FILES = 2
-LOG_CONFIG = {"type": "json-file", "config": {"max-size": str(LOG_FILE_BYTES), "max-file": str(LOG_FILES)}}
-# How the session image expects to be set up (label `termbridge.protocol`); 2: keys on stdin,
-# accounts on tmpfs, read-only root. An image built from an older session-image/ would wait for
-# keys that never come, so it is refused with a clear message instead. 4: the account's uid comes
-# from the gateway (TERMBRIDGE_UID; `termbridge-adduser USER UID` at claim). 5: the session holder
-# (tb-holder) is the main process and enforces TERMBRIDGE_IDLE_TIMEOUT and TERMBRIDGE_MAX_LIFETIME.
-# 6: a pooled container is claimed over its stdin, kept open after the keys ("USER UID" in,
-# "termbridge-claim ok" out), and its sshd lets the account in without a reload.
-IMAGE_PROTOCOL = "6"
-CLAIM_TIMEOUT = 10.0
-CLAIM_ANSWER = re.compile(rb"^termbridge-claim (ok|failed: .*)$", re.M)
-# Optional abilities an image states in the label `termbridge.features` (comma-separated), asked
-# for only by the sessions that need them. persistent-home: termbridge-adduser takes a home that
-# is already there (bound by the gateway, the person's own) instead of making one.
-FEATURE_PERSISTENT_HOME = "persistent-home"
 NETWORK_NAMES = {"isolated": "termbridge-isolated", "internet": "termbridge-internet"}
-SSHD_PORT = 22
-# Docker (20.10) answers a one-shot stats request at its next sampling, up to a second later: the
-# admin console's reads wait in a pool of their own, so they never delay a session's start.
-STATS_WORKERS = 16
-
-
-def _tar(files: dict[str, tuple[bytes, int]]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        now = time.time()
-        for path, (data, mode) in files.items():
-            info = tarfile.TarInfo(path)
-            info.size, info.mode, info.mtime = len(data), mode, now
-            info.uid = info.gid = 0
-            tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
 
 
 def _stats_from(raw: dict[str, Any], at: float) -> ContainerStats | None:
@@ -112,6 +61,10 @@ def _home_mount(spec: ContainerSpec) -> docker.types.Mount:
     return docker.types.Mount(
         target=f"/home/{spec.user}", source=spec.home, type="bind", read_only=False, propagation="rprivate"
     )
+
+
+CLAIM_TIMEOUT = 10.0
+CLAIM_ANSWER = re.compile(rb"^termbridge-claim (ok|failed: .*)$", re.M)
 
 
 class ClaimChannel:
@@ -147,81 +100,24 @@ class ClaimChannel:
         self._attached.close()
 
 
-class DockerBackend:
-    def __init__(
-        self,
-        config: SessionConfig,
-        instance_id: str,
-        *,
-        fleet: str = "",
-        base_url: str | None = None,
-        workers: int = 16,
-        networks: tuple[str, ...] = (),
-    ) -> None:
+class DockerBackend(EngineBackend):
+    def __init__(self, config: SessionConfig, instance_id: str, *, networks: tuple[str, ...] = (), **engine: Any) -> None:
         """`networks`: the session.network modes of every profile, prepared by `prepare`
-        (default: `config.network`'s); a spec's settings may ask for any of them."""
-        self.config = config
-        self.instance_id = instance_id
-        self.fleet = fleet or instance_id
+        (default: `config.network`'s); a spec's settings may ask for any of them. `engine`:
+        EngineBackend's fleet, base_url and workers."""
+        super().__init__(config, instance_id, **engine)
         self.networks = tuple(dict.fromkeys(networks or (config.network,)))
-        self._base_url = base_url
-        self._workers = workers
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="docker")
-        self._stats_pool = ThreadPoolExecutor(max_workers=STATS_WORKERS, thread_name_prefix="docker-stats")
-        self._client: docker.APIClient | None = None
-        self._client_lock = threading.Lock()
         self._bridges: dict[str, str] = {}  # network mode -> its host bridge, once prepared
         self._prepare_lock = threading.Lock()
         self._checked_from: dict[str, float] = {}  # network mode -> when its last passed check began
         self._claims: dict[str, ClaimChannel] = {}  # pooled containers' open stdin, by container id
 
-    # -- plumbing ---------------------------------------------------------------------------
-
-    def _api(self) -> docker.APIClient:
-        with self._client_lock:
-            if self._client is None:
-                kwargs: dict[str, Any] = docker.utils.kwargs_from_env()
-                if self._base_url:
-                    kwargs["base_url"] = self._base_url
-                self._client = docker.APIClient(
-                    version="auto", timeout=60, max_pool_size=self._workers + STATS_WORKERS, **kwargs
-                )
-            return self._client
-
     def _forget_client(self) -> None:
-        with self._client_lock:
-            client, self._client = self._client, None
-            self._bridges.clear()
-            self._checked_from.clear()
-        if client is not None:
-            client.close()
-
-    async def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """Run a blocking SDK call in the pool; turn "engine unreachable" into BackendUnavailable."""
-        return await self._call_in(self._pool, fn, *args, **kwargs)
-
-    async def _call_in(self, pool: ThreadPoolExecutor, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        def run() -> T:
-            try:
-                return fn(*args, **kwargs)
-            except (requests.exceptions.ConnectionError, docker.errors.DockerException) as exc:
-                if isinstance(exc, docker.errors.APIError):
-                    raise
-                self._forget_client()
-                raise BackendUnavailable(detail=f"Docker engine unreachable: {exc}") from exc
-
-        return await asyncio.get_running_loop().run_in_executor(pool, run)
+        super()._forget_client()
+        self._bridges.clear()
+        self._checked_from.clear()
 
     # -- contract -----------------------------------------------------------------------------
-
-    async def ping(self) -> str:
-        def version() -> str:
-            return str(self._api().version().get("Version", "unknown"))
-
-        return await self._call(version)
-
-    def _settings(self, spec: ContainerSpec) -> SessionConfig:
-        return spec.settings or self.config
 
     def _network_info(self, api: docker.APIClient, network: str) -> dict[str, Any]:
         """The session network, created on first use; an existing one must have our settings."""
@@ -313,10 +209,7 @@ class DockerBackend:
         """Limits and hardening; a persistent home is the one host directory a container gets
         (its own file system, the person's alone: homes.py), bound over the tmpfs /home."""
         root = spec.root
-        tmp = f"rw,exec,nosuid,nodev,size={cfg.tmpfs_size}"
-        tmpfs = {"/run": f"rw,noexec,nosuid,nodev,size={RUN_TMPFS_SIZE},mode=0755", "/tmp": f"{tmp},mode=1777"}
-        if not root:
-            tmpfs["/home"] = f"{tmp},mode=0755"
+        tmpfs = {path: f"rw,{tmpfs_mount_options(*options)}" for path, options in tmpfs_options(cfg, root).items()}
         return api.create_host_config(
             nano_cpus=int(cfg.cpus * 1e9),
             mem_limit=cfg.memory,
@@ -339,13 +232,7 @@ class DockerBackend:
         sshd cannot start before the keys arrive, so no shell ever runs with the route in place;
         the keys never touch a disk or `docker inspect`. A pooled container's stdin (and stdout)
         stays open for its claim."""
-        keys = _tar(
-            {
-                "ssh_host_ed25519_key": (spec.host_private_key, 0o600),
-                "ssh_host_ed25519_key.pub": (spec.host_public_key, 0o644),
-                "authorized_keys": (spec.authorized_keys, 0o644),
-            }
-        )
+        keys = keys_tar(spec)
         pooled = not spec.user and not spec.root
         attached = api.attach_socket(cid, params={"stdin": 1, "stdout": int(pooled), "stream": 1})
         raw = getattr(attached, "_sock", attached)
@@ -385,57 +272,16 @@ class DockerBackend:
         except OSError as exc:
             raise SessionStartError(detail=f"writing the container's resolv.conf ({path}) failed: {exc}") from exc
 
-    def _check_image(self, api: docker.APIClient, image: str, spec: ContainerSpec) -> None:
-        try:
-            labels = api.inspect_image(image)["Config"].get("Labels") or {}
-        except docker.errors.NotFound as exc:
-            raise ImageMissing(detail=f"session image {image!r} not found: {exc}") from exc
-        found = labels.get("termbridge.protocol")
-        if found != IMAGE_PROTOCOL:
-            raise ImageMissing(
-                "the session image on this server is out of date; ask the admin to rebuild it",
-                detail=f"session image {image!r} has termbridge.protocol={found!r}, this gateway needs "
-                f"{IMAGE_PROTOCOL!r}: rebuild it with `termbridge image build`",
-            )
-        features = (labels.get("termbridge.features") or "").split(",")
-        if spec.home and FEATURE_PERSISTENT_HOME not in features:
-            raise ImageMissing(
-                "the session image on this server cannot keep your home directory; ask the admin to rebuild it",
-                detail=f"session image {image!r} lacks {FEATURE_PERSISTENT_HOME!r} in termbridge.features "
-                "(session.home = persistent): rebuild it with `termbridge image build`",
-            )
-
-    def _environment(self, spec: ContainerSpec) -> dict[str, str]:
-        """The entrypoint's settings; the holder inside ends the session on its own after the idle
-        timeout with no gateway attached, and at the maximum lifetime, if no gateway is left to."""
-        cfg = self._settings(spec)
-        return {
-            "TERMBRIDGE_USER": spec.user,
-            "TERMBRIDGE_UID": "" if spec.root or not spec.user else str(self._session_uid(spec.user, spec.uid)),
-            "TERMBRIDGE_MODE": "root" if spec.root else "login",
-            "TERMBRIDGE_IDLE_TIMEOUT": str(max(1, round(cfg.idle_timeout))),
-            "TERMBRIDGE_MAX_LIFETIME": str(max(1, round(cfg.max_lifetime))),
-            "TERMBRIDGE_HOME": "persistent" if spec.home else "ephemeral",
-        }
-
     def _start_sync(self, spec: ContainerSpec) -> Container:
         api = self._api()
         cfg = self._settings(spec)
         network_name = NETWORK_NAMES[cfg.network]
         self._prepare_sync(api, (cfg.network,))
-        self._check_image(api, cfg.image, spec)
+        self._check_image(api, cfg.image, (FEATURE_PERSISTENT_HOME,) if spec.home else ())
         short = spec.session_id[:8]
         # Not the login: names are what Docker's DNS and `docker ps` show; the user is in a label.
         name = f"termbridge-{short}"
-        labels = {
-            LABEL_SESSION: spec.session_id,
-            LABEL_USER: spec.user,
-            LABEL_DOOR: spec.door,
-            LABEL_GATEWAY: self.instance_id,
-            LABEL_FLEET: self.fleet,
-            LABEL_STARTED: spec.started,
-            LABEL_PROFILE: spec.profile,
-        }
+        labels = self._labels(spec)
         try:
             created = api.create_container(
                 cfg.image,
@@ -470,21 +316,7 @@ class DockerBackend:
             if isinstance(exc, OSError):
                 raise SessionStartError(detail=f"handing the keys to {cid[:12]} failed: {exc!r}") from exc
             raise
-        ssh_user = "root" if spec.root else spec.user
-        return Container(id=cid, name=name, address=address, port=SSHD_PORT, ssh_user=ssh_user)
-
-    async def start(self, spec: ContainerSpec) -> Container:
-        return await self._call(self._start_sync, spec)
-
-    def _session_uid(self, user: str, host_uid: int | None) -> int:
-        """The uid of `user`'s shell: uid_base + their host uid, theirs alone (config.py checks
-        that no host account, group or subordinate range has one in that range)."""
-        if host_uid is None or not 0 <= host_uid < UID_SPAN:
-            raise SessionStartError(
-                "your account cannot have a session on this server; ask the admin",
-                detail=f"{user}'s host uid {host_uid} is outside 0..{UID_SPAN - 1}, which session uids map",
-            )
-        return self.config.uid_base + host_uid
+        return started(cid, name, address, spec)
 
     async def claim(self, container: Container, user: str, uid: int, root: bool) -> Container:
         """The account is made by the container itself, told over the stdin this backend kept
@@ -575,6 +407,7 @@ class DockerBackend:
         for channel in self._claims.values():
             channel.close()
         self._claims.clear()
-        self._forget_client()
-        self._pool.shutdown(wait=False, cancel_futures=True)
-        self._stats_pool.shutdown(wait=False, cancel_futures=True)
+        await super().close()
+
+    async def unreachable(self) -> set[str]:
+        return set()  # one engine: every container's host is this one

@@ -124,6 +124,13 @@ class EngineFacts:
     security_options: tuple[str, ...]
     image_id: str | None  # None: the image is not present
     image_created: str | None
+    swarm_manager: bool = False  # this engine can place Swarm services (session.backend = swarm)
+    swarm_nodes: tuple[int, int] = (0, 0)  # nodes ready, nodes known (as a manager sees them)
+
+
+def _swarm_nodes(api: docker.APIClient) -> tuple[int, int]:
+    nodes = api.nodes()
+    return sum(1 for n in nodes if (n.get("Status") or {}).get("State") == "ready"), len(nodes)
 
 
 def engine_facts(image: str) -> EngineFacts:
@@ -147,6 +154,8 @@ def engine_facts(image: str) -> EngineFacts:
             security_options=tuple(info.get("SecurityOptions") or ()),
             image_id=inspected["Id"] if inspected else None,
             image_created=inspected.get("Created") if inspected else None,
+            swarm_manager=bool((info.get("Swarm") or {}).get("ControlAvailable")),
+            swarm_nodes=_swarm_nodes(api) if (info.get("Swarm") or {}).get("ControlAvailable") else (0, 0),
         )
     except (requests.exceptions.ConnectionError, docker.errors.DockerException) as exc:
         raise BackendUnavailable(detail=f"Docker engine unreachable: {exc}") from exc

@@ -1,0 +1,55 @@
+"""How the Swarm backend names a cluster that cannot act, at its seam (the SDK call it makes):
+managers without a leader answer 503, and a change they cannot commit times out. Both are
+SwarmUnavailable, whose message tells the person to try again; anything else is not. The same
+behaviour on the real cluster: tests/test_stack.py (quorum lost)."""
+
+from __future__ import annotations
+
+import docker.errors
+import pytest
+import requests
+
+from bridge.backends.swarm import SwarmBackend, SwarmUnavailable
+from bridge.config import SessionConfig
+from bridge.errors import BackendUnavailable
+
+
+def _raise(exc: Exception) -> None:
+    raise exc
+
+
+def _api_error(status: int, explanation: str) -> docker.errors.APIError:
+    response = requests.Response()
+    response.status_code = status
+    return docker.errors.APIError("swarm", response=response, explanation=explanation)
+
+
+@pytest.fixture
+async def backend():
+    made = SwarmBackend(SessionConfig(backend="swarm"), "test-instance")
+    yield made
+    await made.close()
+
+
+async def test_no_leader_is_swarm_unavailable_with_a_try_again_message(backend: SwarmBackend) -> None:
+    with pytest.raises(SwarmUnavailable) as caught:
+        await backend._call(_raise, _api_error(503, "The swarm does not have a leader."))
+    assert isinstance(caught.value, BackendUnavailable)
+    assert "try again" in caught.value.user_message
+    assert "does not have a leader" in caught.value.detail
+
+
+@pytest.mark.parametrize("error", [
+    requests.exceptions.ReadTimeout("read timed out"),
+    _api_error(500, "rpc error: code = DeadlineExceeded desc = context deadline exceeded"),
+    _api_error(500, "rpc error: code = Unknown desc = raft: lost leadership"),
+], ids=["time-out", "deadline", "leadership"])
+async def test_a_change_the_managers_cannot_commit_is_swarm_unavailable(backend: SwarmBackend, error: Exception) -> None:
+    with pytest.raises(SwarmUnavailable):
+        await backend._call(_raise, error)
+
+
+async def test_other_engine_errors_stay_what_they_are(backend: SwarmBackend) -> None:
+    with pytest.raises(docker.errors.APIError) as caught:
+        await backend._call(_raise, _api_error(500, "boom"))
+    assert not isinstance(caught.value, SwarmUnavailable)
