@@ -150,6 +150,38 @@ class SshTerm:
         await self.conn.wait_closed()
 
 
+class OpenSshTerm:
+    """OpenSSH's `ssh -tt` as the client (a subprocess; its stdin and stdout are the terminal):
+    tells whether a number of the SSH door is the gateway's or the benchmark's own Python client's."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+
+    @classmethod
+    async def open(cls, port: int, user: str, key_file: str, cols: int = 80, rows: int = 24) -> OpenSshTerm:
+        proc = await asyncio.create_subprocess_exec(
+            "ssh", "-tt", "-F", "/dev/null", "-i", key_file, "-p", str(port), "-o", "BatchMode=yes",
+            "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR",
+            f"{user}@127.0.0.1", stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            env={"TERM": "xterm-256color", "COLUMNS": str(cols), "LINES": str(rows), "PATH": "/usr/bin:/bin"},
+        )
+        return cls(proc)
+
+    async def send(self, data: bytes) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(data)
+        await self.proc.stdin.drain()
+
+    async def recv(self) -> bytes:
+        assert self.proc.stdout is not None
+        return await self.proc.stdout.read(65536)
+
+    async def close(self) -> None:
+        if self.proc.returncode is None:
+            self.proc.terminate()
+        await self.proc.wait()
+
+
 class HeldTerm(SshTerm):
     """The session holder's shell (`Upstream.attach_held`): keystrokes go in frames."""
 

@@ -218,24 +218,30 @@ class GatewayProcess:
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     async def container_of(self, *, session_id: str | None = None, door: str | None = None,
-                           timeout: float = 10.0) -> str:
+                           exclude: frozenset[str] = frozenset(), timeout: float = 10.0) -> str:
         """The container id of one live session, asked of the gateway itself over its admin
         socket (as `termbridge sessions list` does): labels cannot say it, since a pooled
-        container is labelled before its session exists."""
-        from bridge.admin import request, socket_path
-
-        path = socket_path(self.workdir / "state")
+        container is labelled before its session exists. `exclude`: session ids not meant
+        (those `session_ids` listed before this one opened)."""
         deadline = time.monotonic() + timeout
         while True:
-            answer = await asyncio.to_thread(request, path, {"command": "list"})
+            answer = await self._list()
             found = [s["container"] for s in answer.get("sessions", [])
                      if s.get("container") and (session_id is None or s["id"] == session_id)
-                     and (door is None or s["door"] == door)]
+                     and (door is None or s["door"] == door) and s["id"] not in exclude]
             if len(found) == 1:
                 return await asyncio.to_thread(_container_id, found[0])
             if time.monotonic() > deadline:
                 raise RuntimeError(f"the gateway lists {len(found)} sessions for {session_id or door}: {answer}")
             await asyncio.sleep(0.05)
+
+    async def session_ids(self) -> frozenset[str]:
+        return frozenset(s["id"] for s in (await self._list()).get("sessions", []))
+
+    async def _list(self) -> dict[str, Any]:
+        from bridge.admin import request, socket_path
+
+        return await asyncio.to_thread(request, socket_path(self.workdir / "state"), {"command": "list"})
 
     def stop(self, timeout: float = 30.0) -> None:
         """SIGTERM: the gateway ends every session and removes every container, then exits."""

@@ -169,16 +169,40 @@ def text(entries: list[dict[str, Any]]) -> str:
     return "\n".join(parts).strip() if parts else "No benchmark results yet: run `python -m benchmarks`."
 
 
-def markdown(entries: list[dict[str, Any]]) -> str:
-    """The README's block: the machine and command, then the latest compare table."""
-    latest, _ = latest_pair(entries, "compare")
-    if latest is None:
-        return "No compare run in the history yet."
-    m = latest.get("machine_before") or {}
-    return "\n".join([
-        f"Command: `{latest.get('command')}` (commit {latest.get('commit')}, {latest.get('time')}).",
+def _about(entry: dict[str, Any]) -> list[str]:
+    m = entry.get("machine_before") or {}
+    return [
+        f"Command: `{entry.get('command')}` (commit {entry.get('commit')}, {entry.get('time')}).",
         f"Machine: {m.get('cpus')} × {m.get('cpu', '?')}, {m.get('mem_total_mb')} MB, kernel {m.get('kernel')}, "
         f"Docker {m.get('docker')}; load average {m.get('load_avg')} before.",
-        "",
-        report.table(latest),
-    ])
+    ]
+
+
+def burst_table(entry: dict[str, Any]) -> str:
+    """A burst run as a table: login→prompt per burst, failures, the host's load."""
+    n = entry.get("settings", {}).get("n")
+    lines = [f"| {n} logins at once | p50 | p95 | max | failed | load before → after |", "|---|---|---|---|---|---|"]
+    seconds = lambda ms: f"{ms / 1000:.2f} s" if ms is not None else "—"  # noqa: E731
+    for burst in entry.get("bursts", []):
+        if "skipped" in burst:
+            lines.append(f"| {burst['label']} | {burst['skipped']} | | | | |")
+            continue
+        t = burst.get("login_prompt") or {}
+        lines.append(f"| {burst['label']} | {seconds(t.get('median_ms'))} | {seconds(t.get('p95_ms'))} | "
+                     f"{seconds(t.get('max_ms'))} | {burst['failed']} | {burst['load_before'][0]} → {burst['load_after'][0]} |")
+    return "\n".join(lines)
+
+
+def markdown(entries: list[dict[str, Any]]) -> str:
+    """The README's blocks: the latest compare table and the latest burst, each with its machine
+    and command."""
+    latest, _ = latest_pair(entries, "compare")
+    burst, _ = latest_pair(entries, "burst")
+    if latest is None and burst is None:
+        return "No run in the history yet."
+    parts: list[str] = []
+    if latest is not None:
+        parts += [*_about(latest), "", report.table(latest)]
+    if burst is not None:
+        parts += ["" if parts else "", *_about(burst), "", burst_table(burst)]
+    return "\n".join(parts[1:] if parts[0] == "" else parts)

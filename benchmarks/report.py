@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-COLUMNS = ("web", "ssh", "floor_attach", "floor_ssh", "ttyd")
+COLUMNS = ("web", "ssh", "ssh_openssh", "floor_attach", "floor_ssh", "ttyd")
 FLOOR = "floor_ssh"  # the floor for our design: asyncssh straight into the container's sshd
 # (label, result key, statistic, unit, higher is better)
 ROWS = (
@@ -93,6 +93,13 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
               v(door, "echo", "median_ms"), v("ttyd", "echo", "median_ms"), 1.0, False, "ttyd not measured")
         judge(f"{door}: throughput ≥ 1.2× ttyd",
               v(door, "throughput", "mb_per_s"), v("ttyd", "throughput", "mb_per_s"), 1.2, True, "ttyd not measured")
+    for door in ("ssh", "ssh_openssh"):  # the SSH door at the web door's speed, with either client
+        if "echo" not in (systems.get(door) or {}):
+            continue
+        judge(f"{door}: echo median ≤ 1.0× ttyd's", value(systems, door, "echo", "median_ms"),
+              value(systems, "ttyd", "echo", "median_ms"), 1.0, False, "ttyd not measured")
+        judge(f"{door}: throughput ≥ 0.95× the web door's", value(systems, door, "throughput", "mb_per_s"),
+              value(systems, "web", "throughput", "mb_per_s"), 0.95, True, "web door not measured")
     scale = results.get("scale") or {}
     if "idle_echo" in scale:
         name = "scale: 250 live sessions, idle echo p99 ≤ 5 ms, gateway RSS ≤ 300 MB"
@@ -103,6 +110,10 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             rss = max(scale["gateway_rss_mb"].values())
             met = p99 <= 5 and rss <= 300
             out.append({"target": name, "status": "met" if met else "MISSED", "p99_ms": p99, "rss_mb": rss})
+        if "floor_idle_echo" in scale:
+            name = "scale: the gateway's own part of idle echo p99 (gateway − straight into containers) ≤ 1 ms"
+            own = round(scale["idle_echo"]["p99_ms"] - scale["floor_idle_echo"]["p99_ms"], 2)
+            out.append({"target": name, "status": "met" if own <= 1 else "MISSED", "own_p99_ms": own})
     return out
 
 

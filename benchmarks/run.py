@@ -39,7 +39,9 @@ from .harness import (
     run_label, summary, workdir,
 )
 from .scale import run_scale
-from .systems import KIND_LABEL, FloorAttach, FloorSsh, SshDoor, System, Ttyd, WebDoor, docker_run_command
+from .systems import (
+    KIND_LABEL, FloorAttach, FloorSsh, SshDoor, SshDoorOpenSsh, System, Ttyd, WebDoor, docker_run_command,
+)
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
@@ -200,6 +202,8 @@ async def compare(args, base, run_id, gateway, http, user, cfg, systems) -> None
         chosen.append(WebDoor(gateway, http))
     if "ssh" in wanted:
         chosen.append(SshDoor(gateway, user))
+    if "ssh_openssh" in wanted:
+        chosen.append(SshDoorOpenSsh(gateway, user))
     if "floor_attach" in wanted:
         chosen.append(FloorAttach(cfg, run_id))
     if "floor_ssh" in wanted:

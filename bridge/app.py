@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import resource
@@ -410,6 +411,10 @@ async def _serve(app: web.Application, config: Config, load: Callable[[], Config
         log.info("Running on %s", site.name)
         if load is not None:
             asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload_config, app, load)
+        # What start-up made (imported modules, config, the app) lives as long as the gateway:
+        # out of the collector's way, so that a full collection walks the sessions' objects only
+        # and stays short under a session's keystroke.
+        gc.freeze()
         sd_notify("READY=1")  # both doors accept connections now
         await asyncio.Event().wait()  # until a signal raises GracefulExit
     finally:

@@ -180,14 +180,23 @@ class _RhostPam(pam.PamAuthenticator):
             self.pam_start = start_with_rhost
 
 
+ACCOUNT_CHECK_WORKERS = 2
+
+
 class PamAuthenticator:
     def __init__(self, service: str, allowed_groups: tuple[str, ...] = (), workers: int = 4) -> None:
         self.service = service
         self.allowed_groups = frozenset(allowed_groups)
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pam")
+        # The password-less checks (key logins, re-checks at every web session start) have threads
+        # of their own: they take a millisecond, and must not wait behind a class's password
+        # hashing (a lab logging in at once would otherwise open its terminals only after the
+        # last password of the class was checked).
+        self._checks = ThreadPoolExecutor(max_workers=ACCOUNT_CHECK_WORKERS, thread_name_prefix="pam-account")
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._checks.shutdown(wait=False, cancel_futures=True)
 
     def account_check(self, username: str) -> AuthResult:
         """The checks that need no password: name, shell, groups. Also used for public keys."""
@@ -241,10 +250,10 @@ class PamAuthenticator:
         return AuthResult(Outcome.DENIED, reason=reason)
 
     async def _run(
-        self, what: str, username: str, rhost: str | None, fn: Callable[..., AuthResult], *args: object
+        self, what: str, username: str, rhost: str | None, pool: ThreadPoolExecutor, fn: Callable[..., AuthResult],
+        *args: object,
     ) -> AuthResult:
-        loop = asyncio.get_running_loop()
-        result = await loop.run_in_executor(self._pool, fn, username, *args)
+        result = await asyncio.get_running_loop().run_in_executor(pool, fn, username, *args)
         log.info(
             "%s %s for %r from %s%s",
             what,
@@ -258,17 +267,17 @@ class PamAuthenticator:
     async def authenticate(self, username: str, password: str, rhost: str | None = None) -> AuthResult:
         """PAM's verdict. A refusal takes as long whether or not the account exists and may log
         in (see DECOY_USER): its timing must not tell who has an account here."""
-        return await self._run("login", username, rhost, self._authenticate_sync, password, rhost)
+        return await self._run("login", username, rhost, self._pool, self._authenticate_sync, password, rhost)
 
     async def authorize_key(self, username: str, rhost: str | None = None) -> AuthResult:
         """Whether this account may log in with a public key: the same rules as a password login
         (name, shell, groups, locked, and PAM's account stage for expiry), minus the password."""
-        return await self._run("key login account check", username, rhost, self._key_login_sync, rhost)
+        return await self._run("key login account check", username, rhost, self._checks, self._key_login_sync, rhost)
 
     async def recheck(self, username: str, rhost: str | None = None) -> AuthResult:
         """Whether an account that logged in earlier still may: the checks of `authorize_key`.
         Asked at every web session start and periodically, so only refusals are logged."""
-        result = await asyncio.get_running_loop().run_in_executor(self._pool, self._key_login_sync, username, rhost)
+        result = await asyncio.get_running_loop().run_in_executor(self._checks, self._key_login_sync, username, rhost)
         if not result.ok:
             log.info("account re-check %s for %r: %s", result.outcome.value, printable_username(username), result.reason)
         return result

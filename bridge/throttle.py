@@ -13,9 +13,12 @@ decides first, without PAM:
   until `auth.lockout` has passed since its last failure: the web door answers 429, the SSH
   door disconnects, and PAM is not asked at all;
 - one address, and one username, has at most MAX_PENDING attempts in flight on this gateway
-  (being checked, waiting or in PAM, until PAM answers even when the client gave up); more are
-  refused like a lockout, so one address can never hold every PAM worker. What is in flight is this process's
-  own business and stays in its memory.
+  (being checked, waiting or in PAM, until PAM answers even when the client gave up), so one
+  address can never hold every PAM worker. More attempts of one username are refused like a
+  lockout. More from one address (a class behind one NAT address logging in at once) wait in
+  line, first come first served, up to MAX_QUEUED; past that they are refused too. A waiting
+  attempt counts for its username already, and is checked (lockouts, delays) only when its turn
+  comes. What is in flight is this process's own business and stays in its memory.
 
 The counters and lockouts live in the store (`Store.add_failure`, `lock`, ...), which forgets
 them on its own once they are over (Redis expiries, SQLite purges). Only an answer from PAM adds
@@ -37,6 +40,7 @@ import ipaddress
 import logging
 import math
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -49,6 +53,7 @@ log = logging.getLogger("termbridge.throttle")
 
 MAX_DELAY = 8.0
 MAX_PENDING = 3
+MAX_QUEUED = 64  # attempts waiting per address: a large class behind one NAT address
 
 
 def address_key(address: str | None) -> str:
@@ -86,6 +91,7 @@ class LoginThrottle:
         self.store = store
         self.clock = clock
         self._pending: dict[tuple[str, str], int] = {}
+        self._waiting: dict[str, deque[asyncio.Future[None]]] = {}  # by address key: attempts in line
 
     def _limit(self, kind: str) -> int:
         return self.config.max_failures if kind == "user" else self.config.max_failures_per_address
@@ -94,11 +100,14 @@ class LoginThrottle:
         return [("user", username.lower()[:64]), ("addr", address_key(address))]
 
     def busy(self, username: str, address: str | None) -> Decision | None:
-        """The refusal when MAX_PENDING attempts of this name or address are in flight here.
-        Synchronous, so that the caller's `begin` follows it with no other attempt between."""
-        for kind, key in self._keys(username, address):
-            if self._pending.get((kind, key), 0) >= MAX_PENDING:
-                return Decision(False, retry_after=1.0, why=f"{MAX_PENDING} attempts for this {kind} in flight")
+        """The refusal when MAX_PENDING attempts of this name are in flight here, or this address
+        has MAX_PENDING in flight and MAX_QUEUED waiting. Synchronous, so that the caller's
+        `begin` follows it with no other attempt between."""
+        (_, name), (_, addr) = self._keys(username, address)
+        if self._pending.get(("user", name), 0) >= MAX_PENDING:
+            return Decision(False, retry_after=1.0, why=f"{MAX_PENDING} attempts for this user in flight")
+        if self._pending.get(("addr", addr), 0) >= MAX_PENDING and len(self._waiting.get(addr, ())) >= MAX_QUEUED:
+            return Decision(False, retry_after=1.0, why=f"{MAX_PENDING} attempts for this addr in flight, {MAX_QUEUED} waiting")
         return None
 
     async def check(self, username: str, address: str | None) -> Decision:
@@ -113,17 +122,61 @@ class LoginThrottle:
                 delay = max(delay, min(MAX_DELAY, 2.0 ** (failures - 1)))
         return Decision(True, delay=delay)
 
-    def begin(self, username: str, address: str | None) -> None:
-        for key in self._keys(username, address):
-            self._pending[key] = self._pending.get(key, 0) + 1
+    def begin(self, username: str, address: str | None) -> asyncio.Future[None] | None:
+        """Count the attempt in flight (call right after `busy` said None). None: it may go on
+        now; else its address has MAX_PENDING in flight and this is its place in line, to
+        `wait_turn` for."""
+        user_key, addr_key = self._keys(username, address)
+        self._pending[user_key] = self._pending.get(user_key, 0) + 1
+        if self._pending.get(addr_key, 0) < MAX_PENDING and not self._waiting.get(addr_key[1]):
+            self._pending[addr_key] = self._pending.get(addr_key, 0) + 1
+            return None
+        turn = asyncio.get_running_loop().create_future()
+        self._waiting.setdefault(addr_key[1], deque()).append(turn)
+        return turn
+
+    async def wait_turn(self, username: str, address: str | None, turn: asyncio.Future[None]) -> None:
+        """Until an attempt of the address `end`s and hands its place over (the count stays as
+        it was). Cancelled, the attempt leaves the line and counts no more."""
+        user_key, addr_key = self._keys(username, address)
+        try:
+            await turn
+        except BaseException:
+            self._leave_line(addr_key[1], turn)
+            self._drop(user_key)
+            if turn.done() and not turn.cancelled():
+                self._release_addr(addr_key)  # handed the place as it was cancelled: pass it on
+            raise
 
     def end(self, username: str, address: str | None) -> None:
-        for key in self._keys(username, address):
-            left = self._pending.get(key, 0) - 1
-            if left > 0:
-                self._pending[key] = left
-            else:
-                self._pending.pop(key, None)
+        user_key, addr_key = self._keys(username, address)
+        self._drop(user_key)
+        self._release_addr(addr_key)
+
+    def _release_addr(self, addr_key: tuple[str, str]) -> None:
+        """One attempt of this address is over: the first in line takes its place, or the count drops."""
+        line = self._waiting.get(addr_key[1])
+        while line:
+            turn = line.popleft()
+            if not turn.done():
+                turn.set_result(None)
+                return
+        self._waiting.pop(addr_key[1], None)
+        self._drop(addr_key)
+
+    def _leave_line(self, addr: str, turn: asyncio.Future[None]) -> None:
+        line = self._waiting.get(addr)
+        if line is not None and turn in line:
+            line.remove(turn)
+        if line is not None and not line:
+            self._waiting.pop(addr, None)
+
+    def _drop(self, key: tuple[str, str]) -> None:
+        left = self._pending.get(key, 0) - 1
+        if left > 0:
+            self._pending[key] = left
+        else:
+            self._pending.pop(key, None)
 
     async def failure(self, username: str, address: str | None) -> None:
         """Count a failure on every gateway; lock the key out at its limit. Raises StoreUnavailable."""
@@ -170,11 +223,21 @@ class ThrottledAuthenticator:
 
     async def authenticate(self, username: str, password: str, address: str | None = None) -> AuthResult:
         """PAM's verdict, or `Outcome.THROTTLED` without asking PAM (`Outcome.UNAVAILABLE` when
-        the store cannot say). `address` is the real client address (it also becomes PAM_RHOST)."""
+        the store cannot say). `address` is the real client address (it also becomes PAM_RHOST).
+        An attempt its client abandons (waiting in line or in PAM) goes on to PAM's answer: it
+        stays in flight until then, and a wrong password still counts."""
         busy = self.throttle.busy(username, address)
         if busy is not None:
             return self._throttled(username, address, busy)
-        self.throttle.begin(username, address)
+        turn = self.throttle.begin(username, address)
+        attempt = asyncio.ensure_future(self._attempt(username, password, address, turn))
+        return await asyncio.shield(attempt)
+
+    async def _attempt(
+        self, username: str, password: str, address: str | None, turn: asyncio.Future[None] | None
+    ) -> AuthResult:
+        if turn is not None:
+            await self.throttle.wait_turn(username, address, turn)
         try:
             try:
                 decision = await self.throttle.check(username, address)

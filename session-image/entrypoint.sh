@@ -9,7 +9,9 @@
 # person's own file system at /home/USER). A pooled container under Swarm also gets claim_key.pub
 # in the tar.
 # stdin: a tar with ssh_host_ed25519_key, ssh_host_ed25519_key.pub and authorized_keys, written
-# by the gateway right after start (never on disk, never in `docker inspect`), then EOF; or
+# by the gateway right after start (never on disk, never in `docker inspect`), then EOF; in a
+# pooled container on one engine the gateway keeps it open after the tar for the claim
+# (termbridge-adduser --claim; tar stops at the archive's end, padded to tar's 10 KiB record); or
 # TERMBRIDGE_KEYS_FILE: the same tar as a Swarm secret (services have no stdin).
 # TERMBRIDGE_NETGUARD=self (Swarm, where no gateway can enter the container's network namespace
 # from the host): the entrypoint shuts the network itself with NET_ADMIN, then drops it (and
@@ -30,7 +32,7 @@ if [ -n "${TERMBRIDGE_KEYS_FILE:-}" ]; then
 else
     (umask 077 && tar -x -o -C "$state" -f -)
 fi
-exec </dev/null
+exec 3<&0 </dev/null
 test -s "$state/ssh_host_ed25519_key" || { echo "termbridge: no host key received" >&2; exit 1; }
 test -s "$state/authorized_keys" || { echo "termbridge: no client key received" >&2; exit 1; }
 chmod 0600 "$state/ssh_host_ed25519_key"
@@ -58,11 +60,17 @@ elif [ -s "$state/claim_key.pub" ]; then
     printf 'restrict,command="/usr/local/sbin/termbridge-claim" %s\n' "$(cat "$state/claim_key.pub")" \
         > "$state/claim_keys/root"
     chmod 0644 "$state/claim_keys/root"
-    printf 'PermitRootLogin forced-commands-only\n' > "$state/sshd_config.d/10-mode.conf"
+    # root for the claim key alone; then the members of termbridge-session, a group with no
+    # member until the claim's account joins it: sshd needs no reload to let that account in.
+    printf 'AllowGroups termbridge-session root\nPermitRootLogin forced-commands-only\n' > "$state/sshd_config.d/10-mode.conf"
 else
-    # Pooled: sshd is ready now; the account and AllowUsers come at claim (termbridge-adduser).
-    printf 'PermitRootLogin no\nDenyUsers root\n' > "$state/sshd_config.d/10-mode.conf"
+    # Pooled on one engine: sshd is ready now and lets in the members of termbridge-session, a
+    # group with no member until the claim's account joins it; no reload between the claim and
+    # the login. The claim comes on stdin (termbridge-adduser --claim).
+    printf 'AllowGroups termbridge-session\nPermitRootLogin no\nDenyUsers root\n' > "$state/sshd_config.d/10-mode.conf"
+    (setpriv --no-new-privs termbridge-adduser --claim <&3 3<&- &)
 fi
+exec 3<&-
 
 drop=""
 if [ "${TERMBRIDGE_NETGUARD:-}" = self ]; then

@@ -105,6 +105,22 @@ async def test_pam_runs_off_the_event_loop(gateway, user):
     assert (await failing)[0] == 401
 
 
+async def test_account_checks_do_not_wait_behind_password_checks(pam_service, make_user):
+    """With every password thread busy (wrong passwords: pam_unix delays each ~2 s), the
+    password-less check a web session start makes still answers: it has threads of its own."""
+    busy, other = make_user(), make_user()
+    auth = PamAuthenticator(pam_service, workers=1)
+    try:
+        failing = [asyncio.create_task(auth.authenticate(busy.name, "wrong", "127.0.0.1")) for _ in range(2)]
+        await asyncio.sleep(0.2)
+        rechecked = await auth.recheck(other.name, "127.0.0.1")
+        assert rechecked.ok and rechecked.user is not None and rechecked.user.name == other.name
+        assert not any(f.done() for f in failing), "the password checks ended first: nothing was waited behind"
+        assert [r.outcome for r in await asyncio.gather(*failing)] == [Outcome.DENIED, Outcome.DENIED]
+    finally:
+        auth.close()
+
+
 async def test_logout_forgets_the_login_server_side(gateway, user):
     async with await gateway.login(user) as http:
         cookie = http.cookie_jar.filter_cookies(URL(gateway.url))[COOKIE_NAME].value

@@ -28,7 +28,7 @@ def test_quick_mode_measures_every_column(tmp_path: Path) -> None:
     results = json.loads(out.read_text())
     systems = results["systems"]
 
-    for key in ["web", "ssh", "floor_attach", "floor_ssh"]:
+    for key in ["web", "ssh", "ssh_openssh", "floor_attach", "floor_ssh"]:
         entry = systems[key]
         assert entry["connect"]["n"] == 2 and entry["close_gone"]["n"] == 2, (key, entry)
         assert entry["echo"]["n"] == 20, (key, entry)
@@ -90,6 +90,16 @@ def test_ratios_and_targets() -> None:
         "target": "web: connect→prompt with the pool ≤ 0.5× ttyd", "status": "not judged", "why": "n/a (--pool 0)"
     }
     assert not any(t.startswith("ssh:") for t in verdicts)
+    results["systems"]["ssh_openssh"] = {"title": "ssh, OpenSSH client", "echo": {"median_ms": 0.7},
+                                         "throughput": {"mb_per_s": 29}}
+    verdicts = {t["target"]: t for t in report.targets(results)}
+    assert verdicts["ssh_openssh: echo median ≤ 1.0× ttyd's"] == {
+        "target": "ssh_openssh: echo median ≤ 1.0× ttyd's", "status": "MISSED", "ratio": 1.17}
+    assert verdicts["ssh_openssh: throughput ≥ 0.95× the web door's"]["status"] == "met"
+    results["scale"] = {"sessions": 250, "idle_echo": {"p99_ms": 2.2}, "floor_idle_echo": {"p99_ms": 0.9},
+                        "gateway_rss_mb": {"live": 96}}
+    [own] = [t for t in report.targets(results) if "own part" in t["target"]]
+    assert own["status"] == "MISSED" and own["own_p99_ms"] == 1.3
     text = report.table(results)
     assert "| connect→prompt, cold (median of 10) | 400 ms | n/a (not in --systems) |" in text
     assert "| throughput, 50 MB of base64 (median of 3) | 30 MB/s |" in text
@@ -205,6 +215,8 @@ def test_report_shows_the_change_against_the_previous_comparable_run(tmp_path: P
                               cwd=ROOT, capture_output=True, text=True, timeout=60).stdout
     assert markdown.startswith("Command: `python -m benchmarks` (commit ")
     assert "Machine: 2 × Test CPU, 1000 MB" in markdown and "| 500 ms |" in markdown and "⚠" not in markdown
+    assert "| 10 logins at once | p50 | p95 | max | failed | load before → after |" in markdown
+    assert "| web door, pool 10 | 0.75 s | 1.50 s | 1.50 s | 1 | 1.0 → 2.0 |" in markdown
 
 
 def test_report_without_history_says_so(tmp_path: Path) -> None:

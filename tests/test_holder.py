@@ -16,6 +16,8 @@ import pytest
 from bridge.backends.base import Container, ContainerSpec
 from bridge.config import SessionConfig
 from bridge.backends.docker import DockerBackend
+from bridge.errors import SessionStartError
+from bridge.pool import wait_for_sshd
 from bridge.upstream import HOLDER_HEADER, HeldShell, SessionKeys, Upstream
 from helpers import PROMPT, TEST_IMAGE
 
@@ -324,9 +326,11 @@ async def test_a_full_screen_program_is_repainted_on_attach(start_session: Start
 
 
 async def test_a_pooled_container_gets_its_shell_after_the_claim(start_session: StartSession) -> None:
-    """Warm pool: the account comes later (termbridge-adduser through docker exec); the holder
-    refuses to start a shell before, and starts it as the claimed user after."""
+    """Warm pool: sshd already runs when the account comes (over the stdin the backend kept open,
+    no `docker exec`, no sshd reload); the holder refuses to start a shell before, and starts it
+    as the claimed user after."""
     session = await start_session(pooled=True)
+    await wait_for_sshd(session.container, 30)
     refused = await session.backend._call(_exec, session, ["tb-holder", "attach"])
     assert refused[0] == 4 and b"no account" in refused[1], refused
     session.container = await session.backend.claim(session.container, "bob", HOST_UID + 1, False)
@@ -336,6 +340,39 @@ async def test_a_pooled_container_gets_its_shell_after_the_claim(start_session: 
     att.send("echo $(id -un):$(id -u):$HOME:$(tty); stat -c %U /proc/self/fd/0\r")
     await att.expect(re.compile(rb"bob:%d:/home/bob:/dev/pts/\d+\r\nbob\r\n" % (SESSION_UID + 1)))
     await att.drop()
+    with pytest.raises(SessionStartError, match="no claim channel"):  # one account, once
+        await session.backend.claim(session.container, "eve", HOST_UID + 2, False)
+
+
+async def test_a_pooled_sshd_lets_in_the_claimed_account_alone(start_session: StartSession) -> None:
+    """Before the claim nobody gets in with the session's key, not even an account the image has;
+    after it, the claimed account and no other."""
+    session = await start_session(pooled=True)
+    await wait_for_sshd(session.container, 30)
+
+    async def refused(name: str) -> bool:
+        try:
+            conn = await Upstream.connect(replace(session.container, ssh_user=name), session.keys, 10)
+        except SessionStartError as exc:
+            return "ermission denied" in exc.detail
+        conn.close()
+        return False
+
+    assert await refused("bob") and await refused("daemon") and await refused("root")
+    session.container = await session.backend.claim(session.container, "bob", HOST_UID + 1, False)
+    assert await refused("daemon") and await refused("root")
+    (await Upstream.connect(session.container, session.keys, 10)).close()
+
+
+async def test_a_claim_the_container_refuses_is_an_error_with_its_reason(start_session: StartSession) -> None:
+    """The image checks the claim itself (here: a uid below the session range)."""
+    session = await start_session(pooled=True)
+    channel = session.backend._claims.pop(session.container.id)
+    try:
+        answer = await channel.claim("bob", 5)
+    finally:
+        channel.close()
+    assert answer == "failed: termbridge: uid 5 is out of range", answer
 
 
 async def test_an_unclaimed_pooled_container_ends_at_max_lifetime(start_session: StartSession) -> None:

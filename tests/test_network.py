@@ -12,13 +12,15 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import docker
 import pytest
 
 from bridge import netguard
-from bridge.backends.docker import NETWORK_NAMES
+from bridge.backends.docker import NETWORK_NAMES, DockerBackend
+from bridge.config import SessionConfig
 from helpers import PROMPT, ROOT, TEST_IMAGE, session_containers, write_config
 from privatenet import ANSWER, PORT, PrivateNet
 
@@ -237,6 +239,34 @@ def test_guard_is_idempotent_under_concurrency():
         chain = "DOCKER-USER" if netguard._chain_exists("DOCKER-USER") else "FORWARD"
         subprocess.run(["iptables", "-w", "-D", chain, "-i", bridge, "-o", bridge, "-j", "DROP"], capture_output=True)
     assert not netguard.bridge_guarded(bridge)
+
+
+def test_starts_asking_at_once_share_one_firewall_check(monkeypatch):
+    """Eight starts asking at once are answered by one or two real checks of the host's rules,
+    not eight in a row; a start asking after a check has passed gets a check of its own."""
+    backend = DockerBackend(SessionConfig(image=TEST_IMAGE), f"test-net-{os.getpid()}")
+    try:
+        backend._prepare_sync()  # the network and the rules, as at the gateway's start
+        checks: list[str] = []
+        real = netguard.bridge_guarded
+
+        def counted(bridge: str) -> bool:
+            checks.append(bridge)
+            time.sleep(0.2)  # a slow check, so that the eight overlap
+            return real(bridge)
+
+        monkeypatch.setattr(netguard, "bridge_guarded", counted)
+        threads = [threading.Thread(target=backend._prepare_sync) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert 1 <= len(checks) <= 2, checks
+        backend._prepare_sync()
+        backend._prepare_sync()
+        assert len(checks) in (3, 4), checks  # one more each, one after the other
+    finally:
+        backend._forget_client()
 
 
 def test_odd_bridge_names_are_refused():

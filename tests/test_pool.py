@@ -68,12 +68,14 @@ async def test_pooled_containers_count_toward_max_total(start_gateway, make_user
 async def test_pooled_containers_are_reaped_after_a_crash(gateway_process):
     process = gateway_process(session={"pool": 2})
     await process.start()
-    await wait_for(lambda: len(pooled()) >= 2, timeout=60, what="the pool to fill")
     import tomllib
     from pathlib import Path
 
     state_dir = Path(tomllib.loads(process.config_path.read_text())["state_dir"])
     instance = (state_dir / "instance-id").read_text().strip()
+    # only this gateway's: other gateways on the machine may have pools too
+    await wait_for(lambda: len([c for c in pooled() if c.labels["termbridge.gateway"] == instance]) >= 2,
+                   timeout=60, what="the pool to fill")
     mine = {c.id for c in pooled() if c.labels["termbridge.gateway"] == instance}
     assert len(mine) >= 2
     process.signal(signal.SIGKILL)

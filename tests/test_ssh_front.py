@@ -338,6 +338,16 @@ async def test_binary_safe_stdin_and_stdout(door, user, tmp_path):
     assert rc == 0 and out == data, err
 
 
+async def test_output_passed_on_in_larger_pieces_keeps_each_stream_whole_and_in_order(door, user):
+    """The door joins the container's packets that arrive together: stdout and stderr, written
+    in quick turns, still arrive whole and each in its own order."""
+    script = "i=0; while [ $i -lt 20000 ]; do echo out$i; echo err$i >&2; i=$((i+1)); done"
+    rc, out, err = await door.run(door.ssh(user, script), password=user.password)
+    assert rc == 0
+    assert out.decode().split() == [f"out{i}" for i in range(20000)]
+    assert [w for w in err.split() if w.startswith("err")] == [f"err{i}" for i in range(20000)]  # ssh's own warnings aside
+
+
 async def test_pty_env_window_change_and_channels_share_one_container(door, user):
     async with door.connect(user) as conn:
         proc = await conn.create_process(

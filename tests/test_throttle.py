@@ -19,7 +19,7 @@ from bridge.config import AuthConfig
 from bridge.store import Store
 from bridge.store.base import SecretBox
 from bridge.store.sqlite import SqliteStore
-from bridge.throttle import MAX_DELAY, MAX_PENDING, LoginThrottle, ThrottledAuthenticator, address_key
+from bridge.throttle import MAX_DELAY, MAX_PENDING, MAX_QUEUED, LoginThrottle, ThrottledAuthenticator, address_key
 from bridge.web.login import COOKIE_NAME
 from helpers import csrf_token
 
@@ -101,18 +101,45 @@ def test_ipv6_counts_by_prefix():
     assert address_key(None) == "-"
 
 
-def test_attempts_in_flight_per_address_and_per_username_are_bounded(make):
+async def test_attempts_in_flight_per_username_are_bounded_and_per_address_wait_in_line(make):
     t, _ = make()
     for i in range(MAX_PENDING):
         assert t.busy(f"x{i}", "192.0.2.3") is None
-        t.begin(f"x{i}", "192.0.2.3")
-    assert t.busy("y", "192.0.2.3") is not None
-    assert t.busy("y", "192.0.2.4") is None
+        assert t.begin(f"x{i}", "192.0.2.3") is None  # goes on at once
+    assert t.busy("y", "192.0.2.3") is None  # a fourth from the address waits in line
+    turn = t.begin("y", "192.0.2.3")
+    assert turn is not None and not turn.done()
+    assert t.begin("z", "192.0.2.4") is None  # another address is not held up
     t.end("x0", "192.0.2.3")
-    assert t.busy("y", "192.0.2.3") is None
-    for i in range(MAX_PENDING):  # one name from many addresses
+    assert turn.done()  # the first in line took the place
+    for i in range(MAX_PENDING):  # one name from many addresses: refused, not queued
         t.begin("victim", f"198.51.100.{i}")
     assert t.busy("victim", "198.51.100.99") is not None
+
+
+async def test_the_line_of_one_address_is_first_come_first_served_and_bounded(make):
+    t, _ = make()
+    for i in range(MAX_PENDING):
+        t.begin(f"a{i}", "192.0.2.5")
+    waiting = [asyncio.create_task(t.wait_turn(f"w{i}", "192.0.2.5", t.begin(f"w{i}", "192.0.2.5")))
+               for i in range(MAX_QUEUED)]
+    refused = t.busy("late", "192.0.2.5")
+    assert refused is not None and "waiting" in refused.why
+    await asyncio.sleep(0)
+    waiting[0].cancel()  # its client went away while in line: it leaves the line
+    await asyncio.gather(waiting[0], return_exceptions=True)
+    t.end("a0", "192.0.2.5")
+    await asyncio.sleep(0)
+    assert [w.done() for w in waiting[1:4]] == [True, False, False]  # the next one, in order
+    t.end("a1", "192.0.2.5")
+    await asyncio.sleep(0)
+    assert waiting[2].done() and not waiting[3].done()
+    for task in waiting[3:]:
+        task.cancel()
+    await asyncio.gather(*waiting, return_exceptions=True)
+    for name in ("a2", "w1", "w2"):
+        t.end(name, "192.0.2.5")
+    assert not t._pending and not t._waiting  # everything counted is released
 
 
 async def test_gateways_sharing_a_store_count_together(make):
@@ -200,6 +227,15 @@ async def test_a_flood_of_wrong_passwords_does_not_starve_others(start_gateway, 
     assert statuses.count(429) >= 20 and set(statuses) <= {401, 429}, statuses
     asked = [r for r in caplog.records if r.name == "termbridge.auth" and "203.0.113.66" in r.getMessage()]
     assert len(asked) <= 5 + MAX_PENDING, [r.getMessage() for r in asked]
+
+
+async def test_a_class_behind_one_address_logs_in_at_once(start_gateway, make_user):
+    """Twelve people behind one NAT address log in in the same instant: they wait in line for
+    PAM (no more than MAX_PENDING of them in it at a time) instead of being refused."""
+    gateway = await start_gateway(auth={"pam_workers": 2}, web={"trusted_proxies": ["127.0.0.1"]})
+    users = [make_user() for _ in range(12)]
+    statuses = [s for s, _, _ in await asyncio.gather(*(post(gateway, u.name, u.password, "203.0.113.9") for u in users))]
+    assert statuses == [303] * 12, statuses
 
 
 async def test_forwarded_headers_count_only_from_trusted_proxies(start_gateway, make_user):

@@ -7,7 +7,9 @@ session limits and a hardened host config; removal is idempotent (404 and 409 ar
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import re
 import socket
 import threading
 import time
@@ -61,6 +63,43 @@ def _home_mount(spec: ContainerSpec) -> docker.types.Mount:
     )
 
 
+CLAIM_TIMEOUT = 10.0
+CLAIM_ANSWER = re.compile(rb"^termbridge-claim (ok|failed: .*)$", re.M)
+
+
+class ClaimChannel:
+    """A pooled container's stdin and stdout, attached before its start and kept after the keys:
+    the login that claims it sends "USER UID" here and reads the account's answer. No `docker
+    exec` (three API calls and a process Docker sets up) on the way to a login's prompt."""
+
+    def __init__(self, attached: Any, raw: socket.socket) -> None:
+        self._attached = attached
+        self._raw = raw
+
+    async def claim(self, user: str, uid: int) -> str:
+        """Send the claim; the answer line (`ok` or `failed: why`). Raises OSError when the
+        container's end goes away first. Docker frames the output: 8-byte headers, stdout is 1."""
+        loop = asyncio.get_running_loop()
+        self._raw.setblocking(False)
+        await loop.sock_sendall(self._raw, f"{user} {uid}\n".encode())
+        buf, out = b"", b""
+        while True:
+            data = await loop.sock_recv(self._raw, 4096)
+            if not data:
+                raise OSError(f"the container's stdout closed before it answered: {out[-300:]!r}")
+            buf += data
+            while len(buf) >= 8 and len(buf) >= 8 + int.from_bytes(buf[4:8], "big"):
+                size = int.from_bytes(buf[4:8], "big")
+                if buf[0] == 1:
+                    out += buf[8 : 8 + size]
+                buf = buf[8 + size :]
+            if found := CLAIM_ANSWER.search(out):
+                return found[1].decode(errors="replace")
+
+    def close(self) -> None:
+        self._attached.close()
+
+
 class DockerBackend(EngineBackend):
     def __init__(self, config: SessionConfig, instance_id: str, *, networks: tuple[str, ...] = (), **engine: Any) -> None:
         """`networks`: the session.network modes of every profile, prepared by `prepare`
@@ -70,10 +109,13 @@ class DockerBackend(EngineBackend):
         self.networks = tuple(dict.fromkeys(networks or (config.network,)))
         self._bridges: dict[str, str] = {}  # network mode -> its host bridge, once prepared
         self._prepare_lock = threading.Lock()
+        self._checked_from: dict[str, float] = {}  # network mode -> when its last passed check began
+        self._claims: dict[str, ClaimChannel] = {}  # pooled containers' open stdin, by container id
 
     def _forget_client(self) -> None:
         super()._forget_client()
         self._bridges.clear()
+        self._checked_from.clear()
 
     # -- contract -----------------------------------------------------------------------------
 
@@ -116,12 +158,19 @@ class DockerBackend(EngineBackend):
 
     def _prepare_sync(self, api: docker.APIClient | None = None, networks: tuple[str, ...] = ()) -> None:
         """Networks (`networks`, default every profile's), route tools and firewall. Cached; the
-        firewall is re-checked on every call, so rules flushed behind the gateway's back come
-        back before the next session starts."""
+        firewall is re-checked for every call, so rules flushed behind the gateway's back come
+        back before the next session starts. Starts that ask at once share one check: a check
+        of a network begun after a call asked answers for it too (a class starting together
+        waits for two checks, not for one after another each)."""
         api = api or self._api()
+        asked = time.monotonic()
         with self._prepare_lock:
             for network in networks or self.networks:
+                if self._checked_from.get(network, asked) > asked:
+                    continue
+                began = time.monotonic()
                 self._prepare_locked(api, network)
+                self._checked_from[network] = began
 
     def _prepare_locked(self, api: docker.APIClient, network: str) -> None:
         name = NETWORK_NAMES[network]
@@ -181,9 +230,11 @@ class DockerBackend(EngineBackend):
     def _boot(self, api: docker.APIClient, cid: str, spec: ContainerSpec) -> None:
         """Start the container, cut its default route, then hand the entrypoint its keys on stdin.
         sshd cannot start before the keys arrive, so no shell ever runs with the route in place;
-        the keys never touch a disk or `docker inspect`."""
+        the keys never touch a disk or `docker inspect`. A pooled container's stdin (and stdout)
+        stays open for its claim."""
         keys = keys_tar(spec)
-        attached = api.attach_socket(cid, params={"stdin": 1, "stream": 1})
+        pooled = not spec.user and not spec.root
+        attached = api.attach_socket(cid, params={"stdin": 1, "stdout": int(pooled), "stream": 1})
         raw = getattr(attached, "_sock", attached)
         try:
             api.start(cid)
@@ -199,9 +250,16 @@ class DockerBackend(EngineBackend):
                     self._write_resolv_conf(info["ResolvConfPath"], egress)
             raw.settimeout(10)
             raw.sendall(keys)
+            if pooled:
+                self._claims[cid] = ClaimChannel(attached, raw)
+                return
             raw.shutdown(socket.SHUT_WR)
+        except BaseException:
+            self._claims.pop(cid, None)
+            raise
         finally:
-            attached.close()
+            if cid not in self._claims:
+                attached.close()
 
     @staticmethod
     def _write_resolv_conf(path: str, egress: netguard.Egress) -> None:
@@ -240,6 +298,7 @@ class DockerBackend(EngineBackend):
         except docker.errors.APIError as exc:
             if exc.status_code == 404 and "network" in str(exc).lower():
                 self._bridges.pop(cfg.network, None)
+                self._checked_from.pop(cfg.network, None)
             elif exc.status_code == 404:
                 raise ImageMissing(detail=f"session image {cfg.image!r} not found: {exc}") from exc
             raise SessionStartError(detail=f"create failed: {exc}") from exc
@@ -259,22 +318,32 @@ class DockerBackend(EngineBackend):
             raise
         return started(cid, name, address, spec)
 
-    def _claim_sync(self, container: Container, user: str, uid: int, root: bool) -> Container:
-        api = self._api()
-        if not root:
-            # uid 0, not "root": Docker would look the name up in an /etc/passwd that lives on tmpfs
-            argv = ["/usr/local/sbin/termbridge-adduser", user, str(self._session_uid(user, uid))]
-            run = api.exec_create(container.id, argv, user="0")
-            output = api.exec_start(run["Id"])
-            code = api.exec_inspect(run["Id"]).get("ExitCode")
-            if code != 0:
-                raise SessionStartError(detail=f"claiming {container.name} for {user} failed ({code}): {output!r}")
-        return Container(container.id, container.name, container.address, container.port, "root" if root else user)
-
     async def claim(self, container: Container, user: str, uid: int, root: bool) -> Container:
-        return await self._call(self._claim_sync, container, user, uid, root)
+        """The account is made by the container itself, told over the stdin this backend kept
+        open (`ClaimChannel`); its sshd already lets the account in."""
+        claimed = Container(container.id, container.name, container.address, container.port, "root" if root else user)
+        channel = self._claims.pop(container.id, None)
+        if root:
+            if channel is not None:
+                channel.close()
+            return claimed
+        if channel is None:
+            raise SessionStartError(detail=f"claiming {container.name}: no claim channel (not pooled by this gateway)")
+        try:
+            async with asyncio.timeout(CLAIM_TIMEOUT):
+                answer = await channel.claim(user, self._session_uid(user, uid))
+        except (OSError, TimeoutError) as exc:
+            raise SessionStartError(detail=f"claiming {container.name} for {user} failed: {exc!r}") from exc
+        finally:
+            channel.close()
+        if answer != "ok":
+            raise SessionStartError(detail=f"claiming {container.name} for {user} {answer}")
+        return claimed
 
     def _remove_sync(self, container_id: str) -> None:
+        channel = self._claims.pop(container_id, None)
+        if channel is not None:
+            channel.close()
         try:
             self._api().remove_container(container_id, force=True, v=True)
         except docker.errors.NotFound:
@@ -333,6 +402,12 @@ class DockerBackend(EngineBackend):
 
     async def list_fleet(self) -> list[ContainerInfo]:
         return await self._call(self._list_sync, LABEL_FLEET, self.fleet)
+
+    async def close(self) -> None:
+        for channel in self._claims.values():
+            channel.close()
+        self._claims.clear()
+        await super().close()
 
     async def unreachable(self) -> set[str]:
         return set()  # one engine: every container's host is this one

@@ -45,7 +45,9 @@ LOG_CONFIG = {"type": "json-file", "config": LOG_OPTIONS}
 # keys that never come, so it is refused with a clear message instead. 4: the account's uid comes
 # from the gateway (TERMBRIDGE_UID; `termbridge-adduser USER UID` at claim). 5: the session holder
 # (tb-holder) is the main process and enforces TERMBRIDGE_IDLE_TIMEOUT and TERMBRIDGE_MAX_LIFETIME.
-IMAGE_PROTOCOL = "5"
+# 6: a pooled container on one engine is claimed over its stdin, kept open after the keys ("USER
+# UID" in, "termbridge-claim ok" out), and its sshd lets the account in without a reload.
+IMAGE_PROTOCOL = "6"
 # Optional abilities an image states in the label `termbridge.features` (comma-separated), asked
 # for only by the sessions that need them. persistent-home: termbridge-adduser takes a home that
 # is already there (bound by the gateway, the person's own) instead of making one. swarm: the
