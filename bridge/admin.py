@@ -139,7 +139,7 @@ class AdminServer:
     async def _homes(self, request: dict[str, Any]) -> dict[str, Any]:
         """`list` (every home) or `du` (one person's with `user`, else every one): size and use;
         `rm`: remove one person's home, refused while they have a session on any gateway."""
-        homes = self.manager.homes
+        homes = self.manager.homes.store
         action, name = request.get("action"), request.get("user")
         if action not in ("list", "du", "rm"):
             return {"error": f"unknown homes action {str(action)[:40]!r}"}
@@ -164,7 +164,7 @@ class AdminServer:
             return {
                 "error": f"{user} has {count} live session(s); end them first (termbridge sessions kill --user {user})"
             }
-        await asyncio.to_thread(homes.remove, uid, lambda: self.manager.home_in_use(uid))
+        await asyncio.to_thread(homes.remove, uid, lambda: self.manager.homes.in_use(uid))
         log.info("home of %s (uid %d) removed by an administrator", user, uid)
         return {"removed": uid}
 

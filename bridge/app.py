@@ -285,7 +285,7 @@ async def reap_once(manager: SessionManager) -> None:
         return
     if reaped:
         log.info("reaper removed %d container(s) no live session owns", reaped)
-    swept = await manager.sweep_homes()
+    swept = await manager.homes.sweep()
     if swept:
         log.info("reaper unmounted %d home(s) no session uses", swept)
 

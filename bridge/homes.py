@@ -16,15 +16,17 @@ outlived the host's mount keeps it attached). Every call here blocks: run them i
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
+import functools
 import logging
 import os
 import pwd
 import re
 import subprocess
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -404,3 +406,57 @@ class HomeStore:
             with contextlib.suppress(FileNotFoundError, OSError):
                 self.mount_point(uid).rmdir()
             log.info("home of uid %d removed", uid)
+
+
+class HomeMounts:
+    """Which of this gateway's sessions count on whose home, by session id: set before the mount,
+    dropped once the session's container is gone (or another gateway serves it). A home is
+    unmounted when the last session here that counts on it goes, unless `held_elsewhere(user)`
+    says another gateway on this host holds a session of that person (a rolling restart)."""
+
+    def __init__(self, store: HomeStore, held_elsewhere: Callable[[str], Awaitable[bool]]) -> None:
+        self.store = store
+        self._held_elsewhere = held_elsewhere
+        self._uids: dict[str, int] = {}
+
+    def in_use(self, uid: int) -> bool:
+        """Whether a session of this gateway counts on `uid`'s home (safe to call from a thread)."""
+        return uid in list(self._uids.values())
+
+    def note(self, session_id: str, uid: int) -> None:
+        """The session's container may have `uid`'s home mounted: unmount only after it."""
+        self._uids[session_id] = uid
+
+    def forget(self, session_id: str) -> None:
+        """The session runs on without this gateway, its container keeping the home."""
+        self._uids.pop(session_id, None)
+
+    async def mount(self, session_id: str, username: str, uid: int, size: int) -> str:
+        """The person's home mounted on the host (made on first use): the directory the container gets."""
+        self.note(session_id, uid)
+        return str(await asyncio.to_thread(self.store.mount, username, uid, size))
+
+    async def release(self, session_id: str, username: str) -> None:
+        """The session's container is gone: unmount its home if nothing else counts on it."""
+        uid = self._uids.pop(session_id, None)
+        if uid is not None:
+            await self._unmount(username, uid)
+
+    async def _unmount(self, username: str, uid: int) -> bool:
+        if await self._held_elsewhere(username):
+            return False
+        try:
+            return await asyncio.to_thread(self.store.unmount, uid, functools.partial(self.in_use, uid))
+        except HomeError as exc:
+            log.warning("home of %s not unmounted: %s", username, exc.detail)
+            return False
+
+    async def sweep(self) -> int:
+        """Unmount the homes on this host that no session uses: what a killed gateway left
+        mounted, or the home of a session whose leftover container the reaper removed. (A home
+        left mounted costs a loop device, never data: a container keeps its own mount.)"""
+        swept = 0
+        for uid in await asyncio.to_thread(self.store.mounted_uids):
+            if not self.in_use(uid):
+                swept += await self._unmount(await asyncio.to_thread(self.store.owner, uid), uid)
+        return swept

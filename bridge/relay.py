@@ -158,7 +158,7 @@ class Relay:
             return
         self.served[view_id] = served
         try:
-            served.added = await self.manager.add_viewer(session, admin, mode, served)
+            served.added = await self.manager.viewing.add(session, admin, mode, served)
         except BridgeError as exc:
             del self.served[view_id]
             await self.send(peer, op="error", view=view_id, message=exc.user_message)
@@ -217,7 +217,7 @@ class _Served:
         while not self.session.ending:
             data = await self.typed.get()
             try:
-                await self.relay.manager.type_as(self.session, data, self.admin)
+                await self.relay.manager.viewing.type_as(self.session, data, self.admin)
             except (ConnectionError, RuntimeError) as exc:
                 self.session.log.warning("typing of %s from gateway %s failed: %r", self.admin, self.peer, exc)
                 return
@@ -255,7 +255,7 @@ class _Served:
             if task is not asyncio.current_task():
                 task.cancel()
         if self.added is not None:
-            await self.relay.manager.remove_viewer(self.session, *self.added)
+            await self.relay.manager.viewing.remove(self.session, *self.added)
 
 
 class RemoteView:

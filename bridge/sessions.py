@@ -7,12 +7,12 @@ call `open_terminal`, which also adopts a session another gateway process starte
 clocks live in `timers.py`, the reaper and fleet-wide view in `fleet.py`, records and reconnect
 secrets in `continuity.py`.
 
-Why this module is longer than the others (about 850 lines): start, adoption, the timers, every
+Why this module is longer than the others (under 900 lines): start, adoption, the timers, every
 end and every removal change the same registry and the same per-user holds against the caps,
 and each must leave both exact on every path (exit, error, cancel, shutdown, let go at a
 restart). Kept together, that invariant is read and tested in one place (tests/test_session_core.py).
-Who is attached (the takeover across doors, admins watching or joined) changes the same sessions
-and is kept beside it.
+Who is attached (the takeover across doors) changes the same sessions and is kept beside it;
+admins watching or joined are `viewing.py`'s.
 """
 
 from __future__ import annotations
@@ -34,15 +34,16 @@ from .continuity import (
 )
 from .errors import BridgeError, LimitReached, SessionStartError, StoreUnavailable
 from .fleet import FLEET_INTERVAL, HOST_INTERVAL, FleetKeeper
-from .homes import HomeError, HomeStore
+from .homes import HomeMounts, HomeStore
 from .observers import Observers
 from .pool import Pooled, WarmPools, pool_slot
-from .session import Session, Sink, TerminalRequest, TerminalSink, Viewer
+from .session import Session, Sink, TerminalRequest, TerminalSink
 from .store import Refusal, SessionRecord, Store
-from .stream import Stream, Watcher, WatchSink
+from .stream import Stream
 from .timers import IdleAction, describe_end, idle_step
 from .upstream import SessionKeys, Upstream
-from .vocab import Actor, Door, EndReason, LoginResult, WatchMode
+from .viewing import Viewing
+from .vocab import Actor, Door, EndReason, LoginResult
 
 log = logging.getLogger("termbridge.sessions")
 
@@ -101,12 +102,10 @@ class SessionManager:
         self._holders: dict[str, str] = {}  # session id -> user, while it holds
         self._closing = False
         self.observers = Observers()
+        self.viewing = Viewing(self.observers)
         self.keeper = FleetKeeper(self)
         self.pool = WarmPools(config.all_profiles(), backend, self._room, store) or None
-        self.homes = HomeStore(config.homes_path, config.session.uid_base)
-        # Sessions that (may) have a persistent home mounted, by session id: the host uid. Set
-        # before the mount, dropped once the container is gone; a home is unmounted when none is left.
-        self._homes: dict[str, int] = {}
+        self.homes = HomeMounts(HomeStore(config.homes_path, config.session.uid_base), self._slot_elsewhere)
 
     def _room(self) -> int:
         """How many more containers this gateway may hold (sessions and pooled ones alike)."""
@@ -137,41 +136,19 @@ class SessionManager:
     async def _released(self, session_id: str, username: str) -> None:
         if self.store is not None:
             await self.forget(session_id)
-        uid = self._homes.pop(session_id, None)
-        if uid is not None:
-            await self._unmount_home(username, uid)
+        await self.homes.release(session_id, username)
 
-    def home_in_use(self, uid: int) -> bool:
-        """Whether a session of this gateway counts on `uid`'s home (safe to call from a thread)."""
-        return uid in list(self._homes.values())
-
-    async def _unmount_home(self, username: str, uid: int) -> bool:
-        """`username`'s last session here is gone: unmount their home, unless the store says
-        another gateway (a rolling restart on this host) holds a session of theirs. True when
-        unmounted now."""
-        if self.store is not None:
-            try:
-                slots = await self.store.list_slots()
-            except StoreUnavailable as exc:
-                log.warning("home of %s stays mounted: the store did not answer: %s", username, exc.detail)
-                return False
-            if any(slot.user == username for slot in slots.values()):
-                return False
-        try:
-            return await asyncio.to_thread(self.homes.unmount, uid, partial(self.home_in_use, uid))
-        except HomeError as exc:
-            log.warning("home of %s not unmounted: %s", username, exc.detail)
+    async def _slot_elsewhere(self, username: str) -> bool:
+        """Whether the store holds a slot of `username`'s (another gateway on this host may use
+        their home); a store that does not answer counts as yes: a home left mounted is harmless."""
+        if self.store is None:
             return False
-
-    async def sweep_homes(self) -> int:
-        """Unmount the homes on this host that no session uses: what a killed gateway left
-        mounted, or the home of a session whose leftover container the reaper removed. (A home
-        left mounted costs a loop device, never data: a container keeps its own mount.)"""
-        swept = 0
-        for uid in await asyncio.to_thread(self.homes.mounted_uids):
-            if not self.home_in_use(uid):
-                swept += await self._unmount_home(await asyncio.to_thread(self.homes.owner, uid), uid)
-        return swept
+        try:
+            slots = await self.store.list_slots()
+        except StoreUnavailable as exc:
+            log.warning("home of %s stays mounted: the store did not answer: %s", username, exc.detail)
+            return True
+        return any(slot.user == username for slot in slots.values())
 
     def _unhold(self, session_id: str) -> bool:
         """This gateway no longer counts the session (it ended, or runs on without this
@@ -363,9 +340,7 @@ class SessionManager:
         cfg = self.settings(session)
         if cfg.home != "persistent":
             return ""
-        self._homes[session.id] = session.user.uid
-        path = await asyncio.to_thread(self.homes.mount, session.user.name, session.user.uid, cfg.home_size)
-        return str(path)
+        return await self.homes.mount(session.id, session.user.name, session.user.uid, cfg.home_size)
 
     async def _start_container(self, session: Session, keys: SessionKeys) -> Container:
         home = await self._mount_home(session)  # on failure, _finish releases the slot and the home
@@ -444,7 +419,7 @@ class SessionManager:
         await stream.attach(sink, offset)
         self._follow_size(session, terminal)
         if session.viewers:
-            await self._tell_owner(session)
+            await self.viewing.tell_owner(session)
         return session
 
     @staticmethod
@@ -491,9 +466,9 @@ class SessionManager:
         session.sink = sink
         await session.stream.attach(sink, 0)
         self._follow_size(session, terminal)
-        self._repaint(session)
+        self.viewing.repaint(session)
         if session.viewers:
-            await self._tell_owner(session)
+            await self.viewing.tell_owner(session)
         return session
 
     async def own_terminals(self, user: AuthenticatedUser) -> list[SessionRecord | Session]:
@@ -512,68 +487,6 @@ class SessionManager:
             here += [r for r in records
                      if r.user == user.name and r.door == Door.WEB and r.id not in seen and r.id not in self._holders]
         return here
-
-    # -- admins watching or joined ------------------------------------------------------------
-
-    async def add_viewer(self, session: Session, admin: str, mode: WatchMode, sink: WatchSink) -> tuple[Viewer, Watcher]:
-        """`admin` watches (or joins) `session`: its whole buffer is replayed to `sink` (a
-        full-screen program asked to repaint if the buffer no longer starts at the beginning),
-        then it follows live. The owner is told, the audit trail and the recording say so."""
-        stream = session.stream
-        if stream is None or not session.ready:
-            raise SessionStartError("this session has no terminal to watch", detail="watch: no stream")
-        viewer = Viewer(admin, WatchMode(mode))
-        session.viewers.append(viewer)
-        watcher = stream.watch(sink)
-        if stream.output.start > 0:
-            self._repaint(session)
-        session.log.info("%s %s", admin, "joined" if mode == WatchMode.JOIN else "watches")
-        session.mark(f"{admin} {'joined (may type)' if mode == WatchMode.JOIN else 'started watching'}")
-        self.observers.viewer_started(session, viewer)
-        await self._tell_owner(session)
-        return viewer, watcher
-
-    async def remove_viewer(self, session: Session, viewer: Viewer, watcher: Watcher) -> None:
-        """The admin's view closed (or the session ended under it). Idempotent."""
-        if viewer not in session.viewers:
-            return
-        session.viewers.remove(viewer)
-        if session.stream is not None:
-            session.stream.unwatch(watcher)
-        session.log.info("%s stopped %s", viewer.admin, "the join" if viewer.mode == WatchMode.JOIN else "watching")
-        if not session.ending:
-            session.mark(f"{viewer.admin} {'left' if viewer.mode == WatchMode.JOIN else 'stopped watching'}")
-        self.observers.viewer_ended(session, viewer)
-        await self._tell_owner(session)
-
-    @staticmethod
-    async def type_as(session: Session, data: bytes, admin: str) -> None:
-        """A joined admin's keystrokes to the shell, recorded as theirs; an ending session drops them."""
-        try:
-            if session.feed(data, by=admin):
-                await session.drain()
-        except ConnectionError:
-            if not session.ending:
-                raise
-
-    async def _tell_owner(self, session: Session) -> None:
-        sink = session.sink
-        if sink is None or session.ending:
-            return
-        try:
-            await cast(TerminalSink, sink).viewers(list(session.viewers))
-        except (ConnectionError, RuntimeError) as exc:
-            session.log.info("could not tell the owner who watches: %r", exc)
-
-    @staticmethod
-    def _repaint(session: Session) -> None:
-        """Ask a full-screen program to draw its screen again (a size change and back), for a
-        view whose replay does not start at the session's beginning."""
-        if session.stream is None or session.term_size is None or not session.ready:
-            return
-        cols, rows = session.term_size
-        session.stream.shell.resize(cols - 1 if cols > 1 else cols + 1, rows)
-        session.stream.shell.resize(cols, rows)
 
     def find_own(self, session_id: str, user: AuthenticatedUser, purpose: str, rhost: str = "-") -> Session | None:
         """The session `session_id` if it belongs to `user`. Anyone else's is reported as unknown
@@ -617,7 +530,7 @@ class SessionManager:
         session = Session(user, door, sink, rec.id, profile=rec.profile, settings=profile.session if profile else None)
         session.adopted = True
         if self.settings(session).home == "persistent":
-            self._homes[session.id] = user.uid  # its container may have the home: unmount after it
+            self.homes.note(session.id, user.uid)  # its container may have the home: unmount after it
         session.log.info("adopting (started by gateway %s, attached to %s)", rec.gateway, rec.attached_by or "none")
         self.sessions[session.id] = session
         self._hold(session)  # it counts against this gateway's caps while served here
@@ -629,7 +542,7 @@ class SessionManager:
             session.log.warning("adoption failed: %s", detail)
             self.sessions.pop(session.id, None)
             self._unhold(session.id)
-            self._homes.pop(session.id, None)
+            self.homes.forget(session.id)
             if session.upstream is not None:
                 session.upstream.close()
             if session.released:  # the gateway stops: the page was told to come back
@@ -897,7 +810,7 @@ class SessionManager:
             session.upstream.close()
         self.sessions.pop(session.id, None)
         self._unhold(session.id)
-        self._homes.pop(session.id, None)  # its container keeps the home; whoever serves it next unmounts
+        self.homes.forget(session.id)  # its container keeps the home; whoever serves it next unmounts
         if restarting and self.continuity is not None:
             await self.continuity.release(session.id)
         session.log.info("let go (%s); it runs on in container %s",

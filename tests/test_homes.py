@@ -449,11 +449,11 @@ async def test_the_reaper_unmounts_homes_no_session_uses(start_gateway, make_use
     gateway = await start_gateway(session=HOME)
     manager = gateway.app[MANAGER]
     http, term, _ = await _web(gateway, alice)
-    left = await asyncio.to_thread(manager.homes.mount, bob.name, _uid(bob), 32 * MiB)  # as a killed run leaves it
+    left = await asyncio.to_thread(manager.homes.store.mount, bob.name, _uid(bob), 32 * MiB)  # as a killed run leaves it
     assert mounted_at(left) is not None
     await reap_once(manager)
     assert mounted_at(left) is None
-    assert mounted_at(manager.homes.mount_point(_uid(alice))) is not None  # alice's session uses hers
+    assert mounted_at(manager.homes.store.mount_point(_uid(alice))) is not None  # alice's session uses hers
     assert await term.run("echo still here > ~/x; cat ~/x") == "still here\n"
     await _exit(term, http)
 

@@ -328,7 +328,7 @@ async def test_a_slow_watcher_never_holds_the_owner_back_and_skips_ahead(core_wi
     shell.print(b"screen so far\r\n")
     await wait_for(lambda: b"screen so far" in sink.output_bytes, timeout=2, interval=0.01)
     view = SlowView()
-    viewer, watcher = await core.manager.add_viewer(session, "bob", WatchMode.WATCH, view)
+    viewer, watcher = await core.manager.viewing.add(session, "bob", WatchMode.WATCH, view)
     chunk = b"x" * 65536
     for _ in range(40):  # 2.5 MiB: more than the buffer keeps
         shell.print(chunk)
@@ -337,7 +337,7 @@ async def test_a_slow_watcher_never_holds_the_owner_back_and_skips_ahead(core_wi
     shell.print(b"THE-END")
     await wait_for(lambda: view.data.endswith(b"THE-END"), timeout=5, interval=0.01, what="the view to catch up")
     assert view.data.startswith(b"screen so far") and view.gaps and sum(view.gaps) + len(view.data) == session.stream.output.total
-    await core.manager.remove_viewer(session, viewer, watcher)
+    await core.manager.viewing.remove(session, viewer, watcher)
     assert session.stream.watchers == [] and session.viewers == []
 
 
@@ -358,14 +358,14 @@ async def test_viewers_are_told_to_the_owner_and_a_joined_admins_input_is_theirs
     session.taps.append(Tap())
     view = SlowView()
     view.release.set()
-    viewer, watcher = await core.manager.add_viewer(session, "bob", WatchMode.JOIN, view)
+    viewer, watcher = await core.manager.viewing.add(session, "bob", WatchMode.JOIN, view)
     assert ("viewers", [{"user": "bob", "mode": "join"}]) in sink.events
     await session.write(b"mine\r")
     if session.feed(b"bobs\r", by="bob"):
         await session.drain()
     assert bytes(shell.typed) == b"mine\rbobs\r"
     assert typed == [(b"mine\r", None), (b"bobs\r", "bob")]
-    await core.manager.remove_viewer(session, viewer, watcher)
-    await core.manager.remove_viewer(session, viewer, watcher)  # idempotent
+    await core.manager.viewing.remove(session, viewer, watcher)
+    await core.manager.viewing.remove(session, viewer, watcher)  # idempotent
     assert [e for e in sink.events if e[0] == "viewers"][-1] == ("viewers", [])
     assert len([e for e in sink.events if e[0] == "viewers"]) == 2

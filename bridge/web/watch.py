@@ -93,14 +93,14 @@ class LocalView:
         return self.session.end_reason
 
     async def start(self, sink: WatchSink) -> None:
-        self._added = await self.manager.add_viewer(self.session, self.admin, self.mode, sink)
+        self._added = await self.manager.viewing.add(self.session, self.admin, self.mode, sink)
 
     async def type(self, data: bytes) -> None:
-        await self.manager.type_as(self.session, data, self.admin)
+        await self.manager.viewing.type_as(self.session, data, self.admin)
 
     async def close(self) -> None:
         if self._added is not None:
-            await self.manager.remove_viewer(self.session, *self._added)
+            await self.manager.viewing.remove(self.session, *self._added)
 
 
 async def watch_page(request: web.Request) -> web.StreamResponse:
