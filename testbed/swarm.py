@@ -207,17 +207,27 @@ class SwarmCluster:
 
     def set_availability(self, node: Node, availability: str) -> None:
         """`active`, `pause` or `drain`, as `docker node update --availability` sets it."""
-        swarm_node = next(n for n in self.manager.client().nodes.list()
-                          if n.attrs["Description"]["Hostname"] == node.name)
-        spec = dict(swarm_node.attrs["Spec"], Availability=availability)
-        swarm_node.update(spec)
+        self._update_spec(node, Availability=availability)
 
     def set_role(self, node: Node, role: str) -> None:
         """`manager` or `worker`, as `docker node promote/demote` sets it (Node.role stays the
         cluster's plan: tests put it back)."""
-        swarm_node = next(n for n in self.manager.client().nodes.list()
-                          if n.attrs["Description"]["Hostname"] == node.name)
-        swarm_node.update(dict(swarm_node.attrs["Spec"], Role=role))
+        self._update_spec(node, Role=role)
+
+    def _update_spec(self, node: Node, **changes: str) -> None:
+        """The node's spec with `changes`, against its current version: Swarm refuses an update
+        "out of sequence" when the node changed meanwhile (its status after a leader election,
+        say): then the read and the update go again."""
+        for attempt in range(20):
+            swarm_node = next(n for n in self.manager.client().nodes.list()
+                              if n.attrs["Description"]["Hostname"] == node.name)
+            try:
+                swarm_node.update(dict(swarm_node.attrs["Spec"], **changes))
+                return
+            except docker.errors.APIError as exc:
+                if "out of sequence" not in str(exc) or attempt == 19:
+                    raise
+                time.sleep(0.5)
 
     def load(self, *images: str, nodes: Iterable[Node] | None = None) -> None:
         """Copy images from the host engine into every node (or `nodes`) that lacks that exact image."""

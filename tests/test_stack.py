@@ -16,7 +16,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from bridge.fleet import HOST_LOST
+from bridge.fleet import HOST_INTERVAL, HOST_LOST
 from helpers import PROMPT, TEST_IMAGE, Gateway, Terminal, wait_for
 from testbed.accounts import HostUser
 from testbed.stack import Stack
@@ -236,12 +236,24 @@ async def test_without_quorum_new_sessions_get_a_clear_error_and_running_ones_go
             error, stack.logs()[-3000:])
         running = await still_running(front, http, running, sid, "alive")
     finally:
-        for node in paused:
-            swarm_cluster.host.containers.get(node.name).unpause()
-        await wait_for(lambda: _can_write(api), timeout=150, interval=1, what="quorum back")
-        for node in promoted:
-            swarm_cluster.set_role(node, "worker")
-    running = await still_running(front, http, running, sid, "back")
+        # A new leader marks the nodes "unknown" until they report in: the gateways' host watch
+        # must not take that for hosts gone (it runs every HOST_INTERVAL; the test waits through it).
+        states: list[set[str]] = []
+        watching = asyncio.create_task(_watch_node_states(api, states))
+        try:
+            for node in paused:
+                swarm_cluster.host.containers.get(node.name).unpause()
+            await wait_for(lambda: _can_write(api), timeout=150, interval=1, what="quorum back")
+            for node in promoted:
+                swarm_cluster.set_role(node, "worker")
+            await asyncio.sleep(3 * HOST_INTERVAL)
+        finally:
+            watching.cancel()
+        print("node states seen as the quorum came back:", states)
+    try:
+        running = await still_running(front, http, running, sid, "back")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\ngateways said:\n{stack.logs()[-6000:]}") from None
     again, again_id = await open_terminal(front, http)
     for term, session_id in ((running, sid), (again, again_id)):
         await end_session(front, http, term, session_id)
@@ -255,8 +267,10 @@ async def still_running(front: Gateway, http: aiohttp.ClientSession, term: Termi
             await term.send(f"echo {word}-$((6*7))\r")
             await term.expect(f"{word}-42".encode(), timeout=30)
             return term
-        except (ConnectionError, AssertionError):
-            pass
+        except (ConnectionError, AssertionError) as exc:
+            print(f"{word}: the socket to {sid[:8]} broke ({exc!r:.200}); reattaching")
+    else:
+        print(f"{word}: the socket to {sid[:8]} was closed ({term.controls[-3:]}); reattaching")
     again = await reattach(front, http, sid, term.received)
     await again.send(f"echo {word}-$((6*7))\r")
     await again.expect(f"{word}-42".encode(), timeout=30)
@@ -281,6 +295,18 @@ async def reattach(front: Gateway, http: aiohttp.ClientSession, sid: str, offset
     term = Terminal(ws)
     assert (await term.control("session", timeout=60))["id"] == sid, term.controls
     return term
+
+
+async def _watch_node_states(api: Any, seen: list[set[str]]) -> None:
+    """Every distinct set of node states the manager reports, until cancelled."""
+    while True:
+        try:
+            states = await asyncio.to_thread(lambda: {(n.get("Status") or {}).get("State", "?") for n in api.nodes()})
+        except Exception:  # noqa: BLE001 (no leader yet)
+            states = {"no answer"}
+        if not seen or seen[-1] != states:
+            seen.append(states)
+        await asyncio.sleep(0.2)
 
 
 def _reachable_managers(api: Any) -> int:

@@ -53,3 +53,36 @@ async def test_other_engine_errors_stay_what_they_are(backend: SwarmBackend) -> 
     with pytest.raises(docker.errors.APIError) as caught:
         await backend._call(_raise, _api_error(500, "boom"))
     assert not isinstance(caught.value, SwarmUnavailable)
+
+
+class _Cluster:
+    """The three list calls `unreachable` makes, answered from fixed node states."""
+
+    def __init__(self, nodes: dict[str, str], tasks: dict[str, str]) -> None:
+        self._nodes, self._tasks = nodes, tasks  # node id -> state; service id -> node id
+
+    def nodes(self) -> list[dict]:
+        return [{"ID": node, "Status": {"State": state}} for node, state in self._nodes.items()]
+
+    def services(self, filters: dict) -> list[dict]:
+        assert filters == {"label": "termbridge.gateway=test-instance"}
+        return [{"ID": service} for service in self._tasks]
+
+    def tasks(self, filters: dict) -> list[dict]:
+        return [{"ID": f"t-{s}", "ServiceID": s, "NodeID": n, "CreatedAt": "2026-12-01T00:00:00Z"}
+                for s, n in self._tasks.items() if s in filters["service"]]
+
+
+async def test_a_node_a_new_leader_has_not_heard_from_yet_is_not_a_lost_host(
+    backend: SwarmBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a leader election (quorum back after a loss) Swarm marks every node that is not down
+    "unknown" until it reports in: sessions there go on. Down, disconnected or removed nodes are
+    lost hosts."""
+    cluster = _Cluster(
+        nodes={"n-unknown": "unknown", "n-ready": "ready", "n-down": "down", "n-disc": "disconnected"},
+        tasks={"s-unknown": "n-unknown", "s-ready": "n-ready", "s-down": "n-down", "s-disc": "n-disc",
+               "s-removed": "n-removed"},
+    )
+    monkeypatch.setattr(backend, "_api", lambda: cluster)
+    assert await backend.unreachable() == {"s-down", "s-disc", "s-removed"}

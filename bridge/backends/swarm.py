@@ -43,8 +43,11 @@ KEYS_FILE = "termbridge-keys"
 # Task states after which the container no longer runs (Docker's swarm/api TaskState).
 ENDED = {"complete", "failed", "shutdown", "rejected", "orphaned", "remove"}
 TASK_POLL = 0.2
-# Node states in which a node runs nothing we can reach (Docker's swarm/api NodeStatus).
-NODE_GONE = {"down", "disconnected", "unknown"}
+# Node states in which a node runs nothing we can reach (Docker's swarm/api NodeStatus). Not
+# "unknown": a newly elected leader marks every node that is not down "unknown" until it
+# reports in again (quorum back after a loss, a leader restarted); a node that does not report
+# within the grace period is then marked "down" by Swarm itself.
+NODE_GONE = {"down", "disconnected"}
 T = TypeVar("T")
 
 
@@ -346,7 +349,8 @@ class SwarmBackend(EngineBackend):
 
     def _unreachable_sync(self) -> set[str]:
         """This instance's services whose task is on a node that is down or no longer in the
-        swarm (it left, or was removed): three list calls, however many sessions there are."""
+        swarm (it left, or was removed): three list calls, however many sessions there are. A
+        node in state "unknown" (a new leader has not heard from it yet) is not gone."""
         api = self._api()
         nodes = {n["ID"]: (n.get("Status") or {}).get("State", "unknown") for n in api.nodes()}
         mine = {s["ID"] for s in api.services(filters={"label": f"{LABEL_GATEWAY}={self.instance_id}"})}
@@ -360,7 +364,7 @@ class SwarmBackend(EngineBackend):
         # Swarm may already have set a lost task's desired state to shutdown: its node decides.
         return {
             service for service, task in newest.items()
-            if service in mine and task.get("NodeID") and nodes.get(task["NodeID"], "unknown") in NODE_GONE
+            if service in mine and task.get("NodeID") and nodes.get(task["NodeID"], "down") in NODE_GONE
         }
 
     async def unreachable(self) -> set[str]:
