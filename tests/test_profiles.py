@@ -8,6 +8,7 @@ import asyncio
 import json
 import re
 import secrets
+import signal
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -24,7 +25,7 @@ from bridge.errors import ConfigError, ProfileRefused
 from bridge.profiles import entitled_in, pick
 from bridge.web.keys import MANAGER, STORE
 from helpers import (
-    PROMPT, ROOT, TEST_IMAGE, HostUser, containers_gone, metric, scrape, session_containers, wait_for,
+    PROMPT, ROOT, TEST_IMAGE, HostUser, Terminal, containers_gone, metric, scrape, session_containers, wait_for,
 )
 
 # Three kinds of session: [session] (default), "big" and "small", each with its own limits.
@@ -622,3 +623,47 @@ async def test_network_user_mode_and_max_per_user_come_from_the_profile(start_ga
     _, info = await web_session(gateway, alice)
     assert list(info["NetworkSettings"]["Networks"]) == ["termbridge-isolated"]
     assert info["HostConfig"]["ReadonlyRootfs"] is True
+
+
+async def test_a_session_whose_profile_left_the_config_is_adopted_under_session_clocks(
+    gateway_process, make_user, groups, course_image
+):
+    """The gateway restarted without the profile a running session was started with still adopts
+    it: its container keeps the limits it was made with, the page comes back to the same shell,
+    the clocks are [session]'s from then on, and the log says why."""
+    sections = profiles_config(groups, course_image)
+    sections["session"] = {**sections["session"], "on_shutdown": "keep"}
+    process = gateway_process(**sections)
+    await process.start()
+    alice = make_user(groups=(groups[0],))
+    async with await process.gateway.login(alice) as http:
+        term = await process.gateway.terminal(http)
+        started = await term.control("session")
+        assert started["profile"] == "big" and started["idle_timeout"] == 1200
+        await term.expect(PROMPT)
+        await term.send("echo kept > /tmp/mark\r")
+        await term.expect(PROMPT)
+        process.signal(signal.SIGTERM)
+        await term.drain_until_closed(timeout=10)
+        assert await process.wait(20) == 0
+
+    config = process.config_path.read_text()
+    without = re.sub(r"\[profiles\.big\]\n(?:[^\[\n].*\n|\n)*", "", config)
+    assert "[profiles.big]" in config and "profiles.big" not in without and "[profiles.small]" in without
+    process.config_path.write_text(without)
+    await process.start()
+    [container] = session_containers(**{"termbridge.session": started["id"]})
+    assert_limits(inspect(container.id), "big", BIG, course_image)
+
+    async with await process.gateway.login(alice) as http:
+        ws = await http.ws_connect(f"/ws?session={started['id']}&offset={term.received}",
+                                   headers={"Origin": process.gateway.origin}, max_msg_size=0)
+        again = Terminal(ws)
+        resumed = await again.control("session", timeout=20)
+        assert resumed["id"] == started["id"] and resumed["idle_timeout"] == 900, resumed
+        await again.send("cat /tmp/mark\r")
+        await again.expect(b"kept")
+        assert "its profile 'big' is no longer configured; [session]'s clocks apply" in process.log()
+        await again.send("exit\r")
+        assert (await again.control("exit", timeout=20))["reason"] == "exit"
+    await containers_gone(**{"termbridge.session": started["id"]})
