@@ -71,6 +71,8 @@ def comparable(a: dict[str, Any], b: dict[str, Any]) -> bool:
     if a.get("kind") == "burst":
         keys = ("n", "one_address")
         return all(a.get("settings", {}).get(k) == b.get("settings", {}).get(k) for k in keys)
+    if a.get("kind") == "watch" and a.get("settings", {}).get("across") != b.get("settings", {}).get("across"):
+        return False
     return measured(a) == measured(b)
 
 
@@ -133,7 +135,9 @@ def burst_lines(latest: dict[str, Any], previous: dict[str, Any] | None) -> list
 def watch_lines(entry: dict[str, Any], previous: dict[str, Any] | None = None) -> list[str]:
     """The watch run: owner's keystroke → admin's screen, and the owner's own echo beside it."""
     lines = []
-    for key, label in (("owner_keystroke_to_admin_screen", "owner's keystroke → admin's watch view"),
+    view = "admin's watch view on another gateway (relayed over Redis)" if (entry.get("settings") or {}).get("across") \
+        else "admin's watch view"
+    for key, label in (("owner_keystroke_to_admin_screen", f"owner's keystroke → {view}"),
                        ("owner_echo", "owner's own echo (same keystrokes)")):
         t = entry.get(key) or {}
         old = (previous or {}).get(key) or {}

@@ -1,12 +1,16 @@
 """Watch latency: from the owner's keystroke to the admin's screen, through a real gateway process,
 PAM accounts, an admin group and a container.
 
-    .venv/bin/python -m benchmarks watch [--samples 200]
+    .venv/bin/python -m benchmarks watch [--samples 200] [--across]
 
 The owner types one key at the prompt on her terminal socket; the time until its echo reaches
 an admin's watch socket is one sample (the owner's own echo of the same key is timed beside it);
 the key is rubbed out, untimed, and the next one typed. Prints median and p95 and appends the
 run to the results history (`python -m benchmarks report` shows the latest).
+
+`--across`: two gateway processes sharing a Redis store (a local redis-server on a loopback
+port); the owner's session is served by the first, the admin watches through the second, so
+every byte reaches the view through the sealed relay over Redis pub/sub.
 """
 
 from __future__ import annotations
@@ -57,8 +61,10 @@ class Watched:
         return time.perf_counter()
 
 
-async def measure(url: str, owner, admin, samples: int) -> dict[str, Any]:
-    owner_http, admin_http = await login(url, owner), await login(url, admin)
+async def measure(url: str, owner, admin, samples: int, admin_url: str = "") -> dict[str, Any]:
+    """`admin_url`: the gateway the admin watches through (default: the owner's)."""
+    admin_url = admin_url or url
+    owner_http, admin_http = await login(url, owner), await login(admin_url, admin)
     try:
         ws = await owner_http.ws_connect("/ws", headers={"Origin": url})
         await ws.send_str('{"type":"resize","cols":80,"rows":24}')
@@ -69,7 +75,7 @@ async def measure(url: str, owner, admin, samples: int) -> dict[str, Any]:
                 session_id = msg.json()["id"]
         mine = Watched(ws)
         await mine.until(b"$ ")
-        view = Watched(await admin_http.ws_connect(f"/admin/watch/{session_id}/ws", headers={"Origin": url}))
+        view = Watched(await admin_http.ws_connect(f"/admin/watch/{session_id}/ws", headers={"Origin": admin_url}))
         await view.until(b"$ ")
         to_admin, to_owner = [], []
         for i in range(samples):
@@ -96,20 +102,30 @@ async def measure(url: str, owner, admin, samples: int) -> dict[str, Any]:
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     from testbed.accounts import create_group, create_user, delete_group, delete_user
+    from testbed.redis_server import RedisServer
 
     base = workdir()
     results: dict[str, Any] = {"command": args.command, "machine_before": machine(), "workdir": str(base),
-                               "settings": {"samples": args.samples}}
+                               "settings": {"samples": args.samples, "across": args.across}}
     group = create_group()
     admin = create_user(groups=(group,))
+    redis = RedisServer().start() if args.across else None
+    sections: dict[str, dict[str, Any]] = {"auth": {"admin_groups": [group]}}
+    if redis is not None:
+        sections["store"] = {"url": redis.url, "secret_file": str(base / "store-key")}
+    gateways: list[GatewayProcess] = []
     try:
         with bench_account() as (service, owner):
-            gateway = GatewayProcess(base / "gateway", service, {"auth": {"admin_groups": [group]}}).start()
             try:
-                results.update(await measure(gateway.url, owner, admin, args.samples))
+                for name in ("gateway", "watched-through")[: 2 if args.across else 1]:
+                    gateways.append(GatewayProcess(base / name, service, sections).start())
+                results.update(await measure(gateways[0].url, owner, admin, args.samples, gateways[-1].url))
             finally:
-                gateway.stop()
+                for gateway in gateways:
+                    gateway.stop()
     finally:
+        if redis is not None:
+            redis.close()
         delete_user(admin)
         delete_group(group)
     results["machine_after"] = machine()
@@ -119,6 +135,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks watch", description=__doc__.split("\n\n")[0])
     parser.add_argument("--samples", type=int, default=200, help="keystrokes timed (default 200)")
+    parser.add_argument("--across", action="store_true",
+                        help="the admin watches through a second gateway sharing a Redis store (the relay)")
     parser.add_argument("--history", default=history.HISTORY, type=Path,
                         help="results history this run is appended to")
     args = parser.parse_args(argv)

@@ -146,16 +146,20 @@ def test_holder_benchmark_measures_both_paths() -> None:
     assert set(out["holder_cost"]) == {"echo_median_pct", "echo_p99_pct", "throughput_pct"}
 
 
-def test_watch_benchmark_times_the_admins_view(tmp_path) -> None:
+@pytest.mark.parametrize("across", [False, True], ids=["one gateway", "across two gateways"])
+def test_watch_benchmark_times_the_admins_view(tmp_path, across) -> None:
     """`python -m benchmarks watch`: each keystroke timed to the admin's view and to the owner,
-    printed and appended to the history, which `report` then shows."""
+    printed and appended to the history, which `report` then shows. `--across`: the admin
+    watches through a second gateway process, the bytes relayed over a real redis-server."""
     path = tmp_path / "h.jsonl"
-    done = subprocess.run([sys.executable, "-m", "benchmarks", "watch", "--samples", "5", "--history", str(path)],
+    done = subprocess.run([sys.executable, "-m", "benchmarks", "watch", "--samples", "5", "--history", str(path),
+                           *(["--across"] if across else [])],
                           cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "owner's keystroke → admin's watch view: median" in done.stdout
+    view = "admin's watch view on another gateway (relayed over Redis)" if across else "admin's watch view"
+    assert f"owner's keystroke → {view}: median" in done.stdout
     [entry] = history.load(path)
-    assert entry["kind"] == "watch"
+    assert entry["kind"] == "watch" and entry["settings"]["across"] is across
     assert entry["owner_keystroke_to_admin_screen"]["n"] == entry["owner_echo"]["n"] == 5
     shown = subprocess.run([sys.executable, "-m", "benchmarks", "report", "--history", str(path)],
                            cwd=ROOT, capture_output=True, text=True, timeout=60)
