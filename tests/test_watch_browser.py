@@ -10,7 +10,7 @@ import re
 import pytest
 from playwright.async_api import expect
 
-from bridge.app import SSH_DOOR
+from bridge.app import INSTANCE, SSH_DOOR
 from helpers import ARTIFACTS, axe_check, containers_gone, goto, log_in
 from test_attach import SshClient
 
@@ -161,3 +161,58 @@ async def test_the_page_attaches_an_ssh_door_session(lab, tmp_path):
         await containers_gone(**{"termbridge.session": ssh_sid})
     finally:
         ssh.kill()
+
+
+async def test_from_the_console_on_one_gateway_to_a_session_another_serves(
+    browser, start_gateway, make_user, make_group, redis_url, tmp_path
+):
+    """Two gateways sharing a Redis store. The admin's console on the second lists the student's
+    session, which the first serves. Its Watch link opens the view through the relay: the screen
+    so far, then live output, and no keystrokes. The Join link lets the admin's command run in the
+    student's shell. The student's page, on the other gateway, shows who is there."""
+    group = make_group()
+    store = {"url": redis_url, "secret_file": str(tmp_path / "store-key")}
+    serving = await start_gateway(store=store, auth={"admin_groups": [group]})
+    viewing = await start_gateway(store=store, auth={"admin_groups": [group]})
+    student, admin = make_user(), make_user(groups=(group,))
+    owner_context = await browser.new_context(viewport={"width": 1000, "height": 600})
+    admin_context = await browser.new_context(viewport={"width": 1200, "height": 700})
+    try:
+        owner_page = await owner_context.new_page()
+        await log_in(owner_page, serving, student)
+        await expect(owner_page.locator(".xterm-rows")).to_contain_text("$", timeout=30_000)
+        sid = await owner_page.locator("body").get_attribute("data-session")
+        await type_in(owner_page, "echo before-$((6*7))")
+        await expect(owner_page.locator(".xterm-rows")).to_contain_text("before-42")
+
+        admin_page = await admin_context.new_page()
+        await log_in(admin_page, viewing, admin)
+        await goto(admin_page, f"{viewing.url}/admin")
+        row = admin_page.locator(f'#sessions tr[data-session="{sid}"]')
+        await expect(row.locator('td[data-col="user"]')).to_have_text(student.name, timeout=15_000)
+        await expect(row.locator('td[data-col="gateway"]')).to_have_text(serving.app[INSTANCE])
+        await row.get_by_role("link", name=f"Watch {student.name}'s session {sid[:8]}").click()
+        rows = admin_page.locator(".xterm-rows")
+        await expect(admin_page.locator("#status-conn")).to_have_text("watching", timeout=15_000)
+        await expect(rows).to_contain_text("before-42")
+        await expect(owner_page.locator("#status-viewers")).to_have_text(f"{admin.name} watching", timeout=15_000)
+        await type_in(owner_page, "echo live-$((7*7))")
+        await expect(rows).to_contain_text("live-49")
+        await type_in(admin_page, "echo sneaky-$((2*2))")
+        await type_in(owner_page, "echo mine-$((9*9))")
+        await expect(rows).to_contain_text("mine-81")
+        await expect(owner_page.locator(".xterm-rows")).not_to_contain_text("sneaky")
+
+        await admin_page.get_by_role("link", name="join").click()
+        await expect(admin_page.locator("#status-conn")).to_have_text("joined", timeout=15_000)
+        await expect(owner_page.locator("#status-viewers")).to_have_text(f"{admin.name} joined (can type)",
+                                                                         timeout=15_000)
+        await type_in(admin_page, "echo helped-$((5*5))")
+        await expect(owner_page.locator(".xterm-rows")).to_contain_text("helped-25")
+        await admin_page.close()
+        await expect(owner_page.locator("#status-viewers")).to_be_hidden(timeout=15_000)
+        await type_in(owner_page, "exit")
+        await containers_gone(**{"termbridge.session": sid})
+    finally:
+        await owner_context.close()
+        await admin_context.close()
