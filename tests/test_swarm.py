@@ -347,6 +347,32 @@ async def test_placement_constraints_that_no_node_meets_fail_cleanly(
 
 
 @pytestmark_swarm
+async def test_an_image_missing_on_the_chosen_node_is_named(
+    swarm_cluster: SwarmCluster, swarm_backend: Callable[..., SwarmBackend]
+) -> None:
+    """The image check can only ask the manager. A node without the image (no registry to pull
+    from) rejects the task: the person is told the image is missing, the log names the node, and
+    nothing is left."""
+    from bridge.errors import ImageMissing
+
+    tag = f"termbridge/session:manager-only-{secrets.token_hex(3)}"
+    manager = swarm_cluster.manager.client()
+    manager.images.get(TEST_IMAGE).tag(tag)
+    worker = swarm_cluster.workers[0]
+    try:
+        backend = swarm_backend(image=tag, placement=(f"node.hostname=={worker.name}",), start_timeout=120)
+        spec, _ = make_spec()
+        with pytest.raises(ImageMissing) as caught:
+            await backend.start(spec)
+        assert "not installed" in caught.value.user_message
+        assert worker.name in caught.value.detail and tag in caught.value.detail, caught.value.detail
+        assert await backend.list_own() == []
+        assert swarm_cluster.leftovers() == {}
+    finally:
+        manager.images.remove(tag, noprune=True)
+
+
+@pytestmark_swarm
 async def test_poll_and_stop_follow_the_task(
     swarm_cluster: SwarmCluster, swarm_backend: Callable[..., SwarmBackend], probe: Probe
 ) -> None:

@@ -226,9 +226,10 @@ class SwarmBackend(EngineBackend):
                 if state == "running":
                     return self._address(task)
                 if state in ENDED:
-                    raise SessionStartError(
-                        detail=f"task of {service_id[:12]} {state}: {status.get('Err') or status.get('Message')}"
-                    )
+                    reason = status.get("Err") or status.get("Message")
+                    if "no such image" in str(reason).lower():  # the image check could only ask the manager
+                        raise ImageMissing(detail=f"node {self._hostname(api, task)} has no session image: {reason}")
+                    raise SessionStartError(detail=f"task of {service_id[:12]} {state}: {reason}")
             if time.monotonic() > deadline:
                 where = (task or {}).get("Status", {}).get("Message", "no task")
                 raise SessionStartError(
@@ -237,6 +238,13 @@ class SwarmBackend(EngineBackend):
                     "nodes full, drained, or not matching session.placement?",
                 )
             time.sleep(TASK_POLL)
+
+    @staticmethod
+    def _hostname(api: docker.APIClient, task: dict[str, Any]) -> str:
+        try:
+            return str(api.inspect_node(task["NodeID"])["Description"]["Hostname"])
+        except (KeyError, docker.errors.APIError):
+            return str(task.get("NodeID") or "?")
 
     def _address(self, task: dict[str, Any]) -> str:
         for attachment in task.get("NetworksAttachments") or []:
