@@ -190,6 +190,8 @@ class FleetKeeper:
                 await self.end_lost_hosts()
             except BridgeError as exc:
                 log.warning("host watch: %s", exc.detail)
+            except Exception:  # noqa: BLE001 (the watch must outlive one bad round)
+                log.exception("host watch: this round failed; the next one asks again")
 
     async def watch_fleet(self, interval: float = FLEET_INTERVAL) -> None:
         """Forever: end this gateway's sessions that another gateway's admin asked to end

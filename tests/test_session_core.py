@@ -128,10 +128,15 @@ async def test_a_session_whose_host_went_away_ends_with_error_and_its_container_
     assert other_sink.kinds() == ["started", "attached"] and not other.ending
 
 
-async def test_a_backend_that_cannot_answer_leaves_running_sessions_alone(core_with):
+@pytest.mark.parametrize("error", [
+    BackendUnavailable(detail="the swarm does not have a leader"),
+    RuntimeError("an answer nobody expected"),
+], ids=["unavailable", "unexpected"])
+async def test_a_backend_that_cannot_answer_leaves_running_sessions_alone(core_with, error):
+    """Neither stops the host watch: the next round asks again."""
     core = core_with()
     session, sink, _ = await core.open()
-    core.backend.unreachable_error = BackendUnavailable(detail="the swarm does not have a leader")
+    core.backend.unreachable_error = error
     watch = asyncio.create_task(core.manager.watch_hosts(interval=0.01))
     await asyncio.sleep(0.1)
     assert not watch.done() and not session.ending and sink.kinds() == ["started", "attached"]

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import docker.errors
 import pytest
 
 from bridge.fleet import HOST_INTERVAL, HOST_LOST
@@ -87,7 +88,10 @@ def session_services(stack: Stack) -> dict[str, dict[str, Any]]:
     found = {}
     for service in api.services(filters={"label": SESSION_LABEL}):
         labels = service["Spec"]["Labels"]
-        tasks = api.tasks(filters={"service": service["ID"], "desired-state": "running"})
+        try:
+            tasks = api.tasks(filters={"service": service["ID"], "desired-state": "running"})
+        except docker.errors.NotFound:  # removed since the list: gone
+            continue
         node = hostnames.get(tasks[0].get("NodeID", ""), "") if tasks else ""
         found[labels[SESSION_LABEL]] = {"labels": labels, "node": node, "service": service["ID"]}
     return found

@@ -86,3 +86,31 @@ async def test_a_node_a_new_leader_has_not_heard_from_yet_is_not_a_lost_host(
     )
     monkeypatch.setattr(backend, "_api", lambda: cluster)
     assert await backend.unreachable() == {"s-down", "s-disc", "s-removed"}
+
+
+class _Removed(_Cluster):
+    """A service removed between the list and the task query: Docker answers 404."""
+
+    def tasks(self, filters: dict) -> list[dict]:
+        raise _not_found("service s-ready not found")
+
+    def inspect_service(self, service_id: str) -> dict:
+        return {"ID": service_id}
+
+
+def _not_found(explanation: str) -> docker.errors.NotFound:
+    response = requests.Response()
+    response.status_code = 404
+    return docker.errors.NotFound("tasks", response=response, explanation=explanation)
+
+
+async def test_a_service_removed_between_two_calls_is_gone_not_an_error(
+    backend: SwarmBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A session ending while the host watch or a poll asks about it: poll says gone, the host
+    watch sees nothing lost this round (and asks again at the next)."""
+    cluster = _Removed(nodes={"n-ready": "ready"}, tasks={"s-ready": "n-ready"})
+    monkeypatch.setattr(backend, "_api", lambda: cluster)
+    state = await backend.poll("s-ready")
+    assert not state.running and state.gone
+    assert await backend.unreachable() == set()

@@ -305,9 +305,9 @@ class SwarmBackend(EngineBackend):
         api = self._api()
         try:
             api.inspect_service(service_id)
-        except docker.errors.NotFound:
+            task = self._task(api, service_id)
+        except docker.errors.NotFound:  # also when the service goes between the two calls
             return ContainerState(running=False, gone=True)
-        task = self._task(api, service_id)
         if task is None:
             return ContainerState(running=True)
         status = task.get("Status") or {}
@@ -364,8 +364,12 @@ class SwarmBackend(EngineBackend):
         mine = {s["ID"] for s in api.services(filters={"label": f"{LABEL_GATEWAY}={self.instance_id}"})}
         if not mine:
             return set()
+        try:
+            tasks = api.tasks(filters={"service": sorted(mine)})
+        except docker.errors.NotFound:  # one of them was removed since the list: ask next round
+            return set()
         newest: dict[str, dict[str, Any]] = {}
-        for task in api.tasks(filters={"service": sorted(mine)}):
+        for task in tasks:
             held = newest.get(task.get("ServiceID", ""))
             if held is None or task.get("CreatedAt", "") > held.get("CreatedAt", ""):
                 newest[task.get("ServiceID", "")] = task
